@@ -1,0 +1,22 @@
+# Sourced by the ci/ scripts and tests: one place for caches, tool paths and runtime folders.
+# Everything downloaded or built goes under ~/.cache/ray-vram (kept between runs on one machine);
+# everything a run writes goes under the checkout's .work/ (thrown away with the checkout).
+ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+export RAY_VRAM_CACHE=${RAY_VRAM_CACHE:-$HOME/.cache/ray-vram}
+export RAY_VRAM_BIN=$RAY_VRAM_CACHE/bin
+export RAY_VRAM_WORK=${RAY_VRAM_WORK:-$ROOT/.work}
+export PATH=$RAY_VRAM_BIN:$PATH
+mkdir -p "$RAY_VRAM_BIN" "$RAY_VRAM_WORK/tmp"
+# vLLM / Ray on a CPU machine without a model hub (see README "Running without a GPU").
+export TMPDIR=${TMPDIR_OVERRIDE:-$RAY_VRAM_WORK/tmp}
+export RAY_TMPDIR=$RAY_VRAM_WORK/tmp
+export XDG_CACHE_HOME=$RAY_VRAM_CACHE/xdg
+export VLLM_CACHE_ROOT=$RAY_VRAM_CACHE/vllm
+export TORCHINDUCTOR_CACHE_DIR=$RAY_VRAM_CACHE/inductor
+export HF_HOME=$RAY_VRAM_CACHE/hf
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export RAY_USAGE_STATS_ENABLED=0
+export PIP_DISABLE_PIP_VERSION_CHECK=1

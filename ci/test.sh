@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The full test suite on a fresh machine: installs what it needs (cached under ~/.cache/ray-vram),
+# lints, then runs pytest. Services (Ray, vLLM, kube-apiserver, containers) are started by the
+# tests' fixtures through the other ci/ scripts.  Usage: bash ci/test.sh [pytest args]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+source ci/env.sh
+start=$(date +%s)
+VENV=$(bash ci/install-python.sh | tail -n 1)
+export PATH=$VENV/bin:$PATH
+echo "[test] python environment ready in $(( $(date +%s) - start ))s: $VENV"
+ruff check src tests bench examples
+ruff format --check src tests bench examples
+set +e
+python -m pytest -ra -p no:cacheprovider "$@"
+rc=$?
+set -e
+echo "[test] finished in $(( $(date +%s) - start ))s (pytest exit $rc)"
+exit $rc

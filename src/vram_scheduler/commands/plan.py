@@ -1,0 +1,84 @@
+"""`ray-vram plan`: show where every replica would go on a described cluster, or why not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from ..cli import EXIT_OK, EXIT_UNPLACED
+from ..config import GIB, ConfigError, load_config
+from ..inventory import load_inventory
+from ..planner import Plan, oversized_models, plan
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="plan replica placement for a values file against a GPU inventory",
+        description="Plan where each model replica goes, per GPU, without touching any cluster.\n\n"
+        "exit codes: 0 everything fits, 3 some replicas do not fit, 2 invalid input\n\n"
+        "examples:\n"
+        "  ray-vram plan --inventory values/inventory-example.yaml --values values/local.yaml\n"
+        "  ray-vram plan --inventory inv.yaml --values my-values.yaml --output json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--inventory", required=True, help="GPU inventory file (YAML/JSON, see README)")
+    parser.add_argument("--values", required=True, help="values/config file with a `models` list")
+    parser.add_argument("--output", choices=["table", "json"], default="table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    inventory = load_inventory(args.inventory)
+    config = load_config(args.values)
+    problems = oversized_models(inventory, config.models, config.placement)
+    if problems:
+        raise ConfigError(args.values, problems)
+    result = plan(inventory, config.models, settings=config.placement)
+    if args.output == "json":
+        print(json.dumps(plan_as_json(result), indent=2))
+    else:
+        print_plan(result, Console())
+    return EXIT_OK if result.complete else EXIT_UNPLACED
+
+
+def plan_as_json(result: Plan) -> dict:
+    by_gpu = {g.uuid: [] for g in result.gpus}
+    for reservation in result.reservations:
+        by_gpu[reservation.gpu_uuid].append(reservation.model_dump())
+    return {
+        "complete": result.complete,
+        "gpus": [gpu.model_dump() | {"assignments": by_gpu[gpu.uuid]} for gpu in result.gpus],
+        "unplaced": [u.model_dump() for u in result.unplaced],
+        "release": [r.model_dump() for r in result.release],
+    }
+
+
+def print_plan(result: Plan, console: Console) -> None:
+    table = Table(title="Placement plan (per GPU)")
+    for column in ("node", "gpu", "name", "total", "unmanaged", "reserved", "free", "replicas"):
+        table.add_column(
+            column, justify="right" if column in {"gpu", "total", "unmanaged", "reserved", "free"} else "left"
+        )
+    for gpu in result.gpus:
+        table.add_row(
+            gpu.node,
+            str(gpu.index),
+            gpu.name,
+            f"{gpu.total_bytes / GIB:.1f} GiB",
+            f"{gpu.unmanaged_bytes / GIB:.1f} GiB",
+            f"{gpu.reserved_bytes / GIB:.1f} GiB",
+            f"{gpu.free_bytes / GIB:.1f} GiB",
+            ", ".join(gpu.replicas) or "-",
+        )
+    console.print(table)
+    for unplaced in result.unplaced:
+        console.print(f"[red]not placed:[/red] {unplaced.reason}")
+    placed = len(result.reservations)
+    console.print(
+        f"{placed} replica(s) placed"
+        + ("" if result.complete else f", {sum(u.count for u in result.unplaced)} not placed")
+    )

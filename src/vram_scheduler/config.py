@@ -1,0 +1,243 @@
+"""The one configuration schema: what users write in values files, local mode, the SDK and the controller.
+
+Everything that reads model or serving settings goes through these models, and the chart's
+``values.schema.json`` model section is generated from them (``ray-vram schema``), so the
+chart, the controller and the SDK can never disagree about what a valid model is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GIB = 1024**3
+
+#: CUDA context and allocator slack a replica costs beyond its declared budget (measured on an H100).
+DEFAULT_REPLICA_OVERHEAD_GB = 0.5
+
+MODEL_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+
+
+class StrictModel(BaseModel):
+    """Base for every user-facing model: unknown keys are errors, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class ModelSpec(StrictModel):
+    """One model to serve and how much VRAM each of its replicas may use."""
+
+    model_id: str = Field(
+        pattern=MODEL_ID_PATTERN,
+        description="Name clients use in the OpenAI `model` field; lowercase letters, digits, '.', '_', '-'.",
+        examples=["qwen-0.5b"],
+    )
+    model: str = Field(
+        min_length=1,
+        description="Model source: a Hugging Face repository name or a local directory path.",
+        examples=["Qwen/Qwen2-0.5B-Instruct", "/models/qwen"],
+    )
+    vram_gb: float = Field(
+        gt=0,
+        description="VRAM budget per replica in GiB (weights + KV cache + activations). "
+        "The replica is capped to it; the per-replica overhead is added on top when packing.",
+    )
+    replicas: int = Field(default=1, ge=1, le=1024, description="Number of replicas to place.")
+    max_replicas: bool = Field(
+        default=False,
+        description="Place as many replicas as fit in the remaining VRAM (instead of `replicas`).",
+    )
+    max_model_len: int = Field(default=8192, ge=16, description="Longest prompt + completion in tokens.")
+    max_tokens: int = Field(default=256, ge=1, description="Default completion length when a request sets none.")
+    router_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Extra name the model answers to (an alias routed to the same replicas).",
+    )
+    gpu_type: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Only place on GPUs whose name contains this text (case-insensitive), e.g. 'H100'.",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments (e.g. dtype, enforce_eager, quantization).",
+    )
+
+    @model_validator(mode="after")
+    def _replicas_xor_max(self) -> ModelSpec:
+        if self.max_replicas and "replicas" in self.model_fields_set:
+            raise ValueError(
+                f"set either replicas ({self.replicas}) or max_replicas: true, not both — "
+                "max_replicas places as many replicas as fit"
+            )
+        return self
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _engine_kwargs_not_budget(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = {"gpu_memory_utilization", "kv_cache_memory_bytes", "model", "max_model_len"}
+        clash = sorted(owned & set(value))
+        if clash:
+            raise ValueError(f"{', '.join(clash)} are set by ray-vram from vram_gb/model/max_model_len; remove them")
+        return value
+
+    @property
+    def vram_bytes(self) -> int:
+        return gib_to_bytes(self.vram_gb)
+
+    @property
+    def names(self) -> list[str]:
+        """Every name a request may use for this model."""
+        return [self.model_id] + ([self.router_name] if self.router_name else [])
+
+
+class PlacementSettings(StrictModel):
+    """How replicas are packed and how the ledger treats silent nodes and dead owners."""
+
+    replica_overhead_gb: float = Field(
+        default=DEFAULT_REPLICA_OVERHEAD_GB,
+        ge=0,
+        description="VRAM each replica costs beyond its budget (CUDA context); added when packing.",
+    )
+    stale_after_s: float = Field(
+        default=10.0, gt=0, description="A node whose inventory is older than this gets no new reservations."
+    )
+    reclaim_interval_s: float = Field(
+        default=5.0, gt=0, description="How often reservations of dead owners are reclaimed."
+    )
+
+
+class ServingSettings(StrictModel):
+    """The OpenAI-compatible endpoint."""
+
+    host: str = Field(default="0.0.0.0", description="Address the HTTP proxy listens on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
+    api_key_env: str | None = Field(
+        default="RAY_VRAM_API_KEY",
+        description="Environment variable holding the bearer API key; unset or empty variable = no auth.",
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a request may take.")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica takes before 429/503.")
+
+
+class RayVRAMConfig(StrictModel):
+    """The whole configuration file: what `ray-vram up`, `ray-vram serve` and the chart share."""
+
+    models: list[ModelSpec] = Field(default_factory=list, description="Models to serve.")
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        seen: dict[str, int] = {}
+        for position, spec in enumerate(models):
+            for name in spec.names:
+                if name in seen:
+                    raise ValueError(
+                        f"model name {name!r} of models[{position}] is already used by models[{seen[name]}]; "
+                        "model_id and router_name must be unique"
+                    )
+                seen[name] = position
+        return models
+
+    def model(self, name: str) -> ModelSpec:
+        """The model answering to `name` (model_id or router_name)."""
+        for spec in self.models:
+            if name in spec.names:
+                return spec
+        known = ", ".join(n for spec in self.models for n in spec.names) or "none"
+        raise KeyError(f"unknown model {name!r}; known: {known}")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with messages naming field, value and reason."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid configuration\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def gib_to_bytes(gib: float) -> int:
+    return round(gib * GIB)
+
+
+def format_gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f} GiB"
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def describe_validation_error(error: ValidationError) -> list[str]:
+    """One line per problem: `models[1].vram_gb = -3: Input should be greater than 0`."""
+    problems = []
+    for item in error.errors(include_url=False):
+        message = re.sub(r"^(Value|Assertion) error, ", "", item["msg"])
+        where = _location(tuple(item["loc"]))
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key (allowed keys are listed by `ray-vram schema`)")
+        elif item["type"] == "missing":
+            problems.append(f"{where}: required key is missing")
+        elif "input" in item and not isinstance(item["input"], dict | list):
+            problems.append(f"{where} = {item['input']!r}: {message}")
+        else:
+            problems.append(f"{where}: {message}")
+    return problems
+
+
+def parse_config(data: Any, source: str = "config") -> RayVRAMConfig:
+    """Validate a loaded mapping; raise `ConfigError` naming each bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"expected a mapping at the top level, got {type(data).__name__}"])
+    try:
+        return RayVRAMConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(source, describe_validation_error(error)) from None
+
+
+def load_config(path: str | Path) -> RayVRAMConfig:
+    """Read a YAML/JSON config file (a chart values file works too: its `models`, `placement`
+    and `serving` keys are taken, everything else is the chart's business)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
+    if isinstance(data, dict) and _looks_like_chart_values(data):
+        data = {key: data[key] for key in RayVRAMConfig.model_fields if key in data}
+    return parse_config(data, str(path))
+
+
+def _looks_like_chart_values(data: dict[str, Any]) -> bool:
+    return bool(set(data) - set(RayVRAMConfig.model_fields)) and bool(
+        {"rayCluster", "kuberay-operator", "monitor", "controller", "image"} & set(data)
+    )
+
+
+def config_json_schema(
+    kind: Literal["config", "models"] = "config",
+) -> dict[str, Any]:
+    """JSON schema of the whole config or of the `models` list (for the chart's values.schema.json)."""
+    schema = RayVRAMConfig.model_json_schema(mode="validation")
+    if kind == "models":
+        return {
+            "type": "array",
+            "items": {"$ref": "#/$defs/ModelSpec"},
+            "$defs": schema["$defs"],
+        }
+    return schema

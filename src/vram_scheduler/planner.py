@@ -1,0 +1,306 @@
+"""Placement planning: models × replicas → GPU slots, or a precise reason why not.
+
+A pure function of the inventory, the existing reservations and the model specs — no Ray,
+no NVML, no I/O — so it can be tested exhaustively and benchmarked.
+
+Rules:
+- capacity is per GPU: a GPU's room is its total minus memory used by processes ray-vram
+  does not manage minus every reservation on it (each with the per-replica overhead);
+- existing reservations never move; those of removed models, of a changed budget, or beyond a
+  lowered replica count are listed for release (highest replica numbers first);
+- fixed-count replicas are placed first, largest first, each on the fullest GPU that still
+  holds it (best fit), which keeps big holes for big replicas;
+- `max_replicas` models then fill what is left, one replica per model per round;
+- ties break on (node, index), so the same input always gives the same plan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import Field
+
+from .config import GIB, ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes
+from .inventory import GPUInfo, Inventory
+
+
+class Reservation(StrictModel):
+    """VRAM held for one replica on one GPU (the ledger's unit)."""
+
+    replica_id: str
+    model_id: str
+    node: str
+    gpu_uuid: str
+    gpu_index: int = Field(ge=0)
+    bytes: int = Field(gt=0, description="The replica's budget; the per-replica overhead comes on top.")
+
+
+class Unplaced(StrictModel):
+    """Replicas of one model that fit nowhere, and why."""
+
+    model_id: str
+    count: int = Field(ge=1, description="How many requested replicas did not fit.")
+    need_bytes: int = Field(description="Budget plus per-replica overhead.")
+    largest_free_bytes: int
+    largest_free_gpu: str | None = Field(description="'node N, GPU i' holding the largest free slot.")
+    reason: str
+
+
+class GPUPlan(StrictModel):
+    """One GPU after the plan: what it holds and what room is left."""
+
+    node: str
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    unmanaged_bytes: int
+    reserved_bytes: int = Field(description="Budgets plus overheads of every replica on this GPU.")
+    free_bytes: int
+    replicas: list[str]
+
+
+class Plan(StrictModel):
+    """The result of planning: keep what is placed, add `new`, release `release`."""
+
+    kept: list[Reservation] = Field(default_factory=list)
+    new: list[Reservation] = Field(default_factory=list)
+    release: list[Reservation] = Field(default_factory=list)
+    unplaced: list[Unplaced] = Field(default_factory=list)
+    gpus: list[GPUPlan] = Field(default_factory=list)
+
+    @property
+    def reservations(self) -> list[Reservation]:
+        return self.kept + self.new
+
+    @property
+    def complete(self) -> bool:
+        return not self.unplaced
+
+    def replicas_of(self, model_id: str) -> list[Reservation]:
+        return [r for r in self.reservations if r.model_id == model_id]
+
+
+@dataclass
+class _Slot:
+    gpu: GPUInfo
+    free: int
+    reserved: int
+    unmanaged: int
+    replicas: list[str] = field(default_factory=list)
+
+    @property
+    def order(self) -> tuple[str, int]:
+        return (self.gpu.node, self.gpu.index)
+
+
+_REPLICA_NUMBER = re.compile(r"-(\d+)$")
+
+
+def replica_number(replica_id: str) -> int:
+    match = _REPLICA_NUMBER.search(replica_id)
+    return int(match.group(1)) if match else -1
+
+
+def replica_id_for(model_id: str, number: int) -> str:
+    return f"{model_id}-{number}"
+
+
+def _eligible(spec: ModelSpec, slot: _Slot) -> bool:
+    return spec.gpu_type is None or spec.gpu_type.lower() in slot.gpu.name.lower()
+
+
+def plan(
+    inventory: Inventory,
+    models: Sequence[ModelSpec],
+    existing: Iterable[Reservation] = (),
+    settings: PlacementSettings | None = None,
+    managed_pids: frozenset[int] = frozenset(),
+    excluded_nodes: frozenset[str] = frozenset(),
+) -> Plan:
+    """Place every requested replica that fits; explain the rest.
+
+    `excluded_nodes` (stale or draining nodes) keep their reservations but take no new ones.
+    """
+    settings = settings or PlacementSettings()
+    overhead = gib_to_bytes(settings.replica_overhead_gb)
+    specs = {spec.model_id: spec for spec in models}
+
+    slots = {
+        gpu.uuid: _Slot(gpu=gpu, free=0, reserved=0, unmanaged=gpu.unmanaged_bytes(managed_pids))
+        for gpu in sorted(inventory.gpus, key=lambda g: (g.node, g.index))
+    }
+    kept, release = _split_existing(existing, specs, slots)
+    for reservation in kept:
+        slot = slots[reservation.gpu_uuid]
+        slot.reserved += reservation.bytes + overhead
+        slot.replicas.append(reservation.replica_id)
+    for slot in slots.values():
+        slot.free = slot.gpu.total_bytes - slot.unmanaged - slot.reserved
+
+    open_slots = [s for s in slots.values() if s.gpu.healthy and s.gpu.node not in excluded_nodes]
+    taken_numbers = {model_id: set() for model_id in specs}
+    for reservation in kept:
+        taken_numbers[reservation.model_id].add(replica_number(reservation.replica_id))
+    counts = {model_id: len(numbers) for model_id, numbers in taken_numbers.items()}
+
+    new: list[Reservation] = []
+    missing: dict[str, int] = {}
+
+    def place_one(spec: ModelSpec) -> bool:
+        need = spec.vram_bytes + overhead
+        candidates = [s for s in open_slots if s.free >= need and _eligible(spec, s)]
+        if not candidates:
+            return False
+        slot = min(candidates, key=lambda s: (s.free, s.order))
+        number = 0
+        while number in taken_numbers[spec.model_id]:
+            number += 1
+        taken_numbers[spec.model_id].add(number)
+        replica_id = replica_id_for(spec.model_id, number)
+        slot.free -= need
+        slot.reserved += need
+        slot.replicas.append(replica_id)
+        counts[spec.model_id] += 1
+        new.append(
+            Reservation(
+                replica_id=replica_id,
+                model_id=spec.model_id,
+                node=slot.gpu.node,
+                gpu_uuid=slot.gpu.uuid,
+                gpu_index=slot.gpu.index,
+                bytes=spec.vram_bytes,
+            )
+        )
+        return True
+
+    by_size = sorted(specs.values(), key=lambda s: (-s.vram_bytes, s.model_id))
+    fixed = [s for s in by_size if not s.max_replicas]
+    # Round-robin over replicas of all fixed models, largest model first in each round: a
+    # shortfall then spreads over models instead of starving the smallest one entirely.
+    pending = {s.model_id: max(0, s.replicas - counts[s.model_id]) for s in fixed}
+    while any(pending.values()):
+        for spec in fixed:
+            if pending[spec.model_id] == 0:
+                continue
+            pending[spec.model_id] -= 1
+            if not place_one(spec):
+                missing[spec.model_id] = missing.get(spec.model_id, 0) + 1
+
+    fillers = [s for s in by_size if s.max_replicas]
+    active = list(fillers)
+    while active:
+        active = [spec for spec in active if place_one(spec)]
+    for spec in fillers:
+        if counts[spec.model_id] == 0:
+            missing[spec.model_id] = 1
+
+    unplaced = [
+        _explain(specs[model_id], count, overhead, open_slots, slots.values(), excluded_nodes)
+        for model_id, count in sorted(missing.items())
+    ]
+    gpus = [
+        GPUPlan(
+            node=s.gpu.node,
+            index=s.gpu.index,
+            uuid=s.gpu.uuid,
+            name=s.gpu.name,
+            total_bytes=s.gpu.total_bytes,
+            unmanaged_bytes=s.unmanaged,
+            reserved_bytes=s.reserved,
+            free_bytes=s.free,
+            replicas=sorted(s.replicas),
+        )
+        for s in slots.values()
+    ]
+    return Plan(kept=kept, new=new, release=release, unplaced=unplaced, gpus=gpus)
+
+
+def _split_existing(
+    existing: Iterable[Reservation], specs: dict[str, ModelSpec], slots: dict[str, _Slot]
+) -> tuple[list[Reservation], list[Reservation]]:
+    """Existing reservations to keep in place, and those to release (highest numbers first)."""
+    kept: list[Reservation] = []
+    release: list[Reservation] = []
+    by_model: dict[str, list[Reservation]] = {}
+    for reservation in sorted(existing, key=lambda r: (r.model_id, replica_number(r.replica_id))):
+        spec = specs.get(reservation.model_id)
+        if spec is None or reservation.bytes != spec.vram_bytes or reservation.gpu_uuid not in slots:
+            release.append(reservation)
+        else:
+            by_model.setdefault(reservation.model_id, []).append(reservation)
+    for model_id, reservations in by_model.items():
+        spec = specs[model_id]
+        limit = len(reservations) if spec.max_replicas else spec.replicas
+        kept.extend(reservations[:limit])
+        release.extend(reversed(reservations[limit:]))
+    return kept, release
+
+
+def _explain(
+    spec: ModelSpec,
+    count: int,
+    overhead: int,
+    open_slots: list[_Slot],
+    all_slots: Iterable[_Slot],
+    excluded_nodes: frozenset[str],
+) -> Unplaced:
+    need = spec.vram_bytes + overhead
+    need_text = f"{format_gib(need)} per replica ({spec.vram_gb:g} GiB budget + {format_gib(overhead)} overhead)"
+    eligible = [s for s in open_slots if _eligible(spec, s)]
+    all_list = list(all_slots)
+    largest = max(eligible, key=lambda s: (s.free, [-ord(c) for c in s.gpu.node], -s.gpu.index), default=None)
+    largest_free = max(0, largest.free) if largest else 0
+    where = largest.gpu.label if largest else None
+    what = f"{count} replica{'s' if count > 1 else ''} of model {spec.model_id}"
+    if not all_list:
+        reason = f"{what} cannot be placed: the inventory has no GPUs"
+    elif spec.gpu_type and not any(_eligible(spec, s) for s in all_list):
+        names = sorted({s.gpu.name for s in all_list})
+        reason = f"{what} cannot be placed: no GPU matches gpu_type {spec.gpu_type!r} (GPUs: {', '.join(names)})"
+    elif not eligible:
+        reason = (
+            f"{what} cannot be placed: every matching GPU is unhealthy or on a stale node "
+            f"({', '.join(sorted(excluded_nodes)) or 'none stale'})"
+        )
+    elif need > max(s.gpu.total_bytes for s in eligible):
+        biggest = max(eligible, key=lambda s: s.gpu.total_bytes)
+        reason = (
+            f"{what} needs {need_text}, more than any GPU holds: the largest is "
+            f"{format_gib(biggest.gpu.total_bytes)} ({biggest.gpu.name}) on {biggest.gpu.label}"
+        )
+    else:
+        reason = (
+            f"{what} needs {need_text}; the largest free slot is {format_gib(largest_free)} on {where}"
+            f" (short by {format_gib(need - largest_free)})"
+        )
+    return Unplaced(
+        model_id=spec.model_id,
+        count=count,
+        need_bytes=need,
+        largest_free_bytes=largest_free,
+        largest_free_gpu=where,
+        reason=reason,
+    )
+
+
+def largest_gpu_bytes(inventory: Inventory) -> int:
+    return max((g.total_bytes for g in inventory.gpus), default=0)
+
+
+def oversized_models(inventory: Inventory, models: Sequence[ModelSpec], settings: PlacementSettings) -> list[str]:
+    """Messages for models whose single replica exceeds every GPU of the inventory."""
+    overhead = gib_to_bytes(settings.replica_overhead_gb)
+    problems = []
+    for position, spec in enumerate(models):
+        matching = [g for g in inventory.gpus if spec.gpu_type is None or spec.gpu_type.lower() in g.name.lower()]
+        largest = max((g.total_bytes for g in matching), default=0)
+        if matching and spec.vram_bytes + overhead > largest:
+            problems.append(
+                f"models[{position}].vram_gb = {spec.vram_gb:g}: with {settings.replica_overhead_gb:g} GiB "
+                f"overhead a replica needs {format_gib(spec.vram_bytes + overhead)}, larger than any GPU "
+                f"({largest / GIB:.2f} GiB)"
+            )
+    return problems

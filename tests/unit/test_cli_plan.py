@@ -1,0 +1,48 @@
+"""`ray-vram plan` end to end on files: output shape and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vram_scheduler.cli", *args], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_plan_json_lists_assignments_per_gpu(tmp_path: Path) -> None:
+    values = write(tmp_path, "v.yaml", "models:\n  - {model_id: m, model: x, vram_gb: 10, replicas: 3}\n")
+    result = run_cli("plan", "--inventory", "values/inventory-example.yaml", "--values", values, "--output", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["complete"] is True
+    placed = [a["replica_id"] for gpu in data["gpus"] for a in gpu["assignments"]]
+    assert sorted(placed) == ["m-0", "m-1", "m-2"]
+
+
+def test_plan_exit_3_names_shortfall(tmp_path: Path) -> None:
+    values = write(tmp_path, "v.yaml", "models:\n  - {model_id: big, model: x, vram_gb: 60, replicas: 2}\n")
+    result = run_cli("plan", "--inventory", "values/inventory-example.yaml", "--values", values, "--output", "json")
+    assert result.returncode == 3
+    (unplaced,) = json.loads(result.stdout)["unplaced"]
+    assert unplaced["model_id"] == "big" and unplaced["count"] == 1
+    assert "largest free slot" in unplaced["reason"] and "22.50 GiB on node gpu-1, GPU 1" in unplaced["reason"]
+
+
+def test_plan_exit_2_on_invalid_values(tmp_path: Path) -> None:
+    values = write(tmp_path, "v.yaml", "models:\n  - {model_id: m, model: x, vram_gb: -3}\n")
+    result = run_cli("plan", "--inventory", "values/inventory-example.yaml", "--values", values)
+    assert result.returncode == 2
+    assert "models[0].vram_gb = -3" in result.stderr
