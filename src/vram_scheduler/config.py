@@ -163,6 +163,10 @@ class ConfigError(ValueError):
         self.problems = problems
         super().__init__(f"{source}: invalid configuration\n" + "\n".join(f"  - {p}" for p in problems))
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, list[str]]]:
+        # Picklable with its fields, so it crosses Ray task boundaries intact.
+        return (type(self), (self.source, self.problems))
+
 
 def gib_to_bytes(gib: float) -> int:
     return round(gib * GIB)

@@ -1,0 +1,292 @@
+"""The `vram_allocator` actor: the cluster's one VRAM ledger, as a named, detached Ray actor.
+
+A thin shell around `ledger.Ledger`: it serialises calls (an asyncio actor runs one method at
+a time between awaits), persists the ledger to Ray's GCS key-value store after every change
+and reloads it when Ray restarts the actor, reclaims reservations and startup locks of owner
+actors that died, and hands out per-GPU startup locks in FIFO order (two vLLM engines
+initialising on one GPU at once mis-size each other's KV cache).
+
+Get it with `get_vram_allocator()`; every method returns plain dicts (pydantic dumps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import deque
+from typing import Any
+
+import ray
+from ray.experimental import internal_kv
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .config import PlacementSettings
+from .inventory import NodeInventory
+from .ledger import Ledger, ReservationError, StartupLockHolder, VRAMState, models_from_dicts, now
+
+__all__ = [
+    "ACTOR_NAME",
+    "NAMESPACE",
+    "ReservationError",
+    "VRAMAllocator",
+    "VRAMState",
+    "get_vram_allocator",
+]
+
+NAMESPACE = "ray-vram"
+ACTOR_NAME = "vram_allocator"
+#: GCS internal KV key (namespace `ray-vram`) holding the persisted ledger snapshot.
+LEDGER_KEY = "allocator/ledger"
+
+_ACTOR_ID = re.compile(r"^[0-9a-f]{32}$")
+log = logging.getLogger(__name__)
+
+
+def _actor_alive(actor_id: str) -> bool:
+    """Whether an actor exists and is not dead (restarting counts as alive: same id comes back)."""
+    info = ray._private.state.actors(actor_id)
+    return bool(info) and info.get("State") != "DEAD"
+
+
+class VRAMAllocator:
+    """The ledger actor. Create it through `get_vram_allocator()`, never directly."""
+
+    def __init__(self) -> None:
+        raw = internal_kv._internal_kv_get(LEDGER_KEY, namespace=NAMESPACE)
+        self._ledger = Ledger.loads(raw) if raw else Ledger()
+        if raw:
+            log.info("ledger reloaded: %d reservation(s)", len(self._ledger.data.entries))
+        self._waiters: dict[str, deque[tuple[str, asyncio.Future[bool]]]] = {}
+        self._pending_owner: dict[str, str | None] = {}
+        self._reclaimer: asyncio.Task[None] | None = None
+        self._reclaimed = 0
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _persist(self) -> None:
+        internal_kv._internal_kv_put(LEDGER_KEY, self._ledger.dumps(), overwrite=True, namespace=NAMESPACE)
+
+    def _background(self) -> None:
+        if self._reclaimer is None or self._reclaimer.done():
+            self._reclaimer = asyncio.get_running_loop().create_task(self._reclaim_loop())
+
+    async def _reclaim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._ledger.settings.reclaim_interval_s)
+            try:
+                await self.reclaim()
+            except Exception:  # keep reclaiming whatever one round hit
+                log.exception("reclaim round failed")
+
+    async def reclaim(self) -> list[str]:
+        """Free reservations and startup locks whose owner actor is dead; returns their replica ids."""
+        self._background()
+        owners = self._ledger.owners()
+        if not owners:
+            return []
+        distinct = sorted(set(owners.values()))
+        alive = await asyncio.to_thread(lambda: {o: _actor_alive(o) for o in distinct})
+        dead = sorted(rid for rid, owner in owners.items() if not alive[owner])
+        # Owners may have changed while we looked: only reclaim what still has the dead owner.
+        current = self._ledger.owners()
+        dead = [rid for rid in dead if current.get(rid) == owners[rid]]
+        for replica_id in dead:
+            self._ledger.release(replica_id)
+            self._forget_waiter(replica_id)
+        if dead:
+            self._reclaimed += len(dead)
+            self._persist()
+            self._grant_next_locks()
+            log.info("reclaimed %d replica(s) of dead owners: %s", len(dead), ", ".join(dead))
+        return dead
+
+    # -- the contract -----------------------------------------------------------------------
+
+    async def ping(self) -> str:
+        self._background()
+        return "pong"
+
+    async def configure(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Replace the placement settings (overhead, stale timeout, reclaim interval)."""
+        self._background()
+        if self._ledger.configure(PlacementSettings.model_validate(settings)):
+            self._persist()
+            if self._reclaimer is not None:
+                self._reclaimer.cancel()  # the next round follows the new interval
+                self._reclaimer = None
+            self._background()
+        return self._ledger.settings.model_dump()
+
+    async def update_inventory(self, node_inventory: dict[str, Any]) -> None:
+        """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock."""
+        self._background()
+        self._ledger.update_inventory(NodeInventory.model_validate(node_inventory), now())
+        self._persist()
+
+    async def reserve(
+        self,
+        replica_id: str,
+        model_id: str,
+        bytes: int,
+        gpu_uuid: str | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        """Reserve `bytes` (+ overhead) for a replica on `gpu_uuid` or the best-fitting GPU."""
+        self._background()
+        if owner is not None and not _ACTOR_ID.match(owner):
+            raise ReservationError(
+                f"replica {replica_id}: owner {owner!r} is not a Ray actor id (32 hex digits, "
+                "ray.get_runtime_context().get_actor_id())"
+            )
+        reservation, changed = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
+        if changed:
+            self._persist()
+        return reservation.model_dump()
+
+    async def release(self, replica_id: str) -> bool:
+        """Free a replica's reservation and startup lock; False when it held neither."""
+        self._background()
+        released = self._ledger.release(replica_id)
+        self._forget_waiter(replica_id)
+        if released:
+            self._persist()
+            self._grant_next_locks()
+        return released
+
+    async def attach_process(self, replica_id: str, pid: int) -> None:
+        """Mark `pid` as the replica's: its VRAM counts against the reservation, not as unmanaged."""
+        self._background()
+        if self._ledger.attach_process(replica_id, pid):
+            self._persist()
+
+    async def plan(self, models: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Plan `models` against current inventories and reservations (stale nodes take nothing new)."""
+        self._background()
+        specs = models_from_dicts(models, "plan(models)")
+        chosen = PlacementSettings.model_validate(settings) if settings is not None else None
+        return self._ledger.plan(specs, now(), chosen).model_dump()
+
+    async def reservations(self) -> list[dict[str, Any]]:
+        self._background()
+        return [r.model_dump() for r in self._ledger.reservations()]
+
+    async def get_vram_state(self) -> dict[str, Any]:
+        self._background()
+        return self._ledger.state(now()).model_dump()
+
+    # -- startup locks ----------------------------------------------------------------------
+
+    async def acquire_startup_lock(
+        self, gpu_uuid: str, replica_id: str, timeout_s: float = 600, owner: str | None = None
+    ) -> bool:
+        """Wait (FIFO) until `replica_id` is the only one initialising on `gpu_uuid`; False on timeout.
+
+        Re-acquiring a lock one already holds returns True at once. The lock follows the
+        replica's reservation owner (or `owner`): when that actor dies, the lock is freed.
+        """
+        self._background()
+        holder = self._ledger.data.startup_locks.get(gpu_uuid)
+        if holder is not None and holder.replica_id == replica_id:
+            return True
+        owner = owner or self._owner_of(replica_id)
+        if holder is None and not self._waiters.get(gpu_uuid):
+            self._grant(gpu_uuid, replica_id, owner)
+            return True
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(gpu_uuid, deque()).append((replica_id, future))
+        self._pending_owner[replica_id] = owner
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
+        except TimeoutError:
+            if future.done() and future.result():
+                return True  # granted in the same tick the wait timed out
+            future.cancel()
+            self._drop_waiter(gpu_uuid, replica_id)
+            return False
+
+    async def release_startup_lock(self, gpu_uuid: str, replica_id: str) -> None:
+        """Give the GPU's startup lock to the next waiter; a no-op for a replica not holding it."""
+        self._background()
+        holder = self._ledger.data.startup_locks.get(gpu_uuid)
+        if holder is not None and holder.replica_id == replica_id:
+            del self._ledger.data.startup_locks[gpu_uuid]
+            self._persist()
+            self._grant_next_locks()
+        else:
+            self._drop_waiter(gpu_uuid, replica_id)
+
+    def _owner_of(self, replica_id: str) -> str | None:
+        entry = self._ledger.entry(replica_id)
+        return entry.owner if entry else None
+
+    def _grant(self, gpu_uuid: str, replica_id: str, owner: str | None) -> None:
+        self._ledger.data.startup_locks[gpu_uuid] = StartupLockHolder(replica_id=replica_id, owner=owner, since=now())
+        self._persist()
+
+    def _grant_next_locks(self) -> None:
+        for gpu_uuid, queue in list(self._waiters.items()):
+            while gpu_uuid not in self._ledger.data.startup_locks and queue:
+                replica_id, future = queue.popleft()
+                if future.done():
+                    continue
+                owner = self._pending_owner.pop(replica_id, None) or self._owner_of(replica_id)
+                self._grant(gpu_uuid, replica_id, owner)
+                future.set_result(True)
+            if not queue:
+                del self._waiters[gpu_uuid]
+
+    def _drop_waiter(self, gpu_uuid: str, replica_id: str) -> None:
+        queue = self._waiters.get(gpu_uuid)
+        if not queue:
+            return
+        for item in [w for w in queue if w[0] == replica_id]:
+            queue.remove(item)
+            with contextlib.suppress(asyncio.InvalidStateError):
+                item[1].set_result(False)
+        if not queue:
+            del self._waiters[gpu_uuid]
+
+    def _forget_waiter(self, replica_id: str) -> None:
+        for gpu_uuid in list(self._waiters):
+            self._drop_waiter(gpu_uuid, replica_id)
+        self._pending_owner.pop(replica_id, None)
+
+
+def _head_node_strategy() -> NodeAffinitySchedulingStrategy | str:
+    """Prefer the head node (it lives as long as the cluster), fall back to any node."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=True)
+    return "DEFAULT"
+
+
+def get_vram_allocator() -> ray.actor.ActorHandle:
+    """A handle to the cluster's `vram_allocator` (namespace `ray-vram`), created if missing.
+
+    Race-safe: concurrent callers all end up with the same detached actor (`get_if_exists`).
+    Ray restarts it forever on failure and retries calls that were in flight (every method is
+    idempotent), and the ledger is reloaded from GCS, so callers see no gap but a delay.
+    """
+    if not ray.is_initialized():
+        ray.init(namespace=NAMESPACE)
+    with contextlib.suppress(ValueError):
+        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+    handle = (
+        ray.remote(VRAMAllocator)
+        .options(
+            name=ACTOR_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_task_retries=-1,
+            num_cpus=0,
+            max_concurrency=1000,
+            scheduling_strategy=_head_node_strategy(),
+        )
+        .remote()
+    )
+    ray.get(handle.ping.remote())
+    return handle

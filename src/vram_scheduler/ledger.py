@@ -1,0 +1,429 @@
+"""The ledger's rules, without Ray: who holds how much VRAM on which GPU, and who may get more.
+
+`Ledger` is plain Python so that every rule (capacity per GPU, idempotent reserve and release,
+stale nodes, managed processes, persistence format) is tested without a cluster; the
+`vram_allocator` actor in `allocator.py` is a thin shell that serialises calls, persists the
+snapshot after every change and reclaims reservations of dead owners.
+
+Capacity is the planner's: a GPU takes a reservation only while its total stays at or above
+memory used by unmanaged processes plus every reservation on it (budget + per-replica overhead).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic import Field
+
+from .config import ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes, parse_config
+from .inventory import GPUInfo, Inventory, NodeInventory
+from .planner import Plan, Reservation, plan
+
+SNAPSHOT_VERSION = 1
+
+
+class ReservationError(RuntimeError):
+    """A reservation the ledger refuses: the message names model, need, and the room there is."""
+
+
+class LedgerEntry(StrictModel):
+    """One reservation plus what the ledger knows about the replica holding it."""
+
+    reservation: Reservation
+    owner: str | None = Field(default=None, description="Ray actor id (hex) of the replica; reclaimed when it dies.")
+    pids: list[int] = Field(default_factory=list, description="Processes of the replica (managed, not unmanaged).")
+    created_at: float
+
+
+class NodeRecord(StrictModel):
+    """A node's latest inventory and when it arrived (the ledger's clock, not the sender's)."""
+
+    inventory: NodeInventory
+    arrived_at: float
+
+
+class StartupLockHolder(StrictModel):
+    replica_id: str
+    owner: str | None = None
+    since: float
+
+
+class LedgerSnapshot(StrictModel):
+    """Everything the allocator persists; reloaded when the actor restarts."""
+
+    version: int = SNAPSHOT_VERSION
+    settings: PlacementSettings = Field(default_factory=PlacementSettings)
+    nodes: dict[str, NodeRecord] = Field(default_factory=dict)
+    entries: dict[str, LedgerEntry] = Field(default_factory=dict)
+    startup_locks: dict[str, StartupLockHolder] = Field(default_factory=dict, description="GPU uuid → holder.")
+
+
+class ReplicaState(StrictModel):
+    replica_id: str
+    model_id: str
+    bytes: int = Field(description="Reserved budget (the per-replica overhead comes on top).")
+    pid: int | None = Field(description="Latest attached process id, None before the replica attached one.")
+    pids: list[int]
+    used_bytes: int | None = Field(description="VRAM the replica's processes use now (inventory); None if unknown.")
+    owner: str | None
+
+
+class GPUState(StrictModel):
+    node: str
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    used_bytes: int = Field(description="All memory in use on the GPU (latest inventory).")
+    unmanaged_bytes: int = Field(description="Memory used by processes no replica attached.")
+    reserved_bytes: int = Field(description="Budgets plus per-replica overheads of every reservation.")
+    free_bytes: int = Field(description="Room for new reservations: total − unmanaged − reserved.")
+    healthy: bool
+    stale: bool
+    replicas: list[ReplicaState]
+
+
+class NodeState(StrictModel):
+    node: str
+    source: str
+    gpus: int
+    age_s: float = Field(description="Seconds since the node's inventory last arrived.")
+    stale: bool
+
+
+class VRAMState(StrictModel):
+    """The allocator's view, per GPU: what `get_vram_state()` returns (as a dict)."""
+
+    timestamp: float
+    gpus: list[GPUState]
+    nodes: list[NodeState]
+    stale_nodes: list[str]
+    orphaned: list[ReplicaState] = Field(
+        description="Reservations on GPUs missing from the latest inventory of their node."
+    )
+    startup_locks: dict[str, str] = Field(description="GPU uuid → replica id initialising on it.")
+    settings: PlacementSettings
+
+
+class Ledger:
+    """Reservations against per-node inventories; every mutator returns whether state changed."""
+
+    def __init__(self, snapshot: LedgerSnapshot | None = None):
+        self.data = snapshot.model_copy(deep=True) if snapshot else LedgerSnapshot()
+
+    # -- settings and inventory -------------------------------------------------------------
+
+    @property
+    def settings(self) -> PlacementSettings:
+        return self.data.settings
+
+    @property
+    def overhead(self) -> int:
+        return gib_to_bytes(self.settings.replica_overhead_gb)
+
+    def configure(self, settings: PlacementSettings) -> bool:
+        changed = settings != self.data.settings
+        self.data.settings = settings
+        return changed
+
+    def update_inventory(self, inventory: NodeInventory, now: float) -> None:
+        """Replace a node's inventory; GPU uuids must not appear on another node."""
+        mine = {gpu.uuid for gpu in inventory.gpus}
+        for name, record in self.data.nodes.items():
+            if name == inventory.node:
+                continue
+            clash = sorted(mine & {gpu.uuid for gpu in record.inventory.gpus})
+            if clash:
+                raise ValueError(f"node {inventory.node!r} reports GPU {clash[0]} that node {name!r} already reports")
+        self.data.nodes[inventory.node] = NodeRecord(inventory=inventory, arrived_at=now)
+
+    def stale_nodes(self, now: float) -> set[str]:
+        limit = self.settings.stale_after_s
+        return {name for name, record in self.data.nodes.items() if now - record.arrived_at > limit}
+
+    def inventory(self) -> Inventory:
+        return Inventory(nodes=[self.data.nodes[name].inventory for name in sorted(self.data.nodes)])
+
+    def gpus(self) -> list[GPUInfo]:
+        return sorted(
+            (gpu for record in self.data.nodes.values() for gpu in record.inventory.gpus),
+            key=lambda g: (g.node, g.index),
+        )
+
+    def find_gpu(self, uuid: str) -> GPUInfo | None:
+        for record in self.data.nodes.values():
+            for gpu in record.inventory.gpus:
+                if gpu.uuid == uuid:
+                    return gpu
+        return None
+
+    # -- capacity ---------------------------------------------------------------------------
+
+    def managed_pids(self) -> frozenset[int]:
+        return frozenset(pid for entry in self.data.entries.values() for pid in entry.pids)
+
+    def reserved_bytes(self) -> dict[str, int]:
+        """Per GPU uuid: budgets plus overheads of its reservations."""
+        totals: dict[str, int] = {}
+        for entry in self.data.entries.values():
+            uuid = entry.reservation.gpu_uuid
+            totals[uuid] = totals.get(uuid, 0) + entry.reservation.bytes + self.overhead
+        return totals
+
+    def free_bytes(self) -> dict[str, int]:
+        """Per GPU uuid: room for new reservations (may be negative if unmanaged use grew)."""
+        managed = self.managed_pids()
+        reserved = self.reserved_bytes()
+        return {g.uuid: g.total_bytes - g.unmanaged_bytes(managed) - reserved.get(g.uuid, 0) for g in self.gpus()}
+
+    def open_gpus(self, now: float) -> list[GPUInfo]:
+        """GPUs that may take new reservations: healthy, on a node that is not stale."""
+        stale = self.stale_nodes(now)
+        return [g for g in self.gpus() if g.healthy and g.node not in stale]
+
+    # -- reservations -----------------------------------------------------------------------
+
+    def reservations(self) -> list[Reservation]:
+        return [self.data.entries[rid].reservation for rid in sorted(self.data.entries)]
+
+    def entry(self, replica_id: str) -> LedgerEntry | None:
+        return self.data.entries.get(replica_id)
+
+    def reserve(
+        self,
+        replica_id: str,
+        model_id: str,
+        n_bytes: int,
+        now: float,
+        gpu_uuid: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[Reservation, bool]:
+        """Reserve `n_bytes` (+ overhead) for a replica; the same request again returns the same
+        reservation. Raises `ReservationError` naming model, need and the room there is."""
+        if n_bytes <= 0:
+            raise ReservationError(f"replica {replica_id} of model {model_id}: bytes must be > 0, got {n_bytes}")
+        existing = self.data.entries.get(replica_id)
+        if existing is not None:
+            return self._repeat(existing, model_id, n_bytes, gpu_uuid, owner)
+        need = n_bytes + self.overhead
+        free = self.free_bytes()
+        open_gpus = self.open_gpus(now)
+        if gpu_uuid is None:
+            fitting = [g for g in open_gpus if free[g.uuid] >= need]
+            if not fitting:
+                raise ReservationError(self._no_room(model_id, n_bytes, open_gpus, free, now))
+            gpu = min(fitting, key=lambda g: (free[g.uuid], g.node, g.index))
+        else:
+            gpu = self._check_target(model_id, n_bytes, gpu_uuid, open_gpus, free, now)
+        reservation = Reservation(
+            replica_id=replica_id,
+            model_id=model_id,
+            node=gpu.node,
+            gpu_uuid=gpu.uuid,
+            gpu_index=gpu.index,
+            bytes=n_bytes,
+        )
+        self.data.entries[replica_id] = LedgerEntry(reservation=reservation, owner=owner, created_at=now)
+        return reservation, True
+
+    def _repeat(
+        self, entry: LedgerEntry, model_id: str, n_bytes: int, gpu_uuid: str | None, owner: str | None
+    ) -> tuple[Reservation, bool]:
+        held = entry.reservation
+        if held.model_id != model_id or held.bytes != n_bytes:
+            raise ReservationError(
+                f"replica {held.replica_id} already holds a reservation for model {held.model_id} "
+                f"({format_gib(held.bytes)} on {_label(held)}); asked for model {model_id} with "
+                f"{format_gib(n_bytes)} — release it first"
+            )
+        if gpu_uuid is not None and gpu_uuid != held.gpu_uuid:
+            raise ReservationError(
+                f"replica {held.replica_id} of model {model_id} is already reserved on {_label(held)} "
+                f"({held.gpu_uuid}), not on {gpu_uuid} — release it first to move it"
+            )
+        changed = owner is not None and owner != entry.owner
+        if changed:
+            entry.owner = owner
+        return held, changed
+
+    def _check_target(
+        self, model_id: str, n_bytes: int, gpu_uuid: str, open_gpus: list[GPUInfo], free: dict[str, int], now: float
+    ) -> GPUInfo:
+        need = n_bytes + self.overhead
+        gpu = self.find_gpu(gpu_uuid)
+        if gpu is None:
+            known = ", ".join(g.uuid for g in self.gpus()) or "none"
+            raise ReservationError(f"model {model_id}: no GPU with uuid {gpu_uuid!r} in the inventory (known: {known})")
+        if not gpu.healthy:
+            raise ReservationError(f"model {model_id}: {gpu.label} ({gpu_uuid}) is unhealthy; it takes no reservations")
+        record = self.data.nodes[gpu.node]
+        if gpu.node in self.stale_nodes(now):
+            raise ReservationError(
+                f"model {model_id}: node {gpu.node} is stale (last inventory {now - record.arrived_at:.1f} s ago, "
+                f"limit {self.settings.stale_after_s:g} s); it takes no new reservations"
+            )
+        if free[gpu.uuid] < need:
+            raise ReservationError(
+                f"model {model_id} needs {self._need_text(n_bytes)} on {gpu.label}, which has "
+                f"{format_gib(max(0, free[gpu.uuid]))} free (short by {format_gib(need - max(0, free[gpu.uuid]))}); "
+                + self._largest_text(open_gpus, free)
+            )
+        return gpu
+
+    def _need_text(self, n_bytes: int) -> str:
+        return (
+            f"{format_gib(n_bytes + self.overhead)} per replica "
+            f"({format_gib(n_bytes)} budget + {format_gib(self.overhead)} overhead)"
+        )
+
+    @staticmethod
+    def _largest(open_gpus: list[GPUInfo], free: dict[str, int]) -> GPUInfo | None:
+        return min(open_gpus, key=lambda g: (-free[g.uuid], g.node, g.index), default=None)
+
+    def _largest_text(self, open_gpus: list[GPUInfo], free: dict[str, int]) -> str:
+        largest = self._largest(open_gpus, free)
+        if largest is None:
+            return "no GPU takes new reservations"
+        return f"the largest free slot is {format_gib(max(0, free[largest.uuid]))} on {largest.label}"
+
+    def _no_room(self, model_id: str, n_bytes: int, open_gpus: list[GPUInfo], free: dict[str, int], now: float) -> str:
+        need = n_bytes + self.overhead
+        if not self.gpus():
+            return f"model {model_id} needs {self._need_text(n_bytes)}; the inventory has no GPUs yet"
+        if not open_gpus:
+            stale = ", ".join(sorted(self.stale_nodes(now))) or "none"
+            return (
+                f"model {model_id} needs {self._need_text(n_bytes)}; no GPU takes new reservations "
+                f"(every GPU is unhealthy or on a stale node; stale: {stale})"
+            )
+        largest = self._largest(open_gpus, free)
+        assert largest is not None
+        room = max(0, free[largest.uuid])
+        return (
+            f"model {model_id} needs {self._need_text(n_bytes)}; the largest free slot is "
+            f"{format_gib(room)} on {largest.label} (short by {format_gib(need - room)})"
+        )
+
+    def release(self, replica_id: str) -> bool:
+        """Drop a replica's reservation (and any startup lock it holds); False if it held none."""
+        entry = self.data.entries.pop(replica_id, None)
+        locks = [uuid for uuid, holder in self.data.startup_locks.items() if holder.replica_id == replica_id]
+        for uuid in locks:
+            del self.data.startup_locks[uuid]
+        return entry is not None or bool(locks)
+
+    def attach_process(self, replica_id: str, pid: int) -> bool:
+        entry = self.data.entries.get(replica_id)
+        if entry is None:
+            known = ", ".join(sorted(self.data.entries)) or "none"
+            raise ReservationError(f"attach pid {pid}: replica {replica_id!r} holds no reservation (held: {known})")
+        if pid in entry.pids:
+            return False
+        entry.pids.append(pid)
+        return True
+
+    def owners(self) -> dict[str, str]:
+        """Replica id → owner for every owned reservation or startup lock."""
+        owned = {rid: e.owner for rid, e in self.data.entries.items() if e.owner}
+        owned.update({h.replica_id: h.owner for h in self.data.startup_locks.values() if h.owner})
+        return owned
+
+    # -- planning and state -----------------------------------------------------------------
+
+    def plan(self, models: Sequence[ModelSpec], now: float, settings: PlacementSettings | None = None) -> Plan:
+        """The planner against current inventories and reservations; stale nodes take nothing new."""
+        return plan(
+            self.inventory(),
+            models,
+            existing=self.reservations(),
+            settings=settings or self.settings,
+            managed_pids=self.managed_pids(),
+            excluded_nodes=frozenset(self.stale_nodes(now)),
+        )
+
+    def state(self, now: float) -> VRAMState:
+        stale = self.stale_nodes(now)
+        free = self.free_bytes()
+        reserved = self.reserved_bytes()
+        managed = self.managed_pids()
+        by_gpu: dict[str, list[LedgerEntry]] = {}
+        for rid in sorted(self.data.entries):
+            entry = self.data.entries[rid]
+            by_gpu.setdefault(entry.reservation.gpu_uuid, []).append(entry)
+        gpus = []
+        for gpu in self.gpus():
+            usage = {p.pid: p.used_bytes for p in gpu.processes}
+            gpus.append(
+                GPUState(
+                    node=gpu.node,
+                    index=gpu.index,
+                    uuid=gpu.uuid,
+                    name=gpu.name,
+                    total_bytes=gpu.total_bytes,
+                    used_bytes=gpu.used_bytes,
+                    unmanaged_bytes=gpu.unmanaged_bytes(managed),
+                    reserved_bytes=reserved.get(gpu.uuid, 0),
+                    free_bytes=free[gpu.uuid],
+                    healthy=gpu.healthy,
+                    stale=gpu.node in stale,
+                    replicas=[_replica_state(e, usage) for e in by_gpu.pop(gpu.uuid, [])],
+                )
+            )
+        orphaned = [_replica_state(e, None) for entries in by_gpu.values() for e in entries]
+        nodes = [
+            NodeState(
+                node=name,
+                source=record.inventory.source,
+                gpus=len(record.inventory.gpus),
+                age_s=round(now - record.arrived_at, 3),
+                stale=name in stale,
+            )
+            for name, record in sorted(self.data.nodes.items())
+        ]
+        return VRAMState(
+            timestamp=now,
+            gpus=gpus,
+            nodes=nodes,
+            stale_nodes=sorted(stale),
+            orphaned=orphaned,
+            startup_locks={uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
+            settings=self.settings,
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def dumps(self) -> str:
+        return self.data.model_dump_json()
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> Ledger:
+        return cls(LedgerSnapshot.model_validate_json(text))
+
+
+def _label(reservation: Reservation) -> str:
+    return f"node {reservation.node}, GPU {reservation.gpu_index}"
+
+
+def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> ReplicaState:
+    seen = [usage[pid] for pid in entry.pids if usage is not None and pid in usage]
+    return ReplicaState(
+        replica_id=entry.reservation.replica_id,
+        model_id=entry.reservation.model_id,
+        bytes=entry.reservation.bytes,
+        pid=entry.pids[-1] if entry.pids else None,
+        pids=list(entry.pids),
+        used_bytes=sum(seen) if seen else None,
+        owner=entry.owner,
+    )
+
+
+def models_from_dicts(models: Iterable[dict[str, Any] | ModelSpec], source: str = "models") -> list[ModelSpec]:
+    """Validate model specs the way a config file is validated (unique names, clear errors)."""
+    raw = [m.model_dump(exclude_unset=True) if isinstance(m, ModelSpec) else m for m in models]
+    return parse_config({"models": raw}, source).models
+
+
+def now() -> float:
+    return time.time()
