@@ -1,0 +1,738 @@
+"""Inference helpers for models served by ray-vram (or any OpenAI-compatible endpoint).
+
+Sync and async single calls, bounded-concurrency batches and streaming batches, with
+structured output parsed into pydantic classes, retries on 429/503 honouring
+``Retry-After``, and typed errors. Only ``httpx`` is needed: nothing here imports Ray or
+vLLM, so a notebook or a web app can call models without the serving stack installed.
+
+Where the endpoint is, in order: the ``base_url`` argument, ``$RAY_VRAM_ENDPOINT``, the
+serving controller (``$RAY_VRAM_CONTROLLER``, default ``http://127.0.0.1:8080``) which
+names each model's endpoint, then Ray Serve's status through the Ray dashboard
+(``$RAY_VRAM_DASHBOARD``, default ``http://127.0.0.1:8265``); each candidate is checked
+against its ``/v1/models`` so a request goes where the model is actually served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+Prompt = str | Sequence[dict[str, Any]]
+
+ENDPOINT_ENV = "RAY_VRAM_ENDPOINT"
+CONTROLLER_ENV = "RAY_VRAM_CONTROLLER"
+DASHBOARD_ENV = "RAY_VRAM_DASHBOARD"
+API_KEY_ENV = "RAY_VRAM_API_KEY"
+DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+#: Status codes that mean "busy, try again": retried with backoff, honouring Retry-After.
+RETRY_STATUSES = frozenset({429, 503})
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class InferenceError(RuntimeError):
+    """A request that did not produce an answer; says which model, where and why."""
+
+    def __init__(self, message: str, *, model: str | None = None, url: str | None = None, status: int | None = None):
+        self.model = model
+        self.url = url
+        self.status = status
+        super().__init__(message)
+
+
+class EndpointNotFoundError(InferenceError):
+    """No endpoint serving the model could be found (nothing deployed, or nothing reachable)."""
+
+
+class ModelNotFoundError(InferenceError):
+    """The endpoint answered, but does not serve this model (HTTP 404)."""
+
+
+class InvalidRequestError(InferenceError):
+    """The endpoint refused the request as invalid (HTTP 400/422), e.g. a prompt over the model's limit."""
+
+
+class OverloadedError(InferenceError):
+    """The endpoint stayed busy (HTTP 429/503) through every retry."""
+
+
+class StructuredOutputError(InferenceError):
+    """The model's output did not validate against the requested pydantic class."""
+
+    def __init__(self, message: str, *, raw: str, errors: list[dict[str, Any]], **kwargs: Any):
+        self.raw = raw
+        self.errors = errors
+        super().__init__(message, **kwargs)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep trying a busy endpoint: exponential backoff, or the server's Retry-After."""
+
+    attempts: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        hinted = retry_after_seconds(response.headers.get("retry-after")) if response is not None else None
+        if hinted is not None:
+            return min(hinted, self.max_backoff_s)
+        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass
+class StreamEvent:
+    """One piece of a streamed batch: text for prompt `index`, or its end (`done`, with `finish_reason`)."""
+
+    index: int
+    text: str = ""
+    done: bool = False
+    finish_reason: str | None = None
+    error: InferenceError | None = None
+
+
+# --------------------------------------------------------------------------- endpoint discovery
+
+
+class _EndpointCache:
+    """Base URLs (ending in /v1) per model name, remembered for a short while."""
+
+    ttl_s = 30.0
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> str | None:
+        with self._lock:
+            entry = self._entries.get(model)
+        if entry and time.monotonic() - entry[0] < self.ttl_s:
+            return entry[1]
+        return None
+
+    def put(self, model: str, base_url: str) -> None:
+        with self._lock:
+            self._entries[model] = (time.monotonic(), base_url)
+
+    def forget(self, model: str | None = None) -> None:
+        with self._lock:
+            if model is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(model, None)
+
+
+_endpoints = _EndpointCache()
+
+
+def forget_endpoints(model: str | None = None) -> None:
+    """Drop remembered endpoints (after a redeploy moved a model)."""
+    _endpoints.forget(model)
+
+
+def _as_v1(url: str) -> str:
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else f"{url}/v1"
+
+
+def _local_host(host: str) -> str:
+    return "127.0.0.1" if host in {"0.0.0.0", "::", "", "localhost"} else host
+
+
+def _candidates_from_controller(client: httpx.Client, controller: str, model: str) -> list[str]:
+    response = client.get(f"{controller.rstrip('/')}/v1/deployments")
+    response.raise_for_status()
+    found = []
+    for entry in response.json().get("models", []):
+        names = {entry.get("model_id"), entry.get("router_name")}
+        if entry.get("endpoint") and (model in names or not found):
+            found.insert(0 if model in names else len(found), entry["endpoint"])
+    return found
+
+
+def _candidates_from_serve(client: httpx.Client, dashboard: str) -> list[str]:
+    response = client.get(f"{dashboard.rstrip('/')}/api/serve/applications/")
+    response.raise_for_status()
+    status = response.json()
+    options = status.get("http_options") or {}
+    port = options.get("port")
+    if not port:
+        return []
+    host = _local_host(str(options.get("host") or "127.0.0.1"))
+    found = []
+    for app in (status.get("applications") or {}).values():
+        prefix = (app.get("route_prefix") or "/").rstrip("/")
+        if app.get("status") == "RUNNING" and app.get("route_prefix") is not None:
+            found.append(f"http://{host}:{port}{prefix}")
+    return found
+
+
+def _serves(client: httpx.Client, base_url: str, model: str, headers: dict[str, str]) -> bool:
+    response = client.get(f"{base_url}/models", headers=headers)
+    if response.status_code != 200:
+        return False
+    return any(item.get("id") == model for item in response.json().get("data", []))
+
+
+def resolve_endpoint(model: str, base_url: str | None = None, api_key: str | None = None) -> str:
+    """The base URL (ending in /v1) of the endpoint that serves `model`.
+
+    An explicit `base_url` or ``$RAY_VRAM_ENDPOINT`` is trusted as is; otherwise the controller
+    and Ray Serve's status are asked, and each candidate must list the model in /v1/models.
+    """
+    explicit = base_url or os.environ.get(ENDPOINT_ENV)
+    if explicit:
+        return _as_v1(explicit)
+    cached = _endpoints.get(model)
+    if cached:
+        return cached
+    controller = os.environ.get(CONTROLLER_ENV, DEFAULT_CONTROLLER)
+    dashboard = os.environ.get(DASHBOARD_ENV, DEFAULT_DASHBOARD)
+    tried: list[str] = []
+    with httpx.Client(timeout=5.0) as client:
+        for source, lookup in (
+            (f"controller {controller}", lambda: _candidates_from_controller(client, controller, model)),
+            (f"Ray Serve status at {dashboard}", lambda: _candidates_from_serve(client, dashboard)),
+        ):
+            try:
+                candidates = [_as_v1(c) for c in lookup()]
+            except (httpx.HTTPError, ValueError) as error:
+                tried.append(f"{source}: {type(error).__name__}: {error}")
+                continue
+            for candidate in candidates:
+                try:
+                    if _serves(client, candidate, model, _headers(api_key)):
+                        _endpoints.put(model, candidate)
+                        return candidate
+                except (httpx.HTTPError, ValueError) as error:
+                    tried.append(f"{candidate}: {type(error).__name__}: {error}")
+                    continue
+                tried.append(f"{candidate} (from {source}) does not serve {model!r}")
+            if not candidates:
+                tried.append(f"{source}: no endpoints listed")
+    raise EndpointNotFoundError(
+        f"no endpoint serves model {model!r}; tried: " + "; ".join(tried) + f". Deploy it, or set ${ENDPOINT_ENV}",
+        model=model,
+    )
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _messages(prompt: Prompt) -> list[dict[str, Any]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(message) for message in prompt]
+
+
+def response_format_for(structured_output: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAI `response_format` asking for JSON that matches a pydantic class."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": structured_output.__name__,
+            "schema": structured_output.model_json_schema(),
+            "strict": True,
+        },
+    }
+
+
+def build_request(
+    model: str,
+    prompt: Prompt,
+    *,
+    structured_output: type[BaseModel] | None = None,
+    max_tokens: int | None = None,
+    truncate_prompt_tokens: int | None = None,
+    stream: bool = False,
+    sampling: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The chat-completions body: messages, limits, structured output and any sampling parameter."""
+    body: dict[str, Any] = {"model": model, "messages": _messages(prompt)}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if truncate_prompt_tokens is not None:
+        body["truncate_prompt_tokens"] = truncate_prompt_tokens
+    if structured_output is not None:
+        body["response_format"] = response_format_for(structured_output)
+    if stream:
+        body["stream"] = True
+    body.update(sampling or {})
+    return body
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text[:500]
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("detail") or error)
+    return str(error)
+
+
+def _raise_for(response: httpx.Response, model: str, url: str, attempts: int) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    detail = _error_detail(response)
+    kwargs = {"model": model, "url": url, "status": status}
+    if status == 404:
+        raise ModelNotFoundError(f"model {model!r} is not served at {url} (HTTP 404): {detail}", **kwargs)
+    if status in RETRY_STATUSES:
+        raise OverloadedError(
+            f"model {model!r} at {url} stayed busy (HTTP {status}) through {attempts} attempt(s): {detail}", **kwargs
+        )
+    if status in {400, 422}:
+        raise InvalidRequestError(f"model {model!r} at {url} refused the request (HTTP {status}): {detail}", **kwargs)
+    raise InferenceError(f"model {model!r} at {url} failed (HTTP {status}): {detail}", **kwargs)
+
+
+def _connect_error(error: httpx.HTTPError, model: str, url: str) -> InferenceError:
+    return EndpointNotFoundError(
+        f"cannot reach the endpoint of model {model!r} at {url}: {type(error).__name__}: {error}", model=model, url=url
+    )
+
+
+def _parse(content: str, structured_output: type[T], model: str, url: str, finish_reason: str | None) -> T:
+    try:
+        return structured_output.model_validate_json(content)
+    except ValidationError as error:
+        hint = " (generation stopped at max_tokens; raise max_tokens)" if finish_reason == "length" else ""
+        raise StructuredOutputError(
+            f"output of model {model!r} does not validate as {structured_output.__name__}{hint}: "
+            f"{error.error_count()} error(s), first: {_first_error(error)}; output was {content[:200]!r}",
+            raw=content,
+            errors=error.errors(include_url=False),
+            model=model,
+            url=url,
+        ) from None
+
+
+def _first_error(error: ValidationError) -> str:
+    item = error.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+    return f"{where}: {item['msg']}"
+
+
+def _answer(payload: dict[str, Any], model: str, url: str) -> tuple[str, str | None]:
+    try:
+        choice = payload["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        raise InferenceError(
+            f"model {model!r} at {url} returned no choices: {str(payload)[:200]}", model=model
+        ) from None
+    return choice["message"].get("content") or "", choice.get("finish_reason")
+
+
+@dataclass
+class _Call:
+    """Everything one request needs, resolved once."""
+
+    model: str
+    url: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    timeout_s: float
+    retry: RetryPolicy
+    structured_output: type[BaseModel] | None
+
+    def result(self, payload: dict[str, Any]) -> Any:
+        content, finish_reason = _answer(payload, self.model, self.url)
+        if self.structured_output is None:
+            return content
+        return _parse(content, self.structured_output, self.model, self.url, finish_reason)
+
+
+def _prepare(
+    model_id: str,
+    prompt: Prompt,
+    *,
+    router_name: str | None,
+    structured_output: type[BaseModel] | None,
+    max_tokens: int | None,
+    truncate_prompt_tokens: int | None,
+    stream: bool,
+    base_url: str | None,
+    api_key: str | None,
+    timeout_s: float,
+    retry: RetryPolicy | None,
+    sampling: dict[str, Any],
+) -> _Call:
+    model = router_name or model_id
+    base = resolve_endpoint(model, base_url, api_key)
+    body = build_request(
+        model,
+        prompt,
+        structured_output=structured_output,
+        max_tokens=max_tokens,
+        truncate_prompt_tokens=truncate_prompt_tokens,
+        stream=stream,
+        sampling=sampling,
+    )
+    return _Call(
+        model=model,
+        url=f"{base}/chat/completions",
+        body=body,
+        headers=_headers(api_key),
+        timeout_s=timeout_s,
+        retry=retry or DEFAULT_RETRY,
+        structured_output=structured_output,
+    )
+
+
+def _post_sync(call: _Call, client: httpx.Client) -> dict[str, Any]:
+    response = None
+    for attempt in range(call.retry.attempts):
+        try:
+            response = client.post(call.url, json=call.body, headers=call.headers, timeout=call.timeout_s)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise _connect_error(error, call.model, call.url) from None
+        if response.status_code not in RETRY_STATUSES or attempt == call.retry.attempts - 1:
+            break
+        time.sleep(call.retry.delay(attempt, response))
+    assert response is not None
+    _raise_for(response, call.model, call.url, call.retry.attempts)
+    return response.json()
+
+
+async def _post_async(call: _Call, client: httpx.AsyncClient) -> dict[str, Any]:
+    response = None
+    for attempt in range(call.retry.attempts):
+        try:
+            response = await client.post(call.url, json=call.body, headers=call.headers, timeout=call.timeout_s)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise _connect_error(error, call.model, call.url) from None
+        if response.status_code not in RETRY_STATUSES or attempt == call.retry.attempts - 1:
+            break
+        await asyncio.sleep(call.retry.delay(attempt, response))
+    assert response is not None
+    _raise_for(response, call.model, call.url, call.retry.attempts)
+    return response.json()
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@overload
+def inference(model_id: str, prompt: Prompt, *, structured_output: type[T], **kwargs: Any) -> T: ...
+@overload
+def inference(model_id: str, prompt: Prompt, *, structured_output: None = None, **kwargs: Any) -> str: ...
+def inference(
+    model_id: str,
+    prompt: Prompt,
+    *,
+    router_name: str | None = None,
+    structured_output: type[BaseModel] | None = None,
+    max_tokens: int | None = None,
+    truncate_prompt_tokens: int | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+    retry: RetryPolicy | None = None,
+    **sampling: Any,
+) -> Any:
+    """Ask `model_id` once; return its text, or an instance of `structured_output`.
+
+    `prompt` is a user message or a list of chat messages. `router_name` sends the request to
+    the model's alias instead. `truncate_prompt_tokens` keeps only the last N prompt tokens
+    (-1: as many as the model's max_model_len allows). Extra keyword arguments are sampling
+    parameters passed to vLLM (temperature, top_p, seed, stop, ...).
+    """
+    call = _prepare(
+        model_id,
+        prompt,
+        router_name=router_name,
+        structured_output=structured_output,
+        max_tokens=max_tokens,
+        truncate_prompt_tokens=truncate_prompt_tokens,
+        stream=False,
+        base_url=base_url,
+        api_key=api_key,
+        timeout_s=timeout_s,
+        retry=retry,
+        sampling=sampling,
+    )
+    with httpx.Client() as client:
+        return call.result(_post_sync(call, client))
+
+
+async def a_inference(
+    model_id: str,
+    prompt: Prompt,
+    *,
+    router_name: str | None = None,
+    structured_output: type[BaseModel] | None = None,
+    max_tokens: int | None = None,
+    truncate_prompt_tokens: int | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+    retry: RetryPolicy | None = None,
+    client: httpx.AsyncClient | None = None,
+    **sampling: Any,
+) -> Any:
+    """`inference`, awaitable. Pass `client` to share connections across many calls."""
+    call = await asyncio.to_thread(
+        _prepare,
+        model_id,
+        prompt,
+        router_name=router_name,
+        structured_output=structured_output,
+        max_tokens=max_tokens,
+        truncate_prompt_tokens=truncate_prompt_tokens,
+        stream=False,
+        base_url=base_url,
+        api_key=api_key,
+        timeout_s=timeout_s,
+        retry=retry,
+        sampling=sampling,
+    )
+    if client is not None:
+        return call.result(await _post_async(call, client))
+    async with httpx.AsyncClient() as own:
+        return call.result(await _post_async(call, own))
+
+
+async def a_inference_batch(
+    model_id: str,
+    prompts: Sequence[Prompt],
+    *,
+    concurrency: int = 8,
+    return_exceptions: bool = False,
+    **kwargs: Any,
+) -> list[Any]:
+    """Answers for every prompt, in order, with at most `concurrency` requests in flight.
+
+    With `return_exceptions`, a failed prompt yields its `InferenceError` in place of an answer
+    instead of failing the batch.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one(prompt: Prompt) -> Any:
+            async with limit:
+                try:
+                    return await a_inference(model_id, prompt, client=client, **kwargs)
+                except InferenceError as error:
+                    if return_exceptions:
+                        return error
+                    raise
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def inference_batch(model_id: str, prompts: Sequence[Prompt], *, concurrency: int = 8, **kwargs: Any) -> list[Any]:
+    """`a_inference_batch` for synchronous code (works inside a running event loop too)."""
+    return _run_sync(lambda: a_inference_batch(model_id, prompts, concurrency=concurrency, **kwargs))
+
+
+async def _stream_one(index: int, call: _Call, client: httpx.AsyncClient, out: asyncio.Queue[StreamEvent]) -> None:
+    try:
+        for attempt in range(call.retry.attempts):
+            async with client.stream(
+                "POST", call.url, json=call.body, headers=call.headers, timeout=call.timeout_s
+            ) as response:
+                if response.status_code in RETRY_STATUSES and attempt < call.retry.attempts - 1:
+                    await response.aread()
+                    await asyncio.sleep(call.retry.delay(attempt, response))
+                    continue
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for(response, call.model, call.url, call.retry.attempts)
+                finish_reason = None
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if chunk.get("error"):
+                        raise InferenceError(
+                            f"model {call.model!r} at {call.url} failed mid-stream: {chunk['error']}",
+                            model=call.model,
+                            url=call.url,
+                        )
+                    for choice in chunk.get("choices", []):
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                        if text:
+                            await out.put(StreamEvent(index=index, text=text))
+                await out.put(StreamEvent(index=index, done=True, finish_reason=finish_reason))
+                return
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+        await out.put(StreamEvent(index=index, done=True, error=_connect_error(error, call.model, call.url)))
+    except InferenceError as error:
+        await out.put(StreamEvent(index=index, done=True, error=error))
+    except httpx.HTTPError as error:
+        failure = InferenceError(
+            f"stream of model {call.model!r} at {call.url} broke: {type(error).__name__}: {error}",
+            model=call.model,
+            url=call.url,
+        )
+        await out.put(StreamEvent(index=index, done=True, error=failure))
+
+
+async def a_streaming_batch(
+    model_id: str,
+    prompts: Sequence[Prompt],
+    *,
+    concurrency: int = 8,
+    router_name: str | None = None,
+    max_tokens: int | None = None,
+    truncate_prompt_tokens: int | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+    retry: RetryPolicy | None = None,
+    **sampling: Any,
+) -> AsyncIterator[StreamEvent]:
+    """Stream tokens for many prompts at once: `StreamEvent`s as they arrive, interleaved.
+
+    Each prompt ends with exactly one event with `done=True` (and `error` set if it failed);
+    at most `concurrency` streams are open at a time.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    calls = [
+        await asyncio.to_thread(
+            _prepare,
+            model_id,
+            prompt,
+            router_name=router_name,
+            structured_output=None,
+            max_tokens=max_tokens,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            stream=True,
+            base_url=base_url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            retry=retry,
+            sampling=sampling,
+        )
+        for prompt in prompts
+    ]
+    out: asyncio.Queue[StreamEvent] = asyncio.Queue()
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one(index: int, call: _Call) -> None:
+            async with limit:
+                await _stream_one(index, call, client, out)
+
+        tasks = [asyncio.create_task(one(i, call)) for i, call in enumerate(calls)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                event = await out.get()
+                remaining -= event.done
+                yield event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def streaming_batch(model_id: str, prompts: Sequence[Prompt], **kwargs: Any) -> Iterator[StreamEvent]:
+    """`a_streaming_batch` as a plain generator (runs the streams on a background event loop)."""
+    events: queue.Queue[StreamEvent | BaseException | None] = queue.Queue()
+    stop = threading.Event()
+
+    async def pump() -> None:
+        try:
+            async for event in a_streaming_batch(model_id, prompts, **kwargs):
+                events.put(event)
+                if stop.is_set():
+                    return
+        except BaseException as error:
+            events.put(error)
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=asyncio.run, args=(pump(),), name="ray-vram-stream", daemon=True)
+    thread.start()
+    try:
+        while (item := events.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def stream(model_id: str, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+    """Text pieces of one streamed answer; raises the stream's `InferenceError` if it fails."""
+    for event in streaming_batch(model_id, [prompt], concurrency=1, **kwargs):
+        if event.error is not None:
+            raise event.error
+        if event.text:
+            yield event.text
+
+
+def _run_sync(make: Callable[[], Any]) -> Any:
+    """Run a coroutine to completion from sync code, even when this thread already has a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(make())
+        except BaseException as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=target, name="ray-vram-sync", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -1,0 +1,177 @@
+"""Real services for the SDK tests: the tiny random-weight model, vLLM's own OpenAI server,
+and a busy-front HTTP server that answers 429/503 with Retry-After before passing requests on.
+
+Imported by tests/sdk/conftest.py; everything runs on 127.0.0.1 and is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("RAY_VRAM_CACHE", Path.home() / ".cache" / "ray-vram"))
+WORK = Path(os.environ.get("RAY_VRAM_WORK", ROOT / ".work"))
+STRUCTURED_CONFIG = '{"backend":"xgrammar","disable_any_whitespace":true}'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Wait until `url` answers 200; fail early with the log tail if `process` died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode} before {url} answered:\n{tail}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s:\n{tail}")
+
+
+def tiny_model_dir() -> Path:
+    """The project's demo model (generated once into the cache, offline)."""
+    target = CACHE / "models" / "sdk-tiny"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("vram_scheduler.demo_model") is not None:
+        command = [sys.executable, "-m", "vram_scheduler.cli", "demo-model", str(target)]
+    else:
+        command = [sys.executable, str(ROOT / "tests" / "tiny_model.py"), str(target)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return target
+
+
+def vllm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: Path, names: list[str], max_model_len: int = 512) -> Iterator[str]:
+    """vLLM's OpenAI server on the tiny model; yields its base URL (ending in /v1)."""
+    port = free_port()
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = WORK / f"vllm-sdk-{port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        *names,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--max-num-seqs",
+        "8",
+        "--structured-outputs-config",
+        STRUCTURED_CONFIG,
+    ]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=vllm_env())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", 300, process, log)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class BusyFront:
+    """A real HTTP server before an endpoint: the first `busy` POSTs get `status` with Retry-After,
+    later ones are forwarded. Records when each request arrived, to check the client's waits."""
+
+    def __init__(self, upstream: str, busy: int, status: int = 429, retry_after: str = "1"):
+        self.upstream = upstream.rstrip("/")
+        self.busy = busy
+        self.status = status
+        self.retry_after = retry_after
+        self.arrivals: list[float] = []
+        self._lock = threading.Lock()
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                return
+
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else None
+                if method == "POST":
+                    with front._lock:
+                        front.arrivals.append(time.monotonic())
+                        refuse = len(front.arrivals) <= front.busy
+                    if refuse:
+                        payload = json.dumps({"error": {"message": "busy", "code": front.status}}).encode()
+                        self.send_response(front.status)
+                        self.send_header("Retry-After", front.retry_after)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
+                path = self.path.removeprefix("/v1")
+                response = httpx.request(
+                    method,
+                    f"{front.upstream}{path}",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=120,
+                )
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", response.headers.get("content-type", "application/json"))
+                self.send_header("Content-Length", str(len(response.content)))
+                self.end_headers()
+                self.wfile.write(response.content)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> BusyFront:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
