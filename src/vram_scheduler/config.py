@@ -135,15 +135,17 @@ class RayVRAMConfig(StrictModel):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
-        seen: dict[str, int] = {}
+        seen: dict[str, str] = {}
         for position, spec in enumerate(models):
-            for name in spec.names:
+            named = [("model_id", spec.model_id)] + ([("router_name", spec.router_name)] if spec.router_name else [])
+            for key, name in named:
+                where = f"models[{position}].{key}"
                 if name in seen:
                     raise ValueError(
-                        f"model name {name!r} of models[{position}] is already used by models[{seen[name]}]; "
-                        "model_id and router_name must be unique"
+                        f"{where} = {name!r} is already used by {seen[name]}; "
+                        "every model_id and router_name must be unique (requests are routed by name)"
                     )
-                seen[name] = position
+                seen[name] = where
         return models
 
     def model(self, name: str) -> ModelSpec:
@@ -190,7 +192,8 @@ def describe_validation_error(error: ValidationError) -> list[str]:
         message = re.sub(r"^(Value|Assertion) error, ", "", item["msg"])
         where = _location(tuple(item["loc"]))
         if item["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown key (allowed keys are listed by `ray-vram schema`)")
+            value = f" = {item['input']!r}" if not isinstance(item.get("input"), dict | list) else ""
+            problems.append(f"{where}{value}: unknown key (allowed keys are listed by `ray-vram schema`)")
         elif item["type"] == "missing":
             problems.append(f"{where}: required key is missing")
         elif "input" in item and not isinstance(item["input"], dict | list):

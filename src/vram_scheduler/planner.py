@@ -255,6 +255,7 @@ def _explain(
     largest_free = max(0, largest.free) if largest else 0
     where = largest.gpu.label if largest else None
     what = f"{count} replica{'s' if count > 1 else ''} of model {spec.model_id}"
+    needs = "needs" if count == 1 else "need"
     if not all_list:
         reason = f"{what} cannot be placed: the inventory has no GPUs"
     elif spec.gpu_type and not any(_eligible(spec, s) for s in all_list):
@@ -268,12 +269,12 @@ def _explain(
     elif need > max(s.gpu.total_bytes for s in eligible):
         biggest = max(eligible, key=lambda s: s.gpu.total_bytes)
         reason = (
-            f"{what} needs {need_text}, more than any GPU holds: the largest is "
+            f"{what} {needs} {need_text}, more than any GPU holds: the largest is "
             f"{format_gib(biggest.gpu.total_bytes)} ({biggest.gpu.name}) on {biggest.gpu.label}"
         )
     else:
         reason = (
-            f"{what} needs {need_text}; the largest free slot is {format_gib(largest_free)} on {where}"
+            f"{what} {needs} {need_text}; the largest free slot is {format_gib(largest_free)} on {where}"
             f" (short by {format_gib(need - largest_free)})"
         )
     return Unplaced(

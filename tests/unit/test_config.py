@@ -1,0 +1,149 @@
+"""The configuration schema: every invalid input is refused with field, value and reason."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from vram_scheduler.config import GIB, ConfigError, PlacementSettings, load_config, parse_config
+from vram_scheduler.inventory import parse_inventory
+from vram_scheduler.planner import oversized_models
+
+
+def problems_of(data: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, "values.yaml")
+    assert caught.value.source == "values.yaml"
+    return caught.value.problems
+
+
+def model(**fields: object) -> dict[str, object]:
+    return {"model_id": "m", "model": "org/m", "vram_gb": 4} | fields
+
+
+def test_minimal_model_gets_documented_defaults() -> None:
+    config = parse_config({"models": [model()]})
+    (spec,) = config.models
+    assert (spec.replicas, spec.max_replicas, spec.max_model_len, spec.max_tokens) == (1, False, 8192, 256)
+    assert spec.vram_bytes == 4 * GIB
+    assert config.placement.replica_overhead_gb == 0.5
+
+
+def test_unknown_key_in_model_is_named_with_its_value() -> None:
+    assert problems_of({"models": [model(vram_gib=3)]}) == [
+        "models[0].vram_gib = 3: unknown key (allowed keys are listed by `ray-vram schema`)"
+    ]
+
+
+def test_unknown_top_level_and_placement_keys() -> None:
+    problems = problems_of({"modles": [], "placement": {"overhead_gb": 1}})
+    assert "modles = []" not in problems[0]
+    assert any(p.startswith("modles: unknown key") for p in problems)
+    assert "placement.overhead_gb = 1: unknown key (allowed keys are listed by `ray-vram schema`)" in problems
+
+
+@pytest.mark.parametrize("value", [0, -3, -0.5])
+def test_zero_or_negative_vram_is_refused(value: float) -> None:
+    assert problems_of({"models": [model(vram_gb=value)]}) == [
+        f"models[0].vram_gb = {value!r}: Input should be greater than 0"
+    ]
+
+
+def test_replicas_and_max_replicas_together_are_refused() -> None:
+    (problem,) = problems_of({"models": [model(replicas=3, max_replicas=True)]})
+    assert problem.startswith("models[0]: set either replicas (3) or max_replicas: true, not both")
+
+
+def test_max_replicas_alone_is_fine() -> None:
+    (spec,) = parse_config({"models": [model(max_replicas=True)]}).models
+    assert spec.max_replicas
+
+
+def test_duplicate_model_id_names_both_places() -> None:
+    (problem,) = problems_of({"models": [model(), model(model="other")]})
+    assert "models[1].model_id = 'm' is already used by models[0].model_id" in problem
+    assert "must be unique" in problem
+
+
+def test_router_name_clashing_with_a_model_id() -> None:
+    (problem,) = problems_of({"models": [model(router_name="chat"), model(model_id="chat")]})
+    assert "models[1].model_id = 'chat' is already used by models[0].router_name" in problem
+
+
+def test_duplicate_router_name() -> None:
+    (problem,) = problems_of({"models": [model(router_name="chat"), model(model_id="n", router_name="chat")]})
+    assert "models[1].router_name = 'chat' is already used by models[0].router_name" in problem
+
+
+def test_engine_kwargs_cannot_override_the_budget() -> None:
+    (problem,) = problems_of({"models": [model(engine_kwargs={"gpu_memory_utilization": 0.9})]})
+    assert problem.startswith("models[0].engine_kwargs: gpu_memory_utilization are set by ray-vram")
+
+
+def test_bad_model_id_and_settings() -> None:
+    problems = problems_of({"models": [model(model_id="Bad Name")], "placement": {"stale_after_s": 0}})
+    assert any(p.startswith("models[0].model_id = 'Bad Name': String should match pattern") for p in problems)
+    assert "placement.stale_after_s = 0: Input should be greater than 0" in problems
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    assert problems_of(["models"]) == ["expected a mapping at the top level, got list"]
+
+
+def test_vram_larger_than_any_gpu_names_model_need_and_largest() -> None:
+    inventory = parse_inventory(
+        {
+            "nodes": [
+                {
+                    "node": "a",
+                    "gpus": [{"index": 0, "uuid": "G0", "total_gb": 24}, {"index": 1, "uuid": "G1", "total_gb": 16}],
+                }
+            ]
+        }
+    )
+    config = parse_config({"models": [model(vram_gb=2), model(model_id="big", vram_gb=24)]})
+    assert oversized_models(inventory, config.models, PlacementSettings()) == [
+        "models[1].vram_gb = 24: with 0.5 GiB overhead a replica needs 24.50 GiB, larger than any GPU (24.00 GiB)"
+    ]
+
+
+def test_oversized_respects_gpu_type() -> None:
+    inventory = parse_inventory(
+        {
+            "nodes": [
+                {
+                    "node": "a",
+                    "gpus": [
+                        {"index": 0, "uuid": "G0", "name": "NVIDIA H100", "total_gb": 80},
+                        {"index": 1, "uuid": "G1", "name": "RTX 4090", "total_gb": 24},
+                    ],
+                }
+            ]
+        }
+    )
+    config = parse_config({"models": [model(vram_gb=30, gpu_type="4090")]})
+    (problem,) = oversized_models(inventory, config.models, PlacementSettings())
+    assert "needs 30.50 GiB, larger than any GPU (24.00 GiB)" in problem
+
+
+def test_load_config_takes_model_section_of_chart_values(tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text("image: {tag: x}\nmonitor: {enabled: true}\nmodels:\n  - {model_id: m, model: x, vram_gb: 2}\n")
+    assert [m.model_id for m in load_config(path).models] == ["m"]
+
+
+def test_load_config_reports_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_config_error_survives_pickling() -> None:
+    error = ConfigError("values.yaml", ["models[0].vram_gb = 0: Input should be greater than 0"])
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.source, copy.problems, str(copy)) == (error.source, error.problems, str(error))
