@@ -1,0 +1,189 @@
+"""The ledger's rules without Ray: capacity, idempotence, stale nodes, managed processes, persistence."""
+
+from __future__ import annotations
+
+import pytest
+
+from vram_scheduler.config import GIB, PlacementSettings
+from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.ledger import Ledger, LedgerSnapshot, ReservationError, StartupLockHolder, models_from_dicts
+
+T0 = 1_000.0
+
+
+def node(name: str, *gpus: tuple[int, float, float], processes: dict[int, list[dict[str, int]]] | None = None):
+    """A node inventory from (index, total GiB, used GiB) triples."""
+    return NodeInventory.model_validate(
+        {
+            "node": name,
+            "gpus": [
+                {
+                    "index": i,
+                    "uuid": f"{name}-{i}",
+                    "name": "NVIDIA L4",
+                    "total_gb": total,
+                    "used_gb": used,
+                    "processes": (processes or {}).get(i, []),
+                }
+                for i, total, used in gpus
+            ],
+        }
+    )
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    led = Ledger()
+    led.configure(PlacementSettings(replica_overhead_gb=0.5, stale_after_s=10))
+    led.update_inventory(node("a", (0, 24, 0), (1, 16, 0)), T0)
+    led.update_inventory(node("b", (0, 12, 2)), T0)
+    return led
+
+
+def test_reserve_picks_the_fullest_gpu_that_holds_it(ledger: Ledger) -> None:
+    small, changed = ledger.reserve("s-0", "s", 8 * GIB, T0)
+    assert changed and (small.node, small.gpu_index) == ("b", 0)  # 10 GiB free: the tightest fit
+    medium, _ = ledger.reserve("m-0", "m", 12 * GIB, T0)
+    assert medium.gpu_uuid == "a-1"
+    big, _ = ledger.reserve("b-0", "b", 20 * GIB, T0)
+    assert big.gpu_uuid == "a-0"
+
+
+def test_reserve_is_idempotent_and_updates_the_owner(ledger: Ledger) -> None:
+    first, _ = ledger.reserve("r-0", "m", 4 * GIB, T0)
+    again, changed = ledger.reserve("r-0", "m", 4 * GIB, T0 + 1)
+    assert again == first and not changed
+    owner = "ab" * 16
+    _, changed = ledger.reserve("r-0", "m", 4 * GIB, T0 + 1, owner=owner)
+    assert changed and ledger.entry("r-0").owner == owner
+    assert len(ledger.reservations()) == 1
+
+
+def test_same_replica_with_other_model_or_size_is_refused(ledger: Ledger) -> None:
+    ledger.reserve("r-0", "m", 4 * GIB, T0)
+    with pytest.raises(ReservationError, match=r"replica r-0 already holds a reservation for model m \(4.00 GiB"):
+        ledger.reserve("r-0", "m", 5 * GIB, T0)
+    with pytest.raises(ReservationError, match=r"already reserved on node b, GPU 0 \(b-0\), not on a-0"):
+        ledger.reserve("r-0", "m", 4 * GIB, T0, gpu_uuid="a-0")
+
+
+def test_refusal_names_model_need_largest_slot_and_where(ledger: Ledger) -> None:
+    with pytest.raises(ReservationError) as caught:
+        ledger.reserve("x-0", "x", 30 * GIB, T0)
+    assert str(caught.value) == (
+        "model x needs 30.50 GiB per replica (30.00 GiB budget + 0.50 GiB overhead); "
+        "the largest free slot is 24.00 GiB on node a, GPU 0 (short by 6.50 GiB)"
+    )
+
+
+def test_explicit_gpu_checks_room_health_and_existence(ledger: Ledger) -> None:
+    placed, _ = ledger.reserve("p-0", "p", 10 * GIB, T0, gpu_uuid="a-0")
+    assert placed.gpu_uuid == "a-0"
+    with pytest.raises(ReservationError) as caught:
+        ledger.reserve("p-1", "p", 14 * GIB, T0, gpu_uuid="a-0")
+    assert str(caught.value) == (
+        "model p needs 14.50 GiB per replica (14.00 GiB budget + 0.50 GiB overhead) on node a, GPU 0, "
+        "which has 13.50 GiB free (short by 1.00 GiB); the largest free slot is 16.00 GiB on node a, GPU 1"
+    )
+    with pytest.raises(ReservationError, match=r"no GPU with uuid 'nope' in the inventory \(known: a-0, a-1, b-0\)"):
+        ledger.reserve("p-1", "p", GIB, T0, gpu_uuid="nope")
+    sick = node("c", (0, 80, 0))
+    sick.gpus[0].healthy = False
+    ledger.update_inventory(sick, T0)
+    with pytest.raises(ReservationError, match=r"node c, GPU 0 \(c-0\) is unhealthy"):
+        ledger.reserve("p-1", "p", GIB, T0, gpu_uuid="c-0")
+
+
+def test_never_over_a_gpu_total(ledger: Ledger) -> None:
+    placed = 0
+    for i in range(100):
+        try:
+            ledger.reserve(f"r-{i}", "r", 3 * GIB, T0)
+            placed += 1
+        except ReservationError:
+            break
+    # 24 → 6 × 3.5, 16 → 4 × 3.5, 10 free on b → 2 × 3.5
+    assert placed == 12
+    assert all(free >= 0 for free in ledger.free_bytes().values())
+
+
+def test_stale_node_gets_nothing_new_but_keeps_what_it_has(ledger: Ledger) -> None:
+    held, _ = ledger.reserve("k-0", "k", 2 * GIB, T0, gpu_uuid="b-0")
+    later = T0 + 11
+    ledger.update_inventory(node("a", (0, 24, 0), (1, 16, 0)), later)  # only a keeps reporting
+    assert ledger.stale_nodes(later) == {"b"}
+    with pytest.raises(ReservationError, match=r"node b is stale \(last inventory 11.0 s ago, limit 10 s\)"):
+        ledger.reserve("k-1", "k", GIB, later, gpu_uuid="b-0")
+    chosen, _ = ledger.reserve("k-1", "k", GIB, later)
+    assert chosen.node == "a"
+    assert held in ledger.reservations()
+    state = ledger.state(later)
+    assert state.stale_nodes == ["b"]
+    assert [g.stale for g in state.gpus] == [False, False, True]
+    assert ledger.plan(models_from_dicts([{"model_id": "k", "model": "x", "vram_gb": 2}]), later).kept[0] == held
+
+
+def test_no_open_gpu_is_explained(ledger: Ledger) -> None:
+    with pytest.raises(ReservationError, match=r"no GPU takes new reservations .* stale: a, b"):
+        ledger.reserve("z-0", "z", GIB, T0 + 60)
+    with pytest.raises(ReservationError, match="the inventory has no GPUs yet"):
+        Ledger().reserve("z-0", "z", GIB, T0)
+
+
+def test_release_is_idempotent_and_frees_the_startup_lock(ledger: Ledger) -> None:
+    ledger.reserve("r-0", "m", GIB, T0)
+    ledger.data.startup_locks["b-0"] = StartupLockHolder(replica_id="r-0", since=T0)
+    assert ledger.release("r-0") is True
+    assert ledger.release("r-0") is False
+    assert ledger.reservations() == [] and ledger.data.startup_locks == {}
+
+
+def test_attached_processes_are_managed_not_unmanaged() -> None:
+    led = Ledger()
+    led.update_inventory(node("n", (0, 20, 0)), T0)
+    led.reserve("r-0", "m", 8 * GIB, T0)
+    used = [{"pid": 41, "used_bytes": 7 * GIB}, {"pid": 99, "used_bytes": 3 * GIB}]
+    led.update_inventory(node("n", (0, 20, 10), processes={0: used}), T0 + 1)
+    before = led.state(T0 + 1).gpus[0]
+    assert before.unmanaged_bytes == 10 * GIB and before.replicas[0].used_bytes is None
+    led.attach_process("r-0", 41)
+    assert led.attach_process("r-0", 41) is False
+    gpu = led.state(T0 + 1).gpus[0]
+    assert gpu.unmanaged_bytes == 3 * GIB
+    assert gpu.free_bytes == 20 * GIB - 3 * GIB - int(8.5 * GIB)
+    (replica,) = gpu.replicas
+    assert (replica.pid, replica.used_bytes) == (41, 7 * GIB)
+    with pytest.raises(ReservationError, match=r"attach pid 5: replica 'ghost' holds no reservation \(held: r-0\)"):
+        led.attach_process("ghost", 5)
+
+
+def test_gpu_uuid_reported_by_two_nodes_is_refused(ledger: Ledger) -> None:
+    clash = NodeInventory.model_validate({"node": "c", "gpus": [{"index": 0, "uuid": "a-1", "total_gb": 8}]})
+    with pytest.raises(ValueError, match="node 'c' reports GPU a-1 that node 'a' already reports"):
+        ledger.update_inventory(clash, T0)
+
+
+def test_gpu_gone_from_inventory_leaves_an_orphaned_reservation(ledger: Ledger) -> None:
+    ledger.reserve("o-0", "o", GIB, T0, gpu_uuid="a-1")
+    ledger.update_inventory(node("a", (0, 24, 0)), T0 + 1)
+    state = ledger.state(T0 + 1)
+    assert [r.replica_id for r in state.orphaned] == ["o-0"]
+
+
+def test_snapshot_round_trip_restores_everything(ledger: Ledger) -> None:
+    ledger.reserve("r-0", "m", GIB, T0, owner="cd" * 16)
+    ledger.reserve("r-1", "m", 2 * GIB, T0)
+    ledger.attach_process("r-0", 12)
+    ledger.data.startup_locks["a-0"] = StartupLockHolder(replica_id="r-1", since=T0)
+    restored = Ledger.loads(ledger.dumps())
+    assert restored.data == ledger.data
+    assert restored.state(T0 + 1) == ledger.state(T0 + 1)
+    assert LedgerSnapshot.model_validate_json(ledger.dumps()).version == 1
+
+
+def test_plan_through_the_ledger_keeps_reservations_and_names_errors(ledger: Ledger) -> None:
+    ledger.reserve("m-0", "m", 4 * GIB, T0)
+    result = ledger.plan(models_from_dicts([{"model_id": "m", "model": "x", "vram_gb": 4, "replicas": 2}]), T0)
+    assert [r.replica_id for r in result.kept] == ["m-0"] and [r.replica_id for r in result.new] == ["m-1"]
+    with pytest.raises(ValueError, match=r"models\[0\].vram_gb = 0: Input should be greater than 0"):
+        models_from_dicts([{"model_id": "m", "model": "x", "vram_gb": 0}])
