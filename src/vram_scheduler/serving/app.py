@@ -1,0 +1,138 @@
+"""Ray Serve application builders, importable by path (RayService `serveConfigV2`, the controller).
+
+- `build_model_app(args)`: one model — a deployment per planned replica (each pinned to the node
+  its reservation names, see `placement`), grouped under a small `ModelGroup` ingress that
+  reports the replicas' state. One Serve application per model means a change to one model
+  never touches another model's replicas.
+- `build_router_app(args)`: the OpenAI-compatible endpoint (`router.OpenAIRouter`).
+- `build_app(args)`: everything from one config (router + every model), for a RayService whose
+  `serveConfigV2` has one application: ``import_path: vram_scheduler.serving.app:build_app`` with
+  the values' `models`, `placement` and `serving` as `args`.
+
+Replicas are planned by the allocator at build time unless `reservations` are given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from ..config import ModelSpec, RayVRAMConfig, ServingSettings, parse_config
+from ..planner import Plan, Reservation
+from .replica import replica_deployment
+from .router import ROUTER_APP_ENV, ROUTER_DEPLOYMENT, RouterDeployment
+
+#: Environment a replica inherits from whoever builds the app (caches, offline hub, vLLM knobs).
+PASSED_ENV_PREFIXES = ("VLLM_", "HF_", "TRANSFORMERS_", "TORCH", "RAY_VRAM_", "OMP_", "CUDA_DEVICE_ORDER")
+PASSED_ENV = {"TMPDIR", "XDG_CACHE_HOME", "DO_NOT_TRACK", "RAY_AUTH_MODE", "HOME"}
+
+
+def replica_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIXES)}
+
+
+def model_app_name(model_id: str) -> str:
+    return f"model-{model_id}"
+
+
+class ModelGroup:
+    """Ingress of one model's application: knows its replica deployments, reports their state."""
+
+    def __init__(self, model_id: str, replica_ids: list[str], *replicas: Any):
+        self.model_id = model_id
+        self.replicas = dict(zip(replica_ids, replicas, strict=True))
+
+    async def replica_info(self) -> list[dict[str, Any]]:
+        infos = []
+        for replica_id, handle in self.replicas.items():
+            try:
+                infos.append(await handle.info.remote())
+            except Exception as error:
+                infos.append({"replica_id": replica_id, "error": str(error).strip().splitlines()[-1]})
+        return infos
+
+
+def model_application(
+    spec: ModelSpec, reservations: list[Reservation], serving: ServingSettings, env: dict[str, str] | None = None
+) -> Application:
+    env = replica_env() if env is None else env
+    replicas = [replica_deployment(spec, r, serving, env) for r in reservations]
+    group = serve.deployment(
+        ModelGroup, name=f"{spec.model_id}-group", num_replicas=1, ray_actor_options={"num_cpus": 0}
+    )
+    return group.bind(spec.model_id, [r.replica_id for r in reservations], *replicas)
+
+
+def router_application(serving: ServingSettings, models: list[ModelSpec]) -> Application:
+    deployment = serve.deployment(
+        RouterDeployment,
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=1,
+        max_ongoing_requests=10000,
+        ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
+        health_check_period_s=5,
+        logging_config={"enable_access_log": False},
+    )
+    return deployment.bind(serving.model_dump(mode="json"), [m.model_dump(mode="json") for m in models])
+
+
+def plan_models(models: list[ModelSpec], config: RayVRAMConfig) -> Plan:
+    """Ask the allocator where each replica goes (kept reservations stay where they are)."""
+    import ray
+
+    from ..allocator import get_vram_allocator
+
+    allocator = get_vram_allocator()
+    dumped = ray.get(
+        allocator.plan.remote([m.model_dump(mode="json") for m in models], config.placement.model_dump(mode="json"))
+    )
+    return Plan.model_validate(dumped)
+
+
+def build_model_app(args: dict[str, Any]) -> Application:
+    """args: {"model": ModelSpec, "serving": ServingSettings?, "reservations": [Reservation]?}."""
+    spec = ModelSpec.model_validate(args["model"])
+    serving = ServingSettings.model_validate(args.get("serving") or {})
+    if args.get("reservations") is not None:
+        reservations = [Reservation.model_validate(r) for r in args["reservations"]]
+    else:
+        reservations = plan_models([spec], RayVRAMConfig(models=[spec])).replicas_of(spec.model_id)
+    if not reservations:
+        raise ValueError(f"model {spec.model_id}: no replica placed (see `ray-vram plan`)")
+    return model_application(spec, reservations, serving, args.get("env"))
+
+
+def build_router_app(args: dict[str, Any]) -> Application:
+    """args: {"serving": ServingSettings?, "models": [ModelSpec]?}."""
+    serving = ServingSettings.model_validate(args.get("serving") or {})
+    return router_application(serving, [ModelSpec.model_validate(m) for m in args.get("models") or []])
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The whole configuration as one application: the router with every model below it.
+
+    `args` is the config (models, placement, serving) plus optional `app_name`: the name the
+    application is deployed under, which replicas need to find the router.
+    """
+    args = dict(args)
+    env = replica_env() | {ROUTER_APP_ENV: args.pop("app_name", "ray-vram")}
+    config = parse_config(args, "build_app args")
+    plan = plan_models(config.models, config)
+    groups = [
+        model_application(spec, plan.replicas_of(spec.model_id), config.serving, env)
+        for spec in config.models
+        if plan.replicas_of(spec.model_id)
+    ]
+    deployment = serve.deployment(
+        RouterDeployment,
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=1,
+        max_ongoing_requests=10000,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return deployment.bind(
+        config.serving.model_dump(mode="json"), [m.model_dump(mode="json") for m in config.models], *groups
+    )

@@ -1,0 +1,73 @@
+"""vLLM server arguments for one replica: the model spec, its budget, and ray-vram's fixed choices.
+
+Arguments go through vLLM's own command-line parser, so a replica's engine and OpenAI layer are
+configured exactly as `vllm serve` would configure them from the same flags, and a bad
+`engine_kwargs` entry fails with vLLM's message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..config import ModelSpec
+from .sizing import EngineBudget
+
+
+class EngineArgsError(ValueError):
+    """An `engine_kwargs` entry vLLM does not accept."""
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    name = "--" + key.replace("_", "-")
+    if value is True:
+        return [name]
+    if value is False:
+        return ["--no-" + key.replace("_", "-")]
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [name, json.dumps(value)]
+    if isinstance(value, list | tuple):
+        return [name, *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
+    return [name, str(value)]
+
+
+def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget) -> list[str]:
+    """The `vllm serve` flags for a replica of `spec`."""
+    kwargs: dict[str, Any] = {
+        "model": model_source,
+        "served_model_name": spec.names,
+        "max_model_len": spec.max_model_len,
+        # A request without max_tokens gets the spec's default instead of "fill the context".
+        "override_generation_config": {"max_new_tokens": spec.max_tokens},
+        "disable_uvicorn_access_log": True,
+        "disable_log_stats": True,
+        **budget.engine_kwargs(),
+    }
+    user = dict(spec.engine_kwargs)
+    if "override_generation_config" in user:
+        kwargs["override_generation_config"] = {
+            **kwargs["override_generation_config"],
+            **user.pop("override_generation_config"),
+        }
+    kwargs.update(user)
+    argv: list[str] = []
+    for key, value in kwargs.items():
+        argv += _flag(key, value)
+    return argv
+
+
+def parse_server_args(argv: list[str]) -> argparse.Namespace:
+    """Parse with vLLM's own `vllm serve` parser; errors name the offending flag."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="ray-vram replica", exit_on_error=False))
+    try:
+        args = parser.parse_args(argv)
+        validate_parsed_serve_args(args)
+    except (argparse.ArgumentError, SystemExit, TypeError, ValueError) as error:
+        raise EngineArgsError(f"vLLM rejected the engine arguments {argv}: {error}") from None
+    return args

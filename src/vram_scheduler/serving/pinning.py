@@ -1,0 +1,76 @@
+"""Pinning a replica process to the GPU its reservation names, before anything touches CUDA.
+
+Ray's fractional `num_gpus` is a label, not memory, and Ray's own CUDA_VISIBLE_DEVICES choice
+packs replicas where it likes. Replicas therefore run with
+``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1`` (Ray leaves the variable alone) and set it
+themselves to the reserved GPU's UUID — by UUID, not index, so device ordering can never send
+a replica to the wrong card. vLLM's engine process inherits the variable; inside, the one
+visible device is ``cuda:0``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+#: Runtime-env variables every GPU replica gets (see the module docstring).
+PINNING_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+
+
+class PinningError(RuntimeError):
+    """The replica cannot run on the GPU its reservation names."""
+
+
+def is_cuda_uuid(gpu_uuid: str) -> bool:
+    """NVML UUIDs of real GPUs (and MIG slices); host-memory pseudo-GPUs have other names."""
+    return gpu_uuid.startswith(("GPU-", "MIG-"))
+
+
+def pin_process(gpu_uuid: str) -> Literal["cuda", "cpu"]:
+    """Make `gpu_uuid` this process's only visible GPU; 'cpu' for a host-memory reservation.
+
+    Must run before CUDA is initialised in this process (torch.cuda, vLLM).
+    """
+    if not is_cuda_uuid(gpu_uuid):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_uuid
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    return "cuda"
+
+
+def bind_torch(gpu_uuid: str, memory_fraction: float | None) -> int:
+    """Select the pinned GPU in PyTorch, check it is the reserved one, cap this process to
+    `memory_fraction` of it; returns the device's total bytes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PinningError(f"reserved GPU {gpu_uuid} is not visible to this process (torch sees no CUDA device)")
+    torch.cuda.set_device(0)
+    properties = torch.cuda.get_device_properties(0)
+    seen = _torch_uuid(properties)
+    if seen and seen != gpu_uuid.removeprefix("GPU-").removeprefix("MIG-"):
+        raise PinningError(f"pinned to {gpu_uuid} but cuda:0 is GPU-{seen}")
+    if memory_fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_fraction), 0)
+    return int(properties.total_memory)
+
+
+def _torch_uuid(properties: object) -> str:
+    value = getattr(properties, "uuid", None)
+    return str(value) if value is not None else ""
+
+
+def visible_device_total_bytes() -> int:
+    """Total memory of the pinned GPU through NVML (does not initialise CUDA)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        handle = pynvml.nvmlDeviceGetHandleByUUID(visible) if is_cuda_uuid(visible) else None
+        if handle is None:
+            raise PinningError(f"CUDA_VISIBLE_DEVICES={visible!r} names no GPU UUID")
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+    finally:
+        pynvml.nvmlShutdown()

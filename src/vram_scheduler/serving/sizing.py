@@ -1,0 +1,109 @@
+"""Engine sizing from a reservation: how many bytes vLLM and PyTorch may use, never a guessed fraction.
+
+On CUDA, vLLM's `gpu_memory_utilization` is a share of the GPU's *total* memory that bounds
+weights + activations + KV cache together, so the reservation divided by the GPU's total is
+exactly the budget; PyTorch's per-process memory fraction is set to the same share, which makes
+the caching allocator raise OOM in this process (and only this one) at the cap.
+
+On CPU (vLLM's CPU backend, local mode and CI), the reservation is accounted in host memory:
+vLLM takes an explicit `kv_cache_memory_bytes`, so the KV cache gets the budget minus the
+weights and a fixed allowance for activations and scratch buffers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ..config import format_gib
+
+MIB = 1024**2
+#: Activations, sampler buffers and allocator slack of a CPU engine beyond weights and KV cache.
+CPU_RUNTIME_BYTES = 128 * MIB
+#: Smallest KV cache worth starting an engine with.
+MIN_KV_CACHE_BYTES = 16 * MIB
+
+
+class EngineBudget(BaseModel):
+    """What the replica hands vLLM and PyTorch so the engine stays inside its reservation."""
+
+    device: Literal["cuda", "cpu"]
+    budget_bytes: int = Field(gt=0)
+    device_total_bytes: int = Field(gt=0)
+    weight_bytes: int = Field(ge=0, description="Estimated from the checkpoint files (0 if unknown).")
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    torch_memory_fraction: float | None = None
+
+    def engine_kwargs(self) -> dict[str, float | int]:
+        """The vLLM engine arguments this budget sets (the spec's `engine_kwargs` may not)."""
+        if self.device == "cuda":
+            return {"gpu_memory_utilization": self.gpu_memory_utilization or 0.0}
+        return {"kv_cache_memory_bytes": self.kv_cache_memory_bytes or 0}
+
+
+class BudgetTooSmall(ValueError):
+    """The reservation cannot hold the model's weights plus a minimal KV cache."""
+
+
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    """Bytes of weight files in a local model directory (0 when it is not local)."""
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        return 0
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return int(json.loads(index.read_text())["metadata"]["total_size"])
+        except (KeyError, ValueError, TypeError):
+            pass
+    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in {".safetensors", ".bin", ".pt"})
+
+
+def size_engine(
+    model_id: str,
+    budget_bytes: int,
+    device: Literal["cuda", "cpu"],
+    device_total_bytes: int,
+    weight_bytes: int = 0,
+) -> EngineBudget:
+    """Engine settings that keep a replica of `model_id` inside `budget_bytes`."""
+    if budget_bytes > device_total_bytes:
+        raise BudgetTooSmall(
+            f"model {model_id}: budget {format_gib(budget_bytes)} exceeds the device's total "
+            f"{format_gib(device_total_bytes)}"
+        )
+    if device == "cuda":
+        share = round(budget_bytes / device_total_bytes, 4)
+        if weight_bytes + MIN_KV_CACHE_BYTES > budget_bytes:
+            raise BudgetTooSmall(_too_small(model_id, budget_bytes, weight_bytes, 0))
+        return EngineBudget(
+            device=device,
+            budget_bytes=budget_bytes,
+            device_total_bytes=device_total_bytes,
+            weight_bytes=weight_bytes,
+            gpu_memory_utilization=share,
+            torch_memory_fraction=share,
+        )
+    kv_bytes = budget_bytes - weight_bytes - CPU_RUNTIME_BYTES
+    if kv_bytes < MIN_KV_CACHE_BYTES:
+        raise BudgetTooSmall(_too_small(model_id, budget_bytes, weight_bytes, CPU_RUNTIME_BYTES))
+    return EngineBudget(
+        device=device,
+        budget_bytes=budget_bytes,
+        device_total_bytes=device_total_bytes,
+        weight_bytes=weight_bytes,
+        kv_cache_memory_bytes=kv_bytes,
+    )
+
+
+def _too_small(model_id: str, budget: int, weights: int, runtime: int) -> str:
+    need = weights + runtime + MIN_KV_CACHE_BYTES
+    return (
+        f"model {model_id}: budget {format_gib(budget)} cannot hold weights {format_gib(weights)} + runtime "
+        f"{format_gib(runtime)} + a minimal KV cache {format_gib(MIN_KV_CACHE_BYTES)} (short by "
+        f"{format_gib(need - budget)}); raise vram_gb"
+    )
