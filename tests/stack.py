@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import importlib.util
 import json
 import os
 import socket
@@ -50,16 +49,9 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = Non
 
 def tiny_model_dir() -> Path:
     """The project's demo model (generated once into the cache, offline)."""
-    target = CACHE / "models" / "sdk-tiny"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if importlib.util.find_spec("vram_scheduler.demo_model") is not None:
-        command = [sys.executable, "-m", "vram_scheduler.cli", "demo-model", str(target)]
-    else:
-        command = [sys.executable, str(ROOT / "tests" / "tiny_model.py"), str(target)]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    return target
+    from vram_scheduler.demo_model import ensure_demo_model
+
+    return ensure_demo_model()
 
 
 def vllm_env() -> dict[str, str]:

@@ -1,3 +1,57 @@
-"""ray-vram: VRAM-aware LLM serving on Ray."""
+"""ray-vram: VRAM-aware LLM serving on Ray.
+
+The public API is imported lazily: ``from vram_scheduler import VRAMScheduler, inference``
+loads neither Ray nor vLLM (only ``get_vram_allocator`` needs Ray, when it is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+#: public name -> submodule defining it (`inference` is the module itself, and callable).
+_EXPORTS = {
+    "VRAMScheduler": "client",
+    "DeployResult": "client",
+    "DeploymentStatus": "client",
+    "ReplicaStatus": "client",
+    "SchedulerError": "client",
+    "PlacementError": "client",
+    "DeploymentError": "client",
+    "ControllerUnavailableError": "client",
+    "a_inference": "inference",
+    "inference_batch": "inference",
+    "a_inference_batch": "inference",
+    "streaming_batch": "inference",
+    "a_streaming_batch": "inference",
+    "stream": "inference",
+    "StreamEvent": "inference",
+    "RetryPolicy": "inference",
+    "InferenceError": "inference",
+    "EndpointNotFoundError": "inference",
+    "ModelNotFoundError": "inference",
+    "InvalidRequestError": "inference",
+    "OverloadedError": "inference",
+    "StructuredOutputError": "inference",
+    "ModelSpec": "config",
+    "RayVRAMConfig": "config",
+    "ConfigError": "config",
+    "VRAMState": "ledger",
+    "get_vram_allocator": "allocator",
+}
+
+__all__ = ["__version__", "inference", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "inference":
+        return importlib.import_module(".inference", __name__)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -19,8 +19,10 @@ import email.utils
 import json
 import os
 import queue
+import sys
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -736,3 +738,14 @@ def _run_sync(make: Callable[[], Any]) -> Any:
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+class _CallableModule(types.ModuleType):
+    """`from vram_scheduler import inference` gives this module; calling it calls `inference()`,
+    so both `inference(model_id, prompt)` and `inference.a_inference(...)` read naturally."""
+
+    def __call__(self, model_id: str, prompt: Prompt, **kwargs: Any) -> Any:
+        return inference(model_id, prompt, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,581 @@
+"""`VRAMScheduler`: deploy, inspect and shut down models on a ray-vram cluster from Python.
+
+It talks to the serving controller's HTTP API (``/v1/deployments``, ``/v1/vram``), the same
+API the CLI uses, so a laptop can drive a remote cluster with nothing but ``httpx``. Every
+deploy is planned first against the allocator's current VRAM state with the pure planner:
+when not every replica fits, nothing is deployed (unless ``max_replicas``) and the error says
+how many fit and why. Then it waits, showing each replica go reserved → loading → ready.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console, Group
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from .config import GIB, ConfigError, ModelSpec, PlacementSettings, describe_validation_error, format_gib
+from .inventory import GPUInfo, Inventory, NodeInventory
+from .ledger import VRAMState
+from .planner import Plan, Reservation, plan
+
+CONTROLLER_ENV = "RAY_VRAM_CONTROLLER"
+DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
+ReplicaPhase = Literal["reserved", "loading", "ready", "failed"]
+PHASES: tuple[str, ...] = ("reserved", "loading", "ready")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SchedulerError(RuntimeError):
+    """A cluster operation that did not succeed."""
+
+
+class ControllerUnavailableError(SchedulerError):
+    """The serving controller did not answer."""
+
+
+class PlacementError(SchedulerError):
+    """Not every requested replica fits (nothing was deployed, unless `max_replicas`)."""
+
+    def __init__(self, message: str, reasons: list[str], placed: int = 0, requested: int = 0):
+        self.reasons = reasons
+        self.placed = placed
+        self.requested = requested
+        super().__init__(message)
+
+
+class DeploymentError(SchedulerError):
+    """A replica failed to start, or did not become ready in time."""
+
+    def __init__(self, message: str, result: DeployResult | None = None):
+        self.result = result
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------- typed answers
+
+
+class _Answer(BaseModel):
+    """Read from the controller: tolerant of fields added later."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ReplicaStatus(_Answer):
+    """One replica and where it landed."""
+
+    replica_id: str
+    state: ReplicaPhase
+    node: str | None = None
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    bytes: int = 0
+    error: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"node {self.node}, GPU {self.gpu_index}" if self.node is not None else "not placed"
+
+
+class DeploymentStatus(_Answer):
+    """One model as the controller sees it."""
+
+    model_id: str
+    model: str
+    vram_gb: float
+    requested: int | None = Field(default=None, description="Replicas asked for; None means max_replicas.")
+    router_name: str | None = None
+    replicas: list[ReplicaStatus] = Field(default_factory=list)
+    unplaced: list[str] = Field(default_factory=list)
+    endpoint: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.replicas) and all(r.state == "ready" for r in self.replicas)
+
+
+class DeployResult(DeploymentStatus):
+    """What `deploy_model` returns: every replica with its node and GPU, and what did not fit."""
+
+    def summary(self) -> str:
+        where = ", ".join(f"{r.replica_id} on {r.where}" for r in self.replicas) or "no replicas"
+        text = f"{self.model_id}: {len(self.replicas)} replica(s) {'ready' if self.ready else 'not ready'} ({where})"
+        if self.unplaced:
+            text += "; not placed: " + "; ".join(self.unplaced)
+        return text
+
+
+# --------------------------------------------------------------------------- planning against live state
+
+
+def plan_on_state(state: VRAMState, specs: Sequence[ModelSpec]) -> Plan:
+    """Plan `specs` against the allocator's state: their own replicas are kept or released,
+    everything else on a GPU (other models' reservations, unmanaged memory) is taken as used."""
+    planned = {spec.model_id for spec in specs}
+    overhead = round(state.settings.replica_overhead_gb * GIB)
+    nodes: dict[str, list[GPUInfo]] = {}
+    existing: list[Reservation] = []
+    for gpu in state.gpus:
+        own = [r for r in gpu.replicas if r.model_id in planned]
+        taken = gpu.total_bytes - gpu.free_bytes - sum(r.bytes + overhead for r in own)
+        nodes.setdefault(gpu.node, []).append(
+            GPUInfo(
+                node=gpu.node,
+                index=gpu.index,
+                uuid=gpu.uuid,
+                name=gpu.name,
+                total_bytes=gpu.total_bytes,
+                used_bytes=min(max(taken, 0), gpu.total_bytes),
+                healthy=gpu.healthy,
+            )
+        )
+        existing += [
+            Reservation(
+                replica_id=r.replica_id,
+                model_id=r.model_id,
+                node=gpu.node,
+                gpu_uuid=gpu.uuid,
+                gpu_index=gpu.index,
+                bytes=r.bytes,
+            )
+            for r in own
+        ]
+    inventory = Inventory(nodes=[NodeInventory(node=name, gpus=gpus) for name, gpus in nodes.items()])
+    return plan(
+        inventory,
+        specs,
+        existing=existing,
+        settings=PlacementSettings.model_validate(state.settings.model_dump()),
+        excluded_nodes=frozenset(state.stale_nodes),
+    )
+
+
+def model_spec(
+    model_id: str,
+    model_name: str,
+    vram_gb: float,
+    replicas: int | None = None,
+    max_replicas: bool = False,
+    router_name: str | None = None,
+    max_model_len: int = 8192,
+    max_tokens: int = 256,
+    gpu_type: str | None = None,
+    **engine_kwargs: Any,
+) -> ModelSpec:
+    """A `ModelSpec` from keyword arguments, through the one schema; `ConfigError` names bad fields."""
+    data: dict[str, Any] = {
+        "model_id": model_id,
+        "model": model_name,
+        "vram_gb": vram_gb,
+        "max_replicas": max_replicas,
+        "router_name": router_name,
+        "max_model_len": max_model_len,
+        "max_tokens": max_tokens,
+        "gpu_type": gpu_type,
+        "engine_kwargs": engine_kwargs,
+    }
+    if replicas is not None:
+        data["replicas"] = replicas
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"model {model_id!r}", describe_validation_error(error)) from None
+
+
+# --------------------------------------------------------------------------- the controller's HTTP API
+
+
+class ControllerAPI:
+    """Thin typed calls to the serving controller; errors name the URL and the controller's reason."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0, api_key: str | None = None):
+        self.url = url.rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("RAY_VRAM_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ControllerUnavailableError(
+                f"serving controller at {self.url} did not answer {method} {path}: {type(error).__name__}: {error}. "
+                f"Is `ray-vram up` or `ray-vram serve` running? (set ${CONTROLLER_ENV} or pass address=)"
+            ) from None
+
+    def _json(self, response: httpx.Response, what: str) -> Any:
+        if response.status_code >= 400:
+            raise SchedulerError(f"{what} at {self.url} failed (HTTP {response.status_code}): {_reason(response)}")
+        return response.json()
+
+    def healthz(self) -> bool:
+        return self._call("GET", "/healthz").status_code == 200
+
+    def vram(self) -> VRAMState:
+        return VRAMState.model_validate(self._json(self._call("GET", "/v1/vram"), "GET /v1/vram"))
+
+    def deployments(self) -> list[DeploymentStatus]:
+        data = self._json(self._call("GET", "/v1/deployments"), "GET /v1/deployments")
+        return [DeploymentStatus.model_validate(m) for m in data.get("models", [])]
+
+    def deploy(self, spec: ModelSpec) -> dict[str, Any]:
+        response = self._call("POST", "/v1/deployments", json=spec.model_dump(mode="json"))
+        if response.status_code == 409:
+            reasons = _reasons(response)
+            raise PlacementError(
+                f"model {spec.model_id!r} does not fit: " + "; ".join(reasons), reasons, 0, spec.replicas
+            )
+        if response.status_code in {400, 422}:
+            raise ConfigError(f"model {spec.model_id!r}", [_reason(response)])
+        return self._json(response, f"POST /v1/deployments ({spec.model_id})")
+
+    def remove(self, model_id: str) -> bool:
+        response = self._call("DELETE", f"/v1/deployments/{model_id}")
+        if response.status_code == 404:
+            return False
+        self._json(response, f"DELETE /v1/deployments/{model_id}")
+        return True
+
+    def remove_all(self) -> list[str]:
+        data = self._json(self._call("DELETE", "/v1/deployments"), "DELETE /v1/deployments")
+        return list(data.get("removed", [])) if isinstance(data, dict) else []
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            return str(error.get("message") or error.get("detail") or error.get("reasons") or error)
+        return str(error)
+    return str(data)
+
+
+def _reasons(response: httpx.Response) -> list[str]:
+    try:
+        data = response.json()
+    except ValueError:
+        return [response.text[:500]]
+    for holder in (data, data.get("error") if isinstance(data, dict) else None):
+        if isinstance(holder, dict) and isinstance(holder.get("reasons"), list):
+            return [str(r) for r in holder["reasons"]]
+    return [_reason(response)]
+
+
+# --------------------------------------------------------------------------- the SDK
+
+
+class VRAMScheduler:
+    """Drive a ray-vram cluster: deploy models by VRAM, see where they landed, shut them down.
+
+    `address` is the serving controller's URL (``http://host:8080``); by default
+    ``$RAY_VRAM_CONTROLLER`` or the local one (``http://127.0.0.1:8080``, what ``ray-vram up`` starts).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        console: Console | None = None,
+        timeout_s: float = 30.0,
+        api_key: str | None = None,
+    ):
+        address = address or os.environ.get(CONTROLLER_ENV) or DEFAULT_CONTROLLER
+        if "://" not in address:
+            address = f"http://{address}"
+        self.address = address.rstrip("/")
+        self.api = ControllerAPI(self.address, timeout_s=timeout_s, api_key=api_key)
+        self.console = console or Console(stderr=True)
+
+    def __enter__(self) -> VRAMScheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.api.close()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get_vram_state(self) -> VRAMState:
+        """The allocator's ledger per GPU (typed; `.model_dump()` for JSON)."""
+        return self.api.vram()
+
+    def deployments(self) -> list[DeploymentStatus]:
+        return self.api.deployments()
+
+    def deployment(self, model_id: str) -> DeploymentStatus:
+        for status in self.deployments():
+            if model_id in {status.model_id, status.router_name}:
+                return status
+        known = ", ".join(s.model_id for s in self.deployments()) or "none"
+        raise SchedulerError(f"model {model_id!r} is not deployed at {self.address}; deployed: {known}")
+
+    def display_vram_state(self, console: Console | None = None) -> VRAMState:
+        """Print the VRAM table (per node and GPU) and the deployments; returns the state shown."""
+        state = self.get_vram_state()
+        (console or Console()).print(render_vram(state, self.deployments()))
+        return state
+
+    def plan(self, specs: Sequence[ModelSpec]) -> Plan:
+        """Where `specs` would go now, without deploying anything."""
+        return plan_on_state(self.get_vram_state(), specs)
+
+    # -- changing ---------------------------------------------------------------------------
+
+    def deploy_model(
+        self,
+        model_id: str,
+        model_name: str,
+        vram_gb: float,
+        replicas: int = 1,
+        max_replicas: bool = False,
+        router_name: str | None = None,
+        max_model_len: int = 8192,
+        max_tokens: int = 256,
+        *,
+        gpu_type: str | None = None,
+        wait: bool = True,
+        timeout_s: float = 900.0,
+        progress: bool = True,
+        **vllm_kwargs: Any,
+    ) -> DeployResult:
+        """Deploy `replicas` replicas of `model_name` as `model_id`, each with `vram_gb` GiB of VRAM.
+
+        Raises `ConfigError` for invalid fields, `PlacementError` when not every replica fits
+        (nothing is deployed; with `max_replicas` as many as fit are), and `DeploymentError`
+        when a replica fails or the replicas are not ready within `timeout_s`.
+        """
+        spec = model_spec(
+            model_id,
+            model_name,
+            vram_gb,
+            None if max_replicas else replicas,
+            max_replicas,
+            router_name,
+            max_model_len,
+            max_tokens,
+            gpu_type,
+            **vllm_kwargs,
+        )
+        return self.deploy(spec, wait=wait, timeout_s=timeout_s, progress=progress)[0]
+
+    def deploy(
+        self,
+        specs: ModelSpec | Sequence[ModelSpec],
+        *,
+        wait: bool = True,
+        timeout_s: float = 900.0,
+        progress: bool = True,
+    ) -> list[DeployResult]:
+        """Deploy several models (e.g. a values file's): all are planned together first."""
+        specs = [specs] if isinstance(specs, ModelSpec) else list(specs)
+        self._check_fits(specs)
+        for spec in specs:
+            self.api.deploy(spec)
+        if not wait:
+            return [DeployResult.model_validate(self.deployment(s.model_id).model_dump()) for s in specs]
+        return self.wait_ready([s.model_id for s in specs], timeout_s=timeout_s, progress=progress)
+
+    def _check_fits(self, specs: list[ModelSpec]) -> None:
+        result = self.plan(specs)
+        strict = [u for u in result.unplaced if not _spec(specs, u.model_id).max_replicas]
+        empty = [s for s in specs if s.max_replicas and not result.replicas_of(s.model_id)]
+        if not strict and not empty:
+            return
+        reasons = [u.reason for u in strict]
+        reasons += [
+            f"model {s.model_id} (max_replicas) fits nowhere: needs {format_gib(s.vram_bytes)} per replica "
+            "plus overhead" + "".join(f"; {u.reason}" for u in result.unplaced if u.model_id == s.model_id)
+            for s in empty
+        ]
+        requested = sum(s.replicas for s in specs if not s.max_replicas)
+        placed = sum(len(result.replicas_of(s.model_id)) for s in specs if not s.max_replicas)
+        raise PlacementError(
+            f"not everything fits: {placed} of {requested} replica(s) would be placed, so nothing was deployed:\n"
+            + "\n".join(f"  - {r}" for r in reasons),
+            reasons,
+            placed,
+            requested,
+        )
+
+    def wait_ready(
+        self, model_ids: Sequence[str], *, timeout_s: float = 900.0, progress: bool = True, poll_s: float = 0.5
+    ) -> list[DeployResult]:
+        """Wait until every replica of `model_ids` is ready; show each replica's state as it changes."""
+        deadline = time.monotonic() + timeout_s
+        view = DeployProgress(self.console, enabled=progress)
+        with view:
+            while True:
+                current = {s.model_id: s for s in self.deployments() if s.model_id in model_ids}
+                for model_id in model_ids:
+                    if model_id in current:
+                        view.update(current[model_id])
+                results = [DeployResult.model_validate(current[m].model_dump()) for m in model_ids if m in current]
+                failed = [(res, r) for res in results for r in res.replicas if r.state == "failed"]
+                if failed:
+                    result, replica = failed[0]
+                    raise DeploymentError(
+                        f"replica {replica.replica_id} of model {result.model_id} failed on {replica.where}: "
+                        f"{replica.error or 'no reason given'}",
+                        result,
+                    )
+                if len(results) == len(model_ids) and all(r.ready for r in results):
+                    return results
+                if time.monotonic() > deadline:
+                    waiting = [
+                        f"{r.replica_id} ({r.state})" for res in results for r in res.replicas if r.state != "ready"
+                    ]
+                    missing = [m for m in model_ids if m not in current]
+                    raise DeploymentError(
+                        f"not ready after {timeout_s:.0f}s: "
+                        + ", ".join(waiting + [f"{m} (not listed by the controller)" for m in missing]),
+                        results[0] if results else None,
+                    )
+                time.sleep(poll_s)
+
+    def shutdown(self, model_id: str | None = None) -> list[str]:
+        """Shut down one model (or all with None) and free its reservations; idempotent.
+
+        Returns the model ids that were removed (empty when there was nothing to remove).
+        """
+        if model_id is None:
+            return self.api.remove_all()
+        return [model_id] if self.api.remove(model_id) else []
+
+
+def _spec(specs: list[ModelSpec], model_id: str) -> ModelSpec:
+    return next(s for s in specs if s.model_id == model_id)
+
+
+def as_json(value: BaseModel | Sequence[BaseModel]) -> Any:
+    """Pydantic answers as plain JSON-ready data."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return [item.model_dump(mode="json") for item in value]
+
+
+# --------------------------------------------------------------------------- display
+
+
+def _gib(n_bytes: int | None) -> str:
+    return "-" if n_bytes is None else f"{n_bytes / GIB:.2f} GiB"
+
+
+def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) -> Group:
+    """The VRAM table (one row per node and GPU) and, when given, the deployments table.
+
+    Red marks what is over budget: a replica using more than its reservation, a GPU whose
+    reservations and unmanaged memory exceed its total, or a GPU using more than its total.
+    """
+    table = Table(title="VRAM per GPU", title_justify="left")
+    for column in ("node", "gpu", "name", "total", "used", "reserved", "free", "replicas"):
+        table.add_column(column, justify="right" if column in {"gpu", "total", "used", "reserved", "free"} else "left")
+    for gpu in state.gpus:
+        over = gpu.reserved_bytes + gpu.unmanaged_bytes > gpu.total_bytes or gpu.used_bytes > gpu.total_bytes
+        replicas = Text()
+        for i, replica in enumerate(gpu.replicas):
+            replica_over = replica.used_bytes is not None and replica.used_bytes > replica.bytes
+            if i:
+                replicas.append(", ")
+            label = f"{replica.replica_id} {replica.bytes / GIB:.2f}"
+            if replica.used_bytes is not None:
+                label += f" (uses {replica.used_bytes / GIB:.2f})"
+            replicas.append(label + (" OVER" if replica_over else ""), style="bold red" if replica_over else "")
+        flags = ("" if gpu.healthy else " unhealthy") + (" stale" if gpu.stale else "")
+        table.add_row(
+            gpu.node + flags,
+            str(gpu.index),
+            gpu.name,
+            _gib(gpu.total_bytes),
+            _gib(gpu.used_bytes),
+            _gib(gpu.reserved_bytes),
+            Text(_gib(gpu.free_bytes), style="bold red" if over or gpu.free_bytes < 0 else "green"),
+            replicas if gpu.replicas else Text("-"),
+            style="red" if over or not gpu.healthy else ("yellow" if gpu.stale else None),
+        )
+    parts: list[Any] = [table]
+    if state.orphaned:
+        parts.append(Text(f"orphaned reservations (GPU gone): {', '.join(r.replica_id for r in state.orphaned)}"))
+    if deployments:
+        models = Table(title="Models", title_justify="left")
+        for column in ("model_id", "model", "vram", "replicas", "states", "not placed"):
+            models.add_column(column)
+        for status in deployments:
+            states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
+            ready = sum(r.state == "ready" for r in status.replicas)
+            wanted = "max" if status.requested is None else str(status.requested)
+            models.add_row(
+                status.model_id,
+                status.model,
+                f"{status.vram_gb:g} GiB",
+                f"{ready}/{wanted} ready",
+                states,
+                "; ".join(status.unplaced) or "-",
+                style="red" if any(r.state == "failed" for r in status.replicas) else None,
+            )
+        parts.append(models)
+    return Group(*parts)
+
+
+class DeployProgress:
+    """Each replica's way from reserved → loading → ready: a progress bar per replica on a
+    terminal, and one line per change otherwise (logs, pipes, notebooks)."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        self.console = console
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self._seen: dict[str, str] = {}
+        self._tasks: dict[str, Any] = {}
+        self._progress = Progress(
+            TextColumn("{task.fields[replica]:<24}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.fields[phase]:<9} {task.fields[where]}"),
+            console=console,
+            transient=False,
+        )
+
+    def __enter__(self) -> DeployProgress:
+        if self.live:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self._progress.stop()
+
+    def update(self, status: DeploymentStatus) -> None:
+        if not self.enabled:
+            return
+        for replica in status.replicas:
+            before = self._seen.get(replica.replica_id)
+            if before == replica.state:
+                continue
+            self._seen[replica.replica_id] = replica.state
+            step = PHASES.index(replica.state) + 1 if replica.state in PHASES else 0
+            if self.live:
+                fields = {"replica": replica.replica_id, "phase": replica.state, "where": replica.where}
+                if replica.replica_id not in self._tasks:
+                    self._tasks[replica.replica_id] = self._progress.add_task("", total=len(PHASES), **fields)
+                self._progress.update(self._tasks[replica.replica_id], completed=step, **fields)
+            else:
+                arrow = f"{before} → {replica.state}" if before else replica.state
+                detail = f": {replica.error}" if replica.error else ""
+                self.console.print(f"{status.model_id} {replica.replica_id} [{replica.where}] {arrow}{detail}")
