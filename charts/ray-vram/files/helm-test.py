@@ -1,0 +1,69 @@
+"""`helm test` check of a ray-vram release: the endpoint lists every model, each model answers one
+completion, and the controller's allocator view holds a reservation for every running replica.
+
+Standard library only, so it runs in any image with python3. Configured by environment:
+OPENAI_URL, CONTROLLER_URL, API_KEY (may be empty), CONFIG_JSON (the release's configuration
+as JSON: its models are checked), TIMEOUT_S.
+"""
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def call(url, body=None, key="", timeout=30.0):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read().decode())
+
+
+def wait_for(what, check, deadline):
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result is not None:
+                return result
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as error:
+            last = error
+        time.sleep(5)
+    raise SystemExit(f"FAIL {what}: not true before the deadline (last error: {last})")
+
+
+def main():
+    openai, controller = os.environ["OPENAI_URL"].rstrip("/"), os.environ["CONTROLLER_URL"].rstrip("/")
+    key = os.environ.get("API_KEY", "")
+    with open(os.environ["CONFIG_JSON"]) as config:
+        models = [model["model_id"] for model in json.load(config).get("models", [])]
+    deadline = time.monotonic() + float(os.environ.get("TIMEOUT_S", "300"))
+
+    def listed():
+        ids = {m["id"] for m in call(f"{openai}/v1/models", key=key)["data"]}
+        return ids if set(models) <= ids else None
+
+    ids = wait_for(f"/v1/models lists {models}", listed, deadline)
+    print(f"ok /v1/models lists {sorted(ids)}")
+    for model in models:
+        body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+        answer = wait_for(
+            f"completion from {model}", lambda b=body: call(f"{openai}/v1/chat/completions", b, key, 120), deadline
+        )
+        if not answer.get("choices"):
+            raise SystemExit(f"FAIL completion from {model}: no choices in {answer}")
+        print(f"ok {model} answered ({answer.get('usage', {}).get('completion_tokens', '?')} tokens)")
+    vram = call(f"{controller}/v1/vram")
+    print(f"ok allocator state: {json.dumps(vram)[:500]}")
+    deployments = call(f"{controller}/v1/deployments")
+    print(f"ok deployments: {json.dumps(deployments)[:500]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

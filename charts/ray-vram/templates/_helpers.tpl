@@ -1,0 +1,130 @@
+{{/* Names, labels and image references shared by every template. */}}
+
+{{- define "ray-vram.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ray-vram.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Selector labels of one component (component name as the argument's .component). */}}
+{{- define "ray-vram.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ray-vram.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "ray-vram.labels" -}}
+{{ include "ray-vram.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: ray-vram
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "ray-vram.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "ray-vram.monitorImage" -}}
+{{- printf "%s:%s" .Values.monitor.image.repository (default .Chart.AppVersion .Values.monitor.image.tag) -}}
+{{- end -}}
+
+{{- define "ray-vram.rayClusterName" -}}
+{{- include "ray-vram.fullname" . -}}
+{{- end -}}
+
+{{/* The Service KubeRay creates for the head: <cluster>-head-svc. */}}
+{{- define "ray-vram.headService" -}}
+{{- printf "%s-head-svc" (include "ray-vram.rayClusterName" .) -}}
+{{- end -}}
+
+{{- define "ray-vram.apiKeySecret" -}}
+{{- default (printf "%s-api-key" (include "ray-vram.fullname" .)) .Values.apiKey.existingSecret -}}
+{{- end -}}
+
+{{- define "ray-vram.apiKeyEnabled" -}}
+{{- if or .Values.apiKey.create .Values.apiKey.existingSecret }}true{{ end -}}
+{{- end -}}
+
+{{/* The serving configuration file (RayVRAMConfig): exactly models, placement and serving. */}}
+{{- define "ray-vram.config" -}}
+{{- $cfg := dict "models" .Values.models "placement" .Values.placement "serving" .Values.serving -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Whether to render Prometheus Operator objects. */}}
+{{- define "ray-vram.prometheusOperator" -}}
+{{- $mode := .Values.monitoring.prometheusOperator -}}
+{{- if or (eq $mode "always") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}true{{ end -}}
+{{- end -}}
+
+{{/* policy/v1 PodDisruptionBudget from Kubernetes 1.21; policy/v1beta1 before (removed in 1.25). */}}
+{{- define "ray-vram.pdbApiVersion" -}}
+{{- if .Capabilities.APIVersions.Has "policy/v1" -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
+{{- end -}}
+
+{{/* Environment of every Ray container: auth, API key, Serve defaults. */}}
+{{- define "ray-vram.rayEnv" -}}
+- name: RAY_VRAM_NAMESPACE
+  value: ray-vram
+- name: RAY_USAGE_STATS_ENABLED
+  value: "0"
+{{- if .Values.rayCluster.tokenAuth }}
+- name: RAY_AUTH_MODE
+  value: token
+{{- end }}
+{{- if include "ray-vram.apiKeyEnabled" . }}
+- name: {{ default "RAY_VRAM_API_KEY" .Values.serving.api_key_env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ray-vram.apiKeySecret" . }}
+      key: api-key
+{{- end }}
+{{- end -}}
+
+{{/* CUDA environment of GPU containers. */}}
+{{- define "ray-vram.gpuEnv" -}}
+{{- range $name, $value := .Values.gpu.cudaEnv }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- if eq .Values.gpu.mode "hostMounts" }}
+- name: LD_LIBRARY_PATH
+  value: {{ .Values.gpu.hostMounts.ldLibraryPath | quote }}
+- name: NVIDIA_VISIBLE_DEVICES
+  value: all
+{{- end }}
+{{- if eq .Values.vllm.source "initContainer" }}
+- name: PYTHONPATH
+  value: /opt/vllm
+{{- end }}
+{{- end -}}
+
+{{- define "ray-vram.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+fsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "ray-vram.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+capabilities:
+  drop: [ALL]
+{{- end -}}
