@@ -238,15 +238,17 @@ class ControllerAPI:
                 f"model {spec.model_id!r} does not fit: " + "; ".join(reasons), reasons, 0, spec.replicas
             )
         if response.status_code in {400, 422}:
-            raise ConfigError(f"model {spec.model_id!r}", [_reason(response)])
+            data = _safe_json(response)
+            problems = data.get("problems") if isinstance(data, dict) else None
+            raise ConfigError(f"model {spec.model_id!r} (refused by {self.url})", problems or [_reason(response)])
         return self._json(response, f"POST /v1/deployments ({spec.model_id})")
 
     def remove(self, model_id: str) -> bool:
         response = self._call("DELETE", f"/v1/deployments/{model_id}")
         if response.status_code == 404:
             return False
-        self._json(response, f"DELETE /v1/deployments/{model_id}")
-        return True
+        data = self._json(response, f"DELETE /v1/deployments/{model_id}")
+        return bool(data.get("removed", True)) if isinstance(data, dict) else True
 
     def remove_all(self) -> list[str]:
         data = self._json(self._call("DELETE", "/v1/deployments"), "DELETE /v1/deployments")
@@ -259,11 +261,20 @@ def _reason(response: httpx.Response) -> str:
     except ValueError:
         return response.text[:500]
     if isinstance(data, dict):
+        if isinstance(data.get("problems"), list):
+            return f"{data.get('error', 'invalid')}: " + "; ".join(str(p) for p in data["problems"])
         error = data.get("error", data)
         if isinstance(error, dict):
             return str(error.get("message") or error.get("detail") or error.get("reasons") or error)
         return str(error)
     return str(data)
+
+
+def _safe_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _reasons(response: httpx.Response) -> list[str]:
@@ -579,3 +590,19 @@ class DeployProgress:
                 arrow = f"{before} → {replica.state}" if before else replica.state
                 detail = f": {replica.error}" if replica.error else ""
                 self.console.print(f"{status.model_id} {replica.replica_id} [{replica.where}] {arrow}{detail}")
+
+
+# --------------------------------------------------------------------------- shared by the CLI commands
+
+
+def add_address_option(parser: Any) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help=f"serving controller URL (default ${CONTROLLER_ENV} or {DEFAULT_CONTROLLER}, what `ray-vram up` starts)",
+    )
+
+
+def exit_code_for(error: SchedulerError) -> int:
+    """CLI exit codes: 3 when not everything fits, 1 for any other runtime failure."""
+    return 3 if isinstance(error, PlacementError) else 1

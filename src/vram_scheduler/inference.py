@@ -240,7 +240,7 @@ def resolve_endpoint(model: str, base_url: str | None = None, api_key: str | Non
                 continue
             for candidate in candidates:
                 try:
-                    if _serves(client, candidate, model, _headers(api_key)):
+                    if _serves(client, candidate, model, auth_headers(api_key)):
                         _endpoints.put(model, candidate)
                         return candidate
                 except (httpx.HTTPError, ValueError) as error:
@@ -258,7 +258,7 @@ def resolve_endpoint(model: str, base_url: str | None = None, api_key: str | Non
 # --------------------------------------------------------------------------- requests
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -419,7 +419,7 @@ def _prepare(
         model=model,
         url=f"{base}/chat/completions",
         body=body,
-        headers=_headers(api_key),
+        headers=auth_headers(api_key),
         timeout_s=timeout_s,
         retry=retry or DEFAULT_RETRY,
         structured_output=structured_output,

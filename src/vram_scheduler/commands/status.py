@@ -1,0 +1,76 @@
+"""`ray-vram status`: the VRAM table per node and GPU, and every model's replicas."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from rich.console import Console
+from rich.live import Live
+
+from ..client import SchedulerError, VRAMScheduler, add_address_option, as_json, exit_code_for, render_vram
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show VRAM per node and GPU (total, used, reserved, free, replicas) and the models",
+        description="Show the allocator's VRAM ledger per node and GPU and the state of every model's replicas.\n"
+        "Red marks a replica over its budget or a GPU over its total.\n\n"
+        "examples:\n"
+        "  ray-vram status\n"
+        "  ray-vram status --watch 2\n"
+        "  ray-vram status --output json | jq '.vram.gpus[].free_bytes'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=float,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    parser.add_argument("--output", choices=["table", "json"], default="table")
+    add_address_option(parser)
+    parser.set_defaults(func=run)
+
+
+def snapshot(scheduler: VRAMScheduler) -> dict:
+    return {"vram": as_json(scheduler.get_vram_state()), "deployments": as_json(scheduler.deployments())}
+
+
+def run(args: argparse.Namespace) -> int:
+    with VRAMScheduler(args.address) as scheduler:
+        try:
+            if args.output == "json":
+                return _json(scheduler, args.watch)
+            if args.watch:
+                return _watch(scheduler, args.watch)
+            scheduler.display_vram_state(Console())
+        except SchedulerError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return exit_code_for(error)
+    return 0
+
+
+def _json(scheduler: VRAMScheduler, watch: float | None) -> int:
+    while True:
+        print(json.dumps(snapshot(scheduler), indent=None if watch else 2), flush=True)
+        if not watch:
+            return 0
+        time.sleep(watch)
+
+
+def _watch(scheduler: VRAMScheduler, interval: float) -> int:
+    console = Console()
+
+    def view():
+        return render_vram(scheduler.get_vram_state(), scheduler.deployments())
+
+    with Live(view(), console=console, refresh_per_second=4, screen=False) as live:
+        while True:
+            time.sleep(interval)
+            live.update(view())
