@@ -19,7 +19,7 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import Field
@@ -100,7 +100,7 @@ def node_labels(gpus: Sequence[NodeGPU], node_name: str) -> dict[str, str]:
     return labels
 
 
-def kuberay_args(environ: dict[str, str] | None = None) -> list[str] | None:
+def kuberay_args(environ: Mapping[str, str] | None = None) -> list[str] | None:
     """The arguments of KubeRay's generated `ray start` command, or None where KubeRay set none."""
     environ = os.environ if environ is None else environ
     generated = environ.get(KUBERAY_COMMAND_ENV, "").strip()
@@ -113,7 +113,16 @@ def kuberay_args(environ: dict[str, str] | None = None) -> list[str] | None:
     if words[:2] != ["ray", "start"]:
         raise ConfigError(KUBERAY_COMMAND_ENV, [f"expected a `ray start ...` command, got {generated!r}"])
     # bash -c "$KUBERAY_GEN_RAY_START_CMD" would expand variables such as $FQ_RAY_IP: do the same.
-    return [os.path.expandvars(word) for word in words[2:]]
+    return [_expand(word, environ) for word in words[2:]]
+
+
+def _expand(word: str, environ: Mapping[str, str]) -> str:
+    """$NAME and ${NAME} replaced from `environ`; unknown names left as written."""
+    return re.sub(
+        r"\$(?:\{(\w+)\}|(\w+))",
+        lambda m: environ.get(m.group(1) or m.group(2), m.group(0)),
+        word,
+    )
 
 
 def _take_options(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
