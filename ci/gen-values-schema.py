@@ -189,6 +189,7 @@ def chart_properties() -> dict[str, Schema]:
                 "enabled": BOOL,
                 "image": obj({"repository": string(IMAGE), "tag": string()}),
                 "port": PORT,
+                "publish": BOOL,
                 "extraArgs": {"type": "array", "items": {"type": "string"}},
                 "nodeSelector": STRING_MAP,
                 "tolerations": K8S_LIST,

@@ -114,11 +114,12 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- end }}
 {{- end -}}
 
+{{/* The images run as uid 1000, gid 100 (`ray` in the official Ray images). */}}
 {{- define "ray-vram.podSecurityContext" -}}
 runAsNonRoot: true
 runAsUser: 1000
-runAsGroup: 1000
-fsGroup: 1000
+runAsGroup: 100
+fsGroup: 100
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
@@ -127,4 +128,17 @@ seccompProfile:
 allowPrivilegeEscalation: false
 capabilities:
   drop: [ALL]
+{{- end -}}
+
+{{/* Model names (model_id and router_name) must be unique: JSON schema cannot say so. */}}
+{{- define "ray-vram.checkModels" -}}
+{{- $seen := dict -}}
+{{- range $i, $m := .Values.models -}}
+{{- range $name := compact (list $m.model_id ($m.router_name | default "")) -}}
+{{- if hasKey $seen $name -}}
+{{- fail (printf "models[%d]: model name %q is already used by models[%s]; model_id and router_name must be unique" $i $name (get $seen $name)) -}}
+{{- end -}}
+{{- $_ := set $seen $name (toString $i) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
