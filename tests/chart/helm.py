@@ -24,8 +24,12 @@ KUBERAY_TGZ = CHART / "charts" / "kuberay-operator-1.7.0.tgz"
 SHARED_KUBERAY = ROOT.parent / "shared" / "kuberay-v1.7.0"
 #: Values files rendered by every test: the chart's defaults, the examples and the CI scenarios.
 VALUES_FILES = sorted(
-    [*(ROOT / "values").glob("k3s-*.yaml"), ROOT / "values" / "gpu-workstation.yaml", ROOT / "values" / "cpu-only.yaml"]
-    + list((CHART / "ci").glob("*-values.yaml"))
+    [
+        *(ROOT / "values").glob("k3s-*.yaml"),
+        ROOT / "values" / "gpu-workstation.yaml",
+        ROOT / "values" / "cpu-only.yaml",
+        *(CHART / "ci").glob("*-values.yaml"),
+    ]
 )
 
 Doc = dict[str, Any]
