@@ -1,0 +1,122 @@
+"""`ray-vram serve`: the serving controller (the serving image's entrypoint), HTTP API on gunicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from ..config import load_config
+
+log = logging.getLogger("ray-vram.serve")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serving controller: converge a Ray cluster to a config and serve the controller API",
+        description="Wait for the Ray cluster, plan, deploy the Serve applications of the config's models,\n"
+        "and serve the controller API (/healthz, /metrics, /v1/vram, /v1/deployments) with gunicorn.\n"
+        "Started again with a changed config it converges: unchanged models keep serving untouched,\n"
+        "removed models are shut down and their reservations freed, new models are placed.\n\n"
+        "exit codes: 0 stopped by SIGTERM/SIGINT, 1 runtime failure, 2 invalid config\n\n"
+        "examples:\n"
+        "  ray-vram serve --config /etc/ray-vram/models.yaml --address ray-head:6379\n"
+        "  ray-vram serve --config values/local.yaml --address auto --port 8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="config/values file (`models`, `placement`, `serving`)")
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"), help="Ray cluster (default auto)")
+    parser.add_argument("--host", default="0.0.0.0", help="controller API listen address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8080, help="controller API port (default 8080)")
+    parser.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for the Ray cluster")
+    parser.set_defaults(func=run)
+
+
+class _Lazy:
+    """WSGI app created in the gunicorn worker (Ray connections do not survive a fork)."""
+
+    def __init__(self, config_path: str, address: str, wait_timeout_s: float):
+        self.config_path = config_path
+        self.address = address
+        self.wait_timeout_s = wait_timeout_s
+        self.api: Any = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self._boot, name="controller-boot", daemon=True).start()
+
+    def _boot(self) -> None:
+        import ray
+
+        from ..allocator import NAMESPACE
+        from ..serving.controller import Controller
+        from ..serving.http_api import ControllerAPI
+
+        config = load_config(self.config_path)
+        deadline = time.monotonic() + self.wait_timeout_s
+        while True:
+            try:
+                ray.init(address=self.address, namespace=NAMESPACE, logging_level=logging.WARNING)
+                break
+            except (ConnectionError, RuntimeError) as error:
+                if time.monotonic() > deadline:
+                    self.error = f"Ray cluster {self.address} not reachable after {self.wait_timeout_s:g}s: {error}"
+                    log.error(self.error)
+                    return
+                time.sleep(2)
+        from ray import serve
+
+        serve.start(proxy_location="Disabled")
+        controller = Controller(config.serving)
+        with self._lock:
+            self.api = ControllerAPI(controller)
+        try:
+            result = controller.apply(config)
+            log.info("applied %s: %s", self.config_path, result)
+        except Exception as error:
+            self.error = f"apply failed: {error}"
+            log.exception("apply failed")
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        with self._lock:
+            api = self.api
+        if api is None:
+            path = environ.get("PATH_INFO", "")
+            status = "503 Service Unavailable" if self.error or path != "/healthz" else "200 OK"
+            body = (
+                f'{{"status": "{"failed: " + self.error if self.error else "starting"}"}}'.encode()
+                if path == "/healthz"
+                else b'{"error": "controller starting"}'
+            )
+            start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        return api(environ, start_response)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    load_config(args.config)  # invalid config: exit 2 before anything starts
+    lazy = _Lazy(args.config, args.address, args.wait_timeout)
+
+    class _App(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("workers", 1)  # one controller: it owns the convergence loop
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", 8)
+            self.cfg.set("timeout", 0)
+            self.cfg.set("accesslog", None)
+            self.cfg.set("post_worker_init", lambda worker: lazy.start())
+
+        def load(self) -> Any:
+            return lazy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _App().run()
+    return 0

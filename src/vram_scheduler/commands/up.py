@@ -1,0 +1,92 @@
+"""`ray-vram up`: local mode — Ray, allocator, monitor, controller and OpenAI endpoint on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..cli import EXIT_FAILURE, EXIT_OK
+from ..config import GIB, load_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="local mode: serve the values' models on this machine until Ctrl-C",
+        description="Start an embedded Ray, the VRAM allocator, a monitor (NVML, or host memory without a GPU),\n"
+        "the serving controller and the OpenAI-compatible endpoint, deploy the values' models, print the\n"
+        "endpoint and the VRAM table, and stay in the foreground until Ctrl-C (then shut everything down).\n\n"
+        "exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 a replica failed to start, 2 invalid values\n\n"
+        "examples:\n"
+        "  ray-vram up -f values/local.yaml\n"
+        "  ray-vram up -f my-values.yaml --controller-port 9080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-f", "--values", required=True, help="values/config file with `models` (and `serving`)")
+    parser.add_argument("--controller-port", type=int, default=8080, help="controller HTTP API port (default 8080)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
+    parser.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for replicas (default 600)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serving.local import LocalStack, wait_for_interrupt
+
+    config = load_config(args.values)
+    console = Console()
+    started = time.monotonic()
+    stack = LocalStack(config, controller_port=args.controller_port, num_cpus=args.num_cpus)
+    code = EXIT_OK
+    try:
+        stack.start(progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+        console.print("[dim]waiting for replicas to load ...[/dim]")
+        try:
+            status = stack.controller.wait_ready(timeout_s=args.ready_timeout)
+        except (RuntimeError, TimeoutError) as error:
+            console.print(f"[red]replicas failed:[/red] {error}")
+            return EXIT_FAILURE
+        for model in status["models"]:
+            for reason in model["unplaced"]:
+                console.print(f"[yellow]not placed:[/yellow] {reason}")
+        import ray
+
+        print_vram(ray.get(stack.controller.allocator.get_vram_state.remote()), console)
+        names = ", ".join(m.model_id for m in config.models)
+        console.print(
+            f"[green]ready in {time.monotonic() - started:.0f}s[/green] — OpenAI endpoint "
+            f"[bold]{stack.controller.endpoint}[/bold] (models: {names}); controller API "
+            f"http://127.0.0.1:{args.controller_port}/v1/deployments\n"
+            f"try: curl {stack.controller.endpoint}/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{config.models[0].model_id if config.models else "MODEL"}", '
+            f'"messages": [{{"role": "user", "content": "hello"}}]}}\'\n'
+            "Ctrl-C to stop"
+        )
+        wait_for_interrupt()
+        console.print("[dim]shutting down ...[/dim]")
+    finally:
+        stack.stop()
+    console.print("stopped: no replicas, reservations or Ray processes left")
+    return code
+
+
+def print_vram(state: dict[str, Any], console: Console) -> None:
+    table = Table(title="VRAM per GPU (reserved = budgets + per-replica overhead)")
+    for column in ("node", "gpu", "name", "total", "used", "reserved", "free", "replicas"):
+        table.add_column(column, justify="right" if column in {"gpu", "total", "used", "reserved", "free"} else "left")
+    for gpu in state["gpus"]:
+        replicas = ", ".join(f"{r['replica_id']} ({r['bytes'] / GIB:.2f} GiB)" for r in gpu["replicas"]) or "-"
+        table.add_row(
+            gpu["node"],
+            str(gpu["index"]),
+            gpu["name"],
+            f"{gpu['total_bytes'] / GIB:.1f} GiB",
+            f"{gpu['used_bytes'] / GIB:.1f} GiB",
+            f"{gpu['reserved_bytes'] / GIB:.1f} GiB",
+            f"{gpu['free_bytes'] / GIB:.1f} GiB",
+            replicas,
+        )
+    console.print(table)

@@ -1,0 +1,334 @@
+"""The serving controller: converges the cluster to a config, one model at a time.
+
+Each model is its own Serve application (`model-<id>`), and the spec it was deployed with is
+kept in Ray's GCS key-value store, so a controller started later with a changed config sees
+what runs: unchanged models are left alone (same replicas, no restart), removed models are
+deleted and their reservations freed, changed models are replaced, new models are planned and
+deployed. The OpenAI router is its own application and learns replicas as they come up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.experimental import internal_kv
+
+from ..allocator import NAMESPACE, get_vram_allocator
+from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..planner import Plan, Reservation
+from .app import model_app_name, model_application, replica_env, router_application
+from .router import ROUTER_APP, router_handle
+
+log = logging.getLogger(__name__)
+
+SPEC_KEY_PREFIX = "serving/model/"
+SERVING_KEY = "serving/settings"
+ReplicaStateName = Literal["reserved", "loading", "ready", "failed"]
+
+
+class Unplaceable(RuntimeError):
+    """Nothing of a model fits (and it does not ask for max_replicas): the planner's reasons."""
+
+    def __init__(self, model_id: str, reasons: list[str]):
+        self.model_id = model_id
+        self.reasons = reasons
+        super().__init__(f"model {model_id}: nothing placed: " + "; ".join(reasons))
+
+
+class ReplicaStatus(BaseModel):
+    replica_id: str
+    state: ReplicaStateName
+    node: str | None = None
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    bytes: int | None = None
+    error: str | None = None
+
+
+class ModelStatus(BaseModel):
+    model_id: str
+    model: str
+    vram_gb: float
+    requested: int | None = Field(description="Requested replicas (None for max_replicas).")
+    replicas: list[ReplicaStatus]
+    unplaced: list[str]
+    endpoint: str
+
+
+class Deployed(BaseModel):
+    """What the controller stores per model: the spec and the replicas it was deployed with."""
+
+    spec: ModelSpec
+    reservations: list[Reservation]
+    unplaced: list[str] = Field(default_factory=list)
+
+
+class Controller:
+    """Python-level API of the serving controller (`ray-vram serve` and `ray-vram up` use it)."""
+
+    def __init__(self, serving: ServingSettings | None = None, endpoint_host: str | None = None):
+        if not ray.is_initialized():
+            ray.init(namespace=NAMESPACE)
+        self.serving = serving or ServingSettings()
+        self.endpoint_host = endpoint_host
+        self.allocator = get_vram_allocator()
+        self.reconciles = {"ok": 0, "error": 0}
+        self._lock = threading.RLock()
+
+    # -- stored state -----------------------------------------------------------------------
+
+    @staticmethod
+    def deployed() -> dict[str, Deployed]:
+        keys = internal_kv._internal_kv_list(SPEC_KEY_PREFIX, namespace=NAMESPACE) or []
+        out = {}
+        for key in keys:
+            raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+            if raw:
+                record = Deployed.model_validate_json(raw)
+                out[record.spec.model_id] = record
+        return out
+
+    @staticmethod
+    def _store(record: Deployed) -> None:
+        internal_kv._internal_kv_put(
+            SPEC_KEY_PREFIX + record.spec.model_id, record.model_dump_json(), overwrite=True, namespace=NAMESPACE
+        )
+
+    @staticmethod
+    def _forget(model_id: str) -> None:
+        internal_kv._internal_kv_del(SPEC_KEY_PREFIX + model_id, namespace=NAMESPACE)
+
+    @property
+    def endpoint(self) -> str:
+        host = self.endpoint_host or ("127.0.0.1" if self.serving.host in ("0.0.0.0", "::") else self.serving.host)
+        return f"http://{host}:{self.serving.port}/v1"
+
+    # -- converge ---------------------------------------------------------------------------
+
+    def apply(self, config: RayVRAMConfig) -> dict[str, Any]:
+        """Converge to `config`: returns {"kept": [...], "deployed": [...], "removed": [...], "unplaced": {...}}."""
+        with self._lock:
+            try:
+                result = self._apply(config)
+            except Exception:
+                self.reconciles["error"] += 1
+                raise
+            self.reconciles["ok"] += 1
+            return result
+
+    def _apply(self, config: RayVRAMConfig) -> dict[str, Any]:
+        ray.get(self.allocator.configure.remote(config.placement.model_dump(mode="json")))
+        self.serving = config.serving
+        current = self.deployed()
+        wanted = {spec.model_id: spec for spec in config.models}
+        removed = sorted(set(current) - set(wanted))
+        for model_id in removed:
+            self.remove(model_id)
+        self._ensure_router(config.models)
+        kept, deployed, unplaced = [], [], {}
+        for spec in config.models:
+            record = current.get(spec.model_id)
+            if record is not None and record.spec == spec and self._app_alive(spec.model_id):
+                kept.append(spec.model_id)
+                continue
+            try:
+                plan = self._deploy(spec, [m for m in config.models if m.model_id != spec.model_id], config.placement)
+            except Unplaceable as error:
+                unplaced[spec.model_id] = error.reasons
+                continue
+            deployed.append(spec.model_id)
+            reasons = [u.reason for u in plan.unplaced if u.model_id == spec.model_id]
+            if reasons:
+                unplaced[spec.model_id] = reasons
+        self._declare(config.models)
+        log.info("applied: kept %s, deployed %s, removed %s, unplaced %s", kept, deployed, removed, unplaced)
+        return {"kept": kept, "deployed": deployed, "removed": removed, "unplaced": unplaced}
+
+    def deploy(self, spec: ModelSpec, placement: PlacementSettings | None = None) -> Plan:
+        """Plan and deploy (or replace) one model; other models are untouched. Raises `Unplaceable`."""
+        with self._lock:
+            others = [r.spec for r in self.deployed().values() if r.spec.model_id != spec.model_id]
+            self._ensure_router([*others, spec])
+            try:
+                plan = self._deploy(spec, others, placement)
+            except Exception:
+                self.reconciles["error"] += 1
+                raise
+            self.reconciles["ok"] += 1
+            self._declare([*others, spec])
+            return plan
+
+    def _deploy(self, spec: ModelSpec, others: list[ModelSpec], placement: PlacementSettings | None) -> Plan:
+        previous = self.deployed().get(spec.model_id)
+        if previous is not None and previous.spec == spec and self._app_alive(spec.model_id):
+            return self._plan([spec, *others], placement)
+        if previous is not None or self._app_exists(spec.model_id):
+            self._teardown(spec.model_id)  # a changed model is replaced, never mixed old/new
+        plan = self._plan([spec, *others], placement)
+        reservations = plan.replicas_of(spec.model_id)
+        reasons = [u.reason for u in plan.unplaced if u.model_id == spec.model_id]
+        if not reservations:
+            raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
+        app = model_application(spec, reservations, self.serving, self._env())
+        serve.run(app, name=model_app_name(spec.model_id), route_prefix=None, blocking=False)
+        self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons))
+        return plan
+
+    def _plan(self, models: list[ModelSpec], placement: PlacementSettings | None) -> Plan:
+        settings = placement.model_dump(mode="json") if placement else None
+        return Plan.model_validate(
+            ray.get(self.allocator.plan.remote([m.model_dump(mode="json") for m in models], settings))
+        )
+
+    def remove(self, model_id: str) -> bool:
+        """Shut a model down and free its reservations; False if it was not deployed (idempotent)."""
+        with self._lock:
+            known = model_id in self.deployed() or self._app_exists(model_id)
+            self._teardown(model_id)
+            self._forget(model_id)
+            self._declare([r.spec for r in self.deployed().values()])
+            return known
+
+    def remove_all(self) -> list[str]:
+        with self._lock:
+            ids = sorted(set(self.deployed()) | self._model_apps())
+            for model_id in ids:
+                self.remove(model_id)
+            return ids
+
+    def _teardown(self, model_id: str) -> None:
+        if self._app_exists(model_id):
+            serve.delete(model_app_name(model_id), _blocking=True)
+        for reservation in ray.get(self.allocator.reservations.remote()):
+            if reservation["model_id"] == model_id:
+                ray.get(self.allocator.release.remote(reservation["replica_id"]))
+
+    # -- router -----------------------------------------------------------------------------
+
+    def _ensure_router(self, models: list[ModelSpec]) -> None:
+        stored = internal_kv._internal_kv_get(SERVING_KEY, namespace=NAMESPACE)
+        same = stored is not None and json.loads(stored) == self.serving.model_dump(mode="json")
+        if same and ROUTER_APP in serve.status().applications:
+            return
+        serve.run(router_application(self.serving, models), name=ROUTER_APP, route_prefix=None)
+        internal_kv._internal_kv_put(
+            SERVING_KEY, json.dumps(self.serving.model_dump(mode="json")), overwrite=True, namespace=NAMESPACE
+        )
+
+    def _declare(self, models: list[ModelSpec]) -> None:
+        if ROUTER_APP in serve.status().applications:
+            router_handle().declare.remote([m.model_dump(mode="json") for m in models]).result(timeout_s=30)
+
+    def shutdown(self) -> None:
+        """Remove every model and the router (local mode's exit)."""
+        with self._lock:
+            self.remove_all()
+            if ROUTER_APP in serve.status().applications:
+                serve.delete(ROUTER_APP, _blocking=True)
+            internal_kv._internal_kv_del(SERVING_KEY, namespace=NAMESPACE)
+
+    # -- status -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _app_exists(model_id: str) -> bool:
+        return model_app_name(model_id) in serve.status().applications
+
+    @staticmethod
+    def _app_alive(model_id: str) -> bool:
+        app = serve.status().applications.get(model_app_name(model_id))
+        return app is not None and app.status in ("RUNNING", "DEPLOYING")
+
+    @staticmethod
+    def _model_apps() -> set[str]:
+        prefix = model_app_name("")
+        return {name.removeprefix(prefix) for name in serve.status().applications if name.startswith(prefix)}
+
+    def _env(self) -> dict[str, str]:
+        return replica_env()
+
+    def status(self) -> dict[str, Any]:
+        """`GET /v1/deployments`: every model, its replicas' state and where they are."""
+        apps = serve.status().applications
+        held = {r["replica_id"]: r for r in ray.get(self.allocator.reservations.remote())}
+        models = []
+        for model_id, record in sorted(self.deployed().items()):
+            app = apps.get(model_app_name(model_id))
+            replicas = []
+            for planned in record.reservations:
+                reservation = held.get(planned.replica_id)
+                deployment = app.deployments.get(planned.replica_id) if app else None
+                state, error = _replica_state(deployment, reservation is not None)
+                where = reservation or planned.model_dump()
+                replicas.append(
+                    ReplicaStatus(
+                        replica_id=planned.replica_id,
+                        state=state,
+                        node=where["node"],
+                        gpu_index=where["gpu_index"],
+                        gpu_uuid=where["gpu_uuid"],
+                        bytes=where["bytes"],
+                        error=error,
+                    )
+                )
+            spec = record.spec
+            models.append(
+                ModelStatus(
+                    model_id=model_id,
+                    model=spec.model,
+                    vram_gb=spec.vram_gb,
+                    requested=None if spec.max_replicas else spec.replicas,
+                    replicas=replicas,
+                    unplaced=record.unplaced,
+                    endpoint=self.endpoint,
+                ).model_dump()
+            )
+        return {"models": models}
+
+    def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> dict[str, Any]:
+        """Block until every replica of `model_ids` (default: all) is ready; raise on failure/timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            chosen = [m for m in status["models"] if model_ids is None or m["model_id"] in model_ids]
+            failed = [r for m in chosen for r in m["replicas"] if r["state"] == "failed"]
+            if failed:
+                raise RuntimeError("; ".join(f"{r['replica_id']}: {r['error']}" for r in failed))
+            if all(r["state"] == "ready" for m in chosen for r in m["replicas"]) and self._routed(chosen):
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replicas not ready after {timeout_s:g}s: {chosen}")
+            time.sleep(0.5)
+
+    def _routed(self, models: list[dict[str, Any]]) -> bool:
+        wanted = {r["replica_id"] for m in models for r in m["replicas"]}
+        if not wanted:
+            return True
+        registered = {e["replica_id"] for e in router_handle().endpoints.remote().result(timeout_s=30)}
+        return wanted <= registered
+
+
+def _replica_state(deployment: Any, reserved: bool) -> tuple[ReplicaStateName, str | None]:
+    if deployment is None:
+        return ("loading" if reserved else "reserved"), None
+    status = str(deployment.status)
+    if status.endswith("HEALTHY") and not status.endswith("UNHEALTHY"):
+        return "ready", None
+    if status.endswith(("UNHEALTHY", "DEPLOY_FAILED")):
+        return "failed", _last_line(deployment.message)
+    return ("loading" if reserved else "reserved"), None
+
+
+def _last_line(message: str) -> str:
+    """The reason Serve recorded, without the remote traceback around it."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "ReplicaStartupError" in line or line.startswith("replica "):
+            return line.split("ReplicaStartupError: ", 1)[-1]
+    return lines[-1] if lines else "failed"
