@@ -252,7 +252,11 @@ def config_defs() -> dict[str, Schema]:
         "properties": {"max_replicas": {"const": True}},
     }
     spec["description"] += " Set either `replicas` or `max_replicas: true`, not both."
-    spec["properties"]["engine_kwargs"]["propertyNames"] = {"not": {"enum": OWNED_ENGINE_KWARGS}}
+    # One never-valid schema per owned key, so that the error names the key itself.
+    spec["properties"]["engine_kwargs"]["properties"] = {
+        name: {"not": {}, "description": "set by ray-vram from vram_gb/model/max_model_len; remove it"}
+        for name in OWNED_ENGINE_KWARGS
+    }
     return defs
 
 
