@@ -1,0 +1,256 @@
+"""The monitor's link to the allocator: publish the node's inventory, read reservations back.
+
+It runs in its own thread so that a slow or absent Ray cluster never delays a poll or a scrape:
+the poll loop offers each new inventory (latest wins) and reads the latest allocator view. While
+the allocator is unreachable the link retries with exponential backoff (with jitter) and counts
+each failure; metrics keep being exported from NVML alone meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..inventory import NodeInventory
+from .watchdog import ReplicaBudget
+
+log = logging.getLogger(__name__)
+
+
+class _Replica(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    replica_id: str
+    model_id: str
+    bytes: int
+    pid: int | None = None
+    pids: list[int] = []
+    owner: str | None = None
+
+
+class _GPU(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    node: str
+    uuid: str
+    reserved_bytes: int = 0
+    replicas: list[_Replica] = []
+
+
+class _State(BaseModel):
+    """The part of the allocator's `get_vram_state()` the monitor reads."""
+
+    model_config = ConfigDict(extra="ignore")
+    gpus: list[_GPU] = []
+
+
+@dataclass(frozen=True)
+class AllocatorView:
+    """Reservations on this node's GPUs, as last read from the allocator."""
+
+    replicas: list[ReplicaBudget] = field(default_factory=list)
+    reserved_bytes: dict[str, int] = field(default_factory=dict)
+    fetched_at: float = 0.0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], node: str, fetched_at: float) -> AllocatorView:
+        parsed = _State.model_validate(state)
+        replicas, reserved = [], {}
+        for gpu in parsed.gpus:
+            if gpu.node != node:
+                continue
+            reserved[gpu.uuid] = gpu.reserved_bytes
+            for r in gpu.replicas:
+                pids = tuple(dict.fromkeys([*r.pids, *([r.pid] if r.pid is not None else [])]))
+                replicas.append(ReplicaBudget(r.replica_id, r.model_id, gpu.uuid, r.bytes, pids, r.owner))
+        return cls(replicas, reserved, fetched_at)
+
+    @property
+    def pids(self) -> set[int]:
+        return {pid for r in self.replicas for pid in r.pids}
+
+
+def _kill_owner(actor_id: str) -> str:
+    """Runs inside the cluster (works for drivers and Ray Client alike): kill a replica's owner actor.
+
+    Serve notices the dead replica actor and starts a replacement; other replicas are untouched.
+    """
+    import ray
+    from ray._private import state
+
+    info = state.actors(actor_id)
+    if not info or info.get("State") == "DEAD":
+        return f"actor {actor_id} is already gone"
+    name, namespace = info.get("Name"), info.get("RayNamespace")
+    if not name:
+        raise RuntimeError(f"actor {actor_id} has no name: it cannot be looked up to be restarted")
+    ray.kill(ray.get_actor(name, namespace=namespace))
+    return f"killed actor {name} ({actor_id}, namespace {namespace})"
+
+
+class AllocatorLink:
+    """Publishes inventories to `vram_allocator` and fetches its state, from a background thread."""
+
+    def __init__(
+        self,
+        address: str | None,
+        node: str,
+        interval_s: float,
+        on_error: Callable[[str, str], None],
+        max_backoff_s: float = 30.0,
+        call_timeout_s: float = 10.0,
+    ):
+        self.address = address
+        self.node = node
+        self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s
+        self.call_timeout_s = call_timeout_s
+        self._on_error = on_error
+        self._pending: NodeInventory | None = None
+        self._restarts: list[tuple[str, str]] = []
+        self._view: AllocatorView | None = None
+        self._wake = threading.Condition()
+        self._stop = False
+        self._connected = False
+        self._owns_ray = False
+        self._allocator: Any = None
+        self._kill: Any = None
+        self._backoff = 0.0
+        self._next_try = 0.0
+        self.published = 0
+        self.last_published_at: float | None = None
+        self._thread = threading.Thread(target=self._run, name="allocator-link", daemon=True)
+
+    # -- used by the poll loop --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer(self, inventory: NodeInventory) -> None:
+        with self._wake:
+            self._pending = inventory
+            self._wake.notify()
+
+    def request_restart(self, actor_id: str, why: str) -> None:
+        with self._wake:
+            self._restarts.append((actor_id, why))
+            self._wake.notify()
+
+    @property
+    def view(self) -> AllocatorView | None:
+        return self._view
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive() and self._owns_ray:
+            import ray
+
+            ray.shutdown()
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and (self._pending is None and not self._restarts):
+                    self._wake.wait()
+                if self._stop:
+                    return
+                wait = self._next_try - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    if self._stop:
+                        return
+                    continue
+                inventory, self._pending = self._pending, None
+                restarts, self._restarts = self._restarts, []
+            try:
+                self._connect()
+                if inventory is not None:
+                    self._publish(inventory)
+                for actor_id, why in restarts:
+                    self._restart(actor_id, why)
+                self._backoff = 0.0
+            except Exception as error:
+                self._failed(error, inventory, restarts)
+
+    def _failed(self, error: Exception, inventory: NodeInventory | None, restarts: list[tuple[str, str]]) -> None:
+        self._connected = False
+        self._allocator = None
+        self._backoff = min(self.max_backoff_s, max(self.interval_s, self._backoff * 2))
+        delay = self._backoff * random.uniform(0.8, 1.2)
+        self._next_try = time.monotonic() + delay
+        self._on_error(
+            "allocator", f"allocator at {self.address or 'the local Ray'} unreachable: {error}; retry in {delay:.1f} s"
+        )
+        with self._wake:
+            if self._pending is None:
+                self._pending = inventory
+            self._restarts = restarts + self._restarts
+
+    def _connect(self) -> None:
+        if self._allocator is not None:
+            return
+        import ray
+
+        from ..allocator import NAMESPACE, get_vram_allocator
+
+        if not ray.is_initialized():
+            if self.address:
+                _check_reachable(self.address)
+            ray.init(
+                address=self.address,
+                namespace=NAMESPACE,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+            self._owns_ray = True
+        self._allocator = get_vram_allocator()
+        self._kill = ray.remote(num_cpus=0, max_retries=0)(_kill_owner)
+        self._connected = True
+        log.info("connected to the allocator (%s)", self.address or "local Ray")
+
+    def _publish(self, inventory: NodeInventory) -> None:
+        self._allocator_call(self._allocator.update_inventory.remote(inventory.model_dump(mode="json")))
+        self.published += 1
+        self.last_published_at = time.time()
+        state = self._allocator_call(self._allocator.get_vram_state.remote())
+        self._view = AllocatorView.from_state(state, self.node, time.time())
+
+    def _allocator_call(self, ref: Any) -> Any:
+        import ray
+
+        return ray.get(ref, timeout=self.call_timeout_s)
+
+    def _restart(self, actor_id: str, why: str) -> None:
+        import ray
+
+        try:
+            result = ray.get(self._kill.remote(actor_id), timeout=self.call_timeout_s)
+        except ray.exceptions.RayError as error:
+            self._on_error("restart", f"restarting replica owner {actor_id} failed: {error}")
+            return
+        log.warning("watchdog restart: %s (%s)", result, why)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (seconds, not minutes) when the Ray address does not even accept TCP connections."""
+    target = address.removeprefix("ray://")
+    if target == "auto" or ":" not in target:
+        return
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=3):
+        pass
