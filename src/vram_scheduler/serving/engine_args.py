@@ -40,19 +40,13 @@ def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget) -> lis
         "model": model_source,
         "served_model_name": spec.names,
         "max_model_len": spec.max_model_len,
-        # A request without max_tokens gets the spec's default instead of "fill the context".
-        "override_generation_config": {"max_new_tokens": spec.max_tokens},
         "disable_uvicorn_access_log": True,
         "disable_log_stats": True,
         **budget.engine_kwargs(),
     }
-    user = dict(spec.engine_kwargs)
-    if "override_generation_config" in user:
-        kwargs["override_generation_config"] = {
-            **kwargs["override_generation_config"],
-            **user.pop("override_generation_config"),
-        }
-    kwargs.update(user)
+    # spec.max_tokens is applied by the router to requests without max_tokens: vLLM's
+    # generation-config default would cap every request at it instead.
+    kwargs.update(spec.engine_kwargs)
     argv: list[str] = []
     for key, value in kwargs.items():
         argv += _flag(key, value)

@@ -26,12 +26,33 @@ def is_cuda_uuid(gpu_uuid: str) -> bool:
     return gpu_uuid.startswith(("GPU-", "MIG-"))
 
 
+def gpu_present(gpu_uuid: str) -> bool:
+    """Whether NVML on this node knows `gpu_uuid` (False without a GPU or a driver)."""
+    if not is_cuda_uuid(gpu_uuid):
+        return False
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return False
+    try:
+        pynvml.nvmlDeviceGetHandleByUUID(gpu_uuid)
+        return True
+    except Exception:
+        return False
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def pin_process(gpu_uuid: str) -> Literal["cuda", "cpu"]:
-    """Make `gpu_uuid` this process's only visible GPU; 'cpu' for a host-memory reservation.
+    """Make `gpu_uuid` this process's only visible GPU, or hide every GPU and return 'cpu' for a
+    host-memory reservation or a GPU that a declared inventory names but this node does not have
+    (CI and laptops: vLLM's CPU backend stands in, the reservation is accounting only).
 
     Must run before CUDA is initialised in this process (torch.cuda, vLLM).
     """
-    if not is_cuda_uuid(gpu_uuid):
+    if not gpu_present(gpu_uuid):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return "cpu"
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu_uuid

@@ -54,6 +54,7 @@ class ReplicaEndpoint(BaseModel):
     names: list[str]
     url: str
     max_ongoing_requests: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, description="Completion length of requests that set none.")
     node: str
     gpu_uuid: str
     gpu_index: int
@@ -160,6 +161,7 @@ class VLLMReplica:
             names=self.spec.names,
             url=url,
             max_ongoing_requests=self.serving.max_ongoing_requests,
+            max_tokens=self.spec.max_tokens,
             node=self.reservation.node,
             gpu_uuid=gpu_uuid,
             gpu_index=self.reservation.gpu_index,

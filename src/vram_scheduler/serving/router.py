@@ -56,16 +56,20 @@ class Registry:
 
     replicas: dict[str, _Replica] = field(default_factory=dict)
     declared: dict[str, str] = field(default_factory=dict)  # name -> model_id
+    max_tokens: dict[str, int] = field(default_factory=dict)  # name -> default completion length
     _turn: int = 0
 
     def declare(self, models: list[dict[str, Any]]) -> None:
-        self.declared = {
-            name: m["model_id"]
-            for m in models
-            for name in [m["model_id"], *([m["router_name"]] if m.get("router_name") else [])]
-        }
+        self.declared = {}
+        for spec in models:
+            for name in [spec["model_id"], *([spec["router_name"]] if spec.get("router_name") else [])]:
+                self.declared[name] = spec["model_id"]
+                if spec.get("max_tokens"):
+                    self.max_tokens[name] = int(spec["max_tokens"])
 
     def register(self, endpoint: ReplicaEndpoint, now: float) -> None:
+        for name in endpoint.names:
+            self.max_tokens[name] = endpoint.max_tokens
         current = self.replicas.get(endpoint.replica_id)
         if current is not None and current.endpoint.url == endpoint.url:
             current.seen = now
@@ -217,6 +221,10 @@ class OpenAIRouter:
                 error_body(404, f"The model `{name}` does not exist (served: {known}).", "NotFoundError", "model"),
             )
             return
+        if "max_tokens" not in request and "max_completion_tokens" not in request and name in self.registry.max_tokens:
+            # The model's default length; vLLM alone would fill the context (or cap at a configured default).
+            request["max_tokens"] = self.registry.max_tokens[name]
+            body = orjson.dumps(request)
         tried: set[str] = set()
         while True:
             replica = self.registry.pick(name, tried)

@@ -5,9 +5,10 @@ weights + activations + KV cache together, so the reservation divided by the GPU
 exactly the budget; PyTorch's per-process memory fraction is set to the same share, which makes
 the caching allocator raise OOM in this process (and only this one) at the cap.
 
-On CPU (vLLM's CPU backend, local mode and CI), the reservation is accounted in host memory:
-vLLM takes an explicit `kv_cache_memory_bytes`, so the KV cache gets the budget minus the
-weights and a fixed allowance for activations and scratch buffers.
+On CPU (vLLM's CPU backend, local mode and CI), the reservation is accounted in host memory,
+where the monitor measures the replica's resident memory: vLLM takes an explicit
+`kv_cache_memory_bytes`, so the KV cache gets the budget minus the weights and the resident
+runtime of the replica's processes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pydantic import BaseModel, Field
 from ..config import format_gib
 
 MIB = 1024**2
-#: Activations, sampler buffers and allocator slack of a CPU engine beyond weights and KV cache.
-CPU_RUNTIME_BYTES = 128 * MIB
+#: What a CPU replica holds besides weights and KV cache: the Python/PyTorch/vLLM runtime of the
+#: replica and engine processes (~1 GiB resident, measured with the demo model) plus activations.
+CPU_RUNTIME_BYTES = 1280 * MIB
 #: Smallest KV cache worth starting an engine with.
 MIN_KV_CACHE_BYTES = 16 * MIB
 

@@ -1,0 +1,114 @@
+"""One real serving stack per test module: isolated local Ray (loopback), Serve, the allocator,
+the monitor publishing a declared two-GPU inventory, the controller, the OpenAI router, and vLLM
+(CPU backend) replicas of the generated demo model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+INVENTORY = HERE / "inventory.yaml"
+ENGINE_KWARGS = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_num_seqs": 8,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def model(model_id: str, replicas: int = 2, **extra: Any) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "model": "demo",
+        "vram_gb": 1.5,
+        "replicas": replicas,
+        "max_model_len": 512,
+        "max_tokens": 12,
+        "engine_kwargs": ENGINE_KWARGS,
+        **extra,
+    }
+
+
+@dataclass
+class Stack:
+    controller: Any
+    config: Any
+    base: str  # OpenAI endpoint, e.g. http://127.0.0.1:PORT
+    gcs_address: str
+    monitor: Any
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    import ray
+    from ray import serve
+
+    from vram_scheduler.allocator import NAMESPACE
+    from vram_scheduler.config import parse_config
+    from vram_scheduler.demo_model import ensure_demo_model
+    from vram_scheduler.monitor.readers import FileReader
+    from vram_scheduler.monitor.service import MonitorService, MonitorSettings
+    from vram_scheduler.serving.controller import Controller
+
+    ensure_demo_model()
+    port = free_port()
+    config = parse_config(
+        {
+            "models": [model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)],
+            "serving": {"host": "127.0.0.1", "port": port},
+        },
+        "serving tests",
+    )
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    gcs = ray.get_runtime_context().gcs_address
+    serve.start(proxy_location="Disabled")
+    monitor = MonitorService(
+        FileReader(INVENTORY),
+        MonitorSettings(node="ci-gpu-node", interval_s=1.0, host="127.0.0.1", port=0, ray_address=gcs),
+    )
+    thread = threading.Thread(target=monitor.run, daemon=True)
+    thread.start()
+    controller = Controller(config.serving)
+    try:
+        deadline = time.monotonic() + 60
+        while not ray.get(controller.allocator.get_vram_state.remote())["gpus"]:
+            assert time.monotonic() < deadline, "the monitor published no inventory"
+            time.sleep(0.2)
+        controller.apply(config)
+        controller.wait_ready(timeout_s=600)
+        yield Stack(controller, config, f"http://127.0.0.1:{port}", gcs, monitor)
+    finally:
+        try:
+            controller.shutdown()
+        finally:
+            monitor.stop()
+            thread.join(timeout=10)
+            serve.shutdown()
+            ray.shutdown()

@@ -1,0 +1,160 @@
+"""The serving layer's pure parts: engine sizing from bytes, vLLM flags from a spec, and the
+OpenAI router's own answers (auth, unknown model, bad body, overload, loading) over ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from vram_scheduler.config import GIB, ModelSpec, ServingSettings
+from vram_scheduler.serving.engine_args import server_argv
+from vram_scheduler.serving.pinning import gpu_present, is_cuda_uuid, pin_process
+from vram_scheduler.serving.replica import ReplicaEndpoint
+from vram_scheduler.serving.router import EXPIRE_AFTER_S, OpenAIRouter, Registry
+from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
+
+# -- sizing ----------------------------------------------------------------------------------------
+
+
+def test_cuda_budget_is_a_share_of_the_gpu_total() -> None:
+    budget = size_engine("m", 20 * GIB, "cuda", 80 * GIB, weight_bytes=3 * GIB)
+    assert budget.gpu_memory_utilization == pytest.approx(0.25)
+    assert budget.torch_memory_fraction == pytest.approx(0.25)
+    assert budget.engine_kwargs() == {"gpu_memory_utilization": 0.25}
+
+
+def test_cpu_budget_sizes_the_kv_cache_in_bytes() -> None:
+    budget = size_engine("m", 2 * GIB, "cpu", 24 * GIB, weight_bytes=100 * 2**20)
+    assert budget.kv_cache_memory_bytes == 2 * GIB - 100 * 2**20 - CPU_RUNTIME_BYTES
+    assert budget.engine_kwargs() == {"kv_cache_memory_bytes": budget.kv_cache_memory_bytes}
+
+
+@pytest.mark.parametrize(
+    ("device", "budget", "weights", "words"),
+    [
+        ("cpu", GIB, 0, ["model m", "budget 1.00 GiB", "short by", "raise vram_gb"]),
+        ("cuda", 4 * GIB, 5 * GIB, ["weights 5.00 GiB", "short by"]),
+        ("cuda", 90 * GIB, 0, ["exceeds the device's total 80.00 GiB"]),
+    ],
+)
+def test_budget_too_small_names_the_numbers(device: str, budget: int, weights: int, words: list[str]) -> None:
+    with pytest.raises(BudgetTooSmall) as error:
+        size_engine("m", budget, device, 80 * GIB, weights)  # type: ignore[arg-type]
+    for word in words:
+        assert word in str(error.value)
+
+
+# -- vLLM flags ------------------------------------------------------------------------------------
+
+
+def test_server_argv_carries_spec_budget_and_engine_kwargs() -> None:
+    spec = ModelSpec(
+        model_id="m",
+        model="demo",
+        vram_gb=2,
+        router_name="alias",
+        max_model_len=512,
+        max_tokens=33,
+        engine_kwargs={"enforce_eager": True, "enable_prefix_caching": False, "structured_outputs_config": {"a": 1}},
+    )
+    argv = server_argv(spec, "/models/m", size_engine("m", spec.vram_bytes, "cpu", 24 * GIB))
+    joined = " ".join(argv)
+    assert "--model /models/m" in joined and "--served-model-name m alias" in joined
+    assert "--max-model-len 512" in joined and "max_new_tokens" not in joined
+    assert "--kv-cache-memory-bytes" in joined and "--gpu-memory-utilization" not in joined
+    assert "--enforce-eager" in argv and "--no-enable-prefix-caching" in argv
+    assert '--structured-outputs-config {"a": 1}' in joined
+
+
+# -- pinning ---------------------------------------------------------------------------------------
+
+
+def test_declared_gpu_missing_here_runs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert is_cuda_uuid("GPU-5e5e0000-0000-0000-0000-000000000000") and not is_cuda_uuid("host-node")
+    if gpu_present("GPU-5e5e0000-0000-0000-0000-000000000000"):
+        pytest.skip("a GPU with this uuid exists here")
+    assert pin_process("GPU-5e5e0000-0000-0000-0000-000000000000") == "cpu"
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+# -- router ----------------------------------------------------------------------------------------
+
+
+def endpoint(replica_id: str, names: list[str], limit: int = 2) -> ReplicaEndpoint:
+    return ReplicaEndpoint(
+        replica_id=replica_id,
+        model_id=names[0],
+        names=names,
+        url="http://127.0.0.1:9",
+        max_ongoing_requests=limit,
+        node="n",
+        gpu_uuid="GPU-x",
+        gpu_index=0,
+        bytes=GIB,
+        pids=[1],
+        max_tokens=7,
+    )
+
+
+def test_registry_picks_least_busy_and_expires_silent_replicas() -> None:
+    registry = Registry()
+    registry.register(endpoint("a-0", ["a"]), now=0)
+    registry.register(endpoint("a-1", ["a"]), now=0)
+    first = registry.pick("a", set())
+    assert first is not None
+    first.inflight = 1
+    second = registry.pick("a", set())
+    assert second is not None and second is not first
+    second.inflight = 2
+    first.inflight = 2
+    assert registry.pick("a", set()) is None  # both at their limit
+    registry.register(endpoint("a-1", ["a"]), now=EXPIRE_AFTER_S)
+    assert registry.expire(EXPIRE_AFTER_S + 1) == ["a-0"]
+
+
+def call(router: OpenAIRouter, method: str, path: str, **kwargs: object) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=router)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            return await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+
+    return asyncio.run(go())
+
+
+def test_router_answers_for_itself() -> None:
+    router = OpenAIRouter(ServingSettings(api_key_env=None))
+    router.registry.declare([{"model_id": "a", "router_name": "b"}, {"model_id": "c"}])
+    router.registry.register(endpoint("a-0", ["a", "b"], limit=1), now=time.monotonic())
+    assert call(router, "GET", "/healthz").status_code == 200
+    assert [m["id"] for m in call(router, "GET", "/v1/models").json()["data"]] == ["a", "b", "c"]
+    unknown = call(router, "POST", "/v1/completions", json={"model": "zzz", "prompt": "x"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFoundError"
+    not_json = call(router, "POST", "/v1/completions", content=b"[1,")
+    assert not_json.status_code == 400 and not_json.json()["error"]["code"] == 400
+    no_model = call(router, "POST", "/v1/completions", json={"prompt": "x"})
+    assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+    loading = call(router, "POST", "/v1/completions", json={"model": "c", "prompt": "x"})
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "5"
+    router.registry.replicas["a-0"].inflight = 1
+    busy = call(router, "POST", "/v1/chat/completions", json={"model": "b", "messages": []})
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert "capacity" in busy.json()["error"]["message"]
+    router.registry.replicas["a-0"].inflight = 0
+    dead = call(router, "POST", "/v1/completions", json={"model": "a", "prompt": "x"})
+    assert dead.status_code == 503  # port 9 refuses: the replica is dropped, none is left
+    assert "a-0" not in router.registry.replicas
+
+
+def test_router_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_RAY_VRAM_KEY", "s3cret")
+    router = OpenAIRouter(ServingSettings(api_key_env="TEST_RAY_VRAM_KEY"))
+    assert call(router, "GET", "/v1/models").status_code == 401
+    assert call(router, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert call(router, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert call(router, "GET", "/healthz").status_code == 200
