@@ -7,28 +7,55 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Any
 
-from ..cli import EXIT_FAILURE, EXIT_OK
+from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK
 from ..config import GIB, gib_to_bytes
 from ..monitor.readers import FileReader, HostMemoryReader, MonitorUnavailable, NVMLReader, Reader, default_node_name
+
+DESCRIPTION = (
+    "Poll every GPU of this node, serve /metrics, /healthz and /inventory, publish the\n"
+    "inventory to the allocator and flag replicas that stay over their VRAM budget.\n\n"
+    "sources: NVML (default; exits 1 when no NVIDIA driver or GPU is visible), --inventory-file\n"
+    "(a declared inventory, for CI and planning), --host-memory (local mode without a GPU)\n\n"
+    "exit codes: 0 stopped by SIGTERM/SIGINT, 1 cannot read the GPUs or listen, 2 invalid input\n\n"
+    "examples:\n"
+    "  ray-vram monitor --ray-address ray://ray-head:10001\n"
+    "  ray-vram monitor --inventory-file values/inventory-example.yaml --node gpu-1 --port 9400\n"
+    "  ray-vram monitor --once --output json"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "monitor",
         help="read this node's GPUs (NVML), export Prometheus metrics, publish to the allocator",
-        description="Poll every GPU of this node, serve /metrics, /healthz and /inventory, publish the\n"
-        "inventory to the allocator and flag replicas that stay over their VRAM budget.\n\n"
-        "sources: NVML (default; exits 1 when no NVIDIA driver or GPU is visible), --inventory-file\n"
-        "(a declared inventory, for CI and planning), --host-memory (local mode without a GPU)\n\n"
-        "exit codes: 0 stopped by SIGTERM/SIGINT, 1 cannot read the GPUs or listen, 2 invalid input\n\n"
-        "examples:\n"
-        "  ray-vram monitor --ray-address ray://ray-head:10001\n"
-        "  ray-vram monitor --inventory-file values/inventory-example.yaml --node gpu-1 --port 9400\n"
-        "  ray-vram monitor --once --output json",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_arguments(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m vram_scheduler.monitor`: the monitor alone, without the other commands' imports."""
+    from ..config import ConfigError
+
+    parser = argparse.ArgumentParser(
+        prog="ray-vram monitor", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--inventory-file", help="serve a declared inventory (YAML/JSON) instead of reading NVML")
     source.add_argument(

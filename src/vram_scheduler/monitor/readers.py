@@ -198,7 +198,11 @@ class NVMLReader:
             except nvml.NVMLError_Timeout:
                 return errors
             except nvml.NVMLError as error:
-                errors.append(ReadError("nvml", f"node {self.node}: reading XID events failed: {error}"))
+                # Stop watching rather than count the same failure every poll; reads still mark health.
+                self._events = None
+                errors.append(
+                    ReadError("nvml", f"node {self.node}: reading XID events failed, stopped watching: {error}")
+                )
                 return errors
             xid = int(event.eventData)
             device = self._device_by_uuid(event.device)

@@ -1,0 +1,7 @@
+"""`python -m vram_scheduler.monitor`: the same as `ray-vram monitor`, importing only the monitor."""
+
+import sys
+
+from ..commands.monitor import main
+
+sys.exit(main())
