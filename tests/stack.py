@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -167,3 +168,137 @@ class BusyFront:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --------------------------------------------------------------------------- the local stack
+
+
+SDK_INVENTORY = {
+    "nodes": [
+        {
+            "node": "sdk-node",
+            "gpus": [
+                {
+                    "index": 0,
+                    "uuid": "GPU-5d5d0000-sdk-0",
+                    "name": "NVIDIA Test 8GB",
+                    "total_gb": 8,
+                },
+                {
+                    "index": 1,
+                    "uuid": "GPU-5d5d0000-sdk-1",
+                    "name": "NVIDIA Test 3GB",
+                    "total_gb": 3,
+                },
+            ],
+        }
+    ]
+}
+ENGINE_KWARGS = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_num_seqs": 8,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
+
+
+def demo_model_spec(model_id: str, vram_gb: float = 1.5, **extra: object) -> dict:
+    """A model entry serving the generated demo model, small enough for a 2-core CI machine."""
+    return {
+        "model_id": model_id,
+        "model": "demo",
+        "vram_gb": vram_gb,
+        "max_model_len": 512,
+        "max_tokens": 16,
+        "engine_kwargs": ENGINE_KWARGS,
+        **extra,
+    }
+
+
+class LocalStack:
+    """`ray-vram up`'s local stack in a child process (Ray never enters the test process), with the
+    monitor publishing a declared two-GPU inventory instead of host memory so placement is exact.
+
+    Attributes once started: `controller` (URL), `endpoint` (OpenAI base URL ending in /v1).
+    """
+
+    def __init__(self, models: list[dict], work: Path | None = None):
+        self.models = models
+        self.work = Path(tempfile.mkdtemp(prefix="sdk-", dir=work or WORK / "tmp"))
+        self.controller_port = free_port()
+        self.serving_port = free_port()
+        self.controller = f"http://127.0.0.1:{self.controller_port}"
+        self.endpoint = f"http://127.0.0.1:{self.serving_port}/v1"
+        self.log = self.work / "stack.log"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalStack:
+        import yaml
+
+        values = self.work / "values.yaml"
+        inventory = self.work / "inventory.yaml"
+        values.write_text(
+            yaml.safe_dump({"models": self.models, "serving": {"host": "127.0.0.1", "port": self.serving_port}})
+        )
+        inventory.write_text(yaml.safe_dump(SDK_INVENTORY))
+        env = vllm_env() | {"RAY_TMPDIR": str(self.work), "RAY_AUTH_MODE": "disabled"}
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, str(values), str(inventory), str(self.controller_port)],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                text=True,
+            )
+        try:
+            deadline = time.monotonic() + 900
+            while "stack ready" not in self.log.read_text():
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"local stack did not start:\n{self.log.read_text()[-4000:]}")
+                time.sleep(1)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _serve_declared(values: str, inventory: str, controller_port: int) -> None:
+    """Child process: LocalStack with a FileReader monitor; runs until stdin closes."""
+    from vram_scheduler.config import load_config
+    from vram_scheduler.monitor.readers import FileReader
+    from vram_scheduler.monitor.service import MonitorService, MonitorSettings
+    from vram_scheduler.serving import local
+
+    class DeclaredStack(local.LocalStack):
+        def _start_monitor(self, address: str) -> None:
+            settings = MonitorSettings(node="sdk-node", interval_s=1.0, host="127.0.0.1", port=0, ray_address=address)
+            self.monitor = MonitorService(FileReader(inventory), settings)
+            thread = threading.Thread(target=self.monitor.run, name="monitor", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    stack = DeclaredStack(load_config(values), controller_port=controller_port, num_cpus=2)
+    try:
+        stack.start(progress=lambda text: print(text, flush=True))
+        stack.controller.wait_ready(timeout_s=600)
+        print("stack ready", flush=True)
+        sys.stdin.read()
+    finally:
+        stack.stop()
+        print("stack stopped", flush=True)
+
+
+if __name__ == "__main__":
+    _serve_declared(sys.argv[1], sys.argv[2], int(sys.argv[3]))

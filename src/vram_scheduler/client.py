@@ -9,7 +9,9 @@ how many fit and why. Then it waits, showing each replica go reserved → loadin
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -341,7 +343,7 @@ class VRAMScheduler:
     def display_vram_state(self, console: Console | None = None) -> VRAMState:
         """Print the VRAM table (per node and GPU) and the deployments; returns the state shown."""
         state = self.get_vram_state()
-        (console or Console()).print(render_vram(state, self.deployments()))
+        (console or wide_console()).print(render_vram(state, self.deployments()))
         return state
 
     def plan(self, specs: Sequence[ModelSpec]) -> Plan:
@@ -397,19 +399,21 @@ class VRAMScheduler:
     ) -> list[DeployResult]:
         """Deploy several models (e.g. a values file's): all are planned together first."""
         specs = [specs] if isinstance(specs, ModelSpec) else list(specs)
-        self._check_fits(specs)
-        for spec in specs:
-            self.api.deploy(spec)
-        if not wait:
-            return [DeployResult.model_validate(self.deployment(s.model_id).model_dump()) for s in specs]
-        return self.wait_ready([s.model_id for s in specs], timeout_s=timeout_s, progress=progress)
+        planned = self._check_fits(specs)
+        deadline = time.monotonic() + timeout_s
+        with DeployProgress(self.console, enabled=progress) as view:
+            for spec in specs:
+                self._submit(spec, planned, view, deadline)
+            if not wait:
+                return [DeployResult.model_validate(self.deployment(s.model_id).model_dump()) for s in specs]
+            return self._wait_ready([s.model_id for s in specs], view, deadline, timeout_s)
 
-    def _check_fits(self, specs: list[ModelSpec]) -> None:
+    def _check_fits(self, specs: list[ModelSpec]) -> Plan:
         result = self.plan(specs)
         strict = [u for u in result.unplaced if not _spec(specs, u.model_id).max_replicas]
         empty = [s for s in specs if s.max_replicas and not result.replicas_of(s.model_id)]
         if not strict and not empty:
-            return
+            return result
         reasons = [u.reason for u in strict]
         reasons += [
             f"model {s.model_id} (max_replicas) fits nowhere: needs {format_gib(s.vram_bytes)} per replica "
@@ -426,40 +430,99 @@ class VRAMScheduler:
             requested,
         )
 
+    def _submit(self, spec: ModelSpec, planned: Plan, view: DeployProgress, deadline: float) -> None:
+        """POST the model; while the controller works on it, show progress from the plan and the ledger."""
+        outcome: dict[str, BaseException | None] = {}
+
+        def post() -> None:
+            try:
+                self.api.deploy(spec)
+                outcome["error"] = None
+            except BaseException as error:
+                outcome["error"] = error
+
+        thread = threading.Thread(target=post, name=f"deploy-{spec.model_id}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            with contextlib.suppress(SchedulerError):
+                view.update(self._observe(spec, planned))
+            thread.join(timeout=0.5)
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the controller at {self.address} did not accept {spec.model_id} in time")
+        error = outcome.get("error")
+        if isinstance(error, SchedulerError) and not isinstance(error, PlacementError | ControllerUnavailableError):
+            raise DeploymentError(f"model {spec.model_id} failed to deploy: {error}") from None
+        if error is not None:
+            raise error
+
+    def _observe(self, spec: ModelSpec, planned: Plan) -> DeploymentStatus:
+        """The model as the controller lists it, or, before it does, its planned replicas with the
+        ones already holding a reservation in the ledger shown as loading."""
+        for status in self.deployments():
+            if status.model_id == spec.model_id:
+                return status
+        held = {
+            r.replica_id: (gpu, r)
+            for gpu in self.get_vram_state().gpus
+            for r in gpu.replicas
+            if r.model_id == spec.model_id
+        }
+        replicas = []
+        for reservation in planned.replicas_of(spec.model_id):
+            gpu, entry = held.get(reservation.replica_id, (None, None))
+            replicas.append(
+                ReplicaStatus(
+                    replica_id=reservation.replica_id,
+                    state="loading" if entry else "reserved",
+                    node=gpu.node if gpu else reservation.node,
+                    gpu_index=gpu.index if gpu else reservation.gpu_index,
+                    gpu_uuid=gpu.uuid if gpu else reservation.gpu_uuid,
+                    bytes=entry.bytes if entry else reservation.bytes,
+                )
+            )
+        return DeploymentStatus(
+            model_id=spec.model_id,
+            model=spec.model,
+            vram_gb=spec.vram_gb,
+            requested=None if spec.max_replicas else spec.replicas,
+            replicas=replicas,
+        )
+
     def wait_ready(
-        self, model_ids: Sequence[str], *, timeout_s: float = 900.0, progress: bool = True, poll_s: float = 0.5
+        self, model_ids: Sequence[str], *, timeout_s: float = 900.0, progress: bool = True
     ) -> list[DeployResult]:
         """Wait until every replica of `model_ids` is ready; show each replica's state as it changes."""
-        deadline = time.monotonic() + timeout_s
-        view = DeployProgress(self.console, enabled=progress)
-        with view:
-            while True:
-                current = {s.model_id: s for s in self.deployments() if s.model_id in model_ids}
-                for model_id in model_ids:
-                    if model_id in current:
-                        view.update(current[model_id])
-                results = [DeployResult.model_validate(current[m].model_dump()) for m in model_ids if m in current]
-                failed = [(res, r) for res in results for r in res.replicas if r.state == "failed"]
-                if failed:
-                    result, replica = failed[0]
-                    raise DeploymentError(
-                        f"replica {replica.replica_id} of model {result.model_id} failed on {replica.where}: "
-                        f"{replica.error or 'no reason given'}",
-                        result,
-                    )
-                if len(results) == len(model_ids) and all(r.ready for r in results):
-                    return results
-                if time.monotonic() > deadline:
-                    waiting = [
-                        f"{r.replica_id} ({r.state})" for res in results for r in res.replicas if r.state != "ready"
-                    ]
-                    missing = [m for m in model_ids if m not in current]
-                    raise DeploymentError(
-                        f"not ready after {timeout_s:.0f}s: "
-                        + ", ".join(waiting + [f"{m} (not listed by the controller)" for m in missing]),
-                        results[0] if results else None,
-                    )
-                time.sleep(poll_s)
+        with DeployProgress(self.console, enabled=progress) as view:
+            return self._wait_ready(list(model_ids), view, time.monotonic() + timeout_s, timeout_s)
+
+    def _wait_ready(
+        self, model_ids: list[str], view: DeployProgress, deadline: float, timeout_s: float
+    ) -> list[DeployResult]:
+        while True:
+            current = {s.model_id: s for s in self.deployments() if s.model_id in model_ids}
+            for model_id in model_ids:
+                if model_id in current:
+                    view.update(current[model_id])
+            results = [DeployResult.model_validate(current[m].model_dump()) for m in model_ids if m in current]
+            failed = [(res, r) for res in results for r in res.replicas if r.state == "failed"]
+            if failed:
+                result, replica = failed[0]
+                raise DeploymentError(
+                    f"replica {replica.replica_id} of model {result.model_id} failed on {replica.where}: "
+                    f"{replica.error or 'no reason given'}",
+                    result,
+                )
+            if len(results) == len(model_ids) and all(r.ready for r in results):
+                return results
+            if time.monotonic() > deadline:
+                waiting = [f"{r.replica_id} ({r.state})" for res in results for r in res.replicas if r.state != "ready"]
+                missing = [m for m in model_ids if m not in current]
+                raise DeploymentError(
+                    f"not ready after {timeout_s:.0f}s: "
+                    + ", ".join(waiting + [f"{m} (not listed by the controller)" for m in missing]),
+                    results[0] if results else None,
+                )
+            time.sleep(0.5)
 
     def shutdown(self, model_id: str | None = None) -> list[str]:
         """Shut down one model (or all with None) and free its reservations; idempotent.
@@ -486,7 +549,13 @@ def as_json(value: BaseModel | Sequence[BaseModel]) -> Any:
 
 
 def _gib(n_bytes: int | None) -> str:
-    return "-" if n_bytes is None else f"{n_bytes / GIB:.2f} GiB"
+    return "-" if n_bytes is None else f"{n_bytes / GIB:.2f}"
+
+
+def wide_console(stderr: bool = False) -> Console:
+    """A console that does not squeeze tables to 80 columns when output goes to a pipe or file."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
 
 
 def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) -> Group:
@@ -496,8 +565,8 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
     reservations and unmanaged memory exceed its total, or a GPU using more than its total.
     """
     table = Table(title="VRAM per GPU", title_justify="left")
-    for column in ("node", "gpu", "name", "total", "used", "reserved", "free", "replicas"):
-        table.add_column(column, justify="right" if column in {"gpu", "total", "used", "reserved", "free"} else "left")
+    for column in ("node", "gpu", "name", "total GiB", "used GiB", "reserved GiB", "free GiB", "replicas (GiB)"):
+        table.add_column(column, justify="left" if column in {"node", "name", "replicas (GiB)"} else "right")
     for gpu in state.gpus:
         over = gpu.reserved_bytes + gpu.unmanaged_bytes > gpu.total_bytes or gpu.used_bytes > gpu.total_bytes
         replicas = Text()
@@ -526,7 +595,7 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
         parts.append(Text(f"orphaned reservations (GPU gone): {', '.join(r.replica_id for r in state.orphaned)}"))
     if deployments:
         models = Table(title="Models", title_justify="left")
-        for column in ("model_id", "model", "vram", "replicas", "states", "not placed"):
+        for column in ("model_id", "model", "GiB/replica", "replicas", "states", "not placed"):
             models.add_column(column)
         for status in deployments:
             states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
@@ -535,7 +604,7 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
             models.add_row(
                 status.model_id,
                 status.model,
-                f"{status.vram_gb:g} GiB",
+                f"{status.vram_gb:g}",
                 f"{ready}/{wanted} ready",
                 states,
                 "; ".join(status.unplaced) or "-",

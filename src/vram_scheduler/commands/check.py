@@ -12,11 +12,10 @@ import time
 from collections.abc import Callable
 
 from pydantic import BaseModel
-from rich.console import Console
 from rich.table import Table
 
 from .. import inference as inf
-from ..client import PlacementError, SchedulerError, VRAMScheduler, add_address_option, model_spec
+from ..client import PlacementError, SchedulerError, VRAMScheduler, add_address_option, model_spec, wide_console
 from ..config import GIB, format_gib
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
@@ -123,5 +122,5 @@ def run(args: argparse.Namespace) -> int:
         for r in results:
             mark = "[green]ok[/green]" if r.ok else "[bold red]FAILED[/bold red]"
             table.add_row(r.name, mark, f"{r.seconds:.2f}", r.detail)
-        Console().print(table)
+        wide_console().print(table)
     return 0 if ok else 1

@@ -18,6 +18,7 @@ from ..client import (
     as_json,
     exit_code_for,
     model_spec,
+    wide_console,
 )
 from ..config import ConfigError, ModelSpec, load_config
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(as_json(results), indent=2))
     else:
-        print_results(results, Console())
+        print_results(results, wide_console())
     return 0
 
 

@@ -10,7 +10,15 @@ import time
 from rich.console import Console
 from rich.live import Live
 
-from ..client import SchedulerError, VRAMScheduler, add_address_option, as_json, exit_code_for, render_vram
+from ..client import (
+    SchedulerError,
+    VRAMScheduler,
+    add_address_option,
+    as_json,
+    exit_code_for,
+    render_vram,
+    wide_console,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                 return _json(scheduler, args.watch)
             if args.watch:
                 return _watch(scheduler, args.watch)
-            scheduler.display_vram_state(Console())
+            scheduler.display_vram_state(wide_console())
         except SchedulerError as error:
             print(f"error: {error}", file=sys.stderr)
             return exit_code_for(error)
