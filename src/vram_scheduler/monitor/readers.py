@@ -89,6 +89,7 @@ class _Device:
     total: int
     used: int = 0
     critical_xid: int | None = None
+    reopen: bool = False
 
 
 class NVMLReader:
@@ -154,10 +155,16 @@ class NVMLReader:
         gpus = []
         for device in self._devices:
             try:
+                if device.reopen:
+                    # After an error the handle may be dead (driver reloaded, NVML re-initialised):
+                    # look the GPU up again by UUID, so a GPU that comes back is healthy again.
+                    device.handle = nvml.nvmlDeviceGetHandleByUUID(device.uuid)
+                    device.reopen = False
                 memory = nvml.nvmlDeviceGetMemoryInfo(device.handle)
                 processes = self._processes(device.handle)
             except nvml.NVMLError as error:
-                kind = "gpu_lost" if isinstance(error, nvml.NVMLError_GPUIsLost) else "nvml"
+                device.reopen = True
+                kind = "gpu_lost" if error.value == nvml.NVML_ERROR_GPU_IS_LOST else "nvml"
                 errors.append(
                     ReadError(kind, f"node {self.node}, GPU {device.index} ({device.uuid}): {error}", device.index)
                 )
