@@ -6,6 +6,8 @@
 #   3. ray-vram/ray-vram:<appVersion>  FROM that base, with VLLM=none by default here (see README
 #      "Container images": the default Dockerfile build, FROM the official Ray GPU image, installs
 #      the CUDA vLLM).
+# Each image is tagged localhost/ray-vram/NAME:V and docker.io/ray-vram/NAME:V, the name Kubernetes
+# resolves the chart's default `ray-vram/NAME:V` to (for `podman save ... | k3s ctr images import -`).
 # Prints a table of build times and sizes and writes it as JSON to $RAY_VRAM_WORK/images/build.json.
 # Usage: bash ci/build-images.sh [--vllm none|full] [base] [monitor] [ray-vram]   (default: both images)
 set -euo pipefail
@@ -82,7 +84,7 @@ build() {
   local ca=()
   [ -n "$CA_BUNDLE" ] && [ -f "$CA_BUNDLE" ] && ca=(--volume "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
   podman build --network=host --pull=never --layers "${ca[@]}" -f "images/$name/Dockerfile" \
-    --build-arg BASE_IMAGE="$BASE_IMAGE" "$@" -t "localhost/$image" . >"$OUT/build-$name.log" 2>&1 || {
+    --build-arg BASE_IMAGE="$BASE_IMAGE" "$@" -t "localhost/$image" -t "docker.io/$image" . >"$OUT/build-$name.log" 2>&1 || {
     tail -n 40 "$OUT/build-$name.log" >&2
     log "building $image failed (full log: $OUT/build-$name.log)"
     return 1

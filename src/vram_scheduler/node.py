@@ -74,10 +74,14 @@ def size_class_gb(total_bytes: int) -> int:
 
 
 def gpu_resources(gpus: Sequence[NodeGPU]) -> dict[str, float]:
-    """Ray custom resources for these GPUs: total VRAM in GiB (floored to 0.01) and a count per size class."""
+    """Ray custom resources for these GPUs: total VRAM in whole GiB, floored, and a count per size class.
+
+    Whole numbers because Ray refuses fractional node resources ("Resource quantities must all be
+    whole numbers"); floored so that Ray never counts more VRAM than the node has.
+    """
     if not gpus:
         return {}
-    resources: dict[str, float] = {"vram_gb_total": math.floor(sum(g.total_bytes for g in gpus) / GIB * 100) / 100}
+    resources: dict[str, float] = {"vram_gb_total": sum(g.total_bytes for g in gpus) // GIB}
     for gpu in sorted(gpus, key=lambda g: g.index):
         key = f"gpu_{size_class_gb(gpu.total_bytes)}gb"
         resources[key] = resources.get(key, 0) + 1
