@@ -22,7 +22,7 @@ from ray.serve import Application
 
 from ..config import ModelSpec, RayVRAMConfig, ServingSettings, parse_config
 from ..planner import Plan, Reservation
-from .replica import replica_deployment
+from .replica import VLLMReplica, replica_deployment
 from .router import ROUTER_APP_ENV, ROUTER_DEPLOYMENT, RouterDeployment
 
 #: Environment a replica inherits from whoever builds the app (caches, offline hub, vLLM knobs).
@@ -56,10 +56,14 @@ class ModelGroup:
 
 
 def model_application(
-    spec: ModelSpec, reservations: list[Reservation], serving: ServingSettings, env: dict[str, str] | None = None
+    spec: ModelSpec,
+    reservations: list[Reservation],
+    serving: ServingSettings,
+    env: dict[str, str] | None = None,
+    replica_class: type[VLLMReplica] = VLLMReplica,
 ) -> Application:
     env = replica_env() if env is None else env
-    replicas = [replica_deployment(spec, r, serving, env) for r in reservations]
+    replicas = [replica_deployment(spec, r, serving, env, replica_class) for r in reservations]
     group = serve.deployment(
         ModelGroup, name=f"{spec.model_id}-group", num_replicas=1, ray_actor_options={"num_cpus": 0}
     )

@@ -177,7 +177,7 @@ class Controller:
         if not reservations:
             raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
         app = model_application(spec, reservations, self.serving, self._env())
-        serve.run(app, name=model_app_name(spec.model_id), route_prefix=None, blocking=False)
+        deploy_in_background(app, model_app_name(spec.model_id))
         self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons))
         return plan
 
@@ -312,6 +312,17 @@ class Controller:
             return True
         registered = {e["replica_id"] for e in router_handle().endpoints.remote().result(timeout_s=30)}
         return wanted <= registered
+
+
+def deploy_in_background(app: Any, name: str) -> None:
+    """Submit a Serve application and return at once (replicas load in the background)."""
+    from ray.serve.api import RunTarget
+
+    serve.run_many(
+        [RunTarget(target=app, name=name, route_prefix=None)],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
 
 
 def _replica_state(deployment: Any, reserved: bool) -> tuple[ReplicaStateName, str | None]:

@@ -32,7 +32,7 @@ from ..demo_model import resolve_model_source
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
 from .pinning import bind_torch, pin_process, visible_device_total_bytes
-from .sizing import checkpoint_bytes, size_engine
+from .sizing import EngineBudget, checkpoint_bytes, size_engine
 
 log = logging.getLogger("ray.serve")
 
@@ -135,10 +135,8 @@ class VLLMReplica:
             format_gib(budget.budget_bytes),
             budget.engine_kwargs(),
         )
-        args = parse_server_args(server_argv(self.spec, model_source, budget))
-        if device == "cpu":
-            # vLLM's CPU backend lets this variable override kv_cache_memory_bytes: the reservation decides.
-            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        self.device, self.budget = device, budget
+        self.prepare(model_source, budget)
         locked = await self.allocator.acquire_startup_lock.remote(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
         if not locked:
             raise ReplicaStartupError(
@@ -148,13 +146,13 @@ class VLLMReplica:
         try:
             if device == "cuda":
                 bind_torch(gpu_uuid, budget.torch_memory_fraction)
-            self.engine = await self._start_engine(args)
+            await self.load()
         finally:
             await self.allocator.release_startup_lock.remote(gpu_uuid, self.replica_id)
         pids = self._engine_pids()
         for pid in pids:
             await self.allocator.attach_process.remote(self.replica_id, pid)
-        url = await self._start_http(args)
+        url = await self.serve_http()
         self.endpoint = ReplicaEndpoint(
             replica_id=self.replica_id,
             model_id=self.spec.model_id,
@@ -169,6 +167,23 @@ class VLLMReplica:
             pids=pids,
         )
         self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    # -- the engine (overridable: the GPU tests run this start-up path with a stand-in engine) --
+
+    def prepare(self, model_source: str, budget: EngineBudget) -> None:
+        """Check the engine configuration before taking the startup lock (fail early, hold nothing long)."""
+        self.args = parse_server_args(server_argv(self.spec, model_source, budget))
+        if budget.device == "cpu":
+            # vLLM's CPU backend lets this variable override kv_cache_memory_bytes: the reservation decides.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+
+    async def load(self) -> None:
+        """Load the engine on the pinned device (runs holding the GPU's startup lock)."""
+        self.engine = await self._start_engine(self.args)
+
+    async def serve_http(self) -> str:
+        """Start serving on this node; returns the URL the router calls."""
+        return await self._start_http(self.args)
 
     async def _start_engine(self, args: Any) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -267,12 +282,18 @@ class VLLMReplica:
             log.warning("replica %s: release failed (%s); the allocator reclaims it", self.replica_id, error)
 
 
-def replica_deployment(spec: ModelSpec, reservation: Reservation, serving: ServingSettings, env: dict[str, str]):
+def replica_deployment(
+    spec: ModelSpec,
+    reservation: Reservation,
+    serving: ServingSettings,
+    env: dict[str, str],
+    replica_class: type[VLLMReplica] = VLLMReplica,
+) -> Any:
     """A Serve deployment for one planned replica (named by its replica id, one Serve replica)."""
     from .placement import actor_options
 
     return serve.deployment(
-        VLLMReplica,
+        replica_class,
         name=reservation.replica_id,
         num_replicas=1,
         max_ongoing_requests=serving.max_ongoing_requests,

@@ -48,6 +48,7 @@ class _Replica:
     endpoint: ReplicaEndpoint
     seen: float
     inflight: int = 0
+    served: int = 0
 
 
 @dataclass
@@ -262,6 +263,7 @@ class OpenAIRouter:
         session = await self.session()
         url = replica.endpoint.url + scope["path"]
         replica.inflight += 1
+        replica.served += 1
         started = False
         try:
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as upstream:
