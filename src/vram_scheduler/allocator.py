@@ -16,13 +16,14 @@ import contextlib
 import logging
 import re
 from collections import deque
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
+from pydantic import BaseModel, ValidationError
 from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .config import PlacementSettings
+from .config import ConfigError, PlacementSettings, describe_validation_error
 from .inventory import NodeInventory
 from .ledger import Ledger, ReservationError, StartupLockHolder, VRAMState, models_from_dicts, now
 
@@ -40,8 +41,17 @@ ACTOR_NAME = "vram_allocator"
 #: GCS internal KV key (namespace `ray-vram`) holding the persisted ledger snapshot.
 LEDGER_KEY = "allocator/ledger"
 
+_M = TypeVar("_M", bound=BaseModel)
 _ACTOR_ID = re.compile(r"^[0-9a-f]{32}$")
 log = logging.getLogger(__name__)
+
+
+def _validated(model: type[_M], data: Any, source: str) -> _M:
+    """Validate a call argument; a `ConfigError` (picklable, unlike pydantic's) names each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(source, describe_validation_error(error)) from None
 
 
 def _actor_alive(actor_id: str) -> bool:
@@ -111,7 +121,7 @@ class VRAMAllocator:
     async def configure(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Replace the placement settings (overhead, stale timeout, reclaim interval)."""
         self._background()
-        if self._ledger.configure(PlacementSettings.model_validate(settings)):
+        if self._ledger.configure(_validated(PlacementSettings, settings, "configure(settings)")):
             self._persist()
             if self._reclaimer is not None:
                 self._reclaimer.cancel()  # the next round follows the new interval
@@ -122,7 +132,11 @@ class VRAMAllocator:
     async def update_inventory(self, node_inventory: dict[str, Any]) -> None:
         """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock."""
         self._background()
-        self._ledger.update_inventory(NodeInventory.model_validate(node_inventory), now())
+        inventory = _validated(NodeInventory, node_inventory, "update_inventory(node_inventory)")
+        try:
+            self._ledger.update_inventory(inventory, now())
+        except ValueError as error:
+            raise ConfigError("update_inventory(node_inventory)", [str(error)]) from None
         self._persist()
 
     async def reserve(
@@ -165,7 +179,7 @@ class VRAMAllocator:
         """Plan `models` against current inventories and reservations (stale nodes take nothing new)."""
         self._background()
         specs = models_from_dicts(models, "plan(models)")
-        chosen = PlacementSettings.model_validate(settings) if settings is not None else None
+        chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
         return self._ledger.plan(specs, now(), chosen).model_dump()
 
     async def reservations(self) -> list[dict[str, Any]]:

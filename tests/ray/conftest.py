@@ -1,0 +1,60 @@
+"""A real multi-node Ray cluster (head + two workers, `ray.cluster_utils.Cluster`) per test module,
+and a fresh `vram_allocator` (empty ledger) per test."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # imported after the environment above is set
+from ray.cluster_utils import Cluster
+from ray.experimental import internal_kv
+
+from vram_scheduler.allocator import ACTOR_NAME, LEDGER_KEY, NAMESPACE, get_vram_allocator
+
+# Cluster's default node address: forcing 127.0.0.1 leaves the GCS address unreachable on this machine.
+NODE_ARGS = {"object_store_memory": 80 * 1024**2}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Head (no CPUs: keeps the allocator company only) plus two worker nodes tagged node_a/node_b."""
+    ray_cluster = Cluster(
+        initialize_head=True,
+        head_node_args=NODE_ARGS | {"num_cpus": 1, "include_dashboard": False, "resources": {"head": 1}},
+    )
+    workers = [ray_cluster.add_node(**NODE_ARGS, num_cpus=1, resources={name: 100}) for name in ("node_a", "node_b")]
+    ray_cluster.wait_for_nodes()
+    ray.init(address=ray_cluster.address, namespace=NAMESPACE)
+    ray_cluster.workers_started = workers  # type: ignore[attr-defined]
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
+        ray_cluster.shutdown()
+
+
+def drop_allocator() -> None:
+    """Kill the allocator for good and forget its persisted ledger."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            break  # the name is free again
+        time.sleep(0.05)
+    internal_kv._internal_kv_del(LEDGER_KEY, namespace=NAMESPACE)
+
+
+@pytest.fixture
+def allocator(cluster: Cluster) -> Iterator[ray.actor.ActorHandle]:
+    drop_allocator()
+    handle = get_vram_allocator()
+    yield handle
+    drop_allocator()

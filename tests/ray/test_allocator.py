@@ -1,0 +1,260 @@
+"""The `vram_allocator` actor on a real multi-node Ray cluster: contract, stale nodes, reclaim of
+dead owners (killed actor, lost node), startup locks, and the ledger surviving a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, ReservationError, get_vram_allocator
+from vram_scheduler.config import GIB, ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def node_inventory(node: str, *totals_gb: float, used_gb: float = 0, processes=()) -> dict:
+    return {
+        "node": node,
+        "gpus": [
+            {
+                "index": i,
+                "uuid": f"GPU-{node}-{i}",
+                "name": "NVIDIA L4",
+                "total_gb": total,
+                "used_gb": used_gb,
+                "processes": list(processes),
+            }
+            for i, total in enumerate(totals_gb)
+        ],
+    }
+
+
+def eventually(check, timeout_s: float, every_s: float = 0.1):
+    """Poll `check()` until it returns a truthy value; fail naming the last value after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition still false after {timeout_s} s: {value!r}"
+            return value
+        time.sleep(every_s)
+
+
+def actor_pid(handle) -> int:
+    return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+
+
+@ray.remote(num_cpus=0)
+class Replica:
+    """Stands for a serving replica: an actor whose id owns reservations and startup locks."""
+
+    def actor_id(self) -> str:
+        return ray.get_runtime_context().get_actor_id()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def reserve(self, replica_id: str, model_id: str, n_bytes: int) -> dict:
+        allocator = get_vram_allocator()
+        return ray.get(allocator.reserve.remote(replica_id, model_id, n_bytes, owner=self.actor_id()))
+
+    def start(self, gpu_uuid: str, replica_id: str, hold_s: float) -> tuple[bool, float, float]:
+        """Acquire the GPU's startup lock, 'initialise' for hold_s, release; report the window."""
+        allocator = get_vram_allocator()
+        granted = ray.get(allocator.acquire_startup_lock.remote(gpu_uuid, replica_id, 60))
+        began = time.time()
+        time.sleep(hold_s)
+        ended = time.time()
+        ray.get(allocator.release_startup_lock.remote(gpu_uuid, replica_id))
+        return granted, began, ended
+
+
+def test_contract_round_trip(allocator) -> None:
+    assert ray.get(allocator.ping.remote()) == "pong"
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24, 16)))
+    placed = ray.get(allocator.reserve.remote("m-0", "m", 10 * GIB))
+    assert placed == {
+        "replica_id": "m-0",
+        "model_id": "m",
+        "node": "gpu-a",
+        "gpu_uuid": "GPU-gpu-a-1",
+        "gpu_index": 1,
+        "bytes": 10 * GIB,
+    }
+    assert ray.get(allocator.reserve.remote("m-0", "m", 10 * GIB)) == placed
+    with pytest.raises(ReservationError) as caught:
+        ray.get(allocator.reserve.remote("x-0", "x", 40 * GIB))
+    assert (
+        "model x needs 40.50 GiB per replica (40.00 GiB budget + 0.50 GiB overhead); "
+        "the largest free slot is 24.00 GiB on node gpu-a, GPU 0 (short by 16.50 GiB)"
+    ) in str(caught.value)
+    ray.get(allocator.attach_process.remote("m-0", 4242))
+
+    state = ray.get(allocator.get_vram_state.remote())
+    json.dumps(state)  # plain JSON all the way down
+    gpu = state["gpus"][1]
+    assert (gpu["reserved_bytes"], gpu["free_bytes"]) == (int(10.5 * GIB), int(5.5 * GIB))
+    assert gpu["replicas"][0] | {"owner": None} == {
+        "replica_id": "m-0",
+        "model_id": "m",
+        "bytes": 10 * GIB,
+        "pid": 4242,
+        "pids": [4242],
+        "used_bytes": None,
+        "owner": None,
+    }
+    result = ray.get(allocator.plan.remote([{"model_id": "m", "model": "org/m", "vram_gb": 10, "replicas": 3}], None))
+    assert [r["replica_id"] for r in result["kept"]] == ["m-0"]
+    assert [r["gpu_uuid"] for r in result["new"]] == ["GPU-gpu-a-0", "GPU-gpu-a-0"]
+    assert ray.get(allocator.reservations.remote()) == [placed]  # planning reserves nothing
+
+    assert ray.get(allocator.release.remote("m-0")) is True
+    assert ray.get(allocator.release.remote("m-0")) is False
+    assert ray.get(allocator.reservations.remote()) == []
+    settings = ray.get(allocator.configure.remote({"replica_overhead_gb": 1, "stale_after_s": 5}))
+    assert settings["replica_overhead_gb"] == 1
+    assert ray.get(allocator.get_vram_state.remote())["settings"]["stale_after_s"] == 5
+
+
+def test_invalid_input_is_refused_with_names(allocator) -> None:
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24)))
+    with pytest.raises(ReservationError, match=r"owner 'someone' is not a Ray actor id"):
+        ray.get(allocator.reserve.remote("m-0", "m", GIB, owner="someone"))
+    with pytest.raises(ValueError, match=r"models\[0\].vram_gb = -1: Input should be greater than 0"):
+        ray.get(allocator.plan.remote([{"model_id": "m", "model": "x", "vram_gb": -1}]))
+    with pytest.raises(ConfigError, match=r"gpus\[0\].total_bytes: required key is missing"):
+        ray.get(allocator.update_inventory.remote({"node": "n", "gpus": [{"index": 0, "uuid": "u"}]}))
+    with pytest.raises(ConfigError, match=r"node 'n' reports GPU GPU-gpu-a-0 that node 'gpu-a' already reports"):
+        clash = {"node": "n", "gpus": [{"index": 0, "uuid": "GPU-gpu-a-0", "total_gb": 8}]}
+        ray.get(allocator.update_inventory.remote(clash))
+    with pytest.raises(ConfigError, match=r"configure\(settings\): invalid configuration\n  - stale_after_s = -1"):
+        ray.get(allocator.configure.remote({"stale_after_s": -1}))
+
+
+def test_get_vram_allocator_is_race_safe(cluster: Cluster, allocator) -> None:
+    @ray.remote(num_cpus=0)
+    def find() -> str:
+        return get_vram_allocator()._actor_id.hex()
+
+    from conftest import drop_allocator
+
+    drop_allocator()
+    ids = ray.get([find.remote() for _ in range(6)])
+    assert len(set(ids)) == 1
+    assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id.hex() == ids[0]
+
+
+def test_stale_node_gets_no_new_reservations(allocator) -> None:
+    ray.get(allocator.configure.remote({"stale_after_s": 1.0}))
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24)))
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-b", 80)))
+    kept = ray.get(allocator.reserve.remote("k-0", "k", 30 * GIB))
+    assert kept["node"] == "gpu-b"
+    deadline = time.monotonic() + 1.6
+    while time.monotonic() < deadline:  # only gpu-a keeps publishing
+        ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24)))
+        time.sleep(0.2)
+    state = ray.get(allocator.get_vram_state.remote())
+    assert state["stale_nodes"] == ["gpu-b"]
+    assert [(g["node"], g["stale"]) for g in state["gpus"]] == [("gpu-a", False), ("gpu-b", True)]
+    with pytest.raises(ReservationError, match=r"node gpu-b is stale \(last inventory 1\.\d s ago, limit 1 s\)"):
+        ray.get(allocator.reserve.remote("k-1", "k", GIB, "GPU-gpu-b-0"))
+    assert ray.get(allocator.reserve.remote("k-1", "k", GIB))["node"] == "gpu-a"
+    with pytest.raises(ReservationError, match=r"largest free slot is 22\.50 GiB on node gpu-a, GPU 0"):
+        ray.get(allocator.reserve.remote("k-2", "k", 30 * GIB))
+    plan = ray.get(allocator.plan.remote([{"model_id": "k", "model": "x", "vram_gb": 30, "replicas": 2}]))
+    assert [r["replica_id"] for r in plan["kept"]] == ["k-0"]
+    assert "stale" not in plan["unplaced"][0]["reason"]
+    assert plan["unplaced"][0]["largest_free_gpu"] == "node gpu-a, GPU 0"
+    assert kept in ray.get(allocator.reservations.remote())
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-b", 80)))  # back: open again
+    assert ray.get(allocator.reserve.remote("k-2", "k", 30 * GIB))["node"] == "gpu-b"
+
+
+def test_dead_owner_is_reclaimed_within_the_interval(allocator) -> None:
+    interval = 0.5
+    ray.get(allocator.configure.remote({"reclaim_interval_s": interval, "stale_after_s": 600}))
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24)))
+    owner = Replica.options(resources={"node_a": 1}).remote()
+    survivor = Replica.options(resources={"node_b": 1}).remote()
+    ray.get(owner.reserve.remote("r-0", "m", 4 * GIB))
+    ray.get(survivor.reserve.remote("s-0", "m", 4 * GIB))
+    ray.get(allocator.acquire_startup_lock.remote("GPU-gpu-a-0", "r-0"))
+    waiter = allocator.acquire_startup_lock.remote("GPU-gpu-a-0", "s-0", 30)
+    killed_at = time.monotonic()
+    ray.kill(owner)
+    assert ray.get(waiter, timeout=30) is True  # the dead owner's lock went to the next in line
+    remaining = eventually(
+        lambda: [r["replica_id"] for r in ray.get(allocator.reservations.remote())] == ["s-0"], 10 * interval + 5
+    )
+    assert remaining
+    print(f"reclaimed {time.monotonic() - killed_at:.2f} s after the kill (interval {interval} s)")
+    assert ray.get(allocator.get_vram_state.remote())["startup_locks"] == {"GPU-gpu-a-0": "s-0"}
+    ray.kill(survivor)
+
+
+def test_owners_on_a_lost_node_are_reclaimed(cluster: Cluster, allocator) -> None:
+    ray.get(allocator.configure.remote({"reclaim_interval_s": 0.5, "stale_after_s": 600}))
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 80)))
+    spare = cluster.add_node(num_cpus=1, resources={"doomed": 10})
+    doomed = [Replica.options(resources={"doomed": 1}).remote() for _ in range(2)]
+    for i, replica in enumerate(doomed):
+        ray.get(replica.reserve.remote(f"d-{i}", "m", 2 * GIB))
+    ray.get(allocator.reserve.remote("keep-0", "m", 2 * GIB))  # no owner: never reclaimed
+    assert len(ray.get(allocator.reservations.remote())) == 3
+    cluster.remove_node(spare)
+    eventually(lambda: [r["replica_id"] for r in ray.get(allocator.reservations.remote())] == ["keep-0"], 60, 0.25)
+
+
+def test_startup_lock_serialises_two_starters_on_one_gpu(allocator) -> None:
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24)))
+    starters = [Replica.options(resources={name: 1}).remote() for name in ("node_a", "node_b")]
+    ray.get([s.actor_id.remote() for s in starters])  # both alive before the race starts
+    windows = ray.get([s.start.remote("GPU-gpu-a-0", f"r-{i}", 1.0) for i, s in enumerate(starters)])
+    assert all(granted for granted, _, _ in windows)
+    (_, first_end), (second_start, _) = sorted((b, e) for _, b, e in windows)
+    assert second_start >= first_end, f"initialisations overlapped: {windows}"
+    assert ray.get(allocator.get_vram_state.remote())["startup_locks"] == {}
+    for starter in starters:
+        ray.kill(starter)
+
+
+def test_startup_lock_is_fifo_reentrant_and_times_out(allocator) -> None:
+    gpu = "GPU-gpu-a-0"
+    assert ray.get(allocator.acquire_startup_lock.remote(gpu, "a")) is True
+    assert ray.get(allocator.acquire_startup_lock.remote(gpu, "a")) is True  # already the holder
+    second = allocator.acquire_startup_lock.remote(gpu, "b", 30)
+    time.sleep(0.3)
+    third = allocator.acquire_startup_lock.remote(gpu, "c", 30)
+    time.sleep(0.3)
+    assert ray.get(allocator.acquire_startup_lock.remote(gpu, "impatient", 0.2)) is False
+    assert ray.get(allocator.acquire_startup_lock.remote("GPU-other", "d")) is True  # other GPUs are independent
+    ray.get(allocator.release_startup_lock.remote(gpu, "c"))  # a waiter giving up leaves the queue...
+    ray.get(allocator.release_startup_lock.remote(gpu, "a"))
+    assert ray.get(second, timeout=10) is True
+    assert ray.get(third, timeout=10) is False  # ...and its wait ends with False
+    assert ray.get(allocator.get_vram_state.remote())["startup_locks"] == {gpu: "b", "GPU-other": "d"}
+    ray.get(allocator.release_startup_lock.remote(gpu, "nobody"))  # not the holder: no-op
+    ray.get(allocator.release.remote("b"))  # releasing the replica frees its lock too
+    assert ray.get(allocator.get_vram_state.remote())["startup_locks"] == {"GPU-other": "d"}
+
+
+def test_ledger_survives_the_actors_restart(allocator) -> None:
+    ray.get(allocator.configure.remote({"replica_overhead_gb": 0.25}))
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24, 48)))
+    held = [ray.get(allocator.reserve.remote(f"m-{i}", "m", (i + 1) * GIB)) for i in range(5)]
+    ray.get(allocator.attach_process.remote("m-1", 77))
+    ray.get(allocator.acquire_startup_lock.remote(held[0]["gpu_uuid"], "m-0"))
+    before = ray.get(allocator.get_vram_state.remote())
+    pid_before = actor_pid(allocator)
+    ray.kill(allocator, no_restart=False)
+    eventually(lambda: actor_pid(allocator) != pid_before, 60)  # Ray restarted it in a new process
+    after = ray.get(allocator.get_vram_state.remote())
+    assert ray.get(allocator.reservations.remote()) == sorted(held, key=lambda r: r["replica_id"])
+    for key in ("gpus", "startup_locks", "settings", "stale_nodes"):
+        assert after[key] == before[key], key
