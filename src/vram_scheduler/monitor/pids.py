@@ -46,7 +46,8 @@ class ProcessMatcher:
         current = pid
         for _ in range(_MAX_DEPTH):
             ppid, nspids = self._status(current)
-            namespaced.extend(v for v in nspids[1:] if v not in namespaced)
+            # Pid 1 of a pod is its init process, never a replica: it would match every pod.
+            namespaced.extend(v for v in nspids[1:] if v > 1 and v not in namespaced)
             if ppid <= 1 or ppid in chain:
                 break
             chain.append(ppid)
