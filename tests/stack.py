@@ -181,8 +181,8 @@ SDK_INVENTORY = {
                 {
                     "index": 0,
                     "uuid": "GPU-5d5d0000-sdk-0",
-                    "name": "NVIDIA Test 8GB",
-                    "total_gb": 8,
+                    "name": "NVIDIA Test 4GB",
+                    "total_gb": 4,
                 },
                 {
                     "index": 1,

@@ -232,8 +232,10 @@ class ControllerAPI:
         data = self._json(self._call("GET", "/v1/deployments"), "GET /v1/deployments")
         return [DeploymentStatus.model_validate(m) for m in data.get("models", [])]
 
-    def deploy(self, spec: ModelSpec) -> dict[str, Any]:
-        response = self._call("POST", "/v1/deployments", json=spec.model_dump(mode="json"))
+    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
+        """POST a model; the controller may hold the request until its replicas started."""
+        extra = {"timeout": timeout_s} if timeout_s is not None else {}
+        response = self._call("POST", "/v1/deployments", json=spec.model_dump(mode="json"), **extra)
         if response.status_code == 409:
             reasons = _reasons(response)
             raise PlacementError(
@@ -436,7 +438,7 @@ class VRAMScheduler:
 
         def post() -> None:
             try:
-                self.api.deploy(spec)
+                self.api.deploy(spec, timeout_s=max(deadline - time.monotonic(), 1.0))
                 outcome["error"] = None
             except BaseException as error:
                 outcome["error"] = error
@@ -658,7 +660,8 @@ class DeployProgress:
             else:
                 arrow = f"{before} → {replica.state}" if before else replica.state
                 detail = f": {replica.error}" if replica.error else ""
-                self.console.print(f"{status.model_id} {replica.replica_id} [{replica.where}] {arrow}{detail}")
+                line = f"{status.model_id}: {replica.replica_id} ({replica.where}) {arrow}{detail}"
+                self.console.print(line, markup=False, highlight=False)
 
 
 # --------------------------------------------------------------------------- shared by the CLI commands

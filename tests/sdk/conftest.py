@@ -1,7 +1,11 @@
-"""Fixtures for the SDK tests: one vLLM OpenAI server on the tiny model per test session."""
+"""One real local stack (Ray, allocator, monitor on a declared 4 GiB + 3 GiB inventory, controller,
+OpenAI router, a vLLM CPU replica of the demo model as `tiny`/`tiny-alias`) for all SDK, CLI and
+example tests. Tests that deploy more models shut them down before they end."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +18,41 @@ import stack
 
 MODEL = "tiny"
 ALIAS = "tiny-alias"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def vllm_endpoint() -> Iterator[str]:
-    """Base URL (…/v1) of vLLM's own OpenAI server serving the tiny model as `tiny` and `tiny-alias`."""
-    with stack.vllm_server(stack.tiny_model_dir(), [MODEL, ALIAS]) as url:
-        yield url
+def local_stack() -> Iterator[stack.LocalStack]:
+    with stack.LocalStack([stack.demo_model_spec(MODEL, router_name=ALIAS)]) as running:
+        yield running
+
+
+@pytest.fixture
+def endpoint(local_stack: stack.LocalStack) -> str:
+    """The OpenAI base URL (…/v1) of the stack."""
+    return local_stack.endpoint
+
+
+@pytest.fixture
+def controller_env(local_stack: stack.LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point discovery at the stack's controller (and nowhere else) for this test."""
+    from vram_scheduler import inference
+
+    monkeypatch.setenv("RAY_VRAM_CONTROLLER", local_stack.controller)
+    monkeypatch.delenv("RAY_VRAM_ENDPOINT", raising=False)
+    inference.forget_endpoints()
+    return {"RAY_VRAM_CONTROLLER": local_stack.controller}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 600):
+    """`ray-vram ARGS` in a child process (as a user runs it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "vram_scheduler.cli", *args],
+        env=os.environ | (env or {}),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
