@@ -110,14 +110,14 @@ start() {
   setsid etcd --name ray-vram-test --data-dir etcd-data \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-    --initial-cluster "ray-vram-test=http://127.0.0.1:$ETCD_PEER_PORT" >etcd.log 2>&1 </dev/null &
+    --initial-cluster "ray-vram-test=http://127.0.0.1:$ETCD_PEER_PORT" >etcd.log 2>&1 </dev/null 9>&- &
   echo $! >etcd.pid
   setsid "$BIN" --etcd-servers="http://127.0.0.1:$ETCD_PORT" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
     --endpoint-reconciler-type=none --secure-port="$PORT" --insecure-port=0 --cert-dir=certs \
     --token-auth-file=tokens.csv --authorization-mode=RBAC \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file=sa.pub --service-account-signing-key-file=sa.key \
-    --service-cluster-ip-range=10.96.0.0/16 >apiserver.log 2>&1 </dev/null &
+    --service-cluster-ip-range=10.96.0.0/16 >apiserver.log 2>&1 </dev/null 9>&- &
   echo $! >apiserver.pid
   cat >kubeconfig.tmp <<KC
 apiVersion: v1
@@ -141,6 +141,7 @@ mkdir -p "$RUN"
 case $cmd in
   build) exec 9>"$RAY_VRAM_CACHE/.kube-apiserver-build.lock"; flock 9; build; echo "$BIN" ;;
   start)
+    if serving; then echo "$RUN/kubeconfig"; exit 0; fi
     exec 9>"$RAY_VRAM_CACHE/.kube-apiserver-build.lock"; flock 9
     start ;;
   stop) stop ;;
