@@ -69,7 +69,7 @@ class TreeSampler(threading.Thread):
                     rss += proc.memory_info().rss
                     times = proc.cpu_times()
                 with self.lock:
-                    self.cpu[proc.pid] = times.user + times.system + times.children_user + times.children_system
+                    self.cpu[proc.pid] = times.user + times.system
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         with self.lock:

@@ -362,7 +362,10 @@ class RouterDeployment:
         self.router.registry.declare(models)
 
     async def endpoints(self) -> list[dict[str, Any]]:
-        return [r.endpoint.model_dump() | {"inflight": r.inflight} for r in self.router.registry.replicas.values()]
+        return [
+            r.endpoint.model_dump() | {"inflight": r.inflight, "served": r.served}
+            for r in self.router.registry.replicas.values()
+        ]
 
     async def check_health(self) -> None:
         if self.task.done():
