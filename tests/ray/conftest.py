@@ -1,11 +1,12 @@
-"""A real multi-node Ray cluster (head + two workers, `ray.cluster_utils.Cluster`) per test module,
+"""A real multi-node Ray cluster (head + two workers, `ray.cluster_utils.Cluster`) per test
+module,
 and a fresh `vram_allocator` (empty ledger) per test."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -24,20 +25,30 @@ NODE_ARGS = {"object_store_memory": 80 * 1024**2}
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """Head (no CPUs: keeps the allocator company only) plus two worker nodes tagged node_a/node_b."""
+    """Head plus two worker nodes with resources node_a / node_b (tests place actors by them)."""
     ray_cluster = Cluster(
         initialize_head=True,
         head_node_args=NODE_ARGS | {"num_cpus": 1, "include_dashboard": False, "resources": {"head": 1}},
     )
-    workers = [ray_cluster.add_node(**NODE_ARGS, num_cpus=1, resources={name: 100}) for name in ("node_a", "node_b")]
-    ray_cluster.wait_for_nodes()
-    ray.init(address=ray_cluster.address, namespace=NAMESPACE)
-    ray_cluster.workers_started = workers  # type: ignore[attr-defined]
     try:
+        for name in ("node_a", "node_b"):
+            add_node(ray_cluster, num_cpus=1, resources={name: 100})
+        ray_cluster.wait_for_nodes()
+        ray.init(address=ray_cluster.address, namespace=NAMESPACE)
         yield ray_cluster
     finally:
         ray.shutdown()
         ray_cluster.shutdown()
+
+
+def add_node(ray_cluster: Cluster, **args: object) -> object:
+    """Add a worker node; a second try when a busy machine makes Ray's fixed 30 s start wait run out."""
+    try:
+        return ray_cluster.add_node(**NODE_ARGS, **args)
+    except Exception as error:
+        if "timed out during startup" not in str(error):
+            raise
+        return ray_cluster.add_node(**NODE_ARGS, **args)
 
 
 def drop_allocator() -> None:
@@ -50,6 +61,12 @@ def drop_allocator() -> None:
             break  # the name is free again
         time.sleep(0.05)
     internal_kv._internal_kv_del(LEDGER_KEY, namespace=NAMESPACE)
+
+
+@pytest.fixture
+def forget_allocator() -> Callable[[], None]:
+    """What the `allocator` fixture does between tests, for tests that need it mid-test."""
+    return drop_allocator
 
 
 @pytest.fixture

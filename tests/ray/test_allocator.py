@@ -136,14 +136,12 @@ def test_invalid_input_is_refused_with_names(allocator) -> None:
         ray.get(allocator.configure.remote({"stale_after_s": -1}))
 
 
-def test_get_vram_allocator_is_race_safe(cluster: Cluster, allocator) -> None:
+def test_get_vram_allocator_is_race_safe(allocator, forget_allocator) -> None:
     @ray.remote(num_cpus=0)
     def find() -> str:
         return get_vram_allocator()._actor_id.hex()
 
-    from conftest import drop_allocator
-
-    drop_allocator()
+    forget_allocator()
     ids = ray.get([find.remote() for _ in range(6)])
     assert len(set(ids)) == 1
     assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id.hex() == ids[0]
