@@ -15,10 +15,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # imported after the environment above is set
+from ray.cluster_utils import Cluster
 
 from vram_scheduler.allocator import NAMESPACE, get_vram_allocator
 
-from .conftest import GIB, Monitor, inventory_yaml, value
+from .conftest import GIB, Monitor, free_port, inventory_yaml, value
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +37,23 @@ class Owner:
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, object_store_memory=80 * 1024**2
+    """A local head with a Ray Client server: the monitor connects as the chart's DaemonSet does."""
+    client_port = free_port()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": False,
+            "object_store_memory": 80 * 1024**2,
+            "ray_client_server_port": client_port,
+        },
     )
+    ray.init(address=cluster.address, namespace=NAMESPACE)
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield f"ray://127.0.0.1:{client_port}"
     finally:
         ray.shutdown()
+        cluster.shutdown()
 
 
 def state_of(allocator) -> dict:

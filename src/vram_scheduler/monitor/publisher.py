@@ -190,6 +190,16 @@ class AllocatorLink:
     def _failed(self, error: Exception, inventory: NodeInventory | None, restarts: list[tuple[str, str]]) -> None:
         self._connected = False
         self._allocator = None
+        if self._owns_ray:
+            # Start the next attempt from a fresh connection: a Ray Client session that lost its
+            # server stays "initialized" but never works again.
+            import ray
+
+            try:
+                ray.shutdown()
+            except Exception as shutdown_error:
+                log.debug("ray.shutdown after a failed call: %s", shutdown_error)
+            self._owns_ray = False
         self._backoff = min(self.max_backoff_s, max(self.interval_s, self._backoff * 2))
         delay = self._backoff * random.uniform(0.8, 1.2)
         self._next_try = time.monotonic() + delay
