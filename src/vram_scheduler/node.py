@@ -163,11 +163,13 @@ def _parse_resources(text: str) -> dict[str, float]:
 
 def _parse_labels(text: str) -> dict[str, str]:
     text = text.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError("ray start arguments", [f"--labels: not JSON ({error}): {text!r}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError("ray start arguments", [f"--labels: expected a JSON object, got {text!r}"])
         return {str(k): str(v) for k, v in data.items()}
     labels = {}
     for pair in filter(None, (p.strip() for p in text.split(","))):

@@ -124,6 +124,8 @@ def test_detected_values_win_over_the_callers_and_each_replacement_is_noted() ->
         ("head", ["--resources={not json"], "--resources: not JSON"),
         ("head", ["--resources=[1, 2]"], "expected a JSON object of numbers"),
         ("head", ["--labels=novalue"], "'novalue' is not key=value"),
+        ("head", ["--labels=[1]"], "--labels: expected a JSON object"),
+        ("head", ['--labels={"k": '], "--labels: not JSON"),
         ("head", ["--labels=k=has space"], "value of 'k' is not a valid label"),
         ("head", ["--num-gpus"], "--num-gpus: missing value"),
     ],
