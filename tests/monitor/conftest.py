@@ -82,7 +82,7 @@ class Monitor:
         except urllib.error.HTTPError as error:
             return error.code, error.read()
 
-    def wait_ready(self, timeout_s: float = 30) -> None:
+    def wait_ready(self, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -110,7 +110,7 @@ class Monitor:
         assert status == 200, body
         return json.loads(body)
 
-    def wait_for(self, predicate, timeout_s: float = 20, what: str = "condition") -> dict:
+    def wait_for(self, predicate, timeout_s: float = 45, what: str = "condition") -> dict:
         deadline = time.monotonic() + timeout_s
         samples: dict = {}
         while time.monotonic() < deadline:
