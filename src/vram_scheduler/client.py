@@ -235,7 +235,8 @@ class ControllerAPI:
     def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
         """POST a model; the controller may hold the request until its replicas started."""
         extra = {"timeout": timeout_s} if timeout_s is not None else {}
-        response = self._call("POST", "/v1/deployments", json=spec.model_dump(mode="json"), **extra)
+        body = spec.model_dump(mode="json", exclude={"replicas"} if spec.max_replicas else None)
+        response = self._call("POST", "/v1/deployments", json=body, **extra)
         if response.status_code == 409:
             reasons = _reasons(response)
             raise PlacementError(
