@@ -191,6 +191,7 @@ def closed_schema(schema: Doc) -> Doc:
     return schema
 
 
+@cache
 def custom_resource_schemas() -> dict[tuple[str, str], Doc]:
     """(apiVersion, kind) → closed openAPIV3Schema, for KubeRay's and the Prometheus Operator's kinds."""
     schemas = {}

@@ -4,6 +4,8 @@ CRDs with unknown fields forbidden; a kind with no schema fails."""
 
 from __future__ import annotations
 
+from functools import cache
+
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -13,6 +15,13 @@ from vram_scheduler.config import parse_config
 from .helm import CHART, VALUES_FILES, custom_resource_schemas, key, kuberay_values, render, run, tools
 
 CASES = [None, *VALUES_FILES]
+
+
+@cache
+def crd_validator(api: tuple[str, str]) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(custom_resource_schemas()[api])
+
+
 IDS = ["defaults", *(p.name for p in VALUES_FILES)]
 KUBE_VERSIONS = ["1.28.0", "1.35.0"]
 
@@ -48,13 +57,12 @@ def test_models_in_values_are_valid_config(values) -> None:
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", CASES, ids=IDS)
 def test_every_object_validates(values, kube_version: str) -> None:
-    schemas = custom_resource_schemas()
     docs = render(values=[values] if values else [], kube_version=kube_version)
     problems = []
     for doc in docs:
         api = (doc["apiVersion"], doc["kind"])
-        if api in schemas:
-            for error in jsonschema.Draft7Validator(schemas[api]).iter_errors(doc):
+        if api in custom_resource_schemas():
+            for error in crd_validator(api).iter_errors(doc):
                 where = ".".join(str(p) for p in error.absolute_path) or "(root)"
                 problems.append(f"{key(doc)}: {where}: {error.message}")
             continue
