@@ -13,6 +13,7 @@ from typing import Any
 from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK
 from ..config import GIB, gib_to_bytes
 from ..monitor.readers import FileReader, HostMemoryReader, MonitorUnavailable, NVMLReader, Reader, default_node_name
+from ..monitor.watchdog import DEFAULT_WATCHDOG_MARGIN_GB
 
 DESCRIPTION = (
     "Poll every GPU of this node, serve /metrics, /healthz and /inventory, publish the\n"
@@ -69,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--watchdog-margin-gb",
         type=float,
-        default=0.5,
-        help="GiB a replica may use above its budget before it counts as over (default 0.5: the CUDA context)",
+        default=DEFAULT_WATCHDOG_MARGIN_GB,
+        help=f"GiB a replica may use above its budget before it counts as over (default {DEFAULT_WATCHDOG_MARGIN_GB:g}:"
+        " the CUDA context, about 0.6 GiB, plus workspaces)",
     )
     parser.add_argument("--watchdog-polls", type=int, default=3, help="consecutive polls over to flag (default 3)")
     parser.add_argument(

@@ -14,12 +14,12 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import DEFAULT_REPLICA_OVERHEAD_GB, StrictModel, gib_to_bytes
+from ..config import StrictModel, gib_to_bytes
 from .exporter import MonitorHTTPServer, MonitorMetrics, Snapshot
 from .pids import ProcessMatcher
 from .publisher import AllocatorLink
 from .readers import Reader, ReadError
-from .watchdog import Violation, Watchdog, measure
+from .watchdog import DEFAULT_WATCHDOG_MARGIN_GB, Violation, Watchdog, measure
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ class MonitorSettings(StrictModel):
         default=None, description="Ray cluster to publish to (`host:6379`, `ray://host:10001`); None = do not publish."
     )
     watchdog_margin_bytes: int = Field(
-        default=gib_to_bytes(DEFAULT_REPLICA_OVERHEAD_GB),
+        default=gib_to_bytes(DEFAULT_WATCHDOG_MARGIN_GB),
         ge=0,
-        description="Usage above budget tolerated before a poll counts as over (the CUDA context's share).",
+        description="Usage above budget tolerated before a poll counts as over (CUDA context, workspaces).",
     )
     watchdog_polls: int = Field(default=3, ge=1, description="Consecutive polls over budget + margin to flag.")
     restart_over_budget: bool = Field(

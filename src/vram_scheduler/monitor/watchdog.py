@@ -13,6 +13,10 @@ from ..config import format_gib
 from ..inventory import NodeInventory
 from .pids import ProcessMatcher
 
+#: NVML counts a process's CUDA context against it (0.6 GiB measured on an H100 with PyTorch 2.11,
+#: CUDA 13) while budgets do not: the default margin covers that plus cuBLAS/NCCL workspaces.
+DEFAULT_WATCHDOG_MARGIN_GB = 1.0
+
 
 @dataclass(frozen=True)
 class ReplicaBudget:
