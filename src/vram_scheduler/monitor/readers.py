@@ -221,7 +221,7 @@ class NVMLReader:
                 ReadError(
                     "xid",
                     f"node {self.node}, {where}: XID {xid}"
-                    + (" (critical: GPU withdrawn from placement)" if critical else " (application fault)"),
+                    + (" (critical: GPU withdrawn from placement)" if critical else " (not critical: counted only)"),
                     device.index if device else None,
                 )
             )
