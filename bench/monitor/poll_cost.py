@@ -13,6 +13,7 @@ Without a GPU only the bookkeeping row runs. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -59,16 +60,27 @@ def timed(poll: Callable[[], object], polls: int, warmup: int = 5) -> dict[str, 
     }
 
 
-def memory_only_poll(gpus: int) -> Callable[[], None]:
-    """Memory info of every GPU and nothing else (no processes, no XID events, no model objects):
-    the read the design notes timed at 9.4 µs."""
+def part_poll(gpus: int, part: str) -> Callable[[], None]:
+    """One part of the NVML read alone, for the breakdown: `memory` (the read the design notes
+    timed at 9.4 µs), `processes` (per-process usage) or `xid` (a non-blocking XID event check)."""
     import pynvml
 
     handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(gpus)]
+    if part == "xid":
+        events = pynvml.nvmlEventSetCreate()
+        for handle in handles:
+            pynvml.nvmlDeviceRegisterEvents(handle, pynvml.nvmlEventTypeXidCriticalError, events)
+
+        def poll() -> None:
+            with contextlib.suppress(pynvml.NVMLError_Timeout):
+                pynvml.nvmlEventSetWait_v2(events, 0)
+
+        return poll
+    call = pynvml.nvmlDeviceGetMemoryInfo if part == "memory" else pynvml.nvmlDeviceGetComputeRunningProcesses
 
     def poll() -> None:
         for handle in handles:
-            pynvml.nvmlDeviceGetMemoryInfo(handle)
+            call(handle)
 
     return poll
 
@@ -125,7 +137,11 @@ def main() -> None:
         gpus = nvml.gpu_count
         first = nvml.read().inventory.gpus[0]
         gpu_name = first.name
-        rows["nvml_memory_only"] = timed(memory_only_poll(gpus), args.polls)
+        for part in ("memory", "processes", "xid"):
+            try:
+                rows[f"nvml_{part}_only"] = timed(part_poll(gpus, part), args.polls)
+            except Exception as error:  # the breakdown is informative; the full read below is what counts
+                notes.append(f"NVML {part} row skipped: {error}")
         rows["nvml_read"] = timed(nvml.read, args.polls)
         rows["nvml_full_poll"] = timed(service(nvml).poll_once, args.polls)
         if shutil.which("nvidia-smi"):
@@ -172,7 +188,9 @@ def main() -> None:
 def print_table(result: dict) -> None:
     labels = {
         "nvidia_smi_2x": "2 x nvidia-smi subprocess (original)",
-        "nvml_memory_only": "NVML memory info only (no processes)",
+        "nvml_memory_only": "  part: NVML memory info",
+        "nvml_processes_only": "  part: NVML per-process usage",
+        "nvml_xid_only": "  part: NVML XID event check",
         "nvml_read": "NVML read (this monitor)",
         "nvml_full_poll": "full poll: NVML + watchdog + metrics",
         "bookkeeping_8_gpus": "bookkeeping only, declared 8 GPUs",
