@@ -8,14 +8,17 @@ Rules:
   does not manage minus every reservation on it (each with the per-replica overhead);
 - existing reservations never move; those of removed models, of a changed budget, or beyond a
   lowered replica count are listed for release (highest replica numbers first);
-- fixed-count replicas are placed first, largest first, each on the fullest GPU that still
-  holds it (best fit), which keeps big holes for big replicas;
+- fixed-count replicas are placed first, each on the fullest GPU that still holds it (best
+  fit); two orders are tried — round-robin largest first (big holes for big replicas), and one
+  replica per model then smallest first (more replicas when not all fit) — and the one placing
+  more replicas wins;
 - `max_replicas` models then fill what is left, one replica per model per round;
 - ties break on (node, index), so the same input always gives the same plan.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -141,61 +144,62 @@ def plan(
         slot.free = slot.gpu.total_bytes - slot.unmanaged - slot.reserved
 
     open_slots = [s for s in slots.values() if s.gpu.healthy and s.gpu.node not in excluded_nodes]
-    taken_numbers = {model_id: set() for model_id in specs}
+    taken_numbers: dict[str, set[int]] = {model_id: set() for model_id in specs}
     for reservation in kept:
         taken_numbers[reservation.model_id].add(replica_number(reservation.replica_id))
     counts = {model_id: len(numbers) for model_id, numbers in taken_numbers.items()}
 
-    new: list[Reservation] = []
-    missing: dict[str, int] = {}
+    needs = {model_id: spec.vram_bytes + overhead for model_id, spec in specs.items()}
+    fixed = [s for s in specs.values() if not s.max_replicas]
+    pending = {s.model_id: max(0, s.replicas - counts[s.model_id]) for s in fixed}
+    # Fixed-count replicas: run each strategy on a scratch packer and keep the one that places
+    # the most (the first on a tie), so a shortage costs as few replicas as possible.
+    best: _Packer | None = None
+    if any(pending.values()):
+        for strategy in _STRATEGIES:
+            packer = _Packer(open_slots, specs, needs)
+            strategy(packer, fixed, pending)
+            if best is None or len(packer.placements) > len(best.placements):
+                best = packer
+            if len(best.placements) == sum(pending.values()):
+                break  # everything placed: no strategy can do better
+    packer = best or _Packer(open_slots, specs, needs)
+    # max_replicas models then fill what is left, one replica per model per round, largest first.
+    active = sorted((s for s in specs.values() if s.max_replicas), key=lambda s: (-s.vram_bytes, s.model_id))
+    while active:
+        active = [spec for spec in active if packer.place(spec.model_id)]
 
-    def place_one(spec: ModelSpec) -> bool:
-        need = spec.vram_bytes + overhead
-        candidates = [s for s in open_slots if s.free >= need and _eligible(spec, s)]
-        if not candidates:
-            return False
-        slot = min(candidates, key=lambda s: (s.free, s.order))
-        number = 0
-        while number in taken_numbers[spec.model_id]:
+    new: list[Reservation] = []
+    next_number = dict.fromkeys(specs, 0)  # numbers are only taken during a plan: scan forward once
+    for model_id, uuid in packer.placements:
+        number = next_number[model_id]
+        while number in taken_numbers[model_id]:
             number += 1
-        taken_numbers[spec.model_id].add(number)
-        replica_id = replica_id_for(spec.model_id, number)
-        slot.free -= need
-        slot.reserved += need
+        taken_numbers[model_id].add(number)
+        next_number[model_id] = number + 1
+        replica_id = replica_id_for(model_id, number)
+        slot = slots[uuid]
+        slot.free -= needs[model_id]
+        slot.reserved += needs[model_id]
         slot.replicas.append(replica_id)
-        counts[spec.model_id] += 1
+        counts[model_id] += 1
         new.append(
-            Reservation(
+            Reservation.model_construct(
                 replica_id=replica_id,
-                model_id=spec.model_id,
+                model_id=model_id,
                 node=slot.gpu.node,
-                gpu_uuid=slot.gpu.uuid,
+                gpu_uuid=uuid,
                 gpu_index=slot.gpu.index,
-                bytes=spec.vram_bytes,
+                bytes=specs[model_id].vram_bytes,
             )
         )
-        return True
 
-    by_size = sorted(specs.values(), key=lambda s: (-s.vram_bytes, s.model_id))
-    fixed = [s for s in by_size if not s.max_replicas]
-    # Round-robin over replicas of all fixed models, largest model first in each round: a
-    # shortfall then spreads over models instead of starving the smallest one entirely.
-    pending = {s.model_id: max(0, s.replicas - counts[s.model_id]) for s in fixed}
-    while any(pending.values()):
-        for spec in fixed:
-            if pending[spec.model_id] == 0:
-                continue
-            pending[spec.model_id] -= 1
-            if not place_one(spec):
-                missing[spec.model_id] = missing.get(spec.model_id, 0) + 1
-
-    fillers = [s for s in by_size if s.max_replicas]
-    active = list(fillers)
-    while active:
-        active = [spec for spec in active if place_one(spec)]
-    for spec in fillers:
-        if counts[spec.model_id] == 0:
+    missing: dict[str, int] = {}
+    for spec in specs.values():
+        if spec.max_replicas and counts[spec.model_id] == 0:
             missing[spec.model_id] = 1
+        elif not spec.max_replicas and counts[spec.model_id] < spec.replicas:
+            missing[spec.model_id] = spec.replicas - counts[spec.model_id]
 
     unplaced = [
         _explain(specs[model_id], count, overhead, open_slots, slots.values(), excluded_nodes)
@@ -216,6 +220,125 @@ def plan(
         for s in slots.values()
     ]
     return Plan(kept=kept, new=new, release=release, unplaced=unplaced, gpus=gpus)
+
+
+class _Packer:
+    """Best fit over open GPUs, indexed: per GPU-type constraint, GPUs sorted by (free, node, index),
+    so each placement is a bisection instead of a scan of every GPU."""
+
+    def __init__(self, open_slots: Sequence[_Slot], specs: dict[str, ModelSpec], needs: dict[str, int]):
+        self.needs = needs
+        self.free = {s.gpu.uuid: s.free for s in open_slots}
+        self.order = {s.gpu.uuid: s.order for s in open_slots}
+        self.group_of = {model_id: (spec.gpu_type or "").lower() for model_id, spec in specs.items()}
+        self.groups: dict[str, list[tuple[int, str, int, str]]] = {}
+        self.member_of: dict[str, list[str]] = {s.gpu.uuid: [] for s in open_slots}
+        for key in sorted(set(self.group_of.values())):
+            members = [s for s in open_slots if key in s.gpu.name.lower()]
+            self.groups[key] = sorted(self._key(s.gpu.uuid) for s in members)
+            for s in members:
+                self.member_of[s.gpu.uuid].append(key)
+        self.placements: list[tuple[str, str]] = []
+
+    def _key(self, uuid: str) -> tuple[int, str, int, str]:
+        return (self.free[uuid], *self.order[uuid], uuid)
+
+    def eligible(self, model_id: str, uuid: str) -> bool:
+        return self.group_of[model_id] in self.member_of[uuid]
+
+    def place(self, model_id: str) -> bool:
+        """Put one replica on the fullest eligible GPU that holds it; False if none does."""
+        index = self.groups[self.group_of[model_id]]
+        position = bisect.bisect_left(index, (self.needs[model_id],))
+        if position == len(index):
+            return False
+        self.put(model_id, index[position][3])
+        return True
+
+    def put(self, model_id: str, uuid: str) -> None:
+        """Put one replica on this GPU (the caller checked that it fits)."""
+        for key in self.member_of[uuid]:
+            group = self.groups[key]
+            del group[bisect.bisect_left(group, self._key(uuid))]
+        self.free[uuid] -= self.needs[model_id]
+        for key in self.member_of[uuid]:
+            bisect.insort(self.groups[key], self._key(uuid))
+        self.placements.append((model_id, uuid))
+
+
+def _largest_first(fixed: Sequence[ModelSpec]) -> list[ModelSpec]:
+    return sorted(fixed, key=lambda s: (-s.vram_bytes, s.model_id))
+
+
+def _round_robin(packer: _Packer, fixed: Sequence[ModelSpec], pending: dict[str, int]) -> None:
+    """Round-robin, largest model first in each round: big replicas get the big holes, and a
+    shortfall spreads over models instead of starving one entirely."""
+    left = dict(pending)
+    order = _largest_first(fixed)
+    while any(left.values()):
+        for spec in order:
+            if left[spec.model_id]:
+                left[spec.model_id] -= 1
+                packer.place(spec.model_id)
+
+
+def _one_each(packer: _Packer, fixed: Sequence[ModelSpec], pending: dict[str, int]) -> dict[str, int]:
+    """One replica of every model first (largest first), so every model runs; returns what is left."""
+    left = dict(pending)
+    for spec in _largest_first(fixed):
+        if left[spec.model_id]:
+            left[spec.model_id] -= 1
+            packer.place(spec.model_id)
+    return left
+
+
+def _smallest_first(packer: _Packer, fixed: Sequence[ModelSpec], pending: dict[str, int]) -> None:
+    """Every model once, then the rest smallest first: when not everything fits, small replicas
+    make more replicas fit."""
+    left = _one_each(packer, fixed, pending)
+    for spec in reversed(_largest_first(fixed)):
+        for _ in range(left[spec.model_id]):
+            if not packer.place(spec.model_id):
+                break
+
+
+def _fill_gpus(packer: _Packer, fixed: Sequence[ModelSpec], pending: dict[str, int]) -> None:
+    """Every model once, then GPU by GPU (least room first): as many replicas as fit, taking the
+    smallest, then each swapped for a bigger one while the slack allows — tight GPUs, max count."""
+    left = _one_each(packer, fixed, pending)
+    ascending = [s.model_id for s in reversed(_largest_first(fixed))]
+    for uuid in sorted(packer.free, key=lambda u: (packer.free[u], *packer.order[u])):
+        sizes = [m for m in ascending if left[m] and packer.eligible(m, uuid)]
+        if not sizes:
+            continue
+        room = packer.free[uuid]
+        taken = dict.fromkeys(sizes, 0)
+        for model_id in sizes:
+            count = min(left[model_id], room // packer.needs[model_id])
+            taken[model_id] += count
+            room -= count * packer.needs[model_id]
+        swapped = True
+        while swapped:  # each swap uses more of the GPU, so this ends
+            swapped = False
+            for small in sizes:
+                if not taken[small]:
+                    continue
+                for big in reversed(sizes):
+                    grow = packer.needs[big] - packer.needs[small]
+                    if grow <= 0 or grow > room or taken[big] >= left[big]:
+                        continue
+                    taken[small] -= 1
+                    taken[big] += 1
+                    room -= grow
+                    swapped = True
+                    break
+        for model_id in reversed(sizes):
+            for _ in range(taken[model_id]):
+                packer.put(model_id, uuid)
+            left[model_id] -= taken[model_id]
+
+
+_STRATEGIES = (_round_robin, _smallest_first, _fill_gpus)
 
 
 def _split_existing(
@@ -251,7 +374,7 @@ def _explain(
     need_text = f"{format_gib(need)} per replica ({spec.vram_gb:g} GiB budget + {format_gib(overhead)} overhead)"
     eligible = [s for s in open_slots if _eligible(spec, s)]
     all_list = list(all_slots)
-    largest = max(eligible, key=lambda s: (s.free, [-ord(c) for c in s.gpu.node], -s.gpu.index), default=None)
+    largest = min(eligible, key=lambda s: (-s.free, s.gpu.node, s.gpu.index), default=None)
     largest_free = max(0, largest.free) if largest else 0
     where = largest.gpu.label if largest else None
     what = f"{count} replica{'s' if count > 1 else ''} of model {spec.model_id}"
