@@ -215,7 +215,7 @@ def plan(
             unmanaged_bytes=s.unmanaged,
             reserved_bytes=s.reserved,
             free_bytes=s.free,
-            replicas=sorted(s.replicas),
+            replicas=sorted(s.replicas, key=lambda r: (_REPLICA_NUMBER.sub("", r), replica_number(r))),
         )
         for s in slots.values()
     ]

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(plan_as_json(result), indent=2))
     else:
-        print_plan(result, Console())
+        console = Console()
+        print_plan(result, console if console.is_terminal else Console(width=140))
     return EXIT_OK if result.complete else EXIT_UNPLACED
 
 
