@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -44,17 +45,25 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(poll: Callable[[], object], polls: int, warmup: int = 5) -> dict[str, float]:
+def timed(poll: Callable[[], object], polls: int, warmup: int = 5, batches: int = 5) -> dict[str, float]:
+    """Mean per poll over `batches` batches of polls/batches; the median batch is reported (a
+    noisy neighbour spoils one batch, not the figure) with the fastest and slowest batch beside it."""
     for _ in range(warmup):
         poll()
-    wall0, cpu0, child0 = time.perf_counter(), time.process_time(), children_cpu()
-    for _ in range(polls):
-        poll()
-    wall = (time.perf_counter() - wall0) / polls
-    cpu = (time.process_time() - cpu0 + children_cpu() - child0) / polls
+    size = max(1, polls // batches)
+    walls, cpus = [], []
+    for _ in range(batches):
+        wall0, cpu0, child0 = time.perf_counter(), time.process_time(), children_cpu()
+        for _ in range(size):
+            poll()
+        walls.append((time.perf_counter() - wall0) / size)
+        cpus.append((time.process_time() - cpu0 + children_cpu() - child0) / size)
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
     return {
-        "polls": polls,
+        "polls": size * batches,
         "wall_us": round(wall * 1e6, 2),
+        "wall_us_min": round(min(walls) * 1e6, 2),
+        "wall_us_max": round(max(walls) * 1e6, 2),
         "cpu_us": round(cpu * 1e6, 2),
         "cpu_s_per_hour": round(cpu * POLLS_PER_HOUR, 3),
     }
@@ -196,12 +205,14 @@ def print_table(result: dict) -> None:
         "bookkeeping_8_gpus": "bookkeeping only, declared 8 GPUs",
     }
     print(f"Monitor poll cost — {result['gpus']} x {result['gpu_name'] or 'no GPU'}, interval {result['interval_s']} s")
-    print(f"{'method':40} {'polls':>6} {'wall/poll':>12} {'CPU/poll':>12} {'CPU s/hour':>11}")
+    print("median of 5 batches; wall/poll range = fastest..slowest batch")
+    print(f"{'method':40} {'polls':>6} {'wall/poll':>12} {'range':>21} {'CPU/poll':>12} {'CPU s/hour':>11}")
     for key, label in labels.items():
         row = result["rows"].get(key)
         if row:
+            spread = f"{row['wall_us_min']:.1f}..{row['wall_us_max']:.1f}us"
             print(
-                f"{label:40} {row['polls']:>6} {row['wall_us']:>10.1f}us {row['cpu_us']:>10.1f}us "
+                f"{label:40} {row['polls']:>6} {row['wall_us']:>10.1f}us {spread:>21} {row['cpu_us']:>10.1f}us "
                 f"{row['cpu_s_per_hour']:>11.3f}"
             )
     if "nvml_vs_smi_wall_x" in result:

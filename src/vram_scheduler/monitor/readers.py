@@ -90,6 +90,8 @@ class _Device:
     used: int = 0
     critical_xid: int | None = None
     reopen: bool = False
+    last_key: tuple | None = None
+    last_gpu: GPUInfo | None = None
 
 
 class NVMLReader:
@@ -173,28 +175,25 @@ class NVMLReader:
                 )
                 continue
             device.used = int(memory.used)
-            healthy = device.critical_xid is None
-            gpus.append(
-                _gpu(
-                    self.node,
-                    device.index,
-                    device.uuid,
-                    device.name,
-                    int(memory.total),
-                    device.used,
-                    processes,
-                    healthy,
-                )
-            )
+            key = (int(memory.total), device.used, processes, device.critical_xid is None)
+            if key != device.last_key:
+                # Model objects only when a number changed: a serving GPU's memory is mostly steady,
+                # and building them is most of a poll's Python time.
+                total, used, pairs, healthy = key
+                listed = [GPUProcess.model_construct(pid=pid, used_bytes=n) for pid, n in pairs]
+                device.last_gpu = _gpu(self.node, device.index, device.uuid, device.name, total, used, listed, healthy)
+                device.last_key = key
+            gpus.append(device.last_gpu)
         inventory = NodeInventory.model_construct(node=self.node, gpus=gpus, source="nvml", timestamp=time.time())
         return Reading(inventory, errors)
 
-    def _processes(self, handle: Any) -> list[GPUProcess]:
+    def _processes(self, handle: Any) -> tuple[tuple[int, int], ...]:
+        """(pid, bytes) pairs, sorted by pid."""
         usage: dict[int, int] = {}
         for process in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
             # usedGpuMemory is None where the driver cannot attribute memory (e.g. WDDM): count 0.
             usage[int(process.pid)] = usage.get(int(process.pid), 0) + int(process.usedGpuMemory or 0)
-        return [GPUProcess.model_construct(pid=pid, used_bytes=used) for pid, used in usage.items()]
+        return tuple(sorted(usage.items()))
 
     def _drain_xids(self) -> list[ReadError]:
         nvml = self._nvml
