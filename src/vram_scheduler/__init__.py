@@ -1,7 +1,7 @@
 """ray-vram: VRAM-aware LLM serving on Ray.
 
 The public API is imported lazily: ``from vram_scheduler import VRAMScheduler, inference``
-loads neither Ray nor vLLM (only ``get_vram_allocator`` needs Ray, when it is used).
+loads neither Ray nor vLLM; ``get_vram_allocator()`` imports Ray when it is called.
 """
 
 from __future__ import annotations
@@ -39,10 +39,16 @@ _EXPORTS = {
     "RayVRAMConfig": "config",
     "ConfigError": "config",
     "VRAMState": "ledger",
-    "get_vram_allocator": "allocator",
 }
 
-__all__ = ["__version__", "inference", *_EXPORTS]
+__all__ = ["__version__", "get_vram_allocator", "inference", *_EXPORTS]
+
+
+def get_vram_allocator() -> Any:
+    """The cluster's `vram_allocator` actor handle (see `vram_scheduler.allocator`); imports Ray now."""
+    from .allocator import get_vram_allocator as get
+
+    return get()
 
 
 def __getattr__(name: str) -> Any:

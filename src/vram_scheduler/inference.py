@@ -340,10 +340,22 @@ def _connect_error(error: httpx.HTTPError, model: str, url: str) -> InferenceErr
 
 
 def _parse(content: str, structured_output: type[T], model: str, url: str, finish_reason: str | None) -> T:
+    hint = " (generation stopped at max_tokens; raise max_tokens)" if finish_reason == "length" else ""
     try:
-        return structured_output.model_validate_json(content)
+        # strict=False: grammar-constrained decoding can emit raw control characters inside strings
+        data = json.loads(content, strict=False)
+    except json.JSONDecodeError as error:
+        raise StructuredOutputError(
+            f"output of model {model!r} is not JSON for {structured_output.__name__}{hint}: {error}; "
+            f"output was {content[:200]!r}",
+            raw=content,
+            errors=[{"type": "json_invalid", "loc": (), "msg": str(error)}],
+            model=model,
+            url=url,
+        ) from None
+    try:
+        return structured_output.model_validate(data)
     except ValidationError as error:
-        hint = " (generation stopped at max_tokens; raise max_tokens)" if finish_reason == "length" else ""
         raise StructuredOutputError(
             f"output of model {model!r} does not validate as {structured_output.__name__}{hint}: "
             f"{error.error_count()} error(s), first: {_first_error(error)}; output was {content[:200]!r}",

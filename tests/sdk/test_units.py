@@ -1,0 +1,107 @@
+"""SDK pieces that need no running stack: lazy public API, planning on a ledger state, parsing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import BaseModel
+
+from vram_scheduler import inference as inf
+from vram_scheduler.client import plan_on_state
+from vram_scheduler.config import ModelSpec, PlacementSettings
+from vram_scheduler.ledger import GPUState, ReplicaState, VRAMState
+
+GIB = 1024**3
+
+
+def test_public_api_imports_neither_ray_nor_vllm() -> None:
+    code = (
+        "import sys\n"
+        "from vram_scheduler import VRAMScheduler, inference, a_inference, inference_batch, a_inference_batch, "
+        "streaming_batch, a_streaming_batch, get_vram_allocator, StructuredOutputError, VRAMState\n"
+        "assert callable(inference) and inference.a_inference is a_inference\n"
+        "print(sorted(m for m in ('ray', 'vllm', 'torch') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def gpu(index: int, total_gb: float, replicas: list[ReplicaState], unmanaged_gb: float = 0) -> GPUState:
+    reserved = sum(r.bytes for r in replicas) + len(replicas) * GIB // 2
+    unmanaged = int(unmanaged_gb * GIB)
+    return GPUState(
+        node="n",
+        index=index,
+        uuid=f"GPU-{index}",
+        name="Test",
+        total_bytes=int(total_gb * GIB),
+        used_bytes=unmanaged,
+        unmanaged_bytes=unmanaged,
+        reserved_bytes=reserved,
+        free_bytes=int(total_gb * GIB) - unmanaged - reserved,
+        healthy=True,
+        stale=False,
+        replicas=replicas,
+    )
+
+
+def replica(replica_id: str, model_id: str, gb: float) -> ReplicaState:
+    return ReplicaState(
+        replica_id=replica_id, model_id=model_id, bytes=int(gb * GIB), pid=None, pids=[], used_bytes=None, owner=None
+    )
+
+
+def state(*gpus: GPUState) -> VRAMState:
+    return VRAMState(
+        timestamp=0,
+        gpus=list(gpus),
+        nodes=[],
+        stale_nodes=[],
+        orphaned=[],
+        startup_locks={},
+        settings=PlacementSettings(),
+    )
+
+
+def test_plan_on_state_counts_other_models_and_unmanaged_memory_as_taken() -> None:
+    current = state(gpu(0, 8, [replica("other-0", "other", 3)], unmanaged_gb=1), gpu(1, 4, []))
+    result = plan_on_state(current, [ModelSpec(model_id="m", model="x", vram_gb=2.5, replicas=3)])
+    # GPU 0: 8 − 1 unmanaged − 3.5 = 3.5 free → one 3 GiB slot; GPU 1: 4 → one
+    assert sorted(r.gpu_index for r in result.new) == [0, 1]
+    (unplaced,) = result.unplaced
+    assert unplaced.count == 1 and unplaced.model_id == "m"
+
+
+def test_plan_on_state_keeps_the_models_own_replicas() -> None:
+    current = state(gpu(0, 4, [replica("m-0", "m", 1.5)]))
+    result = plan_on_state(current, [ModelSpec(model_id="m", model="x", vram_gb=1.5, replicas=2)])
+    assert [r.replica_id for r in result.kept] == ["m-0"]
+    assert [r.replica_id for r in result.new] == ["m-1"]
+    assert result.complete
+
+
+class Point(BaseModel):
+    x: int
+
+
+def test_structured_parse_accepts_raw_control_characters_and_names_bad_json() -> None:
+    class Label(BaseModel):
+        text: str
+
+    assert inf._parse('{"text":"a\x03b"}', Label, "m", "u", "stop").text == "a\x03b"
+    with pytest.raises(inf.StructuredOutputError, match="not JSON for Point") as caught:
+        inf._parse('{"x": 1', Point, "m", "u", "length")
+    assert "max_tokens" in str(caught.value) and caught.value.raw == '{"x": 1'
+    with pytest.raises(inf.StructuredOutputError, match="does not validate as Point"):
+        inf._parse('{"x": "nine"}', Point, "m", "u", "stop")
+
+
+def test_request_body_carries_schema_truncation_and_sampling() -> None:
+    body = inf.build_request(
+        "m", "hi", structured_output=Point, max_tokens=5, truncate_prompt_tokens=-1, sampling={"seed": 3}
+    )
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    assert body["response_format"]["json_schema"]["schema"]["properties"] == {"x": {"title": "X", "type": "integer"}}
+    assert (body["max_tokens"], body["truncate_prompt_tokens"], body["seed"]) == (5, -1, 3)
