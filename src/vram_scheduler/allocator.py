@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 from collections import deque
 from typing import Any, TypeVar
 
@@ -72,6 +73,16 @@ class VRAMAllocator:
         self._pending_owner: dict[str, str | None] = {}
         self._reclaimer: asyncio.Task[None] | None = None
         self._reclaimed = 0
+        # The reclaim loop lives on the actor's event loop, which __init__ does not run on: one
+        # call to ourselves starts it, so a restarted allocator reclaims before anyone calls it.
+        threading.Thread(target=self._kick, name="vram-allocator-kick", daemon=True).start()
+
+    @staticmethod
+    def _kick() -> None:
+        try:
+            ray.get_runtime_context().current_actor.ping.remote()
+        except Exception:  # the first real call starts the loop anyway
+            log.exception("could not start the reclaim loop from __init__")
 
     # -- plumbing ---------------------------------------------------------------------------
 

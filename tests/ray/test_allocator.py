@@ -256,3 +256,17 @@ def test_ledger_survives_the_actors_restart(allocator) -> None:
     assert ray.get(allocator.reservations.remote()) == sorted(held, key=lambda r: r["replica_id"])
     for key in ("gpus", "startup_locks", "settings", "stale_nodes"):
         assert after[key] == before[key], key
+
+
+def test_restarted_allocator_reclaims_without_being_called(allocator) -> None:
+    interval = 0.5
+    ray.get(allocator.configure.remote({"reclaim_interval_s": interval, "stale_after_s": 600}))
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24)))
+    owner = Replica.options(resources={"node_a": 1}).remote()
+    ray.get(owner.reserve.remote("r-0", "m", GIB))
+    pid_before = actor_pid(allocator)
+    ray.kill(allocator, no_restart=False)
+    ray.kill(owner)
+    time.sleep(10 * interval + 3)  # nobody calls the allocator meanwhile
+    assert ray.get(allocator.reservations.remote()) == []  # the first call after the wait sees it freed
+    assert actor_pid(allocator) != pid_before
