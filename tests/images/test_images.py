@@ -12,7 +12,7 @@ import subprocess
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,7 @@ def built_images() -> dict:
 
 
 @pytest.fixture
-def container_name() -> Iterator[str]:
+def container_name() -> Iterator[Callable[[], str]]:
     """A unique name for a detached container, removed (with everything it started) afterwards."""
     names: list[str] = []
 
