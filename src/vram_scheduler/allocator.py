@@ -72,7 +72,6 @@ class VRAMAllocator:
         self._waiters: dict[str, deque[tuple[str, asyncio.Future[bool]]]] = {}
         self._pending_owner: dict[str, str | None] = {}
         self._reclaimer: asyncio.Task[None] | None = None
-        self._reclaimed = 0
         # The reclaim loop lives on the actor's event loop, which __init__ does not run on: one
         # call to ourselves starts it, so a restarted allocator reclaims before anyone calls it.
         threading.Thread(target=self._kick, name="vram-allocator-kick", daemon=True).start()
@@ -117,7 +116,6 @@ class VRAMAllocator:
             self._ledger.release(replica_id)
             self._forget_waiter(replica_id)
         if dead:
-            self._reclaimed += len(dead)
             self._persist()
             self._grant_next_locks()
             log.info("reclaimed %d replica(s) of dead owners: %s", len(dead), ", ".join(dead))

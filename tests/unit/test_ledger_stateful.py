@@ -1,0 +1,108 @@
+"""The ledger under random sequences of inventory updates, reserves, releases and attaches
+(hypothesis state machine): no GPU ever booked beyond its room, refusals only when nothing fits,
+idempotent repeats, and a snapshot round trip that changes nothing."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from vram_scheduler.config import PlacementSettings, gib_to_bytes
+from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.ledger import Ledger, ReservationError
+
+NODES = {"a": [24, 16], "b": [80], "c": [12, 12, 8]}
+UUIDS = [f"{node}-{i}" for node, totals in NODES.items() for i in range(len(totals))]
+NOW = 1_000.0
+
+
+def inventory(node: str, used_gb: list[float], pids: list[int]) -> NodeInventory:
+    gpus = []
+    for i, total in enumerate(NODES[node]):
+        used = gib_to_bytes(used_gb[i])
+        processes = [{"pid": pids[i], "used_bytes": used}] if used else []
+        gpus.append({"index": i, "uuid": f"{node}-{i}", "total_gb": total, "used_bytes": used, "processes": processes})
+    return NodeInventory.model_validate({"node": node, "gpus": gpus})
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = Ledger()
+        self.ledger.configure(PlacementSettings(replica_overhead_gb=0.5, stale_after_s=3600))
+        for node, totals in NODES.items():
+            self.ledger.update_inventory(inventory(node, [0.0] * len(totals), [0] * len(totals)), NOW)
+        self.held: dict[str, tuple[str, int]] = {}  # replica id → (model, bytes)
+        self.counter = 0
+
+    @rule(size_gb=st.sampled_from([0.5, 1, 2, 4, 7.5, 11, 15, 30, 60, 90]), gpu=st.none() | st.sampled_from(UUIDS))
+    def reserve(self, size_gb: float, gpu: str | None) -> None:
+        replica_id = f"r-{self.counter}"
+        self.counter += 1
+        n_bytes = gib_to_bytes(size_gb)
+        free_before = self.ledger.free_bytes()
+        need = n_bytes + self.ledger.overhead
+        try:
+            reservation, changed = self.ledger.reserve(replica_id, f"m{size_gb:g}", n_bytes, NOW, gpu)
+        except ReservationError as refusal:
+            candidates = [gpu] if gpu else UUIDS
+            assert all(free_before[u] < need for u in candidates), str(refusal)
+            return
+        assert changed and free_before[reservation.gpu_uuid] >= need
+        if gpu is None:  # best fit: no GPU with a tighter fit was passed over
+            fitting = [free_before[u] for u in UUIDS if free_before[u] >= need]
+            assert free_before[reservation.gpu_uuid] == min(fitting)
+        self.held[replica_id] = (f"m{size_gb:g}", n_bytes)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def repeat(self, data: st.DataObject) -> None:
+        replica_id = data.draw(st.sampled_from(sorted(self.held)))
+        model_id, n_bytes = self.held[replica_id]
+        before = self.ledger.entry(replica_id).reservation
+        again, changed = self.ledger.reserve(replica_id, model_id, n_bytes, NOW)
+        assert again == before and not changed
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        replica_id = data.draw(st.sampled_from(sorted(self.held)))
+        assert self.ledger.release(replica_id) is True
+        assert self.ledger.release(replica_id) is False
+        del self.held[replica_id]
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), pid=st.integers(100, 110))
+    def attach(self, data: st.DataObject, pid: int) -> None:
+        self.ledger.attach_process(data.draw(st.sampled_from(sorted(self.held))), pid)
+
+    @rule(node=st.sampled_from(sorted(NODES)), data=st.data())
+    def other_workload(self, node: str, data: st.DataObject) -> None:
+        """Memory used outside ray-vram changes; it may even eat into reserved room (free < 0)."""
+        count = len(NODES[node])
+        used = [data.draw(st.sampled_from([0.0, 1.0, 3.5])) for _ in range(count)]
+        pids = [data.draw(st.integers(100, 110)) for _ in range(count)]
+        self.ledger.update_inventory(inventory(node, used, pids), NOW)
+
+    @invariant()
+    def ledger_matches_what_is_held(self) -> None:
+        assert {r.replica_id for r in self.ledger.reservations()} == set(self.held)
+        reserved = self.ledger.reserved_bytes()
+        for uuid in UUIDS:
+            mine = [r for r in self.ledger.reservations() if r.gpu_uuid == uuid]
+            assert reserved.get(uuid, 0) == sum(r.bytes + self.ledger.overhead for r in mine)
+            # Without other workloads, reservations alone never exceed a GPU's total.
+            gpu = self.ledger.find_gpu(uuid)
+            assert reserved.get(uuid, 0) <= gpu.total_bytes
+
+    @invariant()
+    def snapshot_round_trip(self) -> None:
+        restored = Ledger.loads(self.ledger.dumps())
+        assert restored.state(NOW) == self.ledger.state(NOW)
+
+
+LedgerMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_ledger_state_machine = LedgerMachine.TestCase
