@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from vram_scheduler.config import ConfigError
 from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.monitor.readers import FileReader
 
 from .conftest import GIB, ROOT, Monitor, inventory_yaml, value
 
@@ -110,16 +112,24 @@ def test_file_edits_are_served_and_a_broken_file_is_counted(write_inventory, mon
 def test_malformed_inventory_is_rejected_naming_the_field(tmp_path: Path, gpu: dict, field: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(json.dumps({"nodes": [{"node": "n", "gpus": [gpu]}]}))
+    with pytest.raises(ConfigError) as error:
+        FileReader(path)
+    assert field in str(error.value) and str(path) in str(error.value)
+
+
+def test_malformed_inventory_exits_2_before_serving(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("nodes:\n  - node: n\n    gpus:\n      - {index: 0, uuid: GPU-a, total_gb: -1}\n")
     result = run_cli(f"--inventory-file={path}", "--port=0")
-    assert result.returncode == 2, result.stderr
-    assert field in result.stderr and str(path) in result.stderr
+    assert result.returncode == 2 and "nodes[0].gpus[0].total_bytes" in result.stderr and str(path) in result.stderr
 
 
 def test_node_choice_in_a_multi_node_file() -> None:
-    result = run_cli("--inventory-file=values/inventory-example.yaml", "--once")
-    assert result.returncode == 2 and "lists 2 nodes (gpu-1, gpu-2); pick one with --node" in result.stderr
-    result = run_cli("--inventory-file=values/inventory-example.yaml", "--node=gpu-9", "--once")
-    assert result.returncode == 2 and "no node 'gpu-9'" in result.stderr
+    example = ROOT / "values" / "inventory-example.yaml"
+    with pytest.raises(ConfigError, match=r"lists 2 nodes \(gpu-1, gpu-2\); pick one with --node"):
+        FileReader(example)
+    with pytest.raises(ConfigError, match="no node 'gpu-9'"):
+        FileReader(example, "gpu-9")
     result = run_cli("--inventory-file=values/inventory-example.yaml", "--node=gpu-2", "--once", "--output=json")
     assert result.returncode == 0, result.stderr
     inventory = NodeInventory.model_validate(json.loads(result.stdout))
