@@ -129,15 +129,29 @@ class Ledger:
         return changed
 
     def update_inventory(self, inventory: NodeInventory, now: float) -> None:
-        """Replace a node's inventory; GPU uuids must not appear on another node."""
+        """Replace a node's inventory. A GPU uuid another live node reports is refused; one a stale
+        node reported moves here (a renamed node or a rescheduled monitor)."""
         mine = {gpu.uuid for gpu in inventory.gpus}
-        for name, record in self.data.nodes.items():
+        stale = self.stale_nodes(now)
+        for name, record in list(self.data.nodes.items()):
             if name == inventory.node:
                 continue
             clash = sorted(mine & {gpu.uuid for gpu in record.inventory.gpus})
-            if clash:
+            if clash and name not in stale:
                 raise ValueError(f"node {inventory.node!r} reports GPU {clash[0]} that node {name!r} already reports")
+            if clash:
+                kept = [gpu for gpu in record.inventory.gpus if gpu.uuid not in mine]
+                if kept:
+                    record.inventory = record.inventory.model_copy(update={"gpus": kept})
+                else:
+                    del self.data.nodes[name]
         self.data.nodes[inventory.node] = NodeRecord(inventory=inventory, arrived_at=now)
+        where = {gpu.uuid: (gpu.node, gpu.index) for gpu in inventory.gpus}
+        for entry in self.data.entries.values():
+            held = entry.reservation
+            if held.gpu_uuid in where and (held.node, held.gpu_index) != where[held.gpu_uuid]:
+                node, index = where[held.gpu_uuid]
+                entry.reservation = held.model_copy(update={"node": node, "gpu_index": index})
 
     def stale_nodes(self, now: float) -> set[str]:
         limit = self.settings.stale_after_s

@@ -163,6 +163,21 @@ def test_gpu_uuid_reported_by_two_nodes_is_refused(ledger: Ledger) -> None:
         ledger.update_inventory(clash, T0)
 
 
+def test_gpu_of_a_stale_node_moves_to_the_node_now_reporting_it(ledger: Ledger) -> None:
+    held, _ = ledger.reserve("h-0", "h", GIB, T0, gpu_uuid="b-0")
+    later = T0 + 11  # b is stale now
+    renamed = NodeInventory.model_validate({"node": "b2", "gpus": [{"index": 0, "uuid": "b-0", "total_gb": 12}]})
+    ledger.update_inventory(renamed, later)
+    assert sorted(ledger.data.nodes) == ["a", "b2"]
+    (gpu,) = [g for g in ledger.state(later).gpus if g.uuid == "b-0"]
+    assert gpu.node == "b2" and [r.replica_id for r in gpu.replicas] == [held.replica_id]
+    assert ledger.entry("h-0").reservation.node == "b2"  # the reservation follows its GPU
+    with pytest.raises(ValueError, match="node 'a2' reports GPU a-0 that node 'a' already reports"):
+        ledger.update_inventory(
+            NodeInventory.model_validate({"node": "a2", "gpus": [{"index": 0, "uuid": "a-0", "total_gb": 24}]}), T0 + 1
+        )
+
+
 def test_gpu_gone_from_inventory_leaves_an_orphaned_reservation(ledger: Ledger) -> None:
     ledger.reserve("o-0", "o", GIB, T0, gpu_uuid="a-1")
     ledger.update_inventory(node("a", (0, 24, 0)), T0 + 1)
