@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +37,11 @@ class Cluster:
         self.log = TRANSCRIPT.open("a")
 
     def run(self, *cmd: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+        start = time.monotonic()
         result = subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, input=stdin, cwd=ROOT)
+        took = time.monotonic() - start
         shown = " ".join(Path(c).name if c.startswith("/") and "/bin/" in c else c for c in cmd)
-        self.log.write(f"$ {shown}\n{result.stdout}{result.stderr}[exit {result.returncode}]\n\n")
+        self.log.write(f"$ {shown}\n{result.stdout}{result.stderr}[exit {result.returncode}, {took:.1f} s]\n\n")
         self.log.flush()
         if check and result.returncode != 0:
             raise AssertionError(f"{shown} exited {result.returncode}:\n{result.stderr}{result.stdout[-3000:]}")
@@ -70,11 +73,15 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     script = str(ROOT / "ci" / "kube-apiserver.sh")
     already = subprocess.run(["bash", script, "status"], capture_output=True, text=True)
+    start = time.monotonic()
     started = subprocess.run(["bash", script, "start"], capture_output=True, text=True)
     assert started.returncode == 0, f"ci/kube-apiserver.sh start failed:\n{started.stderr}"
     kubeconfig = started.stdout.strip().splitlines()[-1]
     TRANSCRIPT.parent.mkdir(parents=True, exist_ok=True)
-    TRANSCRIPT.write_text("# helm/kubectl against kube-apiserver 1.20.2 on 127.0.0.1 (ci/kube-apiserver.sh)\n\n")
+    TRANSCRIPT.write_text(
+        "# helm/kubectl against kube-apiserver 1.20.2 on 127.0.0.1 (ci/kube-apiserver.sh start: "
+        f"{time.monotonic() - start:.1f} s)\n\n"
+    )
     cluster = Cluster(kubeconfig, tmp_path_factory.mktemp("apiserver"))
     cluster.kubectl("version")
     # The server is the tests' own: releases left by an interrupted run go first (no garbage
@@ -105,6 +112,28 @@ def decoded(secret: dict, key: str) -> str:
     return base64.b64decode(secret["data"][key]).decode()
 
 
+#: What the release creates in its namespace, read back in one request per phase.
+RELEASE_TYPES = ",".join(
+    [
+        "rayclusters.ray.io",
+        "deployments.apps",
+        "daemonsets.apps",
+        "configmaps",
+        "secrets",
+        "services",
+        "poddisruptionbudgets.v1beta1.policy",
+    ]
+)
+
+
+def read_back(cluster: Cluster, namespace: str) -> dict[str, dict]:
+    """{Kind/name: object} of everything the release may have created in the namespace."""
+    items = json.loads(cluster.kubectl("-n", namespace, "get", RELEASE_TYPES, "-o", "json").stdout)["items"]
+    objects = {f"{item['kind']}/{item['metadata']['name']}": item for item in items}
+    # Helm's own release records are not the chart's objects.
+    return {k: v for k, v in objects.items() if not k.startswith("Secret/sh.helm.release.")}
+
+
 def test_install_upgrade_uninstall(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     ns, release = namespace, "rv"
     # A generated API key this time (the values file fixes one for the render tests).
@@ -114,31 +143,29 @@ def test_install_upgrade_uninstall(cluster: Cluster, namespace: str, tmp_path: P
     assert "STATUS: deployed" in install.stdout
     assert f"helm test {release} -n {ns}" in install.stdout, "NOTES name the next steps"
 
-    cluster_obj = cluster.get(ns, "raycluster", "rv-ray-vram")
-    spec = cluster_obj["spec"]
+    before = read_back(cluster, ns)
+    spec = before["RayCluster/rv-ray-vram"]["spec"]
     assert spec["authOptions"] == {"mode": "token"}
     assert [g["groupName"] for g in spec["workerGroupSpecs"]] == ["cpu", "gpu"]
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["command"] == ["ray-vram", "node-start"] and head["args"] == ["head"]
     assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265, 10001, 8000, 8080}
-    config = load(cluster.get(ns, "configmap", "rv-ray-vram-config")["data"]["config.yaml"])
+    config = load(before["ConfigMap/rv-ray-vram-config"]["data"]["config.yaml"])
     assert [m["model_id"] for m in config["models"]] == ["tiny", "tiny-max"]
-    controller = cluster.get(ns, "deployment", "rv-ray-vram-controller")
+    controller = before["Deployment/rv-ray-vram-controller"]
     checksum = controller["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-    monitor = cluster.get(ns, "daemonset", "rv-ray-vram-monitor")
-    assert monitor["spec"]["template"]["spec"]["hostPID"] is True
+    assert before["DaemonSet/rv-ray-vram-monitor"]["spec"]["template"]["spec"]["hostPID"] is True
     for service in ("openai", "dashboard", "controller", "monitor"):
-        assert cluster.exists(ns, "service", f"rv-ray-vram-{service}"), service
-    api_key = decoded(cluster.get(ns, "secret", "rv-ray-vram-api-key"), "api-key")
+        assert f"Service/rv-ray-vram-{service}" in before, service
+    api_key = decoded(before["Secret/rv-ray-vram-api-key"], "api-key")
     assert len(api_key) == 40
     # The 1.20 server has no policy/v1: the chart asked the server and used policy/v1beta1.
-    pdb = cluster.get(ns, "poddisruptionbudgets.v1beta1.policy", "rv-ray-vram-gpu")
-    assert pdb["apiVersion"] == "policy/v1beta1"
-    # No Prometheus Operator API on this server: no monitoring objects, dashboards still there.
-    assert not cluster.exists(ns, "crd", "servicemonitors.monitoring.coreos.com")
-    assert cluster.exists(ns, "configmap", "rv-ray-vram-models-dashboard")
+    assert before["PodDisruptionBudget/rv-ray-vram-gpu"]["apiVersion"] == "policy/v1beta1"
+    # No Prometheus Operator API on this server: no monitoring objects; the dashboards are there.
+    assert "ConfigMap/rv-ray-vram-models-dashboard" in before
+    assert "servicemonitors" not in cluster.kubectl("api-resources", "-o", "name").stdout
     # The operator subchart came along.
-    assert cluster.exists(ns, "deployment", "kuberay-operator")
+    assert "Deployment/kuberay-operator" in before
 
     values = yaml.safe_load(VALUES.read_text())
     values["models"][0]["vram_gb"] = 2
@@ -150,34 +177,30 @@ def test_install_upgrade_uninstall(cluster: Cluster, namespace: str, tmp_path: P
     )
     assert "STATUS: deployed" in upgrade.stdout and "REVISION: 2" in upgrade.stdout
 
-    config = load(cluster.get(ns, "configmap", "rv-ray-vram-config")["data"]["config.yaml"])
+    after = read_back(cluster, ns)
+    config = load(after["ConfigMap/rv-ray-vram-config"]["data"]["config.yaml"])
     assert config["models"][0]["vram_gb"] == 2 and config["models"][0]["replicas"] == 1
-    controller_after = cluster.get(ns, "deployment", "rv-ray-vram-controller")
+    controller_after = after["Deployment/rv-ray-vram-controller"]
     assert controller_after["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != checksum
     assert controller_after["metadata"]["generation"] == controller["metadata"]["generation"] + 1
     # GPU pods would not restart: the RayCluster and the DaemonSet were not changed at all.
-    for kind, name, before in (
-        ("raycluster", "rv-ray-vram", cluster_obj),
-        ("daemonset", "rv-ray-vram-monitor", monitor),
-    ):
-        after = cluster.get(ns, kind, name)
-        assert after["metadata"]["generation"] == before["metadata"]["generation"], kind
-        assert after["spec"] == before["spec"], kind
-        assert after["metadata"].get("labels") == before["metadata"].get("labels"), kind
-    assert decoded(cluster.get(ns, "secret", "rv-ray-vram-api-key"), "api-key") == api_key, "API key kept"
+    for name in ("RayCluster/rv-ray-vram", "DaemonSet/rv-ray-vram-monitor"):
+        assert after[name]["metadata"]["generation"] == before[name]["metadata"]["generation"], name
+        assert after[name]["spec"] == before[name]["spec"], name
+        assert after[name]["metadata"].get("labels") == before[name]["metadata"].get("labels"), name
+    changed_objects = sorted(
+        k
+        for k in before
+        if k in after and before[k].get("spec", before[k].get("data")) != after[k].get("spec", after[k].get("data"))
+    )
+    assert changed_objects == ["ConfigMap/rv-ray-vram-config", "Deployment/rv-ray-vram-controller"], changed_objects
+    assert decoded(after["Secret/rv-ray-vram-api-key"], "api-key") == api_key, "API key kept"
     history = cluster.helm("history", release, "-n", ns, "-o", "json")
     assert [r["status"] for r in json.loads(history.stdout)] == ["superseded", "deployed"]
 
     cluster.helm("uninstall", release, "-n", ns)
-    for kind, name in (
-        ("raycluster", "rv-ray-vram"),
-        ("deployment", "rv-ray-vram-controller"),
-        ("daemonset", "rv-ray-vram-monitor"),
-        ("configmap", "rv-ray-vram-config"),
-        ("secret", "rv-ray-vram-api-key"),
-        ("service", "rv-ray-vram-openai"),
-    ):
-        assert not cluster.exists(ns, kind, name), f"{kind}/{name} left after uninstall"
+    left = {k for k in read_back(cluster, ns) if not k.startswith("Secret/default-token")}
+    assert not left, f"left after uninstall: {sorted(left)}"
     assert cluster.helm("list", "-n", ns, "-q").stdout.strip() == ""
 
 
