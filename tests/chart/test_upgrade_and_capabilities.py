@@ -156,3 +156,46 @@ def test_default_images_are_the_ones_images_builds() -> None:
         assert f"-t {image} " in text or f"-t {image}\n" in text, f"images/{dockerfile}/Dockerfile does not tag {image}"
     build = (ROOT / "ci" / "build-images.sh").read_text()
     assert "ray-vram/monitor:" in build and "ray-vram/ray-vram:" in build
+
+
+def test_metallb_load_balancer_with_a_fixed_ip() -> None:
+    texts = render_texts([ROOT / "values" / "k3s-3cpu-3gpu-metallb.yaml"])
+    service = load(texts["Service/rv-ray-vram-openai"])
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"]["loadBalancerIP"] == "192.168.1.240"
+    annotations = service["metadata"]["annotations"]
+    assert annotations["metallb.universe.tf/loadBalancerIPs"] == "192.168.1.240"
+    assert annotations["metallb.universe.tf/address-pool"] == "default"
+    assert all(p["protocol"] == "TCP" for p in service["spec"]["ports"]), "Helm 4's server-side apply needs protocol"
+    default = load(render_texts([])["Service/rv-ray-vram-openai"])
+    assert default["spec"]["type"] == "ClusterIP" and "annotations" not in default["metadata"]
+
+
+def test_security_scenario() -> None:
+    texts = render_texts([CHART / "ci" / "security-values.yaml"])
+    policies = {k: load(v) for k, v in texts.items() if k.startswith("NetworkPolicy/")}
+    assert set(policies) == {"NetworkPolicy/rv-ray-vram-ray", "NetworkPolicy/rv-ray-vram-observability"}
+    ray = policies["NetworkPolicy/rv-ray-vram-ray"]["spec"]
+    dashboard_rule = next(r for r in ray["ingress"] if {"port": 8265, "protocol": "TCP"} in r.get("ports", []))
+    assert dashboard_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert "Secret/rv-ray-vram-api-key" not in texts, "an existing Secret is used, none created"
+    cluster = load(texts["RayCluster/rv-ray-vram"])
+    assert cluster["metadata"]["annotations"]["ray.io/ft-enabled"] == "true"
+    assert cluster["spec"]["gcsFaultToleranceOptions"]["redisAddress"] == "redis-master.redis:6379"
+    env = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    key_ref = next(e for e in env if e["name"] == "RAY_VRAM_API_KEY")["valueFrom"]["secretKeyRef"]
+    assert key_ref == {"name": "llm-api-key", "key": "api-key"}
+
+
+def test_token_auth_reaches_every_ray_client() -> None:
+    """The controller and the monitors talk to the token-protected cluster with KubeRay's token."""
+    texts = render_texts([])
+    controller = load(texts["Deployment/rv-ray-vram-controller"])["spec"]["template"]["spec"]["containers"][0]
+    monitor = load(texts["DaemonSet/rv-ray-vram-monitor"])["spec"]["template"]["spec"]["containers"][0]
+    for container in (controller, monitor):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "rv-ray-vram", "key": "auth_token"}
+    assert "--ray-address" in monitor["command"]
+    off = load(render_texts([], sets=["rayCluster.tokenAuth=false"])["RayCluster/rv-ray-vram"])
+    assert "authOptions" not in off["spec"]
