@@ -80,7 +80,7 @@ class ReplicaStatus(_Answer):
     node: str | None = None
     gpu_index: int | None = None
     gpu_uuid: str | None = None
-    bytes: int = 0
+    bytes: int | None = None
     error: str | None = None
 
     @property

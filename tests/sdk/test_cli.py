@@ -108,3 +108,19 @@ def test_chat_with_an_unknown_model_is_a_clear_error(controller_env: dict[str, s
 def test_help_has_examples(command: str) -> None:
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "examples:" in result.stdout
+
+
+def test_deploy_from_a_values_file_plans_all_models_first(controller_env: dict[str, str], tmp_path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "models:\n"
+        "  - {model_id: fits, model: demo, vram_gb: 1.5}\n"
+        "  - {model_id: too-many, model: demo, vram_gb: 1.5, replicas: 2}\n"
+    )
+    result = run_cli("deploy", "-f", str(values), env=controller_env)
+    assert result.returncode == 3, result.stderr
+    assert "2 of 3 replica(s) would be placed" in result.stderr and "too-many" in result.stderr
+    listed = json.loads(run_cli("status", "--output", "json", env=controller_env).stdout)["deployments"]
+    assert [d["model_id"] for d in listed] == [MODEL]
+    both = run_cli("deploy", "x", "-f", str(values), env=controller_env)
+    assert both.returncode == 2 and "not both" in both.stderr

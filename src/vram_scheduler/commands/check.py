@@ -15,7 +15,15 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from .. import inference as inf
-from ..client import PlacementError, SchedulerError, VRAMScheduler, add_address_option, model_spec, wide_console
+from ..client import (
+    DeploymentStatus,
+    PlacementError,
+    SchedulerError,
+    VRAMScheduler,
+    add_address_option,
+    model_spec,
+    wide_console,
+)
 from ..config import GIB, format_gib
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
@@ -102,7 +110,7 @@ def _refusal(scheduler: VRAMScheduler) -> str:
     )
 
 
-def _inference(status, endpoint: str | None) -> str:
+def _inference(status: DeploymentStatus, endpoint: str | None) -> str:
     ready = [r for r in status.replicas if r.state == "ready"]
     assert ready, f"no ready replica ({', '.join(f'{r.replica_id}:{r.state}' for r in status.replicas) or 'none'})"
     text = inf.inference(status.model_id, "ping", base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)

@@ -126,7 +126,7 @@ def print_results(results: list[DeployResult], console: Console) -> None:
                 replica.state,
                 replica.node or "-",
                 "-" if replica.gpu_index is None else str(replica.gpu_index),
-                f"{replica.bytes / 2**30:.2f} GiB",
+                "-" if replica.bytes is None else f"{replica.bytes / 2**30:.2f} GiB",
             )
     console.print(table)
     for result in results:
