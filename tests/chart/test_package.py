@@ -64,3 +64,26 @@ def test_vendored_chart_matches_the_kuberay_release_data() -> None:
     for crd in sorted((SHARED_KUBERAY / "crds").glob("*.yaml")):
         assert files[f"kuberay-operator/crds/{crd.name}"] == crd.read_bytes(), crd.name
         assert gzip.decompress((CHART / "crds-upgrade" / f"{crd.name}.gz").read_bytes()) == crd.read_bytes()
+
+
+def test_helm_test_script_fails_naming_what_is_missing(tmp_path) -> None:
+    """The `helm test` pod's script, run as the pod runs it, against an endpoint that is not there."""
+    import json
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"models": [{"model_id": "tiny"}], "placement": {}, "serving": {}}))
+    env = {
+        "OPENAI_URL": f"http://127.0.0.1:{port}",
+        "CONTROLLER_URL": f"http://127.0.0.1:{port}",
+        "CONFIG_JSON": str(config),
+        "TIMEOUT_S": "1",
+        "PATH": "/usr/bin:/bin",
+    }
+    script = CHART / "files" / "helm-test.py"
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "FAIL /v1/models lists ['tiny']" in result.stderr and "Connection refused" in result.stderr, result.stderr
