@@ -27,7 +27,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-git -C "$SRC" archive "$TAG" helm-chart/kuberay-operator | tar -x -C "$TMP"
+mkdir -p "$TMP/helm-chart"
+git -C "$SRC" archive --prefix=kuberay-operator/ "$TAG:helm-chart/kuberay-operator" | tar -x -C "$TMP/helm-chart"
 mkdir -p "$TMP/repo" "$TMP/cache"
 "$HELM" package "$TMP/helm-chart/kuberay-operator" -d "$TMP/repo" >/dev/null
 
