@@ -1,7 +1,7 @@
 """Chart tests: the API-server tests need kube-apiserver built from source once (~8 minutes on a
 fresh machine). When they are selected and the binary is not cached yet, the build starts in the
-background as soon as collection ends, so that it overlaps the tests that run before them;
-`ci/kube-apiserver.sh start` (the fixture) then waits for it under the script's lock."""
+background as soon as collection ends and those tests run last, so that the build overlaps every
+other test; `ci/kube-apiserver.sh start` (their fixture) waits for it under the script's lock."""
 
 from __future__ import annotations
 
@@ -21,9 +21,19 @@ def _binary_cached() -> bool:
     return os.path.exists(os.path.join(cache, "kube-apiserver-1.20.2", "bin", "kube-apiserver"))
 
 
+APISERVER_TESTS = "tests/chart/test_apiserver.py"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The API-server tests go last (in their own order), after everything else of the session."""
+    last = [item for item in items if item.nodeid.startswith(APISERVER_TESTS)]
+    if last:
+        items[:] = [item for item in items if not item.nodeid.startswith(APISERVER_TESTS)] + last
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     global _build
-    wanted = any(item.nodeid.startswith("tests/chart/test_apiserver.py") for item in session.items)
+    wanted = any(item.nodeid.startswith(APISERVER_TESTS) for item in session.items)
     if not wanted or _binary_cached() or session.config.option.collectonly:
         return
     log = ROOT / ".work" / "kube-apiserver-build.log"
