@@ -58,10 +58,20 @@ def main():
         if not answer.get("choices"):
             raise SystemExit(f"FAIL completion from {model}: no choices in {answer}")
         print(f"ok {model} answered ({answer.get('usage', {}).get('completion_tokens', '?')} tokens)")
-    vram = call(f"{controller}/v1/vram")
-    print(f"ok allocator state: {json.dumps(vram)[:500]}")
     deployments = call(f"{controller}/v1/deployments")
-    print(f"ok deployments: {json.dumps(deployments)[:500]}")
+    vram = call(f"{controller}/v1/vram")
+    reserved = {
+        replica.get("replica_id")
+        for gpu in vram.get("gpus", [])
+        for replica in gpu.get("replicas", [])
+        if isinstance(replica, dict)
+    }
+    for model in deployments.get("models", []):
+        ready = [r["replica_id"] for r in model.get("replicas", []) if r.get("state") == "ready"]
+        missing = sorted(set(ready) - reserved)
+        if missing:
+            raise SystemExit(f"FAIL allocator: ready replicas of {model['model_id']} hold no reservation: {missing}")
+        print(f"ok {model['model_id']}: {len(ready)} ready replicas, each with a VRAM reservation")
     return 0
 
 
