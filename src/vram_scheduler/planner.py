@@ -145,9 +145,10 @@ def plan(
 
     open_slots = [s for s in slots.values() if s.gpu.healthy and s.gpu.node not in excluded_nodes]
     taken_numbers: dict[str, set[int]] = {model_id: set() for model_id in specs}
+    counts = dict.fromkeys(specs, 0)
     for reservation in kept:
         taken_numbers[reservation.model_id].add(replica_number(reservation.replica_id))
-    counts = {model_id: len(numbers) for model_id, numbers in taken_numbers.items()}
+        counts[reservation.model_id] += 1
 
     needs = {model_id: spec.vram_bytes + overhead for model_id, spec in specs.items()}
     fixed = [s for s in specs.values() if not s.max_replicas]

@@ -150,6 +150,17 @@ def test_replica_numbers_fill_gaps_left_by_released_replicas() -> None:
     assert sorted(r.replica_id for r in result.new) == ["m-1", "m-3"]
 
 
+def test_kept_replicas_count_even_without_a_number_suffix() -> None:
+    inv = inventory(("n", [gpu(0, 80)]))
+    held = [
+        Reservation(replica_id=name, model_id="m", node="n", gpu_uuid="n-U0", gpu_index=0, bytes=GIB)
+        for name in ("first", "second")
+    ]
+    result = plan(inv, [spec("m", 1, replicas=3)], existing=held, settings=NO_OVERHEAD)
+    assert [r.replica_id for r in result.kept] == ["first", "second"]
+    assert [r.replica_id for r in result.new] == ["m-0"]
+
+
 def test_empty_inventory_says_so() -> None:
     result = plan(Inventory(), [spec("m", 1)])
     assert result.unplaced[0].reason == "1 replica of model m cannot be placed: the inventory has no GPUs"
