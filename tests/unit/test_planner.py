@@ -161,6 +161,23 @@ def test_kept_replicas_count_even_without_a_number_suffix() -> None:
     assert [r.replica_id for r in result.new] == ["m-0"]
 
 
+def test_shortage_never_starves_a_model_for_more_small_replicas() -> None:
+    inv = inventory(("n", [gpu(0, 24)]))
+    result = plan(inv, [spec("big", 20), spec("small", 2, replicas=12)], settings=NO_OVERHEAD)
+    # Twelve small replicas would be more replicas, but every model gets its first one first.
+    assert sorted(r.replica_id for r in result.new) == ["big-0", "small-0", "small-1"]
+    assert [(u.model_id, u.count) for u in result.unplaced] == [("small", 10)]
+
+
+def test_the_order_that_places_more_wins() -> None:
+    # Round-robin, largest first, fits 6 of these 7 (it mixes sizes on both GPUs and strands
+    # 4 + 6.5 GiB); filling GPU by GPU puts 3 × 7.5 on one and 7.5 + 3 × 5 on the other.
+    inv = inventory(("n", [gpu(0, 24), gpu(1, 24)]))
+    result = plan(inv, [spec("a", 7.5, replicas=4), spec("b", 5, replicas=3)], settings=NO_OVERHEAD)
+    assert result.complete, [u.reason for u in result.unplaced]
+    assert sorted(g.free_bytes for g in result.gpus) == [int(1.5 * GIB), int(1.5 * GIB)]
+
+
 def test_empty_inventory_says_so() -> None:
     result = plan(Inventory(), [spec("m", 1)])
     assert result.unplaced[0].reason == "1 replica of model m cannot be placed: the inventory has no GPUs"
