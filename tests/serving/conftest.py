@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_VRAM_REPLICA_HOST", "127.0.0.1")
 
 HERE = Path(__file__).resolve().parent
 INVENTORY = HERE / "inventory.yaml"

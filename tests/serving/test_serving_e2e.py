@@ -359,6 +359,20 @@ def test_delete_one_model_frees_its_reservations(stack: Stack) -> None:
     assert post(stack, "/v1/completions", {"model": "gamma", "prompt": "x"}).status_code == 404
 
 
+def test_app_builders_are_importable_by_path(stack: Stack) -> None:
+    """What a RayService serveConfigV2 `import_path` names: built from values, planned by the allocator."""
+    import importlib
+
+    from ray.serve import Application
+
+    module, _, attr = "vram_scheduler.serving.app:build_app".partition(":")
+    build_app = getattr(importlib.import_module(module), attr)
+    values = {"models": [model("beta", router_name="beta-alias", max_tokens=10)], "app_name": "ray-vram"}
+    assert isinstance(build_app(values), Application)
+    build_model_app = importlib.import_module(module).build_model_app
+    assert isinstance(build_model_app({"model": model("beta", router_name="beta-alias", max_tokens=10)}), Application)
+
+
 def test_shutdown_leaves_the_ledger_empty(stack: Stack) -> None:
     stack.controller.shutdown()
     assert ray.get(stack.controller.allocator.reservations.remote()) == []

@@ -24,7 +24,13 @@ from ..demo_model import ensure_demo_model, is_demo_model
 log = logging.getLogger(__name__)
 
 #: vLLM engine start in seconds instead of a minute on CPU machines (see README "Local mode").
-LOCAL_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+LOCAL_ENV_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    # Replicas serve on loopback: everything of local mode stays on 127.0.0.1.
+    "RAY_VRAM_REPLICA_HOST": "127.0.0.1",
+}
 
 
 class _ThreadingWSGIServer(WSGIServer):

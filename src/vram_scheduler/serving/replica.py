@@ -31,6 +31,7 @@ from ..config import ModelSpec, ServingSettings, format_gib
 from ..demo_model import resolve_model_source
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
+from .loop_thread import LoopThread
 from .pinning import bind_torch, pin_process, visible_device_total_bytes
 from .sizing import EngineBudget, checkpoint_bytes, size_engine
 
@@ -38,6 +39,8 @@ log = logging.getLogger("ray.serve")
 
 #: How often a ready replica re-announces itself to the router (a restarted router relearns it).
 HEARTBEAT_S = 2.0
+#: Address replicas serve HTTP on (default: the node's IP as Ray knows it); local mode sets 127.0.0.1.
+REPLICA_HOST_ENV = "RAY_VRAM_REPLICA_HOST"
 #: Longest a replica waits for its GPU's startup lock before giving up.
 STARTUP_LOCK_TIMEOUT_S = 900.0
 
@@ -96,12 +99,14 @@ class VLLMReplica:
         self.server_task: asyncio.Task[None] | None = None
         self.heartbeat_task: asyncio.Task[None] | None = None
         self.endpoint: ReplicaEndpoint | None = None
+        self.requests: LoopThread | None = None
         self.allocator = get_vram_allocator()
         self._reserved = False
         started = time.monotonic()
         try:
             await self._start()
         except BaseException as error:
+            self._stop_engine()
             await self._release()
             if isinstance(error, ReplicaStartupError):
                 log.error("%s", error)
@@ -176,14 +181,23 @@ class VLLMReplica:
         if budget.device == "cpu":
             # vLLM's CPU backend lets this variable override kv_cache_memory_bytes: the reservation decides.
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            # Ray pins OMP_NUM_THREADS to the actor's CPU count (1 for num_cpus=0); vLLM's CPU backend
+            # binds its own threads (VLLM_CPU_OMP_THREADS_BIND), as it does outside Ray.
+            os.environ.pop("OMP_NUM_THREADS", None)
 
     async def load(self) -> None:
-        """Load the engine on the pinned device (runs holding the GPU's startup lock)."""
-        self.engine = await self._start_engine(self.args)
+        """Load the engine on the pinned device (runs holding the GPU's startup lock).
+
+        The engine and its HTTP server live on a loop of their own (`LoopThread`), not on the loop
+        Ray Serve runs this replica's methods on.
+        """
+        self.requests = LoopThread(f"{self.replica_id}-requests")
+        self.engine = await self.requests.call(self._start_engine(self.args))
 
     async def serve_http(self) -> str:
         """Start serving on this node; returns the URL the router calls."""
-        return await self._start_http(self.args)
+        assert self.requests is not None
+        return await self.requests.call(self._start_http(self.args))
 
     async def _start_engine(self, args: Any) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -214,7 +228,7 @@ class VLLMReplica:
         tasks = await self.engine.get_supported_tasks()
         app = build_app(args, tasks, self.engine.model_config)
         await init_app_state(self.engine, app.state, args, tasks)
-        host = node_ip_address()
+        host = os.environ.get(REPLICA_HOST_ENV) or node_ip_address()
         sock = socket.create_server((host, 0), reuse_port=False)
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off", http="httptools"
@@ -263,14 +277,19 @@ class VLLMReplica:
             await asyncio.wait_for(router_handle().unregister.remote(self.replica_id), timeout=5)
         if self.server is not None:
             self.server.should_exit = True
-            if self.server_task is not None:
+            if self.server_task is not None and self.requests is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.server_task, timeout=5)
-        if self.engine is not None:
+                    await self.requests.call(asyncio.wait_for(self.server_task, timeout=5))
+        self._stop_engine()
+        if self.requests is not None:
+            self.requests.stop()
+        await self._release()
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "shutdown"):
             with contextlib.suppress(Exception):
                 self.engine.shutdown()
-            self.engine = None
-        await self._release()
+        self.engine = None
 
     async def _release(self) -> None:
         if not self._reserved:

@@ -26,6 +26,7 @@ import orjson
 from pydantic import ValidationError
 
 from ..config import ServingSettings
+from .loop_thread import LoopThread
 from .replica import ReplicaEndpoint
 
 log = logging.getLogger("ray.serve")
@@ -333,15 +334,23 @@ class RouterDeployment:
             timeout_keep_alive=30,
         )
         self.server = uvicorn.Server(config)
-        loop = asyncio.get_running_loop()
-        self.task = loop.create_task(self.server.serve())
+        # Requests are served on a loop of their own, apart from the one Serve calls methods on.
+        self.requests = LoopThread("openai-router")
+        self.task = await self.requests.call(self._start())
+        self.expirer = await self.requests.call(self._start_expirer())
+        log.info("OpenAI endpoint listening on %s:%d", self.settings.host, self.settings.port)
+
+    async def _start(self) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self.server.serve())
         while not self.server.started:
-            if self.task.done():
-                self.task.result()
+            if task.done():
+                task.result()
                 raise RuntimeError(f"OpenAI endpoint could not listen on {self.settings.host}:{self.settings.port}")
             await asyncio.sleep(0.02)
-        self.expirer = loop.create_task(self._expire())
-        log.info("OpenAI endpoint listening on %s:%d", self.settings.host, self.settings.port)
+        return task
+
+    async def _start_expirer(self) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(self._expire())
 
     async def _expire(self) -> None:
         while True:
@@ -351,15 +360,19 @@ class RouterDeployment:
 
     async def register(self, endpoint: dict[str, Any]) -> None:
         try:
-            self.router.registry.register(ReplicaEndpoint.model_validate(endpoint), time.monotonic())
+            parsed = ReplicaEndpoint.model_validate(endpoint)
         except ValidationError as error:
             log.error("bad registration %s: %s", endpoint, error)
+            return
+        self.requests.call_soon(self.router.registry.register, parsed, time.monotonic())
 
     async def unregister(self, replica_id: str) -> bool:
-        return self.router.registry.unregister(replica_id)
+        known = replica_id in self.router.registry.replicas
+        self.requests.call_soon(self.router.registry.unregister, replica_id)
+        return known
 
     async def declare(self, models: list[dict[str, Any]]) -> None:
-        self.router.registry.declare(models)
+        self.requests.call_soon(self.router.registry.declare, models)
 
     async def endpoints(self) -> list[dict[str, Any]]:
         return [
@@ -373,12 +386,13 @@ class RouterDeployment:
 
     async def __del__(self) -> None:
         self.server.should_exit = True
-        self.expirer.cancel()
+        self.requests.call_soon(self.expirer.cancel)
         try:
-            await asyncio.wait_for(self.task, timeout=5)
+            await self.requests.call(asyncio.wait_for(self.task, timeout=5))
         except Exception:
-            self.task.cancel()
-        await self.router.close()
+            self.requests.call_soon(self.task.cancel)
+        await self.requests.call(self.router.close())
+        self.requests.stop()
 
 
 def router_handle() -> Any:
