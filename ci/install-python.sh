@@ -6,7 +6,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-KEY=$(cat "$ROOT/ci/requirements-lock.txt" "$ROOT/ci/requirements-dev.txt" | sha256sum | cut -c1-12)
+# The heavy stack is keyed by its lock file; dev tools are topped up when their list changes.
+KEY=$( (cat "$ROOT/ci/requirements-lock.txt"; "$PY" -V) | sha256sum | cut -c1-12)
 VENV=${RAY_VRAM_VENV:-$HOME/.cache/ray-vram/venv-$KEY}
 log() { printf '[install-python] %s\n' "$*" >&2; }
 # pip, quiet, without this machine's "location is ignored" noise for absent local indexes.
@@ -25,11 +26,18 @@ if [ ! -f "$VENV/.complete" ]; then
   # torch 2.13.0+cpu: a CPU build that lies in this machine's wheel folder (PyPI's 2.13.0 is CUDA).
   pip_q "torch==2.13.0+cpu"
   pip_q --no-deps -r "$ROOT/ci/requirements-lock.txt"
-  pip_q -r "$ROOT/ci/requirements-dev.txt"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside torch+cpu.
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   touch "$VENV/.complete"
   log "created in $(( $(date +%s) - start ))s ($(du -sh "$VENV" | cut -f1))"
+fi
+DEV_KEY=$(sha256sum < "$ROOT/ci/requirements-dev.txt" | cut -c1-12)
+if [ "$(cat "$VENV/.dev-key" 2>/dev/null)" != "$DEV_KEY" ]; then
+  log "installing dev tools (ci/requirements-dev.txt changed)"
+  pip_q -r "$ROOT/ci/requirements-dev.txt"
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside torch+cpu.
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  echo "$DEV_KEY" > "$VENV/.dev-key"
 fi
 pip_q --no-deps -e "$ROOT"
 echo "$VENV"
