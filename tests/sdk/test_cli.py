@@ -124,3 +124,24 @@ def test_deploy_from_a_values_file_plans_all_models_first(controller_env: dict[s
     assert [d["model_id"] for d in listed] == [MODEL]
     both = run_cli("deploy", "x", "-f", str(values), env=controller_env)
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_status_watch_table_stops_on_ctrl_c(controller_env: dict[str, str]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vram_scheduler.cli", "status", "--watch", "0.2"],
+        env=os.environ | controller_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "NVIDIA Test 4GB" in out and "tiny-0" in out

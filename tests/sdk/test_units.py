@@ -105,3 +105,24 @@ def test_request_body_carries_schema_truncation_and_sampling() -> None:
     assert body["messages"] == [{"role": "user", "content": "hi"}]
     assert body["response_format"]["json_schema"]["schema"]["properties"] == {"x": {"title": "X", "type": "integer"}}
     assert (body["max_tokens"], body["truncate_prompt_tokens"], body["seed"]) == (5, -1, 3)
+
+
+def test_deploy_progress_draws_a_bar_per_replica_on_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from vram_scheduler.client import DeploymentStatus, DeployProgress, ReplicaStatus
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+
+    def status(*states: str) -> DeploymentStatus:
+        replicas = [ReplicaStatus(replica_id=f"m-{i}", state=s, node="n", gpu_index=i) for i, s in enumerate(states)]
+        return DeploymentStatus(model_id="m", model="x", vram_gb=1, replicas=replicas)
+
+    with DeployProgress(console) as view:
+        assert view.live
+        for states in (("reserved", "reserved"), ("loading", "reserved"), ("ready", "loading"), ("ready", "ready")):
+            view.update(status(*states))
+    text = console.file.getvalue()
+    assert "m-0" in text and "m-1" in text and "node n, GPU 1" in text and "ready" in text

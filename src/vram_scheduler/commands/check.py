@@ -102,7 +102,7 @@ def _refusal(scheduler: VRAMScheduler) -> str:
         listed = [s.model_id for s in scheduler.deployments() if s.model_id == PROBE_MODEL_ID]
         assert after == before, f"the refused request changed the ledger: {before} → {after}"
         assert not listed, f"the refused model {PROBE_MODEL_ID} is still listed by the controller"
-        return f"{format_gib(spec.vram_bytes)} refused: {'; '.join(refusal.reasons)[:160]}"
+        return f"{format_gib(spec.vram_bytes)} refused: {'; '.join(refusal.reasons)}"
     scheduler.shutdown(PROBE_MODEL_ID)
     raise AssertionError(
         f"a {format_gib(spec.vram_bytes)} replica was accepted although the largest GPU "

@@ -7,7 +7,6 @@ import json
 import sys
 import time
 
-from rich.console import Console
 from rich.live import Live
 
 from ..client import (
@@ -73,7 +72,7 @@ def _json(scheduler: VRAMScheduler, watch: float | None) -> int:
 
 
 def _watch(scheduler: VRAMScheduler, interval: float) -> int:
-    console = Console()
+    console = wide_console()
 
     def view():
         return render_vram(scheduler.get_vram_state(), scheduler.deployments())
