@@ -181,9 +181,6 @@ class VLLMReplica:
         if budget.device == "cpu":
             # vLLM's CPU backend lets this variable override kv_cache_memory_bytes: the reservation decides.
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-            # Ray pins OMP_NUM_THREADS to the actor's CPU count (1 for num_cpus=0); vLLM's CPU backend
-            # binds its own threads (VLLM_CPU_OMP_THREADS_BIND), as it does outside Ray.
-            os.environ.pop("OMP_NUM_THREADS", None)
 
     async def load(self) -> None:
         """Load the engine on the pinned device (runs holding the GPU's startup lock).
