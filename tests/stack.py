@@ -231,6 +231,7 @@ class LocalStack:
         self.endpoint = f"http://127.0.0.1:{self.serving_port}/v1"
         self.log = self.work / "stack.log"
         self.process: subprocess.Popen | None = None
+        self.gcs_address = ""
 
     def __enter__(self) -> LocalStack:
         import yaml
@@ -260,6 +261,8 @@ class LocalStack:
         except BaseException:
             self.__exit__()
             raise
+        lines = self.log.read_text().splitlines()
+        self.gcs_address = next(line.split()[1] for line in lines if line.startswith("gcs "))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -293,6 +296,9 @@ def _serve_declared(values: str, inventory: str, controller_port: int) -> None:
     try:
         stack.start(progress=lambda text: print(text, flush=True))
         stack.controller.wait_ready(timeout_s=600)
+        import ray
+
+        print(f"gcs {ray.get_runtime_context().gcs_address}", flush=True)
         print("stack ready", flush=True)
         sys.stdin.read()
     finally:

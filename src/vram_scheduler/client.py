@@ -260,6 +260,66 @@ class ControllerAPI:
         return list(data.get("removed", [])) if isinstance(data, dict) else []
 
 
+class RayControllerAPI:
+    """The same calls in-process, through the serving `Controller` on a Ray cluster (address like
+    ``ray.init``'s: ``host:6379``, ``ray://host:10001``, ``auto``). Imports Ray; the serving
+    settings the cluster's controller stored are reused, so the OpenAI router is left as it is."""
+
+    def __init__(self, address: str):
+        import ray
+        from ray.experimental import internal_kv
+
+        from .allocator import NAMESPACE
+        from .config import ServingSettings
+        from .serving.controller import SERVING_KEY, Controller
+
+        self.url = address
+        try:
+            if not ray.is_initialized():
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ControllerUnavailableError(f"cannot join the Ray cluster at {address}: {error}") from None
+        stored = internal_kv._internal_kv_get(SERVING_KEY, namespace=NAMESPACE)
+        serving = ServingSettings.model_validate_json(stored) if stored else None
+        self.controller = Controller(serving)
+
+    def close(self) -> None:
+        """Leaves Ray connected: the caller may use it; `ray.shutdown()` disconnects."""
+
+    def healthz(self) -> bool:
+        import ray
+
+        return ray.is_initialized()
+
+    def vram(self) -> VRAMState:
+        import ray
+
+        return VRAMState.model_validate(ray.get(self.controller.allocator.get_vram_state.remote()))
+
+    def deployments(self) -> list[DeploymentStatus]:
+        return [DeploymentStatus.model_validate(m) for m in self.controller.status()["models"]]
+
+    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
+        from .serving.controller import Unplaceable
+
+        try:
+            plan = self.controller.deploy(spec)
+        except Unplaceable as error:
+            raise PlacementError(str(error), error.reasons, 0, spec.replicas) from None
+        except Exception as error:
+            raise SchedulerError(f"{type(error).__name__}: {error}") from None
+        return {
+            "model_id": spec.model_id,
+            "plan": {"replicas": [r.model_dump() for r in plan.replicas_of(spec.model_id)]},
+        }
+
+    def remove(self, model_id: str) -> bool:
+        return self.controller.remove(model_id)
+
+    def remove_all(self) -> list[str]:
+        return self.controller.remove_all()
+
+
 def _reason(response: httpx.Response) -> str:
     try:
         data = response.json()
@@ -299,8 +359,9 @@ def _reasons(response: httpx.Response) -> list[str]:
 class VRAMScheduler:
     """Drive a ray-vram cluster: deploy models by VRAM, see where they landed, shut them down.
 
-    `address` is the serving controller's URL (``http://host:8080``); by default
-    ``$RAY_VRAM_CONTROLLER`` or the local one (``http://127.0.0.1:8080``, what ``ray-vram up`` starts).
+    `address` is the serving controller's URL (``http://host:8080``), or a Ray address
+    (``host:6379``, ``ray://host:10001``, ``auto``) to drive the cluster in-process through Ray;
+    by default ``$RAY_VRAM_CONTROLLER`` or the local one (``http://127.0.0.1:8080``, `ray-vram up`).
     """
 
     def __init__(
@@ -311,11 +372,13 @@ class VRAMScheduler:
         timeout_s: float = 30.0,
         api_key: str | None = None,
     ):
-        address = address or os.environ.get(CONTROLLER_ENV) or DEFAULT_CONTROLLER
-        if "://" not in address:
-            address = f"http://{address}"
-        self.address = address.rstrip("/")
-        self.api = ControllerAPI(self.address, timeout_s=timeout_s, api_key=api_key)
+        address = (address or os.environ.get(CONTROLLER_ENV) or DEFAULT_CONTROLLER).rstrip("/")
+        self.address = address
+        self.api: ControllerAPI | RayControllerAPI
+        if address.startswith(("http://", "https://")):
+            self.api = ControllerAPI(address, timeout_s=timeout_s, api_key=api_key)
+        else:
+            self.api = RayControllerAPI(address)
         self.console = console or Console(stderr=True)
 
     def __enter__(self) -> VRAMScheduler:
@@ -672,7 +735,8 @@ def add_address_option(parser: Any) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help=f"serving controller URL (default ${CONTROLLER_ENV} or {DEFAULT_CONTROLLER}, what `ray-vram up` starts)",
+        help=f"serving controller URL (default ${CONTROLLER_ENV} or {DEFAULT_CONTROLLER}, what `ray-vram up` "
+        "starts), or a Ray address (host:6379, ray://host:10001) to work through Ray in this process",
     )
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import stack
@@ -138,3 +141,27 @@ def stack_spec(model_id: str):
     from vram_scheduler.client import model_spec
 
     return model_spec(model_id, "demo", 1.5, max_model_len=512, **stack.ENGINE_KWARGS)
+
+
+def test_a_ray_address_drives_the_cluster_in_process(local_stack: stack.LocalStack) -> None:
+    code = (
+        "import json, sys\n"
+        "from vram_scheduler import VRAMScheduler, PlacementError\n"
+        "s = VRAMScheduler(sys.argv[1])\n"
+        "state = s.get_vram_state()\n"
+        "try:\n"
+        "    s.deploy_model('huge', 'demo', 5.0)\n"
+        "    refused = ''\n"
+        "except PlacementError as error:\n"
+        "    refused = str(error)\n"
+        "print(json.dumps({'gpus': len(state.gpus), 'models': [d.model_id for d in s.deployments()],\n"
+        "                  'refused': refused, 'removed': s.shutdown('not-deployed')}))\n"
+    )
+    env = os.environ | {"RAY_TMPDIR": str(local_stack.work), "RAY_AUTH_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, local_stack.gcs_address], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["gpus"] == 2 and data["models"] == [MODEL] and data["removed"] == []
+    assert "huge needs 5.50 GiB" in data["refused"]
