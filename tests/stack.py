@@ -1,5 +1,6 @@
-"""Real services for the SDK tests: the tiny random-weight model, vLLM's own OpenAI server,
-and a busy-front HTTP server that answers 429/503 with Retry-After before passing requests on.
+"""Real services for the SDK tests: the local stack (`ray-vram up`'s, on a declared inventory) in a
+child process, and a busy-front HTTP server that answers 429/503 with Retry-After before passing
+requests on.
 
 Imported by tests/sdk/conftest.py; everything runs on 127.0.0.1 and is stopped on exit.
 """
@@ -16,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,7 +24,6 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("RAY_VRAM_CACHE", Path.home() / ".cache" / "ray-vram"))
 WORK = Path(os.environ.get("RAY_VRAM_WORK", ROOT / ".work"))
-STRUCTURED_CONFIG = '{"backend":"xgrammar","disable_any_whitespace":true}'
 
 
 def free_port() -> int:
@@ -48,14 +47,8 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = Non
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s:\n{tail}")
 
 
-def tiny_model_dir() -> Path:
-    """The project's demo model (generated once into the cache, offline)."""
-    from vram_scheduler.demo_model import ensure_demo_model
-
-    return ensure_demo_model()
-
-
 def vllm_env() -> dict[str, str]:
+    """Environment for vLLM on CPU without a model hub (engine start in seconds, not a minute)."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -63,45 +56,6 @@ def vllm_env() -> dict[str, str]:
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
-
-
-@contextlib.contextmanager
-def vllm_server(model_dir: Path, names: list[str], max_model_len: int = 512) -> Iterator[str]:
-    """vLLM's OpenAI server on the tiny model; yields its base URL (ending in /v1)."""
-    port = free_port()
-    WORK.mkdir(parents=True, exist_ok=True)
-    log = WORK / f"vllm-sdk-{port}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        *names,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(max_model_len),
-        "--max-num-seqs",
-        "8",
-        "--structured-outputs-config",
-        STRUCTURED_CONFIG,
-    ]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=vllm_env())
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 300, process, log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class BusyFront:
