@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 GIB = 1024**3
 
@@ -67,6 +76,14 @@ class ModelSpec(StrictModel):
         default_factory=dict,
         description="Extra vLLM engine arguments (e.g. dtype, enforce_eager, quantization).",
     )
+
+    @model_serializer(mode="wrap")
+    def _dump_without_unused_replicas(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A max_replicas spec dumps without `replicas`, so every dump validates again unchanged."""
+        data = handler(self)
+        if self.max_replicas and isinstance(data, dict):
+            data.pop("replicas", None)
+        return data
 
     @model_validator(mode="after")
     def _replicas_xor_max(self) -> ModelSpec:

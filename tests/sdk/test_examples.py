@@ -35,10 +35,6 @@ def test_deploy_from_a_config_file_then_shut_it_down(controller_env: dict[str, s
     assert "removed: example-demo" in down.stdout and "example-demo-0" not in down.stdout
 
 
-@pytest.mark.xfail(
-    reason="the serving controller re-validates max_replicas specs dumped with `replicas` and refuses them",
-    strict=False,
-)
 def test_max_replicas_fill_the_free_gpu(controller_env: dict[str, str]) -> None:
     try:
         result = run_example("2_deploy_max_llms.py", "--vram-gb", "1.5", "--gpu-type", "4GB", env=controller_env)

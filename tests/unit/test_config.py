@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vram_scheduler.config import GIB, ConfigError, PlacementSettings, load_config, parse_config
+from vram_scheduler.config import GIB, ConfigError, ModelSpec, PlacementSettings, load_config, parse_config
 from vram_scheduler.inventory import parse_inventory
 from vram_scheduler.planner import oversized_models
 
@@ -147,3 +147,10 @@ def test_config_error_survives_pickling() -> None:
     error = ConfigError("values.yaml", ["models[0].vram_gb = 0: Input should be greater than 0"])
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.source, copy.problems, str(copy)) == (error.source, error.problems, str(error))
+
+
+def test_max_replicas_spec_round_trips_through_its_dump() -> None:
+    spec = ModelSpec(model_id="fill", model="x", vram_gb=1, max_replicas=True)
+    dumped = spec.model_dump(mode="json")
+    assert "replicas" not in dumped
+    assert ModelSpec.model_validate(dumped) == spec
