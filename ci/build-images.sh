@@ -71,7 +71,7 @@ ensure_base() {
 
 size_bytes() { podman image inspect --format '{{.Size}}' "$1"; }
 
-declare -A SECONDS_TAKEN
+# build NAME [podman build args]: writes $OUT/build-NAME.log and, on success, $OUT/build-NAME.seconds.
 build() {
   local name=$1
   shift
@@ -89,24 +89,32 @@ build() {
     log "building $image failed (full log: $OUT/build-$name.log)"
     return 1
   }
-  SECONDS_TAKEN[$name]=$(($(date +%s) - start))
+  echo $(($(date +%s) - start)) >"$OUT/build-$name.seconds"
 }
 
 start=$(date +%s)
 ensure_base
-SECONDS_TAKEN[base]=$(($(date +%s) - start))
+base_seconds=$(($(date +%s) - start))
+# Both images build at once: their steps are mostly downloads and unpacking, which overlap well
+# even on two cores.
+pids=()
 for target in "${TARGETS[@]}"; do
+  rm -f "$OUT/build-$target.seconds"
   case "$target" in
-    base) ;;
-    monitor) build monitor ;;
-    ray-vram) build ray-vram --build-arg VLLM="$VLLM" ;;
+    base) continue ;;
+    monitor) build monitor & ;;
+    ray-vram) build ray-vram --build-arg VLLM="$VLLM" & ;;
   esac
+  pids+=($!)
 done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+[ "$failed" = 0 ] || exit 1
 
-rows=("$BASE_IMAGE|$BASE_IMAGE|${SECONDS_TAKEN[base]}")
+rows=("$BASE_IMAGE|$BASE_IMAGE|$base_seconds")
 for target in "${TARGETS[@]}"; do
   [ "$target" = base ] && continue
-  rows+=("ray-vram/$target:$VERSION|localhost/ray-vram/$target:$VERSION|${SECONDS_TAKEN[$target]}")
+  rows+=("ray-vram/$target:$VERSION|localhost/ray-vram/$target:$VERSION|$(cat "$OUT/build-$target.seconds")")
 done
 json='{"vllm": "'$VLLM'", "images": ['
 printf '%-56s %9s %8s\n' image size_MB build_s | tee "$OUT/build.txt"

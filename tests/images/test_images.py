@@ -127,14 +127,24 @@ def test_serving_image_entrypoint_runs_other_programs_and_kuberays_login_shell(b
     assert len(found.stdout.split()) == 3
 
 
-def test_node_start_in_the_image_starts_ray_with_gpus_vram_and_labels(built_images, container_name) -> None:
-    name = container_name()
-    podman("run", "-d", "--name", name, "--network=none", "--shm-size=256m", "-v", VALUES,
-           "-e", "RAY_AUTH_MODE=disabled", SERVING, "node-start", "--inventory-file", "/values/inventory-example.yaml",
-           "--node-name", "gpu-1", "head", "--num-cpus=1", "--include-dashboard=false",
-           "--object-store-memory=80000000", "--disable-usage-stats")  # fmt: skip
+@pytest.fixture(scope="module")
+def ray_head(built_images) -> Iterator[str]:
+    """A Ray head started by `node-start` in the serving image, GPUs of node gpu-1 declared; its name."""
+    name = f"ray-vram-test-head-{uuid.uuid4().hex[:8]}"
+    try:
+        podman("run", "-d", "--name", name, "--network=none", "--shm-size=256m", "-v", VALUES,
+               "-e", "RAY_AUTH_MODE=disabled", SERVING, "node-start", "--inventory-file",
+               "/values/inventory-example.yaml", "--node-name", "gpu-1", "head", "--num-cpus=1",
+               "--include-dashboard=false", "--object-store-memory=80000000", "--ray-client-server-port=10001",
+               "--disable-usage-stats")  # fmt: skip
+        yield name
+    finally:
+        podman("rm", "-f", "-t", "2", name, check=False)
+
+
+def test_node_start_in_the_image_starts_ray_with_gpus_vram_and_labels(ray_head) -> None:
     out = wait_for(
-        name,
+        ray_head,
         "import json, ray; ray.init(address='auto', logging_level='ERROR'); "
         "print(json.dumps({'resources': ray.cluster_resources(), 'labels': ray.nodes()[0]['Labels']}))",
     )
@@ -146,25 +156,21 @@ def test_node_start_in_the_image_starts_ray_with_gpus_vram_and_labels(built_imag
     assert labels["ray-vram.io/gpu-count"] == "2"
 
 
-def test_monitor_image_publishes_to_the_allocator_through_ray_client(built_images, container_name) -> None:
+def test_monitor_image_publishes_to_the_allocator_through_ray_client(ray_head, container_name) -> None:
     """The monitor image holds Ray only as a client: it must still reach the allocator in a cluster."""
-    head = container_name()
-    podman("run", "-d", "--name", head, "--network=none", "--shm-size=256m", "-e", "RAY_AUTH_MODE=disabled", SERVING,
-           "head", "--num-cpus=1", "--include-dashboard=false", "--object-store-memory=80000000",
-           "--ray-client-server-port=10001", "--disable-usage-stats")  # fmt: skip
-    wait_for(head, "import ray; ray.init(address='auto', logging_level='ERROR')")
+    wait_for(ray_head, "import ray; ray.init(address='auto', logging_level='ERROR')")
     monitor = container_name()
-    podman("run", "-d", "--name", monitor, f"--network=container:{head}", "-v", VALUES, "-e", "RAY_AUTH_MODE=disabled",
-           MONITOR, "--inventory-file", "/values/inventory-example.yaml", "--node", "gpu-2", "--host", "127.0.0.1",
-           "--port", "9401", "--ray-address", "ray://127.0.0.1:10001", "--interval", "1")  # fmt: skip
+    podman("run", "-d", "--name", monitor, f"--network=container:{ray_head}", "-v", VALUES,
+           "-e", "RAY_AUTH_MODE=disabled", MONITOR, "--inventory-file", "/values/inventory-example.yaml",
+           "--node", "gpu-2", "--host", "127.0.0.1", "--port", "9401", "--ray-address", "ray://127.0.0.1:10001",
+           "--interval", "1")  # fmt: skip
     state = wait_for(
-        head,
+        ray_head,
         "import json, ray\n"
         "from vram_scheduler.allocator import NAMESPACE, get_vram_allocator\n"
         "ray.init(address='auto', namespace=NAMESPACE, logging_level='ERROR')\n"
         "state = ray.get(get_vram_allocator().get_vram_state.remote())\n"
-        "nodes = {g['node'] for g in state['gpus']}\n"
-        "assert 'gpu-2' in nodes, state\n"
+        "assert 'gpu-2' in {g['node'] for g in state['gpus']}, state\n"
         "print(json.dumps(state))",
         timeout=120,
     )
