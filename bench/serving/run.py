@@ -117,7 +117,8 @@ def measure(stack: str, label: str, model_dir: Path, n: int, concurrency: int, m
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | env, cwd=ROOT)
     sampler = TreeSampler(process.pid)
     sampler.start()
-    result: dict[str, Any] = {"stack": stack, "label": label}
+    # Other work on the machine skews every number: the 1-minute load average is kept with each run.
+    result: dict[str, Any] = {"stack": stack, "label": label, "load_avg_1m_at_start": round(os.getloadavg()[0], 1)}
     base = f"http://127.0.0.1:{port}"
     try:
         result["start_to_first_token_s"] = round(first_token(base, started, process), 1)
@@ -129,6 +130,7 @@ def measure(stack: str, label: str, model_dir: Path, n: int, concurrency: int, m
             summary = phase.summary() | {"server_cpu_ms_per_req": round(1000 * cpu / max(1, phase.ok + 3), 1)}
             result["stream" if stream else "nonstream"] = summary
             print(f"[{label}] {'stream' if stream else 'nonstream'}: {json.dumps(summary)}", flush=True)
+        result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 1)
         result["peak_rss_mib"] = round(sampler.peak_rss / 2**20)
         result["peak_processes"] = sampler.peak_procs
     finally:
@@ -168,6 +170,7 @@ COLUMNS = [
     ("errors", None, "errors"),
     ("peak MiB", None, "peak_rss_mib"),
     ("start→token s", None, "start_to_first_token_s"),
+    ("load avg", None, "load_avg_1m_at_end"),
 ]
 
 
