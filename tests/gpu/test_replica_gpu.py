@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,11 +17,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(Path(__file__).resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])]
-)
+HERE = Path(__file__).resolve().parent
 
 GIB = 1024**3
 OVERHEAD = int(0.5 * GIB)
@@ -44,7 +39,11 @@ def nvml_processes() -> dict[int, tuple[str, int]]:
     return seen
 
 
-def test_replicas_pinned_capped_and_accounted(tmp_path: Path) -> None:
+def test_replicas_pinned_capped_and_accounted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray workers (the replicas) import the stand-in from this folder.
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
     import pynvml
     import ray
     import torch
