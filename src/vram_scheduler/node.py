@@ -32,6 +32,8 @@ KUBERAY_COMMAND_ENV = "KUBERAY_GEN_RAY_START_CMD"
 
 #: Prefix of the node labels ray-vram sets (Ray reserves `ray.io/`).
 LABEL_PREFIX = "ray-vram.io/"
+#: The Ray node label naming the Kubernetes node (what the monitor calls the node in its inventory).
+NODE_NAME_LABEL = f"{LABEL_PREFIX}node-name"
 
 #: Nominal GPU memory sizes (GB as sold). A GPU's class is the smallest size at or above its total
 #: GiB as NVML reports it: an H100 80GB reports 79.6 GiB -> 80, an L4 22.5 GiB -> 24, an H200
@@ -96,7 +98,7 @@ def label_value(text: str) -> str:
 
 def node_labels(gpus: Sequence[NodeGPU], node_name: str) -> dict[str, str]:
     """The node name always; the GPU model ("mixed" where models differ) and count only where there are GPUs."""
-    labels = {f"{LABEL_PREFIX}node-name": label_value(node_name)}
+    labels = {NODE_NAME_LABEL: label_value(node_name)}
     if gpus:
         models = {label_value(g.name) for g in gpus}
         labels[f"{LABEL_PREFIX}gpu-model"] = models.pop() if len(models) == 1 else "mixed"

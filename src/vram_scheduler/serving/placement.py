@@ -1,8 +1,8 @@
 """Where a replica's Ray actor runs: on the node its reservation names, pinned there by Ray.
 
 The planner decides node and GPU; this module turns the node into a Ray scheduling constraint.
-An inventory node is matched to a Ray node by the node label ``ray-vram.io/node`` (the chart sets
-it from the Kubernetes node name), then by host name, IP or node id. A declared inventory file
+An inventory node is matched to a Ray node by the node label ``ray-vram.io/node-name`` (`ray-vram
+node-start` sets it from the Kubernetes node name), then by host name, IP or node id. A declared inventory file
 (CI, laptops without a GPU) names nodes Ray does not have: then the replica may run anywhere,
 and the reservation stays an accounting entry.
 """
@@ -14,12 +14,12 @@ from typing import Any
 
 import ray
 
+from ..node import NODE_NAME_LABEL
 from ..planner import Reservation
 from .pinning import PINNING_ENV, is_cuda_uuid
 
 log = logging.getLogger(__name__)
 
-NODE_LABEL = "ray-vram.io/node"
 #: A sliver of the node's `node:<ip>` resource: enough to pin the actor to that node.
 NODE_RESOURCE_SHARE = 0.001
 
@@ -30,7 +30,7 @@ def ray_node_address(node: str) -> str | None:
         if not info.get("Alive"):
             continue
         names = {
-            (info.get("Labels") or {}).get(NODE_LABEL),
+            (info.get("Labels") or {}).get(NODE_NAME_LABEL),
             info.get("NodeManagerHostname"),
             info.get("NodeName"),
             info.get("NodeManagerAddress"),
