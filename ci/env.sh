@@ -6,10 +6,14 @@ export RAY_VRAM_CACHE=${RAY_VRAM_CACHE:-$HOME/.cache/ray-vram}
 export RAY_VRAM_BIN=$RAY_VRAM_CACHE/bin
 export RAY_VRAM_WORK=${RAY_VRAM_WORK:-$ROOT/.work}
 export PATH=$RAY_VRAM_BIN:$PATH
-mkdir -p "$RAY_VRAM_BIN" "$RAY_VRAM_WORK/tmp"
+# Temporary files (Ray sessions, vLLM's IPC sockets) go to a short per-checkout folder in /tmp:
+# AF_UNIX socket paths are capped at 107 bytes, and Ray's ".../ray/session_<date>_<pid>/sockets/
+# plasma_store" under a deep checkout's .work/tmp goes past that.
+RAY_VRAM_TMP=${TMPDIR_OVERRIDE:-/tmp/rv-$(printf %s "$RAY_VRAM_WORK" | sha1sum | cut -c1-8)}
+mkdir -p "$RAY_VRAM_BIN" "$RAY_VRAM_WORK" "$RAY_VRAM_TMP"
 # vLLM / Ray on a CPU machine without a model hub (see README "Running without a GPU").
-export TMPDIR=${TMPDIR_OVERRIDE:-$RAY_VRAM_WORK/tmp}
-export RAY_TMPDIR=$RAY_VRAM_WORK/tmp
+export TMPDIR=$RAY_VRAM_TMP
+export RAY_TMPDIR=$RAY_VRAM_TMP
 export XDG_CACHE_HOME=$RAY_VRAM_CACHE/xdg
 export VLLM_CACHE_ROOT=$RAY_VRAM_CACHE/vllm
 export TORCHINDUCTOR_CACHE_DIR=$RAY_VRAM_CACHE/inductor

@@ -23,7 +23,14 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("RAY_VRAM_CACHE", Path.home() / ".cache" / "ray-vram"))
-WORK = Path(os.environ.get("RAY_VRAM_WORK", ROOT / ".work"))
+
+
+def ray_temp_dir(prefix: str) -> Path:
+    """A fresh folder for one Ray cluster's session files, under the short RAY_TMPDIR that ci/env.sh
+    sets: Ray refuses socket paths over AF_UNIX's 107 bytes, which a deep checkout's .work leaves no room for."""
+    base = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 def free_port() -> int:
@@ -178,7 +185,7 @@ class LocalStack:
 
     def __init__(self, models: list[dict], work: Path | None = None):
         self.models = models
-        self.work = Path(tempfile.mkdtemp(prefix="sdk-", dir=work or WORK / "tmp"))
+        self.work = Path(tempfile.mkdtemp(prefix="sdk-", dir=work)) if work else ray_temp_dir("sdk-")
         self.controller_port = free_port()
         self.serving_port = free_port()
         self.controller = f"http://127.0.0.1:{self.controller_port}"

@@ -6,7 +6,6 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +24,8 @@ EXAMPLE = ROOT / "examples" / "5_submit_job.py"
 def ray_head() -> Iterator[tuple[str, str]]:
     """(dashboard URL, token) of an isolated Ray head with RAY_AUTH_MODE=token."""
     token = secrets.token_hex(32)
-    work = Path(os.environ.get("RAY_VRAM_WORK", ROOT / ".work")) / "tmp"
-    work.mkdir(parents=True, exist_ok=True)
-    private_tmp = tempfile.mkdtemp(prefix="jobs-", dir=work)  # own ray_current_cluster: never redirects others
+    private_tmp = str(stack.ray_temp_dir("jobs-"))  # own ray_current_cluster: never redirects others
+    log = Path(private_tmp) / "head.log"
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_TMPDIR=private_tmp, TMPDIR=private_tmp)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     dashboard, agent = stack.free_port(), stack.free_port()
@@ -41,7 +39,7 @@ def ray_head() -> Iterator[tuple[str, str]]:
     )
     try:
         line = process.stdout.readline()
-        assert line.startswith("ready"), f"Ray head did not start (exit {process.poll()})"
+        assert line.startswith("ready"), f"Ray head did not start (exit {process.poll()}):\n{log.read_text()[-3000:]}"
         yield f"http://127.0.0.1:{dashboard}", token
     finally:
         process.stdin.close()
