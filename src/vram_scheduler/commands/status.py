@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-import time
+import threading
+from collections.abc import Iterator
 
 from rich.live import Live
 
@@ -63,12 +65,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ticks(interval: float) -> Iterator[None]:
+    """Yield every `interval` seconds until Ctrl-C. SIGINT only sets a flag: a KeyboardInterrupt
+    raised inside rich's live display (its lock, its refresh thread) could leave it hanging."""
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        while not interrupted.wait(interval):
+            yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _json(scheduler: VRAMScheduler, watch: float | None) -> int:
-    while True:
-        print(json.dumps(snapshot(scheduler), indent=None if watch else 2), flush=True)
-        if not watch:
-            return 0
-        time.sleep(watch)
+    print(json.dumps(snapshot(scheduler), indent=None if watch else 2), flush=True)
+    if not watch:
+        return 0
+    for _ in _ticks(watch):
+        print(json.dumps(snapshot(scheduler)), flush=True)
+    return 130
 
 
 def _watch(scheduler: VRAMScheduler, interval: float) -> int:
@@ -78,6 +93,6 @@ def _watch(scheduler: VRAMScheduler, interval: float) -> int:
         return render_vram(scheduler.get_vram_state(), scheduler.deployments())
 
     with Live(view(), console=console, refresh_per_second=4, screen=False) as live:
-        while True:
-            time.sleep(interval)
+        for _ in _ticks(interval):
             live.update(view())
+    return 130
