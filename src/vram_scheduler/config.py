@@ -140,6 +140,11 @@ class ServingSettings(StrictModel):
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a request may take.")
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica takes before 429/503.")
+    engine_metrics: bool = Field(
+        default=True,
+        description="Export vLLM's engine metrics (ray_vllm_*: TTFT, tokens, queue, KV cache) through Ray's "
+        "metrics agent on every Ray node; off saves a little CPU per request.",
+    )
 
 
 class RayVRAMConfig(StrictModel):

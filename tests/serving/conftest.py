@@ -57,6 +57,7 @@ class Stack:
     base: str  # OpenAI endpoint, e.g. http://127.0.0.1:PORT
     gcs_address: str
     monitor: Any
+    ray_metrics: str  # Ray's metrics agent on this node (what the chart's scrape objects read)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def stack() -> Iterator[Stack]:
     from vram_scheduler.serving.controller import Controller
 
     ensure_demo_model()
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config = parse_config(
         {
             "models": [model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)],
@@ -86,6 +87,7 @@ def stack() -> Iterator[Stack]:
         num_cpus=2,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_port,
         log_to_driver=False,
     )
     gcs = ray.get_runtime_context().gcs_address
@@ -104,7 +106,9 @@ def stack() -> Iterator[Stack]:
             time.sleep(0.2)
         controller.apply(config)
         controller.wait_ready(timeout_s=600)
-        yield Stack(controller, config, f"http://127.0.0.1:{port}", gcs, monitor)
+        yield Stack(
+            controller, config, f"http://127.0.0.1:{port}", gcs, monitor, f"http://127.0.0.1:{metrics_port}/metrics"
+        )
     finally:
         try:
             controller.shutdown()

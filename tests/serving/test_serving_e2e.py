@@ -32,6 +32,8 @@ from vram_scheduler.serving.router import router_handle
 
 from .conftest import Stack, free_port, model
 
+ROOT = Path(__file__).resolve().parents[2]
+
 pytestmark = pytest.mark.slow
 
 
@@ -225,6 +227,23 @@ def test_official_openai_client(stack: Stack) -> None:
         client.completions.create(model="missing", prompt="x", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="alpha", prompt="x", max_tokens=-3)
+
+
+def test_engine_metrics_reach_rays_metrics_agent_under_the_dashboards_names(stack: Stack) -> None:
+    """Every vLLM metric the Grafana dashboards query is exported, per model, where the chart scrapes."""
+    external = yaml.safe_load((ROOT / "tests" / "chart" / "data" / "external-metrics.yaml").read_text())
+    wanted = {name for name, entry in external.items() if entry["package"] == "vllm"}
+    assert wanted, "the dashboards query vLLM's engine metrics"
+    for i in range(3):
+        assert post(stack, "/v1/completions", {"model": "alpha", "prompt": f"m{i}", "max_tokens": 4}).status_code == 200
+    deadline = time.monotonic() + 90  # Ray's agent exports what replicas recorded every few seconds
+    missing = wanted
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(stack.ray_metrics, timeout=10).text
+        series = {line.split("{", 1)[0] for line in text.splitlines() if 'model_name="alpha"' in line}
+        missing = wanted - series
+        time.sleep(2)
+    assert not missing, f"not exported for model alpha: {sorted(missing)}"
 
 
 # -- failure: no reservation -------------------------------------------------------------------

@@ -67,6 +67,9 @@ def test_server_argv_carries_spec_budget_and_engine_kwargs() -> None:
     assert "--kv-cache-memory-bytes" in joined and "--gpu-memory-utilization" not in joined
     assert "--enforce-eager" in argv and "--no-enable-prefix-caching" in argv
     assert '--structured-outputs-config {"a": 1}' in joined
+    assert "--disable-log-stats" not in argv  # engine metrics on by default
+    quiet = server_argv(spec, "/models/m", size_engine("m", spec.vram_bytes, "cpu", 24 * GIB), engine_metrics=False)
+    assert "--disable-log-stats" in quiet
 
 
 # -- pinning ---------------------------------------------------------------------------------------

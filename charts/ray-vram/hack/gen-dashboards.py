@@ -171,12 +171,12 @@ DASHBOARDS = {
                 [
                     (
                         "histogram_quantile(0.5, sum by (le, model_name) "
-                        f"(rate(vllm:time_to_first_token_seconds_bucket{{{VLLM_MODEL}}}[{RATE}])))",
+                        f"(rate(ray_vllm_time_to_first_token_seconds_bucket{{{VLLM_MODEL}}}[{RATE}])))",
                         "{{model_name}} p50",
                     ),
                     (
                         "histogram_quantile(0.95, sum by (le, model_name) "
-                        f"(rate(vllm:time_to_first_token_seconds_bucket{{{VLLM_MODEL}}}[{RATE}])))",
+                        f"(rate(ray_vllm_time_to_first_token_seconds_bucket{{{VLLM_MODEL}}}[{RATE}])))",
                         "{{model_name}} p95",
                     ),
                 ],
@@ -186,7 +186,7 @@ DASHBOARDS = {
                 "Generated tokens per second",
                 [
                     (
-                        f"sum by (model_name) (rate(vllm:generation_tokens_total{{{VLLM_MODEL}}}[{RATE}]))",
+                        f"sum by (model_name) (rate(ray_vllm_generation_tokens_total{{{VLLM_MODEL}}}[{RATE}]))",
                         "{{model_name}}",
                     )
                 ],
@@ -195,13 +195,13 @@ DASHBOARDS = {
             panel(
                 "Queue: waiting and running requests",
                 [
-                    (f"sum by (model_name) (vllm:num_requests_waiting{{{VLLM_MODEL}}})", "{{model_name}} waiting"),
-                    (f"sum by (model_name) (vllm:num_requests_running{{{VLLM_MODEL}}})", "{{model_name}} running"),
+                    (f"sum by (model_name) (ray_vllm_num_requests_waiting{{{VLLM_MODEL}}})", "{{model_name}} waiting"),
+                    (f"sum by (model_name) (ray_vllm_num_requests_running{{{VLLM_MODEL}}})", "{{model_name}} running"),
                 ],
             ),
             panel(
                 "KV cache usage",
-                [(f"max by (model_name) (vllm:kv_cache_usage_perc{{{VLLM_MODEL}}})", "{{model_name}}")],
+                [(f"max by (model_name) (ray_vllm_kv_cache_usage_perc{{{VLLM_MODEL}}})", "{{model_name}}")],
                 "percentunit",
             ),
             panel(

@@ -34,14 +34,14 @@ def _flag(key: str, value: Any) -> list[str]:
     return [name, str(value)]
 
 
-def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget) -> list[str]:
-    """The `vllm serve` flags for a replica of `spec`."""
+def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget, engine_metrics: bool = True) -> list[str]:
+    """The `vllm serve` flags for a replica of `spec` (`engine_metrics`: keep vLLM's statistics on)."""
     kwargs: dict[str, Any] = {
         "model": model_source,
         "served_model_name": spec.names,
         "max_model_len": spec.max_model_len,
         "disable_uvicorn_access_log": True,
-        "disable_log_stats": True,
+        **({} if engine_metrics else {"disable_log_stats": True}),  # vLLM's flag has no negative form
         **budget.engine_kwargs(),
     }
     # spec.max_tokens is applied by the router to requests without max_tokens: vLLM's

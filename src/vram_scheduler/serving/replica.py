@@ -177,7 +177,7 @@ class VLLMReplica:
 
     def prepare(self, model_source: str, budget: EngineBudget) -> None:
         """Check the engine configuration before taking the startup lock (fail early, hold nothing long)."""
-        self.args = parse_server_args(server_argv(self.spec, model_source, budget))
+        self.args = parse_server_args(server_argv(self.spec, model_source, budget, self.serving.engine_metrics))
         if budget.device == "cpu":
             # vLLM's CPU backend lets this variable override kv_cache_memory_bytes: the reservation decides.
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
@@ -203,11 +203,20 @@ class VLLMReplica:
 
         engine_args = AsyncEngineArgs.from_cli_args(args)
         config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        stat_loggers = None
+        if not args.disable_log_stats:
+            # vLLM's metrics recorded with Ray's metrics API: every Ray node's metrics agent exports
+            # them (ray_vllm_*), where the chart's scrape objects already look; vLLM's own /metrics
+            # would sit on this replica's ephemeral port, which nothing scrapes.
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            stat_loggers = [RayPrometheusStatLogger]
         return AsyncLLM.from_vllm_config(
             vllm_config=config,
             usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=stat_loggers,
             enable_log_requests=False,
-            disable_log_stats=True,
+            disable_log_stats=args.disable_log_stats,
         )
 
     def _engine_pids(self) -> list[int]:
