@@ -384,12 +384,45 @@ def test_app_builders_are_importable_by_path(stack: Stack) -> None:
 
     from ray.serve import Application
 
-    module, _, attr = "vram_scheduler.serving.app:build_app".partition(":")
-    build_app = getattr(importlib.import_module(module), attr)
-    values = {"models": [model("beta", router_name="beta-alias", max_tokens=10)], "app_name": "ray-vram"}
-    assert isinstance(build_app(values), Application)
-    build_model_app = importlib.import_module(module).build_model_app
-    assert isinstance(build_model_app({"model": model("beta", router_name="beta-alias", max_tokens=10)}), Application)
+    module = importlib.import_module("vram_scheduler.serving.app")
+    assert isinstance(module.build_router_app({"models": [model("beta")]}), Application)
+    assert isinstance(module.build_model_app({"model": model("beta", router_name="beta-alias")}), Application)
+
+
+def test_single_application_from_values_serves_and_gives_back_its_reservation(stack: Stack) -> None:
+    """`build_app` deployed the way a RayService does (one Serve application named in the args):
+    its own router on its own port finds its replica, answers, and deleting the application frees
+    the reservation."""
+    import importlib
+
+    build_app = importlib.import_module("vram_scheduler.serving.app").build_app
+    port = free_port()
+    values = {
+        "models": [model("solo", replicas=1)],
+        "serving": {"host": "127.0.0.1", "port": port},
+        "app_name": "ray-vram-single",
+    }
+    serve.run(build_app(values), name="ray-vram-single", route_prefix=None)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        answer = None
+        while time.monotonic() < deadline:  # 503 until the replica has registered with this router
+            answer = httpx.post(
+                base + "/v1/completions", json={"model": "solo", "prompt": "hi", "ignore_eos": True}, timeout=120
+            )
+            if answer.status_code != 503:
+                break
+            time.sleep(1)
+        assert answer is not None and answer.status_code == 200, answer.text if answer else "no answer"
+        assert answer.json()["usage"]["completion_tokens"] == 12  # the model's max_tokens
+        assert [m["id"] for m in httpx.get(base + "/v1/models", timeout=30).json()["data"]] == ["solo"]
+        held = [r["replica_id"] for r in ray.get(stack.controller.allocator.reservations.remote())]
+        assert "solo-0" in held
+    finally:
+        serve.delete("ray-vram-single")
+    held = [r["replica_id"] for r in ray.get(stack.controller.allocator.reservations.remote())]
+    assert "solo-0" not in held and {"beta-0", "beta-1"} <= set(held)
 
 
 def test_shutdown_leaves_the_ledger_empty(stack: Stack) -> None:
