@@ -142,8 +142,8 @@ SDK_INVENTORY = {
                 {
                     "index": 0,
                     "uuid": "GPU-5d5d0000-sdk-0",
-                    "name": "NVIDIA Test 4GB",
-                    "total_gb": 4,
+                    "name": "NVIDIA Test 5GB",
+                    "total_gb": 5,
                 },
                 {
                     "index": 1,

@@ -76,7 +76,7 @@ def actor_state(actor_id: str) -> str:
 
 def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inventory, monitors) -> None:
     allocator = get_vram_allocator()
-    ray.get(allocator.configure.remote({"stale_after_s": 3, "reclaim_interval_s": 1, "replica_overhead_gb": 0.5}))
+    ray.get(allocator.configure.remote({"stale_after_s": 3, "reclaim_interval_s": 1}))  # the default overhead
     processes = [{"pid": HONEST_PID, "used_bytes": 3 * GIB}, {"pid": GREEDY_PID, "used_bytes": 5 * GIB}]
     path = write_inventory(inventory_yaml(processes=processes, used_gb=10))
     monitor = Monitor(
@@ -116,7 +116,7 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
     assert value(samples, "ray_vram_replica_used_bytes", replica="honest-0", **labels) == 3 * GIB
     assert value(samples, "ray_vram_replica_used_bytes", replica="greedy-0", **labels) == 5 * GIB
     assert value(samples, "ray_vram_gpu_unmanaged_bytes", **labels) == 2 * GIB, "10 GiB used, 8 GiB by replicas"
-    assert value(samples, "ray_vram_gpu_reserved_bytes", **labels) == 7 * GIB, "budgets 4 + 2, overhead 2 x 0.5"
+    assert value(samples, "ray_vram_gpu_reserved_bytes", **labels) == 7.5 * GIB, "budgets 4 + 2, overhead 2 x 0.75"
     assert value(samples, "ray_vram_watchdog_violations_total", replica="honest-0") in (None, 0)
 
     # The replica over budget is restarted through Ray (its owner actor killed); its neighbour is untouched.

@@ -34,7 +34,7 @@ def node(name: str, *gpus: tuple[int, float, float], processes: dict[int, list[d
 @pytest.fixture
 def ledger() -> Ledger:
     led = Ledger()
-    led.configure(PlacementSettings(replica_overhead_gb=0.5, stale_after_s=10))
+    led.configure(PlacementSettings(stale_after_s=10))  # the default overhead: 0.75 GiB per replica
     led.update_inventory(node("a", (0, 24, 0), (1, 16, 0)), T0)
     led.update_inventory(node("b", (0, 12, 2)), T0)
     return led
@@ -71,8 +71,8 @@ def test_refusal_names_model_need_largest_slot_and_where(ledger: Ledger) -> None
     with pytest.raises(ReservationError) as caught:
         ledger.reserve("x-0", "x", 30 * GIB, T0)
     assert str(caught.value) == (
-        "model x needs 30.50 GiB per replica (30.00 GiB budget + 0.50 GiB overhead); "
-        "the largest free slot is 24.00 GiB on node a, GPU 0 (short by 6.50 GiB)"
+        "model x needs 30.75 GiB per replica (30.00 GiB budget + 0.75 GiB overhead); "
+        "the largest free slot is 24.00 GiB on node a, GPU 0 (short by 6.75 GiB)"
     )
 
 
@@ -82,8 +82,8 @@ def test_explicit_gpu_checks_room_health_and_existence(ledger: Ledger) -> None:
     with pytest.raises(ReservationError) as caught:
         ledger.reserve("p-1", "p", 14 * GIB, T0, gpu_uuid="a-0")
     assert str(caught.value) == (
-        "model p needs 14.50 GiB per replica (14.00 GiB budget + 0.50 GiB overhead) on node a, GPU 0, "
-        "which has 13.50 GiB free (short by 1.00 GiB); the largest free slot is 16.00 GiB on node a, GPU 1"
+        "model p needs 14.75 GiB per replica (14.00 GiB budget + 0.75 GiB overhead) on node a, GPU 0, "
+        "which has 13.25 GiB free (short by 1.50 GiB); the largest free slot is 16.00 GiB on node a, GPU 1"
     )
     with pytest.raises(ReservationError, match=r"no GPU with uuid 'nope' in the inventory \(known: a-0, a-1, b-0\)"):
         ledger.reserve("p-1", "p", GIB, T0, gpu_uuid="nope")
@@ -98,13 +98,13 @@ def test_never_over_a_gpu_total(ledger: Ledger) -> None:
     placed = 0
     for i in range(100):
         try:
-            ledger.reserve(f"r-{i}", "r", 3 * GIB, T0)
+            ledger.reserve(f"r-{i}", "r", int(3.25 * GIB), T0)
             placed += 1
         except ReservationError:
             break
-    # 24 → 6 × 3.5, 16 → 4 × 3.5, 10 free on b → 2 × 3.5
+    # 3.25 + 0.75 = 4 GiB each: 24 → 6 and 16 → 4 filled to the byte, 10 free on b → 2 (2 GiB left)
     assert placed == 12
-    assert all(free >= 0 for free in ledger.free_bytes().values())
+    assert sorted(ledger.free_bytes().values()) == [0, 0, 2 * GIB]
 
 
 def test_stale_node_gets_nothing_new_but_keeps_what_it_has(ledger: Ledger) -> None:
@@ -150,7 +150,7 @@ def test_attached_processes_are_managed_not_unmanaged() -> None:
     assert led.attach_process("r-0", 41) is False
     gpu = led.state(T0 + 1).gpus[0]
     assert gpu.unmanaged_bytes == 3 * GIB
-    assert gpu.free_bytes == 20 * GIB - 3 * GIB - int(8.5 * GIB)
+    assert gpu.free_bytes == 20 * GIB - 3 * GIB - int(8.75 * GIB)  # budget 8 + the default overhead 0.75
     (replica,) = gpu.replicas
     assert (replica.pid, replica.used_bytes) == (41, 7 * GIB)
     with pytest.raises(ReservationError, match=r"attach pid 5: replica 'ghost' holds no reservation \(held: r-0\)"):

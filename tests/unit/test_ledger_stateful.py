@@ -15,6 +15,8 @@ from vram_scheduler.ledger import Ledger, ReservationError
 NODES = {"a": [24, 16], "b": [80], "c": [12, 12, 8]}
 UUIDS = [f"{node}-{i}" for node, totals in NODES.items() for i in range(len(totals))]
 NOW = 1_000.0
+# With the default 0.75 GiB overhead, 7.25 and 11.25 fill the 8 and 12 GiB GPUs to the byte.
+SIZES_GB = [0.5, 1, 2, 4, 7.25, 11, 11.25, 15, 30, 60, 90]
 
 
 def inventory(node: str, used_gb: list[float], pids: list[int]) -> NodeInventory:
@@ -30,13 +32,13 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ledger = Ledger()
-        self.ledger.configure(PlacementSettings(replica_overhead_gb=0.5, stale_after_s=3600))
+        self.ledger.configure(PlacementSettings(stale_after_s=3600))  # the default overhead
         for node, totals in NODES.items():
             self.ledger.update_inventory(inventory(node, [0.0] * len(totals), [0] * len(totals)), NOW)
         self.held: dict[str, tuple[str, int]] = {}  # replica id → (model, bytes)
         self.counter = 0
 
-    @rule(size_gb=st.sampled_from([0.5, 1, 2, 4, 7.5, 11, 15, 30, 60, 90]), gpu=st.none() | st.sampled_from(UUIDS))
+    @rule(size_gb=st.sampled_from(SIZES_GB), gpu=st.none() | st.sampled_from(UUIDS))
     def reserve(self, size_gb: float, gpu: str | None) -> None:
         replica_id = f"r-{self.counter}"
         self.counter += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vram_scheduler.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
+from vram_scheduler.config import DEFAULT_REPLICA_OVERHEAD_GB, GIB, ModelSpec, PlacementSettings, gib_to_bytes
 from vram_scheduler.inventory import GPUInfo, Inventory, NodeInventory
 from vram_scheduler.planner import Plan, Reservation, plan
 
@@ -53,13 +53,16 @@ def test_best_fit_keeps_the_big_hole_for_the_big_replica() -> None:
 
 
 def test_several_replicas_share_a_gpu_with_overhead_counted() -> None:
-    inv = inventory(("n", [gpu(0, 24, used_gb=1.5)]))
-    result = plan(inv, [spec("m", 5, replicas=4)])  # 4 × 5.5 = 22 > 22.5? no: 22 ≤ 22.5
+    inv = inventory(("n", [gpu(0, 24, used_gb=1)]))
+    # With the default 0.75 GiB overhead: 4 × 5.75 = 23 fills the 23 GiB left to the byte; a 5th does not fit.
+    result = plan(inv, [spec("m", 5, replicas=5)])
     assert len(result.new) == 4
     (g,) = result.gpus
-    assert g.unmanaged_bytes == gib_to_bytes(1.5)
-    assert g.reserved_bytes == 4 * gib_to_bytes(5.5)
-    assert g.free_bytes == gib_to_bytes(0.5)
+    assert g.unmanaged_bytes == gib_to_bytes(1)
+    assert g.reserved_bytes == 4 * gib_to_bytes(5.75)
+    assert g.free_bytes == 0
+    (unplaced,) = result.unplaced
+    assert unplaced.count == 1 and "short by 5.75 GiB" in unplaced.reason
 
 
 def test_shortfall_reason_names_model_need_largest_slot_and_where() -> None:
@@ -68,8 +71,8 @@ def test_shortfall_reason_names_model_need_largest_slot_and_where() -> None:
     (unplaced,) = result.unplaced
     assert unplaced.count == 2
     assert unplaced.reason == (
-        "2 replicas of model m need 10.50 GiB per replica (10 GiB budget + 0.50 GiB overhead); "
-        "the largest free slot is 10.00 GiB on node b, GPU 0 (short by 0.50 GiB)"
+        "2 replicas of model m need 10.75 GiB per replica (10 GiB budget + 0.75 GiB overhead); "
+        "the largest free slot is 10.00 GiB on node b, GPU 0 (short by 0.75 GiB)"
     )
     assert (unplaced.largest_free_gpu, unplaced.largest_free_bytes) == ("node b, GPU 0", 10 * GIB)
 
@@ -225,7 +228,7 @@ def model_mixes(draw: st.DrawFn) -> list[ModelSpec]:
     return models
 
 
-overheads = st.sampled_from([0.0, 0.5, 1.25])
+overheads = st.sampled_from([0.0, 0.5, DEFAULT_REPLICA_OVERHEAD_GB, 1.25])
 
 
 def fits(model: ModelSpec, gpu_plan_free: int, overhead_gb: float) -> bool:
