@@ -16,6 +16,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections import deque
 from typing import Any, TypeVar
 
@@ -41,6 +42,9 @@ NAMESPACE = "ray-vram"
 ACTOR_NAME = "vram_allocator"
 #: GCS internal KV key (namespace `ray-vram`) holding the persisted ledger snapshot.
 LEDGER_KEY = "allocator/ledger"
+#: Inventory-only changes reach the GCS at most this often: every monitor republishes its node each
+#: poll (a restarted allocator relearns within one), while reservations are written at once.
+INVENTORY_PERSIST_INTERVAL_S = 5.0
 
 _M = TypeVar("_M", bound=BaseModel)
 _ACTOR_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -72,6 +76,7 @@ class VRAMAllocator:
         self._waiters: dict[str, deque[tuple[str, asyncio.Future[bool]]]] = {}
         self._pending_owner: dict[str, str | None] = {}
         self._reclaimer: asyncio.Task[None] | None = None
+        self._persisted_at = 0.0
         # The reclaim loop lives on the actor's event loop, which __init__ does not run on: one
         # call to ourselves starts it, so a restarted allocator reclaims before anyone calls it.
         threading.Thread(target=self._kick, name="vram-allocator-kick", daemon=True).start()
@@ -87,6 +92,7 @@ class VRAMAllocator:
 
     def _persist(self) -> None:
         internal_kv._internal_kv_put(LEDGER_KEY, self._ledger.dumps(), overwrite=True, namespace=NAMESPACE)
+        self._persisted_at = time.monotonic()
 
     def _background(self) -> None:
         if self._reclaimer is None or self._reclaimer.done():
@@ -146,7 +152,8 @@ class VRAMAllocator:
             self._ledger.update_inventory(inventory, now())
         except ValueError as error:
             raise ConfigError("update_inventory(node_inventory)", [str(error)]) from None
-        self._persist()
+        if time.monotonic() - self._persisted_at >= INVENTORY_PERSIST_INTERVAL_S:
+            self._persist()
 
     async def reserve(
         self,

@@ -278,3 +278,29 @@ def test_restarted_allocator_reclaims_without_being_called(allocator) -> None:
     time.sleep(10 * interval + 3)  # nobody calls the allocator meanwhile
     assert ray.get(allocator.reservations.remote()) == []  # the first call after the wait sees it freed
     assert actor_pid(allocator) != pid_before
+
+
+def test_reservations_reach_the_gcs_at_once_inventory_polls_at_most_every_interval(allocator) -> None:
+    """Monitors republish every poll, so the allocator writes inventory-only changes to the GCS at
+    most every INVENTORY_PERSIST_INTERVAL_S (a restarted allocator relearns them within a poll);
+    a reservation is written at once, with the inventory current at that moment."""
+    from ray.experimental import internal_kv
+
+    from vram_scheduler.allocator import INVENTORY_PERSIST_INTERVAL_S, LEDGER_KEY
+    from vram_scheduler.ledger import LedgerSnapshot
+
+    def persisted_used_gb() -> float:
+        raw = internal_kv._internal_kv_get(LEDGER_KEY, namespace=NAMESPACE)
+        snapshot = LedgerSnapshot.model_validate_json(raw)
+        return snapshot.nodes["gpu-a"].inventory.gpus[0].used_bytes / GIB
+
+    ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24, used_gb=1)))
+    ray.get(allocator.reserve.remote("p-0", "m", GIB))  # written at once
+    written = time.monotonic()
+    assert persisted_used_gb() == 1
+    for used in (2, 3, 4):
+        ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24, used_gb=used)))
+    if time.monotonic() - written < INVENTORY_PERSIST_INTERVAL_S:
+        assert persisted_used_gb() == 1, "inventory-only updates inside the interval stay in memory"
+    ray.get(allocator.release.remote("p-0"))  # a reservation change writes everything, now
+    assert persisted_used_gb() == 4
