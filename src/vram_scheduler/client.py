@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from .config import GIB, ConfigError, ModelSpec, PlacementSettings, describe_validation_error, format_gib
+from .config import GIB, ConfigError, ModelSpec, describe_validation_error, format_gib
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .ledger import VRAMState
 from .planner import Plan, Reservation, plan
@@ -156,7 +156,7 @@ def plan_on_state(state: VRAMState, specs: Sequence[ModelSpec]) -> Plan:
         inventory,
         specs,
         existing=existing,
-        settings=PlacementSettings.model_validate(state.settings.model_dump()),
+        settings=state.settings,
         excluded_nodes=frozenset(state.stale_nodes),
     )
 

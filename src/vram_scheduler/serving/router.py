@@ -88,6 +88,10 @@ class Registry:
             del self.replicas[rid]
         return gone
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a served model name (per request: no sorted copy of every name)."""
+        return name in self.declared or any(name in r.endpoint.names for r in self.replicas.values())
+
     def names(self) -> list[str]:
         known = set(self.declared)
         for replica in self.replicas.values():
@@ -166,7 +170,7 @@ class OpenAIRouter:
             return
         if method == "GET" and path.startswith("/v1/models/"):
             name = path.removeprefix("/v1/models/")
-            if name in self.registry.names():
+            if self.registry.knows(name):
                 await _respond(send, 200, orjson.dumps(_model_card(name)))
             else:
                 await _respond(
@@ -215,7 +219,7 @@ class OpenAIRouter:
                 error_body(400, "model: field required (a string naming a served model)", "BadRequestError", "model"),
             )
             return
-        if name not in self.registry.names():
+        if not self.registry.knows(name):
             known = ", ".join(self.registry.names()) or "none"
             await _respond(
                 send,
