@@ -18,6 +18,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 #: The `model` value that means "the generated demo model".
 DEMO_MODEL_NAME = "demo"
@@ -32,6 +33,27 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _MARKER = "ray-vram-demo.json"
+
+
+class DemoShape(NamedTuple):
+    """Layer sizes of a generated model (random weights either way)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    max_position: int
+    dtype: str
+
+
+#: "tiny": 2 layers, head size 32 (vLLM's CPU attention supports it), loads in seconds on any CPU.
+#: "gpu": a Qwen2 of real size (28 layers, hidden 1536, about 1.5B parameters, 3 GB in bf16), for
+#: measuring budgets and throughput on a GPU where no model hub is reachable.
+DEMO_SHAPES = {
+    "tiny": DemoShape(128, 256, 2, 4, 2, 2048, "float32"),
+    "gpu": DemoShape(1536, 8960, 28, 12, 2, 4096, "bfloat16"),
+}
 
 
 def default_demo_dir() -> Path:
@@ -89,8 +111,12 @@ def _training_corpus(rng: random.Random) -> list[str]:
     return corpus
 
 
-def generate_demo_model(directory: Path, seed: int = 0) -> Path:
-    """Write tokenizer, config and random weights to `directory` (atomically replaced)."""
+def generate_demo_model(directory: Path, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write tokenizer, config and random weights of `shape` (`DEMO_SHAPES`) to `directory`
+    (atomically replaced)."""
+    if shape not in DEMO_SHAPES:
+        raise ValueError(f"demo model shape {shape!r} is not one of {', '.join(DEMO_SHAPES)}")
+    dims = DEMO_SHAPES[shape]
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -120,34 +146,36 @@ def generate_demo_model(directory: Path, seed: int = 0) -> Path:
             pad_token="<|pad|>",
             unk_token="<|unk|>",
             additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-            model_max_length=2048,
+            model_max_length=dims.max_position,
         )
         hf_tokenizer.chat_template = CHAT_TEMPLATE
         hf_tokenizer.save_pretrained(staging)
 
         config = Qwen2Config(
             vocab_size=len(hf_tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,  # head size 32: supported by vLLM's CPU attention
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
+            hidden_size=dims.hidden,
+            intermediate_size=dims.intermediate,
+            num_hidden_layers=dims.layers,
+            num_attention_heads=dims.heads,
+            num_key_value_heads=dims.kv_heads,
+            max_position_embeddings=dims.max_position,
             rope_theta=10000.0,
             tie_word_embeddings=True,
             bos_token_id=hf_tokenizer.bos_token_id,
             eos_token_id=hf_tokenizer.eos_token_id,
             pad_token_id=hf_tokenizer.pad_token_id,
-            torch_dtype="float32",
+            torch_dtype=dims.dtype,
         )
-        model = Qwen2ForCausalLM(config)
+        # Random weights are made on the GPU when there is one (seconds instead of minutes for "gpu").
+        with torch.device("cuda" if shape != "tiny" and torch.cuda.is_available() else "cpu"):
+            model = Qwen2ForCausalLM(config).to(getattr(torch, dims.dtype))
         model.save_pretrained(staging, safe_serialization=True)
         generation = model.generation_config
         generation.eos_token_id = hf_tokenizer.eos_token_id
         generation.bos_token_id = hf_tokenizer.bos_token_id
         generation.pad_token_id = hf_tokenizer.pad_token_id
         generation.save_pretrained(staging)
-        (staging / _MARKER).write_text(json.dumps({"version": DEMO_MODEL_VERSION, "seed": seed}))
+        (staging / _MARKER).write_text(json.dumps({"version": DEMO_MODEL_VERSION, "seed": seed, "shape": shape}))
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)

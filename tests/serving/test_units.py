@@ -5,25 +5,62 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from vram_scheduler.config import GIB, ModelSpec, ServingSettings
 from vram_scheduler.serving.engine_args import server_argv
+from vram_scheduler.serving.mps import client_env, daemon_running, node_pipe_dir
 from vram_scheduler.serving.pinning import gpu_present, is_cuda_uuid, pin_process
 from vram_scheduler.serving.replica import ReplicaEndpoint
 from vram_scheduler.serving.router import EXPIRE_AFTER_S, OpenAIRouter, Registry
 from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
+from vram_scheduler.serving.vllm_compat import UnsupportedVLLM, check_version, installed_version
 
 # -- sizing ----------------------------------------------------------------------------------------
 
 
-def test_cuda_budget_is_a_share_of_the_gpu_total() -> None:
-    budget = size_engine("m", 20 * GIB, "cuda", 80 * GIB, weight_bytes=3 * GIB)
+def test_cuda_budget_is_a_share_of_the_gpu_total_and_the_cap_is_the_reservation() -> None:
+    budget = size_engine("m", 20 * GIB, "cuda", 80 * GIB, weight_bytes=3 * GIB, overhead_bytes=2 * GIB)
     assert budget.gpu_memory_utilization == pytest.approx(0.25)
-    assert budget.torch_memory_fraction == pytest.approx(0.25)
+    assert budget.cap_bytes == 22 * GIB
     assert budget.engine_kwargs() == {"gpu_memory_utilization": 0.25}
+
+
+def test_cuda_share_never_rounds_above_the_budget() -> None:
+    total = 143771 * 2**20  # an H200
+    budget = size_engine("m", 14 * GIB, "cuda", total)
+    assert budget.gpu_memory_utilization is not None
+    assert budget.gpu_memory_utilization * total <= 14 * GIB
+    assert budget.gpu_memory_utilization * total > 14 * GIB - total / 10_000
+
+
+def test_mps_client_env_caps_the_reserved_gpu_by_uuid() -> None:
+    env = client_env("/tmp/pipe", "GPU-1234", 22 * GIB + 5)
+    assert env == {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/pipe", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "GPU-1234=22528M"}
+
+
+def test_mps_is_not_running_without_its_control_socket(tmp_path: Path) -> None:
+    assert not daemon_running(tmp_path)
+    assert node_pipe_dir() is None or daemon_running(node_pipe_dir() or "")
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.32.0", "0.32.0+cpu", "0.29.1"])
+def test_supported_vllm_versions(version: str) -> None:
+    check_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.25.2", "0.33.0", "1.0.0"])
+def test_unsupported_vllm_version_names_the_range(version: str) -> None:
+    with pytest.raises(UnsupportedVLLM) as error:
+        check_version(version)
+    assert version in str(error.value) and ">=0.26.0,<0.33.0" in str(error.value)
+
+
+def test_installed_vllm_is_supported() -> None:
+    assert installed_version() >= check_version("0.26.0")
 
 
 def test_cpu_budget_sizes_the_kv_cache_in_bytes() -> None:

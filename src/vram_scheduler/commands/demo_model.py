@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..demo_model import default_demo_dir, ensure_demo_model, generate_demo_model
+from ..demo_model import DEMO_SHAPES, default_demo_dir, ensure_demo_model, generate_demo_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,14 +21,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("directory", nargs="?", help=f"output directory (default {default_demo_dir()})")
     parser.add_argument("--force", action="store_true", help="regenerate even if a current copy exists")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(DEMO_SHAPES),
+        default="tiny",
+        help="tiny (default: 2 layers, any CPU) or gpu (about 1.5B parameters in bf16, for GPU measurements)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.directory) if args.directory else default_demo_dir()
     start = time.monotonic()
-    if args.force:
-        generate_demo_model(directory)
+    if args.force or args.shape != "tiny":
+        generate_demo_model(directory, shape=args.shape)
     else:
         ensure_demo_model(directory)
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())

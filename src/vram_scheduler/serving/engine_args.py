@@ -55,13 +55,15 @@ def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget, engine
 
 def parse_server_args(argv: list[str]) -> argparse.Namespace:
     """Parse with vLLM's own `vllm serve` parser; errors name the offending flag."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = make_arg_parser(FlexibleArgumentParser(prog="ray-vram replica", exit_on_error=False))
+    from .vllm_compat import server_cli_args
+
+    cli_args = server_cli_args()
+    parser = cli_args.make_arg_parser(FlexibleArgumentParser(prog="ray-vram replica", exit_on_error=False))
     try:
         args = parser.parse_args(argv)
-        validate_parsed_serve_args(args)
+        cli_args.validate_parsed_serve_args(args)
     except (argparse.ArgumentError, SystemExit, TypeError, ValueError) as error:
         raise EngineArgsError(f"vLLM rejected the engine arguments {argv}: {error}") from None
     return args

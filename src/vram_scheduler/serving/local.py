@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class LocalStack:
     monitor: Any = None
     http: Any = None
     started_ray: bool = False
+    mps_dirs: tuple[str, str] | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, progress: Callable[[str], None] = print) -> None:
@@ -81,6 +83,7 @@ class LocalStack:
         from .controller import Controller
         from .http_api import ControllerAPI
 
+        self._start_mps(progress)
         progress("starting Ray (local, 127.0.0.1 only) ...")
         ray.init(
             address="local",  # always a new cluster of our own, never someone else's
@@ -108,6 +111,30 @@ class LocalStack:
         self._threads.append(thread)
         progress(f"deploying {len(self.config.models)} model(s) ...")
         self.controller.apply(self.config)
+
+    def _start_mps(self, progress: Callable[[str], None]) -> None:
+        """Start an MPS control daemon of this stack's own when the machine has NVIDIA GPUs, so each
+        replica's engine is hard-capped at its reservation (see `serving.mps`); Ray workers inherit
+        its pipe directory."""
+        from ..monitor.readers import NVMLReader, default_node_name
+        from . import mps
+
+        if os.environ.get(mps.PIPE_DIR_ENV) or os.environ.get(mps.SWITCH_ENV) == "off" or mps.control_binary() is None:
+            return
+        try:
+            reader = NVMLReader(default_node_name())
+            has_gpu = bool(reader.gpu_count)
+            reader.close()
+        except Exception:
+            has_gpu = False
+        if not has_gpu:
+            return
+        base = tempfile.mkdtemp(prefix="rv-mps-")
+        pipe_dir, log_dir = os.path.join(base, "pipe"), os.path.join(base, "log")
+        mps.start_daemon(pipe_dir, log_dir)
+        self.mps_dirs = (pipe_dir, log_dir)
+        os.environ[mps.PIPE_DIR_ENV] = pipe_dir
+        progress(f"MPS daemon started ({pipe_dir}): each replica is capped at its reservation")
 
     def _start_monitor(self, address: str) -> None:
         from ..monitor.readers import HostMemoryReader, NVMLReader, default_node_name
@@ -161,6 +188,12 @@ class LocalStack:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+        if self.mps_dirs is not None:
+            from . import mps
+
+            mps.stop_daemon(*self.mps_dirs)
+            os.environ.pop(mps.PIPE_DIR_ENV, None)
+            self.mps_dirs = None
 
 
 def wait_for_interrupt() -> None:

@@ -60,28 +60,6 @@ def pin_process(gpu_uuid: str) -> Literal["cuda", "cpu"]:
     return "cuda"
 
 
-def bind_torch(gpu_uuid: str, memory_fraction: float | None) -> int:
-    """Select the pinned GPU in PyTorch, check it is the reserved one, cap this process to
-    `memory_fraction` of it; returns the device's total bytes."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise PinningError(f"reserved GPU {gpu_uuid} is not visible to this process (torch sees no CUDA device)")
-    torch.cuda.set_device(0)
-    properties = torch.cuda.get_device_properties(0)
-    seen = _torch_uuid(properties)
-    if seen and seen != gpu_uuid.removeprefix("GPU-").removeprefix("MIG-"):
-        raise PinningError(f"pinned to {gpu_uuid} but cuda:0 is GPU-{seen}")
-    if memory_fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_fraction), 0)
-    return int(properties.total_memory)
-
-
-def _torch_uuid(properties: object) -> str:
-    value = getattr(properties, "uuid", None)
-    return str(value) if value is not None else ""
-
-
 def visible_device_total_bytes() -> int:
     """Total memory of the pinned GPU through NVML (does not initialise CUDA)."""
     import pynvml

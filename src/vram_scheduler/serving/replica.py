@@ -1,10 +1,15 @@
 """One model replica: a Ray Serve deployment that owns a vLLM engine inside its reservation.
 
 Start-up order is the product's promise: reserve on the planned GPU (fail fast with the
-allocator's reason) → pin the process to that GPU → take the GPU's startup lock → size and load
-vLLM from the reservation's bytes → release the lock → report its processes to the ledger →
-start vLLM's own OpenAI HTTP layer on this node → register with the router. On shutdown or on
-any failure along the way, everything taken is given back.
+allocator's reason) → pin the process to that GPU → size vLLM from the reservation's bytes and
+cap the engine at the reservation (MPS, see `mps`) → take the GPU's startup lock → load vLLM →
+release the lock → report its processes to the ledger → start vLLM's own OpenAI HTTP layer on
+this node → register with the router. On shutdown or on any failure along the way, everything
+taken is given back.
+
+This actor process never creates a CUDA context: vLLM's engine runs in its own EngineCore
+process (V1 multiprocessing), which inherits the pinning and the cap from this process's
+environment.
 
 The engine is vLLM's `AsyncLLM`; requests are served by vLLM's own OpenAI serving classes (the
 FastAPI app `vllm serve` builds) on a port of this replica's node, which the router calls
@@ -27,12 +32,13 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from ..allocator import get_vram_allocator
-from ..config import ModelSpec, ServingSettings, format_gib
+from ..config import ModelSpec, ServingSettings, format_gib, gib_to_bytes
 from ..demo_model import resolve_model_source
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
 from .loop_thread import LoopThread
-from .pinning import bind_torch, pin_process, visible_device_total_bytes
+from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
+from .pinning import pin_process, visible_device_total_bytes
 from .sizing import EngineBudget, checkpoint_bytes, size_engine
 
 log = logging.getLogger("ray.serve")
@@ -43,6 +49,10 @@ HEARTBEAT_S = 2.0
 REPLICA_HOST_ENV = "RAY_VRAM_REPLICA_HOST"
 #: Longest a replica waits for its GPU's startup lock before giving up.
 STARTUP_LOCK_TIMEOUT_S = 900.0
+#: "0" turns the per-GPU startup lock off: only to reproduce the start-up race it prevents (vllm#55827).
+STARTUP_LOCK_ENV = "RAY_VRAM_GPU_STARTUP_LOCK"
+#: "1" refuses to start a GPU replica on a node without an MPS daemon (no hard cap) instead of warning.
+REQUIRE_MPS_ENV = "RAY_VRAM_REQUIRE_MPS"
 
 
 class ReplicaStartupError(RuntimeError):
@@ -130,7 +140,10 @@ class VLLMReplica:
         device = pin_process(gpu_uuid)
         model_source = resolve_model_source(self.spec.model)
         total = visible_device_total_bytes() if device == "cuda" else _host_memory_total()
-        budget = size_engine(self.spec.model_id, self.spec.vram_bytes, device, total, checkpoint_bytes(model_source))
+        overhead = await self._overhead_bytes() if device == "cuda" else 0
+        budget = size_engine(
+            self.spec.model_id, self.spec.vram_bytes, device, total, checkpoint_bytes(model_source), overhead
+        )
         log.info(
             "replica %s: %s on %s (%s), budget %s: %s",
             self.replica_id,
@@ -141,19 +154,24 @@ class VLLMReplica:
             budget.engine_kwargs(),
         )
         self.device, self.budget = device, budget
+        if device == "cuda":
+            # The engine in its own process: no CUDA context here, and the cap reaches it (`mps`).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+            self._cap_engine(gpu_uuid, budget)
         self.prepare(model_source, budget)
-        locked = await self.allocator.acquire_startup_lock.remote(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
-        if not locked:
-            raise ReplicaStartupError(
-                f"replica {self.replica_id}: startup lock of GPU {gpu_uuid} not granted within "
-                f"{STARTUP_LOCK_TIMEOUT_S:g}s (another replica is still initialising there)"
-            )
+        use_lock = os.environ.get(STARTUP_LOCK_ENV, "1") != "0"
+        if use_lock:
+            locked = await self.allocator.acquire_startup_lock.remote(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
+            if not locked:
+                raise ReplicaStartupError(
+                    f"replica {self.replica_id}: startup lock of GPU {gpu_uuid} not granted within "
+                    f"{STARTUP_LOCK_TIMEOUT_S:g}s (another replica is still initialising there)"
+                )
         try:
-            if device == "cuda":
-                bind_torch(gpu_uuid, budget.torch_memory_fraction)
             await self.load()
         finally:
-            await self.allocator.release_startup_lock.remote(gpu_uuid, self.replica_id)
+            if use_lock:
+                await self.allocator.release_startup_lock.remote(gpu_uuid, self.replica_id)
         pids = self._engine_pids()
         for pid in pids:
             await self.allocator.attach_process.remote(self.replica_id, pid)
@@ -172,6 +190,27 @@ class VLLMReplica:
             pids=pids,
         )
         self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def _overhead_bytes(self) -> int:
+        """The per-replica overhead the ledger adds to this replica's budget (the allocator's setting)."""
+        state = await self.allocator.get_vram_state.remote()
+        return gib_to_bytes(float(state["settings"]["replica_overhead_gb"]))
+
+    def _cap_engine(self, gpu_uuid: str, budget: EngineBudget) -> None:
+        """Make the engine process an MPS client capped at the reservation (inherited at its start)."""
+        pipe_dir = node_pipe_dir()
+        cap = budget.cap_bytes or budget.budget_bytes
+        if pipe_dir is None:
+            message = (
+                f"replica {self.replica_id}: no MPS daemon on this node (${PIPE_DIR_ENV} unset or not running): "
+                f"its engine is sized to {format_gib(cap)} but not hard-capped"
+            )
+            if os.environ.get(REQUIRE_MPS_ENV) == "1":
+                raise ReplicaStartupError(message)
+            log.warning("%s", message)
+            return
+        os.environ.update(client_env(pipe_dir, gpu_uuid, cap))
+        log.info("replica %s: engine capped at %s by MPS on %s", self.replica_id, format_gib(cap), gpu_uuid)
 
     # -- the engine (overridable: the GPU tests run this start-up path with a stand-in engine) --
 
@@ -228,12 +267,12 @@ class VLLMReplica:
 
     async def _start_http(self, args: Any) -> str:
         import uvicorn
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.app import build_app
+
+        from .vllm_compat import build_openai_app, init_openai_app_state
 
         tasks = await self.engine.get_supported_tasks()
-        app = build_app(args, tasks, self.engine.model_config)
-        await init_app_state(self.engine, app.state, args, tasks)
+        app = build_openai_app(args, tasks, self.engine.model_config)
+        await init_openai_app_state(self.engine, app.state, args, tasks)
         host = os.environ.get(REPLICA_HOST_ENV) or node_ip_address()
         sock = socket.create_server((host, 0), reuse_port=False)
         config = uvicorn.Config(

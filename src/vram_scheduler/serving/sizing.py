@@ -1,9 +1,17 @@
-"""Engine sizing from a reservation: how many bytes vLLM and PyTorch may use, never a guessed fraction.
+"""Engine sizing from a reservation: how many bytes vLLM may use, never a guessed fraction.
 
-On CUDA, vLLM's `gpu_memory_utilization` is a share of the GPU's *total* memory that bounds
-weights + activations + KV cache together, so the reservation divided by the GPU's total is
-exactly the budget; PyTorch's per-process memory fraction is set to the same share, which makes
-the caching allocator raise OOM in this process (and only this one) at the cap.
+On CUDA, vLLM's `gpu_memory_utilization` is a share of the GPU's *total* memory that bounds what
+vLLM itself profiles — weights, peak activations, its CUDA-graph estimate and the KV cache — so
+the budget divided by the GPU's total is the share. What vLLM does not count lies outside the
+share: the engine process's CUDA context (0.5 GiB, measured on an H200 under MPS) and what its
+allocators grow by under load. The per-replica overhead of the reservation covers those, and the
+reservation (budget + overhead) is the hard cap MPS enforces on the engine (see `mps`). The
+table behind the default overhead is in the README ("Budgets on a GPU").
+
+A utilization share rather than an explicit `kv_cache_memory_bytes`: with bytes, the engine's
+footprint is weights + KV + everything else, and "everything else" (2.4 GiB for a 1.3B model at
+`max_model_len` 2048 on the H200) depends on the model and is unknown before vLLM profiles it;
+with a share, vLLM measures it and only the unprofiled remainder needs a margin.
 
 On CPU (vLLM's CPU backend, local mode and CI), the reservation is accounted in host memory,
 where the monitor measures the replica's resident memory: vLLM takes an explicit
@@ -14,6 +22,7 @@ runtime of the replica's processes.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +47,9 @@ class EngineBudget(BaseModel):
     weight_bytes: int = Field(ge=0, description="Estimated from the checkpoint files (0 if unknown).")
     gpu_memory_utilization: float | None = None
     kv_cache_memory_bytes: int | None = None
-    torch_memory_fraction: float | None = None
+    cap_bytes: int | None = Field(
+        default=None, description="Hard cap of the engine process on CUDA: the reservation, budget + overhead."
+    )
 
     def engine_kwargs(self) -> dict[str, float | int]:
         """The vLLM engine arguments this budget sets (the spec's `engine_kwargs` may not)."""
@@ -71,15 +82,17 @@ def size_engine(
     device: Literal["cuda", "cpu"],
     device_total_bytes: int,
     weight_bytes: int = 0,
+    overhead_bytes: int = 0,
 ) -> EngineBudget:
-    """Engine settings that keep a replica of `model_id` inside `budget_bytes`."""
+    """Engine settings that keep a replica of `model_id` inside `budget_bytes` (+ `overhead_bytes`
+    on CUDA: the part of the reservation vLLM does not count)."""
     if budget_bytes > device_total_bytes:
         raise BudgetTooSmall(
             f"model {model_id}: budget {format_gib(budget_bytes)} exceeds the device's total "
             f"{format_gib(device_total_bytes)}"
         )
     if device == "cuda":
-        share = round(budget_bytes / device_total_bytes, 4)
+        share = math.floor(budget_bytes / device_total_bytes * 10_000) / 10_000  # never above the budget
         if weight_bytes + MIN_KV_CACHE_BYTES > budget_bytes:
             raise BudgetTooSmall(_too_small(model_id, budget_bytes, weight_bytes, 0))
         return EngineBudget(
@@ -88,7 +101,7 @@ def size_engine(
             device_total_bytes=device_total_bytes,
             weight_bytes=weight_bytes,
             gpu_memory_utilization=share,
-            torch_memory_fraction=share,
+            cap_bytes=min(budget_bytes + overhead_bytes, device_total_bytes),
         )
     kv_bytes = budget_bytes - weight_bytes - CPU_RUNTIME_BYTES
     if kv_bytes < MIN_KV_CACHE_BYTES:
