@@ -13,7 +13,6 @@ the installation's Ray token (`ray_auth_env`). The OpenAI endpoint leaves loopba
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -29,6 +28,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..config import ConfigError, RayVRAMConfig, ServingSettings
 from ..demo_model import ensure_demo_model, is_demo_model
+from ..loopback import is_loopback_host, keep_ray_on_loopback
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,9 @@ LOCAL_ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
 }
 
-#: Set for this process and every process it starts, whatever the environment says.
-LOOPBACK_ENV = {
-    # Ray turns a node address of 127.0.0.1 into the machine's network address (and its dashboard
-    # and runtime-env agents listen there) unless this switch is off; named for macOS/Windows, it is
-    # read on every platform. Off, the node is 127.0.0.1 and the agents listen on loopback only.
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    # Replicas serve on loopback.
-    "RAY_VRAM_REPLICA_HOST": "127.0.0.1",
-}
+#: Set for this process and every process it starts, whatever the environment says (with
+#: `loopback.LOOPBACK_NODE_ENV`: the Ray node, its agents and workers on 127.0.0.1).
+LOOPBACK_ENV = {"RAY_VRAM_REPLICA_HOST": "127.0.0.1"}
 
 #: File (in the config directory) holding this installation's Ray token for local mode.
 TOKEN_FILE = "ray-auth-token"
@@ -83,16 +77,6 @@ def ray_auth_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> dic
     if environ.get("RAY_AUTH_MODE", "token").strip().lower() == "disabled":
         return {}
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ensure_ray_token())}
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` (an address or `localhost`) is reachable from this machine only."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def local_serving(config: RayVRAMConfig, environ: dict[str, str] | os._Environ[str] = os.environ) -> ServingSettings:
@@ -162,6 +146,7 @@ class LocalStack:
         for key, value in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         os.environ.update(LOOPBACK_ENV)
+        keep_ray_on_loopback()
         auth = ray_auth_env()
         os.environ.pop("RAY_AUTH_TOKEN", None)  # a token for another cluster would win over ours
         os.environ.update(auth or {"RAY_AUTH_MODE": "disabled"})
@@ -267,12 +252,10 @@ class LocalStack:
 
 
 def _apply_to_this_process(token: bool) -> None:
-    """Make this process's Ray see the environment just set, even if Ray was imported before: it reads
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import and RAY_AUTH_MODE once, and caches the token."""
-    from ray._private import ray_constants
+    """Make this process's Ray see the auth settings just put in the environment, even if Ray was
+    used before: it reads RAY_AUTH_MODE once and caches the token."""
     from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
 
-    ray_constants.ENABLE_RAY_CLUSTER = False
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     if token and get_authentication_mode() != AuthenticationMode.TOKEN:
