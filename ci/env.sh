@@ -21,6 +21,8 @@ export HF_HOME=$RAY_VRAM_CACHE/hf
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+# Tests only: their Ray clusters skip token auth (faster, no token to pass around). Nothing that
+# ships defaults to this: ci/up.sh drops it, and local mode turns auth on unless told otherwise.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 export RAY_USAGE_STATS_ENABLED=0
 export PIP_DISABLE_PIP_VERSION_CHECK=1

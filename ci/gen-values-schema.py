@@ -61,6 +61,7 @@ BOOL: Schema = {"type": "boolean"}
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_LABEL_SHORT = r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$"
 IPV4 = r"^$|^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$"
+LOOPBACK_HOST = r"^(127\.[0-9.]+|::1|\[::1\]|localhost)$"
 DURATION = r"^([0-9]+(ms|s|m|h))+$"
 IMAGE = r"^[a-z0-9][a-zA-Z0-9./_:@-]*$"
 PORT = integer(1, 65535)
@@ -257,6 +258,10 @@ def config_defs() -> dict[str, Schema]:
         name: {"not": {}, "description": "set by ray-vram from vram_gb/model/max_model_len; remove it"}
         for name in OWNED_ENGINE_KWARGS
     }
+    # An endpoint beyond loopback (the default host 0.0.0.0 is) needs api_key_env (ServingSettings).
+    serving = defs["ServingSettings"]
+    serving["if"] = {"not": {"required": ["host"], "properties": {"host": {"pattern": LOOPBACK_HOST}}}}
+    serving["then"] = {"properties": {"api_key_env": {"type": "string", "minLength": 1}}}
     return defs
 
 

@@ -180,11 +180,14 @@ class LocalStack:
     """`ray-vram up`'s local stack in a child process (Ray never enters the test process), with the
     monitor publishing a declared two-GPU inventory instead of host memory so placement is exact.
 
-    Attributes once started: `controller` (URL), `endpoint` (OpenAI base URL ending in /v1).
+    Attributes once started: `controller` (URL), `endpoint` (OpenAI base URL ending in /v1), `pid`
+    (the stack's process, root of every process it starts). `auth=False` (the SDK tests) turns Ray's
+    token auth off for speed; `auth=True` starts the stack as users get it, its token under `work`.
     """
 
-    def __init__(self, models: list[dict], work: Path | None = None):
+    def __init__(self, models: list[dict], work: Path | None = None, auth: bool = False):
         self.models = models
+        self.auth = auth
         self.work = Path(tempfile.mkdtemp(prefix="sdk-", dir=work)) if work else ray_temp_dir("sdk-")
         self.controller_port = free_port()
         self.serving_port = free_port()
@@ -193,6 +196,11 @@ class LocalStack:
         self.log = self.work / "stack.log"
         self.process: subprocess.Popen | None = None
         self.gcs_address = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the stack is not started"
+        return self.process.pid
 
     def __enter__(self) -> LocalStack:
         import yaml
@@ -204,6 +212,10 @@ class LocalStack:
         )
         inventory.write_text(yaml.safe_dump(SDK_INVENTORY))
         env = vllm_env() | {"RAY_TMPDIR": str(self.work), "RAY_AUTH_MODE": "disabled"}
+        if self.auth:
+            for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+                env.pop(name, None)
+            env["XDG_CONFIG_HOME"] = str(self.work / "config")
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, __file__, str(values), str(inventory), str(self.controller_port)],

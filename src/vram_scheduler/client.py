@@ -271,11 +271,13 @@ class RayControllerAPI:
 
         from .allocator import NAMESPACE
         from .config import ServingSettings
+        from .loopback import prepare_ray_join
         from .serving.controller import SERVING_KEY, Controller
 
         self.url = address
         try:
             if not ray.is_initialized():
+                prepare_ray_join(address)
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ControllerUnavailableError(f"cannot join the Ray cluster at {address}: {error}") from None

@@ -18,10 +18,13 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
+
+from .loopback import is_loopback_host
 
 GIB = 1024**3
 
@@ -135,11 +138,16 @@ class PlacementSettings(StrictModel):
 class ServingSettings(StrictModel):
     """The OpenAI-compatible endpoint."""
 
-    host: str = Field(default="0.0.0.0", description="Address the HTTP proxy listens on.")
+    host: str = Field(
+        default="0.0.0.0",
+        description="Address the OpenAI endpoint listens on (local mode: 127.0.0.1 unless set). Any address "
+        "but loopback requires api_key_env.",
+    )
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible endpoint.")
     api_key_env: str | None = Field(
         default="RAY_VRAM_API_KEY",
-        description="Environment variable holding the bearer API key; unset or empty variable = no auth.",
+        description="Environment variable holding the bearer API key; unset or empty variable = no auth "
+        "(local mode refuses a non-loopback host without a key). Required (not null) when host is not loopback.",
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a request may take.")
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica takes before 429/503.")
@@ -148,6 +156,17 @@ class ServingSettings(StrictModel):
         description="Export vLLM's engine metrics (ray_vllm_*: TTFT, tokens, queue, KV cache) through Ray's "
         "metrics agent on every Ray node; off saves a little CPU per request.",
     )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_beyond_loopback(cls, value: str | None, info: ValidationInfo) -> str | None:
+        host = info.data.get("host")
+        if host is not None and not is_loopback_host(host) and not (value or "").strip():
+            raise ValueError(
+                f"required when serving.host = {host!r} (reachable from other hosts): name the environment "
+                "variable that holds the endpoint's API key (e.g. RAY_VRAM_API_KEY), or listen on 127.0.0.1"
+            )
+        return value
 
 
 class RayVRAMConfig(StrictModel):

@@ -124,6 +124,27 @@ def test_schema_rules_match_pydantic(model: dict, tmp_path: Path) -> None:
     render_fails(values=[values])
 
 
+@pytest.mark.parametrize(
+    "serving",
+    [{"api_key_env": None}, {"host": "10.0.0.5", "api_key_env": ""}],
+    ids=["default-host-no-key", "address-empty-key"],
+)
+def test_an_endpoint_beyond_loopback_without_api_key_env_is_refused_by_both(serving: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"serving\.api_key_env"):
+        parse_config({"serving": serving})
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"serving": serving}))
+    assert names_key(render_fails(values=[values]), "serving/api_key_env")
+
+
+def test_a_loopback_endpoint_without_api_key_env_is_accepted(tmp_path: Path) -> None:
+    from .helm import render
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"serving": {"host": "127.0.0.1", "api_key_env": None}}))
+    render(values=[values])
+
+
 def test_max_replicas_alone_and_replicas_alone_are_accepted(tmp_path: Path) -> None:
     from .helm import render
 

@@ -168,7 +168,7 @@ def call(router: OpenAIRouter, method: str, path: str, **kwargs: object) -> http
 
 
 def test_router_answers_for_itself() -> None:
-    router = OpenAIRouter(ServingSettings(api_key_env=None))
+    router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None))
     router.registry.declare([{"model_id": "a", "router_name": "b"}, {"model_id": "c"}])
     router.registry.register(endpoint("a-0", ["a", "b"], limit=1), now=time.monotonic())
     assert call(router, "GET", "/healthz").status_code == 200

@@ -155,3 +155,26 @@ def test_max_replicas_spec_round_trips_through_its_dump() -> None:
     dumped = spec.model_dump(mode="json")
     assert "replicas" not in dumped
     assert ModelSpec.model_validate(dumped) == spec
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gpu-box.example"])
+@pytest.mark.parametrize("key", [None, "", "  "])
+def test_an_endpoint_beyond_loopback_requires_api_key_env(host: str, key: str | None) -> None:
+    (problem,) = problems_of({"serving": {"host": host, "api_key_env": key}})
+    assert problem.startswith(f"serving.api_key_env = {key!r}: required when serving.host = {host!r}")
+    assert "RAY_VRAM_API_KEY" in problem and "127.0.0.1" in problem
+
+
+def test_api_key_env_null_alone_is_refused_for_the_default_host() -> None:
+    (problem,) = problems_of({"serving": {"api_key_env": None}})
+    assert "serving.host = '0.0.0.0'" in problem
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.53", "::1", "localhost"])
+def test_a_loopback_endpoint_may_go_without_an_api_key(host: str) -> None:
+    assert parse_config({"serving": {"host": host, "api_key_env": None}}).serving.api_key_env is None
+
+
+def test_an_exposed_endpoint_with_api_key_env_is_accepted() -> None:
+    serving = parse_config({"serving": {"host": "0.0.0.0", "api_key_env": "MY_KEY"}}).serving
+    assert (serving.host, serving.api_key_env) == ("0.0.0.0", "MY_KEY")

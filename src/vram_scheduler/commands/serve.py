@@ -54,11 +54,13 @@ class _Lazy:
         import ray
 
         from ..allocator import NAMESPACE
+        from ..loopback import prepare_ray_join
         from ..serving.controller import Controller
         from ..serving.http_api import ControllerAPI
 
         config = load_config(self.config_path)
         deadline = time.monotonic() + self.wait_timeout_s
+        prepare_ray_join(self.address)
         while True:
             try:
                 ray.init(address=self.address, namespace=NAMESPACE, logging_level=logging.WARNING)

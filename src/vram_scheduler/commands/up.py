@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             f"[green]ready in {time.monotonic() - started:.0f}s[/green] — OpenAI endpoint "
             f"[bold]{stack.controller.endpoint}[/bold] (models: {names}); controller API "
-            f"http://127.0.0.1:{args.controller_port}/v1/deployments\n"
+            f"http://127.0.0.1:{args.controller_port}/v1/deployments; Ray GCS "
+            f"{ray.get_runtime_context().gcs_address}\n"
             f"try: curl {stack.controller.endpoint}/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{config.models[0].model_id if config.models else "MODEL"}", '
             f'"messages": [{{"role": "user", "content": "hello"}}]}}\'\n'

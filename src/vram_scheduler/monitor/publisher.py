@@ -217,10 +217,12 @@ class AllocatorLink:
         import ray
 
         from ..allocator import NAMESPACE, get_vram_allocator
+        from ..loopback import prepare_ray_join
 
         if not ray.is_initialized():
             if self.address:
                 _check_reachable(self.address)
+            prepare_ray_join(self.address)
             ray.init(
                 address=self.address,
                 namespace=NAMESPACE,

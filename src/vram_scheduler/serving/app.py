@@ -27,7 +27,7 @@ from .router import ROUTER_APP_ENV, ROUTER_DEPLOYMENT, RouterDeployment
 
 #: Environment a replica inherits from whoever builds the app (caches, offline hub, vLLM knobs).
 PASSED_ENV_PREFIXES = ("VLLM_", "HF_", "TRANSFORMERS_", "TORCH", "RAY_VRAM_", "OMP_", "CUDA_DEVICE_ORDER")
-PASSED_ENV = {"TMPDIR", "XDG_CACHE_HOME", "DO_NOT_TRACK", "RAY_AUTH_MODE", "HOME"}
+PASSED_ENV = {"TMPDIR", "XDG_CACHE_HOME", "DO_NOT_TRACK", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "HOME"}
 
 
 def replica_env() -> dict[str, str]:

@@ -1,37 +1,110 @@
 """Local mode (`ray-vram up`): the whole platform on one machine, in the foreground.
 
-An embedded Ray (loopback only), the allocator, a monitor in this process (NVML when a GPU is
-present, else host memory as one pseudo-GPU), the serving controller with its HTTP API, and the
-OpenAI endpoint. Ctrl-C shuts everything down: models first (each replica frees its
-reservation), then Serve, then Ray — nothing is left running or reserved.
+An embedded Ray, the allocator, a monitor in this process (NVML when a GPU is present, else host
+memory as one pseudo-GPU), the serving controller with its HTTP API, and the OpenAI endpoint.
+Ctrl-C shuts everything down: models first (each replica frees its reservation), then Serve, then
+Ray — nothing is left running or reserved.
+
+Nothing is reachable from another host without a credential: everything that takes an address
+listens on 127.0.0.1, and Ray's own gRPC servers (which always listen on every interface) require
+the installation's Ray token (`ray_auth_env`). The OpenAI endpoint leaves loopback only when
+`serving.host` says so, and then only with an API key (`check_serving_exposure`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from ..config import RayVRAMConfig
+from ..config import ConfigError, RayVRAMConfig, ServingSettings
 from ..demo_model import ensure_demo_model, is_demo_model
+from ..loopback import is_loopback_host, keep_ray_on_loopback
 
 log = logging.getLogger(__name__)
 
 #: vLLM engine start in seconds instead of a minute on CPU machines (see README "Local mode").
 LOCAL_ENV_DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "RAY_AUTH_MODE": "disabled",
     "HF_HUB_OFFLINE": "1",
-    # Replicas serve on loopback: everything of local mode stays on 127.0.0.1.
-    "RAY_VRAM_REPLICA_HOST": "127.0.0.1",
 }
+
+#: Set for this process and every process it starts, whatever the environment says (with
+#: `loopback.LOOPBACK_NODE_ENV`: the Ray node, its agents and workers on 127.0.0.1).
+LOOPBACK_ENV = {"RAY_VRAM_REPLICA_HOST": "127.0.0.1"}
+
+#: File (in the config directory) holding this installation's Ray token for local mode.
+TOKEN_FILE = "ray-auth-token"
+
+
+def config_dir() -> Path:
+    """`$XDG_CONFIG_HOME/ray-vram` (default `~/.config/ray-vram`): what outlives caches and runs."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "ray-vram"
+
+
+def ensure_ray_token(directory: Path | None = None) -> Path:
+    """The installation's Ray token file, created on first use: 64 random hex digits, mode 0600 in a
+    0700 directory. An existing file readable by others is narrowed to 0600; an empty one is refilled."""
+    directory = directory or config_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / TOKEN_FILE
+    if path.exists() and path.read_text().strip():
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+        return path
+    temporary = directory / f".{TOKEN_FILE}.{os.getpid()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    os.replace(temporary, path)  # atomic: two first starts at once both end with one whole token
+    return path
+
+
+def ray_auth_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+    """Ray's token auth for the local cluster: `RAY_AUTH_MODE=token` and the installation's token
+    file. Empty when the caller turned auth off explicitly (`RAY_AUTH_MODE=disabled`, what the test
+    suite does for speed); never off by default."""
+    if environ.get("RAY_AUTH_MODE", "token").strip().lower() == "disabled":
+        return {}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ensure_ray_token())}
+
+
+def local_serving(config: RayVRAMConfig, environ: dict[str, str] | os._Environ[str] = os.environ) -> ServingSettings:
+    """The endpoint settings local mode uses: on 127.0.0.1 unless the values set `serving.host`, and
+    beyond loopback only with an API key in the environment variable `serving.api_key_env` names."""
+    serving = config.serving
+    if "host" not in serving.model_fields_set:
+        serving = serving.model_copy(update={"host": "127.0.0.1"})
+    check_serving_exposure(serving, environ)
+    return serving
+
+
+def check_serving_exposure(serving: ServingSettings, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Refuse an OpenAI endpoint open to other hosts without an API key (ConfigError naming the fix)."""
+    if is_loopback_host(serving.host):
+        return
+    variable = serving.api_key_env
+    if variable and environ.get(variable, "").strip():
+        return
+    where = f"the environment variable {variable}" if variable else "serving.api_key_env (null)"
+    raise ConfigError(
+        "serving",
+        [
+            f"serving.host = {serving.host!r} opens the OpenAI endpoint to other hosts, but {where} holds no "
+            "API key; set one (e.g. `export RAY_VRAM_API_KEY=$(openssl rand -hex 24)`) or use host 127.0.0.1"
+        ],
+    )
 
 
 class _ThreadingWSGIServer(WSGIServer):
@@ -71,8 +144,19 @@ class LocalStack:
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, progress: Callable[[str], None] = print) -> None:
+        self.config = self.config.model_copy(update={"serving": local_serving(self.config)})
         for key, value in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        os.environ.update(LOOPBACK_ENV)
+        keep_ray_on_loopback()
+        auth = ray_auth_env()
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # a token for another cluster would win over ours
+        os.environ.update(auth or {"RAY_AUTH_MODE": "disabled"})
+        if not auth:
+            progress(
+                "warning: RAY_AUTH_MODE=disabled: Ray's gRPC ports (on every interface) accept anyone "
+                "who can reach this machine"
+            )
         if any(is_demo_model(m.model) for m in self.config.models):
             progress("preparing the demo model ...")
             ensure_demo_model()
@@ -84,7 +168,8 @@ class LocalStack:
         from .http_api import ControllerAPI
 
         self._start_mps(progress)
-        progress("starting Ray (local, 127.0.0.1 only) ...")
+        _apply_to_this_process(token=bool(auth))
+        progress("starting Ray (local, token auth) ..." if auth else "starting Ray (local) ...")
         ray.init(
             address="local",  # always a new cluster of our own, never someone else's
             namespace=NAMESPACE,
@@ -95,6 +180,9 @@ class LocalStack:
             log_to_driver=os.environ.get("RAY_VRAM_LOG_TO_DRIVER", "0") == "1",
         )
         self.started_ray = True
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != "127.0.0.1":
+            raise RuntimeError(f"the local Ray node took address {node_ip}, not 127.0.0.1; refusing to serve")
         serve.start(proxy_location="Disabled")
         self.controller = Controller(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
@@ -194,6 +282,17 @@ class LocalStack:
             mps.stop_daemon(*self.mps_dirs)
             os.environ.pop(mps.PIPE_DIR_ENV, None)
             self.mps_dirs = None
+
+
+def _apply_to_this_process(token: bool) -> None:
+    """Make this process's Ray see the auth settings just put in the environment, even if Ray was
+    used before: it reads RAY_AUTH_MODE once and caches the token."""
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    if token and get_authentication_mode() != AuthenticationMode.TOKEN:
+        raise RuntimeError("Ray did not take RAY_AUTH_MODE=token; refusing to start an unauthenticated local cluster")
 
 
 def wait_for_interrupt() -> None:
