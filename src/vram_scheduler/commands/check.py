@@ -196,10 +196,12 @@ def run_stress(args: argparse.Namespace) -> int:
         for column in stress_report.COLUMNS:
             table.add_column(column)
         for row in stress_report.rows(result):
-            status = row[-1].split(":", 1)[0]
-            style = {"ok": "green", "skipped": "yellow"}.get(status, "bold red")
+            style = {"ok": "green", "skipped": "yellow"}.get(row[-1], "bold red")
             table.add_row(*row[:-1], f"[{style}]{row[-1]}[/{style}]")
-        wide_console().print(table)
+        console = wide_console()
+        console.print(table)
+        for line in stress_report.notes(result):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         verdict = "passed" if result.ok else "FAILED"
         print(f"burn-in {verdict}: {len(result.gpus)} GPU(s), {len(result.cpus)} node(s)")
     return 0 if result.ok else 1

@@ -83,7 +83,7 @@ class CPUStress(StrictModel):
     @property
     def model(self) -> str:
         """Nodes compare only with nodes of the same CPU and the same number of threads."""
-        return f"{self.cpu_model} × {self.threads} threads"
+        return f"{self.cpu_model} × {self.threads} thread{'s' if self.threads > 1 else ''}"
 
     def throughputs(self) -> dict[str, float]:
         return {} if self.gflops is None else {"GFLOP/s": self.gflops}
@@ -245,8 +245,14 @@ def _gib(n_bytes: int | None) -> str:
     return "-" if n_bytes is None else f"{n_bytes / GIB:.2f} GiB"
 
 
-def _verdict_text(verdict: Verdict) -> str:
-    return verdict.status + (": " + "; ".join(verdict.reasons) if verdict.reasons else "")
+def verdicts(report: StressReport) -> list[Verdict]:
+    """Every verdict in table order: GPUs first, then nodes."""
+    return report.gpu_verdicts + report.cpu_verdicts
+
+
+def notes(report: StressReport) -> list[str]:
+    """One line per verdict with reasons, printed under the table (reasons are too long for a cell)."""
+    return [f"{v.phase} {v.target}: {v.status}: {'; '.join(v.reasons)}" for v in verdicts(report) if v.reasons]
 
 
 def gpu_row(result: GPUStress, verdict: Verdict) -> list[str]:
@@ -275,16 +281,16 @@ def gpu_row(result: GPUStress, verdict: Verdict) -> list[str]:
         state.append(f"throttle {','.join(result.throttle_reasons)}")
     device = f"GPU {result.index} {result.uuid}"
     end_state = "; ".join(state) or "-"
-    return ["gpu", result.node, device, result.name, throughput or "-", memory, end_state, _verdict_text(verdict)]
+    return ["gpu", result.node, device, result.name, throughput or "-", memory, end_state, verdict.status]
 
 
 def cpu_row(result: CPUStress, verdict: Verdict) -> list[str]:
     throughput = "-" if result.gflops is None else f"{result.gflops:.1f} GFLOP/s"
     device = f"CPU ({result.node_id[:8]})"
-    return ["cpu", result.node, device, result.model, throughput, "-", "-", _verdict_text(verdict)]
+    return ["cpu", result.node, device, result.model, throughput, "-", "-", verdict.status]
 
 
 def rows(report: StressReport) -> list[list[str]]:
-    """The table: GPUs first, then nodes, each with its verdict and reasons."""
+    """The table: GPUs first, then nodes, each with its verdict (reasons: `notes`)."""
     table = [gpu_row(r, v) for r, v in zip(report.gpus, report.gpu_verdicts, strict=True)]
     return table + [cpu_row(r, v) for r, v in zip(report.cpus, report.cpu_verdicts, strict=True)]
