@@ -22,7 +22,7 @@ EXIT_UNPLACED = 3
 #: Sub-command modules under vram_scheduler.commands, in --help order. Each has
 #: `register(subparsers)` that adds its parser and sets `func(args) -> int`.
 COMMANDS = ["plan", "schema", "demo_model", "node_start", "up", "serve", "monitor"]
-COMMANDS += ["deploy", "status", "shutdown", "check", "chat"]
+COMMANDS += ["deploy", "status", "shutdown", "check", "chat", "measure"]
 
 
 def build_parser() -> argparse.ArgumentParser:
