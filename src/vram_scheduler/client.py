@@ -168,7 +168,7 @@ def model_spec(
     replicas: int | None = None,
     max_replicas: bool = False,
     router_name: str | None = None,
-    max_model_len: int = 8192,
+    max_model_len: int | None = None,
     max_tokens: int = 256,
     gpu_type: str | None = None,
     **engine_kwargs: Any,
@@ -306,6 +306,8 @@ class RayControllerAPI:
             plan = self.controller.deploy(spec)
         except Unplaceable as error:
             raise PlacementError(str(error), error.reasons, 0, spec.replicas) from None
+        except ConfigError:
+            raise
         except Exception as error:
             raise SchedulerError(f"{type(error).__name__}: {error}") from None
         return {
@@ -426,7 +428,7 @@ class VRAMScheduler:
         replicas: int = 1,
         max_replicas: bool = False,
         router_name: str | None = None,
-        max_model_len: int = 8192,
+        max_model_len: int | None = None,
         max_tokens: int = 256,
         *,
         gpu_type: str | None = None,

@@ -21,7 +21,8 @@ from ray import serve
 from ray.experimental import internal_kv
 
 from ..allocator import NAMESPACE, get_vram_allocator
-from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..model_limits import effective_max_model_len
 from ..planner import Plan, Reservation
 from .app import model_app_name, model_application, replica_env, router_application
 from .router import ROUTER_APP, router_handle
@@ -124,6 +125,7 @@ class Controller:
             return result
 
     def _apply(self, config: RayVRAMConfig) -> dict[str, Any]:
+        check_model_limits(config.models)
         ray.get(self.allocator.configure.remote(config.placement.model_dump(mode="json")))
         self.serving = config.serving
         current = self.deployed()
@@ -153,6 +155,7 @@ class Controller:
 
     def deploy(self, spec: ModelSpec, placement: PlacementSettings | None = None) -> Plan:
         """Plan and deploy (or replace) one model; other models are untouched. Raises `Unplaceable`."""
+        check_model_limits([spec])
         with self._lock:
             others = [r.spec for r in self.deployed().values() if r.spec.model_id != spec.model_id]
             self._ensure_router([*others, spec])
@@ -312,6 +315,19 @@ class Controller:
             return True
         registered = {e["replica_id"] for e in router_handle().endpoints.remote().result(timeout_s=30)}
         return wanted <= registered
+
+
+def check_model_limits(specs: list[ModelSpec]) -> None:
+    """Refuse, before anything is planned or reserved, a `max_model_len` over a model's own maximum
+    (where the controller can read the model's config without downloading; replicas check again)."""
+    problems = []
+    for spec in specs:
+        try:
+            effective_max_model_len(spec)
+        except ConfigError as error:
+            problems += [f"{spec.model_id}: {p}" for p in error.problems]
+    if problems:
+        raise ConfigError("models", problems)
 
 
 def deploy_in_background(app: Any, name: str) -> None:
