@@ -66,12 +66,22 @@ def root_cause(error: BaseException) -> str:
     return text if name in _PHRASED else f"{name}: {text}"
 
 
+#: The generated demo model answers fast and closes structured output (random weights) with these,
+#: so the original quick start runs on it unchanged; a model's own engine_kwargs take precedence.
+DEMO_ENGINE_DEFAULTS: dict[str, object] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
+
+
 class ModelCheckError(RuntimeError):
     """The model cannot be served as configured; found before anything was reserved."""
 
 
 def checked_spec(spec: ModelSpec, replica_id: str) -> ModelSpec:
-    """`spec` with its effective `max_model_len`, checked against the model's files on this node.
+    """`spec` with its effective `max_model_len` (and the demo model's engine defaults), checked
+    against the model's files on this node.
 
     Raises `ModelCheckError` (one line, the fix included) for a missing local path or a length over
     the model's maximum; a hub name whose files cannot be fetched is left to vLLM to report.
@@ -90,4 +100,7 @@ def checked_spec(spec: ModelSpec, replica_id: str) -> ModelSpec:
         length = effective_max_model_len(spec, download=True)
     except ConfigError as error:
         raise ModelCheckError(f"{where}: " + "; ".join(error.problems)) from None
-    return spec.model_copy(update={"max_model_len": length})
+    update: dict[str, object] = {"max_model_len": length}
+    if is_demo_model(spec.model):
+        update["engine_kwargs"] = DEMO_ENGINE_DEFAULTS | spec.engine_kwargs
+    return spec.model_copy(update=update)
