@@ -3,9 +3,10 @@
 against the local stack.
 
 The quick start's blocks run verbatim except for what a 2-core CI machine without a model hub cannot
-hold, replaced as text before running (`SCALED`): its hub model becomes the generated demo model
-and 5 replicas of 3.89 GiB become 1 of 1.5 GiB. Every call, argument order and keyword is as
-written; top-level `await` runs as in a notebook.
+hold, replaced as text before running (`SCALED`): its hub model becomes the generated demo model,
+5 replicas of 3.89 GiB become 1 of 1.5 GiB, and the structured-output class bounds its string (the
+demo model's random weights never close an unbounded one). Every call, argument order and keyword
+is as written; top-level `await` runs as in a notebook.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 QUICKSTART = Path(__file__).parent / "data" / "original_quickstart.md"
-SCALED = {'"Qwen/Qwen2-0.5B-Instruct"': '"demo"', "vram_gb=3.89": "vram_gb=1.5", "replicas=5": "replicas=1"}
+SCALED = {
+    '"Qwen/Qwen2-0.5B-Instruct"': '"demo"',
+    "vram_gb=3.89": "vram_gb=1.5",
+    "replicas=5": "replicas=1",
+    # The demo model's weights are random: a string without a length bound never closes its quote.
+    "from pydantic import BaseModel\n": "from pydantic import BaseModel, Field\n",
+    "    answer: str\n": "    answer: str = Field(max_length=40)\n",
+}
 
 
 def python_blocks(markdown: str) -> list[str]:

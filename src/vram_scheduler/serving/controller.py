@@ -69,6 +69,10 @@ class Deployed(BaseModel):
     spec: ModelSpec
     reservations: list[Reservation]
     unplaced: list[str] = Field(default_factory=list)
+    deploying: bool = Field(
+        default=False,
+        description="A new attempt is being set up: the previous attempt's replica states are not shown.",
+    )
 
 
 class Controller:
@@ -173,11 +177,14 @@ class Controller:
         if previous is not None and previous.spec == spec and self._app_alive(spec.model_id):
             return self._plan([spec, *others], placement)
         if previous is not None or self._app_exists(spec.model_id):
+            # The new attempt is what status shows from now on, never the replaced one's states.
+            self._store(Deployed(spec=spec, reservations=previous.reservations if previous else [], deploying=True))
             self._teardown(spec.model_id)  # a changed model is replaced, never mixed old/new
         plan = self._plan([spec, *others], placement)
         reservations = plan.replicas_of(spec.model_id)
         reasons = [u.reason for u in plan.unplaced if u.model_id == spec.model_id]
         if not reservations:
+            self._forget(spec.model_id)
             raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
         app = model_application(spec, reservations, self.serving, self._env())
         deploy_in_background(app, model_app_name(spec.model_id))
@@ -266,8 +273,8 @@ class Controller:
             replicas = []
             for planned in record.reservations:
                 reservation = held.get(planned.replica_id)
-                deployment = app.deployments.get(planned.replica_id) if app else None
-                state, error = _replica_state(deployment, reservation is not None)
+                deployment = app.deployments.get(planned.replica_id) if app and not record.deploying else None
+                state, error = _replica_state(deployment, reservation is not None and not record.deploying)
                 where = reservation or planned.model_dump()
                 replicas.append(
                     ReplicaStatus(
