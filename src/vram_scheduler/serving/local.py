@@ -8,6 +8,8 @@ reservation), then Serve, then Ray — nothing is left running or reserved.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -22,6 +24,9 @@ from ..config import RayVRAMConfig
 from ..demo_model import ensure_demo_model, is_demo_model
 
 log = logging.getLogger(__name__)
+
+#: prctl(2) option: orphaned descendants are reparented to this process instead of init.
+PR_SET_CHILD_SUBREAPER = 36
 
 #: vLLM engine start in seconds instead of a minute on CPU machines (see README "Local mode").
 LOCAL_ENV_DEFAULTS = {
@@ -67,8 +72,11 @@ class LocalStack:
     http: Any = None
     started_ray: bool = False
     _threads: list[threading.Thread] = field(default_factory=list)
+    _started_at: float | None = None
 
     def start(self, progress: Callable[[str], None] = print) -> None:
+        self._started_at = time.time()
+        become_subreaper()
         for key, value in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         if any(is_demo_model(m.model) for m in self.config.models):
@@ -82,6 +90,7 @@ class LocalStack:
         from .http_api import ControllerAPI
 
         progress("starting Ray (local, 127.0.0.1 only) ...")
+        self.started_ray = True  # before init: an interrupt inside it still shuts down what it started
         ray.init(
             address="local",  # always a new cluster of our own, never someone else's
             namespace=NAMESPACE,
@@ -91,7 +100,6 @@ class LocalStack:
             logging_level=logging.WARNING,
             log_to_driver=os.environ.get("RAY_VRAM_LOG_TO_DRIVER", "0") == "1",
         )
-        self.started_ray = True
         serve.start(proxy_location="Disabled")
         self.controller = Controller(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
@@ -156,11 +164,47 @@ class LocalStack:
             self.monitor.stop()
         for thread in self._threads:
             thread.join(timeout=10)
-        if self.started_ray and ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+        try:
+            if self.started_ray and ray.is_initialized():
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            if self._started_at is not None:
+                end_descendants(self._started_at)
+
+
+def become_subreaper() -> None:
+    """Make orphaned descendants this process's children instead of init's (Linux; elsewhere a no-op).
+
+    A replica killed while loading leaves vLLM's engine-core process without its parent; as a
+    subreaper, local mode still finds it among its own children and ends it in `stop()`.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def end_descendants(since: float, timeout_s: float = 10.0) -> list[int]:
+    """End every process descending from this one that started at or after `since` (SIGTERM, then
+    SIGKILL after `timeout_s`); returns their pids. Ray's shutdown normally leaves none."""
+    import psutil
+
+    try:
+        left = [p for p in psutil.Process().children(recursive=True) if p.create_time() >= since - 1]
+    except psutil.Error:
+        return []
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(left, timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    if left:
+        log.info("ended %d process(es) left after shutdown: %s", len(left), [p.pid for p in left])
+    return [p.pid for p in left]
 
 
 def wait_for_interrupt() -> None:
