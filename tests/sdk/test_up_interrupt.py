@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 PHASES = {
     "starting Ray": "starting Ray",
     "deploying": "deploying 1 model",
-    "loading": "VLLM::EngineCore",
+    "loading": "VLLM::EngineCor",  # the engine-core process's name (/proc/PID/comm keeps 15 characters)
     "ready": "Ctrl-C to stop",
 }
 
