@@ -679,6 +679,9 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
                 style="red" if any(r.state == "failed" for r in status.replicas) else None,
             )
         parts.append(models)
+        failed = [(r.replica_id, r.error) for status in deployments for r in status.replicas if r.state == "failed"]
+        for replica_id, error in failed:
+            parts.append(Text(f"{replica_id} failed: {error or 'no reason given'}", style="red"))
     return Group(*parts)
 
 

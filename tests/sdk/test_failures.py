@@ -66,8 +66,10 @@ def test_a_start_failure_reaches_every_view_whole(
 
             status = run_cli("status", "--output", "json", env=controller_env)
             assert status.returncode == 0, status.stderr
-            listed = [m for m in json.loads(status.stdout)["models"] if m["model_id"] == model_id]
+            listed = [m for m in json.loads(status.stdout)["deployments"] if m["model_id"] == model_id]
             assert listed and all(cause in (r["error"] or "") for r in listed[0]["replicas"])
+            table = run_cli("status", env=controller_env)
+            assert " ".join(cause.split()) in " ".join(table.stdout.split()), table.stdout
 
             api = httpx.get(f"{local_stack.controller}/v1/deployments", timeout=30).json()
             errors = [r["error"] for m in api["models"] if m["model_id"] == model_id for r in m["replicas"]]
