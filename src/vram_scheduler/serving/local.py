@@ -91,6 +91,7 @@ class LocalStack:
 
         progress("starting Ray (local, 127.0.0.1 only) ...")
         self.started_ray = True  # before init: an interrupt inside it still shuts down what it started
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(
             address="local",  # always a new cluster of our own, never someone else's
             namespace=NAMESPACE,
@@ -100,6 +101,9 @@ class LocalStack:
             logging_level=logging.WARNING,
             log_to_driver=os.environ.get("RAY_VRAM_LOG_TO_DRIVER", "0") == "1",
         )
+        # Ray's core worker replaces the SIGTERM handler with one that aborts the process: put back
+        # the caller's (`up` turns SIGTERM into a clean stop).
+        signal.signal(signal.SIGTERM, on_sigterm)
         serve.start(proxy_location="Disabled")
         self.controller = Controller(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
