@@ -103,7 +103,8 @@ class LocalStack:
         )
         # Ray's core worker replaces the SIGTERM handler with one that aborts the process: put back
         # the caller's (`up` turns SIGTERM into a clean stop).
-        signal.signal(signal.SIGTERM, on_sigterm)
+        if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
         serve.start(proxy_location="Disabled")
         self.controller = Controller(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
