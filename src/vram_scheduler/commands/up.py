@@ -77,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("[dim]interrupted: shutting down ...[/dim]")
         code = EXIT_INTERRUPTED
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM:  # Ray's own SIGTERM handler, active inside ray.init, exits with 15
+            raise
+        console.print("[dim]interrupted: shutting down ...[/dim]")
+        code = EXIT_INTERRUPTED
     finally:
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
