@@ -141,7 +141,7 @@ def _refusal(scheduler: VRAMScheduler) -> str:
 def _inference(status: DeploymentStatus, endpoint: str | None) -> str:
     ready = [r for r in status.replicas if r.state == "ready"]
     assert ready, f"no ready replica ({', '.join(f'{r.replica_id}:{r.state}' for r in status.replicas) or 'none'})"
-    text = inf.inference(status.model_id, "ping", base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
+    text = inf.inference("ping", status.model_id, base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
     return f"{len(ready)} ready replica(s); answered {len(text)} char(s)"
 
 
