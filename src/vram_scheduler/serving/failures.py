@@ -66,6 +66,49 @@ def root_cause(error: BaseException) -> str:
     return text if name in _PHRASED else f"{name}: {text}"
 
 
+#: What vLLM's front end says when its engine process died at start; the cause is in that process's output.
+ENGINE_DIED = "See root cause above"
+_ERROR_LINE = re.compile(r"\b(\w+(Error|Exception)): (.+)$")
+
+
+def stderr_position() -> tuple[str, int] | None:
+    """This process's stderr file and its size now (vLLM's engine process writes to the same file)."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+        return path, Path(path).stat().st_size
+    except OSError:
+        return None
+
+
+def engine_errors(text: str, limit: int = 2) -> list[str]:
+    """The last distinct `SomeError: message` lines of an engine's output, without vLLM's generic
+    wrapper line (the root cause is the line before it)."""
+    found: list[str] = []
+    for line in text.splitlines():
+        match = _ERROR_LINE.search(line)
+        if match is None or ENGINE_DIED in line or "initialization failed" in line:
+            continue
+        entry = f"{match.group(1)}: {match.group(3).strip()}"[:400]
+        if entry in found:
+            found.remove(entry)
+        found.append(entry)
+    return found[-limit:]
+
+
+def engine_cause(mark: tuple[str, int] | None) -> str:
+    """The engine's own error lines written to stderr since `mark` ('' when none are found)."""
+    if mark is None:
+        return ""
+    path, offset = mark
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            text = log.read(4 * 1024 * 1024).decode(errors="replace")
+    except OSError:
+        return ""
+    return "; ".join(engine_errors(text))
+
+
 #: The generated demo model answers fast and closes structured output (random weights) with these,
 #: so the original quick start runs on it unchanged; a model's own engine_kwargs take precedence.
 DEMO_ENGINE_DEFAULTS: dict[str, object] = {

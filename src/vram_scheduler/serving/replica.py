@@ -36,7 +36,7 @@ from ..config import ModelSpec, ServingSettings, format_gib, gib_to_bytes
 from ..demo_model import resolve_model_source
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
-from .failures import checked_spec, root_cause
+from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .loop_thread import LoopThread
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
 from .pinning import pin_process, visible_device_total_bytes
@@ -112,6 +112,7 @@ class VLLMReplica:
         self.requests: LoopThread | None = None
         self.allocator = get_vram_allocator()
         self._reserved = False
+        self._stderr_mark = stderr_position()
         started = time.monotonic()
         try:
             await self._start()
@@ -121,7 +122,10 @@ class VLLMReplica:
             if isinstance(error, ReplicaStartupError):
                 log.error("%s", error)
                 raise
-            raise ReplicaStartupError(f"replica {self.replica_id}: start failed: {_reason(error)}") from error
+            reason = _reason(error)
+            if ENGINE_DIED in reason:  # vLLM's engine process died: its own words are in our stderr
+                reason = engine_cause(self._stderr_mark) or reason
+            raise ReplicaStartupError(f"replica {self.replica_id}: start failed: {reason}") from error
         log.info("replica %s ready in %.1fs at %s", self.replica_id, time.monotonic() - started, self.endpoint)
 
     # -- start ------------------------------------------------------------------------------
