@@ -16,6 +16,7 @@ import stack
 from conftest import run_cli
 
 from vram_scheduler import ConfigError, DeploymentError, VRAMScheduler
+from vram_scheduler.loopback import LOOPBACK_NODE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,8 @@ print(json.dumps({n: {d: s.message for d, s in a.deployments.items()} for n, a i
 
 
 def serve_messages(local_stack: stack.LocalStack) -> dict[str, dict[str, str]]:
-    env = os.environ | {"RAY_ADDRESS": local_stack.gcs_address, "RAY_AUTH_MODE": "disabled"}
+    # Local mode's Ray is on 127.0.0.1 only: a process joining it must stay on loopback too.
+    env = os.environ | LOOPBACK_NODE_ENV | {"RAY_ADDRESS": local_stack.gcs_address, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run(
         [sys.executable, "-c", SERVE_MESSAGES], env=env, capture_output=True, text=True, timeout=300, check=True
     )

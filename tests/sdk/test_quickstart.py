@@ -25,6 +25,8 @@ import pytest
 import stack
 from conftest import ROOT
 
+from vram_scheduler.loopback import LOOPBACK_NODE_ENV
+
 pytestmark = pytest.mark.slow
 
 QUICKSTART = Path(__file__).parent / "data" / "original_quickstart.md"
@@ -86,7 +88,8 @@ def test_every_python_example_of_the_readme_runs_as_written(
     in_cluster = [b for b in blocks if "ray.init(" in b]
     sdk = [b for b in blocks if "ray.init(" not in b]
     assert len(in_cluster) == 1 and len(sdk) == 3
-    env = os.environ | {"RAY_ADDRESS": local_stack.gcs_address, "RAY_AUTH_MODE": "disabled"}
+    # Local mode's Ray is on 127.0.0.1 only: a process joining it must stay on loopback too.
+    env = os.environ | LOOPBACK_NODE_ENV | {"RAY_ADDRESS": local_stack.gcs_address, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run(
         [sys.executable, "-c", in_cluster[0]], env=env, capture_output=True, text=True, timeout=300, check=False
     )
