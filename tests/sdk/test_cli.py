@@ -16,7 +16,7 @@ def test_status_table_and_json(controller_env: dict[str, str]) -> None:
     assert table.returncode == 0, table.stderr
     assert "NVIDIA Test 8GB" in table.stdout and "tiny-0 1.50" in table.stdout and "1/1 ready" in table.stdout
     data = json.loads(run_cli("status", "--output", "json", env=controller_env).stdout)
-    assert [g["total_bytes"] for g in data["vram"]["gpus"]] == [5 * 1024**3, 3 * 1024**3]
+    assert [g["total_bytes"] for g in data["vram"]["gpus"]] == [8 * 1024**3, 4 * 1024**3]
     assert [d["model_id"] for d in data["deployments"]] == [MODEL]
 
 
