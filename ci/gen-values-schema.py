@@ -237,7 +237,21 @@ def chart_properties() -> dict[str, Schema]:
                 "dashboards": obj({"enabled": BOOL, "labels": STRING_MAP}),
             }
         ),
-        "tests": obj({"image": string(r"^$|" + IMAGE), "timeoutSeconds": integer(1)}),
+        "tests": obj(
+            {
+                "image": string(r"^$|" + IMAGE),
+                "timeoutSeconds": integer(1),
+                "stress": obj(
+                    {
+                        "enabled": BOOL,
+                        "seconds": integer(1),
+                        "gpuFraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.95},
+                        "slowRatio": {"type": "number", "minimum": 0, "maximum": 1},
+                        "nodes": {"type": "array", "items": string(minLength=1)},
+                    }
+                ),
+            }
+        ),
     }
 
 

@@ -30,19 +30,19 @@ class City(BaseModel):
 
 
 def main(model_id: str = "demo") -> None:
-    print("sync:", repr(inference(model_id, "Say hello", max_tokens=8, temperature=0.7, seed=1)))
-    print("async:", repr(asyncio.run(a_inference(model_id, "Say hello", max_tokens=8))))
+    print("sync:", repr(inference("Say hello", model_id, max_tokens=8, temperature=0.7, seed=1)))
+    print("async:", repr(asyncio.run(a_inference("Say hello", model_id, max_tokens=8))))
 
-    answers = inference_batch(model_id, [f"Count to {n}" for n in range(4)], concurrency=2, max_tokens=6)
+    answers = inference_batch([f"Count to {n}" for n in range(4)], model_id, concurrency=2, max_tokens=6)
     print(f"batch: {len(answers)} answers")
 
     async def concurrent() -> list:
-        return await a_inference_batch(model_id, ["a", "b", "c"], concurrency=3, max_tokens=4)
+        return await a_inference_batch(["a", "b", "c"], model_id, concurrency=3, max_tokens=4)
 
     print(f"async batch: {len(asyncio.run(concurrent()))} answers")
 
     print("streaming (sync generator):")
-    for event in streaming_batch(model_id, ["Tell a story", "List colours"], max_tokens=8):
+    for event in streaming_batch(["Tell a story", "List colours"], model_id, max_tokens=8):
         if event.done:
             print(f"  [{event.index}] done ({event.finish_reason})")
         else:
@@ -50,14 +50,14 @@ def main(model_id: str = "demo") -> None:
 
     async def stream_async() -> int:
         pieces = 0
-        async for event in a_streaming_batch(model_id, ["One more"], max_tokens=6):
+        async for event in a_streaming_batch(["One more"], model_id, max_tokens=6):
             pieces += not event.done
         return pieces
 
     print(f"streaming (async iterator): {asyncio.run(stream_async())} pieces")
 
     try:
-        city = inference(model_id, "Which city is sunny?", structured_output=City, max_tokens=64)
+        city = inference("Which city is sunny?", model_id, structured_output=City, max_tokens=64)
         print("structured:", city.model_dump())
     except StructuredOutputError as error:  # the model's JSON did not validate against City
         print("structured output did not validate:", error)

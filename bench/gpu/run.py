@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -123,23 +122,23 @@ def stage_race(model: str) -> dict[str, Any]:
     return outcome
 
 
-def report(results: Path) -> dict[str, Any]:
+def report(results: Path, vllm_version: str) -> dict[str, Any]:
     def load(name: str) -> dict[str, Any] | None:
         path = results / f"{name}.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    stack, bare, one, race, isolation = (load(n) for n in ("stack", "bare", "one", "race", "isolation"))
-    import vllm
-
+    stack, bare, bare_mps, one, race, isolation = (
+        load(n) for n in ("stack", "bare", "bare-mps", "one", "race", "isolation")
+    )
     merged: dict[str, Any] = {
         "device": (stack or bare or {}).get("gpu"),
-        "vllm_version": vllm.__version__,
-        "python": platform.python_version(),
+        "vllm_version": vllm_version,
         "model": "ray-vram demo-model --shape gpu: Qwen2, 28 layers, hidden 1536, bf16, random weights",
         "load": f"vllm bench serve: random {300} in / 128 out tokens, --ignore-eos, {PROMPTS} prompts and "
         f"{CONCURRENCY} in flight per client, one client process per replica or server",
         "ray_vram_stack": stack,
         "bare_vllm": bare,
+        "bare_vllm_mps": bare_mps,
         "one_engine_same_memory": one,
         "race_without_lock": race,
         "isolation": isolation,
@@ -148,6 +147,7 @@ def report(results: Path) -> dict[str, Any]:
     for name, data, tput in (
         ("ray-vram, 4 replicas via router", stack, (stack or {}).get("router_load")),
         ("bare vLLM, 4 servers", bare, (bare or {}).get("load")),
+        ("bare vLLM, 4 servers, MPS", bare_mps, (bare_mps or {}).get("load")),
         ("one vLLM server, same memory", one, (one or {}).get("load")),
     ):
         if data and tput:
@@ -155,13 +155,16 @@ def report(results: Path) -> dict[str, Any]:
     print(f"{'stack':34} {'output tok/s':>12} {'TTFT ms':>8} {'TPOT ms':>8} {'failed':>6}")
     for row in rows:
         print(f"{row[0]:34} {row[1]:>12} {row[2]:>8} {row[3]:>8} {row[4]:>6}")
-    if stack and bare:
-        s, b = stack["router_load"], bare["load"]
-        merged["ray_vram_vs_bare"] = {
-            "output_tok_s_ratio": round(s["output_tok_s"] / b["output_tok_s"], 3) if b["output_tok_s"] else None,
-            "median_ttft_ratio": round(s["median_ttft_ms"] / b["median_ttft_ms"], 3) if b["median_ttft_ms"] else None,
-        }
-        print("ray-vram / bare:", merged["ray_vram_vs_bare"])
+    for key, other in (("ray_vram_vs_bare", bare), ("ray_vram_vs_bare_mps", bare_mps)):
+        if stack and other:
+            s, b = stack["router_load"], other["load"]
+            merged[key] = {
+                "output_tok_s_ratio": round(s["output_tok_s"] / b["output_tok_s"], 3) if b["output_tok_s"] else None,
+                "median_ttft_ratio": round(s["median_ttft_ms"] / b["median_ttft_ms"], 3)
+                if b["median_ttft_ms"]
+                else None,
+            }
+            print(f"{key}:", merged[key])
     return merged
 
 
@@ -172,11 +175,16 @@ def main() -> int:
     parser.add_argument("--results", default=os.environ.get("RAY_VRAM_GPU_RESULTS", str(ROOT / ".work/gpu-results")))
     parser.add_argument("--model", default=os.environ.get("RAY_VRAM_GPU_MODEL", ""))
     parser.add_argument("--write", help="also write the merged report here (report stage)")
+    parser.add_argument("--vllm-version", help="report stage: the vLLM the stages ran with (default: this Python's)")
     args = parser.parse_args()
     results = Path(args.results)
     gpu = gpus()[0] if args.stage != "report" else None
     if args.stage == "report":
-        merged = report(results)
+        if args.vllm_version is None:
+            import vllm
+
+            args.vllm_version = vllm.__version__
+        merged = report(results, args.vllm_version)
         write_json(results / "gpu.json", merged)
         if args.write:
             write_json(Path(args.write), merged)

@@ -128,7 +128,7 @@ def bench_serve(
             "--model", model, "--tokenizer", tokenizer,
             "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
             "--random-range-ratio", str(range_ratio),
-            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(i),
             "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
         ]  # fmt: skip
         log = open(out_dir / f"{tag}-{i}.log", "w")  # noqa: SIM115 - closed once the client exits
@@ -144,7 +144,11 @@ def bench_serve(
             data = {"error": f"no result ({error}): {' | '.join(tail)}"}
         keep = ("completed", "failed", "duration", "output_throughput", "request_throughput", "total_token_throughput")
         keep += ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "error")
-        results.append({k: data[k] for k in keep if k in data})
+        summary = {k: data[k] for k in keep if k in data}
+        reasons = sorted({str(e)[:200] for e in data.get("errors") or [] if e})
+        if reasons:
+            summary["error_kinds"] = reasons[:3]  # why requests failed (an HTTP 400 names the limit)
+        results.append(summary)
     return results
 
 

@@ -214,9 +214,12 @@ class VRAMAllocator:
         """Wait (FIFO) until `replica_id` is the only one initialising on `gpu_uuid`; False on timeout.
 
         Re-acquiring a lock one already holds returns True at once. The lock follows the
-        replica's reservation owner (or `owner`): when that actor dies, the lock is freed.
+        replica's reservation owner (or `owner`): when that actor dies, the lock is freed. A GPU
+        whose starts need no serialising (a host-memory pseudo-GPU) grants it at once, to everyone.
         """
         self._background()
+        if not self._ledger.serialises_startup(gpu_uuid):
+            return True
         holder = self._ledger.data.startup_locks.get(gpu_uuid)
         if holder is not None and holder.replica_id == replica_id:
             return True

@@ -22,7 +22,29 @@ EXIT_UNPLACED = 3
 #: Sub-command modules under vram_scheduler.commands, in --help order. Each has
 #: `register(subparsers)` that adds its parser and sets `func(args) -> int`.
 COMMANDS = ["plan", "schema", "demo_model", "node_start", "up", "serve", "monitor"]
-COMMANDS += ["deploy", "status", "shutdown", "check", "chat"]
+COMMANDS += ["deploy", "status", "shutdown", "check", "chat", "measure"]
+
+
+#: Optional dependencies: the extra that installs each module a command may need.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "gpu": ("pynvml", "prometheus_client"),
+    "serve": ("ray", "orjson", "prometheus_client", "gunicorn", "openai"),
+    "vllm-cpu": ("vllm", "torch", "ray"),
+}
+#: The extra a command is documented with, preferred when a module is in several.
+COMMAND_EXTRA = {"monitor": "gpu", "node_start": "gpu", "up": "serve", "serve": "serve"}
+
+
+def missing_dependency(error: ModuleNotFoundError, command: str | None) -> str | None:
+    """One line naming the extra that installs a missing optional module; None for any other module."""
+    module = (error.name or "").split(".")[0]
+    extras = [extra for extra, modules in EXTRAS.items() if module in modules]
+    if not extras:
+        return None
+    preferred = COMMAND_EXTRA.get(command or "")
+    extra = preferred if preferred in extras else extras[0]
+    what = f"ray-vram {command.replace('_', '-')}" if command else "ray-vram"
+    return f"{what} needs the Python module {module!r}, which is not installed: pip install 'ray-vram[{extra}]'"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as error:
+        message = missing_dependency(error, args.command)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def model_spec(
     replicas: int | None = None,
     max_replicas: bool = False,
     router_name: str | None = None,
-    max_model_len: int = 8192,
+    max_model_len: int | None = None,
     max_tokens: int = 256,
     gpu_type: str | None = None,
     **engine_kwargs: Any,
@@ -308,6 +308,8 @@ class RayControllerAPI:
             plan = self.controller.deploy(spec)
         except Unplaceable as error:
             raise PlacementError(str(error), error.reasons, 0, spec.replicas) from None
+        except ConfigError:
+            raise
         except Exception as error:
             raise SchedulerError(f"{type(error).__name__}: {error}") from None
         return {
@@ -428,7 +430,7 @@ class VRAMScheduler:
         replicas: int = 1,
         max_replicas: bool = False,
         router_name: str | None = None,
-        max_model_len: int = 8192,
+        max_model_len: int | None = None,
         max_tokens: int = 256,
         *,
         gpu_type: str | None = None,
@@ -679,6 +681,9 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
                 style="red" if any(r.state == "failed" for r in status.replicas) else None,
             )
         parts.append(models)
+        failed = [(r.replica_id, r.error) for status in deployments for r in status.replicas if r.state == "failed"]
+        for replica_id, error in failed:
+            parts.append(Text(f"{replica_id} failed: {error or 'no reason given'}", style="red"))
     return Group(*parts)
 
 

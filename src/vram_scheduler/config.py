@@ -69,7 +69,12 @@ class ModelSpec(StrictModel):
         default=False,
         description="Place as many replicas as fit in the remaining VRAM (instead of `replicas`).",
     )
-    max_model_len: int = Field(default=8192, ge=16, description="Longest prompt + completion in tokens.")
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Longest prompt + completion in tokens; default 8192 or the model's own maximum "
+        "(its config.json), whichever is smaller. More than the model's maximum is refused.",
+    )
     max_tokens: int = Field(default=256, ge=1, description="Default completion length when a request sets none.")
     router_name: str | None = Field(
         default=None,

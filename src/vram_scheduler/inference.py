@@ -19,10 +19,12 @@ import email.utils
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -468,19 +470,80 @@ async def _post_async(call: _Call, client: httpx.AsyncClient) -> dict[str, Any]:
     return response.json()
 
 
+# --------------------------------------------------------------------------- argument order
+
+#: A model name never contains whitespace; a prompt almost always does.
+_NO_SPACE = re.compile(r"^\S+$")
+
+
+def _deprecated_order(function: str, first: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"{function}({first}, model_id) is the documented order; {function}(model_id, {first}) is deprecated "
+        "and was read as such this time: swap the two arguments (or pass model_id= by name)",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _served(name: str, base_url: str | None, api_key: str | None) -> bool:
+    """Whether an endpoint (the explicit one, or a discovered one) lists `name` in /v1/models."""
+    explicit = base_url or os.environ.get(ENDPOINT_ENV)
+    try:
+        if not explicit:
+            resolve_endpoint(name, None, api_key)
+            return True
+        with httpx.Client(timeout=5.0) as client:
+            return _serves(client, _as_v1(explicit), name, auth_headers(api_key))
+    except (InferenceError, httpx.HTTPError, ValueError):
+        return False
+
+
+def _single_order(prompt: Any, model_id: Any, base_url: str | None, api_key: str | None) -> bool:
+    """True when (prompt, model_id) came in the deprecated order (model_id, prompt).
+
+    Decided from the values: a list of messages is a prompt, a name with whitespace is not a
+    model; two one-word strings are told apart by asking which one an endpoint serves.
+    """
+    if not isinstance(prompt, str):
+        return False
+    if not isinstance(model_id, str):
+        return True  # (model_id, [messages])
+    if _NO_SPACE.match(model_id):
+        if not _NO_SPACE.match(prompt):
+            return False
+        return not _served(model_id, base_url, api_key) and _served(prompt, base_url, api_key)
+    return bool(_NO_SPACE.match(prompt))
+
+
+def _batch_order(function: str, prompts: Any, model_id: Any) -> tuple[Sequence[Prompt], str]:
+    """(prompts, model_id), swapping (with a DeprecationWarning) a call in the old (model_id, prompts) order."""
+    if isinstance(prompts, str) and not isinstance(model_id, str):
+        _deprecated_order(function, "prompts", stacklevel=3)
+        prompts, model_id = model_id, prompts
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"{function}: prompts must be a list of prompts, got {type(prompts).__name__} {prompts!r:.60}")
+    if not isinstance(model_id, str):
+        raise TypeError(f"{function}: model_id must be a str, got {type(model_id).__name__}")
+    return prompts, model_id
+
+
 # --------------------------------------------------------------------------- public API
 
 
 @overload
-def inference(model_id: str, prompt: Prompt, *, structured_output: type[T], **kwargs: Any) -> T: ...
-@overload
-def inference(model_id: str, prompt: Prompt, *, structured_output: None = None, **kwargs: Any) -> str: ...
 def inference(
-    model_id: str,
+    prompt: Prompt, model_id: str, router_name: str | None = None, *, structured_output: type[T], **kwargs: Any
+) -> T: ...
+@overload
+def inference(
+    prompt: Prompt, model_id: str, router_name: str | None = None, structured_output: None = None, **kwargs: Any
+) -> str: ...
+def inference(
     prompt: Prompt,
-    *,
+    model_id: str,
     router_name: str | None = None,
     structured_output: type[BaseModel] | None = None,
+    *,
     max_tokens: int | None = None,
     truncate_prompt_tokens: int | None = None,
     base_url: str | None = None,
@@ -496,6 +559,9 @@ def inference(
     (-1: as many as the model's max_model_len allows). Extra keyword arguments are sampling
     parameters passed to vLLM (temperature, top_p, seed, stop, ...).
     """
+    if _single_order(prompt, model_id, base_url, api_key):
+        _deprecated_order("inference", "prompt", stacklevel=2)
+        prompt, model_id = model_id, prompt
     call = _prepare(
         model_id,
         prompt,
@@ -515,11 +581,11 @@ def inference(
 
 
 async def a_inference(
-    model_id: str,
     prompt: Prompt,
-    *,
+    model_id: str,
     router_name: str | None = None,
     structured_output: type[BaseModel] | None = None,
+    *,
     max_tokens: int | None = None,
     truncate_prompt_tokens: int | None = None,
     base_url: str | None = None,
@@ -530,30 +596,50 @@ async def a_inference(
     **sampling: Any,
 ) -> Any:
     """`inference`, awaitable. Pass `client` to share connections across many calls."""
-    call = await asyncio.to_thread(
-        _prepare,
-        model_id,
+    if await asyncio.to_thread(_single_order, prompt, model_id, base_url, api_key):
+        _deprecated_order("a_inference", "prompt", stacklevel=2)
+        prompt, model_id = model_id, prompt
+    return await _a_inference(
         prompt,
+        model_id,
         router_name=router_name,
         structured_output=structured_output,
         max_tokens=max_tokens,
         truncate_prompt_tokens=truncate_prompt_tokens,
-        stream=False,
         base_url=base_url,
         api_key=api_key,
         timeout_s=timeout_s,
         retry=retry,
+        client=client,
         sampling=sampling,
     )
+
+
+async def _a_inference(
+    prompt: Prompt, model_id: str, *, client: httpx.AsyncClient | None, sampling: dict[str, Any], **options: Any
+) -> Any:
+    call = await asyncio.to_thread(_prepare, model_id, prompt, stream=False, sampling=sampling, **options)
     if client is not None:
         return call.result(await _post_async(call, client))
     async with httpx.AsyncClient() as own:
         return call.result(await _post_async(call, own))
 
 
+_CALL_OPTIONS = {
+    "max_tokens": None,
+    "truncate_prompt_tokens": None,
+    "base_url": None,
+    "api_key": None,
+    "timeout_s": 600.0,
+    "retry": None,
+}
+
+
 async def a_inference_batch(
-    model_id: str,
     prompts: Sequence[Prompt],
+    model_id: str,
+    router_name: str | None = None,
+    structured_output: type[BaseModel] | None = None,
     *,
     concurrency: int = 8,
     return_exceptions: bool = False,
@@ -562,17 +648,27 @@ async def a_inference_batch(
     """Answers for every prompt, in order, with at most `concurrency` requests in flight.
 
     With `return_exceptions`, a failed prompt yields its `InferenceError` in place of an answer
-    instead of failing the batch.
+    instead of failing the batch. Other keyword arguments are `inference`'s.
     """
+    prompts, model_id = _batch_order("a_inference_batch", prompts, model_id)
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    options = {key: kwargs.pop(key, default) for key, default in _CALL_OPTIONS.items()}
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
 
         async def one(prompt: Prompt) -> Any:
             async with limit:
                 try:
-                    return await a_inference(model_id, prompt, client=client, **kwargs)
+                    return await _a_inference(
+                        prompt,
+                        model_id,
+                        router_name=router_name,
+                        structured_output=structured_output,
+                        client=client,
+                        sampling=kwargs,
+                        **options,
+                    )
                 except InferenceError as error:
                     if return_exceptions:
                         return error
@@ -581,9 +677,20 @@ async def a_inference_batch(
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-def inference_batch(model_id: str, prompts: Sequence[Prompt], *, concurrency: int = 8, **kwargs: Any) -> list[Any]:
+def inference_batch(
+    prompts: Sequence[Prompt],
+    model_id: str,
+    router_name: str | None = None,
+    structured_output: type[BaseModel] | None = None,
+    *,
+    concurrency: int = 8,
+    **kwargs: Any,
+) -> list[Any]:
     """`a_inference_batch` for synchronous code (works inside a running event loop too)."""
-    return _run_sync(lambda: a_inference_batch(model_id, prompts, concurrency=concurrency, **kwargs))
+    prompts, model_id = _batch_order("inference_batch", prompts, model_id)
+    return _run_sync(
+        lambda: a_inference_batch(prompts, model_id, router_name, structured_output, concurrency=concurrency, **kwargs)
+    )
 
 
 async def _stream_one(index: int, call: _Call, client: httpx.AsyncClient, out: asyncio.Queue[StreamEvent]) -> None:
@@ -634,11 +741,11 @@ async def _stream_one(index: int, call: _Call, client: httpx.AsyncClient, out: a
 
 
 async def a_streaming_batch(
-    model_id: str,
     prompts: Sequence[Prompt],
+    model_id: str,
+    router_name: str | None = None,
     *,
     concurrency: int = 8,
-    router_name: str | None = None,
     max_tokens: int | None = None,
     truncate_prompt_tokens: int | None = None,
     base_url: str | None = None,
@@ -652,6 +759,7 @@ async def a_streaming_batch(
     Each prompt ends with exactly one event with `done=True` (and `error` set if it failed);
     at most `concurrency` streams are open at a time.
     """
+    prompts, model_id = _batch_order("a_streaming_batch", prompts, model_id)
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     calls = [
@@ -693,14 +801,17 @@ async def a_streaming_batch(
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def streaming_batch(model_id: str, prompts: Sequence[Prompt], **kwargs: Any) -> Iterator[StreamEvent]:
+def streaming_batch(
+    prompts: Sequence[Prompt], model_id: str, router_name: str | None = None, **kwargs: Any
+) -> Iterator[StreamEvent]:
     """`a_streaming_batch` as a plain generator (runs the streams on a background event loop)."""
+    prompts, model_id = _batch_order("streaming_batch", prompts, model_id)
     events: queue.Queue[StreamEvent | BaseException | None] = queue.Queue()
     stop = threading.Event()
 
     async def pump() -> None:
         try:
-            async for event in a_streaming_batch(model_id, prompts, **kwargs):
+            async for event in a_streaming_batch(prompts, model_id, router_name, **kwargs):
                 events.put(event)
                 if stop.is_set():
                     return
@@ -721,9 +832,12 @@ def streaming_batch(model_id: str, prompts: Sequence[Prompt], **kwargs: Any) -> 
         thread.join(timeout=5)
 
 
-def stream(model_id: str, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+def stream(prompt: Prompt, model_id: str, router_name: str | None = None, **kwargs: Any) -> Iterator[str]:
     """Text pieces of one streamed answer; raises the stream's `InferenceError` if it fails."""
-    for event in streaming_batch(model_id, [prompt], concurrency=1, **kwargs):
+    if _single_order(prompt, model_id, kwargs.get("base_url"), kwargs.get("api_key")):
+        _deprecated_order("stream", "prompt", stacklevel=2)
+        prompt, model_id = model_id, prompt
+    for event in streaming_batch([prompt], model_id, router_name, concurrency=1, **kwargs):
         if event.error is not None:
             raise event.error
         if event.text:
@@ -754,10 +868,9 @@ def _run_sync(make: Callable[[], Any]) -> Any:
 
 class _CallableModule(types.ModuleType):
     """`from vram_scheduler import inference` gives this module; calling it calls `inference()`,
-    so both `inference(model_id, prompt)` and `inference.a_inference(...)` read naturally."""
+    so both `inference(prompt, model_id)` and `inference.a_inference(...)` read naturally."""
 
-    def __call__(self, model_id: str, prompt: Prompt, **kwargs: Any) -> Any:
-        return inference(model_id, prompt, **kwargs)
+    __call__ = staticmethod(inference)
 
 
 sys.modules[__name__].__class__ = _CallableModule

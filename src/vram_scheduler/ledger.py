@@ -175,6 +175,19 @@ class Ledger:
 
     # -- capacity ---------------------------------------------------------------------------
 
+    def serialises_startup(self, gpu_uuid: str) -> bool:
+        """Whether replicas starting on this GPU must take its startup lock one at a time.
+
+        The lock guards a CUDA race: vLLM engines profiling one GPU together mis-size each other's
+        KV caches. A host-memory pseudo-GPU (local mode without a GPU) has no such race — a CPU
+        engine is sized in bytes from its reservation, which is held before it starts — so its
+        replicas start in parallel. Unknown GPUs keep the lock (the safe side).
+        """
+        for record in self.data.nodes.values():
+            if any(gpu.uuid == gpu_uuid for gpu in record.inventory.gpus):
+                return record.inventory.source != "host-memory"
+        return True
+
     def managed_pids(self) -> frozenset[int]:
         return frozenset(pid for entry in self.data.entries.values() for pid in entry.pids)
 

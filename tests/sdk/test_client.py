@@ -105,7 +105,7 @@ def test_deploy_shows_progress_lands_where_planned_and_shuts_down(local_stack: s
             assert [(r.node, r.gpu_index) for r in planned] == [("sdk-node", 0)]
             progress = console.file.getvalue()
             assert "second: second-0 (node sdk-node, GPU 0) loading → ready" in progress, progress
-            assert isinstance(inference("second", "hi", base_url=local_stack.endpoint, max_tokens=2), str)
+            assert isinstance(inference("hi", "second", base_url=local_stack.endpoint, max_tokens=2), str)
             again = scheduler.deploy_model("second", "demo", 1.5, max_model_len=512, **stack.ENGINE_KWARGS)
             assert [r.replica_id for r in again.replicas] == ["second-0"]  # same spec: nothing restarted
         finally:
@@ -128,7 +128,7 @@ def test_replica_that_cannot_start_is_a_deployment_error(local_stack: stack.Loca
 def test_router_name_is_listed(local_stack: stack.LocalStack) -> None:
     with VRAMScheduler(local_stack.controller) as scheduler:
         assert scheduler.deployment(MODEL).model_id == MODEL
-        assert inference(ALIAS, "x", base_url=local_stack.endpoint, max_tokens=1) is not None
+        assert inference("x", ALIAS, base_url=local_stack.endpoint, max_tokens=1) is not None
 
 
 def test_unreachable_controller_is_named() -> None:

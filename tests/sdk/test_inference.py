@@ -34,29 +34,29 @@ class NeverValid(BaseModel):
 
 
 def test_inference_returns_text_and_passes_sampling(endpoint: str) -> None:
-    text = inf.inference(MODEL, "Hello", base_url=endpoint, max_tokens=6, min_tokens=6, temperature=0.0, seed=1)
+    text = inf.inference("Hello", MODEL, base_url=endpoint, max_tokens=6, min_tokens=6, temperature=0.0, seed=1)
     assert isinstance(text, str) and text
 
 
 def test_router_name_sends_to_the_alias(endpoint: str) -> None:
-    text = inf.inference(MODEL, "Hi", router_name=ALIAS, base_url=endpoint, max_tokens=3, min_tokens=3)
+    text = inf.inference("Hi", MODEL, ALIAS, base_url=endpoint, max_tokens=3, min_tokens=3)
     assert isinstance(text, str) and text
 
 
 def test_chat_messages_accepted(endpoint: str) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    assert isinstance(inf.inference(MODEL, messages, base_url=endpoint, max_tokens=3), str)
+    assert isinstance(inf.inference(messages, MODEL, base_url=endpoint, max_tokens=3), str)
 
 
 def test_structured_output_parses_into_the_class(endpoint: str) -> None:
-    result = inf.inference(MODEL, "Which city?", structured_output=City, base_url=endpoint, max_tokens=64)
+    result = inf.inference("Which city?", MODEL, structured_output=City, base_url=endpoint, max_tokens=64)
     assert isinstance(result, City)
     assert len(result.city) <= 12
 
 
 def test_structured_output_that_does_not_validate_is_a_typed_error(endpoint: str) -> None:
     with pytest.raises(inf.StructuredOutputError) as caught:
-        inf.inference(MODEL, "Answer", structured_output=NeverValid, base_url=endpoint, max_tokens=32)
+        inf.inference("Answer", MODEL, structured_output=NeverValid, base_url=endpoint, max_tokens=32)
     error = caught.value
     assert error.model == MODEL and "NeverValid" in str(error)
     assert error.raw.startswith("{") and error.errors
@@ -64,21 +64,21 @@ def test_structured_output_that_does_not_validate_is_a_typed_error(endpoint: str
 
 def test_structured_output_cut_by_max_tokens_says_so(endpoint: str) -> None:
     with pytest.raises(inf.StructuredOutputError, match="max_tokens"):
-        inf.inference(MODEL, "Which city?", structured_output=City, base_url=endpoint, max_tokens=2)
+        inf.inference("Which city?", MODEL, None, City, base_url=endpoint, max_tokens=2)
 
 
 def test_unknown_model_is_model_not_found(endpoint: str) -> None:
     with pytest.raises(inf.ModelNotFoundError) as caught:
-        inf.inference("no-such-model", "Hi", base_url=endpoint, max_tokens=2)
+        inf.inference("Hi", "no-such-model", base_url=endpoint, max_tokens=2)
     assert caught.value.status == 404 and "no-such-model" in str(caught.value)
 
 
 def test_prompt_over_the_limit_is_invalid_unless_truncated(endpoint: str) -> None:
     long_prompt = "the cat runs quickly " * 400
     with pytest.raises(inf.InvalidRequestError) as caught:
-        inf.inference(MODEL, long_prompt, base_url=endpoint, max_tokens=4)
+        inf.inference(long_prompt, MODEL, base_url=endpoint, max_tokens=4)
     assert caught.value.status == 400
-    text = inf.inference(MODEL, long_prompt, base_url=endpoint, max_tokens=4, truncate_prompt_tokens=256)
+    text = inf.inference(long_prompt, MODEL, base_url=endpoint, max_tokens=4, truncate_prompt_tokens=256)
     assert isinstance(text, str)
 
 
@@ -86,9 +86,9 @@ def test_async_inference_and_batches_keep_order(endpoint: str) -> None:
     prompts = [f"prompt {i}" for i in range(5)]
 
     async def main() -> tuple[str, list]:
-        single = await inf.a_inference(MODEL, "hi", base_url=endpoint, max_tokens=3, min_tokens=3)
+        single = await inf.a_inference("hi", MODEL, base_url=endpoint, max_tokens=3, min_tokens=3)
         batch = await inf.a_inference_batch(
-            MODEL, prompts, concurrency=2, base_url=endpoint, max_tokens=3, min_tokens=3
+            prompts, MODEL, concurrency=2, base_url=endpoint, max_tokens=3, min_tokens=3
         )
         return single, batch
 
@@ -96,30 +96,30 @@ def test_async_inference_and_batches_keep_order(endpoint: str) -> None:
     assert isinstance(single, str) and single
     assert len(batch) == 5 and all(isinstance(t, str) and t for t in batch)
     structured = inf.inference_batch(
-        MODEL, prompts[:3], structured_output=City, base_url=endpoint, max_tokens=64, concurrency=3
+        prompts[:3], MODEL, structured_output=City, base_url=endpoint, max_tokens=64, concurrency=3
     )
     assert [type(r) for r in structured] == [City] * 3
 
 
 def test_batch_with_return_exceptions_keeps_failures_in_place(endpoint: str) -> None:
     prompts = ["short", "the cat runs " * 600, "short again"]
-    results = inf.inference_batch(MODEL, prompts, base_url=endpoint, max_tokens=3, return_exceptions=True)
+    results = inf.inference_batch(prompts, MODEL, base_url=endpoint, max_tokens=3, return_exceptions=True)
     assert isinstance(results[0], str) and isinstance(results[2], str)
     assert isinstance(results[1], inf.InvalidRequestError)
     with pytest.raises(inf.InvalidRequestError):
-        inf.inference_batch(MODEL, prompts, base_url=endpoint, max_tokens=3)
+        inf.inference_batch(prompts, MODEL, base_url=endpoint, max_tokens=3)
 
 
 def test_sync_batch_works_inside_a_running_event_loop(endpoint: str) -> None:
     async def main() -> list:
-        return inf.inference_batch(MODEL, ["a", "b"], base_url=endpoint, max_tokens=2)
+        return inf.inference_batch(["a", "b"], MODEL, base_url=endpoint, max_tokens=2)
 
     assert len(asyncio.run(main())) == 2
 
 
 def test_streaming_batch_sync_interleaves_and_ends_each_prompt_once(endpoint: str) -> None:
     prompts = ["one", "two", "three"]
-    events = list(inf.streaming_batch(MODEL, prompts, base_url=endpoint, max_tokens=5, min_tokens=5))
+    events = list(inf.streaming_batch(prompts, MODEL, base_url=endpoint, max_tokens=5, min_tokens=5))
     done = [e for e in events if e.done]
     assert sorted(e.index for e in done) == [0, 1, 2]
     assert all(e.error is None and e.finish_reason == "length" for e in done)
@@ -133,7 +133,7 @@ def test_streaming_batch_async_reports_failures_per_prompt(endpoint: str) -> Non
         return [
             e
             async for e in inf.a_streaming_batch(
-                MODEL, ["fine", "the cat runs " * 600], base_url=endpoint, max_tokens=3, concurrency=1
+                ["fine", "the cat runs " * 600], MODEL, base_url=endpoint, max_tokens=3, concurrency=1
             )
         ]
 
@@ -144,14 +144,14 @@ def test_streaming_batch_async_reports_failures_per_prompt(endpoint: str) -> Non
 
 
 def test_stream_yields_text_pieces(endpoint: str) -> None:
-    pieces = list(inf.stream(MODEL, "hi", base_url=endpoint, max_tokens=4, min_tokens=4))
+    pieces = list(inf.stream("hi", MODEL, base_url=endpoint, max_tokens=4, min_tokens=4))
     assert pieces and all(isinstance(p, str) for p in pieces)
 
 
 @pytest.mark.parametrize("status", [429, 503])
 def test_busy_endpoint_is_retried_after_retry_after(endpoint: str, status: int) -> None:
     with stack.BusyFront(endpoint, busy=2, status=status, retry_after="1") as front:
-        text = inf.inference(MODEL, "hi", base_url=front.url, max_tokens=2)
+        text = inf.inference("hi", MODEL, base_url=front.url, max_tokens=2)
     assert isinstance(text, str)
     assert len(front.arrivals) == 3
     gaps = [b - a for a, b in zip(front.arrivals, front.arrivals[1:], strict=False)]
@@ -162,8 +162,8 @@ def test_endpoint_busy_through_every_retry_is_overloaded(endpoint: str) -> None:
     policy = inf.RetryPolicy(attempts=3, backoff_s=0.01)
     with stack.BusyFront(endpoint, busy=100, status=503, retry_after="0") as front:
         with pytest.raises(inf.OverloadedError, match="3 attempt"):
-            inf.inference(MODEL, "hi", base_url=front.url, max_tokens=2, retry=policy)
-        events = list(inf.streaming_batch(MODEL, ["x"], base_url=front.url, max_tokens=2, retry=policy))
+            inf.inference("hi", MODEL, base_url=front.url, max_tokens=2, retry=policy)
+        events = list(inf.streaming_batch(["x"], MODEL, base_url=front.url, max_tokens=2, retry=policy))
     assert isinstance(events[-1].error, inf.OverloadedError)
     assert len(front.arrivals) == 6
 
@@ -171,12 +171,12 @@ def test_endpoint_busy_through_every_retry_is_overloaded(endpoint: str) -> None:
 def test_unreachable_endpoint_names_the_address() -> None:
     url = f"http://127.0.0.1:{stack.free_port()}/v1"
     with pytest.raises(inf.EndpointNotFoundError, match=url.replace(".", r"\.")):
-        inf.inference(MODEL, "hi", base_url=url)
+        inf.inference("hi", MODEL, base_url=url)
 
 
 def test_discovery_finds_the_endpoint_through_the_controller(controller_env: dict[str, str]) -> None:
     assert inf.resolve_endpoint(MODEL).endswith("/v1")
-    assert isinstance(inf.inference(ALIAS, "hi", max_tokens=2), str)
+    assert isinstance(inf.inference("hi", ALIAS, max_tokens=2), str)
 
 
 def test_discovery_without_any_endpoint_says_what_it_tried(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +187,7 @@ def test_discovery_without_any_endpoint_says_what_it_tried(monkeypatch: pytest.M
     monkeypatch.setenv(inf.DASHBOARD_ENV, dashboard)
     inf.forget_endpoints()
     with pytest.raises(inf.EndpointNotFoundError) as caught:
-        inf.inference("ghost", "hi")
+        inf.inference("hi", "ghost")
     message = str(caught.value)
     assert "'ghost'" in message and controller in message and dashboard in message
 
@@ -199,3 +199,44 @@ def test_retry_after_header_forms() -> None:
     later = email.utils.formatdate(time.time() + 60, usegmt=True)
     assert 55 <= inf.retry_after_seconds(later) <= 61
     assert inf.RetryPolicy(max_backoff_s=5).delay(10, None) == 5
+
+
+def test_the_original_positional_order_and_keywords(endpoint: str) -> None:
+    """The original API: inference(prompt, model_id, router_name=None, structured_output=None, ...)."""
+    assert isinstance(inf.inference("Hello!", MODEL, None, None, base_url=endpoint, max_tokens=2), str)
+    assert isinstance(inf.inference("Hello!", model_id=MODEL, base_url=endpoint, max_tokens=2), str)
+    assert isinstance(inf.inference(prompt="Hello!", model_id=MODEL, base_url=endpoint, max_tokens=2), str)
+    assert isinstance(inf.inference("Hi", MODEL, ALIAS, City, base_url=endpoint, max_tokens=64), City)
+    batch = inf.inference_batch(["a", "b"], model_id=MODEL, base_url=endpoint, max_tokens=2)
+    assert len(batch) == 2
+    assert len(list(inf.streaming_batch(["a"], MODEL, ALIAS, base_url=endpoint, max_tokens=2))) >= 2
+
+
+async def awaited(coroutine):
+    """Await in a coroutine of this file, as user code does (the warning then points here)."""
+    return await coroutine
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda url: inf.inference(MODEL, "Say hello", base_url=url, max_tokens=2), "inference"),
+        (lambda url: inf.inference(MODEL, [{"role": "user", "content": "hi"}], base_url=url), "inference"),
+        (lambda url: inf.inference(MODEL, "hi", base_url=url, max_tokens=2), "inference"),
+        (lambda url: inf.inference_batch(MODEL, ["a", "b"], base_url=url, max_tokens=2), "inference_batch"),
+        (lambda url: asyncio.run(awaited(inf.a_inference(MODEL, "Say hi", base_url=url, max_tokens=2))), "a_inference"),
+        (lambda url: asyncio.run(awaited(inf.a_inference_batch(MODEL, ["a"], base_url=url))), "a_inference_batch"),
+        (lambda url: list(inf.streaming_batch(MODEL, ["a"], base_url=url, max_tokens=2)), "streaming_batch"),
+        (lambda url: list(inf.stream(MODEL, "Say hi", base_url=url, max_tokens=2)), "stream"),
+    ],
+)
+def test_the_swapped_order_still_works_with_a_deprecation_warning(endpoint: str, call, name: str) -> None:
+    with pytest.warns(DeprecationWarning, match=rf"{name}\(model_id, prompts?\) is deprecated") as caught:
+        result = call(endpoint)
+    assert result
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+
+
+def test_a_batch_of_one_string_is_refused() -> None:
+    with pytest.raises(TypeError, match="prompts must be a list of prompts, got str"):
+        inf.inference_batch("hello", "tiny", base_url="http://127.0.0.1:9/v1")

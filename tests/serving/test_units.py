@@ -12,6 +12,7 @@ import pytest
 
 from vram_scheduler.config import GIB, ModelSpec, ServingSettings
 from vram_scheduler.serving.engine_args import server_argv
+from vram_scheduler.serving.failures import engine_cause, engine_errors
 from vram_scheduler.serving.mps import client_env, daemon_running, node_pipe_dir
 from vram_scheduler.serving.pinning import gpu_present, is_cuda_uuid, pin_process
 from vram_scheduler.serving.replica import ReplicaEndpoint
@@ -198,3 +199,26 @@ def test_router_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     assert call(router, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert call(router, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert call(router, "GET", "/healthz").status_code == 200
+
+
+# -- an engine process's own error lines ------------------------------------------------------------
+
+ENGINE_LOG = """\
+(EngineCore pid=3301) INFO 11-27 13:14:02 [gpu_worker.py:301] Available KV cache memory: 1.20 GiB
+(EngineCore pid=3301) ERROR 11-27 13:14:05 [core.py:712] EngineCore failed to start.
+(EngineCore pid=3301) ERROR 11-27 13:14:05 [core.py:712] Traceback (most recent call last):
+(EngineCore pid=3301) ERROR [core.py:712] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 GiB.
+(EngineCore pid=3301) ERROR [core.py:712] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 GiB.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+
+
+def test_engine_errors_finds_the_engine_processes_own_root_cause(tmp_path: Path) -> None:
+    assert engine_errors(ENGINE_LOG) == ["OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 GiB."]
+    log = tmp_path / "worker.err"
+    log.write_text("an older failure: ValueError: not this one\n")
+    mark = (str(log), log.stat().st_size)
+    with log.open("a") as out:
+        out.write(ENGINE_LOG)
+    assert engine_cause(mark) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 GiB."
+    assert engine_cause(None) == "" and engine_cause((str(tmp_path / "gone"), 0)) == ""

@@ -26,7 +26,8 @@ def model(**fields: object) -> dict[str, object]:
 def test_minimal_model_gets_documented_defaults() -> None:
     config = parse_config({"models": [model()]})
     (spec,) = config.models
-    assert (spec.replicas, spec.max_replicas, spec.max_model_len, spec.max_tokens) == (1, False, 8192, 256)
+    # max_model_len None: 8192 or the model's own maximum, resolved where the model's files are (model_limits)
+    assert (spec.replicas, spec.max_replicas, spec.max_model_len, spec.max_tokens) == (1, False, None, 256)
     assert spec.vram_bytes == 4 * GIB
     assert config.placement.replica_overhead_gb == 2.0
 

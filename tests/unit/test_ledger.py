@@ -202,3 +202,13 @@ def test_plan_through_the_ledger_keeps_reservations_and_names_errors(ledger: Led
     assert [r.replica_id for r in result.kept] == ["m-0"] and [r.replica_id for r in result.new] == ["m-1"]
     with pytest.raises(ValueError, match=r"models\[0\].vram_gb = 0: Input should be greater than 0"):
         models_from_dicts([{"model_id": "m", "model": "x", "vram_gb": 0}])
+
+
+def test_only_real_gpus_serialise_replica_starts(ledger: Ledger) -> None:
+    host = NodeInventory.model_validate(
+        {"node": "laptop", "source": "host-memory", "gpus": [{"index": 0, "uuid": "host-laptop", "total_gb": 16}]}
+    )
+    ledger.update_inventory(host, T0)
+    assert ledger.serialises_startup("a-0")  # CUDA: engines profiling one GPU together mis-size each other
+    assert not ledger.serialises_startup("host-laptop")  # CPU engines are sized in bytes: start in parallel
+    assert ledger.serialises_startup("GPU-unknown")

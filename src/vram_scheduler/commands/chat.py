@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         answer = []
         try:
-            for piece in inf.stream(args.model_id, history, base_url=base_url, max_tokens=args.max_tokens, **sampling):
+            for piece in inf.stream(history, args.model_id, base_url=base_url, max_tokens=args.max_tokens, **sampling):
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

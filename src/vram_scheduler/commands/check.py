@@ -2,12 +2,17 @@
 
 Cluster connectivity, an allocator round trip, a reservation that must be refused (and must
 leave nothing behind), and one inference per deployed model. Non-zero exit on any failure.
+
+`--stress` runs the burn-in instead (`vram_scheduler.stress`): every GPU and every CPU node under
+load, through Ray, each compared with the median of its own model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,7 +29,7 @@ from ..client import (
     model_spec,
     wide_console,
 )
-from ..config import GIB, format_gib
+from ..config import GIB, ConfigError, format_gib
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
 
@@ -39,17 +44,40 @@ class CheckResult(BaseModel):
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check",
-        help="check the cluster end to end: connectivity, allocator, a refused reservation, inference",
+        help="check the cluster end to end (connectivity, allocator, inference), or burn it in (--stress)",
         description="Run the cluster checks: controller reachable, allocator round trip, a reservation\n"
         "larger than any GPU must be refused and leave nothing behind, and one short inference per\n"
         "deployed model.\n\n"
-        "exit codes: 0 every check passed, 1 a check failed\n\n"
-        "examples:\n  ray-vram check\n  ray-vram check --output json",
+        "--stress runs a burn-in instead, through Ray: on every GPU a Ray actor reserves F x its free\n"
+        "memory from the allocator (a GPU without that room is skipped), holds it and runs bf16/fp16\n"
+        "matrix products and a device-to-device copy; on every Ray node with CPUs a task runs a CPU\n"
+        "matrix product. A GPU or node that fails, computes slower than --slow-ratio x the median of\n"
+        "its own model, or whose memory NVML misreports fails the burn-in.\n\n"
+        "exit codes: 0 every check passed, 1 a check failed, 2 invalid input\n\n"
+        "examples:\n  ray-vram check\n  ray-vram check --output json\n"
+        "  ray-vram check --stress --address head:6379 --seconds 60\n"
+        "  ray-vram check --stress --address head:6379 --nodes gpu-3 --gpu-fraction 0.8 --output json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", choices=["table", "json"], default="table")
     parser.add_argument("--endpoint", help="OpenAI base URL for the inference checks (default: discovered)")
     add_address_option(parser)
+    stress = parser.add_argument_group("burn-in (--stress; needs a Ray address: --address, $RAY_ADDRESS or auto)")
+    stress.add_argument("--stress", action="store_true", help="run the GPU and CPU burn-in instead of the checks")
+    stress.add_argument("--seconds", type=float, default=60.0, help="load per GPU and per node (default 60)")
+    stress.add_argument(
+        "--gpu-fraction",
+        type=float,
+        default=0.5,
+        help="share of each GPU's free memory to reserve and hold, capped by the ledger's room (default 0.5)",
+    )
+    stress.add_argument("--nodes", nargs="+", metavar="NODE", help="only these nodes (inventory or Ray node names)")
+    stress.add_argument(
+        "--slow-ratio",
+        type=float,
+        default=0.7,
+        help="fail what runs slower than this x the median of its own GPU or CPU model; 0 turns it off (default 0.7)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -113,11 +141,79 @@ def _refusal(scheduler: VRAMScheduler) -> str:
 def _inference(status: DeploymentStatus, endpoint: str | None) -> str:
     ready = [r for r in status.replicas if r.state == "ready"]
     assert ready, f"no ready replica ({', '.join(f'{r.replica_id}:{r.state}' for r in status.replicas) or 'none'})"
-    text = inf.inference(status.model_id, "ping", base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
+    text = inf.inference("ping", status.model_id, base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
     return f"{len(ready)} ready replica(s); answered {len(text)} char(s)"
 
 
+def stress_address(address: str | None) -> str:
+    """The Ray address the burn-in joins: --address, else $RAY_ADDRESS, else `auto`."""
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            "--address",
+            [f"{address} is a controller URL; --stress runs Ray tasks: give the Ray address (host:6379)"],
+        )
+    return address
+
+
+def validate_stress(args: argparse.Namespace) -> None:
+    problems = []
+    if not args.seconds > 0:
+        problems.append(f"--seconds must be > 0, got {args.seconds:g}")
+    if not 0 < args.gpu_fraction <= 0.95:
+        problems.append(f"--gpu-fraction must be in (0, 0.95], got {args.gpu_fraction:g}")
+    if not 0 <= args.slow_ratio <= 1:
+        problems.append(f"--slow-ratio must be in [0, 1], got {args.slow_ratio:g}")
+    if problems:
+        raise ConfigError("ray-vram check --stress", problems)
+
+
+def run_stress(args: argparse.Namespace) -> int:
+    import ray
+
+    from ..allocator import NAMESPACE
+    from ..loopback import prepare_ray_join
+    from ..stress import report as stress_report
+    from ..stress.runner import run_stress as run_burn_in
+
+    validate_stress(args)
+    address = stress_address(args.address)
+    if not ray.is_initialized():
+        prepare_ray_join(address)
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise SchedulerError(f"cannot join the Ray cluster at {address}: {error}") from None
+    result = run_burn_in(args.seconds, args.gpu_fraction, args.slow_ratio, args.nodes)
+    if args.output == "json":
+        print(result.model_dump_json(indent=2))
+    else:
+        title = (
+            f"ray-vram check --stress ({args.seconds:g} s, GPU fraction {args.gpu_fraction:g}, "
+            f"slow ratio {args.slow_ratio:g})"
+        )
+        table = Table(title=title, title_justify="left")
+        for column in stress_report.COLUMNS:
+            table.add_column(column)
+        for row in stress_report.rows(result):
+            style = {"ok": "green", "skipped": "yellow"}.get(row[-1], "bold red")
+            table.add_row(*row[:-1], f"[{style}]{row[-1]}[/{style}]")
+        console = wide_console()
+        console.print(table)
+        for line in stress_report.notes(result):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        verdict = "passed" if result.ok else "FAILED"
+        print(f"burn-in {verdict}: {len(result.gpus)} GPU(s), {len(result.cpus)} node(s)")
+    return 0 if result.ok else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.stress:
+        try:
+            return run_stress(args)
+        except SchedulerError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     with VRAMScheduler(args.address) as scheduler:
         results = run_checks(scheduler, args.endpoint)
     ok = all(r.ok for r in results)

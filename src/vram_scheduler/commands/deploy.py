@@ -44,7 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     count.add_argument("--replicas", type=int, help="number of replicas (default 1)")
     count.add_argument("--max-replicas", action="store_true", help="as many replicas as fit")
     parser.add_argument("--router-name", help="extra name the model answers to")
-    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        help="longest prompt + completion in tokens (default: 8192 or the model's maximum, whichever is smaller)",
+    )
     parser.add_argument("--max-tokens", type=int, default=256, help="default completion length")
     parser.add_argument("--gpu-type", help="only GPUs whose name contains this text, e.g. H100")
     parser.add_argument(

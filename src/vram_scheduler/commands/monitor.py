@@ -54,6 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as error:
+        from ..cli import missing_dependency
+
+        message = missing_dependency(error, "monitor")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

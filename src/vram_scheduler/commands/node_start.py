@@ -12,6 +12,9 @@ import sys
 from ..cli import EXIT_FAILURE, EXIT_OK
 from ..node import KUBERAY_COMMAND_ENV, build_node_start, detect_gpus, kuberay_args
 
+#: Where a GPU node's MPS control daemon listens (inside the Ray container; short for AF_UNIX paths).
+MPS_DIR = "/tmp/ray-vram-mps"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -72,7 +75,32 @@ def run(args: argparse.Namespace) -> int:
     if ray is None:
         print("error: the `ray` command is not on PATH: install ray-vram[serve] (ray==2.60.0)", file=sys.stderr)
         return EXIT_FAILURE
+    _start_mps(detected.source == "nvml" and bool(detected.gpus))
     print(f"ray-vram node-start: {line}", file=sys.stderr, flush=True)
     # exec: Ray becomes this process, so the container's signals and exit code are Ray's.
     os.execv(ray, [ray, *start.command[1:]])
     return EXIT_FAILURE  # not reached
+
+
+def _start_mps(has_gpus: bool) -> None:
+    """On a node with real GPUs: start the MPS control daemon that caps each replica's engine at its
+    reservation (`serving.mps`), and export its pipe directory to Ray and every worker it starts."""
+    from ..serving import mps
+
+    if not has_gpus or os.environ.get(mps.SWITCH_ENV) == "off":
+        return
+    if mps.control_binary() is None:
+        print(
+            f"ray-vram node-start: {mps.CONTROL} not found: replicas on this node are sized to their budgets "
+            "but not hard-capped (mount the NVIDIA driver's compute utilities, or set RAY_VRAM_MPS=off)",
+            file=sys.stderr,
+        )
+        return
+    pipe_dir, log_dir = f"{MPS_DIR}/pipe", f"{MPS_DIR}/log"
+    try:
+        mps.start_daemon(pipe_dir, log_dir)
+    except mps.MPSError as error:
+        print(f"ray-vram node-start: MPS not started: {error}", file=sys.stderr)
+        return
+    os.environ[mps.PIPE_DIR_ENV] = pipe_dir
+    print(f"ray-vram node-start: MPS daemon in {pipe_dir}: each replica is capped at its reservation", file=sys.stderr)

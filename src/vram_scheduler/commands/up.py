@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from typing import Any
 
@@ -12,6 +13,8 @@ from rich.table import Table
 from ..cli import EXIT_FAILURE, EXIT_OK
 from ..config import GIB, load_config
 
+EXIT_INTERRUPTED = 130
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Start an embedded Ray, the VRAM allocator, a monitor (NVML, or host memory without a GPU),\n"
         "the serving controller and the OpenAI-compatible endpoint, deploy the values' models, print the\n"
         "endpoint and the VRAM table, and stay in the foreground until Ctrl-C (then shut everything down).\n\n"
-        "exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 a replica failed to start, 2 invalid values\n\n"
+        "exit codes: 0 stopped by Ctrl-C/SIGTERM once ready, 1 a replica failed to start, 2 invalid values,\n"
+        "130 stopped by Ctrl-C/SIGTERM during start-up (everything started so far is stopped)\n\n"
         "examples:\n"
         "  ray-vram up -f values/local.yaml\n"
         "  ray-vram up -f my-values.yaml --controller-port 9080",
@@ -41,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     stack = LocalStack(config, controller_port=args.controller_port, num_cpus=args.num_cpus)
     code = EXIT_OK
+    # SIGTERM stops start-up the way Ctrl-C does (KeyboardInterrupt), so every phase cleans up.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start(progress=lambda text: console.print(f"[dim]{text}[/dim]"))
         console.print("[dim]waiting for replicas to load ...[/dim]")
@@ -68,10 +75,28 @@ def run(args: argparse.Namespace) -> int:
         )
         wait_for_interrupt()
         console.print("[dim]shutting down ...[/dim]")
+    except KeyboardInterrupt:
+        console.print("[dim]interrupted: shutting down ...[/dim]")
+        code = EXIT_INTERRUPTED
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM:  # Ray's own SIGTERM handler, active inside ray.init, exits with 15
+            raise
+        console.print("[dim]interrupted: shutting down ...[/dim]")
+        code = EXIT_INTERRUPTED
     finally:
-        stack.stop()
+        for sig in previous:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            stack.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     console.print("stopped: no replicas, reservations or Ray processes left")
     return code
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def print_vram(state: dict[str, Any], console: Console) -> None:

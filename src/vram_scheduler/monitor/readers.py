@@ -300,7 +300,12 @@ class HostMemoryReader:
     """Local mode without a GPU: the host's RAM as one pseudo-GPU ``host-<node>``.
 
     total = physical memory, used = memory not available to new allocations, per-process usage =
-    resident set size of the processes asked for (the replicas the allocator knows on this node).
+    the private memory of the processes asked for (the replicas the allocator knows on this node):
+    resident anonymous + shared-memory pages (`RssAnon + RssShmem` in /proc/PID/status), not the
+    whole resident set. RSS also counts file-backed pages (libtorch, vLLM's and Python's shared
+    libraries, ~0.3 GiB per process), which every process mapping them counts again — a replica
+    and its engine core count them twice — and which the kernel can drop at will, as `used`
+    (total - available) already assumes. Where /proc is not there, RSS is used.
     """
 
     source = "host-memory"
@@ -317,11 +322,13 @@ class HostMemoryReader:
         memory = psutil.virtual_memory()
         processes = []
         for pid in sorted(set(watch_pids)):
-            try:
-                rss = psutil.Process(pid).memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-                continue
-            processes.append(GPUProcess.model_construct(pid=pid, used_bytes=int(rss)))
+            used = private_memory_bytes(pid)
+            if used is None:
+                try:
+                    used = int(psutil.Process(pid).memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+                    continue
+            processes.append(GPUProcess.model_construct(pid=pid, used_bytes=used))
         used = int(memory.total - memory.available)
         gpu = _gpu(self.node, 0, self.uuid, "host memory", int(memory.total), used, processes, True)
         inventory = NodeInventory.model_construct(
@@ -331,6 +338,24 @@ class HostMemoryReader:
 
     def close(self) -> None:
         pass
+
+
+def private_memory_bytes(pid: int) -> int | None:
+    """A process's resident anonymous + shared-memory bytes (Linux /proc/PID/status; cheap, no page walk).
+
+    None when /proc has no such file (no such process, or not Linux).
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            text = status.read()
+    except OSError:
+        return None
+    total, found = 0, 0
+    for line in text.splitlines():
+        if line.startswith((b"RssAnon:", b"RssShmem:")):
+            total += int(line.split()[1]) * 1024  # kB
+            found += 1
+    return total if found else None
 
 
 def default_node_name() -> str:

@@ -21,7 +21,8 @@ from ray import serve
 from ray.experimental import internal_kv
 
 from ..allocator import NAMESPACE, get_vram_allocator
-from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..model_limits import effective_max_model_len
 from ..planner import Plan, Reservation
 from .app import model_app_name, model_application, replica_env, router_application
 from .router import ROUTER_APP, router_handle
@@ -68,6 +69,10 @@ class Deployed(BaseModel):
     spec: ModelSpec
     reservations: list[Reservation]
     unplaced: list[str] = Field(default_factory=list)
+    deploying: bool = Field(
+        default=False,
+        description="A new attempt is being set up: the previous attempt's replica states are not shown.",
+    )
 
 
 class Controller:
@@ -124,6 +129,7 @@ class Controller:
             return result
 
     def _apply(self, config: RayVRAMConfig) -> dict[str, Any]:
+        check_model_limits(config.models)
         ray.get(self.allocator.configure.remote(config.placement.model_dump(mode="json")))
         self.serving = config.serving
         current = self.deployed()
@@ -153,6 +159,7 @@ class Controller:
 
     def deploy(self, spec: ModelSpec, placement: PlacementSettings | None = None) -> Plan:
         """Plan and deploy (or replace) one model; other models are untouched. Raises `Unplaceable`."""
+        check_model_limits([spec])
         with self._lock:
             others = [r.spec for r in self.deployed().values() if r.spec.model_id != spec.model_id]
             self._ensure_router([*others, spec])
@@ -170,11 +177,14 @@ class Controller:
         if previous is not None and previous.spec == spec and self._app_alive(spec.model_id):
             return self._plan([spec, *others], placement)
         if previous is not None or self._app_exists(spec.model_id):
+            # The new attempt is what status shows from now on, never the replaced one's states.
+            self._store(Deployed(spec=spec, reservations=previous.reservations if previous else [], deploying=True))
             self._teardown(spec.model_id)  # a changed model is replaced, never mixed old/new
         plan = self._plan([spec, *others], placement)
         reservations = plan.replicas_of(spec.model_id)
         reasons = [u.reason for u in plan.unplaced if u.model_id == spec.model_id]
         if not reservations:
+            self._forget(spec.model_id)
             raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
         app = model_application(spec, reservations, self.serving, self._env())
         deploy_in_background(app, model_app_name(spec.model_id))
@@ -263,8 +273,8 @@ class Controller:
             replicas = []
             for planned in record.reservations:
                 reservation = held.get(planned.replica_id)
-                deployment = app.deployments.get(planned.replica_id) if app else None
-                state, error = _replica_state(deployment, reservation is not None)
+                deployment = app.deployments.get(planned.replica_id) if app and not record.deploying else None
+                state, error = _replica_state(deployment, reservation is not None and not record.deploying)
                 where = reservation or planned.model_dump()
                 replicas.append(
                     ReplicaStatus(
@@ -312,6 +322,19 @@ class Controller:
             return True
         registered = {e["replica_id"] for e in router_handle().endpoints.remote().result(timeout_s=30)}
         return wanted <= registered
+
+
+def check_model_limits(specs: list[ModelSpec]) -> None:
+    """Refuse, before anything is planned or reserved, a `max_model_len` over a model's own maximum
+    (where the controller can read the model's config without downloading; replicas check again)."""
+    problems = []
+    for spec in specs:
+        try:
+            effective_max_model_len(spec)
+        except ConfigError as error:
+            problems += [f"{spec.model_id}: {p}" for p in error.problems]
+    if problems:
+        raise ConfigError("models", problems)
 
 
 def deploy_in_background(app: Any, name: str) -> None:

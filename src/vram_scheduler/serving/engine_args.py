@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 from ..config import ModelSpec
 from .sizing import EngineBudget
@@ -61,6 +61,11 @@ def parse_server_args(argv: list[str]) -> argparse.Namespace:
 
     cli_args = server_cli_args()
     parser = cli_args.make_arg_parser(FlexibleArgumentParser(prog="ray-vram replica", exit_on_error=False))
+
+    def refuse(message: str) -> NoReturn:  # argparse would print it to stderr and exit with code 2
+        raise argparse.ArgumentError(None, message)
+
+    parser.error = refuse  # type: ignore[method-assign]
     try:
         args = parser.parse_args(argv)
         cli_args.validate_parsed_serve_args(args)

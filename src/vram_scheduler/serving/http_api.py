@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 
-from ..config import ModelSpec, describe_validation_error
+from ..config import ConfigError, ModelSpec, describe_validation_error
 from .controller import Controller, Unplaceable
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,9 @@ class ControllerAPI:
             return 400, _json({"error": "invalid ModelSpec", "problems": problems}), "application/json"
         try:
             plan = self.controller.deploy(spec)
+        except ConfigError as error:
+            body = {"error": f"invalid ModelSpec: {error.source}", "problems": error.problems}
+            return 400, _json(body), "application/json"
         except Unplaceable as error:
             body = {"error": str(error), "model_id": spec.model_id, "reasons": error.reasons}
             if spec.max_replicas:

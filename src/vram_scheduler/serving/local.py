@@ -13,6 +13,8 @@ the installation's Ray token (`ray_auth_env`). The OpenAI endpoint leaves loopba
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import secrets
@@ -32,6 +34,9 @@ from ..demo_model import ensure_demo_model, is_demo_model
 from ..loopback import is_loopback_host, keep_ray_on_loopback
 
 log = logging.getLogger(__name__)
+
+#: prctl(2) option: orphaned descendants are reparented to this process instead of init.
+PR_SET_CHILD_SUBREAPER = 36
 
 #: vLLM engine start in seconds instead of a minute on CPU machines (see README "Local mode").
 LOCAL_ENV_DEFAULTS = {
@@ -142,9 +147,12 @@ class LocalStack:
     started_ray: bool = False
     mps_dirs: tuple[str, str] | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
+    _started_at: float | None = None
 
     def start(self, progress: Callable[[str], None] = print) -> None:
         self.config = self.config.model_copy(update={"serving": local_serving(self.config)})
+        self._started_at = time.time()
+        become_subreaper()
         for key, value in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         os.environ.update(LOOPBACK_ENV)
@@ -170,6 +178,8 @@ class LocalStack:
         self._start_mps(progress)
         _apply_to_this_process(token=bool(auth))
         progress("starting Ray (local, token auth) ..." if auth else "starting Ray (local) ...")
+        self.started_ray = True  # before init: an interrupt inside it still shuts down what it started
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(
             address="local",  # always a new cluster of our own, never someone else's
             namespace=NAMESPACE,
@@ -179,7 +189,10 @@ class LocalStack:
             logging_level=logging.WARNING,
             log_to_driver=os.environ.get("RAY_VRAM_LOG_TO_DRIVER", "0") == "1",
         )
-        self.started_ray = True
+        # Ray's core worker replaces the SIGTERM handler with one that aborts the process: put back
+        # the caller's (`up` turns SIGTERM into a clean stop).
+        if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
         node_ip = ray.util.get_node_ip_address()
         if node_ip != "127.0.0.1":
             raise RuntimeError(f"the local Ray node took address {node_ip}, not 127.0.0.1; refusing to serve")
@@ -271,17 +284,21 @@ class LocalStack:
             self.monitor.stop()
         for thread in self._threads:
             thread.join(timeout=10)
-        if self.started_ray and ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-        if self.mps_dirs is not None:
-            from . import mps
+        try:
+            if self.started_ray and ray.is_initialized():
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            if self._started_at is not None:
+                end_descendants(self._started_at)
+            if self.mps_dirs is not None:  # after every client is gone: the daemon then quits
+                from . import mps
 
-            mps.stop_daemon(*self.mps_dirs)
-            os.environ.pop(mps.PIPE_DIR_ENV, None)
-            self.mps_dirs = None
+                mps.stop_daemon(*self.mps_dirs)
+                os.environ.pop(mps.PIPE_DIR_ENV, None)
+                self.mps_dirs = None
 
 
 def _apply_to_this_process(token: bool) -> None:
@@ -293,6 +310,38 @@ def _apply_to_this_process(token: bool) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
     if token and get_authentication_mode() != AuthenticationMode.TOKEN:
         raise RuntimeError("Ray did not take RAY_AUTH_MODE=token; refusing to start an unauthenticated local cluster")
+
+
+def become_subreaper() -> None:
+    """Make orphaned descendants this process's children instead of init's (Linux; elsewhere a no-op).
+
+    A replica killed while loading leaves vLLM's engine-core process without its parent; as a
+    subreaper, local mode still finds it among its own children and ends it in `stop()`.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def end_descendants(since: float, timeout_s: float = 10.0) -> list[int]:
+    """End every process descending from this one that started at or after `since` (SIGTERM, then
+    SIGKILL after `timeout_s`); returns their pids. Ray's shutdown normally leaves none."""
+    import psutil
+
+    try:
+        left = [p for p in psutil.Process().children(recursive=True) if p.create_time() >= since - 1]
+    except psutil.Error:
+        return []
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(left, timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+    if left:
+        log.info("ended %d process(es) left after shutdown: %s", len(left), [p.pid for p in left])
+    return [p.pid for p in left]
 
 
 def wait_for_interrupt() -> None:

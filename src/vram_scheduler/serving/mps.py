@@ -35,9 +35,13 @@ class MPSError(RuntimeError):
     """The MPS control daemon could not be started or reached."""
 
 
+#: Where the chart's `gpu.mode: hostMounts` mounts the host's NVIDIA programs (not on PATH there).
+DRIVER_BIN = "/usr/local/nvidia/bin"
+
+
 def control_binary() -> str | None:
     """Path of NVIDIA's MPS control program, or None on machines without the NVIDIA driver tools."""
-    return shutil.which(CONTROL)
+    return shutil.which(CONTROL) or shutil.which(CONTROL, path=DRIVER_BIN)
 
 
 def daemon_running(pipe_dir: str | Path) -> bool:

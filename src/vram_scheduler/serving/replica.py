@@ -36,6 +36,7 @@ from ..config import ModelSpec, ServingSettings, format_gib, gib_to_bytes
 from ..demo_model import resolve_model_source
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
+from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .loop_thread import LoopThread
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
 from .pinning import pin_process, visible_device_total_bytes
@@ -76,9 +77,8 @@ class ReplicaEndpoint(BaseModel):
 
 
 def _reason(error: BaseException) -> str:
-    """The allocator's own message, without Ray's remote traceback."""
-    cause = getattr(error, "cause", None) or error
-    return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+    """The root cause's own message on one line (vLLM's or the allocator's), without Ray's traceback."""
+    return root_cause(error)
 
 
 def node_ip_address() -> str:
@@ -112,6 +112,7 @@ class VLLMReplica:
         self.requests: LoopThread | None = None
         self.allocator = get_vram_allocator()
         self._reserved = False
+        self._stderr_mark = stderr_position()
         started = time.monotonic()
         try:
             await self._start()
@@ -121,13 +122,18 @@ class VLLMReplica:
             if isinstance(error, ReplicaStartupError):
                 log.error("%s", error)
                 raise
-            raise ReplicaStartupError(f"replica {self.replica_id}: start failed: {_reason(error)}") from error
+            reason = _reason(error)
+            if ENGINE_DIED in reason:  # vLLM's engine process died: its own words are in our stderr
+                reason = engine_cause(self._stderr_mark) or reason
+            raise ReplicaStartupError(f"replica {self.replica_id}: start failed: {reason}") from error
         log.info("replica %s ready in %.1fs at %s", self.replica_id, time.monotonic() - started, self.endpoint)
 
     # -- start ------------------------------------------------------------------------------
 
     async def _start(self) -> None:
         owner = ray.get_runtime_context().get_actor_id()
+        model_source = resolve_model_source(self.spec.model)
+        self.spec = await asyncio.to_thread(checked_spec, self.spec, self.replica_id)  # before reserving
         try:
             held = await self.allocator.reserve.remote(
                 self.replica_id, self.spec.model_id, self.spec.vram_bytes, gpu_uuid=self.planned.gpu_uuid, owner=owner
@@ -138,7 +144,6 @@ class VLLMReplica:
         self.reservation = Reservation.model_validate(held)
         gpu_uuid = self.reservation.gpu_uuid
         device = pin_process(gpu_uuid)
-        model_source = resolve_model_source(self.spec.model)
         total = visible_device_total_bytes() if device == "cuda" else _host_memory_total()
         overhead = await self._overhead_bytes() if device == "cuda" else 0
         budget = size_engine(
