@@ -142,14 +142,14 @@ SDK_INVENTORY = {
                 {
                     "index": 0,
                     "uuid": "GPU-5d5d0000-sdk-0",
-                    "name": "NVIDIA Test 5GB",
-                    "total_gb": 5,
+                    "name": "NVIDIA Test 8GB",
+                    "total_gb": 8,
                 },
                 {
                     "index": 1,
                     "uuid": "GPU-5d5d0000-sdk-1",
-                    "name": "NVIDIA Test 3GB",
-                    "total_gb": 3,
+                    "name": "NVIDIA Test 4GB",
+                    "total_gb": 4,
                 },
             ],
         }

@@ -28,11 +28,14 @@ from .loopback import is_loopback_host
 
 GIB = 1024**3
 
-#: What a replica costs beyond its declared budget: its CUDA context and allocator slack. A bare
-#: CUDA context measured 0.60 GiB on an H100 (PyTorch 2.11, CUDA 13; tests/gpu/test_monitor_gpu.py),
-#: so 0.75 leaves a margin: a lower value lets a brim-full GPU be overcommitted by the difference
-#: per replica.
-DEFAULT_REPLICA_OVERHEAD_GB = 0.75
+#: What a replica costs beyond its declared budget: what vLLM does not count inside its share of the
+#: GPU, i.e. the engine process's CUDA context (0.5 GiB measured under MPS) and allocator growth
+#: under load. Measured on an H200 (vLLM 0.26, a 1.5B model, NVML per process tree at peak under
+#: `vllm bench serve`, each engine at gpu_memory_utilization = budget / total): ray-vram replicas
+#: and bare vLLM servers, with and without MPS, peaked 0.85 to 1.54 GiB over their budget, once
+#: 1.93 GiB (4 servers at share 0.2). 2.0 covers the largest seen: a lower value lets a brim-full
+#: GPU be overcommitted by the difference per replica.
+DEFAULT_REPLICA_OVERHEAD_GB = 2.0
 
 MODEL_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
@@ -130,7 +133,7 @@ class PlacementSettings(StrictModel):
     replica_overhead_gb: float = Field(
         default=DEFAULT_REPLICA_OVERHEAD_GB,
         ge=0,
-        description="VRAM each replica costs beyond its budget (CUDA context); added when packing.",
+        description="VRAM each replica costs beyond its budget (CUDA context, allocator growth); added when packing.",
     )
     stale_after_s: float = Field(
         default=10.0, gt=0, description="A node whose inventory is older than this gets no new reservations."

@@ -116,7 +116,7 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
     assert value(samples, "ray_vram_replica_used_bytes", replica="honest-0", **labels) == 3 * GIB
     assert value(samples, "ray_vram_replica_used_bytes", replica="greedy-0", **labels) == 5 * GIB
     assert value(samples, "ray_vram_gpu_unmanaged_bytes", **labels) == 2 * GIB, "10 GiB used, 8 GiB by replicas"
-    assert value(samples, "ray_vram_gpu_reserved_bytes", **labels) == 7.5 * GIB, "budgets 4 + 2, overhead 2 x 0.75"
+    assert value(samples, "ray_vram_gpu_reserved_bytes", **labels) == 10 * GIB, "budgets 4 + 2, overhead 2 x 2"
     assert value(samples, "ray_vram_watchdog_violations_total", replica="honest-0") in (None, 0)
 
     # The replica over budget is restarted through Ray (its owner actor killed); its neighbour is untouched.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -11,8 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vram_scheduler.commands.monitor import add_arguments
+from vram_scheduler.config import DEFAULT_REPLICA_OVERHEAD_GB, gib_to_bytes
 from vram_scheduler.inventory import NodeInventory
 from vram_scheduler.monitor.pids import ProcessMatcher
+from vram_scheduler.monitor.service import MonitorSettings
 from vram_scheduler.monitor.watchdog import ReplicaBudget, ReplicaUsage, Watchdog, measure
 
 GIB = 1024**3
@@ -37,6 +41,19 @@ def test_flags_after_n_polls_over_margin_once_per_episode() -> None:
     for _ in range(2):
         assert watchdog.observe([usage("r", over)]) == []
     assert len(watchdog.observe([usage("r", over)])) == 1, "a new episode is flagged again"
+
+
+def test_default_margin_is_the_placement_overhead_so_a_replica_within_its_reservation_passes() -> None:
+    margin = gib_to_bytes(DEFAULT_REPLICA_OVERHEAD_GB)
+    assert MonitorSettings(node="n").watchdog_margin_bytes == margin
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).watchdog_margin_gb == DEFAULT_REPLICA_OVERHEAD_GB
+    watchdog = Watchdog(MonitorSettings(node="n").watchdog_margin_bytes, polls=1)
+    # Real vLLM replicas peak 1.2 to 1.5 GiB over their budget under load: inside budget + overhead.
+    assert watchdog.observe([usage("r", 4 * GIB + gib_to_bytes(1.5))]) == []
+    assert watchdog.observe([usage("r", 4 * GIB + margin)]) == [], "the whole reservation is allowed"
+    assert len(watchdog.observe([usage("r", 4 * GIB + margin + 1)])) == 1, "beyond the reservation is flagged"
 
 
 def test_a_replica_that_leaves_forgets_its_streak() -> None:

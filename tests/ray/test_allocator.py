@@ -90,15 +90,15 @@ def test_contract_round_trip(allocator) -> None:
     with pytest.raises(ReservationError) as caught:
         ray.get(allocator.reserve.remote("x-0", "x", 40 * GIB))
     assert (
-        "model x needs 40.75 GiB per replica (40.00 GiB budget + 0.75 GiB overhead); "
-        "the largest free slot is 24.00 GiB on node gpu-a, GPU 0 (short by 16.75 GiB)"
+        "model x needs 42.00 GiB per replica (40.00 GiB budget + 2.00 GiB overhead); "
+        "the largest free slot is 24.00 GiB on node gpu-a, GPU 0 (short by 18.00 GiB)"
     ) in str(caught.value)
     ray.get(allocator.attach_process.remote("m-0", 4242))
 
     state = ray.get(allocator.get_vram_state.remote())
     json.dumps(state)  # plain JSON all the way down
     gpu = state["gpus"][1]
-    assert (gpu["reserved_bytes"], gpu["free_bytes"]) == (int(10.75 * GIB), int(5.25 * GIB))  # default overhead
+    assert (gpu["reserved_bytes"], gpu["free_bytes"]) == (12 * GIB, 4 * GIB)  # budget 10 + the default overhead 2
     assert gpu["replicas"][0] | {"owner": None} == {
         "replica_id": "m-0",
         "model_id": "m",
@@ -170,7 +170,8 @@ def test_stale_node_gets_no_new_reservations(allocator) -> None:
     publish_a()
     assert ray.get(allocator.reserve.remote("k-1", "k", GIB))["node"] == "gpu-a"
     publish_a()
-    with pytest.raises(ReservationError, match=r"largest free slot is 22\.25 GiB on node gpu-a, GPU 0"):
+    # 24 − (1 + the default 2 GiB overhead) on gpu-a; gpu-b's 48 GiB free are stale and not offered.
+    with pytest.raises(ReservationError, match=r"largest free slot is 21\.00 GiB on node gpu-a, GPU 0"):
         ray.get(allocator.reserve.remote("k-2", "k", 30 * GIB))
     publish_a()
     plan = ray.get(allocator.plan.remote([{"model_id": "k", "model": "x", "vram_gb": 30, "replicas": 2}]))

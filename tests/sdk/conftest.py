@@ -1,4 +1,4 @@
-"""One real local stack (Ray, allocator, monitor on a declared 5 GiB + 3 GiB inventory, controller,
+"""One real local stack (Ray, allocator, monitor on a declared 8 GiB + 4 GiB inventory, controller,
 OpenAI router, a vLLM CPU replica of the demo model as `tiny`/`tiny-alias`) for all SDK, CLI and
 example tests. Tests that deploy more models shut them down before they end."""
 

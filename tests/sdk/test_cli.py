@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow
 def test_status_table_and_json(controller_env: dict[str, str]) -> None:
     table = run_cli("status", env=controller_env)
     assert table.returncode == 0, table.stderr
-    assert "NVIDIA Test 5GB" in table.stdout and "tiny-0 1.50" in table.stdout and "1/1 ready" in table.stdout
+    assert "NVIDIA Test 8GB" in table.stdout and "tiny-0 1.50" in table.stdout and "1/1 ready" in table.stdout
     data = json.loads(run_cli("status", "--output", "json", env=controller_env).stdout)
-    assert [g["total_bytes"] for g in data["vram"]["gpus"]] == [5 * 1024**3, 3 * 1024**3]
+    assert [g["total_bytes"] for g in data["vram"]["gpus"]] == [8 * 1024**3, 4 * 1024**3]
     assert [d["model_id"] for d in data["deployments"]] == [MODEL]
 
 
@@ -40,9 +40,9 @@ def test_status_watch_json_streams_snapshots(controller_env: dict[str, str]) -> 
 
 
 def test_deploy_that_does_not_fit_exits_3_naming_the_shortfall(controller_env: dict[str, str]) -> None:
-    result = run_cli("deploy", "huge", "--model", "demo", "--vram-gb", "5", env=controller_env)
+    result = run_cli("deploy", "huge", "--model", "demo", "--vram-gb", "8", env=controller_env)
     assert result.returncode == 3, result.stderr
-    assert "model huge needs 5.75 GiB" in result.stderr and "the largest is 5.00 GiB" in result.stderr
+    assert "model huge needs 10.00 GiB" in result.stderr and "the largest is 8.00 GiB" in result.stderr
     assert "nothing was deployed" in result.stderr
 
 
@@ -144,4 +144,4 @@ def test_status_watch_table_stops_on_ctrl_c(controller_env: dict[str, str]) -> N
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
-    assert "NVIDIA Test 5GB" in out and "tiny-0" in out
+    assert "NVIDIA Test 8GB" in out and "tiny-0" in out

@@ -1,6 +1,6 @@
 """VRAMScheduler against the real local stack: typed state, plan-first refusals, deploy with
-progress, failures, idempotent shutdown. Inventory: GPU 0 = 5 GiB, GPU 1 = 3 GiB; `tiny`
-(1.5 GiB + the default 0.75 overhead) sits on GPU 1, and two more such replicas fit on GPU 0."""
+progress, failures, idempotent shutdown. Inventory: GPU 0 = 8 GiB, GPU 1 = 4 GiB; `tiny`
+(1.5 GiB + the default 2 GiB overhead) sits on GPU 1, and two more such replicas fit on GPU 0."""
 
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ def test_vram_state_is_typed_and_json_serialisable(local_stack: stack.LocalStack
     with VRAMScheduler(local_stack.controller) as scheduler:
         state = scheduler.get_vram_state()
     assert isinstance(state, VRAMState)
-    assert [(g.index, g.total_bytes) for g in state.gpus] == [(0, 5 * GIB), (1, 3 * GIB)]
+    assert [(g.index, g.total_bytes) for g in state.gpus] == [(0, 8 * GIB), (1, 4 * GIB)]
     (replica,) = state.gpus[1].replicas
     assert (replica.replica_id, replica.bytes) == ("tiny-0", int(1.5 * GIB))
-    assert state.gpus[1].free_bytes == int(0.75 * GIB)  # 3 − (1.5 + 0.75)
+    assert state.gpus[1].free_bytes == int(0.5 * GIB)  # 4 − (1.5 + 2)
     assert VRAMState.model_validate(json.loads(json.dumps(state.model_dump()))) == state
 
 
@@ -54,7 +54,7 @@ def test_display_shows_every_gpu_and_the_models(local_stack: stack.LocalStack) -
     with VRAMScheduler(local_stack.controller) as scheduler:
         scheduler.display_vram_state(console)
     text = console.file.getvalue()
-    assert "NVIDIA Test 5GB" in text and "NVIDIA Test 3GB" in text
+    assert "NVIDIA Test 8GB" in text and "NVIDIA Test 4GB" in text
     assert "tiny-0 1.50" in text and "1/1 ready" in text
 
 
@@ -73,8 +73,8 @@ def test_model_that_does_not_fit_is_refused_before_deploying(local_stack: stack.
     with VRAMScheduler(local_stack.controller, console=recording_console()) as scheduler:
         before = ledger(scheduler)
         with pytest.raises(PlacementError) as caught:
-            scheduler.deploy_model("huge", "demo", 5.0)
-        assert "huge" in str(caught.value) and "5.75 GiB" in str(caught.value)
+            scheduler.deploy_model("huge", "demo", 8.0)
+        assert "huge" in str(caught.value) and "10.00 GiB" in str(caught.value)
         assert caught.value.placed == 0 and caught.value.requested == 1
         with pytest.raises(PlacementError) as partial:
             scheduler.deploy_model("many", "demo", 1.5, replicas=3)
@@ -150,7 +150,7 @@ def test_a_ray_address_drives_the_cluster_in_process(local_stack: stack.LocalSta
         "s = VRAMScheduler(sys.argv[1])\n"
         "state = s.get_vram_state()\n"
         "try:\n"
-        "    s.deploy_model('huge', 'demo', 5.0)\n"
+        "    s.deploy_model('huge', 'demo', 8.0)\n"
         "    refused = ''\n"
         "except PlacementError as error:\n"
         "    refused = str(error)\n"
@@ -164,4 +164,4 @@ def test_a_ray_address_drives_the_cluster_in_process(local_stack: stack.LocalSta
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["gpus"] == 2 and data["models"] == [MODEL] and data["removed"] == []
-    assert "huge needs 5.75 GiB" in data["refused"]
+    assert "huge needs 10.00 GiB" in data["refused"]

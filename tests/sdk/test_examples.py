@@ -37,8 +37,8 @@ def test_deploy_from_a_config_file_then_shut_it_down(controller_env: dict[str, s
 
 def test_max_replicas_fill_the_free_gpu(controller_env: dict[str, str]) -> None:
     try:
-        result = run_example("2_deploy_max_llms.py", "--vram-gb", "1.5", "--gpu-type", "5GB", env=controller_env)
-        # 5 GiB GPU, 1.5 GiB + 0.75 GiB overhead per replica → exactly 2 (4.5 GiB; a third would need 6.75)
+        result = run_example("2_deploy_max_llms.py", "--vram-gb", "1.5", "--gpu-type", "8GB", env=controller_env)
+        # 8 GiB GPU, 1.5 GiB + 2 GiB overhead per replica → exactly 2 (7 GiB; a third would need 10.5)
         assert "demo-max: 2 replica(s) of 1.5 GiB" in result.stdout
         assert "node sdk-node, GPU 0: 2" in result.stdout
     finally:

@@ -14,7 +14,7 @@ from vram_scheduler.config import ModelSpec, PlacementSettings, gib_to_bytes
 from vram_scheduler.ledger import GPUState, ReplicaState, VRAMState
 
 GIB = 1024**3
-OVERHEAD = gib_to_bytes(PlacementSettings().replica_overhead_gb)  # 0.75 GiB by default
+OVERHEAD = gib_to_bytes(PlacementSettings().replica_overhead_gb)  # 2 GiB by default
 
 
 def test_public_api_imports_neither_ray_nor_vllm() -> None:
@@ -67,17 +67,17 @@ def state(*gpus: GPUState) -> VRAMState:
 
 
 def test_plan_on_state_counts_other_models_and_unmanaged_memory_as_taken() -> None:
-    current = state(gpu(0, 8, [replica("other-0", "other", 3)], unmanaged_gb=1), gpu(1, 4, []))
+    current = state(gpu(0, 10.5, [replica("other-0", "other", 3)], unmanaged_gb=1), gpu(1, 5, []))
     result = plan_on_state(current, [ModelSpec(model_id="m", model="x", vram_gb=2.5, replicas=3)])
-    # Each replica needs 2.5 + 0.75 = 3.25. GPU 0: 8 − 1 unmanaged − (3 + 0.75) = 3.25 free → exactly one;
-    # GPU 1: 4 → one
+    # Each replica needs 2.5 + 2 = 4.5. GPU 0: 10.5 − 1 unmanaged − (3 + 2) = 4.5 free → exactly one;
+    # GPU 1: 5 → one
     assert sorted(r.gpu_index for r in result.new) == [0, 1]
     (unplaced,) = result.unplaced
     assert unplaced.count == 1 and unplaced.model_id == "m"
 
 
 def test_plan_on_state_keeps_the_models_own_replicas() -> None:
-    current = state(gpu(0, 4.5, [replica("m-0", "m", 1.5)]))  # 2 × (1.5 + 0.75) = 4.5: room for m-1 exactly
+    current = state(gpu(0, 7, [replica("m-0", "m", 1.5)]))  # 2 × (1.5 + 2) = 7: room for m-1 exactly
     result = plan_on_state(current, [ModelSpec(model_id="m", model="x", vram_gb=1.5, replicas=2)])
     assert [r.replica_id for r in result.kept] == ["m-0"]
     assert [r.replica_id for r in result.new] == ["m-1"]

@@ -67,7 +67,7 @@ def test_replicas_hold_the_planned_reservations(stack: Stack) -> None:
                     int(1.5 * 1024**3),
                 )
             )
-    # The planner packs beta's two replicas onto the 8 GiB GPU (alpha-0 took the 3 GiB one).
+    # The planner packs beta's two replicas onto the 12 GiB GPU (alpha-0 took the 4 GiB one).
     beta_gpus = {r["gpu_uuid"] for r in models["beta"]["replicas"]}
     assert beta_gpus == {"GPU-5e5e0000-0000-0000-0000-000000000000"}
     state = ray.get(stack.controller.allocator.get_vram_state.remote())
@@ -254,7 +254,7 @@ def test_replica_without_reservation_fails_fast_with_the_reason(stack: Stack) ->
     from vram_scheduler.planner import Reservation
 
     spec = ModelSpec.model_validate(model("greedy", replicas=1) | {"vram_gb": 2.5})
-    # Planned onto the 3 GiB GPU, which alpha-0 already fills: the allocator must refuse.
+    # Planned onto the 4 GiB GPU, where alpha-0 leaves 0.5 GiB: the allocator must refuse.
     target = Reservation(
         replica_id="greedy-0",
         model_id="greedy",

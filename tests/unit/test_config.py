@@ -29,7 +29,7 @@ def test_minimal_model_gets_documented_defaults() -> None:
     # max_model_len None: 8192 or the model's own maximum, resolved where the model's files are (model_limits)
     assert (spec.replicas, spec.max_replicas, spec.max_model_len, spec.max_tokens) == (1, False, None, 256)
     assert spec.vram_bytes == 4 * GIB
-    assert config.placement.replica_overhead_gb == 0.75
+    assert config.placement.replica_overhead_gb == 2.0
 
 
 def test_unknown_key_in_model_is_named_with_its_value() -> None:
@@ -104,10 +104,10 @@ def test_vram_larger_than_any_gpu_names_model_need_and_largest() -> None:
             ]
         }
     )
-    models = [model(vram_gb=2), model(model_id="big", vram_gb=24), model(model_id="brim", vram_gb=23.25)]
-    config = parse_config({"models": models})  # brim: 23.25 + 0.75 fills the 24 GiB GPU exactly, so it fits
+    models = [model(vram_gb=2), model(model_id="big", vram_gb=24), model(model_id="brim", vram_gb=22)]
+    config = parse_config({"models": models})  # brim: 22 + 2 fills the 24 GiB GPU exactly, so it fits
     assert oversized_models(inventory, config.models, PlacementSettings()) == [
-        "models[1].vram_gb = 24: with 0.75 GiB overhead a replica needs 24.75 GiB, larger than any GPU (24.00 GiB)"
+        "models[1].vram_gb = 24: with 2 GiB overhead a replica needs 26.00 GiB, larger than any GPU (24.00 GiB)"
     ]
 
 
@@ -127,7 +127,7 @@ def test_oversized_respects_gpu_type() -> None:
     )
     config = parse_config({"models": [model(vram_gb=30, gpu_type="4090")]})
     (problem,) = oversized_models(inventory, config.models, PlacementSettings())
-    assert "needs 30.75 GiB, larger than any GPU (24.00 GiB)" in problem
+    assert "needs 32.00 GiB, larger than any GPU (24.00 GiB)" in problem
 
 
 def test_load_config_takes_model_section_of_chart_values(tmp_path: Path) -> None:

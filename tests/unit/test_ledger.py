@@ -34,7 +34,7 @@ def node(name: str, *gpus: tuple[int, float, float], processes: dict[int, list[d
 @pytest.fixture
 def ledger() -> Ledger:
     led = Ledger()
-    led.configure(PlacementSettings(stale_after_s=10))  # the default overhead: 0.75 GiB per replica
+    led.configure(PlacementSettings(stale_after_s=10))  # the default overhead: 2 GiB per replica
     led.update_inventory(node("a", (0, 24, 0), (1, 16, 0)), T0)
     led.update_inventory(node("b", (0, 12, 2)), T0)
     return led
@@ -71,8 +71,8 @@ def test_refusal_names_model_need_largest_slot_and_where(ledger: Ledger) -> None
     with pytest.raises(ReservationError) as caught:
         ledger.reserve("x-0", "x", 30 * GIB, T0)
     assert str(caught.value) == (
-        "model x needs 30.75 GiB per replica (30.00 GiB budget + 0.75 GiB overhead); "
-        "the largest free slot is 24.00 GiB on node a, GPU 0 (short by 6.75 GiB)"
+        "model x needs 32.00 GiB per replica (30.00 GiB budget + 2.00 GiB overhead); "
+        "the largest free slot is 24.00 GiB on node a, GPU 0 (short by 8.00 GiB)"
     )
 
 
@@ -82,8 +82,8 @@ def test_explicit_gpu_checks_room_health_and_existence(ledger: Ledger) -> None:
     with pytest.raises(ReservationError) as caught:
         ledger.reserve("p-1", "p", 14 * GIB, T0, gpu_uuid="a-0")
     assert str(caught.value) == (
-        "model p needs 14.75 GiB per replica (14.00 GiB budget + 0.75 GiB overhead) on node a, GPU 0, "
-        "which has 13.25 GiB free (short by 1.50 GiB); the largest free slot is 16.00 GiB on node a, GPU 1"
+        "model p needs 16.00 GiB per replica (14.00 GiB budget + 2.00 GiB overhead) on node a, GPU 0, "
+        "which has 12.00 GiB free (short by 4.00 GiB); the largest free slot is 16.00 GiB on node a, GPU 1"
     )
     with pytest.raises(ReservationError, match=r"no GPU with uuid 'nope' in the inventory \(known: a-0, a-1, b-0\)"):
         ledger.reserve("p-1", "p", GIB, T0, gpu_uuid="nope")
@@ -98,11 +98,11 @@ def test_never_over_a_gpu_total(ledger: Ledger) -> None:
     placed = 0
     for i in range(100):
         try:
-            ledger.reserve(f"r-{i}", "r", int(3.25 * GIB), T0)
+            ledger.reserve(f"r-{i}", "r", 2 * GIB, T0)
             placed += 1
         except ReservationError:
             break
-    # 3.25 + 0.75 = 4 GiB each: 24 → 6 and 16 → 4 filled to the byte, 10 free on b → 2 (2 GiB left)
+    # 2 + 2 = 4 GiB each: 24 → 6 and 16 → 4 filled to the byte, 10 free on b → 2 (2 GiB left)
     assert placed == 12
     assert sorted(ledger.free_bytes().values()) == [0, 0, 2 * GIB]
 
@@ -150,7 +150,7 @@ def test_attached_processes_are_managed_not_unmanaged() -> None:
     assert led.attach_process("r-0", 41) is False
     gpu = led.state(T0 + 1).gpus[0]
     assert gpu.unmanaged_bytes == 3 * GIB
-    assert gpu.free_bytes == 20 * GIB - 3 * GIB - int(8.75 * GIB)  # budget 8 + the default overhead 0.75
+    assert gpu.free_bytes == 20 * GIB - 3 * GIB - 10 * GIB  # budget 8 + the default overhead 2
     (replica,) = gpu.replicas
     assert (replica.pid, replica.used_bytes) == (41, 7 * GIB)
     with pytest.raises(ReservationError, match=r"attach pid 5: replica 'ghost' holds no reservation \(held: r-0\)"):

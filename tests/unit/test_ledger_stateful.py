@@ -15,8 +15,8 @@ from vram_scheduler.ledger import Ledger, ReservationError
 NODES = {"a": [24, 16], "b": [80], "c": [12, 12, 8]}
 UUIDS = [f"{node}-{i}" for node, totals in NODES.items() for i in range(len(totals))]
 NOW = 1_000.0
-# With the default 0.75 GiB overhead, 7.25 and 11.25 fill the 8 and 12 GiB GPUs to the byte.
-SIZES_GB = [0.5, 1, 2, 4, 7.25, 11, 11.25, 15, 30, 60, 90]
+# With the default 2.0 GiB overhead, 6 and 10 fill the 8 and 12 GiB GPUs to the byte (9.5 nearly).
+SIZES_GB = [0.5, 1, 2, 4, 6, 9.5, 10, 13.5, 30, 60, 90]
 
 
 def inventory(node: str, used_gb: list[float], pids: list[int]) -> NodeInventory:

@@ -54,8 +54,8 @@ def test_best_fit_keeps_the_big_hole_for_the_big_replica() -> None:
 
 def test_several_replicas_share_a_gpu_with_overhead_counted() -> None:
     inv = inventory(("n", [gpu(0, 24, used_gb=1)]))
-    # With the default 0.75 GiB overhead: 4 × 5.75 = 23 fills the 23 GiB left to the byte; a 5th does not fit.
-    result = plan(inv, [spec("m", 5, replicas=5)])
+    # With the default 2 GiB overhead: 4 × (3.75 + 2) = 23 fills the 23 GiB left to the byte; a 5th does not fit.
+    result = plan(inv, [spec("m", 3.75, replicas=5)])
     assert len(result.new) == 4
     (g,) = result.gpus
     assert g.unmanaged_bytes == gib_to_bytes(1)
@@ -67,11 +67,11 @@ def test_several_replicas_share_a_gpu_with_overhead_counted() -> None:
 
 def test_shortfall_reason_names_model_need_largest_slot_and_where() -> None:
     inv = inventory(("a", [gpu(0, 24)]), ("b", [gpu(0, 12, used_gb=2)]))
-    result = plan(inv, [spec("m", 10, replicas=4)])
+    result = plan(inv, [spec("m", 8.75, replicas=4)])  # 8.75 + the default 2 GiB overhead: 2 fit on a, none on b
     (unplaced,) = result.unplaced
     assert unplaced.count == 2
     assert unplaced.reason == (
-        "2 replicas of model m need 10.75 GiB per replica (10 GiB budget + 0.75 GiB overhead); "
+        "2 replicas of model m need 10.75 GiB per replica (8.75 GiB budget + 2.00 GiB overhead); "
         "the largest free slot is 10.00 GiB on node b, GPU 0 (short by 0.75 GiB)"
     )
     assert (unplaced.largest_free_gpu, unplaced.largest_free_bytes) == ("node b, GPU 0", 10 * GIB)

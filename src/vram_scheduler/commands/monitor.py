@@ -79,8 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--watchdog-margin-gb",
         type=float,
         default=DEFAULT_WATCHDOG_MARGIN_GB,
-        help=f"GiB a replica may use above its budget before it counts as over (default {DEFAULT_WATCHDOG_MARGIN_GB:g}:"
-        " the CUDA context, about 0.6 GiB, plus workspaces)",
+        help="GiB a replica may use above its budget before it counts as over (default"
+        f" {DEFAULT_WATCHDOG_MARGIN_GB:g}: the default placement overhead, the room reserved beside each budget"
+        " for the CUDA context and allocator growth)",
     )
     parser.add_argument("--watchdog-polls", type=int, default=3, help="consecutive polls over to flag (default 3)")
     parser.add_argument(

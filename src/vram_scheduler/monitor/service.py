@@ -40,7 +40,7 @@ class MonitorSettings(StrictModel):
     watchdog_margin_bytes: int = Field(
         default=gib_to_bytes(DEFAULT_WATCHDOG_MARGIN_GB),
         ge=0,
-        description="Usage above budget tolerated before a poll counts as over (CUDA context, workspaces).",
+        description="Usage above budget tolerated before a poll counts as over (default: the placement overhead).",
     )
     watchdog_polls: int = Field(default=3, ge=1, description="Consecutive polls over budget + margin to flag.")
     restart_over_budget: bool = Field(

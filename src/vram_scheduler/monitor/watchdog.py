@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import format_gib
+from ..config import DEFAULT_REPLICA_OVERHEAD_GB, format_gib
 from ..inventory import NodeInventory
 from .pids import ProcessMatcher
 
-#: NVML counts a process's CUDA context against it (0.6 GiB measured on an H100 with PyTorch 2.11,
-#: CUDA 13) while budgets do not: the default margin covers that plus cuBLAS/NCCL workspaces.
-DEFAULT_WATCHDOG_MARGIN_GB = 1.0
+#: NVML counts a replica's CUDA context and allocator growth against it while its budget does not
+#: (real vLLM replicas peak 1.2 to 1.5 GiB over budget under load). The placement overhead reserves
+#: that room beside every budget, so the default margin is the default overhead: a replica within
+#: its reservation (budget + overhead) is not flagged.
+DEFAULT_WATCHDOG_MARGIN_GB = DEFAULT_REPLICA_OVERHEAD_GB
 
 
 @dataclass(frozen=True)
