@@ -32,6 +32,8 @@ from typing import Any, TypeVar, overload
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from .contract import DeploymentList
+
 T = TypeVar("T", bound=BaseModel)
 Prompt = str | Sequence[dict[str, Any]]
 
@@ -183,11 +185,10 @@ def _local_host(host: str) -> str:
 def _candidates_from_controller(client: httpx.Client, controller: str, model: str) -> list[str]:
     response = client.get(f"{controller.rstrip('/')}/v1/deployments")
     response.raise_for_status()
-    found = []
-    for entry in response.json().get("models", []):
-        names = {entry.get("model_id"), entry.get("router_name")}
-        if entry.get("endpoint") and (model in names or not found):
-            found.insert(0 if model in names else len(found), entry["endpoint"])
+    found: list[str] = []
+    for entry in DeploymentList.model_validate(response.json()).models:
+        if entry.endpoint and (entry.serves(model) or not found):
+            found.insert(0 if entry.serves(model) else len(found), entry.endpoint)
     return found
 
 

@@ -21,7 +21,6 @@ from rich.table import Table
 
 from .. import inference as inf
 from ..client import (
-    DeploymentStatus,
     PlacementError,
     SchedulerError,
     VRAMScheduler,
@@ -30,6 +29,7 @@ from ..client import (
     wide_console,
 )
 from ..config import GIB, ConfigError, format_gib
+from ..contract import DeploymentStatus
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
 
