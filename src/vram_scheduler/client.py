@@ -25,6 +25,7 @@ from rich.text import Text
 
 from .config import GIB, ConfigError, ModelSpec, describe_validation_error, format_gib
 from .contract import DeploymentList, DeploymentStatus, ReplicaStatus, VRAMState
+from .exit_codes import ExitCode
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .planner import Plan, Reservation, plan
 
@@ -707,6 +708,6 @@ def add_address_option(parser: Any) -> None:
     )
 
 
-def exit_code_for(error: SchedulerError) -> int:
-    """CLI exit codes: 3 when not everything fits, 1 for any other runtime failure."""
-    return 3 if isinstance(error, PlacementError) else 1
+def exit_code_for(error: SchedulerError) -> ExitCode:
+    """CLI exit codes: UNPLACED when not everything fits, FAILURE for any other runtime failure."""
+    return ExitCode.UNPLACED if isinstance(error, PlacementError) else ExitCode.FAILURE
