@@ -38,6 +38,7 @@ _EXPORTS = {
     "ModelSpec": "config",
     "RayVRAMConfig": "config",
     "ConfigError": "config",
+    "RayVramError": "errors",
     "VRAMState": "contract",
 }
 

@@ -25,6 +25,7 @@ from rich.text import Text
 
 from .config import GIB, ConfigError, ModelSpec, describe_validation_error, format_gib
 from .contract import DeploymentList, DeploymentStatus, ReplicaStatus, VRAMState
+from .errors import RayVramError
 from .exit_codes import ExitCode
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .planner import Plan, Reservation, plan
@@ -37,7 +38,7 @@ PHASES: tuple[str, ...] = ("reserved", "loading", "ready")
 # --------------------------------------------------------------------------- errors
 
 
-class SchedulerError(RuntimeError):
+class SchedulerError(RayVramError, RuntimeError):
     """A cluster operation that did not succeed."""
 
 

@@ -33,6 +33,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from .contract import DeploymentList
+from .errors import RayVramError
 
 T = TypeVar("T", bound=BaseModel)
 Prompt = str | Sequence[dict[str, Any]]
@@ -51,7 +52,7 @@ RETRY_STATUSES = frozenset({429, 503})
 # --------------------------------------------------------------------------- errors
 
 
-class InferenceError(RuntimeError):
+class InferenceError(RayVramError, RuntimeError):
     """A request that did not produce an answer; says which model, where and why."""
 
     def __init__(self, message: str, *, model: str | None = None, url: str | None = None, status: int | None = None):

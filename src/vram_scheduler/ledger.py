@@ -19,13 +19,14 @@ from pydantic import Field
 
 from .config import ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes, parse_config
 from .contract import GPUState, NodeState, ReplicaState, VRAMState
+from .errors import RayVramError
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .planner import Plan, Reservation, plan
 
 SNAPSHOT_VERSION = 1
 
 
-class ReservationError(RuntimeError):
+class ReservationError(RayVramError, RuntimeError):
     """A reservation the ledger refuses: the message names model, need, and the room there is."""
 
 

@@ -1,9 +1,11 @@
-"""The package's shape: every wire model is defined once (in `contract.py`), and no module imports
-itself through others (counting imports inside functions, which only hide a cycle)."""
+"""The package's shape: every wire model is defined once (in `contract.py`), no module imports
+itself through others (counting imports inside functions, which only hide a cycle), and every error
+descends from `RayVramError`."""
 
 from __future__ import annotations
 
 import ast
+import builtins
 from pathlib import Path
 
 import vram_scheduler
@@ -140,3 +142,40 @@ def test_only_entry_points_import_the_cli() -> None:
     trees = modules()
     importers = {m for m, tree in trees.items() if "vram_scheduler.cli" in imported(m, tree, set(trees))}
     assert importers <= {"vram_scheduler.__main__"}
+
+
+#: Exceptions used as control flow inside one process, never raised to a caller.
+NOT_ERRORS = {"SkipGPU"}
+
+
+def test_every_error_descends_from_ray_vram_error() -> None:
+    bases: dict[str, list[str]] = {}
+    for tree in modules().values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                bases[node.name] = [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
+
+    def is_exception(name: str) -> bool:
+        builtin = getattr(builtins, name, None)
+        if isinstance(builtin, type) and issubclass(builtin, BaseException):
+            return True
+        return any(is_exception(base) for base in bases.get(name, []))
+
+    errors = {name for name in bases if name != "RayVramError" and is_exception(name)} - NOT_ERRORS
+    roots = {name for name in errors if not any(base in errors for base in bases[name])}
+    assert len(roots) >= 10  # the walk found the package's errors
+    assert {name: bases[name] for name in roots if "RayVramError" not in bases[name]} == {}
+
+
+def test_errors_keep_their_former_base_and_message() -> None:
+    from vram_scheduler import RayVramError
+    from vram_scheduler.client import PlacementError
+    from vram_scheduler.config import ConfigError
+    from vram_scheduler.ledger import ReservationError
+
+    config = ConfigError("models[0]", ["vram_gb = -1: too small"])
+    assert isinstance(config, RayVramError) and isinstance(config, ValueError)
+    assert str(config) == "models[0]: invalid configuration\n  - vram_gb = -1: too small"
+    for error in (ReservationError("gpu 0: 2 GiB free"), PlacementError("gpu 0: 2 GiB free", ["why"])):
+        assert isinstance(error, RayVramError) and isinstance(error, RuntimeError)
+        assert str(error) == "gpu 0: 2 GiB free"

@@ -23,6 +23,7 @@ from ray.experimental import internal_kv
 from ..allocator import NAMESPACE, get_vram_allocator
 from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
 from ..contract import DeploymentList, ModelStatus, ReplicaPhase, ReplicaStatus
+from ..errors import RayVramError
 from ..model_limits import effective_max_model_len
 from ..planner import Plan, Reservation
 from .app import model_app_name, model_application, replica_env, router_application
@@ -34,7 +35,7 @@ SPEC_KEY_PREFIX = "serving/model/"
 SERVING_KEY = "serving/settings"
 
 
-class Unplaceable(RuntimeError):
+class Unplaceable(RayVramError, RuntimeError):
     """Nothing of a model fits (and it does not ask for max_replicas): the planner's reasons."""
 
     def __init__(self, model_id: str, reasons: list[str]):

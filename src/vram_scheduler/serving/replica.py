@@ -34,6 +34,7 @@ from ..allocator import get_vram_allocator
 from ..config import ModelSpec, ServingSettings, format_gib, gib_to_bytes
 from ..contract import ReplicaEndpoint
 from ..demo_model import resolve_model_source
+from ..errors import RayVramError
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
@@ -57,7 +58,7 @@ STARTUP_LOCK_ENV = "RAY_VRAM_GPU_STARTUP_LOCK"
 REQUIRE_MPS_ENV = "RAY_VRAM_REQUIRE_MPS"
 
 
-class ReplicaStartupError(RuntimeError):
+class ReplicaStartupError(RayVramError, RuntimeError):
     """A replica could not start; the message says which step and why (shown in Serve status)."""
 
 
