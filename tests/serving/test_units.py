@@ -247,3 +247,19 @@ def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) ->
     controller.allocator = SimpleNamespace(reservations=SimpleNamespace(remote=lambda: []))
     (status,) = DeploymentList.model_validate(controller.status()).models
     assert (status.model_id, status.router_name, status.replicas[0].state) == ("beta", "beta-alias", "reserved")
+
+
+def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray-vram up/serve`'s router and the single-application `build_app`'s come from one builder."""
+    from vram_scheduler.planner import Plan
+    from vram_scheduler.serving import app
+
+    monkeypatch.setattr(app, "plan_models", lambda models, config: Plan())
+    separate = app.router_application(ServingSettings(), [])
+    single = app.build_app({"models": []})
+    keys = ("health_check_period_s", "logging_config", "max_ongoing_requests")
+    deployments = [a._bound_deployment for a in (separate, single)]
+    config = [{k: getattr(d._deployment_config, k) for k in keys} | {"actor": d.ray_actor_options} for d in deployments]
+    assert config[0] == config[1]
+    assert config[0]["health_check_period_s"] == 5
+    assert config[0]["actor"]["resources"] == {"node:__internal_head__": 0.001}

@@ -40,6 +40,7 @@ from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .loop_thread import LoopThread
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
+from .options import deployment_options
 from .pinning import pin_process, visible_device_total_bytes
 from .router import router_handle
 from .sizing import EngineBudget, checkpoint_bytes, size_engine
@@ -343,15 +344,12 @@ def replica_deployment(
     """A Serve deployment for one planned replica (named by its replica id, one Serve replica)."""
     from .placement import actor_options
 
-    return serve.deployment(
-        replica_class,
-        name=reservation.replica_id,
-        num_replicas=1,
-        max_ongoing_requests=serving.max_ongoing_requests,
+    options = deployment_options(
+        "replica",
+        reservation.replica_id,
         ray_actor_options=actor_options(reservation, env),
-        health_check_period_s=5,
-        health_check_timeout_s=30,
-        graceful_shutdown_timeout_s=20,
-        max_constructor_retry_count=1,
-        logging_config={"enable_access_log": False},
-    ).bind(spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
+        max_ongoing_requests=serving.max_ongoing_requests,
+    )
+    return serve.deployment(replica_class, **options).bind(
+        spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json")
+    )
