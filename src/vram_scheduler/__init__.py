@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "VRAMScheduler": "client",
     "DeployResult": "client",
-    "DeploymentStatus": "client",
-    "ReplicaStatus": "client",
+    "DeploymentStatus": "contract",
+    "ReplicaStatus": "contract",
     "SchedulerError": "client",
     "PlacementError": "client",
     "DeploymentError": "client",
@@ -38,7 +38,8 @@ _EXPORTS = {
     "ModelSpec": "config",
     "RayVRAMConfig": "config",
     "ConfigError": "config",
-    "VRAMState": "ledger",
+    "RayVramError": "errors",
+    "VRAMState": "contract",
 }
 
 __all__ = ["__version__", "get_vram_allocator", "inference", *_EXPORTS]

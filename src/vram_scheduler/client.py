@@ -14,30 +14,31 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
 from .config import GIB, ConfigError, ModelSpec, describe_validation_error, format_gib
+from .contract import DeploymentList, DeploymentStatus, ReplicaStatus, VRAMState
+from .errors import RayVramError
+from .exit_codes import ExitCode
 from .inventory import GPUInfo, Inventory, NodeInventory
-from .ledger import VRAMState
 from .planner import Plan, Reservation, plan
 
 CONTROLLER_ENV = "RAY_VRAM_CONTROLLER"
 DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
-ReplicaPhase = Literal["reserved", "loading", "ready", "failed"]
 PHASES: tuple[str, ...] = ("reserved", "loading", "ready")
 
 
 # --------------------------------------------------------------------------- errors
 
 
-class SchedulerError(RuntimeError):
+class SchedulerError(RayVramError, RuntimeError):
     """A cluster operation that did not succeed."""
 
 
@@ -64,45 +65,6 @@ class DeploymentError(SchedulerError):
 
 
 # --------------------------------------------------------------------------- typed answers
-
-
-class _Answer(BaseModel):
-    """Read from the controller: tolerant of fields added later."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class ReplicaStatus(_Answer):
-    """One replica and where it landed."""
-
-    replica_id: str
-    state: ReplicaPhase
-    node: str | None = None
-    gpu_index: int | None = None
-    gpu_uuid: str | None = None
-    bytes: int | None = None
-    error: str | None = None
-
-    @property
-    def where(self) -> str:
-        return f"node {self.node}, GPU {self.gpu_index}" if self.node is not None else "not placed"
-
-
-class DeploymentStatus(_Answer):
-    """One model as the controller sees it."""
-
-    model_id: str
-    model: str
-    vram_gb: float
-    requested: int | None = Field(default=None, description="Replicas asked for; None means max_replicas.")
-    router_name: str | None = None
-    replicas: list[ReplicaStatus] = Field(default_factory=list)
-    unplaced: list[str] = Field(default_factory=list)
-    endpoint: str | None = None
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.replicas) and all(r.state == "ready" for r in self.replicas)
 
 
 class DeployResult(DeploymentStatus):
@@ -230,7 +192,7 @@ class ControllerAPI:
 
     def deployments(self) -> list[DeploymentStatus]:
         data = self._json(self._call("GET", "/v1/deployments"), "GET /v1/deployments")
-        return [DeploymentStatus.model_validate(m) for m in data.get("models", [])]
+        return DeploymentList.model_validate(data).models
 
     def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
         """POST a model; the controller may hold the request until its replicas started."""
@@ -299,7 +261,7 @@ class RayControllerAPI:
         return VRAMState.model_validate(ray.get(self.controller.allocator.get_vram_state.remote()))
 
     def deployments(self) -> list[DeploymentStatus]:
-        return [DeploymentStatus.model_validate(m) for m in self.controller.status()["models"]]
+        return DeploymentList.model_validate(self.controller.status()).models
 
     def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
         from .serving.controller import Unplaceable
@@ -405,7 +367,7 @@ class VRAMScheduler:
 
     def deployment(self, model_id: str) -> DeploymentStatus:
         for status in self.deployments():
-            if model_id in {status.model_id, status.router_name}:
+            if status.serves(model_id):
                 return status
         known = ", ".join(s.model_id for s in self.deployments()) or "none"
         raise SchedulerError(f"model {model_id!r} is not deployed at {self.address}; deployed: {known}")
@@ -747,6 +709,6 @@ def add_address_option(parser: Any) -> None:
     )
 
 
-def exit_code_for(error: SchedulerError) -> int:
-    """CLI exit codes: 3 when not everything fits, 1 for any other runtime failure."""
-    return 3 if isinstance(error, PlacementError) else 1
+def exit_code_for(error: SchedulerError) -> ExitCode:
+    """CLI exit codes: UNPLACED when not everything fits, FAILURE for any other runtime failure."""
+    return ExitCode.UNPLACED if isinstance(error, PlacementError) else ExitCode.FAILURE

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import RayVramError
 from .loopback import is_loopback_host
 
 GIB = 1024**3
@@ -209,7 +210,7 @@ class RayVRAMConfig(StrictModel):
         raise KeyError(f"unknown model {name!r}; known: {known}")
 
 
-class ConfigError(ValueError):
+class ConfigError(RayVramError, ValueError):
     """A configuration that cannot be used, with messages naming field, value and reason."""
 
     def __init__(self, source: str, problems: list[str]):

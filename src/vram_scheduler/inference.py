@@ -32,6 +32,9 @@ from typing import Any, TypeVar, overload
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from .contract import DeploymentList
+from .errors import RayVramError
+
 T = TypeVar("T", bound=BaseModel)
 Prompt = str | Sequence[dict[str, Any]]
 
@@ -49,7 +52,7 @@ RETRY_STATUSES = frozenset({429, 503})
 # --------------------------------------------------------------------------- errors
 
 
-class InferenceError(RuntimeError):
+class InferenceError(RayVramError, RuntimeError):
     """A request that did not produce an answer; says which model, where and why."""
 
     def __init__(self, message: str, *, model: str | None = None, url: str | None = None, status: int | None = None):
@@ -183,11 +186,10 @@ def _local_host(host: str) -> str:
 def _candidates_from_controller(client: httpx.Client, controller: str, model: str) -> list[str]:
     response = client.get(f"{controller.rstrip('/')}/v1/deployments")
     response.raise_for_status()
-    found = []
-    for entry in response.json().get("models", []):
-        names = {entry.get("model_id"), entry.get("router_name")}
-        if entry.get("endpoint") and (model in names or not found):
-            found.insert(0 if model in names else len(found), entry["endpoint"])
+    found: list[str] = []
+    for entry in DeploymentList.model_validate(response.json()).models:
+        if entry.endpoint and (entry.serves(model) or not found):
+            found.insert(0 if entry.serves(model) else len(found), entry.endpoint)
     return found
 
 

@@ -18,13 +18,15 @@ from typing import Any
 from pydantic import Field
 
 from .config import ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes, parse_config
+from .contract import GPUState, NodeState, ReplicaState, VRAMState
+from .errors import RayVramError
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .planner import Plan, Reservation, plan
 
 SNAPSHOT_VERSION = 1
 
 
-class ReservationError(RuntimeError):
+class ReservationError(RayVramError, RuntimeError):
     """A reservation the ledger refuses: the message names model, need, and the room there is."""
 
 
@@ -58,53 +60,6 @@ class LedgerSnapshot(StrictModel):
     nodes: dict[str, NodeRecord] = Field(default_factory=dict)
     entries: dict[str, LedgerEntry] = Field(default_factory=dict)
     startup_locks: dict[str, StartupLockHolder] = Field(default_factory=dict, description="GPU uuid → holder.")
-
-
-class ReplicaState(StrictModel):
-    replica_id: str
-    model_id: str
-    bytes: int = Field(description="Reserved budget (the per-replica overhead comes on top).")
-    pid: int | None = Field(description="Latest attached process id, None before the replica attached one.")
-    pids: list[int]
-    used_bytes: int | None = Field(description="VRAM the replica's processes use now (inventory); None if unknown.")
-    owner: str | None
-
-
-class GPUState(StrictModel):
-    node: str
-    index: int
-    uuid: str
-    name: str
-    total_bytes: int
-    used_bytes: int = Field(description="All memory in use on the GPU (latest inventory).")
-    unmanaged_bytes: int = Field(description="Memory used by processes no replica attached.")
-    reserved_bytes: int = Field(description="Budgets plus per-replica overheads of every reservation.")
-    free_bytes: int = Field(description="Room for new reservations: total − unmanaged − reserved.")
-    healthy: bool
-    stale: bool
-    replicas: list[ReplicaState]
-
-
-class NodeState(StrictModel):
-    node: str
-    source: str
-    gpus: int
-    age_s: float = Field(description="Seconds since the node's inventory last arrived.")
-    stale: bool
-
-
-class VRAMState(StrictModel):
-    """The allocator's view, per GPU: what `get_vram_state()` returns (as a dict)."""
-
-    timestamp: float
-    gpus: list[GPUState]
-    nodes: list[NodeState]
-    stale_nodes: list[str]
-    orphaned: list[ReplicaState] = Field(
-        description="Reservations on GPUs missing from the latest inventory of their node."
-    )
-    startup_locks: dict[str, str] = Field(description="GPU uuid → replica id initialising on it.")
-    settings: PlacementSettings
 
 
 class Ledger:

@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from .config import DEFAULT_REPLICA_OVERHEAD_GB, GIB, ConfigError, format_gib
+from .errors import RayVramError
 from .serving.engine_args import _flag
 from .serving.sizing import CPU_RUNTIME_BYTES, checkpoint_bytes
 
@@ -457,7 +458,7 @@ class FootprintSampler:
         return max(self.peaks.values(), default=0)
 
 
-class EngineStartError(RuntimeError):
+class EngineStartError(RayVramError, RuntimeError):
     """vLLM's server exited or never answered; carries its own error lines."""
 
     def __init__(self, message: str, lines: list[str], log_path: Path):

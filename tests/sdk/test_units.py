@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from vram_scheduler import inference as inf
 from vram_scheduler.client import plan_on_state
 from vram_scheduler.config import ModelSpec, PlacementSettings, gib_to_bytes
-from vram_scheduler.ledger import GPUState, ReplicaState, VRAMState
+from vram_scheduler.contract import GPUState, ReplicaState, VRAMState
 
 GIB = 1024**3
 OVERHEAD = gib_to_bytes(PlacementSettings().replica_overhead_gb)  # 2 GiB by default
@@ -114,7 +114,8 @@ def test_deploy_progress_draws_a_bar_per_replica_on_a_terminal() -> None:
 
     from rich.console import Console
 
-    from vram_scheduler.client import DeploymentStatus, DeployProgress, ReplicaStatus
+    from vram_scheduler.client import DeployProgress
+    from vram_scheduler.contract import DeploymentStatus, ReplicaStatus
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
 
@@ -128,3 +129,47 @@ def test_deploy_progress_draws_a_bar_per_replica_on_a_terminal() -> None:
             view.update(status(*states))
     text = console.file.getvalue()
     assert "m-0" in text and "m-1" in text and "node n, GPU 1" in text and "ready" in text
+
+
+# -- the controller's answers, read by alias ------------------------------------------------------
+
+
+def deployments_body() -> dict[str, object]:
+    """What the controller's `GET /v1/deployments` sends: a model served under an alias too."""
+    from vram_scheduler.contract import DeploymentList, ModelStatus, ReplicaStatus
+
+    models = [
+        ModelStatus(model_id="other", model="x", vram_gb=1, endpoint="http://other:8000/v1"),
+        ModelStatus(
+            model_id="beta",
+            model="x",
+            vram_gb=1,
+            router_name="beta-alias",
+            replicas=[ReplicaStatus(replica_id="beta-0", state="ready")],
+            endpoint="http://beta:8000/v1",
+        ),
+    ]
+    return DeploymentList(models=models).model_dump(mode="json")
+
+
+def test_deployment_is_found_by_its_alias() -> None:
+    import httpx
+
+    from vram_scheduler.client import SchedulerError, VRAMScheduler
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=deployments_body()))
+    with VRAMScheduler("http://controller:8080") as scheduler:
+        scheduler.api._client = httpx.Client(base_url=scheduler.address, transport=transport)
+        assert scheduler.deployment("beta-alias").model_id == "beta"
+        assert scheduler.deployment("beta").router_name == "beta-alias"
+        with pytest.raises(SchedulerError, match="'gamma' is not deployed"):
+            scheduler.deployment("gamma")
+
+
+def test_inference_prefers_the_endpoint_of_the_alias() -> None:
+    import httpx
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=deployments_body()))
+    with httpx.Client(transport=transport) as client:
+        found = inf._candidates_from_controller(client, "http://controller:8080", "beta-alias")
+    assert found == ["http://beta:8000/v1", "http://other:8000/v1"]

@@ -11,11 +11,11 @@ import httpx
 import pytest
 
 from vram_scheduler.config import GIB, ModelSpec, ServingSettings
+from vram_scheduler.contract import ReplicaEndpoint
 from vram_scheduler.serving.engine_args import server_argv
 from vram_scheduler.serving.failures import engine_cause, engine_errors
 from vram_scheduler.serving.mps import client_env, daemon_running, node_pipe_dir
 from vram_scheduler.serving.pinning import gpu_present, is_cuda_uuid, pin_process
-from vram_scheduler.serving.replica import ReplicaEndpoint
 from vram_scheduler.serving.router import EXPIRE_AFTER_S, OpenAIRouter, Registry
 from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
 from vram_scheduler.serving.vllm_compat import UnsupportedVLLM, check_version, installed_version
@@ -222,3 +222,44 @@ def test_engine_errors_finds_the_engine_processes_own_root_cause(tmp_path: Path)
         out.write(ENGINE_LOG)
     assert engine_cause(mark) == "OutOfMemoryError: CUDA out of memory. Tried to allocate 12.00 GiB."
     assert engine_cause(None) == "" and engine_cause((str(tmp_path / "gone"), 0)) == ""
+
+
+# -- the controller's status ---------------------------------------------------------------------
+
+
+def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server writes the same `ModelStatus` the SDK reads: `router_name` included."""
+    from types import SimpleNamespace
+
+    from vram_scheduler.contract import DeploymentList
+    from vram_scheduler.planner import Reservation
+    from vram_scheduler.serving import controller as ctl
+
+    spec = ModelSpec(model_id="beta", model="x", vram_gb=1, router_name="beta-alias")
+    where = {"node": "n", "gpu_uuid": "GPU-0", "gpu_index": 0, "bytes": GIB}
+    record = ctl.Deployed(spec=spec, reservations=[Reservation(replica_id="beta-0", model_id="beta", **where)])
+    monkeypatch.setattr(ctl.Controller, "deployed", staticmethod(lambda: {"beta": record}))
+    monkeypatch.setattr(ctl.serve, "status", lambda: SimpleNamespace(applications={}))
+    monkeypatch.setattr(ctl.ray, "get", lambda value: value)
+    controller = object.__new__(ctl.Controller)
+    controller.serving = ServingSettings()
+    controller.endpoint_host = None
+    controller.allocator = SimpleNamespace(reservations=SimpleNamespace(remote=lambda: []))
+    (status,) = DeploymentList.model_validate(controller.status()).models
+    assert (status.model_id, status.router_name, status.replicas[0].state) == ("beta", "beta-alias", "reserved")
+
+
+def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray-vram up/serve`'s router and the single-application `build_app`'s come from one builder."""
+    from vram_scheduler.planner import Plan
+    from vram_scheduler.serving import app
+
+    monkeypatch.setattr(app, "plan_models", lambda models, config: Plan())
+    separate = app.router_application(ServingSettings(), [])
+    single = app.build_app({"models": []})
+    keys = ("health_check_period_s", "logging_config", "max_ongoing_requests")
+    deployments = [a._bound_deployment for a in (separate, single)]
+    config = [{k: getattr(d._deployment_config, k) for k in keys} | {"actor": d.ray_actor_options} for d in deployments]
+    assert config[0] == config[1]
+    assert config[0]["health_check_period_s"] == 5
+    assert config[0]["actor"]["resources"] == {"node:__internal_head__": 0.001}

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from .. import inference as inf
+from ..exit_codes import ExitCode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
         _check_served(args.model_id, base_url)
     except inf.ModelNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.INVALID
     except inf.InferenceError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, inf.EndpointNotFoundError) and not args.endpoint else 1
+        return (
+            ExitCode.INVALID if isinstance(error, inf.EndpointNotFoundError) and not args.endpoint else ExitCode.FAILURE
+        )
     history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     sampling = {"temperature": args.temperature} if args.temperature is not None else {}
     if interactive:
@@ -50,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
             print("you> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line:
-            return 0
+            return ExitCode.OK
         text = line.strip()
         if not text:
             continue
         if text == "/exit":
-            return 0
+            return ExitCode.OK
         if text == "/reset":
             history = history[:1] if args.system else []
             continue
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         except inf.InferenceError as error:
             print(f"\nerror: {error}", file=sys.stderr)
-            return 1
+            return ExitCode.FAILURE
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(answer)})

@@ -21,7 +21,6 @@ from rich.table import Table
 
 from .. import inference as inf
 from ..client import (
-    DeploymentStatus,
     PlacementError,
     SchedulerError,
     VRAMScheduler,
@@ -30,6 +29,8 @@ from ..client import (
     wide_console,
 )
 from ..config import GIB, ConfigError, format_gib
+from ..contract import DeploymentStatus
+from ..exit_codes import ExitCode
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
 
@@ -204,7 +205,7 @@ def run_stress(args: argparse.Namespace) -> int:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
         verdict = "passed" if result.ok else "FAILED"
         print(f"burn-in {verdict}: {len(result.gpus)} GPU(s), {len(result.cpus)} node(s)")
-    return 0 if result.ok else 1
+    return ExitCode.OK if result.ok else ExitCode.FAILURE
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             return run_stress(args)
         except SchedulerError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 1
+            return ExitCode.FAILURE
     with VRAMScheduler(args.address) as scheduler:
         results = run_checks(scheduler, args.endpoint)
     ok = all(r.ok for r in results)
@@ -227,4 +228,4 @@ def run(args: argparse.Namespace) -> int:
             mark = "[green]ok[/green]" if r.ok else "[bold red]FAILED[/bold red]"
             table.add_row(r.name, mark, f"{r.seconds:.2f}", r.detail)
         wide_console().print(table)
-    return 0 if ok else 1
+    return ExitCode.OK if ok else ExitCode.FAILURE

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..demo_model import DEMO_SHAPES, default_demo_dir, ensure_demo_model, generate_demo_model
+from ..exit_codes import ExitCode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,4 +40,4 @@ def run(args: argparse.Namespace) -> int:
         ensure_demo_model(directory)
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     print(f"demo model ready in {directory} ({size / 2**20:.1f} MiB, {time.monotonic() - start:.1f}s)")
-    return 0
+    return ExitCode.OK

@@ -21,6 +21,7 @@ from ..client import (
     wide_console,
 )
 from ..config import ConfigError, ModelSpec, load_config
+from ..exit_codes import ExitCode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(as_json(results), indent=2))
     else:
         print_results(results, wide_console())
-    return 0
+    return ExitCode.OK
 
 
 def print_results(results: list[DeployResult], console: Console) -> None:

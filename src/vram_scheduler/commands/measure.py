@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
-from ..cli import EXIT_FAILURE, EXIT_OK
 from ..config import ConfigError
+from ..exit_codes import ExitCode
 from ..measure import format_size as _size
 
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         for line in error.lines:
             err.print(f"  {line}", highlight=False, markup=False)
         err.print(f"full log: {error.log_path}", highlight=False)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     finally:
         progress.close()
     if args.output == "json":
@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
         print_result(result, console if console.is_terminal else Console(width=120))
     if result.failed:
         err.print(f"[red]error:[/red] {result.failed} request(s) failed: {'; '.join(result.errors)}", highlight=False)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return ExitCode.FAILURE
+    return ExitCode.OK
 
 
 def print_result(result: Any, console: Console) -> None:

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK
 from ..config import GIB, gib_to_bytes
+from ..exit_codes import ExitCode
 from ..monitor.readers import FileReader, HostMemoryReader, MonitorUnavailable, NVMLReader, Reader, default_node_name
 from ..monitor.watchdog import DEFAULT_WATCHDOG_MARGIN_GB
 
@@ -51,17 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except ModuleNotFoundError as error:
-        from ..cli import missing_dependency
+        from ..extras import missing_dependency
 
         message = missing_dependency(error, "monitor")
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         reader = open_reader(args)
     except MonitorUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     if args.once:
         try:
             return _print_once(reader, args.output)
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         reader.close()
         print(f"error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
 
     def stop(signum: int, _frame: Any) -> None:
         logging.getLogger(__name__).info("%s received: stopping", signal.Signals(signum).name)
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     )
     service.run()
     logging.getLogger(__name__).info("stopped after %d poll(s)", service.polls)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _print_once(reader: Reader, output: str) -> int:
@@ -184,4 +184,4 @@ def _print_once(reader: Reader, output: str) -> int:
             )
     for error in reading.errors:
         print(f"warning: {error.message}", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK

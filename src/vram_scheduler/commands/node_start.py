@@ -9,7 +9,7 @@ import shlex
 import shutil
 import sys
 
-from ..cli import EXIT_FAILURE, EXIT_OK
+from ..exit_codes import ExitCode
 from ..node import KUBERAY_COMMAND_ENV, build_node_start, detect_gpus, kuberay_args
 
 #: Where a GPU node's MPS control daemon listens (inside the Ray container; short for AF_UNIX paths).
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
         detected = detect_gpus(args.node_name, args.inventory_file)
     except RuntimeError as error:
         print(f"error: node {args.node_name}: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     start = build_node_start(args.role, ray_args, detected.gpus, args.node_name, detected.source)
     if args.dry_run and args.output == "json":
         print(json.dumps(start.model_dump() | {"no_gpu_reason": detected.reason}, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     if detected.reason:
         print(f"ray-vram node-start: no GPU options on node {args.node_name}: {detected.reason}", file=sys.stderr)
     for note in start.notes:
@@ -70,16 +70,16 @@ def run(args: argparse.Namespace) -> int:
     line = shlex.join(start.command)
     if args.dry_run:
         print(line)
-        return EXIT_OK
+        return ExitCode.OK
     ray = shutil.which("ray")
     if ray is None:
         print("error: the `ray` command is not on PATH: install ray-vram[serve] (ray==2.60.0)", file=sys.stderr)
-        return EXIT_FAILURE
+        return ExitCode.FAILURE
     _start_mps(detected.source == "nvml" and bool(detected.gpus))
     print(f"ray-vram node-start: {line}", file=sys.stderr, flush=True)
     # exec: Ray becomes this process, so the container's signals and exit code are Ray's.
     os.execv(ray, [ray, *start.command[1:]])
-    return EXIT_FAILURE  # not reached
+    return ExitCode.FAILURE  # not reached
 
 
 def _start_mps(has_gpus: bool) -> None:

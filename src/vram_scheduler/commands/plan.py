@@ -8,8 +8,8 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import EXIT_OK, EXIT_UNPLACED
 from ..config import GIB, ConfigError, load_config
+from ..exit_codes import ExitCode
 from ..inventory import load_inventory
 from ..planner import Plan, oversized_models, plan
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         console = Console()
         print_plan(result, console if console.is_terminal else Console(width=140))
-    return EXIT_OK if result.complete else EXIT_UNPLACED
+    return ExitCode.OK if result.complete else ExitCode.UNPLACED
 
 
 def plan_as_json(result: Plan) -> dict:

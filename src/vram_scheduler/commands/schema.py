@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..config import config_json_schema
+from ..exit_codes import ExitCode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,4 +23,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     print(json.dumps(config_json_schema(args.part), indent=2, sort_keys=True))
-    return 0
+    return ExitCode.OK

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from ..config import load_config
+from ..exit_codes import ExitCode
 
 log = logging.getLogger("ray-vram.serve")
 
@@ -121,4 +122,4 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _App().run()
-    return 0
+    return ExitCode.OK

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..client import SchedulerError, VRAMScheduler, add_address_option, exit_code_for
+from ..exit_codes import ExitCode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,4 +38,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"shut down: {', '.join(removed)}")
     else:
         print(f"nothing to shut down ({args.model_id or 'no models'} not running)")
-    return 0
+    return ExitCode.OK

@@ -20,6 +20,7 @@ from ..client import (
     render_vram,
     wide_console,
 )
+from ..exit_codes import ExitCode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         except SchedulerError as error:
             print(f"error: {error}", file=sys.stderr)
             return exit_code_for(error)
-    return 0
+    return ExitCode.OK
 
 
 def _ticks(interval: float) -> Iterator[None]:
@@ -80,10 +81,10 @@ def _ticks(interval: float) -> Iterator[None]:
 def _json(scheduler: VRAMScheduler, watch: float | None) -> int:
     print(json.dumps(snapshot(scheduler), indent=None if watch else 2), flush=True)
     if not watch:
-        return 0
+        return ExitCode.OK
     for _ in _ticks(watch):
         print(json.dumps(snapshot(scheduler)), flush=True)
-    return 130
+    return ExitCode.INTERRUPTED
 
 
 def _watch(scheduler: VRAMScheduler, interval: float) -> int:
@@ -95,4 +96,4 @@ def _watch(scheduler: VRAMScheduler, interval: float) -> int:
     with Live(view(), console=console, refresh_per_second=4, screen=False) as live:
         for _ in _ticks(interval):
             live.update(view())
-    return 130
+    return ExitCode.INTERRUPTED

@@ -10,10 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import EXIT_FAILURE, EXIT_OK
 from ..config import GIB, load_config
-
-EXIT_INTERRUPTED = 130
+from ..exit_codes import ExitCode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     started = time.monotonic()
     stack = LocalStack(config, controller_port=args.controller_port, num_cpus=args.num_cpus)
-    code = EXIT_OK
+    code = ExitCode.OK
     # SIGTERM stops start-up the way Ctrl-C does (KeyboardInterrupt), so every phase cleans up.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _interrupt)
@@ -55,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             status = stack.controller.wait_ready(timeout_s=args.ready_timeout)
         except (RuntimeError, TimeoutError) as error:
             console.print(f"[red]replicas failed:[/red] {error}")
-            return EXIT_FAILURE
+            return ExitCode.FAILURE
         for model in status["models"]:
             for reason in model["unplaced"]:
                 console.print(f"[yellow]not placed:[/yellow] {reason}")
@@ -77,12 +75,12 @@ def run(args: argparse.Namespace) -> int:
         console.print("[dim]shutting down ...[/dim]")
     except KeyboardInterrupt:
         console.print("[dim]interrupted: shutting down ...[/dim]")
-        code = EXIT_INTERRUPTED
+        code = ExitCode.INTERRUPTED
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:  # Ray's own SIGTERM handler, active inside ray.init, exits with 15
             raise
         console.print("[dim]interrupted: shutting down ...[/dim]")
-        code = EXIT_INTERRUPTED
+        code = ExitCode.INTERRUPTED
     finally:
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)

@@ -17,37 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from ..contract import VRAMState
 from ..inventory import NodeInventory
 from .watchdog import ReplicaBudget
 
 log = logging.getLogger(__name__)
-
-
-class _Replica(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    replica_id: str
-    model_id: str
-    bytes: int
-    pid: int | None = None
-    pids: list[int] = []
-    owner: str | None = None
-
-
-class _GPU(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    node: str
-    uuid: str
-    reserved_bytes: int = 0
-    replicas: list[_Replica] = []
-
-
-class _State(BaseModel):
-    """The part of the allocator's `get_vram_state()` the monitor reads."""
-
-    model_config = ConfigDict(extra="ignore")
-    gpus: list[_GPU] = []
 
 
 @dataclass(frozen=True)
@@ -60,7 +34,7 @@ class AllocatorView:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], node: str, fetched_at: float) -> AllocatorView:
-        parsed = _State.model_validate(state)
+        parsed = VRAMState.model_validate(state)
         replicas, reserved = [], {}
         for gpu in parsed.gpus:
             if gpu.node != node:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import ConfigError
+from ..errors import RayVramError
 from ..inventory import GPUInfo, GPUProcess, NodeInventory, load_inventory
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 CRITICAL_XIDS = frozenset({48, 61, 62, 63, 64, 74, 79, 92, 94, 95, 109, 119, 120, 140, 143})
 
 
-class MonitorUnavailable(RuntimeError):
+class MonitorUnavailable(RayVramError, RuntimeError):
     """The chosen source cannot be read at all (no NVML library, no GPU): the monitor must exit."""
 
 

@@ -22,6 +22,7 @@ from ray.serve import Application
 
 from ..config import ModelSpec, RayVRAMConfig, ServingSettings, parse_config
 from ..planner import Plan, Reservation
+from .options import deployment_options
 from .replica import VLLMReplica, replica_deployment
 from .router import ROUTER_APP_ENV, ROUTER_DEPLOYMENT, RouterDeployment
 
@@ -64,22 +65,12 @@ def model_application(
 ) -> Application:
     env = replica_env() if env is None else env
     replicas = [replica_deployment(spec, r, serving, env, replica_class) for r in reservations]
-    group = serve.deployment(
-        ModelGroup, name=f"{spec.model_id}-group", num_replicas=1, ray_actor_options={"num_cpus": 0}
-    )
+    group = serve.deployment(ModelGroup, **deployment_options("group", f"{spec.model_id}-group"))
     return group.bind(spec.model_id, [r.replica_id for r in reservations], *replicas)
 
 
 def router_application(serving: ServingSettings, models: list[ModelSpec]) -> Application:
-    deployment = serve.deployment(
-        RouterDeployment,
-        name=ROUTER_DEPLOYMENT,
-        num_replicas=1,
-        max_ongoing_requests=10000,
-        ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
-        health_check_period_s=5,
-        logging_config={"enable_access_log": False},
-    )
+    deployment = serve.deployment(RouterDeployment, **deployment_options("router", ROUTER_DEPLOYMENT))
     return deployment.bind(serving.model_dump(mode="json"), [m.model_dump(mode="json") for m in models])
 
 
@@ -130,13 +121,7 @@ def build_app(args: dict[str, Any]) -> Application:
         for spec in config.models
         if plan.replicas_of(spec.model_id)
     ]
-    deployment = serve.deployment(
-        RouterDeployment,
-        name=ROUTER_DEPLOYMENT,
-        num_replicas=1,
-        max_ongoing_requests=10000,
-        ray_actor_options={"num_cpus": 0},
-    )
+    deployment = serve.deployment(RouterDeployment, **deployment_options("router", ROUTER_DEPLOYMENT))
     return deployment.bind(
         config.serving.model_dump(mode="json"), [m.model_dump(mode="json") for m in config.models], *groups
     )

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Literal
+from typing import Any
 
 import ray
 from pydantic import BaseModel, Field
@@ -22,6 +22,8 @@ from ray.experimental import internal_kv
 
 from ..allocator import NAMESPACE, get_vram_allocator
 from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..contract import DeploymentList, ModelStatus, ReplicaPhase, ReplicaStatus
+from ..errors import RayVramError
 from ..model_limits import effective_max_model_len
 from ..planner import Plan, Reservation
 from .app import model_app_name, model_application, replica_env, router_application
@@ -31,36 +33,15 @@ log = logging.getLogger(__name__)
 
 SPEC_KEY_PREFIX = "serving/model/"
 SERVING_KEY = "serving/settings"
-ReplicaStateName = Literal["reserved", "loading", "ready", "failed"]
 
 
-class Unplaceable(RuntimeError):
+class Unplaceable(RayVramError, RuntimeError):
     """Nothing of a model fits (and it does not ask for max_replicas): the planner's reasons."""
 
     def __init__(self, model_id: str, reasons: list[str]):
         self.model_id = model_id
         self.reasons = reasons
         super().__init__(f"model {model_id}: nothing placed: " + "; ".join(reasons))
-
-
-class ReplicaStatus(BaseModel):
-    replica_id: str
-    state: ReplicaStateName
-    node: str | None = None
-    gpu_index: int | None = None
-    gpu_uuid: str | None = None
-    bytes: int | None = None
-    error: str | None = None
-
-
-class ModelStatus(BaseModel):
-    model_id: str
-    model: str
-    vram_gb: float
-    requested: int | None = Field(description="Requested replicas (None for max_replicas).")
-    replicas: list[ReplicaStatus]
-    unplaced: list[str]
-    endpoint: str
 
 
 class Deployed(BaseModel):
@@ -264,7 +245,7 @@ class Controller:
         return replica_env()
 
     def status(self) -> dict[str, Any]:
-        """`GET /v1/deployments`: every model, its replicas' state and where they are."""
+        """`GET /v1/deployments` (a `DeploymentList` as JSON): every model, its replicas' state and where they are."""
         apps = serve.status().applications
         held = {r["replica_id"]: r for r in ray.get(self.allocator.reservations.remote())}
         models = []
@@ -294,12 +275,13 @@ class Controller:
                     model=spec.model,
                     vram_gb=spec.vram_gb,
                     requested=None if spec.max_replicas else spec.replicas,
+                    router_name=spec.router_name,
                     replicas=replicas,
                     unplaced=record.unplaced,
                     endpoint=self.endpoint,
-                ).model_dump()
+                )
             )
-        return {"models": models}
+        return DeploymentList(models=models).model_dump(mode="json")
 
     def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> dict[str, Any]:
         """Block until every replica of `model_ids` (default: all) is ready; raise on failure/timeout."""
@@ -348,7 +330,7 @@ def deploy_in_background(app: Any, name: str) -> None:
     )
 
 
-def _replica_state(deployment: Any, reserved: bool) -> tuple[ReplicaStateName, str | None]:
+def _replica_state(deployment: Any, reserved: bool) -> tuple[ReplicaPhase, str | None]:
     if deployment is None:
         return ("loading" if reserved else "reserved"), None
     status = str(deployment.status)

@@ -12,10 +12,11 @@ import json
 from typing import Any, NoReturn
 
 from ..config import ModelSpec
+from ..errors import RayVramError
 from .sizing import EngineBudget
 
 
-class EngineArgsError(ValueError):
+class EngineArgsError(RayVramError, ValueError):
     """An `engine_kwargs` entry vLLM does not accept."""
 
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from ..config import ConfigError, ModelSpec
 from ..demo_model import is_demo_model
+from ..errors import RayVramError
 from ..model_limits import effective_max_model_len
 
 #: Our own errors are already phrased for the user: shown without their class name.
@@ -118,7 +119,7 @@ DEMO_ENGINE_DEFAULTS: dict[str, object] = {
 }
 
 
-class ModelCheckError(RuntimeError):
+class ModelCheckError(RayVramError, RuntimeError):
     """The model cannot be served as configured; found before anything was reserved."""
 
 

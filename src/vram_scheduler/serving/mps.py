@@ -23,6 +23,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..errors import RayVramError
+
 #: Where the node's MPS control daemon listens (set by whoever started it; inherited by Ray workers).
 PIPE_DIR_ENV = "RAY_VRAM_MPS_PIPE_DIRECTORY"
 #: "off" keeps local mode from starting MPS (replicas are then sized but not hard-capped).
@@ -31,7 +33,7 @@ CONTROL = "nvidia-cuda-mps-control"
 MIB = 1024**2
 
 
-class MPSError(RuntimeError):
+class MPSError(RayVramError, RuntimeError):
     """The MPS control daemon could not be started or reached."""
 
 

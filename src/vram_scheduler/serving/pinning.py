@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from ..errors import RayVramError
+
 #: Runtime-env variables every GPU replica gets (see the module docstring).
 PINNING_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
-class PinningError(RuntimeError):
+class PinningError(RayVramError, RuntimeError):
     """The replica cannot run on the GPU its reservation names."""
 
 

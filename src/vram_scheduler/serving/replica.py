@@ -28,18 +28,21 @@ import time
 from typing import Any
 
 import ray
-from pydantic import BaseModel, Field
 from ray import serve
 
 from ..allocator import get_vram_allocator
 from ..config import ModelSpec, ServingSettings, format_gib, gib_to_bytes
+from ..contract import ReplicaEndpoint
 from ..demo_model import resolve_model_source
+from ..errors import RayVramError
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .loop_thread import LoopThread
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
+from .options import deployment_options
 from .pinning import pin_process, visible_device_total_bytes
+from .router import router_handle
 from .sizing import EngineBudget, checkpoint_bytes, size_engine
 
 log = logging.getLogger("ray.serve")
@@ -56,24 +59,8 @@ STARTUP_LOCK_ENV = "RAY_VRAM_GPU_STARTUP_LOCK"
 REQUIRE_MPS_ENV = "RAY_VRAM_REQUIRE_MPS"
 
 
-class ReplicaStartupError(RuntimeError):
+class ReplicaStartupError(RayVramError, RuntimeError):
     """A replica could not start; the message says which step and why (shown in Serve status)."""
-
-
-class ReplicaEndpoint(BaseModel):
-    """What the router needs to send a replica requests."""
-
-    replica_id: str
-    model_id: str
-    names: list[str]
-    url: str
-    max_ongoing_requests: int = Field(ge=1)
-    max_tokens: int = Field(ge=1, description="Completion length of requests that set none.")
-    node: str
-    gpu_uuid: str
-    gpu_index: int
-    bytes: int
-    pids: list[int]
 
 
 def _reason(error: BaseException) -> str:
@@ -297,8 +284,6 @@ class VLLMReplica:
     # -- router registration ----------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        from .router import router_handle
-
         while True:
             try:
                 handle = router_handle()
@@ -322,8 +307,6 @@ class VLLMReplica:
         if self.heartbeat_task is not None:
             self.heartbeat_task.cancel()
         with contextlib.suppress(Exception):
-            from .router import router_handle
-
             await asyncio.wait_for(router_handle().unregister.remote(self.replica_id), timeout=5)
         if self.server is not None:
             self.server.should_exit = True
@@ -361,15 +344,12 @@ def replica_deployment(
     """A Serve deployment for one planned replica (named by its replica id, one Serve replica)."""
     from .placement import actor_options
 
-    return serve.deployment(
-        replica_class,
-        name=reservation.replica_id,
-        num_replicas=1,
-        max_ongoing_requests=serving.max_ongoing_requests,
+    options = deployment_options(
+        "replica",
+        reservation.replica_id,
         ray_actor_options=actor_options(reservation, env),
-        health_check_period_s=5,
-        health_check_timeout_s=30,
-        graceful_shutdown_timeout_s=20,
-        max_constructor_retry_count=1,
-        logging_config={"enable_access_log": False},
-    ).bind(spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
+        max_ongoing_requests=serving.max_ongoing_requests,
+    )
+    return serve.deployment(replica_class, **options).bind(
+        spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json")
+    )

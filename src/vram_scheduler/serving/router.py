@@ -26,8 +26,8 @@ import orjson
 from pydantic import ValidationError
 
 from ..config import ServingSettings
+from ..contract import ReplicaEndpoint
 from .loop_thread import LoopThread
-from .replica import ReplicaEndpoint
 
 log = logging.getLogger("ray.serve")
 

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..config import format_gib
+from ..errors import RayVramError
 
 MIB = 1024**2
 #: What a CPU replica holds besides weights and KV cache: the Python/PyTorch/vLLM runtime of the
@@ -61,7 +62,7 @@ class EngineBudget(BaseModel):
         return {"kv_cache_memory_bytes": self.kv_cache_memory_bytes or 0}
 
 
-class BudgetTooSmall(ValueError):
+class BudgetTooSmall(RayVramError, ValueError):
     """The reservation cannot hold the model's weights plus a minimal KV cache."""
 
 

@@ -15,12 +15,14 @@ from typing import Any
 
 from packaging.version import Version
 
+from ..errors import RayVramError
+
 #: Releases the replica's start-up path has run on: 0.26 (CUDA, GPU machine) and 0.32 (CPU, CI).
 SUPPORTED_MIN = Version("0.26.0")
 SUPPORTED_BELOW = Version("0.33.0")
 
 
-class UnsupportedVLLM(RuntimeError):
+class UnsupportedVLLM(RayVramError, RuntimeError):
     """The installed vLLM is outside the supported range (or missing)."""
 
 

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..allocator import ReservationError, get_vram_allocator
 from ..config import GIB, ConfigError, format_gib, gib_to_bytes
-from ..ledger import GPUState, VRAMState
+from ..contract import GPUState, VRAMState
 from ..node import NODE_NAME_LABEL
 from ..serving.pinning import PINNING_ENV, is_cuda_uuid, pin_process
 from .report import CPUStress, GPUStress, StressReport, build_report

@@ -1,0 +1,142 @@
+"""Everything that crosses the serving controller's boundary, defined once.
+
+The controller and its HTTP API write these; the SDK, the CLI, `inference`, the router and the
+monitor's publisher read them. One definition per shape means a field cannot exist on one side
+only (the server's per-model status once lacked `router_name`, so alias lookups never matched).
+Readers ignore unknown fields, so an older client still reads a newer controller's answers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import PlacementSettings
+
+ReplicaPhase = Literal["reserved", "loading", "ready", "failed"]
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: tolerant of fields a newer peer adds."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# --------------------------------------------------------------------------- GET /v1/deployments
+
+
+class ReplicaStatus(WireModel):
+    """One replica of a model, its phase and where it landed."""
+
+    replica_id: str
+    state: ReplicaPhase
+    node: str | None = None
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"node {self.node}, GPU {self.gpu_index}" if self.node is not None else "not placed"
+
+
+class DeploymentStatus(WireModel):
+    """One model as the controller sees it."""
+
+    model_id: str
+    model: str
+    vram_gb: float
+    requested: int | None = Field(default=None, description="Replicas asked for; None means max_replicas.")
+    router_name: str | None = Field(default=None, description="The alias the OpenAI router also serves it under.")
+    replicas: list[ReplicaStatus] = Field(default_factory=list)
+    unplaced: list[str] = Field(default_factory=list)
+    endpoint: str | None = Field(default=None, description="The OpenAI base URL (ending in /v1) serving it.")
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.replicas) and all(r.state == "ready" for r in self.replicas)
+
+    def serves(self, name: str) -> bool:
+        """Whether requests for `name` (its model id or its alias) reach this model."""
+        return name in {self.model_id, self.router_name}
+
+
+#: The controller's name for the same per-model status.
+ModelStatus = DeploymentStatus
+
+
+class DeploymentList(WireModel):
+    """The body of `GET /v1/deployments`."""
+
+    models: list[DeploymentStatus] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- GET /v1/vram
+
+
+class ReplicaState(WireModel):
+    replica_id: str
+    model_id: str
+    bytes: int = Field(description="Reserved budget (the per-replica overhead comes on top).")
+    pid: int | None = Field(description="Latest attached process id, None before the replica attached one.")
+    pids: list[int]
+    used_bytes: int | None = Field(description="VRAM the replica's processes use now (inventory); None if unknown.")
+    owner: str | None
+
+
+class GPUState(WireModel):
+    node: str
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    used_bytes: int = Field(description="All memory in use on the GPU (latest inventory).")
+    unmanaged_bytes: int = Field(description="Memory used by processes no replica attached.")
+    reserved_bytes: int = Field(description="Budgets plus per-replica overheads of every reservation.")
+    free_bytes: int = Field(description="Room for new reservations: total − unmanaged − reserved.")
+    healthy: bool
+    stale: bool
+    replicas: list[ReplicaState]
+
+
+class NodeState(WireModel):
+    node: str
+    source: str
+    gpus: int
+    age_s: float = Field(description="Seconds since the node's inventory last arrived.")
+    stale: bool
+
+
+class VRAMState(WireModel):
+    """The allocator's view, per GPU: what `get_vram_state()` returns (as a dict)."""
+
+    timestamp: float
+    gpus: list[GPUState]
+    nodes: list[NodeState]
+    stale_nodes: list[str]
+    orphaned: list[ReplicaState] = Field(
+        description="Reservations on GPUs missing from the latest inventory of their node."
+    )
+    startup_locks: dict[str, str] = Field(description="GPU uuid → replica id initialising on it.")
+    settings: PlacementSettings
+
+
+# --------------------------------------------------------------------------- replica → router
+
+
+class ReplicaEndpoint(WireModel):
+    """What a replica announces to the router so it can be sent requests."""
+
+    replica_id: str
+    model_id: str
+    names: list[str]
+    url: str
+    max_ongoing_requests: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, description="Completion length of requests that set none.")
+    node: str
+    gpu_uuid: str
+    gpu_index: int
+    bytes: int
+    pids: list[int]

@@ -1,0 +1,181 @@
+"""The package's shape: every wire model is defined once (in `contract.py`), no module imports
+itself through others (counting imports inside functions, which only hide a cycle), and every error
+descends from `RayVramError`."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+from pathlib import Path
+
+import vram_scheduler
+
+PACKAGE = Path(vram_scheduler.__file__).parent
+WIRE_MODELS = {
+    "DeploymentStatus",
+    "ModelStatus",
+    "DeploymentList",
+    "ReplicaStatus",
+    "VRAMState",
+    "GPUState",
+    "NodeState",
+    "ReplicaState",
+    "ReplicaEndpoint",
+}
+
+
+def modules() -> dict[str, ast.Module]:
+    """Each module of the package by dotted name, parsed."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+def defined_names(tree: ast.Module) -> set[str]:
+    """Classes, and names bound by a plain assignment (an alias), at the module's top level."""
+    names = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    for node in tree.body:
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_every_wire_model_is_defined_in_exactly_one_module() -> None:
+    where: dict[str, list[str]] = {name: [] for name in WIRE_MODELS}
+    for module, tree in modules().items():
+        for name in defined_names(tree) & WIRE_MODELS:
+            where[name].append(module)
+    assert {name: found for name, found in where.items() if found != ["vram_scheduler.contract"]} == {}
+
+
+def imported(module: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The package's modules that `module` imports anywhere in its body."""
+    package = module if module == "vram_scheduler" or _is_package(module) else module.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        elif isinstance(node, ast.Call) and _dynamic_prefix(node) is not None:
+            # importlib.import_module(".commands.{name}", __package__): every module under that prefix
+            relative = _dynamic_prefix(node) or ""
+            stripped = relative.lstrip(".")
+            level = len(relative) - len(stripped)
+            base = package.rsplit(".", level - 1)[0] if level > 1 else package
+            prefix = f"{base}.{stripped}" if level else stripped
+            if prefix.rstrip(".") == base:  # the package's own lazy exports: resolved on attribute access
+                continue
+            targets = [m for m in known if m == prefix or (prefix.endswith(".") and m.startswith(prefix))]
+        else:
+            continue
+        out |= {t for t in targets if t in known and t != module}
+    return out
+
+
+def _dynamic_prefix(call: ast.Call) -> str | None:
+    """The constant start of `importlib.import_module`'s module name, None for any other call."""
+    func = call.func
+    if not (isinstance(func, ast.Attribute) and func.attr == "import_module" and call.args):
+        return None
+    arg = call.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        return str(arg.values[0].value)
+    return None
+
+
+def _is_package(module: str) -> bool:
+    return (PACKAGE.parent / module.replace(".", "/") / "__init__.py").exists()
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while (member := stack.pop()) != node:
+                component.append(member)
+            if component:
+                found.append(sorted([node, *component]))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_has_no_cycles() -> None:
+    trees = modules()
+    graph = {module: imported(module, tree, set(trees)) for module, tree in trees.items()}
+    # the graph is real: plain, relative, function-level and importlib imports are all edges
+    assert "vram_scheduler.contract" in graph["vram_scheduler.serving.router"]
+    assert "vram_scheduler.commands.up" in graph["vram_scheduler.cli"]
+    assert cycles(graph) == []
+
+
+def test_only_entry_points_import_the_cli() -> None:
+    """Commands and the monitor share exit codes and extras through small modules, never `cli`."""
+    trees = modules()
+    importers = {m for m, tree in trees.items() if "vram_scheduler.cli" in imported(m, tree, set(trees))}
+    assert importers <= {"vram_scheduler.__main__"}
+
+
+#: Exceptions used as control flow inside one process, never raised to a caller.
+NOT_ERRORS = {"SkipGPU"}
+
+
+def test_every_error_descends_from_ray_vram_error() -> None:
+    bases: dict[str, list[str]] = {}
+    for tree in modules().values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                bases[node.name] = [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
+
+    def is_exception(name: str) -> bool:
+        builtin = getattr(builtins, name, None)
+        if isinstance(builtin, type) and issubclass(builtin, BaseException):
+            return True
+        return any(is_exception(base) for base in bases.get(name, []))
+
+    errors = {name for name in bases if name != "RayVramError" and is_exception(name)} - NOT_ERRORS
+    roots = {name for name in errors if not any(base in errors for base in bases[name])}
+    assert len(roots) >= 10  # the walk found the package's errors
+    assert {name: bases[name] for name in roots if "RayVramError" not in bases[name]} == {}
+
+
+def test_errors_keep_their_former_base_and_message() -> None:
+    from vram_scheduler import RayVramError
+    from vram_scheduler.client import PlacementError
+    from vram_scheduler.config import ConfigError
+    from vram_scheduler.ledger import ReservationError
+
+    config = ConfigError("models[0]", ["vram_gb = -1: too small"])
+    assert isinstance(config, RayVramError) and isinstance(config, ValueError)
+    assert str(config) == "models[0]: invalid configuration\n  - vram_gb = -1: too small"
+    for error in (ReservationError("gpu 0: 2 GiB free"), PlacementError("gpu 0: 2 GiB free", ["why"])):
+        assert isinstance(error, RayVramError) and isinstance(error, RuntimeError)
+        assert str(error) == "gpu 0: 2 GiB free"
