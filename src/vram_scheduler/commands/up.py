@@ -43,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     stack = LocalStack(config, controller_port=args.controller_port, num_cpus=args.num_cpus)
     code = ExitCode.OK
-    # SIGTERM stops start-up the way Ctrl-C does (KeyboardInterrupt), so every phase cleans up.
+    # SIGINT and SIGTERM stop start-up with a KeyboardInterrupt, so every phase cleans up. SIGINT is
+    # set explicitly too: a process started in the background by a shell inherits it as ignored.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start(progress=lambda text: console.print(f"[dim]{text}[/dim]"))
