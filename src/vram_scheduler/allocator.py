@@ -17,7 +17,6 @@ import logging
 import re
 import threading
 import time
-from collections import deque
 from typing import Any, TypeVar
 
 import ray
@@ -27,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import ConfigError, PlacementSettings, describe_validation_error
 from .inventory import NodeInventory
-from .ledger import Ledger, ReservationError, StartupLockHolder, VRAMState, models_from_dicts, now
+from .ledger import Ledger, ReservationError, VRAMState, models_from_dicts, now
 
 __all__ = [
     "ACTOR_NAME",
@@ -73,8 +72,7 @@ class VRAMAllocator:
         self._ledger = Ledger.loads(raw) if raw else Ledger()
         if raw:
             log.info("ledger reloaded: %d reservation(s)", len(self._ledger.data.entries))
-        self._waiters: dict[str, deque[tuple[str, asyncio.Future[bool]]]] = {}
-        self._pending_owner: dict[str, str | None] = {}
+        self._waiting: dict[tuple[str, str], list[asyncio.Future[bool]]] = {}  # (GPU, replica) → its callers
         self._reclaimer: asyncio.Task[None] | None = None
         self._persisted_at = 0.0
         # The reclaim loop lives on the actor's event loop, which __init__ does not run on: one
@@ -109,21 +107,15 @@ class VRAMAllocator:
     async def reclaim(self) -> list[str]:
         """Free reservations and startup locks whose owner actor is dead; returns their replica ids."""
         self._background()
-        owners = self._ledger.owners()
+        owners = sorted(self._ledger.owners())
         if not owners:
             return []
-        distinct = sorted(set(owners.values()))
-        alive = await asyncio.to_thread(lambda: {o: _actor_alive(o) for o in distinct})
-        dead = sorted(rid for rid, owner in owners.items() if not alive[owner])
-        # Owners may have changed while we looked: only reclaim what still has the dead owner.
-        current = self._ledger.owners()
-        dead = [rid for rid in dead if current.get(rid) == owners[rid]]
-        for replica_id in dead:
-            self._ledger.release(replica_id)
-            self._forget_waiter(replica_id)
+        alive = await asyncio.to_thread(lambda: {o: _actor_alive(o) for o in owners})
+        # Owners may have changed while we looked: the ledger reclaims only what a dead one still owns.
+        dead = self._ledger.reclaim({owner for owner, up in alive.items() if not up}, now())
         if dead:
             self._persist()
-            self._grant_next_locks()
+            self._wake_waiters()
             log.info("reclaimed %d replica(s) of dead owners: %s", len(dead), ", ".join(dead))
         return dead
 
@@ -178,11 +170,10 @@ class VRAMAllocator:
     async def release(self, replica_id: str) -> bool:
         """Free a replica's reservation and startup lock; False when it held neither."""
         self._background()
-        released = self._ledger.release(replica_id)
-        self._forget_waiter(replica_id)
+        released = self._ledger.release(replica_id, now())
         if released:
             self._persist()
-            self._grant_next_locks()
+        self._wake_waiters()
         return released
 
     async def attach_process(self, replica_id: str, pid: int) -> None:
@@ -207,6 +198,8 @@ class VRAMAllocator:
         return self._ledger.state(now()).model_dump()
 
     # -- startup locks ----------------------------------------------------------------------
+    # The rules (who holds, FIFO order, who is next, dead owners) are `Ledger`'s; the actor only
+    # keeps the callers waiting and wakes them when the ledger has decided.
 
     async def acquire_startup_lock(
         self, gpu_uuid: str, replica_id: str, timeout_s: float = 600, owner: str | None = None
@@ -218,73 +211,44 @@ class VRAMAllocator:
         whose starts need no serialising (a host-memory pseudo-GPU) grants it at once, to everyone.
         """
         self._background()
-        if not self._ledger.serialises_startup(gpu_uuid):
-            return True
-        holder = self._ledger.data.startup_locks.get(gpu_uuid)
-        if holder is not None and holder.replica_id == replica_id:
-            return True
-        owner = owner or self._owner_of(replica_id)
-        if holder is None and not self._waiters.get(gpu_uuid):
-            self._grant(gpu_uuid, replica_id, owner)
+        granted, changed = self._ledger.acquire_startup_lock(gpu_uuid, replica_id, now(), owner)
+        if changed:
+            self._persist()
+        if granted:
             return True
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(gpu_uuid, deque()).append((replica_id, future))
-        self._pending_owner[replica_id] = owner
+        self._waiting.setdefault((gpu_uuid, replica_id), []).append(future)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
         except TimeoutError:
             if future.done() and future.result():
                 return True  # granted in the same tick the wait timed out
             future.cancel()
-            self._drop_waiter(gpu_uuid, replica_id)
+            self._ledger.drop_startup_waiter(gpu_uuid, replica_id)
+            self._wake_waiters()
             return False
 
     async def release_startup_lock(self, gpu_uuid: str, replica_id: str) -> None:
-        """Give the GPU's startup lock to the next waiter; a no-op for a replica not holding it."""
+        """Give the GPU's startup lock to the next waiter; a waiter calling it leaves the queue."""
         self._background()
-        holder = self._ledger.data.startup_locks.get(gpu_uuid)
-        if holder is not None and holder.replica_id == replica_id:
-            del self._ledger.data.startup_locks[gpu_uuid]
+        if self._ledger.release_startup_lock(gpu_uuid, replica_id, now()):
             self._persist()
-            self._grant_next_locks()
-        else:
-            self._drop_waiter(gpu_uuid, replica_id)
+        self._wake_waiters()
 
-    def _owner_of(self, replica_id: str) -> str | None:
-        entry = self._ledger.entry(replica_id)
-        return entry.owner if entry else None
-
-    def _grant(self, gpu_uuid: str, replica_id: str, owner: str | None) -> None:
-        self._ledger.data.startup_locks[gpu_uuid] = StartupLockHolder(replica_id=replica_id, owner=owner, since=now())
-        self._persist()
-
-    def _grant_next_locks(self) -> None:
-        for gpu_uuid, queue in list(self._waiters.items()):
-            while gpu_uuid not in self._ledger.data.startup_locks and queue:
-                replica_id, future = queue.popleft()
-                if future.done():
-                    continue
-                owner = self._pending_owner.pop(replica_id, None) or self._owner_of(replica_id)
-                self._grant(gpu_uuid, replica_id, owner)
-                future.set_result(True)
-            if not queue:
-                del self._waiters[gpu_uuid]
-
-    def _drop_waiter(self, gpu_uuid: str, replica_id: str) -> None:
-        queue = self._waiters.get(gpu_uuid)
-        if not queue:
-            return
-        for item in [w for w in queue if w[0] == replica_id]:
-            queue.remove(item)
-            with contextlib.suppress(asyncio.InvalidStateError):
-                item[1].set_result(False)
-        if not queue:
-            del self._waiters[gpu_uuid]
-
-    def _forget_waiter(self, replica_id: str) -> None:
-        for gpu_uuid in list(self._waiters):
-            self._drop_waiter(gpu_uuid, replica_id)
-        self._pending_owner.pop(replica_id, None)
+    def _wake_waiters(self) -> None:
+        """End each wait the ledger has decided: True once it holds the lock, False once it left the queue."""
+        for key, futures in list(self._waiting.items()):
+            gpu_uuid, replica_id = key
+            if self._ledger.holds_startup_lock(gpu_uuid, replica_id):
+                result = True
+            elif replica_id not in self._ledger.startup_waiters(gpu_uuid):
+                result = False
+            else:
+                continue
+            del self._waiting[key]
+            for future in futures:
+                with contextlib.suppress(asyncio.InvalidStateError):
+                    future.set_result(result)
 
 
 def _head_node_strategy() -> NodeAffinitySchedulingStrategy | str:

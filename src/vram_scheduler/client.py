@@ -18,13 +18,12 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel, ValidationError
-from rich.console import Console, Group
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
-from rich.table import Table
-from rich.text import Text
 
 from .config import GIB, ConfigError, ModelSpec, describe_validation_error, format_gib
 from .contract import DeploymentList, DeploymentStatus, ReplicaStatus, VRAMState
+from .display import render_vram, wide_console
 from .errors import RayVramError
 from .exit_codes import ExitCode
 from .inventory import GPUInfo, Inventory, NodeInventory
@@ -578,75 +577,6 @@ def as_json(value: BaseModel | Sequence[BaseModel]) -> Any:
 
 
 # --------------------------------------------------------------------------- display
-
-
-def _gib(n_bytes: int | None) -> str:
-    return "-" if n_bytes is None else f"{n_bytes / GIB:.2f}"
-
-
-def wide_console(stderr: bool = False) -> Console:
-    """A console that does not squeeze tables to 80 columns when output goes to a pipe or file."""
-    console = Console(stderr=stderr)
-    return console if console.is_terminal else Console(stderr=stderr, width=160)
-
-
-def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) -> Group:
-    """The VRAM table (one row per node and GPU) and, when given, the deployments table.
-
-    Red marks what is over budget: a replica using more than its reservation, a GPU whose
-    reservations and unmanaged memory exceed its total, or a GPU using more than its total.
-    """
-    table = Table(title="VRAM per GPU", title_justify="left")
-    for column in ("node", "gpu", "name", "total GiB", "used GiB", "reserved GiB", "free GiB", "replicas (GiB)"):
-        table.add_column(column, justify="left" if column in {"node", "name", "replicas (GiB)"} else "right")
-    for gpu in state.gpus:
-        over = gpu.reserved_bytes + gpu.unmanaged_bytes > gpu.total_bytes or gpu.used_bytes > gpu.total_bytes
-        replicas = Text()
-        for i, replica in enumerate(gpu.replicas):
-            replica_over = replica.used_bytes is not None and replica.used_bytes > replica.bytes
-            if i:
-                replicas.append(", ")
-            label = f"{replica.replica_id} {replica.bytes / GIB:.2f}"
-            if replica.used_bytes is not None:
-                label += f" (uses {replica.used_bytes / GIB:.2f})"
-            replicas.append(label + (" OVER" if replica_over else ""), style="bold red" if replica_over else "")
-        flags = ("" if gpu.healthy else " unhealthy") + (" stale" if gpu.stale else "")
-        table.add_row(
-            gpu.node + flags,
-            str(gpu.index),
-            gpu.name,
-            _gib(gpu.total_bytes),
-            _gib(gpu.used_bytes),
-            _gib(gpu.reserved_bytes),
-            Text(_gib(gpu.free_bytes), style="bold red" if over or gpu.free_bytes < 0 else "green"),
-            replicas if gpu.replicas else Text("-"),
-            style="red" if over or not gpu.healthy else ("yellow" if gpu.stale else None),
-        )
-    parts: list[Any] = [table]
-    if state.orphaned:
-        parts.append(Text(f"orphaned reservations (GPU gone): {', '.join(r.replica_id for r in state.orphaned)}"))
-    if deployments:
-        models = Table(title="Models", title_justify="left")
-        for column in ("model_id", "model", "GiB/replica", "replicas", "states", "not placed"):
-            models.add_column(column)
-        for status in deployments:
-            states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
-            ready = sum(r.state == "ready" for r in status.replicas)
-            wanted = "max" if status.requested is None else str(status.requested)
-            models.add_row(
-                status.model_id,
-                status.model,
-                f"{status.vram_gb:g}",
-                f"{ready}/{wanted} ready",
-                states,
-                "; ".join(status.unplaced) or "-",
-                style="red" if any(r.state == "failed" for r in status.replicas) else None,
-            )
-        parts.append(models)
-        failed = [(r.replica_id, r.error) for status in deployments for r in status.replicas if r.state == "failed"]
-        for replica_id, error in failed:
-            parts.append(Text(f"{replica_id} failed: {error or 'no reason given'}", style="red"))
-    return Group(*parts)
 
 
 class DeployProgress:

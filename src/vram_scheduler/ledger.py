@@ -1,9 +1,10 @@
 """The ledger's rules, without Ray: who holds how much VRAM on which GPU, and who may get more.
 
 `Ledger` is plain Python so that every rule (capacity per GPU, idempotent reserve and release,
-stale nodes, managed processes, persistence format) is tested without a cluster; the
-`vram_allocator` actor in `allocator.py` is a thin shell that serialises calls, persists the
-snapshot after every change and reclaims reservations of dead owners.
+stale nodes, managed processes, FIFO startup locks, dead owners, persistence format) is tested
+without a cluster; the `vram_allocator` actor in `allocator.py` is a thin shell that serialises
+calls, persists the snapshot after every change, keeps callers waiting for a startup lock, and
+asks Ray which owners died.
 
 Capacity is the planner's: a GPU takes a reservation only while its total stays at or above
 memory used by unmanaged processes plus every reservation on it (budget + per-replica overhead).
@@ -12,7 +13,8 @@ memory used by unmanaged processes plus every reservation on it (budget + per-re
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
@@ -52,6 +54,14 @@ class StartupLockHolder(StrictModel):
     since: float
 
 
+@dataclass
+class _StartupWaiter:
+    """A replica queued for a GPU's startup lock, and the owner its lock will have."""
+
+    replica_id: str
+    owner: str | None
+
+
 class LedgerSnapshot(StrictModel):
     """Everything the allocator persists; reloaded when the actor restarts."""
 
@@ -67,6 +77,7 @@ class Ledger:
 
     def __init__(self, snapshot: LedgerSnapshot | None = None):
         self.data = snapshot.model_copy(deep=True) if snapshot else LedgerSnapshot()
+        self._startup_queues: dict[str, list[_StartupWaiter]] = {}
 
     # -- settings and inventory -------------------------------------------------------------
 
@@ -288,12 +299,16 @@ class Ledger:
             f"{format_gib(room)} on {largest.label} (short by {format_gib(need - room)})"
         )
 
-    def release(self, replica_id: str) -> bool:
-        """Drop a replica's reservation (and any startup lock it holds); False if it held none."""
+    def release(self, replica_id: str, now: float | None = None) -> bool:
+        """Drop a replica's reservation, its startup locks (each going to the next waiter) and its
+        places in startup queues; False if it held neither a reservation nor a lock."""
         entry = self.data.entries.pop(replica_id, None)
         locks = [uuid for uuid, holder in self.data.startup_locks.items() if holder.replica_id == replica_id]
         for uuid in locks:
             del self.data.startup_locks[uuid]
+        for uuid in list(self._startup_queues):
+            self.drop_startup_waiter(uuid, replica_id)
+        self._grant_next_locks(time.time() if now is None else now)
         return entry is not None or bool(locks)
 
     def attach_process(self, replica_id: str, pid: int) -> bool:
@@ -306,11 +321,104 @@ class Ledger:
         entry.pids.append(pid)
         return True
 
-    def owners(self) -> dict[str, str]:
-        """Replica id → owner for every owned reservation or startup lock."""
-        owned = {rid: e.owner for rid, e in self.data.entries.items() if e.owner}
-        owned.update({h.replica_id: h.owner for h in self.data.startup_locks.values() if h.owner})
-        return owned
+    def _owned(self) -> list[tuple[str, str]]:
+        """(replica id, owner) of every owned reservation and startup lock; one replica may appear
+        with several owners (a lock taken with an explicit owner)."""
+        owned = [(rid, e.owner) for rid, e in self.data.entries.items() if e.owner]
+        return owned + [(h.replica_id, h.owner) for h in self.data.startup_locks.values() if h.owner]
+
+    def owners(self) -> set[str]:
+        """The actors owning a reservation or startup lock: the ones to check for death."""
+        return {owner for _, owner in self._owned()}
+
+    def reclaim(self, dead_owners: Collection[str], now: float) -> list[str]:
+        """Release every replica whose reservation or startup lock belongs to a dead owner; their
+        locks go to the next waiters. Owners that changed since the caller looked are not in
+        `dead_owners`, so a replica taken over by a live actor is kept. Returns the replica ids."""
+        dead = sorted({rid for rid, owner in self._owned() if owner in dead_owners})
+        for replica_id in dead:
+            self.release(replica_id, now)
+        return dead
+
+    # -- startup locks ----------------------------------------------------------------------
+    # One replica at a time initialises on a GPU (see `serialises_startup`); the others wait in
+    # FIFO order. Holders are persisted; the queues are not: a waiter is a call blocked in the
+    # allocator, and a restarted allocator gets those calls again (Ray retries them).
+
+    def startup_lock_holder(self, gpu_uuid: str) -> StartupLockHolder | None:
+        return self.data.startup_locks.get(gpu_uuid)
+
+    def startup_waiters(self, gpu_uuid: str) -> list[str]:
+        """Replica ids queued for the GPU's startup lock, first in line first."""
+        return [waiter.replica_id for waiter in self._startup_queues.get(gpu_uuid, [])]
+
+    def holds_startup_lock(self, gpu_uuid: str, replica_id: str) -> bool:
+        holder = self.data.startup_locks.get(gpu_uuid)
+        return holder is not None and holder.replica_id == replica_id
+
+    def acquire_startup_lock(
+        self, gpu_uuid: str, replica_id: str, now: float, owner: str | None = None
+    ) -> tuple[bool, bool]:
+        """Take the GPU's startup lock, or queue for it behind earlier callers (FIFO).
+
+        Returns (whether the replica may start now, whether persisted state changed). A GPU that
+        does not serialise starts grants at once and records nothing; the holder asking again
+        keeps it; a replica already queued keeps its place. The lock's owner is `owner`, else the
+        owner of the replica's reservation, so the lock dies with that actor (`reclaim`).
+        """
+        if not self.serialises_startup(gpu_uuid) or self.holds_startup_lock(gpu_uuid, replica_id):
+            return True, False
+        owner = owner or self._owner_of(replica_id)
+        queue = self._startup_queues.get(gpu_uuid, [])
+        if gpu_uuid not in self.data.startup_locks and not queue:
+            self._grant_startup_lock(gpu_uuid, replica_id, owner, now)
+            return True, True
+        waiting = next((w for w in queue if w.replica_id == replica_id), None)
+        if waiting is None:
+            self._startup_queues[gpu_uuid] = [*queue, _StartupWaiter(replica_id, owner)]
+        elif owner is not None:
+            waiting.owner = owner
+        return False, False
+
+    def release_startup_lock(self, gpu_uuid: str, replica_id: str, now: float) -> bool:
+        """The holder gives the lock to the next waiter; anyone else only leaves the queue.
+        Returns whether persisted state changed (the lock was released)."""
+        if not self.holds_startup_lock(gpu_uuid, replica_id):
+            self.drop_startup_waiter(gpu_uuid, replica_id)
+            return False
+        del self.data.startup_locks[gpu_uuid]
+        self._grant_next_locks(now)
+        return True
+
+    def drop_startup_waiter(self, gpu_uuid: str, replica_id: str) -> bool:
+        """Take a replica out of the GPU's queue (it gave up waiting); False if it was not queued."""
+        queue = self._startup_queues.get(gpu_uuid, [])
+        kept = [w for w in queue if w.replica_id != replica_id]
+        if len(kept) == len(queue):
+            return False
+        if kept:
+            self._startup_queues[gpu_uuid] = kept
+        else:
+            del self._startup_queues[gpu_uuid]
+        return True
+
+    def _owner_of(self, replica_id: str) -> str | None:
+        entry = self.data.entries.get(replica_id)
+        return entry.owner if entry else None
+
+    def _grant_startup_lock(self, gpu_uuid: str, replica_id: str, owner: str | None, now: float) -> None:
+        owner = owner or self._owner_of(replica_id)  # it may have reserved while it waited
+        self.data.startup_locks[gpu_uuid] = StartupLockHolder(replica_id=replica_id, owner=owner, since=now)
+
+    def _grant_next_locks(self, now: float) -> None:
+        """Every free GPU goes to the first in its queue, so a queue never waits on a free lock."""
+        for gpu_uuid in list(self._startup_queues):
+            queue = self._startup_queues[gpu_uuid]
+            if gpu_uuid not in self.data.startup_locks and queue:
+                first = queue.pop(0)
+                self._grant_startup_lock(gpu_uuid, first.replica_id, first.owner, now)
+            if not queue:
+                del self._startup_queues[gpu_uuid]
 
     # -- planning and state -----------------------------------------------------------------
 

@@ -212,3 +212,86 @@ def test_only_real_gpus_serialise_replica_starts(ledger: Ledger) -> None:
     assert ledger.serialises_startup("a-0")  # CUDA: engines profiling one GPU together mis-size each other
     assert not ledger.serialises_startup("host-laptop")  # CPU engines are sized in bytes: start in parallel
     assert ledger.serialises_startup("GPU-unknown")
+
+
+# -- startup locks: one replica initialising per GPU, the others in FIFO order ------------------
+
+
+def test_startup_lock_is_fifo_and_reentrant(ledger: Ledger) -> None:
+    assert ledger.acquire_startup_lock("a-0", "r-0", T0) == (True, True)
+    assert ledger.acquire_startup_lock("a-0", "r-0", T0 + 1) == (True, False)  # the holder asking again
+    assert ledger.acquire_startup_lock("a-0", "r-1", T0) == (False, False)
+    assert ledger.acquire_startup_lock("a-0", "r-2", T0) == (False, False)
+    assert ledger.acquire_startup_lock("a-0", "r-1", T0) == (False, False)  # keeps its place
+    assert ledger.acquire_startup_lock("a-1", "r-3", T0) == (True, True)  # other GPUs are independent
+    assert ledger.startup_waiters("a-0") == ["r-1", "r-2"]
+    assert ledger.release_startup_lock("a-0", "r-0", T0 + 2) is True
+    holder = ledger.startup_lock_holder("a-0")
+    assert holder is not None and (holder.replica_id, holder.since) == ("r-1", T0 + 2)
+    assert ledger.startup_waiters("a-0") == ["r-2"]
+    assert ledger.state(T0 + 2).startup_locks == {"a-0": "r-1", "a-1": "r-3"}
+
+
+def test_a_waiter_leaving_keeps_the_rest_in_order(ledger: Ledger) -> None:
+    for replica_id in ("r-0", "r-1", "r-2", "r-3"):
+        ledger.acquire_startup_lock("a-0", replica_id, T0)
+    assert ledger.release_startup_lock("a-0", "r-2", T0) is False  # not the holder: leaves the queue
+    assert ledger.drop_startup_waiter("a-0", "r-1") is True  # timed out
+    assert ledger.drop_startup_waiter("a-0", "r-1") is False
+    assert ledger.release_startup_lock("a-0", "nobody", T0) is False
+    assert ledger.startup_waiters("a-0") == ["r-3"]
+    ledger.release_startup_lock("a-0", "r-0", T0)
+    assert ledger.holds_startup_lock("a-0", "r-3") and ledger.startup_waiters("a-0") == []
+
+
+def test_releasing_a_replica_hands_its_lock_on_and_leaves_every_queue(ledger: Ledger) -> None:
+    ledger.acquire_startup_lock("a-0", "r-0", T0)
+    ledger.acquire_startup_lock("a-1", "r-1", T0)
+    ledger.acquire_startup_lock("a-0", "r-1", T0)
+    ledger.acquire_startup_lock("a-1", "r-0", T0)
+    ledger.acquire_startup_lock("a-0", "r-2", T0)
+    assert ledger.release("r-0", T0 + 1) is True
+    # r-1 was first in line for a-0; r-0 left a-1's queue
+    assert ledger.state(T0 + 1).startup_locks == {"a-0": "r-1", "a-1": "r-1"}
+    assert ledger.startup_waiters("a-0") == ["r-2"] and ledger.startup_waiters("a-1") == []
+    ledger.acquire_startup_lock("a-0", "r-3", T0)
+    assert ledger.release("r-3") is False  # only queued: nothing persisted changes
+    assert ledger.startup_waiters("a-0") == ["r-2"]
+
+
+def test_a_dead_owners_lock_goes_to_the_next_waiter(ledger: Ledger) -> None:
+    dead, alive = "de" * 16, "a1" * 16
+    ledger.reserve("r-0", "m", GIB, T0, owner=dead)
+    ledger.acquire_startup_lock("a-0", "r-0", T0)  # the owner comes from the reservation
+    ledger.acquire_startup_lock("a-0", "r-1", T0, owner=alive)
+    ledger.reserve("r-2", "m", GIB, T0)
+    ledger.acquire_startup_lock("a-0", "r-2", T0)  # no owner yet: it reserves with one while it waits
+    ledger.reserve("r-2", "m", GIB, T0, owner=dead)
+    holder = ledger.startup_lock_holder("a-0")
+    assert holder is not None and holder.owner == dead
+    assert ledger.reclaim({dead}, T0 + 1) == ["r-0", "r-2"]  # r-2's reservation, though it only waited
+    holder = ledger.startup_lock_holder("a-0")
+    assert holder is not None and (holder.replica_id, holder.owner) == ("r-1", alive)
+    assert ledger.reservations() == [] and ledger.startup_waiters("a-0") == []
+    assert ledger.reclaim({dead}, T0 + 2) == []
+    assert ledger.reclaim({"0" * 32}, T0 + 2) == []  # a live owner's lock stays
+    assert ledger.holds_startup_lock("a-0", "r-1")
+
+
+def test_a_host_memory_pseudo_gpu_grants_every_start_at_once(ledger: Ledger) -> None:
+    host = NodeInventory.model_validate(
+        {"node": "laptop", "source": "host-memory", "gpus": [{"index": 0, "uuid": "host-laptop", "total_gb": 16}]}
+    )
+    ledger.update_inventory(host, T0)
+    assert [ledger.acquire_startup_lock("host-laptop", f"r-{i}", T0) for i in range(3)] == [(True, False)] * 3
+    assert ledger.startup_lock_holder("host-laptop") is None and ledger.startup_waiters("host-laptop") == []
+    assert ledger.acquire_startup_lock("GPU-unknown", "r-0", T0) == (True, True)  # unknown GPUs keep the lock
+    assert ledger.acquire_startup_lock("GPU-unknown", "r-1", T0) == (False, False)
+
+
+def test_only_lock_holders_survive_a_snapshot(ledger: Ledger) -> None:
+    """The queues are callers blocked in the allocator, not state: a restarted allocator gets their calls again."""
+    ledger.acquire_startup_lock("a-0", "r-0", T0)
+    ledger.acquire_startup_lock("a-0", "r-1", T0)
+    restored = Ledger.loads(ledger.dumps())
+    assert restored.holds_startup_lock("a-0", "r-0") and restored.startup_waiters("a-0") == []

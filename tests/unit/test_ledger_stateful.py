@@ -108,3 +108,96 @@ LedgerMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_ledger_state_machine = LedgerMachine.TestCase
+
+
+LOCK_GPUS = ["a-0", "a-1", "host-h"]  # host-h: a host-memory pseudo-GPU
+LOCK_REPLICAS = [f"s-{i}" for i in range(5)]
+LOCK_OWNERS = ["0" * 32, "1" * 32]
+
+
+class StartupLockMachine(RuleBasedStateMachine):
+    """Startup locks under random acquires, releases, give-ups and dead owners, against a model:
+    at most one holder per GPU, waiters served in FIFO order, a freed lock going to the next in
+    line at once, and a host-memory pseudo-GPU that never holds or queues anyone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = Ledger()
+        self.ledger.update_inventory(inventory("a", [0.0, 0.0], [0, 0]), NOW)
+        host = {"node": "h", "source": "host-memory", "gpus": [{"index": 0, "uuid": "host-h", "total_gb": 16}]}
+        self.ledger.update_inventory(NodeInventory.model_validate(host), NOW)
+        self.holder: dict[str, tuple[str, str]] = {}  # GPU → (replica, owner)
+        self.queue: dict[str, list[tuple[str, str]]] = {gpu: [] for gpu in LOCK_GPUS}
+
+    def _next(self, gpu: str) -> None:
+        if gpu not in self.holder and self.queue[gpu]:
+            self.holder[gpu] = self.queue[gpu].pop(0)
+
+    @rule(gpu=st.sampled_from(LOCK_GPUS), replica=st.sampled_from(LOCK_REPLICAS), owner=st.sampled_from(LOCK_OWNERS))
+    def acquire(self, gpu: str, replica: str, owner: str) -> None:
+        granted, changed = self.ledger.acquire_startup_lock(gpu, replica, NOW, owner)
+        if gpu == "host-h" or self.holder.get(gpu, ("", ""))[0] == replica:
+            assert (granted, changed) == (True, False)
+        elif gpu not in self.holder:
+            assert (granted, changed) == (True, True)
+            self.holder[gpu] = (replica, owner)
+        else:
+            assert (granted, changed) == (False, False)
+            queued = [r for r, _ in self.queue[gpu]]
+            if replica in queued:
+                self.queue[gpu][queued.index(replica)] = (replica, owner)
+            else:
+                self.queue[gpu].append((replica, owner))
+
+    @rule(gpu=st.sampled_from(LOCK_GPUS), replica=st.sampled_from(LOCK_REPLICAS))
+    def release_lock(self, gpu: str, replica: str) -> None:
+        held = self.holder.get(gpu, ("", ""))[0] == replica
+        assert self.ledger.release_startup_lock(gpu, replica, NOW) is held
+        if held:
+            del self.holder[gpu]
+        self.queue[gpu] = [w for w in self.queue[gpu] if w[0] != replica]
+        self._next(gpu)
+
+    @rule(gpu=st.sampled_from(LOCK_GPUS), replica=st.sampled_from(LOCK_REPLICAS))
+    def give_up(self, gpu: str, replica: str) -> None:
+        queued = any(r == replica for r, _ in self.queue[gpu])
+        assert self.ledger.drop_startup_waiter(gpu, replica) is queued
+        self.queue[gpu] = [w for w in self.queue[gpu] if w[0] != replica]
+
+    def _release(self, replica: str) -> None:
+        for gpu in LOCK_GPUS:
+            if self.holder.get(gpu, ("", ""))[0] == replica:
+                del self.holder[gpu]
+            self.queue[gpu] = [w for w in self.queue[gpu] if w[0] != replica]
+        for gpu in LOCK_GPUS:
+            self._next(gpu)
+
+    @rule(replica=st.sampled_from(LOCK_REPLICAS))
+    def release(self, replica: str) -> None:
+        held = any(r == replica for r, _ in self.holder.values())
+        assert self.ledger.release(replica, NOW) is held
+        self._release(replica)
+
+    @rule(dead=st.sampled_from(LOCK_OWNERS))
+    def owner_dies(self, dead: str) -> None:
+        expected = sorted({r for r, owner in self.holder.values() if owner == dead})
+        assert self.ledger.reclaim({dead}, NOW) == expected
+        for replica in expected:
+            self._release(replica)
+
+    @invariant()
+    def ledger_matches_the_model(self) -> None:
+        for gpu in LOCK_GPUS:
+            holder = self.ledger.startup_lock_holder(gpu)
+            assert ((holder.replica_id, holder.owner) if holder else None) == self.holder.get(gpu)
+            waiters = self.ledger.startup_waiters(gpu)
+            assert waiters == [r for r, _ in self.queue[gpu]]  # FIFO
+            assert len(set(waiters)) == len(waiters)
+            assert not waiters or holder is not None  # a free lock never keeps anyone waiting
+            assert holder is None or holder.replica_id not in waiters
+        assert "host-h" not in self.holder and not self.queue["host-h"]
+        assert self.ledger.state(NOW).startup_locks == {gpu: r for gpu, (r, _) in sorted(self.holder.items())}
+
+
+StartupLockMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_startup_lock_state_machine = StartupLockMachine.TestCase

@@ -26,10 +26,10 @@ from ..client import (
     VRAMScheduler,
     add_address_option,
     model_spec,
-    wide_console,
 )
 from ..config import GIB, ConfigError, format_gib
 from ..contract import DeploymentStatus
+from ..display import wide_console
 from ..exit_codes import ExitCode
 
 PROBE_MODEL_ID = "ray-vram-check-refused"

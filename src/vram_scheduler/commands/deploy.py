@@ -18,9 +18,9 @@ from ..client import (
     as_json,
     exit_code_for,
     model_spec,
-    wide_console,
 )
 from ..config import ConfigError, ModelSpec, load_config
+from ..display import wide_console
 from ..exit_codes import ExitCode
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-from rich.table import Table
-
-from ..config import GIB, ConfigError, load_config
+from ..config import ConfigError, load_config
+from ..display import render_plan, wide_console
 from ..exit_codes import ExitCode
 from ..inventory import load_inventory
 from ..planner import Plan, oversized_models, plan
@@ -41,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(plan_as_json(result), indent=2))
     else:
-        console = Console()
-        print_plan(result, console if console.is_terminal else Console(width=140))
+        wide_console().print(render_plan(result))
     return ExitCode.OK if result.complete else ExitCode.UNPLACED
 
 
@@ -56,30 +53,3 @@ def plan_as_json(result: Plan) -> dict:
         "unplaced": [u.model_dump() for u in result.unplaced],
         "release": [r.model_dump() for r in result.release],
     }
-
-
-def print_plan(result: Plan, console: Console) -> None:
-    table = Table(title="Placement plan (per GPU)")
-    for column in ("node", "gpu", "name", "total", "unmanaged", "reserved", "free", "replicas"):
-        table.add_column(
-            column, justify="right" if column in {"gpu", "total", "unmanaged", "reserved", "free"} else "left"
-        )
-    for gpu in result.gpus:
-        table.add_row(
-            gpu.node,
-            str(gpu.index),
-            gpu.name,
-            f"{gpu.total_bytes / GIB:.1f} GiB",
-            f"{gpu.unmanaged_bytes / GIB:.1f} GiB",
-            f"{gpu.reserved_bytes / GIB:.1f} GiB",
-            f"{gpu.free_bytes / GIB:.1f} GiB",
-            ", ".join(gpu.replicas) or "-",
-        )
-    console.print(table)
-    for unplaced in result.unplaced:
-        console.print(f"[red]not placed:[/red] {unplaced.reason}")
-    placed = len(result.reservations)
-    console.print(
-        f"{placed} replica(s) placed"
-        + ("" if result.complete else f", {sum(u.count for u in result.unplaced)} not placed")
-    )

@@ -17,9 +17,8 @@ from ..client import (
     add_address_option,
     as_json,
     exit_code_for,
-    render_vram,
-    wide_console,
 )
+from ..display import render_vram, wide_console
 from ..exit_codes import ExitCode
 
 

@@ -8,9 +8,10 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from ..config import GIB, load_config
+from ..config import load_config
+from ..contract import VRAMState
+from ..display import render_vram
 from ..exit_codes import ExitCode
 
 
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"[yellow]not placed:[/yellow] {reason}")
         import ray
 
-        print_vram(ray.get(stack.controller.allocator.get_vram_state.remote()), console)
+        state = VRAMState.model_validate(ray.get(stack.controller.allocator.get_vram_state.remote()))
+        console.print(render_vram(state))
         names = ", ".join(m.model_id for m in config.models)
         console.print(
             f"[green]ready in {time.monotonic() - started:.0f}s[/green] — OpenAI endpoint "
@@ -97,22 +99,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def print_vram(state: dict[str, Any], console: Console) -> None:
-    table = Table(title="VRAM per GPU (reserved = budgets + per-replica overhead)")
-    for column in ("node", "gpu", "name", "total", "used", "reserved", "free", "replicas"):
-        table.add_column(column, justify="right" if column in {"gpu", "total", "used", "reserved", "free"} else "left")
-    for gpu in state["gpus"]:
-        replicas = ", ".join(f"{r['replica_id']} ({r['bytes'] / GIB:.2f} GiB)" for r in gpu["replicas"]) or "-"
-        table.add_row(
-            gpu["node"],
-            str(gpu["index"]),
-            gpu["name"],
-            f"{gpu['total_bytes'] / GIB:.1f} GiB",
-            f"{gpu['used_bytes'] / GIB:.1f} GiB",
-            f"{gpu['reserved_bytes'] / GIB:.1f} GiB",
-            f"{gpu['free_bytes'] / GIB:.1f} GiB",
-            replicas,
-        )
-    console.print(table)

@@ -1,0 +1,172 @@
+"""The one VRAM table: `ray-vram status`, `ray-vram up`, `ray-vram plan` and
+`VRAMScheduler.display_vram_state` show a GPU's room the same way, whether it comes from the
+allocator's ledger (`VRAMState`) or from a plan that touched no cluster (`Plan`).
+
+Sizes are GiB with two decimals, the unit in the header; free = total − unmanaged − reserved, and
+reserved counts each replica's budget plus the per-replica overhead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .config import GIB
+from .contract import DeploymentStatus, GPUState, VRAMState
+from .planner import Plan
+
+CAPTION = "reserved = budgets + per-replica overhead; free = total − unmanaged − reserved"
+
+
+def wide_console(stderr: bool = False) -> Console:
+    """A console that does not squeeze tables to 80 columns when output goes to a pipe or file."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
+
+
+@dataclass(frozen=True)
+class _Replica:
+    replica_id: str
+    bytes: int
+    used_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One GPU, whichever source: a plan knows no current use, health or staleness."""
+
+    node: str
+    index: int
+    name: str
+    total_bytes: int
+    used_bytes: int | None
+    unmanaged_bytes: int
+    reserved_bytes: int
+    free_bytes: int
+    healthy: bool = True
+    stale: bool = False
+    replicas: list[_Replica] = field(default_factory=list)
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / GIB:.2f}"
+
+
+def _state_row(gpu: GPUState) -> _Row:
+    return _Row(
+        node=gpu.node,
+        index=gpu.index,
+        name=gpu.name,
+        total_bytes=gpu.total_bytes,
+        used_bytes=gpu.used_bytes,
+        unmanaged_bytes=gpu.unmanaged_bytes,
+        reserved_bytes=gpu.reserved_bytes,
+        free_bytes=gpu.free_bytes,
+        healthy=gpu.healthy,
+        stale=gpu.stale,
+        replicas=[_Replica(r.replica_id, r.bytes, r.used_bytes) for r in gpu.replicas],
+    )
+
+
+def _replicas_cell(replicas: Sequence[_Replica]) -> Text:
+    """`id budget (uses now)`, in bold red with OVER for a replica using more than its budget."""
+    if not replicas:
+        return Text("-")
+    cell = Text()
+    for i, replica in enumerate(replicas):
+        over = replica.used_bytes is not None and replica.used_bytes > replica.bytes
+        label = f"{replica.replica_id} {_gib(replica.bytes)}"
+        if replica.used_bytes is not None:
+            label += f" (uses {_gib(replica.used_bytes)})"
+        cell.append(", " if i else "")
+        cell.append(label + (" OVER" if over else ""), style="bold red" if over else "")
+    return cell
+
+
+def _vram_table(title: str, rows: Sequence[_Row]) -> Table:
+    """Red marks a GPU over its total (reservations and unmanaged memory, or use); yellow a stale node.
+    The used column appears only when some row knows its current use (never for a plan)."""
+    show_used = any(row.used_bytes is not None for row in rows)
+    table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left")
+    columns = ["node", "gpu", "name", "total GiB", *(["used GiB"] if show_used else [])]
+    for column in (*columns, "unmanaged GiB", "reserved GiB", "free GiB", "replicas (GiB)"):
+        table.add_column(column, justify="left" if column in {"node", "name", "replicas (GiB)"} else "right")
+    for row in rows:
+        used = row.used_bytes or 0
+        over = row.reserved_bytes + row.unmanaged_bytes > row.total_bytes or used > row.total_bytes
+        flags = ("" if row.healthy else " unhealthy") + (" stale" if row.stale else "")
+        table.add_row(
+            row.node + flags,
+            str(row.index),
+            row.name,
+            _gib(row.total_bytes),
+            *([_gib(used) if row.used_bytes is not None else "-"] if show_used else []),
+            _gib(row.unmanaged_bytes),
+            _gib(row.reserved_bytes),
+            Text(_gib(row.free_bytes), style="bold red" if over or row.free_bytes < 0 else "green"),
+            _replicas_cell(row.replicas),
+            style="red" if over or not row.healthy else ("yellow" if row.stale else None),
+        )
+    return table
+
+
+def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) -> Group:
+    """The allocator's VRAM table (one row per node and GPU) and, when given, the models table."""
+    parts: list[Any] = [_vram_table("VRAM per GPU", [_state_row(gpu) for gpu in state.gpus])]
+    if state.orphaned:
+        parts.append(Text(f"orphaned reservations (GPU gone): {', '.join(r.replica_id for r in state.orphaned)}"))
+    if deployments:
+        parts.extend(_models(deployments))
+    return Group(*parts)
+
+
+def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
+    table = Table(title="Models", title_justify="left")
+    for column in ("model_id", "model", "GiB/replica", "replicas", "states", "not placed"):
+        table.add_column(column)
+    for status in deployments:
+        states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
+        ready = sum(r.state == "ready" for r in status.replicas)
+        wanted = "max" if status.requested is None else str(status.requested)
+        table.add_row(
+            status.model_id,
+            status.model,
+            f"{status.vram_gb:g}",
+            f"{ready}/{wanted} ready",
+            states,
+            "; ".join(status.unplaced) or "-",
+            style="red" if any(r.state == "failed" for r in status.replicas) else None,
+        )
+    failed = [(r.replica_id, r.error) for status in deployments for r in status.replicas if r.state == "failed"]
+    return [table, *(Text(f"{rid} failed: {error or 'no reason given'}", style="red") for rid, error in failed)]
+
+
+def render_plan(result: Plan) -> Group:
+    """A plan as the same VRAM table, then each shortfall and how many replicas were placed."""
+    budgets = {r.replica_id: r.bytes for r in result.reservations}
+    rows = [
+        _Row(
+            node=gpu.node,
+            index=gpu.index,
+            name=gpu.name,
+            total_bytes=gpu.total_bytes,
+            used_bytes=None,
+            unmanaged_bytes=gpu.unmanaged_bytes,
+            reserved_bytes=gpu.reserved_bytes,
+            free_bytes=gpu.free_bytes,
+            replicas=[_Replica(rid, budgets[rid]) for rid in gpu.replicas],
+        )
+        for gpu in result.gpus
+    ]
+    parts: list[Any] = [_vram_table("Placement plan (per GPU)", rows)]
+    parts.extend(Text.assemble(("not placed:", "red"), f" {u.reason}") for u in result.unplaced)
+    not_placed = sum(u.count for u in result.unplaced)
+    parts.append(
+        Text(f"{len(result.reservations)} replica(s) placed" + (f", {not_placed} not placed" if not_placed else ""))
+    )
+    return Group(*parts)
