@@ -233,7 +233,7 @@ async def awaited(coroutine):
 def test_the_swapped_order_still_works_with_a_deprecation_warning(endpoint: str, call, name: str) -> None:
     with pytest.warns(DeprecationWarning, match=rf"{name}\(model_id, prompts?\) is deprecated") as caught:
         result = call(endpoint)
-    assert result
+    assert result is not None  # random weights: a 2-token answer may well be empty text
     assert caught[0].filename == __file__  # the warning points at the caller's line
 
 

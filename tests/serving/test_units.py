@@ -263,3 +263,23 @@ def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.Monkey
     assert config[0] == config[1]
     assert config[0]["health_check_period_s"] == 5
     assert config[0]["actor"]["resources"] == {"node:__internal_head__": 0.001}
+
+
+def test_a_serve_config_race_is_retried_and_other_errors_are_not() -> None:
+    from vram_scheduler.serving.controller import serve_race_retried
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ValueError("<module 'ray.serve._private.request_router'> is not registered for pickle by value")
+        return "app"
+
+    assert serve_race_retried(flaky) == "app" and len(calls) == 3
+
+    def broken() -> str:
+        raise ValueError("num_replicas must be positive")
+
+    with pytest.raises(ValueError, match="num_replicas"):
+        serve_race_retried(broken)

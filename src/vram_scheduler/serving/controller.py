@@ -13,7 +13,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
 from pydantic import BaseModel, Field
@@ -29,6 +30,7 @@ from ..planner import Plan, Reservation
 from .app import model_app_name, model_application, replica_env, router_application
 from .router import ROUTER_APP, router_handle
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 SPEC_KEY_PREFIX = "serving/model/"
@@ -167,7 +169,7 @@ class Controller:
         if not reservations:
             self._forget(spec.model_id)
             raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
-        app = model_application(spec, reservations, self.serving, self._env())
+        app = serve_race_retried(lambda: model_application(spec, reservations, self.serving, self._env()))
         deploy_in_background(app, model_app_name(spec.model_id))
         self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons))
         return plan
@@ -208,7 +210,8 @@ class Controller:
         same = stored is not None and json.loads(stored) == self.serving.model_dump(mode="json")
         if same and ROUTER_APP in serve.status().applications:
             return
-        serve.run(router_application(self.serving, models), name=ROUTER_APP, route_prefix=None)
+        app = serve_race_retried(lambda: router_application(self.serving, models))
+        serve.run(app, name=ROUTER_APP, route_prefix=None)
         internal_kv._internal_kv_put(
             SERVING_KEY, json.dumps(self.serving.model_dump(mode="json")), overwrite=True, namespace=NAMESPACE
         )
@@ -348,3 +351,22 @@ def _last_line(message: str) -> str:
         if "ReplicaStartupError" in line or line.startswith("replica "):
             return line.split("ReplicaStartupError: ", 1)[-1]
     return lines[-1] if lines else "failed"
+
+
+def serve_race_retried(build: Callable[[], _T], attempts: int = 5) -> _T:
+    """`build()` (a Serve application), again if Ray Serve's own thread race hit it.
+
+    Every `RequestRouterConfig` Ray Serve constructs registers and then unregisters its router
+    module with cloudpickle, unguarded; two threads doing it at once (our deploy, and a handle's
+    long-poll thread decoding a deployment config) make one of them raise "... is not registered
+    for pickle by value". Seen once in CI in `ray-vram serve`; building again succeeds.
+    """
+    for attempt in range(attempts):
+        try:
+            return build()
+        except ValueError as error:
+            if "registered for pickle by value" not in str(error) or attempt == attempts - 1:
+                raise
+            log.warning("Ray Serve config race while building an application (retrying): %s", error)
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("not reached")
