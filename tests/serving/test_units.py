@@ -4,6 +4,7 @@ OpenAI router's own answers (auth, unknown model, bad body, overload, loading) o
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,6 +47,22 @@ def test_mps_client_env_caps_the_reserved_gpu_by_uuid() -> None:
 def test_mps_is_not_running_without_its_control_socket(tmp_path: Path) -> None:
     assert not daemon_running(tmp_path)
     assert node_pipe_dir() is None or daemon_running(node_pipe_dir() or "")
+
+
+def test_mps_control_socket_left_by_a_daemon_that_quit_is_not_a_running_daemon(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as control:
+        control.bind(str(tmp_path / "control"))
+        pid_file = tmp_path / "nvidia-cuda-mps-control.pid"
+        assert not daemon_running(tmp_path)  # no pid file
+        pid_file.write_text(f"{os.getpid()}\n")
+        assert daemon_running(tmp_path)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        pid_file.write_text(f"{gone.pid}\n")
+        assert not daemon_running(tmp_path)
 
 
 @pytest.mark.parametrize("version", ["0.26.0", "0.32.0", "0.32.0+cpu", "0.29.1"])

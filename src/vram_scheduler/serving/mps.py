@@ -47,8 +47,17 @@ def control_binary() -> str | None:
 
 
 def daemon_running(pipe_dir: str | Path) -> bool:
-    """Whether an MPS control daemon listens in `pipe_dir` (its `control` socket exists)."""
-    return (Path(pipe_dir) / "control").is_socket()
+    """Whether an MPS control daemon listens in `pipe_dir`: its `control` socket exists and the pid it
+    wrote is alive (the socket file outlives a daemon that quit; seen on the GPU machine)."""
+    pipe = Path(pipe_dir)
+    if not (pipe / "control").is_socket():
+        return False
+    try:
+        pid = int((pipe / "nvidia-cuda-mps-control.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _daemon_env(pipe_dir: Path, log_dir: Path) -> dict[str, str]:
