@@ -292,6 +292,27 @@ def test_missing_gpu_fails_full_gpu_is_skipped_table_exit_1(cluster: Cluster) ->
     assert stress_reservations() == [], "the failed GPU's reservation was given back"
 
 
+def test_room_taken_after_planning_is_refused_and_reported_in_the_allocators_words(cluster: Cluster) -> None:
+    """Planned with room; by the time the actor reserves, the monitor has seen another process take
+    the GPU: the allocator refuses, the GPU is skipped, and the reason is the allocator's own text
+    (not Ray's remote traceback with terminal colours). Seen so on the GPU machine."""
+    from vram_scheduler.contract import VRAMState
+    from vram_scheduler.stress.runner import GPUStressActor
+
+    free = GPUInfo(index=0, uuid="GPU-stress-a-0", name=H100, total_bytes=80 * GIB)
+    publish(NodeInventory(node="stress-a", gpus=[free]))
+    state = VRAMState.model_validate(ray.get(get_vram_allocator().get_vram_state.remote()))
+    target = next(t for t in gpu_targets(state, ray_nodes(), 0.5) if t.gpu.uuid == "GPU-stress-a-0")
+    assert target.skip is None
+    publish(NodeInventory(node="stress-a", gpus=[free.model_copy(update={"used_bytes": 78 * GIB})]))
+    result = ray.get(ray.remote(GPUStressActor).options(num_cpus=0).remote().run.remote(target, 1), timeout=120)
+    skipped = result["skipped"] or ""
+    assert skipped.startswith("the allocator refused the stress reservation: model ray-vram-stress needs "), result
+    assert "ray::" not in skipped and "\x1b[" not in skipped and "Traceback" not in skipped, skipped
+    assert result["error"] is None and result["reserved_bytes"] == 0
+    assert stress_reservations() == []
+
+
 def test_unknown_node_and_bad_options_exit_2(cluster: Cluster) -> None:
     unknown = run_cli("check", "--stress", "--address", cluster.address, "--seconds", "1", "--nodes", "nowhere")
     assert unknown.returncode == 2, unknown.stdout + unknown.stderr

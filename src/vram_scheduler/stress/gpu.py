@@ -6,7 +6,7 @@ reads back unchanged, and reads through NVML the memory the process really holds
 clocks, ECC counters, critical XID events and throttle reasons.
 
 torch and pynvml are imported inside `run_gpu_stress`: this module loads on a machine without them.
-NOT YET RUN ON A GPU: only its CPU-side paths (no GPU visible) are exercised by the test suite.
+Run on the GPU machine by tests/gpu/test_stress_gpu.py; CI exercises its CPU-side paths only.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ class GPUStressActor:
                 )
             )
         except ReservationError as refusal:
-            result.skipped = f"the allocator refused the stress reservation: {refusal}"
+            result.skipped = f"the allocator refused the stress reservation: {_refusal_text(refusal)}"
             return result.model_dump()
         result.reserved_bytes, result.overhead_bytes = target.budget_bytes, target.overhead_bytes
         start = time.monotonic()
@@ -234,6 +234,13 @@ def run_gpu_phase(targets: Sequence[GPUTarget], seconds: float) -> list[GPUStres
             skipped.skipped = target.skip or "no Ray node to run on"
             out.append(skipped)
     return out
+
+
+def _refusal_text(error: BaseException) -> str:
+    """The allocator's own words: Ray re-raises a remote error as a subclass of it whose text
+    starts with the remote traceback and terminal colours; `cause` is the original exception."""
+    cause = getattr(error, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else error)
 
 
 def _first_line(error: BaseException) -> str:
