@@ -251,7 +251,7 @@ class VRAMAllocator:
                     future.set_result(result)
 
 
-def _head_node_strategy() -> NodeAffinitySchedulingStrategy | str:
+def head_node_strategy() -> NodeAffinitySchedulingStrategy | str:
     """Prefer the head node (it lives as long as the cluster), fall back to any node."""
     for node in ray.nodes():
         if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
@@ -281,7 +281,7 @@ def get_vram_allocator() -> ray.actor.ActorHandle:
             max_task_retries=-1,
             num_cpus=0,
             max_concurrency=1000,
-            scheduling_strategy=_head_node_strategy(),
+            scheduling_strategy=head_node_strategy(),
         )
         .remote()
     )

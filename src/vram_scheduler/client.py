@@ -222,9 +222,10 @@ class ControllerAPI:
 
 
 class RayControllerAPI:
-    """The same calls in-process, through the serving `Controller` on a Ray cluster (address like
-    ``ray.init``'s: ``host:6379``, ``ray://host:10001``, ``auto``). Imports Ray; the serving
-    settings the cluster's controller stored are reused, so the OpenAI router is left as it is."""
+    """The same calls through Ray (address like ``ray.init``'s: ``host:6379``, ``ray://host:10001``,
+    ``auto``), made on the cluster's one controller actor — never a second controller in this
+    process. Imports Ray. Should no controller run yet, it starts with the serving settings the
+    cluster stored, so the OpenAI router is left as it is."""
 
     def __init__(self, address: str):
         import ray
@@ -233,7 +234,8 @@ class RayControllerAPI:
         from .allocator import NAMESPACE
         from .config import ServingSettings
         from .loopback import prepare_ray_join
-        from .serving.controller import SERVING_KEY, Controller
+        from .serving.controller import SERVING_KEY
+        from .serving.controller_actor import ControllerHandle
 
         self.url = address
         try:
@@ -244,7 +246,7 @@ class RayControllerAPI:
             raise ControllerUnavailableError(f"cannot join the Ray cluster at {address}: {error}") from None
         stored = internal_kv._internal_kv_get(SERVING_KEY, namespace=NAMESPACE)
         serving = ServingSettings.model_validate_json(stored) if stored else None
-        self.controller = Controller(serving)
+        self.controller = ControllerHandle(serving)
 
     def close(self) -> None:
         """Leaves Ray connected: the caller may use it; `ray.shutdown()` disconnects."""

@@ -165,3 +165,77 @@ def test_a_ray_address_drives_the_cluster_in_process(local_stack: stack.LocalSta
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["gpus"] == 2 and data["models"] == [MODEL] and data["removed"] == []
     assert "huge needs 10.00 GiB" in data["refused"]
+
+
+CONCURRENT_CLIENT = """
+import json, sys
+from vram_scheduler import PlacementError, VRAMScheduler
+address, model_id = sys.argv[1], sys.argv[2]
+with VRAMScheduler(address) as scheduler:
+    try:
+        result = scheduler.deploy_model(model_id, "demo", 0.5, max_model_len=512, wait=False, progress=False)
+        outcome = {"placed": [(r.node, r.gpu_index) for r in result.replicas]}
+    except PlacementError as error:
+        outcome = {"refused": str(error)}
+    outcome["removed"] = scheduler.shutdown(model_id)
+print(json.dumps(outcome))
+"""
+
+CLUSTER_VIEW = """
+import json, sys, ray
+from vram_scheduler.allocator import NAMESPACE, get_vram_allocator
+from vram_scheduler.loopback import prepare_ray_join
+from ray import serve
+prepare_ray_join(sys.argv[1])
+ray.init(address=sys.argv[1], namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "ray-vram-controller"]
+held = sorted(r["replica_id"] for r in ray.get(get_vram_allocator().reservations.remote()))
+apps = sorted(serve.status().applications)
+print(json.dumps({"controllers": actors, "held": held, "apps": apps}))
+"""
+
+
+def test_concurrent_deploys_from_several_processes_share_one_controller(local_stack: stack.LocalStack) -> None:
+    """Four processes at once — two through the controller's HTTP API, two through a Ray address —
+    each deploy a model (room for two: 2.5 GiB reservations on 4.5 and 4 GiB free) and remove it.
+    Every call lands on the cluster's one controller actor: no second controller, no double booking,
+    refusals name the shortfall, and nothing is left reserved or deployed afterwards."""
+    env = os.environ | {"RAY_TMPDIR": str(local_stack.work), "RAY_AUTH_MODE": "disabled"}
+    addresses = [local_stack.controller, local_stack.gcs_address] * 2
+    clients = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_CLIENT, address, f"concurrent-{i}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, address in enumerate(addresses)
+    ]
+    outcomes = []
+    for client in clients:
+        out, err = client.communicate(timeout=600)
+        assert client.returncode == 0, err[-3000:]
+        outcomes.append(json.loads(out.strip().splitlines()[-1]))
+    placed = [o["placed"] for o in outcomes if "placed" in o]
+    assert 1 <= len(placed) <= 4, outcomes
+    assert all(len(p) == 1 for p in placed), outcomes
+    for refused in (o["refused"] for o in outcomes if "refused" in o):
+        assert "needs 2.50 GiB" in refused and "short by" in refused, refused
+    assert [o["removed"] for o in outcomes] == [
+        [f"concurrent-{i}"] if "placed" in o else [] for i, o in enumerate(outcomes)
+    ]
+    view = subprocess.run(
+        [sys.executable, "-c", CLUSTER_VIEW, local_stack.gcs_address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert view.returncode == 0, view.stderr[-3000:]
+    cluster = json.loads(view.stdout.strip().splitlines()[-1])
+    assert len(cluster["controllers"]) == 1, cluster["controllers"]
+    assert cluster["held"] == ["tiny-0"], cluster
+    assert not [a for a in cluster["apps"] if a.startswith("model-concurrent")], cluster["apps"]
+    with VRAMScheduler(local_stack.controller) as scheduler:
+        assert [d.model_id for d in scheduler.deployments()] == [MODEL]

@@ -70,7 +70,7 @@ def stack() -> Iterator[Stack]:
     from vram_scheduler.demo_model import ensure_demo_model
     from vram_scheduler.monitor.readers import FileReader
     from vram_scheduler.monitor.service import MonitorService, MonitorSettings
-    from vram_scheduler.serving.controller import Controller
+    from vram_scheduler.serving.controller_actor import ControllerHandle
 
     ensure_demo_model()
     port, metrics_port = free_port(), free_port()
@@ -98,7 +98,7 @@ def stack() -> Iterator[Stack]:
     )
     thread = threading.Thread(target=monitor.run, daemon=True)
     thread.start()
-    controller = Controller(config.serving)
+    controller = ControllerHandle(config.serving)
     try:
         deadline = time.monotonic() + 60
         while not ray.get(controller.allocator.get_vram_state.remote())["gpus"]:

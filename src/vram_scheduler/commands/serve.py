@@ -56,7 +56,7 @@ class _Lazy:
 
         from ..allocator import NAMESPACE
         from ..loopback import prepare_ray_join
-        from ..serving.controller import Controller
+        from ..serving.controller_actor import ControllerHandle
         from ..serving.http_api import ControllerAPI
 
         config = load_config(self.config_path)
@@ -75,7 +75,7 @@ class _Lazy:
         from ray import serve
 
         serve.start(proxy_location="Disabled")
-        controller = Controller(config.serving)
+        controller = ControllerHandle(config.serving)
         with self._lock:
             self.api = ControllerAPI(controller)
         try:

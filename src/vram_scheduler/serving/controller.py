@@ -45,6 +45,10 @@ class Unplaceable(RayVramError, RuntimeError):
         self.reasons = reasons
         super().__init__(f"model {model_id}: nothing placed: " + "; ".join(reasons))
 
+    def __reduce__(self) -> tuple[type[Unplaceable], tuple[str, list[str]]]:
+        # Picklable with its fields: it crosses from the controller actor to its callers.
+        return (type(self), (self.model_id, self.reasons))
+
 
 class Deployed(BaseModel):
     """What the controller stores per model: the spec and the replicas it was deployed with."""
@@ -69,6 +73,7 @@ class Controller:
         self.allocator = get_vram_allocator()
         self.reconciles = {"ok": 0, "error": 0}
         self._lock = threading.RLock()
+        self._caller_env: dict[str, str] = {}
 
     # -- stored state -----------------------------------------------------------------------
 
@@ -100,9 +105,12 @@ class Controller:
 
     # -- converge ---------------------------------------------------------------------------
 
-    def apply(self, config: RayVRAMConfig) -> dict[str, Any]:
-        """Converge to `config`: returns {"kept": [...], "deployed": [...], "removed": [...], "unplaced": {...}}."""
+    def apply(self, config: RayVRAMConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Converge to `config`: returns {"kept": [...], "deployed": [...], "removed": [...], "unplaced": {...}}.
+        `env`: the caller's variables for replicas (see `app.replica_env`), over this process's."""
         with self._lock:
+            if env is not None:
+                self._caller_env = dict(env)
             try:
                 result = self._apply(config)
             except Exception:
@@ -140,10 +148,14 @@ class Controller:
         log.info("applied: kept %s, deployed %s, removed %s, unplaced %s", kept, deployed, removed, unplaced)
         return {"kept": kept, "deployed": deployed, "removed": removed, "unplaced": unplaced}
 
-    def deploy(self, spec: ModelSpec, placement: PlacementSettings | None = None) -> Plan:
+    def deploy(
+        self, spec: ModelSpec, placement: PlacementSettings | None = None, env: dict[str, str] | None = None
+    ) -> Plan:
         """Plan and deploy (or replace) one model; other models are untouched. Raises `Unplaceable`."""
         check_model_limits([spec])
         with self._lock:
+            if env is not None:
+                self._caller_env = dict(env)
             others = [r.spec for r in self.deployed().values() if r.spec.model_id != spec.model_id]
             self._ensure_router([*others, spec])
             try:
@@ -245,7 +257,7 @@ class Controller:
         return {name.removeprefix(prefix) for name in serve.status().applications if name.startswith(prefix)}
 
     def _env(self) -> dict[str, str]:
-        return replica_env()
+        return {**replica_env(), **self._caller_env}
 
     def status(self) -> dict[str, Any]:
         """`GET /v1/deployments` (a `DeploymentList` as JSON): every model, its replicas' state and where they are."""

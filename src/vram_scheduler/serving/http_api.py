@@ -24,7 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 
 from ..config import ConfigError, ModelSpec, describe_validation_error
-from .controller import Controller, Unplaceable
+from .controller import Unplaceable
+from .controller_actor import ControllerHandle
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ MAX_BODY_BYTES = 1 << 20
 class _ControllerCollector:
     """Serving-controller metrics, computed at scrape time from the controller and the ledger."""
 
-    def __init__(self, controller: Controller):
+    def __init__(self, controller: ControllerHandle):
         self.controller = controller
 
     def describe(self) -> list[Any]:
@@ -76,7 +77,7 @@ class _ControllerCollector:
 class ControllerAPI:
     """WSGI application over a `Controller`."""
 
-    def __init__(self, controller: Controller):
+    def __init__(self, controller: ControllerHandle):
         self.controller = controller
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(_ControllerCollector(controller))

@@ -172,7 +172,7 @@ class LocalStack:
         from ray import serve
 
         from ..allocator import NAMESPACE
-        from .controller import Controller
+        from .controller_actor import ControllerHandle
         from .http_api import ControllerAPI
 
         self._start_mps(progress)
@@ -197,7 +197,7 @@ class LocalStack:
         if node_ip != "127.0.0.1":
             raise RuntimeError(f"the local Ray node took address {node_ip}, not 127.0.0.1; refusing to serve")
         serve.start(proxy_location="Disabled")
-        self.controller = Controller(self.config.serving)
+        self.controller = ControllerHandle(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
         self._wait_inventory()
         self.http = make_server(
