@@ -4,7 +4,7 @@ alerts and dashboards against what the exporters really emit.
 - `replica_monitor_metrics()`: the monitor's real registry (`MonitorMetrics`) after a poll that saw
   one GPU running two replicas, one of them flagged by the watchdog. A running monitor shows
   replica series only for reservations it reads from the allocator (a Ray cluster); this gives
-  those series without one.
+  those series without one; `polling()` keeps it current.
 - `ControllerStandIn` + `controller_api()`: the serving controller's real WSGI app and /metrics
   collector over a stand-in for `Controller`, whose real self needs Ray and the allocator actor.
 
@@ -14,6 +14,7 @@ Imported by tests/chart and tests/monitor (tests/ is on sys.path through its con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 import types
@@ -52,6 +53,28 @@ def replica_monitor_metrics() -> MonitorMetrics:
     metrics.count_violation(greedy)
     metrics.poll_duration.labels(NODE).observe(3e-5)
     return metrics
+
+
+@contextlib.contextmanager
+def polling(metrics: MonitorMetrics, interval_s: float = 0.2) -> Iterator[None]:
+    """Stands in for the monitor's poll loop: the snapshot's poll time and the poll histogram move on,
+    so the registry never looks stale to an alert, and rates over it are not empty."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            snapshot = metrics.snapshot
+            assert snapshot is not None
+            metrics.update(dataclasses.replace(snapshot, last_success=time.time()))
+            metrics.poll_duration.labels(metrics.node).observe(3e-5)
+
+    thread = threading.Thread(target=loop, name="stand-in-poll", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 class ControllerStandIn:

@@ -78,8 +78,6 @@ class PrometheusServer:
                 f"--config.file={folder / 'prometheus.yml'}",
                 f"--storage.tsdb.path={folder / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.console.templates=/nonexistent",
-                "--web.console.libraries=/nonexistent",
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
