@@ -10,6 +10,10 @@ start=$(date +%s)
 VENV=$(bash ci/install-python.sh | tail -n 1)
 export PATH=$VENV/bin:$PATH
 echo "[test] python environment ready in $(( $(date +%s) - start ))s: $VENV"
+# Prometheus and promtool (Debian's package, unpacked into the cache) for the chart's alert and
+# dashboard tests; tests/promstack.py finds them through these variables.
+PROM_BIN=$(bash ci/prometheus.sh | tail -n 1)
+export RAY_VRAM_PROMETHEUS=$PROM_BIN/prometheus RAY_VRAM_PROMTOOL=$PROM_BIN/promtool
 ruff check src tests bench examples
 ruff format --check src tests bench examples
 set +e
