@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return ExitCode.INVALID
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or ExitCode.OK)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.INVALID

@@ -632,15 +632,6 @@ class DeployProgress:
 # --------------------------------------------------------------------------- shared by the CLI commands
 
 
-def add_address_option(parser: Any) -> None:
-    parser.add_argument(
-        "--address",
-        default=None,
-        help=f"serving controller URL (default ${CONTROLLER_ENV} or {DEFAULT_CONTROLLER}, what `ray-vram up` "
-        "starts), or a Ray address (host:6379, ray://host:10001) to work through Ray in this process",
-    )
-
-
 def exit_code_for(error: SchedulerError) -> ExitCode:
     """CLI exit codes: UNPLACED when not everything fits, FAILURE for any other runtime failure."""
     return ExitCode.UNPLACED if isinstance(error, PlacementError) else ExitCode.FAILURE

@@ -10,6 +10,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from vram_scheduler.cli import build_parser
 from vram_scheduler.config import parse_config
 
 from .helm import CHART, VALUES_FILES, custom_resource_schemas, key, kuberay_values, render, run, tools
@@ -91,6 +92,29 @@ def test_validation_catches_unknown_fields_and_kinds() -> None:
         kubernetes_validate.validate(deployment, "1.35.0", strict=True)
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         kubernetes_validate.validate({"apiVersion": "example.com/v1", "kind": "Widget"}, "1.35.0", strict=True)
+
+
+def _ray_vram_commands(node) -> list[list[str]]:
+    """Every container `command` + `args` of a rendered object that runs the `ray-vram` CLI."""
+    if isinstance(node, list):
+        return [c for item in node for c in _ray_vram_commands(item)]
+    if not isinstance(node, dict):
+        return []
+    command = node.get("command")
+    own = [command + node.get("args", [])] if isinstance(command, list) and command[:1] == ["ray-vram"] else []
+    return own + [c for value in node.values() for c in _ray_vram_commands(value)]
+
+
+def test_the_charts_ray_vram_commands_use_the_canonical_flags(capsys) -> None:
+    """The containers call the CLI with today's flags (-f/--values, --ray-address), never a deprecated
+    spelling: parsing each command prints no warning."""
+    docs = render(sets=["tests.stress.enabled=true"])
+    commands = _ray_vram_commands(docs)
+    assert {c[1] for c in commands} >= {"serve", "monitor", "check"}, commands
+    capsys.readouterr()
+    for command in commands:
+        build_parser().parse_args(command[1:])
+    assert capsys.readouterr().err == ""
 
 
 def _paths(data, prefix: str = ""):

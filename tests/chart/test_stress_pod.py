@@ -42,7 +42,7 @@ def test_stress_pod_when_enabled_runs_check_stress_with_the_chart_settings() -> 
     assert command[:3] == ["ray-vram", "check", "--stress"]
     args = build_parser().parse_args(command[1:])
     assert args.stress and args.seconds == 30 and args.gpu_fraction == 0.5 and args.slow_ratio == 0.7
-    assert args.nodes == ["gpu-1", "gpu-2"] and args.address == "rv-ray-vram-head-svc:6379"
+    assert args.nodes == ["gpu-1", "gpu-2"] and args.ray_address == "rv-ray-vram-head-svc:6379"
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth_token"

@@ -73,7 +73,7 @@ def burn_in(*args: str) -> tuple[int, str, dict[str, Any]]:
     import ray
 
     address = ray.get_runtime_context().gcs_address
-    base = [sys.executable, "-m", "vram_scheduler.cli", "check", "--stress", "--address", address]
+    base = [sys.executable, "-m", "vram_scheduler.cli", "check", "--stress", "--ray-address", address]
     base += ["--seconds", str(SECONDS), *args]
     env = {**os.environ, "COLUMNS": "220"}
     table = subprocess.run(base, capture_output=True, text=True, env=env, timeout=600)

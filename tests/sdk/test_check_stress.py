@@ -250,7 +250,7 @@ def test_cpu_phase_on_every_cpu_node_json_exit_0(cluster: Cluster) -> None:
     # --slow-ratio 0: both "nodes" share this machine's cores with other tests, so their speeds say
     # nothing about the hardware; the slow rule is tested on pydantic inputs above.
     result = run_cli(
-        "check", "--stress", "--address", cluster.address, "--seconds", "2", "--slow-ratio", "0", "--output", "json"
+        "check", "--stress", "--ray-address", cluster.address, "--seconds", "2", "--slow-ratio", "0", "--output", "json"
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
@@ -279,7 +279,7 @@ def test_missing_gpu_fails_full_gpu_is_skipped_table_exit_1(cluster: Cluster) ->
             ],
         )
     )
-    result = run_cli("check", "--stress", "--address", cluster.address, "--seconds", "1", "--nodes", "stress-b")
+    result = run_cli("check", "--stress", "--ray-address", cluster.address, "--seconds", "1", "--nodes", "stress-b")
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     failed = [line for line in lines if line.startswith("gpu node stress-b, GPU 0: failed: ")]
@@ -314,14 +314,18 @@ def test_room_taken_after_planning_is_refused_and_reported_in_the_allocators_wor
 
 
 def test_unknown_node_and_bad_options_exit_2(cluster: Cluster) -> None:
-    unknown = run_cli("check", "--stress", "--address", cluster.address, "--seconds", "1", "--nodes", "nowhere")
+    unknown = run_cli("check", "--stress", "--ray-address", cluster.address, "--seconds", "1", "--nodes", "nowhere")
     assert unknown.returncode == 2, unknown.stdout + unknown.stderr
     assert "no node named 'nowhere'" in unknown.stderr and "stress-a" in unknown.stderr
     bad = run_cli("check", "--stress", "--seconds", "0", "--gpu-fraction", "1.5")
     assert bad.returncode == 2
     assert "--seconds must be > 0, got 0" in bad.stderr and "--gpu-fraction must be in (0, 0.95], got 1.5" in bad.stderr
-    url = run_cli("check", "--stress", "--address", "http://127.0.0.1:8080")
+    url = run_cli("check", "--stress", "--ray-address", "http://127.0.0.1:8080")
     assert url.returncode == 2 and "give the Ray address (host:6379)" in url.stderr
+    # the former spelling of the Ray address still joins, with a warning
+    old = run_cli("check", "--stress", "--address", cluster.address, "--seconds", "1", "--nodes", "nowhere")
+    assert old.returncode == 2 and "no node named 'nowhere'" in old.stderr
+    assert "warning: --address with --stress is deprecated; use --ray-address" in old.stderr
 
 
 def test_a_node_that_dies_during_the_cpu_phase_fails(cluster: Cluster) -> None:

@@ -308,9 +308,9 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
     port = free_port()
     api = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("w")
-    command = [sys.executable, "-m", "vram_scheduler.cli", "serve", "--config", str(tmp_path / "models.yaml")]
+    command = [sys.executable, "-m", "vram_scheduler.cli", "serve", "-f", str(tmp_path / "models.yaml")]
     server = subprocess.Popen(
-        [*command, "--address", stack.gcs_address, "--host", "127.0.0.1", "--port", str(port)],
+        [*command, "--ray-address", stack.gcs_address, "--host", "127.0.0.1", "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=os.environ | {"RAY_ADDRESS": stack.gcs_address},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,13 +23,21 @@ from ..client import (
     PlacementError,
     SchedulerError,
     VRAMScheduler,
-    add_address_option,
     model_spec,
 )
 from ..config import GIB, ConfigError, format_gib
 from ..contract import DeploymentStatus
 from ..display import wide_console
 from ..exit_codes import ExitCode
+from .options import (
+    RAY_ADDRESS_INSTEAD,
+    add_controller_address_option,
+    add_output_option,
+    add_ray_address_option,
+    is_http_url,
+    ray_address,
+    warn_deprecated,
+)
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
 
@@ -56,15 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "its own model, or whose memory NVML misreports fails the burn-in.\n\n"
         "exit codes: 0 every check passed, 1 a check failed, 2 invalid input\n\n"
         "examples:\n  ray-vram check\n  ray-vram check --output json\n"
-        "  ray-vram check --stress --address head:6379 --seconds 60\n"
-        "  ray-vram check --stress --address head:6379 --nodes gpu-3 --gpu-fraction 0.8 --output json",
+        "  ray-vram check --stress --ray-address head:6379 --seconds 60\n"
+        "  ray-vram check --stress --ray-address head:6379 --nodes gpu-3 --gpu-fraction 0.8 --output json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--output", choices=["table", "json"], default="table")
+    add_output_option(parser)
     parser.add_argument("--endpoint", help="OpenAI base URL for the inference checks (default: discovered)")
-    add_address_option(parser)
-    stress = parser.add_argument_group("burn-in (--stress; needs a Ray address: --address, $RAY_ADDRESS or auto)")
+    add_controller_address_option(parser)
+    stress = parser.add_argument_group("burn-in (--stress: joins the Ray cluster itself, the controller is not used)")
     stress.add_argument("--stress", action="store_true", help="run the GPU and CPU burn-in instead of the checks")
+    add_ray_address_option(stress)
     stress.add_argument("--seconds", type=float, default=60.0, help="load per GPU and per node (default 60)")
     stress.add_argument(
         "--gpu-fraction",
@@ -146,15 +154,14 @@ def _inference(status: DeploymentStatus, endpoint: str | None) -> str:
     return f"{len(ready)} ready replica(s); answered {len(text)} char(s)"
 
 
-def stress_address(address: str | None) -> str:
-    """The Ray address the burn-in joins: --address, else $RAY_ADDRESS, else `auto`."""
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
-    if address.startswith(("http://", "https://")):
-        raise ConfigError(
-            "--address",
-            [f"{address} is a controller URL; --stress runs Ray tasks: give the Ray address (host:6379)"],
-        )
-    return address
+def stress_address(args: argparse.Namespace) -> str:
+    """The Ray address the burn-in joins: --ray-address, else $RAY_ADDRESS, else `auto`. Before
+    --address named the controller everywhere, `--stress --address host:6379` gave it: still accepted."""
+    if args.ray_address is None and args.address:
+        if not is_http_url(args.address):
+            warn_deprecated("--address with --stress", RAY_ADDRESS_INSTEAD)
+        return ray_address(args.address, "--address")
+    return ray_address(args.ray_address)
 
 
 def validate_stress(args: argparse.Namespace) -> None:
@@ -178,7 +185,7 @@ def run_stress(args: argparse.Namespace) -> int:
     from ..stress.runner import run_stress as run_burn_in
 
     validate_stress(args)
-    address = stress_address(args.address)
+    address = stress_address(args)
     if not ray.is_initialized():
         prepare_ray_join(address)
         try:

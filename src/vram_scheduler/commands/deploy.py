@@ -14,7 +14,6 @@ from ..client import (
     DeployResult,
     SchedulerError,
     VRAMScheduler,
-    add_address_option,
     as_json,
     exit_code_for,
     model_spec,
@@ -22,6 +21,7 @@ from ..client import (
 from ..config import ConfigError, ModelSpec, load_config
 from ..display import wide_console
 from ..exit_codes import ExitCode
+from .options import add_controller_address_option, add_output_option, add_values_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model_id", nargs="?", help="model id clients will use (omit with -f)")
-    parser.add_argument("-f", "--file", help="values/config file: deploy every model in its `models` list")
+    add_values_option(parser, help="values/config file: deploy every model in its `models` list", deprecated=["--file"])
     parser.add_argument("--model", help="model source: Hugging Face name, local directory, or `demo`")
     parser.add_argument("--vram-gb", type=float, help="VRAM budget per replica in GiB")
     count = parser.add_mutually_exclusive_group()
@@ -61,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-wait", action="store_true", help="return once the controller accepted the models")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness (default 900)")
-    parser.add_argument("--output", choices=["table", "json"], default="table")
-    add_address_option(parser)
+    add_output_option(parser)
+    add_controller_address_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -77,12 +77,12 @@ def engine_kwargs(pairs: list[str]) -> dict[str, object]:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[ModelSpec]:
-    if args.file:
+    if args.values:
         if args.model_id or args.model or args.vram_gb is not None:
             raise ConfigError("deploy", ["give either -f FILE or MODEL_ID --model --vram-gb, not both"])
-        config = load_config(args.file)
+        config = load_config(args.values)
         if not config.models:
-            raise ConfigError(args.file, ["the `models` list is empty: nothing to deploy"])
+            raise ConfigError(args.values, ["the `models` list is empty: nothing to deploy"])
         return config.models
     missing = [flag for flag, value in (("MODEL_ID", args.model_id), ("--model", args.model)) if not value]
     if args.vram_gb is None:

@@ -15,6 +15,7 @@ from rich.table import Table
 from ..config import ConfigError
 from ..exit_codes import ExitCode
 from ..measure import format_size as _size
+from .options import add_output_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-id", help="model_id for the printed models: entry (default: from the model name)")
     parser.add_argument("--start-timeout", type=float, default=1200.0, help="seconds to wait for the engine (1200)")
     parser.add_argument("--log-file", type=Path, help="where vLLM's server log goes (default: a temporary file)")
-    parser.add_argument("--output", choices=["table", "json"], default="table")
+    add_output_option(parser)
     parser.set_defaults(func=run)
 
 

@@ -14,6 +14,7 @@ from ..config import GIB, gib_to_bytes
 from ..exit_codes import ExitCode
 from ..monitor.readers import FileReader, HostMemoryReader, MonitorUnavailable, NVMLReader, Reader, default_node_name
 from ..monitor.watchdog import DEFAULT_WATCHDOG_MARGIN_GB
+from .options import RAY_ADDRESS_ENV, add_output_option, add_ray_address_option
 
 DESCRIPTION = (
     "Poll every GPU of this node, serve /metrics, /healthz and /inventory, publish the\n"
@@ -74,7 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default 0.5)")
     parser.add_argument("--host", default="0.0.0.0", help="listen address of the HTTP endpoints (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=9400, help="port of /metrics, /healthz, /inventory (default 9400)")
-    parser.add_argument("--ray-address", help="Ray cluster to publish to (host:6379 or ray://host:10001)")
+    add_ray_address_option(
+        parser,
+        help="the Ray cluster whose allocator gets this node's inventory: host:6379 or ray://host:10001 "
+        f"(no default: without it nothing is published; ${RAY_ADDRESS_ENV} is not read)",
+    )
     parser.add_argument(
         "--watchdog-margin-gb",
         type=float,
@@ -90,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="restart a flagged replica through Ray (kill its owner actor; Serve starts a new one)",
     )
     parser.add_argument("--once", action="store_true", help="read once, print the inventory and exit")
-    parser.add_argument("--output", choices=["table", "json"], default="table", help="output of --once")
+    add_output_option(parser, what="--once")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
 

@@ -11,6 +11,7 @@ import sys
 
 from ..exit_codes import ExitCode
 from ..node import KUBERAY_COMMAND_ENV, build_node_start, detect_gpus, kuberay_args
+from .options import add_output_option
 
 #: Where a GPU node's MPS control daemon listens (inside the Ray container; short for AF_UNIX paths).
 MPS_DIR = "/tmp/ray-vram-mps"
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dry-run", action="store_true", help="print the `ray start` command instead of running it")
-    parser.add_argument("--output", choices=["text", "json"], default="text", help="dry-run output format")
+    add_output_option(parser, what="--dry-run")
     parser.add_argument(
         "--node-name",
         default=os.environ.get("NODE_NAME") or os.uname().nodename,

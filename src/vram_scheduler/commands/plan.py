@@ -10,6 +10,7 @@ from ..display import render_plan, wide_console
 from ..exit_codes import ExitCode
 from ..inventory import load_inventory
 from ..planner import Plan, oversized_models, plan
+from .options import add_output_option, add_values_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,13 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Plan where each model replica goes, per GPU, without touching any cluster.\n\n"
         "exit codes: 0 everything fits, 3 some replicas do not fit, 2 invalid input\n\n"
         "examples:\n"
-        "  ray-vram plan --inventory values/inventory-example.yaml --values values/local.yaml\n"
+        "  ray-vram plan --inventory values/inventory-example.yaml -f values/local.yaml\n"
         "  ray-vram plan --inventory inv.yaml --values my-values.yaml --output json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--inventory", required=True, help="GPU inventory file (YAML/JSON, see README)")
-    parser.add_argument("--values", required=True, help="values/config file with a `models` list")
-    parser.add_argument("--output", choices=["table", "json"], default="table")
+    add_values_option(parser, required=True, help="values/config file with a `models` list")
+    add_output_option(parser)
     parser.set_defaults(func=run)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import threading
 import time
 from typing import Any
 
 from ..config import load_config
 from ..exit_codes import ExitCode
+from .options import add_ray_address_option, add_values_option, ray_address
 
 log = logging.getLogger("ray-vram.serve")
 
@@ -25,12 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "removed models are shut down and their reservations freed, new models are placed.\n\n"
         "exit codes: 0 stopped by SIGTERM/SIGINT, 1 runtime failure, 2 invalid config\n\n"
         "examples:\n"
-        "  ray-vram serve --config /etc/ray-vram/models.yaml --address ray-head:6379\n"
-        "  ray-vram serve --config values/local.yaml --address auto --port 8080",
+        "  ray-vram serve -f /etc/ray-vram/models.yaml --ray-address ray-head:6379\n"
+        "  ray-vram serve -f values/local.yaml --ray-address auto --port 8080",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="config/values file (`models`, `placement`, `serving`)")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"), help="Ray cluster (default auto)")
+    add_values_option(
+        parser, required=True, help="values/config file (`models`, `placement`, `serving`)", deprecated=["--config"]
+    )
+    add_ray_address_option(parser, deprecated=["--address"])
     parser.add_argument("--host", default="0.0.0.0", help="controller API listen address (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8080, help="controller API port (default 8080)")
     parser.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for the Ray cluster")
@@ -104,8 +106,8 @@ class _Lazy:
 def run(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
-    load_config(args.config)  # invalid config: exit 2 before anything starts
-    lazy = _Lazy(args.config, args.address, args.wait_timeout)
+    load_config(args.values)  # invalid config: exit 2 before anything starts
+    lazy = _Lazy(args.values, ray_address(args.ray_address), args.wait_timeout)
 
     class _App(BaseApplication):
         def load_config(self) -> None:

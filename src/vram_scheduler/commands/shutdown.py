@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from ..client import SchedulerError, VRAMScheduler, add_address_option, exit_code_for
+from ..client import SchedulerError, VRAMScheduler, exit_code_for
 from ..exit_codes import ExitCode
+from .options import add_controller_address_option, add_output_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model_id", nargs="?", help="model to shut down (default: all)")
-    parser.add_argument("--output", choices=["text", "json"], default="text")
-    add_address_option(parser)
+    add_output_option(parser)
+    add_controller_address_option(parser)
     parser.set_defaults(func=run)
 
 

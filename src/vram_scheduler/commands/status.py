@@ -14,12 +14,12 @@ from rich.live import Live
 from ..client import (
     SchedulerError,
     VRAMScheduler,
-    add_address_option,
     as_json,
     exit_code_for,
 )
 from ..display import render_vram, wide_console
 from ..exit_codes import ExitCode
+from .options import add_controller_address_option, add_output_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
-    parser.add_argument("--output", choices=["table", "json"], default="table")
-    add_address_option(parser)
+    add_output_option(parser)
+    add_controller_address_option(parser)
     parser.set_defaults(func=run)
 
 

@@ -13,6 +13,7 @@ from ..config import load_config
 from ..contract import VRAMState
 from ..display import render_vram
 from ..exit_codes import ExitCode
+from .options import add_values_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  ray-vram up -f my-values.yaml --controller-port 9080",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-f", "--values", required=True, help="values/config file with `models` (and `serving`)")
+    add_values_option(parser, required=True, help="values/config file with `models` (and `serving`)")
     parser.add_argument("--controller-port", type=int, default=8080, help="controller HTTP API port (default 8080)")
     parser.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
     parser.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for replicas (default 600)")
