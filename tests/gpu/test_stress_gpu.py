@@ -110,7 +110,11 @@ def test_every_gpu_computes_inside_its_reservation(cluster: Any) -> None:
 
 def hog(keep_gb: float) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "-c", HOG, str(keep_gb)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOG, str(keep_gb)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},  # cuda:0 is NVML's GPU 0
     )
     assert process.stdout is not None
     line = process.stdout.readline()
