@@ -16,51 +16,39 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
 
 from .config import GIB, ConfigError, ModelSpec, describe_validation_error, format_gib
-from .contract import DeploymentList, DeploymentStatus, ReplicaStatus, VRAMState
+from .contract import DeploymentStatus, ReplicaStatus, VRAMState
+from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER, HTTPControllerClient
+from .controller_ray import RayControllerClient
+from .deploy_progress import DeployProgress
 from .display import render_vram, wide_console
-from .errors import RayVramError
-from .exit_codes import ExitCode
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .planner import Plan, Reservation, plan
+from .scheduler_errors import (
+    ControllerUnavailableError,
+    DeploymentError,
+    PlacementError,
+    SchedulerError,
+    exit_code_for,
+)
 
-CONTROLLER_ENV = "RAY_VRAM_CONTROLLER"
-DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
-PHASES: tuple[str, ...] = ("reserved", "loading", "ready")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class SchedulerError(RayVramError, RuntimeError):
-    """A cluster operation that did not succeed."""
-
-
-class ControllerUnavailableError(SchedulerError):
-    """The serving controller did not answer."""
-
-
-class PlacementError(SchedulerError):
-    """Not every requested replica fits (nothing was deployed, unless `max_replicas`)."""
-
-    def __init__(self, message: str, reasons: list[str], placed: int = 0, requested: int = 0):
-        self.reasons = reasons
-        self.placed = placed
-        self.requested = requested
-        super().__init__(message)
-
-
-class DeploymentError(SchedulerError):
-    """A replica failed to start, or did not become ready in time."""
-
-    def __init__(self, message: str, result: DeployResult | None = None):
-        self.result = result
-        super().__init__(message)
+__all__ = [
+    "CONTROLLER_ENV",
+    "DEFAULT_CONTROLLER",
+    "ControllerUnavailableError",
+    "DeployProgress",
+    "DeployResult",
+    "DeploymentError",
+    "PlacementError",
+    "SchedulerError",
+    "VRAMScheduler",
+    "exit_code_for",
+    "model_spec",
+    "plan_on_state",
+]
 
 
 # --------------------------------------------------------------------------- typed answers
@@ -154,172 +142,6 @@ def model_spec(
         raise ConfigError(f"model {model_id!r}", describe_validation_error(error)) from None
 
 
-# --------------------------------------------------------------------------- the controller's HTTP API
-
-
-class ControllerAPI:
-    """Thin typed calls to the serving controller; errors name the URL and the controller's reason."""
-
-    def __init__(self, url: str, timeout_s: float = 30.0, api_key: str | None = None):
-        self.url = url.rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("RAY_VRAM_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
-            raise ControllerUnavailableError(
-                f"serving controller at {self.url} did not answer {method} {path}: {type(error).__name__}: {error}. "
-                f"Is `ray-vram up` or `ray-vram serve` running? (set ${CONTROLLER_ENV} or pass address=)"
-            ) from None
-
-    def _json(self, response: httpx.Response, what: str) -> Any:
-        if response.status_code >= 400:
-            raise SchedulerError(f"{what} at {self.url} failed (HTTP {response.status_code}): {_reason(response)}")
-        return response.json()
-
-    def healthz(self) -> bool:
-        return self._call("GET", "/healthz").status_code == 200
-
-    def vram(self) -> VRAMState:
-        return VRAMState.model_validate(self._json(self._call("GET", "/v1/vram"), "GET /v1/vram"))
-
-    def deployments(self) -> list[DeploymentStatus]:
-        data = self._json(self._call("GET", "/v1/deployments"), "GET /v1/deployments")
-        return DeploymentList.model_validate(data).models
-
-    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
-        """POST a model; the controller may hold the request until its replicas started."""
-        extra = {"timeout": timeout_s} if timeout_s is not None else {}
-        body = spec.model_dump(mode="json", exclude={"replicas"} if spec.max_replicas else None)
-        response = self._call("POST", "/v1/deployments", json=body, **extra)
-        if response.status_code == 409:
-            reasons = _reasons(response)
-            raise PlacementError(
-                f"model {spec.model_id!r} does not fit: " + "; ".join(reasons), reasons, 0, spec.replicas
-            )
-        if response.status_code in {400, 422}:
-            data = _safe_json(response)
-            problems = data.get("problems") if isinstance(data, dict) else None
-            raise ConfigError(f"model {spec.model_id!r} (refused by {self.url})", problems or [_reason(response)])
-        return self._json(response, f"POST /v1/deployments ({spec.model_id})")
-
-    def remove(self, model_id: str) -> bool:
-        response = self._call("DELETE", f"/v1/deployments/{model_id}")
-        if response.status_code == 404:
-            return False
-        data = self._json(response, f"DELETE /v1/deployments/{model_id}")
-        return bool(data.get("removed", True)) if isinstance(data, dict) else True
-
-    def remove_all(self) -> list[str]:
-        data = self._json(self._call("DELETE", "/v1/deployments"), "DELETE /v1/deployments")
-        return list(data.get("removed", [])) if isinstance(data, dict) else []
-
-
-class RayControllerAPI:
-    """The same calls through Ray (address like ``ray.init``'s: ``host:6379``, ``ray://host:10001``,
-    ``auto``), made on the cluster's one controller actor — never a second controller in this
-    process. Imports Ray. Should no controller run yet, it starts with the serving settings the
-    cluster stored, so the OpenAI router is left as it is."""
-
-    def __init__(self, address: str):
-        import ray
-        from ray.experimental import internal_kv
-
-        from .allocator import NAMESPACE
-        from .config import ServingSettings
-        from .loopback import prepare_ray_join
-        from .serving.controller import SERVING_KEY
-        from .serving.controller_actor import ControllerHandle
-
-        self.url = address
-        try:
-            if not ray.is_initialized():
-                prepare_ray_join(address)
-                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise ControllerUnavailableError(f"cannot join the Ray cluster at {address}: {error}") from None
-        stored = internal_kv._internal_kv_get(SERVING_KEY, namespace=NAMESPACE)
-        serving = ServingSettings.model_validate_json(stored) if stored else None
-        self.controller = ControllerHandle(serving)
-
-    def close(self) -> None:
-        """Leaves Ray connected: the caller may use it; `ray.shutdown()` disconnects."""
-
-    def healthz(self) -> bool:
-        import ray
-
-        return ray.is_initialized()
-
-    def vram(self) -> VRAMState:
-        import ray
-
-        return VRAMState.model_validate(ray.get(self.controller.allocator.get_vram_state.remote()))
-
-    def deployments(self) -> list[DeploymentStatus]:
-        return DeploymentList.model_validate(self.controller.status()).models
-
-    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
-        from .serving.controller import Unplaceable
-
-        try:
-            plan = self.controller.deploy(spec)
-        except Unplaceable as error:
-            raise PlacementError(str(error), error.reasons, 0, spec.replicas) from None
-        except ConfigError:
-            raise
-        except Exception as error:
-            raise SchedulerError(f"{type(error).__name__}: {error}") from None
-        return {
-            "model_id": spec.model_id,
-            "plan": {"replicas": [r.model_dump() for r in plan.replicas_of(spec.model_id)]},
-        }
-
-    def remove(self, model_id: str) -> bool:
-        return self.controller.remove(model_id)
-
-    def remove_all(self) -> list[str]:
-        return self.controller.remove_all()
-
-
-def _reason(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text[:500]
-    if isinstance(data, dict):
-        if isinstance(data.get("problems"), list):
-            return f"{data.get('error', 'invalid')}: " + "; ".join(str(p) for p in data["problems"])
-        error = data.get("error", data)
-        if isinstance(error, dict):
-            return str(error.get("message") or error.get("detail") or error.get("reasons") or error)
-        return str(error)
-    return str(data)
-
-
-def _safe_json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
-def _reasons(response: httpx.Response) -> list[str]:
-    try:
-        data = response.json()
-    except ValueError:
-        return [response.text[:500]]
-    for holder in (data, data.get("error") if isinstance(data, dict) else None):
-        if isinstance(holder, dict) and isinstance(holder.get("reasons"), list):
-            return [str(r) for r in holder["reasons"]]
-    return [_reason(response)]
-
-
 # --------------------------------------------------------------------------- the SDK
 
 
@@ -341,11 +163,11 @@ class VRAMScheduler:
     ):
         address = (address or os.environ.get(CONTROLLER_ENV) or DEFAULT_CONTROLLER).rstrip("/")
         self.address = address
-        self.api: ControllerAPI | RayControllerAPI
+        self.api: HTTPControllerClient | RayControllerClient
         if address.startswith(("http://", "https://")):
-            self.api = ControllerAPI(address, timeout_s=timeout_s, api_key=api_key)
+            self.api = HTTPControllerClient(address, timeout_s=timeout_s, api_key=api_key)
         else:
-            self.api = RayControllerAPI(address)
+            self.api = RayControllerClient(address)
         self.console = console or Console(stderr=True)
 
     def __enter__(self) -> VRAMScheduler:
@@ -576,62 +398,3 @@ def as_json(value: BaseModel | Sequence[BaseModel]) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return [item.model_dump(mode="json") for item in value]
-
-
-# --------------------------------------------------------------------------- display
-
-
-class DeployProgress:
-    """Each replica's way from reserved → loading → ready: a progress bar per replica on a
-    terminal, and one line per change otherwise (logs, pipes, notebooks)."""
-
-    def __init__(self, console: Console, enabled: bool = True):
-        self.console = console
-        self.enabled = enabled
-        self.live = enabled and console.is_terminal
-        self._seen: dict[str, str] = {}
-        self._tasks: dict[str, Any] = {}
-        self._progress = Progress(
-            TextColumn("{task.fields[replica]:<24}"),
-            BarColumn(bar_width=24),
-            TextColumn("{task.fields[phase]:<9} {task.fields[where]}"),
-            console=console,
-            transient=False,
-        )
-
-    def __enter__(self) -> DeployProgress:
-        if self.live:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live:
-            self._progress.stop()
-
-    def update(self, status: DeploymentStatus) -> None:
-        if not self.enabled:
-            return
-        for replica in status.replicas:
-            before = self._seen.get(replica.replica_id)
-            if before == replica.state:
-                continue
-            self._seen[replica.replica_id] = replica.state
-            step = PHASES.index(replica.state) + 1 if replica.state in PHASES else 0
-            if self.live:
-                fields = {"replica": replica.replica_id, "phase": replica.state, "where": replica.where}
-                if replica.replica_id not in self._tasks:
-                    self._tasks[replica.replica_id] = self._progress.add_task("", total=len(PHASES), **fields)
-                self._progress.update(self._tasks[replica.replica_id], completed=step, **fields)
-            else:
-                arrow = f"{before} → {replica.state}" if before else replica.state
-                detail = f": {replica.error}" if replica.error else ""
-                line = f"{status.model_id}: {replica.replica_id} ({replica.where}) {arrow}{detail}"
-                self.console.print(line, markup=False, highlight=False)
-
-
-# --------------------------------------------------------------------------- shared by the CLI commands
-
-
-def exit_code_for(error: SchedulerError) -> ExitCode:
-    """CLI exit codes: UNPLACED when not everything fits, FAILURE for any other runtime failure."""
-    return ExitCode.UNPLACED if isinstance(error, PlacementError) else ExitCode.FAILURE

@@ -33,16 +33,15 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from .contract import DeploymentList
+from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER
 from .errors import RayVramError
 
 T = TypeVar("T", bound=BaseModel)
 Prompt = str | Sequence[dict[str, Any]]
 
 ENDPOINT_ENV = "RAY_VRAM_ENDPOINT"
-CONTROLLER_ENV = "RAY_VRAM_CONTROLLER"
 DASHBOARD_ENV = "RAY_VRAM_DASHBOARD"
 API_KEY_ENV = "RAY_VRAM_API_KEY"
-DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 #: Status codes that mean "busy, try again": retried with backoff, honouring Retry-After.

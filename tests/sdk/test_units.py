@@ -114,8 +114,8 @@ def test_deploy_progress_draws_a_bar_per_replica_on_a_terminal() -> None:
 
     from rich.console import Console
 
-    from vram_scheduler.client import DeployProgress
     from vram_scheduler.contract import DeploymentStatus, ReplicaStatus
+    from vram_scheduler.deploy_progress import DeployProgress
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
 

@@ -84,7 +84,7 @@ def add_output_option(parser: argparse.ArgumentParser, *, what: str = "") -> Non
 
 def add_controller_address_option(parser: argparse.ArgumentParser) -> None:
     """`--address`: the serving controller this command talks to."""
-    from ..client import CONTROLLER_ENV, DEFAULT_CONTROLLER  # the commands that call this import client anyway
+    from ..controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER
 
     parser.add_argument(
         "--address",
