@@ -1,12 +1,12 @@
-"""The project's Prometheus exporters with fixed contents, for the tests that check the chart's
-alerts and dashboards against what the exporters really emit.
+"""The monitor's Prometheus exporter with fixed contents, for the tests that check the chart's
+alerts and dashboards against what the exporters really emit (the serving controller's come from a
+running local stack: tests/monitor/test_prometheus_scrape.py).
 
 - `replica_monitor_metrics()`: the monitor's real registry (`MonitorMetrics`) after a poll that saw
   one GPU running two replicas, one of them flagged by the watchdog. A running monitor shows
   replica series only for reservations it reads from the allocator (a Ray cluster); this gives
   those series without one; `polling()` keeps it current.
-- `ControllerStandIn` + `controller_api()`: the serving controller's real WSGI app and /metrics
-  collector over a stand-in for `Controller`, whose real self needs Ray and the allocator actor.
+- `series_labels()`: series name → label names of an exposition.
 
 Imported by tests/chart and tests/monitor (tests/ is on sys.path through its conftest.py).
 """
@@ -17,10 +17,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-import types
 from collections.abc import Iterator
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -68,75 +65,13 @@ def polling(metrics: MonitorMetrics, interval_s: float = 0.2) -> Iterator[None]:
             metrics.update(dataclasses.replace(snapshot, last_success=time.time()))
             metrics.poll_duration.labels(metrics.node).observe(3e-5)
 
-    thread = threading.Thread(target=loop, name="stand-in-poll", daemon=True)
+    thread = threading.Thread(target=loop, name="poll-loop", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join(timeout=10)
-
-
-class ControllerStandIn:
-    """What the controller's /metrics collector reads from `Controller`: model status, reconcile
-    counts and the allocator's state (answered directly instead of through a Ray actor)."""
-
-    def __init__(self) -> None:
-        self.reconciles = {"ok": 12, "error": 1}
-        state = {"nodes": [{"node": NODE}, {"node": "gpu-2"}], "gpus": [{"node": NODE, "replicas": ["a", "b"]}]}
-        state["stale_nodes"] = ["gpu-2"]
-        self.allocator = types.SimpleNamespace(get_vram_state=types.SimpleNamespace(remote=lambda: state))
-
-    def status(self) -> dict[str, Any]:
-        replicas = [{"state": "ready"}, {"state": "starting"}]
-        return {"models": [{"model_id": "big", "requested": 3, "replicas": replicas, "unplaced": []}]}
-
-
-@contextlib.contextmanager
-def controller_collector_without_ray() -> Iterator[None]:
-    """`ray.get` inside the controller's HTTP module returns its argument: the stand-in's answers
-    are plain values, not object references."""
-    from vram_scheduler.serving import http_api
-
-    real = http_api.ray
-    http_api.ray = types.SimpleNamespace(get=lambda value, **_: value)
-    try:
-        yield
-    finally:
-        http_api.ray = real
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def controller_api() -> Iterator[int]:
-    """The controller's HTTP API over `ControllerStandIn` on 127.0.0.1; yields its port."""
-    from vram_scheduler.serving.http_api import ControllerAPI
-
-    with controller_collector_without_ray():
-        app = ControllerAPI(ControllerStandIn())
-        server: WSGIServer = make_server("127.0.0.1", 0, app, handler_class=_QuietHandler)
-        thread = threading.Thread(target=server.serve_forever, name="controller-api", daemon=True)
-        thread.start()
-        try:
-            yield server.server_port
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=10)
-
-
-def controller_exposition() -> str:
-    """The controller's /metrics text over `ControllerStandIn`."""
-    from prometheus_client import generate_latest
-
-    from vram_scheduler.serving.http_api import ControllerAPI
-
-    with controller_collector_without_ray():
-        return generate_latest(ControllerAPI(ControllerStandIn()).metrics).decode()
 
 
 def series_labels(text: str) -> dict[str, set[str]]:

@@ -181,13 +181,16 @@ class LocalStack:
     monitor publishing a declared two-GPU inventory instead of host memory so placement is exact.
 
     Attributes once started: `controller` (URL), `endpoint` (OpenAI base URL ending in /v1), `pid`
-    (the stack's process, root of every process it starts). `auth=False` (the SDK tests) turns Ray's
-    token auth off for speed; `auth=True` starts the stack as users get it, its token under `work`.
+    (the stack's process, root of every process it starts), `gcs_address`, `ray_metrics` (Ray's
+    metrics agent on the node: its /metrics URL). `auth=False` (the SDK tests) turns Ray's token auth
+    off for speed; `auth=True` starts the stack as users get it, its token under `work`. `values`:
+    more top-level values (`placement`, ...) beside the models.
     """
 
-    def __init__(self, models: list[dict], work: Path | None = None, auth: bool = False):
+    def __init__(self, models: list[dict], work: Path | None = None, auth: bool = False, values: dict | None = None):
         self.models = models
         self.auth = auth
+        self.values = values or {}
         self.work = Path(tempfile.mkdtemp(prefix="sdk-", dir=work)) if work else ray_temp_dir("sdk-")
         self.controller_port = free_port()
         self.serving_port = free_port()
@@ -196,6 +199,7 @@ class LocalStack:
         self.log = self.work / "stack.log"
         self.process: subprocess.Popen | None = None
         self.gcs_address = ""
+        self.ray_metrics = ""
 
     @property
     def pid(self) -> int:
@@ -208,7 +212,9 @@ class LocalStack:
         values = self.work / "values.yaml"
         inventory = self.work / "inventory.yaml"
         values.write_text(
-            yaml.safe_dump({"models": self.models, "serving": {"host": "127.0.0.1", "port": self.serving_port}})
+            yaml.safe_dump(
+                self.values | {"models": self.models, "serving": {"host": "127.0.0.1", "port": self.serving_port}}
+            )
         )
         inventory.write_text(yaml.safe_dump(SDK_INVENTORY))
         env = vllm_env() | {"RAY_TMPDIR": str(self.work), "RAY_AUTH_MODE": "disabled"}
@@ -236,6 +242,8 @@ class LocalStack:
             raise
         lines = self.log.read_text().splitlines()
         self.gcs_address = next(line.split()[1] for line in lines if line.startswith("gcs "))
+        metrics_port = next(line.split()[1] for line in lines if line.startswith("metrics "))
+        self.ray_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -272,6 +280,8 @@ def _serve_declared(values: str, inventory: str, controller_port: int) -> None:
         import ray
 
         print(f"gcs {ray.get_runtime_context().gcs_address}", flush=True)
+        (node,) = [n for n in ray.nodes() if n["Alive"]]
+        print(f"metrics {node['MetricsExportPort']}", flush=True)
         print("stack ready", flush=True)
         sys.stdin.read()
     finally:
