@@ -425,6 +425,74 @@ def test_single_application_from_values_serves_and_gives_back_its_reservation(st
     assert "solo-0" not in held and {"beta-0", "beta-1"} <= set(held)
 
 
+def _stream_outcome(stack: Stack, body: dict, first: threading.Event) -> str:
+    """done ([DONE] last), error (an OpenAI error event), cut (ended without either) or hung."""
+    try:
+        with httpx.stream("POST", stack.base + "/v1/completions", json=body, timeout=60) as response:
+            lines = []
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+    except httpx.ReadTimeout:
+        return "hung"
+    if lines and lines[-1] == "data: [DONE]":
+        return "done"
+    errors = [json.loads(x.removeprefix("data: "))["error"] for x in lines if x.startswith('data: {"error"')]
+    return f"error: {errors[-1]['message']}" if errors else "cut"
+
+
+def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> None:
+    """beta-0's process (engine included: no V1 multiprocessing here) is SIGKILLed while streams
+    and plain requests are in flight on both replicas. Streams it was serving end with an
+    OpenAI-shaped error event, never a hang or a silent end; plain requests it held are answered by
+    beta-1 (a completion has no side effect, so the router sends it again); Serve brings beta-0
+    back on the GPU its reservation names, and the ledger holds exactly the two reservations."""
+    before = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    victim = replica_pids("beta")["beta-0"][0]
+    stream_body = {"model": "beta", "prompt": "Our team", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    plain_body = {"model": "beta", "prompt": "Our team", "max_tokens": 48, "ignore_eos": True}
+    firsts = [threading.Event() for _ in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        streams = [pool.submit(_stream_outcome, stack, stream_body, first) for first in firsts]
+        assert all(first.wait(60) for first in firsts), "streams did not start"
+        plain = [pool.submit(post, stack, "/v1/completions", plain_body) for _ in range(8)]
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGKILL)
+        outcomes = [s.result(timeout=120) for s in streams]
+        answers = [p.result(timeout=300) for p in plain]
+    assert not [o for o in outcomes if o in ("hung", "cut")], outcomes
+    errors = [o for o in outcomes if o.startswith("error")]
+    assert errors and all("replica beta-0 failed mid-response" in e for e in errors), outcomes
+    assert [a.status_code for a in answers] == [200] * 8, [a.text[:300] for a in answers]
+    assert all(a.json()["usage"]["completion_tokens"] == 48 for a in answers)
+
+    deadline = time.monotonic() + 300
+    while True:
+        replicas = {
+            r["replica_id"]: r
+            for m in stack.controller.status()["models"]
+            if m["model_id"] == "beta"
+            for r in m["replicas"]
+        }
+        pids = replica_pids("beta") if all(r["state"] == "ready" for r in replicas.values()) else {}
+        if pids.get("beta-0") and pids["beta-0"][0] != victim:
+            break
+        assert time.monotonic() < deadline, f"beta-0 did not come back: {replicas}"
+        time.sleep(2)
+    after = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    assert sorted(after) == sorted(before)
+    assert (after["beta-0"]["gpu_uuid"], after["beta-0"]["bytes"]) == (
+        before["beta-0"]["gpu_uuid"],
+        before["beta-0"]["bytes"],
+    )
+    infos = serve.get_app_handle(model_app_name("beta")).replica_info.remote().result(timeout_s=60)
+    assert {i["replica_id"]: i["gpu_uuid"] for i in infos} == {
+        k: v["gpu_uuid"] for k, v in after.items() if k.startswith("beta")
+    }
+    assert post(stack, "/v1/completions", plain_body).status_code == 200
+
+
 def test_shutdown_leaves_the_ledger_empty(stack: Stack) -> None:
     stack.controller.shutdown()
     assert ray.get(stack.controller.allocator.reservations.remote()) == []

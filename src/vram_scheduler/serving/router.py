@@ -239,8 +239,10 @@ class OpenAIRouter:
                 return
             tried.add(replica.endpoint.replica_id)
             outcome = await self._proxy(replica, scope, body, send)
-            if outcome != "unreachable":
+            if outcome == "done":
                 return
+            # "unreachable" or "lost": nothing reached the client yet, and a completion has no side
+            # effect, so the request goes to another replica of the model.
 
     async def _unavailable(self, send: Send, name: str, tried: set[str]) -> None:
         ready = [r for r in self.registry.candidates(name) if r.endpoint.replica_id not in tried]
@@ -269,30 +271,50 @@ class OpenAIRouter:
         url = replica.endpoint.url + scope["path"]
         replica.inflight += 1
         replica.served += 1
-        started = False
+        started, streaming = False, False
+        replica_id = replica.endpoint.replica_id
         try:
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as upstream:
-                headers = [(b"content-type", upstream.headers.get("content-type", "application/json").encode())]
+                content_type = upstream.headers.get("content-type", "application/json")
+                streaming = content_type.startswith("text/event-stream")
+                headers = [(b"content-type", content_type.encode())]
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                 started = True
                 async for chunk in upstream.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return "done"
-        except (TimeoutError, aiohttp.ClientConnectionError) as error:
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             if started:
-                log.warning("replica %s: stream broken: %s", replica.endpoint.replica_id, error)
+                log.warning("replica %s: stream broken: %s", replica_id, error)
+                await _end_broken(send, replica_id, error, streaming)
                 return "done"
             if isinstance(error, aiohttp.ClientConnectorError):
-                self.registry.unregister(replica.endpoint.replica_id)
-                log.warning("replica %s unreachable, dropped: %s", replica.endpoint.replica_id, error)
+                self.registry.unregister(replica_id)
+                log.warning("replica %s unreachable, dropped: %s", replica_id, error)
                 return "unreachable"
-            await _respond(
-                send, 504, error_body(504, f"replica {replica.endpoint.replica_id}: {error}", "TimeoutError")
-            )
+            if not isinstance(error, TimeoutError):  # (a slow replica is not retried elsewhere: 504)
+                # Connected, then gone before a byte of answer: the replica died under the request.
+                # Dropped until it registers again (replicas re-register while they live).
+                self.registry.unregister(replica_id)
+                log.warning("replica %s lost the connection before answering, dropped: %s", replica_id, error)
+                return "lost"
+            await _respond(send, 504, error_body(504, f"replica {replica_id}: {error}", "TimeoutError"))
             return "done"
         finally:
             replica.inflight -= 1
+
+
+async def _end_broken(send: Send, replica_id: str, error: BaseException, streaming: bool) -> None:
+    """End a response whose replica went away mid-answer so the client sees a failure, never a
+    silent hang or a clean end: an SSE stream gets an OpenAI-shaped error event (OpenAI's clients
+    raise on it); any other body is cut short, which no JSON parser accepts."""
+    message = f"replica {replica_id} failed mid-response: {type(error).__name__}: {error}; retry the request"
+    tail = b"data: " + error_body(502, message, "APIConnectionError") + b"\n\n" if streaming else b""
+    try:
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+    except Exception as failure:  # the client left first: nothing to tell
+        log.debug("could not end the broken response: %s", failure)
 
 
 def _model_card(name: str) -> dict[str, Any]:
