@@ -30,6 +30,8 @@ from .tools import GIB, BareServer, NVMLSampler, bench_serve, gpus, process_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS, CONCURRENCY = 1000, 64
+#: Stages run for N = 1, 2, 4, 8 replicas or shares (N = 4 keeps the plain file name).
+SWEPT = ("bare", "bare-mps", "one")
 
 
 def share_of_budget(total_bytes: int) -> tuple[float, float]:
@@ -85,40 +87,145 @@ def run_servers(
     return {"gpu": gpu, "ready_s": ready, "all_ready_s": all_ready_s, "load": load, "engines": engines}
 
 
-def stage_race(model: str) -> dict[str, Any]:
-    """4 replicas at once on one GPU, no lock, no MPS: how many start, and why the others fail."""
-    os.environ["RAY_VRAM_GPU_STARTUP_LOCK"] = "0"
-    os.environ["RAY_VRAM_MPS"] = "off"
+def mixed_models(model: str, total_bytes: int) -> list[dict[str, Any]]:
+    """Two GPUs' worth of replicas that only fit when planned as a whole: 2 "mid" of ~36% and 2
+    "large" of ~56% of a GPU (with the 2 GiB overhead: 37.7% and 57.7%), listed mid first."""
+    mid_gb = math.floor(total_bytes / GIB * 0.363)
+    large_gb = math.floor(total_bytes / GIB * 0.563)
+    common = {"model": model, "max_model_len": 2048, "max_tokens": 128}
+    return [
+        {"model_id": "mid", "vram_gb": mid_gb, "replicas": 2, **common},
+        {"model_id": "large", "vram_gb": large_gb, "replicas": 2, **common},
+    ]
+
+
+def stage_stack(model: str, models: list[dict[str, Any]], lock: bool, load_prompts: int) -> dict[str, Any]:
+    """ray-vram's local stack deploying `models` at once, with or without the per-GPU startup lock
+    (without it MPS is off too, as a plain Ray deployment would run): how many replicas start, in
+    what time, where; with `load_prompts`, a load through the router and each replica's NVML peak."""
     from vram_scheduler.config import parse_config
     from vram_scheduler.serving.local import LocalStack
 
-    gpu = gpus()[0]
-    budget_gb, _ = share_of_budget(gpu["total_bytes"])
+    if not lock:
+        os.environ["RAY_VRAM_GPU_STARTUP_LOCK"] = "0"
+        os.environ["RAY_VRAM_MPS"] = "off"
+    overhead_gb = 2.0
     config = parse_config(
         {
-            "models": [
-                {"model_id": "race", "model": model, "vram_gb": budget_gb, "replicas": 4, "max_model_len": 2048}
-            ],
-            "placement": {"replica_overhead_gb": 2.0},
-            "serving": {"host": "127.0.0.1", "port": 8190},
+            "models": models,
+            "placement": {"replica_overhead_gb": overhead_gb},
+            "serving": {"host": "127.0.0.1", "port": 8190, "max_ongoing_requests": 512},
         }
     )
     local = LocalStack(config, controller_port=8191)
-    started = time.monotonic()
-    outcome: dict[str, Any] = {"gpu": gpu, "budget_gb": budget_gb, "lock": False, "mps": False}
+    outcome: dict[str, Any] = {"gpus": gpus(), "models": models, "lock": lock, "mps": lock}
+    with NVMLSampler() as sampler:
+        started = time.monotonic()
+        try:
+            local.start(progress=print)
+            deadline = time.monotonic() + 500
+            while time.monotonic() < deadline:
+                states = [r for m in local.controller.status()["models"] for r in m["replicas"]]
+                if states and all(r["state"] in ("ready", "failed") for r in states):
+                    break
+                time.sleep(1)
+            outcome["seconds_until_settled"] = round(time.monotonic() - started, 1)
+            keep = ("replica_id", "state", "gpu_index", "bytes", "error")
+            outcome["replicas"] = [{k: r[k] for k in keep} for r in states]
+            outcome["ready"] = sum(r["state"] == "ready" for r in states)
+            print(f"{outcome['ready']}/{len(states)} replicas ready after {outcome['seconds_until_settled']}s")
+            if load_prompts and outcome["ready"] == len(states):
+                base = local.controller.endpoint.removesuffix("/v1")
+                targets = [(base, r["replica_id"].rsplit("-", 1)[0]) for r in states]
+                outcome["router_load"] = summarize(bench_serve(targets, model, "stack2", load_prompts, CONCURRENCY))
+                model_ids = [m["model_id"] for m in models]
+                outcome["replica_peaks"] = _replica_peaks(sampler, model_ids, overhead_gb)
+        finally:
+            local.stop()
+    return outcome
+
+
+def _replica_peaks(sampler: NVMLSampler, model_ids: list[str], overhead_gb: float) -> list[dict[str, Any]]:
+    """Each replica's process tree (actor and engine), its NVML peak against its reservation."""
+    from ray import serve
+
+    from vram_scheduler.serving.app import model_app_name
+
+    rows = []
+    for model_id in model_ids:
+        infos = serve.get_app_handle(model_app_name(model_id)).replica_info.remote().result(timeout_s=60)
+        for info in infos:
+            tree = sorted({p for pid in info["pids"] for p in process_tree(pid)})
+            peak = sampler.tree_peak(tree)
+            reservation = info["bytes"] + int(overhead_gb * GIB)
+            rows.append(
+                {
+                    "replica_id": info["replica_id"],
+                    "gpu_uuid": info["gpu_uuid"],
+                    "engine_gpus": sorted({sampler.gpu_of_pid[p] for p in tree if p in sampler.gpu_of_pid}),
+                    "budget_bytes": info["bytes"],
+                    "reservation_bytes": reservation,
+                    "nvml_peak_bytes": peak,
+                    "peak_minus_reservation_gib": round((peak - reservation) / GIB, 3),
+                }
+            )
+    return rows
+
+
+def stage_fractional(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ray's own fractional-GPU placement of the same replicas (num_gpus = reservation / GPU total,
+    created in the order the values list them, each placed before the next), against the planner's.
+    No engines: an actor per replica reports the GPU Ray gave it, or stays pending."""
+    import ray
+
+    from vram_scheduler.config import ModelSpec, PlacementSettings
+    from vram_scheduler.inventory import GPUInfo, Inventory, NodeInventory
+    from vram_scheduler.planner import plan
+
+    devices = gpus()
+    overhead = 2 * GIB
+    total = devices[0]["total_bytes"]
+
+    @ray.remote
+    class Slot:
+        def gpu(self) -> list[str]:
+            return [str(i) for i in ray.get_runtime_context().get_accelerator_ids()["GPU"]]
+
+    outcome: dict[str, Any] = {"gpus": devices, "orders": {}}
+    ray.init(num_gpus=len(devices), include_dashboard=False)
     try:
-        local.start(progress=print)
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            states = [r for m in local.controller.status()["models"] for r in m["replicas"]]
-            if all(r["state"] in ("ready", "failed") for r in states):
-                break
-            time.sleep(1)
-        outcome["seconds"] = round(time.monotonic() - started, 1)
-        outcome["replicas"] = [{k: r[k] for k in ("replica_id", "state", "error")} for r in states]
-        outcome["ready"] = sum(r["state"] == "ready" for r in states)
+        for name, order in (("values order (mid first)", models), ("largest first", models[::-1])):
+            actors, placed = [], []
+            for spec in order:
+                fraction = round((spec["vram_gb"] * GIB + overhead) / total, 4)
+                for number in range(spec["replicas"]):
+                    actor = Slot.options(num_gpus=fraction, num_cpus=0).remote()  # type: ignore[attr-defined]
+                    actors.append(actor)
+                    try:
+                        gpu = ray.get(actor.gpu.remote(), timeout=15)
+                    except ray.exceptions.GetTimeoutError:
+                        gpu = None
+                    placed.append({"replica": f"{spec['model_id']}-{number}", "num_gpus": fraction, "gpu": gpu})
+            outcome["orders"][name] = {"placed": placed, "pending": sum(p["gpu"] is None for p in placed)}
+            for actor in actors:
+                ray.kill(actor)
+            time.sleep(2)
     finally:
-        local.stop()
+        ray.shutdown()
+    inventory = Inventory(
+        nodes=[
+            NodeInventory(
+                node="this-node",
+                gpus=[GPUInfo(**{k: d[k] for k in ("index", "uuid", "name", "total_bytes")}) for d in devices],
+            )
+        ]
+    )
+    specs = [ModelSpec(**m) for m in models]
+    result = plan(inventory, specs, settings=PlacementSettings(replica_overhead_gb=2.0))
+    outcome["planner"] = {
+        "placed": [{"replica": r.replica_id, "gpu": r.gpu_index} for r in result.reservations],
+        "unplaced": [u.model_dump() for u in result.unplaced],
+    }
     return outcome
 
 
@@ -130,6 +237,25 @@ def report(results: Path, vllm_version: str) -> dict[str, Any]:
     stack, bare, bare_mps, one, race, isolation = (
         load(n) for n in ("stack", "bare", "bare-mps", "one", "race", "isolation")
     )
+    sweep = []
+    for n in (1, 2, 4, 8):
+        suffix = "" if n == 4 else f"-{n}"
+        packed = load(f"bare-mps{suffix}") if n > 1 else load("one-1")
+        single = load(f"one{suffix}")
+        if packed and single:
+            sweep.append(
+                {
+                    "n": n,
+                    "n_servers_mps": {
+                        k: packed["load"][k] for k in ("output_tok_s", "median_ttft_ms", "median_tpot_ms", "failed")
+                    },
+                    "one_server_same_memory": {
+                        k: single["load"][k] for k in ("output_tok_s", "median_ttft_ms", "median_tpot_ms", "failed")
+                    },
+                    "ready_s": packed["ready_s"],
+                    "over_share_gib": [e["over_share_gib"] for e in packed["engines"]],
+                }
+            )
     merged: dict[str, Any] = {
         "device": (stack or bare or {}).get("gpu"),
         "vllm_version": vllm_version,
@@ -142,6 +268,12 @@ def report(results: Path, vllm_version: str) -> dict[str, Any]:
         "one_engine_same_memory": one,
         "race_without_lock": race,
         "isolation": isolation,
+        "sweep_one_gpu": sweep,
+        "two_gpus": {
+            "ray_fractional_vs_planner": load("fractional"),
+            "planner_with_lock": load("two-gpu"),
+            "without_lock": load("two-gpu-no-lock"),
+        },
     }
     rows = []
     for name, data, tput in (
@@ -155,6 +287,14 @@ def report(results: Path, vllm_version: str) -> dict[str, Any]:
     print(f"{'stack':34} {'output tok/s':>12} {'TTFT ms':>8} {'TPOT ms':>8} {'failed':>6}")
     for row in rows:
         print(f"{row[0]:34} {row[1]:>12} {row[2]:>8} {row[3]:>8} {row[4]:>6}")
+    if sweep:
+        print(f"{'N':>2} {'N servers tok/s':>15} {'TTFT':>6} {'one server tok/s':>16} {'TTFT':>6} {'ratio':>6}")
+    for row in sweep:
+        a, b = row["n_servers_mps"], row["one_server_same_memory"]
+        ratio = round(a["output_tok_s"] / b["output_tok_s"], 2) if b["output_tok_s"] else None
+        row["packing_gain"] = ratio
+        cells = (a["output_tok_s"], a["median_ttft_ms"], b["output_tok_s"], b["median_ttft_ms"], ratio)
+        print(f"{row['n']:>2} {cells[0]:>15} {cells[1]:>6} {cells[2]:>16} {cells[3]:>6} {cells[4]!s:>6}")
     for key, other in (("ray_vram_vs_bare", bare), ("ray_vram_vs_bare_mps", bare_mps)):
         if stack and other:
             s, b = stack["router_load"], other["load"]
@@ -170,11 +310,12 @@ def report(results: Path, vllm_version: str) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["bare", "bare-mps", "one", "race", "report"])
+    parser.add_argument("stage", choices=["bare", "bare-mps", "one", "race", "fractional", "two-gpu", "report"])
     parser.add_argument("n", nargs="?", type=int, default=4)
     parser.add_argument("--results", default=os.environ.get("RAY_VRAM_GPU_RESULTS", str(ROOT / ".work/gpu-results")))
     parser.add_argument("--model", default=os.environ.get("RAY_VRAM_GPU_MODEL", ""))
     parser.add_argument("--write", help="also write the merged report here (report stage)")
+    parser.add_argument("--no-lock", action="store_true", help="two-gpu stage: without the startup lock and MPS")
     parser.add_argument("--vllm-version", help="report stage: the vLLM the stages ran with (default: this Python's)")
     args = parser.parse_args()
     results = Path(args.results)
@@ -207,10 +348,19 @@ def main() -> int:
             mps.stop_daemon(pipe, logs)
     elif args.stage == "one":
         data = run_servers(args.model, [round(share * args.n, 4)], args.n, "one")
+    elif args.stage == "race":
+        budget_gb = share_of_budget(gpu["total_bytes"])[0]
+        four = {"model_id": "race", "model": args.model, "vram_gb": budget_gb, "replicas": 4, "max_model_len": 2048}
+        data = stage_stack(args.model, [four], lock=False, load_prompts=0)
+    elif args.stage == "fractional":
+        data = stage_fractional(mixed_models(args.model, gpu["total_bytes"]))
     else:
-        data = stage_race(args.model)
-    write_json(results / f"{args.stage}.json", data)
-    print(f"GPU-BENCH-{args.stage.upper()}", json.dumps({k: v for k, v in data.items() if k != "gpu"})[:3000])
+        mixed = mixed_models(args.model, gpu["total_bytes"])
+        data = stage_stack(args.model, mixed, lock=not args.no_lock, load_prompts=0 if args.no_lock else 500)
+    name = args.stage + ("-no-lock" if args.no_lock else "")
+    name += f"-{args.n}" if args.stage in SWEPT and args.n != 4 else ""
+    write_json(results / f"{name}.json", data)
+    print(f"GPU-BENCH-{name.upper()}", json.dumps({k: v for k, v in data.items() if k != "gpu"})[:3000])
     return 0
 
 
