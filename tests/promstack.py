@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from vram_scheduler.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,12 +50,6 @@ def tools() -> Tools:
         if not os.access(path, os.X_OK):
             raise RuntimeError(f"{path} is not an executable (RAY_VRAM_PROMETHEUS / RAY_VRAM_PROMTOOL)")
     return Tools(prometheus, promtool)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PrometheusServer:

@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from vram_scheduler.nvml_usage import process_usage
+
 GIB = 1024**3
 #: Per-client results and logs of `vllm bench serve` (many files; only summaries are kept).
 SCRATCH = Path(os.environ.get("RAY_VRAM_BENCH_SCRATCH", "/tmp/rv-bench"))
@@ -57,8 +59,8 @@ def nvml_processes() -> dict[int, tuple[str, int]]:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         uuid = pynvml.nvmlDeviceGetUUID(handle)
         uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            seen[proc.pid] = (uuid, int(proc.usedGpuMemory or 0))
+        for pid, used in process_usage(pynvml, handle).items():
+            seen[pid] = (uuid, used)
     return seen
 
 

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import threading
@@ -30,6 +29,7 @@ import httpx
 import psutil
 
 from vram_scheduler.demo_model import ensure_demo_model
+from vram_scheduler.loopback import free_port
 
 from .load import prompts, run_phase
 from .stacks import ray_vram_command, serve_llm_command, vllm_command
@@ -37,12 +37,6 @@ from .stacks import ray_vram_command, serve_llm_command, vllm_command
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results" / "serving.json"
 WORK = Path(os.environ.get("RAY_VRAM_WORK", ROOT / ".work")) / "bench-serving"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TreeSampler(threading.Thread):

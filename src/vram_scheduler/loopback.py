@@ -54,3 +54,10 @@ def prepare_ray_join(address: str | None) -> None:
         with contextlib.suppress(OSError), socket.create_connection((network_ip, int(port)), timeout=1):
             return
     keep_ray_on_loopback()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it; a race with other binders is possible)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from pydantic import BaseModel, Field
 
 from .config import DEFAULT_REPLICA_OVERHEAD_GB, GIB, ConfigError, format_gib
 from .errors import RayVramError
+from .loopback import free_port
+from .nvml_usage import process_usage
 from .serving.engine_args import _flag
 from .serving.sizing import CPU_RUNTIME_BYTES, checkpoint_bytes
 
@@ -431,7 +432,7 @@ class FootprintSampler:
             return total
         nvml = self._nvml
         tree = set(pids)
-        used = {int(p.pid): int(p.usedGpuMemory or 0) for p in nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)}
+        used = process_usage(nvml, self._handle)
         mine = [b for pid, b in used.items() if pid in tree]
         if mine or self._tree_seen:
             self._tree_seen = True
@@ -465,12 +466,6 @@ class EngineStartError(RayVramError, RuntimeError):
         super().__init__(message)
         self.lines = lines
         self.log_path = log_path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import promql_parser
 import pytest
+
+from vram_scheduler.loopback import free_port
 
 from .helm import CHART, DATA, ROOT, load, render
 
@@ -114,12 +115,6 @@ def test_every_expression_parses() -> None:
         except ValueError as error:
             problems.append(f"{where}: {expr!r}: {error}")
     assert not problems, "\n".join(problems)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from vram_scheduler.loopback import free_port
+
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,14 +46,6 @@ held = torch.empty(max(free - keep, 0), dtype=torch.uint8, device="cuda:0")
 print("held", held.numel(), flush=True)
 sys.stdin.read()
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

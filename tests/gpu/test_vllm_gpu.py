@@ -32,6 +32,8 @@ from typing import Any
 
 import pytest
 
+from vram_scheduler.loopback import free_port
+
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,14 +45,6 @@ MAX_MODEL_LEN = 2048
 OVERHEAD_GB = float(os.environ.get("RAY_VRAM_GPU_OVERHEAD_GB", "2.0"))
 #: KV block of the gpu demo shape: 2 (K and V) x 28 layers x 2 KV heads x 128 head size x 2 bytes x 16 tokens.
 KV_BLOCK_BYTES = 2 * 28 * 2 * 128 * 2 * 16
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from vram_scheduler.loopback import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024**3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def inventory_yaml(node: str = "ci-node", processes: list[dict] | None = None, **gpu1: Any) -> dict:

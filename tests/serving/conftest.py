@@ -5,7 +5,6 @@ the monitor publishing a declared two-GPU inventory, the controller, the OpenAI 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from vram_scheduler.loopback import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -29,12 +30,6 @@ ENGINE_KWARGS = {
     "max_num_seqs": 8,
     "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model(model_id: str, replicas: int = 2, **extra: Any) -> dict[str, Any]:

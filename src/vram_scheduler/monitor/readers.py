@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from ..config import ConfigError
 from ..errors import RayVramError
 from ..inventory import GPUInfo, GPUProcess, NodeInventory, load_inventory
+from ..nvml_usage import process_usage
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +191,7 @@ class NVMLReader:
 
     def _processes(self, handle: Any) -> tuple[tuple[int, int], ...]:
         """(pid, bytes) pairs, sorted by pid."""
-        usage: dict[int, int] = {}
-        for process in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            # usedGpuMemory is None where the driver cannot attribute memory (e.g. WDDM): count 0.
-            usage[int(process.pid)] = usage.get(int(process.pid), 0) + int(process.usedGpuMemory or 0)
-        return tuple(sorted(usage.items()))
+        return tuple(sorted(process_usage(self._nvml, handle).items()))
 
     def _drain_xids(self) -> list[ReadError]:
         nvml = self._nvml

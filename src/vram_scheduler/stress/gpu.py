@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import GIB, format_gib
+from ..nvml_usage import process_usage
 
 MIB = 1024**2
 #: NVML clock-event (throttle) reason bits, as documented in nvml.h (nvmlClocksEventReason*).
@@ -142,13 +143,6 @@ def _drain_xids(nvml: Any, events: Any) -> list[int]:
     return xids
 
 
-def _pids(nvml: Any, handle: Any) -> dict[int, int]:
-    usage: dict[int, int] = {}
-    for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        usage[int(process.pid)] = usage.get(int(process.pid), 0) + int(process.usedGpuMemory or 0)
-    return usage
-
-
 def _own_usage(before: dict[int, int], after: dict[int, int]) -> tuple[int | None, str]:
     """This process's NVML usage: by its pid, else as the one process that appeared during the run
     (inside a container NVML lists host pids, which the container does not see)."""
@@ -187,7 +181,7 @@ def run_gpu_stress(gpu_uuid: str, budget_bytes: int, overhead_bytes: int, second
                 f"GPU {gpu_uuid} has {format_gib(free)} free now, less than the stress reservation "
                 f"{format_gib(budget_bytes + overhead_bytes)} (budget + overhead): not forced"
             )
-        pids_before = _pids(nvml, handle)
+        pids_before = process_usage(nvml, handle)
         ecc_before = _ecc(nvml, handle)
         events = _xid_events(nvml, handle)
         sample = _Sampler(nvml, handle)
@@ -220,7 +214,7 @@ def run_gpu_stress(gpu_uuid: str, budget_bytes: int, overhead_bytes: int, second
         fields["copy_gbps"] = round(2 * copy_bytes * count / elapsed / 1e9, 1)
 
         # Read NVML while everything is still held: that is the peak the ledger must cover.
-        nvml_bytes, note = _own_usage(pids_before, _pids(nvml, handle))
+        nvml_bytes, note = _own_usage(pids_before, process_usage(nvml, handle))
         allocated = int(torch.cuda.max_memory_reserved())
         differ = _count_differences(dst, src)
         if differ:
