@@ -27,9 +27,9 @@ MONITORING_VALUES = CHART / "ci" / "monitoring-values.yaml"
 
 
 @cache
-def rule_groups(values: tuple[Path, ...] = (MONITORING_VALUES,)) -> list[dict]:
+def rule_groups(values: tuple[Path, ...] = (MONITORING_VALUES,), sets: tuple[str, ...] = ()) -> list[dict]:
     """The `groups` of the rendered PrometheusRule (the rule-file format promtool reads)."""
-    docs = render(values=values, sets=["monitoring.prometheusOperator=always"])
+    docs = render(values=values, sets=["monitoring.prometheusOperator=always", *sets])
     (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
     return rule["spec"]["groups"]
 
@@ -82,9 +82,14 @@ def test_every_alert_has_a_firing_and_a_silent_case() -> None:
     assert silent == alert_names(), f"alerts never shown silent: {sorted(alert_names() - silent)}"
 
 
+#: Labels Prometheus adds to every series of a target (the Prometheus Operator's ServiceMonitor
+#: relabelling), which no exporter emits itself.
+TARGET_LABELS = frozenset({"job", "instance", "namespace", "service", "endpoint", "pod", "container"})
+
+
 def input_series_problems(exported: dict[str, set[str]], names: set[str] | None = None) -> list[str]:
     """Where the promtool tests' input series (of `names`, default all) differ from `exported`
-    (series name → label names): a name no exporter emits, or other label names."""
+    (series name → label names): a name no exporter emits, or other label names (target labels aside)."""
     problems = []
     for group in promtool_cases():
         for item in group["input_series"]:
@@ -92,7 +97,7 @@ def input_series_problems(exported: dict[str, set[str]], names: set[str] | None 
             name = selector.name
             if names is not None and name not in names:
                 continue
-            labels = {m.name for m in selector.matchers.matchers} - {"__name__"}
+            labels = {m.name for m in selector.matchers.matchers} - {"__name__"} - TARGET_LABELS
             if name not in exported:
                 problems.append(f"{item['series']}: no exporter emits {name}")
             elif labels != exported[name]:

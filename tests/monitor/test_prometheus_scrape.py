@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,6 +50,7 @@ MODEL = "tiny"
 LOST_NODE = "lost-node"
 #: Ray's agent exports GPU memory only for GPUs it sees: none on a CPU-only CI machine.
 NOT_HERE = {"ray_node_gram_used"}
+STALE_MONITOR_S = 5
 #: Counters the dashboards take rates of: requests must reach them while Prometheus scrapes.
 MOVING = (
     "ray_serve_deployment_request_counter_total",
@@ -113,10 +115,16 @@ def lost_node(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def monitor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitor]:
+def monitor_inventory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The monitor's declared inventory (it reads the file again whenever the file changes)."""
     path = tmp_path_factory.mktemp("inventory") / "inventory.yaml"
     path.write_text(yaml.safe_dump(inventory_yaml()))
-    process = Monitor(f"--inventory-file={path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def monitor(monitor_inventory: Path) -> Iterator[Monitor]:
+    process = Monitor(f"--inventory-file={monitor_inventory}")
     try:
         process.wait_ready()
         yield process
@@ -148,7 +156,9 @@ def prometheus(
     """Prometheus with the chart's rules (default values), once every target has been scraped 3 times
     (enough samples for rate() and increase()), after a failed deploy and requests to `tiny`."""
     rules = tmp_path_factory.mktemp("rules") / "rules.yaml"
-    rules.write_text(yaml.safe_dump({"groups": rule_groups(values=())}, sort_keys=False))
+    # Default values, but a monitor is stale after 5 s (60 s by default) so a killed one shows soon.
+    groups = rule_groups(values=(), sets=(f"monitoring.alerts.staleMonitorSeconds={STALE_MONITOR_S}",))
+    rules.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     targets = {
         "monitor": f"127.0.0.1:{monitor.port}",
         "replicas": f"127.0.0.1:{replica_exporter.port}",
@@ -270,3 +280,25 @@ def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus:
     assert active["RayVRAMReplicaOverBudget"]["replica"] == "greedy-0"
     assert active["RayVRAMWatchdogViolations"]["replica"] == "greedy-0"
     assert active["RayVRAMUnplacedReplicas"]["model_id"] == MODEL
+
+
+def test_faults_fire_their_alerts(prometheus: PrometheusServer, monitor: Monitor, monitor_inventory: Path) -> None:
+    """Last in this module (it kills the monitor): a GPU that turns unhealthy and a monitor that dies
+    raise their alerts in the real Prometheus, from the real monitor's series."""
+
+    def active(name: str, **labels: str) -> dict | None:
+        for alert in prometheus.api("alerts")["alerts"]:
+            if alert["labels"]["alertname"] == name and labels.items() <= alert["labels"].items():
+                return alert
+        return None
+
+    assert active("RayVRAMGPUUnhealthy") is None and active("RayVRAMMonitorStale") is None
+    monitor_inventory.write_text(yaml.safe_dump(inventory_yaml(healthy=False)))
+    unhealthy = prometheus.wait_until(lambda: active("RayVRAMGPUUnhealthy", gpu="1"), "GPU 1 unhealthy alert")
+    assert unhealthy["labels"]["node"] == "ci-node" and unhealthy["state"] in ("pending", "firing")
+    assert active("RayVRAMGPUUnhealthy", gpu="0") is None
+
+    monitor.stop(signal.SIGKILL)  # the target goes down: its series end, and the alert fires anyway
+    stale = prometheus.wait_until(lambda: active("RayVRAMMonitorStale", node="ci-node"), "monitor stale alert")
+    assert stale["state"] == "firing"  # the rule has no `for`
+    assert "has not polled for" in stale["annotations"]["summary"]
