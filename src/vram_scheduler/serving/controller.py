@@ -63,6 +63,12 @@ class Deployed(BaseModel):
         default=False,
         description="A new attempt is being set up: the previous attempt's replica states are not shown.",
     )
+    serving: ServingSettings | None = Field(default=None, description="The serving settings its replicas got.")
+    env: dict[str, str] | None = Field(
+        default=None,
+        description="The environment its replicas got (the caller's: a restarted controller actor no longer "
+        "has it). A moved replica gets the same, and its siblings, built the same, keep running.",
+    )
 
 
 class Controller:
@@ -184,9 +190,10 @@ class Controller:
         if not reservations:
             self._forget(spec.model_id)
             raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
-        app = serve_race_retried(lambda: model_application(spec, reservations, self.serving, self._env()))
+        serving, env = self.serving, self._env()
+        app = serve_race_retried(lambda: model_application(spec, reservations, serving, env))
         deploy_in_background(app, model_app_name(spec.model_id))
-        self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons))
+        self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons, serving=serving, env=env))
         return plan
 
     def _plan(
@@ -377,8 +384,10 @@ class Controller:
                 plan = self._plan([record.spec, *others], None, lost)
                 reservations = plan.replicas_of(model_id)
                 reasons = [u.reason for u in plan.unplaced if u.model_id == model_id]
+                serving = record.serving or self.serving
+                env = self._env() if record.env is None else record.env
                 app = serve_race_retried(
-                    lambda: model_application(record.spec, reservations, self.serving, self._env())  # noqa: B023
+                    lambda: model_application(record.spec, reservations, serving, env)  # noqa: B023
                 )
                 deploy_in_background(app, model_app_name(model_id))
                 self._store(record.model_copy(update={"reservations": reservations, "unplaced": reasons}))

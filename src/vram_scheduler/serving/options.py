@@ -69,7 +69,8 @@ def keep_if_unchanged(deployment: Any, identity: Any) -> Any:
     deploying the application again restarts every deployment in it. With a version that changes
     only when `identity` does, a deployment built the same is left running: the controller can
     move one replica of a model without restarting the others. (`version` is Serve's internal
-    option, hence `_internal`; tests/serving/test_units.py checks it still works this way.)
+    option, hence `_internal`; the faults suite's node test asserts the model's other replica keeps
+    its process.)
     """
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return deployment.options(version=digest, _internal=True)
