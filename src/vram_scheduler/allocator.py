@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import ray
 from pydantic import BaseModel, ValidationError
 from ray.experimental import internal_kv
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import ConfigError, PlacementSettings, describe_validation_error
 from .inventory import NodeInventory
@@ -182,12 +181,18 @@ class VRAMAllocator:
         if self._ledger.attach_process(replica_id, pid):
             self._persist()
 
-    async def plan(self, models: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Plan `models` against current inventories and reservations (stale nodes take nothing new)."""
+    async def plan(
+        self,
+        models: list[dict[str, Any]],
+        settings: dict[str, Any] | None = None,
+        exclude_nodes: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Plan `models` against current inventories and reservations (stale nodes and `exclude_nodes`,
+        e.g. nodes that left the Ray cluster, take nothing new)."""
         self._background()
         specs = models_from_dicts(models, "plan(models)")
         chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
-        return self._ledger.plan(specs, now(), chosen).model_dump()
+        return self._ledger.plan(specs, now(), chosen, frozenset(exclude_nodes or ())).model_dump()
 
     async def reservations(self) -> list[dict[str, Any]]:
         self._background()
@@ -251,12 +256,15 @@ class VRAMAllocator:
                     future.set_result(result)
 
 
-def head_node_strategy() -> NodeAffinitySchedulingStrategy | str:
-    """Prefer the head node (it lives as long as the cluster), fall back to any node."""
-    for node in ray.nodes():
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
-            return NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=True)
-    return "DEFAULT"
+#: A sliver of the resource only the head node has (a restarted head too): pins an actor there.
+HEAD_NODE_RESOURCE = {"node:__internal_head__": 0.001}
+
+
+def on_head_node() -> dict[str, Any]:
+    """Actor options that place it on the head node, which lives as long as the cluster (a worker
+    node may leave). A resource, not a soft node affinity: Ray 2.60 spreads actors asking for no
+    CPU over the nodes whatever node a soft affinity names (seen with a 2-node cluster)."""
+    return {"resources": dict(HEAD_NODE_RESOURCE)}
 
 
 def get_vram_allocator() -> ray.actor.ActorHandle:
@@ -281,7 +289,7 @@ def get_vram_allocator() -> ray.actor.ActorHandle:
             max_task_retries=-1,
             num_cpus=0,
             max_concurrency=1000,
-            scheduling_strategy=head_node_strategy(),
+            **on_head_node(),
         )
         .remote()
     )

@@ -165,6 +165,17 @@ class ServingSettings(StrictModel):
         description="Export vLLM's engine metrics (ray_vllm_*: TTFT, tokens, queue, KV cache) through Ray's "
         "metrics agent on every Ray node; off saves a little CPU per request.",
     )
+    router_replicas: int = Field(
+        default=2,
+        ge=1,
+        description="Router processes (Serve replicas) answering the endpoint; each listens on `port` of its "
+        "node, so while one dies or restarts the others answer.",
+    )
+    router_placement: Literal["spread", "head"] = Field(
+        default="spread",
+        description="spread: routers on different Ray nodes when there are several (else together on one); "
+        "head: all on the head node (the chart's choice: its `openai` Service reaches the head pod).",
+    )
 
     @field_validator("api_key_env")
     @classmethod

@@ -1,8 +1,9 @@
 """Everything that crosses the serving controller's boundary, defined once.
 
-The controller and its HTTP API write these; the SDK, the CLI, `inference`, the router and the
-monitor's publisher read them. One definition per shape means a field cannot exist on one side
-only (the server's per-model status once lacked `router_name`, so alias lookups never matched).
+The controller and its HTTP API write these; the SDK, the CLI, `inference`, the routers (through
+the endpoint board) and the monitor's publisher read them. One definition per shape means a field
+cannot exist on one side only (the server's per-model status once lacked `router_name`, so alias
+lookups never matched).
 Readers ignore unknown fields, so an older client still reads a newer controller's answers.
 """
 
@@ -140,3 +141,23 @@ class ReplicaEndpoint(WireModel):
     gpu_index: int
     bytes: int
     pids: list[int]
+
+
+# --------------------------------------------------------------------------- endpoint board → routers
+
+
+class RoutedModel(WireModel):
+    """A configured model as every router knows it before a replica registers: its names tell an
+    unknown model (404) from one still loading (503), and `max_tokens` is its default length."""
+
+    model_id: str
+    names: list[str]
+    max_tokens: int = Field(ge=1)
+
+
+class EndpointTable(WireModel):
+    """Everything a router routes by, as the endpoint board holds it; `version` grows with each change."""
+
+    version: int = Field(ge=0)
+    models: list[RoutedModel] = Field(default_factory=list)
+    endpoints: list[ReplicaEndpoint] = Field(default_factory=list)

@@ -422,15 +422,22 @@ class Ledger:
 
     # -- planning and state -----------------------------------------------------------------
 
-    def plan(self, models: Sequence[ModelSpec], now: float, settings: PlacementSettings | None = None) -> Plan:
-        """The planner against current inventories and reservations; stale nodes take nothing new."""
+    def plan(
+        self,
+        models: Sequence[ModelSpec],
+        now: float,
+        settings: PlacementSettings | None = None,
+        exclude_nodes: frozenset[str] = frozenset(),
+    ) -> Plan:
+        """The planner against current inventories and reservations; stale nodes and `exclude_nodes`
+        take nothing new."""
         return plan(
             self.inventory(),
             models,
             existing=self.reservations(),
             settings=settings or self.settings,
             managed_pids=self.managed_pids(),
-            excluded_nodes=frozenset(self.stale_nodes(now)),
+            excluded_nodes=frozenset(self.stale_nodes(now)) | exclude_nodes,
         )
 
     def state(self, now: float) -> VRAMState:

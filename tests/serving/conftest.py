@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,27 +56,69 @@ class Stack:
     ray_metrics: str  # Ray's metrics agent on this node (what the chart's scrape objects read)
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    import ray
-    from ray import serve
-
-    from vram_scheduler.allocator import NAMESPACE
+def two_models(port: int) -> Any:
+    """The stack's configuration: alpha and beta (alias beta-alias), 2 replicas each."""
     from vram_scheduler.config import parse_config
-    from vram_scheduler.demo_model import ensure_demo_model
-    from vram_scheduler.monitor.readers import FileReader
-    from vram_scheduler.monitor.service import MonitorService, MonitorSettings
-    from vram_scheduler.serving.controller_actor import ControllerHandle
 
-    ensure_demo_model()
-    port, metrics_port = free_port(), free_port()
-    config = parse_config(
+    return parse_config(
         {
             "models": [model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)],
             "serving": {"host": "127.0.0.1", "port": port},
         },
         "serving tests",
     )
+
+
+def start_monitor(node: str, gcs_address: str, inventory: Path = INVENTORY) -> tuple[Any, threading.Thread]:
+    """A monitor publishing inventory node `node` of the file, in a thread of this process."""
+    from vram_scheduler.monitor.readers import FileReader
+    from vram_scheduler.monitor.service import MonitorService, MonitorSettings
+
+    monitor = MonitorService(
+        FileReader(inventory, node),
+        MonitorSettings(node=node, interval_s=1.0, host="127.0.0.1", port=0, ray_address=gcs_address),
+    )
+    thread = threading.Thread(target=monitor.run, name=f"monitor-{node}", daemon=True)
+    thread.start()
+    return monitor, thread
+
+
+@contextmanager
+def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
+    """Serve, the controller and `config`'s models on the connected Ray cluster once the allocator has
+    the inventory of `nodes` nodes; every replica ready. Everything shut down on exit."""
+    import ray
+    from ray import serve
+
+    from vram_scheduler.demo_model import ensure_demo_model
+    from vram_scheduler.serving.controller_actor import ControllerHandle
+
+    ensure_demo_model()
+    serve.start(proxy_location="Disabled")
+    controller = ControllerHandle(config.serving)
+    try:
+        deadline = time.monotonic() + 60
+        while len(ray.get(controller.allocator.get_vram_state.remote())["nodes"]) < nodes:
+            assert time.monotonic() < deadline, "the monitors published no inventory"
+            time.sleep(0.2)
+        controller.apply(config)
+        controller.wait_ready(timeout_s=600)
+        yield controller
+    finally:
+        try:
+            controller.shutdown()
+        finally:
+            serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    import ray
+
+    from vram_scheduler.allocator import NAMESPACE
+
+    port, metrics_port = free_port(), free_port()
+    config = two_models(port)
     ray.init(
         address="local",
         namespace=NAMESPACE,
@@ -86,29 +129,13 @@ def stack() -> Iterator[Stack]:
         log_to_driver=False,
     )
     gcs = ray.get_runtime_context().gcs_address
-    serve.start(proxy_location="Disabled")
-    monitor = MonitorService(
-        FileReader(INVENTORY),
-        MonitorSettings(node="ci-gpu-node", interval_s=1.0, host="127.0.0.1", port=0, ray_address=gcs),
-    )
-    thread = threading.Thread(target=monitor.run, daemon=True)
-    thread.start()
-    controller = ControllerHandle(config.serving)
+    monitor, thread = start_monitor("ci-gpu-node", gcs)
     try:
-        deadline = time.monotonic() + 60
-        while not ray.get(controller.allocator.get_vram_state.remote())["gpus"]:
-            assert time.monotonic() < deadline, "the monitor published no inventory"
-            time.sleep(0.2)
-        controller.apply(config)
-        controller.wait_ready(timeout_s=600)
-        yield Stack(
-            controller, config, f"http://127.0.0.1:{port}", gcs, monitor, f"http://127.0.0.1:{metrics_port}/metrics"
-        )
+        with deployed(config) as controller:
+            yield Stack(
+                controller, config, f"http://127.0.0.1:{port}", gcs, monitor, f"http://127.0.0.1:{metrics_port}/metrics"
+            )
     finally:
-        try:
-            controller.shutdown()
-        finally:
-            monitor.stop()
-            thread.join(timeout=10)
-            serve.shutdown()
-            ray.shutdown()
+        monitor.stop()
+        thread.join(timeout=10)
+        ray.shutdown()

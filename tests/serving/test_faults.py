@@ -1,14 +1,15 @@
-"""Serving under faults: real Ray, real vLLM (CPU) replicas, a steady load from two client
-processes, and one fault at a time — a replica killed, the router killed, the controller actor
-killed, the allocator actor killed, the monitor stopped.
+"""Serving under faults: real Ray — a head and a worker node (`ray.cluster_utils.Cluster`, one
+machine, the nodes on 127.0.0.1 and 127.0.0.2) —, real vLLM (CPU) replicas, a steady load from two
+client processes, and one fault at a time: a replica killed, one of the two routers killed, the
+controller actor killed, the allocator actor killed, the monitor stopped, the worker node removed.
 
 For each fault the suite records what the clients saw (requests and errors by kind in the fault's
 window), how long until full service (a fresh request answered, every replica ready, the ledger
-equal to the replicas), whether the ledger holds exactly the planned reservations (no leak, no
-double booking) and whether each replica is back on the GPU its reservation names. It prints one
-table and writes $RAY_VRAM_FAULTS_RESULTS (default .work/faults.json; the committed record is
-bench/results/faults.json). A worker node leaving is not covered here (one Ray
-node; see the issue's note).
+equal to the replicas), whether the ledger holds exactly one reservation per replica, each where
+it was planned (no leak, no double booking; a replica the fault moved may hold a new one, on a
+node that is still there) and whether each replica runs on the GPU its reservation names. It
+prints one table and writes $RAY_VRAM_FAULTS_RESULTS (default .work/faults.json; the committed
+record is bench/results/faults.json).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +32,19 @@ import ray
 from ray import serve
 
 from vram_scheduler.allocator import NAMESPACE, get_vram_allocator
+from vram_scheduler.loopback import keep_ray_on_loopback
+from vram_scheduler.node import NODE_NAME_LABEL
 from vram_scheduler.serving.app import model_app_name
 from vram_scheduler.serving.controller_actor import CONTROLLER_ACTOR
 from vram_scheduler.serving.router import ROUTER_APP, ROUTER_DEPLOYMENT
 
-from .conftest import INVENTORY, Stack
+from .conftest import HERE, Stack, deployed, free_port, start_monitor, two_models
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(os.environ.get("RAY_VRAM_FAULTS_RESULTS", ROOT / ".work" / "faults.json"))
 MODELS = ("alpha", "beta")
+INVENTORY = HERE / "inventory-two-nodes.yaml"
+HEAD, WORKER = "ci-head", "ci-worker"
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +98,63 @@ class Load:
                 process.kill()
 
 
+@dataclass
+class TwoNodes(Stack):
+    cluster: Any
+    worker: Any
+    worker_monitor: Any
+    threads: list[threading.Thread]
+
+
 @pytest.fixture(scope="module")
-def load(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Load]:
+def stack() -> Iterator[TwoNodes]:
+    """The serving stack on two Ray nodes, each with its monitor (this module's own stack)."""
+    from ray.cluster_utils import Cluster
+
+    keep_ray_on_loopback()
+    port, metrics_port = free_port(), free_port()
+    head = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "labels": {NODE_NAME_LABEL: HEAD}}
+    cluster = Cluster(
+        initialize_head=True, head_node_args=head | {"include_dashboard": False, "metrics_export_port": metrics_port}
+    )
+    try:
+        worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2", labels={NODE_NAME_LABEL: WORKER})
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        head_monitor, head_thread = start_monitor(HEAD, cluster.address, INVENTORY)
+        worker_monitor, worker_thread = start_monitor(WORKER, cluster.address, INVENTORY)
+        config = two_models(port)
+        base, metrics = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+        threads = [head_thread, worker_thread]
+        monitors = {"head": head_monitor, "worker": worker_monitor}
+        try:
+            with deployed(config, nodes=2) as controller:
+                two = TwoNodes(
+                    controller,
+                    config,
+                    base,
+                    cluster.address,
+                    head_monitor,
+                    metrics,
+                    cluster,
+                    worker,
+                    worker_monitor,
+                    threads,
+                )
+                yield two
+                monitors["head"] = two.monitor  # the monitor test's replacement
+        finally:
+            for monitor in monitors.values():
+                monitor.stop()
+            for thread in threads:
+                thread.join(timeout=10)
+            ray.shutdown()
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def load(stack: TwoNodes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Load]:
     running = Load(stack, tmp_path_factory.mktemp("faults"))
-    original_monitor = stack.monitor
     try:
         deadline = time.monotonic() + 60
         while not running.seen(0, time.time()).get("ok"):
@@ -104,19 +163,18 @@ def load(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loa
         yield running
     finally:
         running.close()
-        if stack.monitor is not original_monitor:  # the monitor test's replacement (conftest stops the first)
-            stack.monitor.stop()
 
 
 def ledger() -> dict[str, dict[str, Any]]:
     return {r["replica_id"]: r for r in ray.get(get_vram_allocator().reservations.remote())}
 
 
-def replica_gpus() -> dict[str, str]:
+def replicas() -> dict[str, dict[str, Any]]:
+    """Each replica's own account (`ReplicaEndpoint` fields: GPU, processes), by replica id."""
     placed = {}
     for model in MODELS:
         infos = serve.get_app_handle(model_app_name(model)).replica_info.remote().result(timeout_s=180)
-        placed |= {i["replica_id"]: i.get("gpu_uuid", "?") for i in infos}
+        placed |= {i["replica_id"]: i for i in infos}
     return placed
 
 
@@ -134,12 +192,19 @@ def answered(stack: Stack) -> bool:
         return False
 
 
-def serve_actor(deployment: str, app: str) -> Any:
-    """The actor of a deployment's one Serve replica."""
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == "serve" and f"{app}#{deployment}#" in actor["name"]:
-            return ray.get_actor(actor["name"], namespace="serve")
-    raise AssertionError(f"no Serve replica actor for {app}/{deployment}")
+def routers() -> dict[str, str]:
+    """The routers' live Serve replicas (one per router deployment): actor name → Ray node id."""
+    alive = {}
+    for actor in ray._private.state.actors().values():
+        name = actor.get("Name") or ""
+        if actor.get("State") == "ALIVE" and f"{ROUTER_APP}#{ROUTER_DEPLOYMENT}" in name:
+            alive[name] = actor["Address"]["NodeID"]
+    return alive
+
+
+def node_id(label: str) -> str:
+    (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Labels"].get(NODE_NAME_LABEL) == label]
+    return node
 
 
 RESULTS_ROWS: list[dict[str, Any]] = []
@@ -151,9 +216,11 @@ def run_fault(
     name: str,
     inject: Callable[[], None],
     replaced: Callable[[], bool] = lambda: True,
+    moved: frozenset[str] = frozenset(),
     timeout_s: float = 300,
 ) -> dict:
-    """Inject, then wait for full service (`replaced`: the killed part runs again); record the row."""
+    """Inject, then wait for full service (`replaced`: the killed part runs again); record the row.
+    `moved`: replicas the fault may move to another GPU (their node left)."""
     planned = {k: (v["gpu_uuid"], v["bytes"]) for k, v in ledger().items()}
     time.sleep(2)
     start = time.time()
@@ -171,19 +238,27 @@ def run_fault(
     recovery = time.time() - start
     time.sleep(2)  # let requests in flight at recovery finish inside the window
     seen = load.seen(start, time.time())
-    now = {k: (v["gpu_uuid"], v["bytes"]) for k, v in ledger().items()}
-    gpus = replica_gpus()
+    held = ledger()
+    now = {k: (v["gpu_uuid"], v["bytes"]) for k, v in held.items()}
+    live_nodes = {n["Labels"].get(NODE_NAME_LABEL) for n in ray.nodes() if n["Alive"]}
+    running = replicas()
     row = {
         "fault": name,
         "requests": sum(seen.values()),
         "client_errors": {k: v for k, v in seen.items() if k != "ok"},
         "recovery_s": round(recovery, 1),
-        "ledger_consistent": now == planned,
-        "replicas_back_on_their_gpus": all(gpus.get(r) == gpu for r, (gpu, _) in now.items()),
+        "ledger_consistent": sorted(now) == sorted(planned)
+        and all(now[r] == planned[r] for r in now if r not in moved)
+        and all(r["node"] in live_nodes for r in held.values()),
+        "replicas_back_on_their_gpus": all(running.get(r, {}).get("gpu_uuid") == gpu for r, (gpu, _) in now.items()),
     }
     RESULTS_ROWS.append(row)
     print("FAULT", json.dumps(row))
     return row
+
+
+def test_the_routers_run_on_both_nodes(stack: TwoNodes) -> None:
+    assert sorted(routers().values()) == sorted([node_id(HEAD), node_id(WORKER)])
 
 
 def test_a_replica_killed(stack: Stack, load: Load) -> None:
@@ -201,16 +276,17 @@ def test_a_replica_killed(stack: Stack, load: Load) -> None:
     assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
 
 
-def test_the_router_killed(stack: Stack, load: Load) -> None:
-    router = serve_actor(ROUTER_DEPLOYMENT, ROUTER_APP)
+def test_one_router_killed(stack: Stack, load: Load) -> None:
+    """The other router keeps answering on the endpoint's port; Serve starts a new one."""
+    before = routers()
+    victim = sorted(before)[0]
 
     def replaced() -> bool:
-        try:
-            return serve_actor(ROUTER_DEPLOYMENT, ROUTER_APP)._actor_id != router._actor_id
-        except AssertionError:
-            return False
+        now = routers()
+        return len(now) == len(before) and victim not in now
 
-    row = run_fault(stack, load, "router killed", lambda: ray.kill(router, no_restart=True), replaced)
+    kill = lambda: ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)  # noqa: E731
+    row = run_fault(stack, load, "one of 2 routers killed", kill, replaced)
     assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
 
 
@@ -231,37 +307,63 @@ def test_the_allocator_actor_killed(stack: Stack, load: Load) -> None:
     assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
 
 
-def test_the_monitor_stopped_and_restarted(stack: Stack, load: Load) -> None:
-    from vram_scheduler.monitor.readers import FileReader
-    from vram_scheduler.monitor.service import MonitorService
-
+def test_the_monitor_stopped_and_restarted(stack: TwoNodes, load: Load) -> None:
     def restart() -> None:
         stack.monitor.stop()
         time.sleep(3)
-        replacement = MonitorService(FileReader(INVENTORY), stack.monitor.settings)
-        threading.Thread(target=replacement.run, daemon=True).start()
-        stack.monitor = replacement
+        stack.monitor, thread = start_monitor(HEAD, stack.gcs_address, INVENTORY)
+        stack.threads.append(thread)
 
-    row = run_fault(stack, load, "monitor stopped 3 s, restarted", restart)
+    row = run_fault(stack, load, "head's monitor stopped 3 s, restarted", restart)
     assert row["client_errors"] == {}, "the request path does not go through the monitor"
     assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
 
 
+def test_the_worker_node_removed(stack: TwoNodes, load: Load) -> None:
+    """The worker node leaves (its processes killed, no goodbye) with beta-0 and a router on it: the
+    controller frees beta-0's reservation, plans it on the head's GPU with room and redeploys beta,
+    whose other replica keeps running, and moves the lost router to the head."""
+    on_worker = sorted(r for r, held in ledger().items() if held["node"] == WORKER)
+    assert on_worker == ["beta-0"]
+    assert sorted(routers().values()) == sorted([node_id(HEAD), node_id(WORKER)])
+    beta_1 = replicas()["beta-1"]["pids"]
+
+    def remove() -> None:
+        stack.worker_monitor.stop()  # the node's monitor goes with it
+        stack.cluster.remove_node(stack.worker, allow_graceful=False)
+
+    def replaced() -> bool:
+        return all(held["node"] == HEAD for held in ledger().values()) and len(routers()) == 2
+
+    row = run_fault(stack, load, "worker node removed (beta-0, a router)", remove, replaced, frozenset(on_worker))
+    assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
+    assert ledger()["beta-0"]["node"] == HEAD
+    assert replicas()["beta-1"]["pids"] == beta_1, "the replica that stayed was restarted"
+    assert set(routers().values()) == {node_id(HEAD)}
+
+
 def test_the_table(stack: Stack, load: Load) -> None:
-    assert len(RESULTS_ROWS) == 5, RESULTS_ROWS
+    assert len(RESULTS_ROWS) == 6, RESULTS_ROWS
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
-        json.dumps({"load": "2 client processes, 1 per model, 4-token completions", "faults": RESULTS_ROWS}, indent=2)
+        json.dumps(
+            {
+                "setup": "2 Ray nodes (head + worker), 2 models x 2 vLLM CPU replicas, 2 routers",
+                "load": "2 client processes, 1 per model, 4-token completions",
+                "faults": RESULTS_ROWS,
+            },
+            indent=2,
+        )
         + "\n"
     )
     header = (
-        f"{'fault':34} {'requests':>8} {'client errors':28} {'recovery s':>10} {'ledger ok':>9} {'replicas back':>13}"
+        f"{'fault':40} {'requests':>8} {'client errors':28} {'recovery s':>10} {'ledger ok':>9} {'replicas back':>13}"
     )
     lines = [header]
     for row in RESULTS_ROWS:
         errors = ", ".join(f"{k} {v}" for k, v in row["client_errors"].items()) or "none"
         lines.append(
-            f"{row['fault']:34} {row['requests']:>8} {errors:28} {row['recovery_s']:>10} "
+            f"{row['fault']:40} {row['requests']:>8} {errors:28} {row['recovery_s']:>10} "
             f"{row['ledger_consistent']!s:>9} {row['replicas_back_on_their_gpus']!s:>13}"
         )
     print("\n" + "\n".join(lines))

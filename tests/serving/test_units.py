@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from vram_scheduler.config import GIB, ModelSpec, ServingSettings
-from vram_scheduler.contract import ReplicaEndpoint
+from vram_scheduler.contract import EndpointTable, ReplicaEndpoint, RoutedModel
+from vram_scheduler.serving.endpoint_board import EXPIRE_AFTER_S, Board
 from vram_scheduler.serving.engine_args import server_argv
 from vram_scheduler.serving.failures import engine_cause, engine_errors
 from vram_scheduler.serving.mps import client_env, daemon_running, node_pipe_dir
 from vram_scheduler.serving.pinning import gpu_present, is_cuda_uuid, pin_process
-from vram_scheduler.serving.router import EXPIRE_AFTER_S, OpenAIRouter, Registry
+from vram_scheduler.serving.router import OpenAIRouter, Registry
 from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
 from vram_scheduler.serving.vllm_compat import UnsupportedVLLM, check_version, installed_version
 
@@ -160,10 +160,13 @@ def endpoint(replica_id: str, names: list[str], limit: int = 2) -> ReplicaEndpoi
     )
 
 
-def test_registry_picks_least_busy_and_expires_silent_replicas() -> None:
+def table(version: int, *endpoints: ReplicaEndpoint, models: tuple[RoutedModel, ...] = ()) -> EndpointTable:
+    return EndpointTable(version=version, models=list(models), endpoints=list(endpoints))
+
+
+def test_registry_picks_least_busy_and_keeps_counts_across_tables() -> None:
     registry = Registry()
-    registry.register(endpoint("a-0", ["a"]), now=0)
-    registry.register(endpoint("a-1", ["a"]), now=0)
+    registry.sync(table(1, endpoint("a-0", ["a"]), endpoint("a-1", ["a"])))
     first = registry.pick("a", set())
     assert first is not None
     first.inflight = 1
@@ -172,8 +175,29 @@ def test_registry_picks_least_busy_and_expires_silent_replicas() -> None:
     second.inflight = 2
     first.inflight = 2
     assert registry.pick("a", set()) is None  # both at their limit
-    registry.register(endpoint("a-1", ["a"]), now=EXPIRE_AFTER_S)
-    assert registry.expire(EXPIRE_AFTER_S + 1) == ["a-0"]
+    moved = endpoint("a-1", ["a"]).model_copy(update={"url": "http://127.0.0.1:10"})
+    registry.sync(table(2, endpoint("a-0", ["a"]), moved))  # a-1 restarted elsewhere: a new entry
+    kept = registry.replicas["a-0"]
+    assert kept in (first, second) and kept.inflight == 2  # same replica, same URL: its counts stay
+    assert registry.replicas["a-1"].inflight == 0
+    registry.sync(table(3, moved))
+    assert list(registry.replicas) == ["a-1"]
+
+
+def test_the_endpoint_board_changes_its_version_only_on_a_change() -> None:
+    board = Board()
+    assert board.register(endpoint("a-0", ["a"]), now=0) and board.version == 1
+    assert not board.register(endpoint("a-0", ["a"]), now=1) and board.version == 1  # a heartbeat
+    assert board.register(endpoint("a-1", ["a"]), now=EXPIRE_AFTER_S) and board.version == 2
+    models = [RoutedModel(model_id="a", names=["a", "b"], max_tokens=7)]
+    assert board.declare(models) and not board.declare(models) and board.version == 3
+    assert board.expire(EXPIRE_AFTER_S + 2) == ["a-0"] and board.version == 4  # silent since 1
+    assert not board.unregister("a-0") and board.unregister("a-1") and board.version == 5
+    board.register(endpoint("a-2", ["a"]), now=0)
+    stored = board.table()
+    reloaded = Board.load(EndpointTable.model_validate_json(stored.model_dump_json()), now=100)
+    assert reloaded.table() == stored and reloaded.version == 6  # a restarted board goes on counting
+    assert reloaded.expire(100 + EXPIRE_AFTER_S) == []  # reloaded endpoints count as just heard from
 
 
 def call(router: OpenAIRouter, method: str, path: str, **kwargs: object) -> httpx.Response:
@@ -187,8 +211,11 @@ def call(router: OpenAIRouter, method: str, path: str, **kwargs: object) -> http
 
 def test_router_answers_for_itself() -> None:
     router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None))
-    router.registry.declare([{"model_id": "a", "router_name": "b"}, {"model_id": "c"}])
-    router.registry.register(endpoint("a-0", ["a", "b"], limit=1), now=time.monotonic())
+    models = (
+        RoutedModel(model_id="a", names=["a", "b"], max_tokens=7),
+        RoutedModel(model_id="c", names=["c"], max_tokens=7),
+    )
+    router.registry.sync(table(1, endpoint("a-0", ["a", "b"], limit=1), models=models))
     assert call(router, "GET", "/healthz").status_code == 200
     assert [m["id"] for m in call(router, "GET", "/v1/models").json()["data"]] == ["a", "b", "c"]
     unknown = call(router, "POST", "/v1/completions", json={"model": "zzz", "prompt": "x"})
@@ -267,19 +294,80 @@ def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`ray-vram up/serve`'s router and the single-application `build_app`'s come from one builder."""
+    """`ray-vram up/serve`'s router and the single-application `build_app`'s come from one builder:
+    one deployment per router, each pinned to its node."""
     from vram_scheduler.planner import Plan
     from vram_scheduler.serving import app
 
     monkeypatch.setattr(app, "plan_models", lambda models, config: Plan())
-    separate = app.router_application(ServingSettings(), [])
+    monkeypatch.setattr(app, "declare", lambda models, app_name="": None)
+    monkeypatch.setattr(app, "router_addresses", lambda serving: ["10.0.0.1", "10.0.0.2"])
+    separate = app.router_application(ServingSettings())
     single = app.build_app({"models": []})
-    keys = ("health_check_period_s", "logging_config", "max_ongoing_requests")
-    deployments = [a._bound_deployment for a in (separate, single)]
-    config = [{k: getattr(d._deployment_config, k) for k in keys} | {"actor": d.ray_actor_options} for d in deployments]
-    assert config[0] == config[1]
-    assert config[0]["health_check_period_s"] == 5
-    assert config[0]["actor"]["resources"] == {"node:__internal_head__": 0.001}
+    keys = ("health_check_period_s", "logging_config", "max_ongoing_requests", "num_replicas")
+
+    def routers(application: object) -> list[dict]:
+        ingress = application._bound_deployment  # type: ignore[attr-defined]
+        others = [a._bound_deployment for a in ingress.init_args[1:]]
+        return [
+            {k: getattr(d._deployment_config, k) for k in keys} | {"name": d.name, "actor": d.ray_actor_options}
+            for d in [ingress, *others]
+        ]
+
+    assert routers(separate) == routers(single)
+    first, second = routers(separate)
+    assert (first["name"], second["name"]) == ("OpenAIRouter", "OpenAIRouter-1")
+    assert first["health_check_period_s"] == 5 and first["num_replicas"] == 1
+    assert first["actor"]["resources"] == {"node:10.0.0.1": 0.001}
+    assert second["actor"]["resources"] == {"node:10.0.0.2": 0.001}
+    on_head = routers(app.router_application(ServingSettings(router_placement="head"), [None, None, None]))
+    assert [r["actor"]["resources"] for r in on_head] == [{"node:__internal_head__": 0.001}] * 3
+
+
+def test_routers_go_one_per_node_and_leave_a_node_that_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vram_scheduler.serving import placement
+
+    nodes = [
+        {"Alive": True, "NodeManagerAddress": "10.0.0.9", "Resources": {"node:__internal_head__": 1.0}},
+        {"Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {}},
+        {"Alive": False, "NodeManagerAddress": "10.0.0.3", "Resources": {}},
+    ]
+    monkeypatch.setattr(placement.ray, "nodes", lambda: nodes)
+    spread = ServingSettings(router_replicas=3)
+    assert placement.router_addresses(spread) == ["10.0.0.9", "10.0.0.2", "10.0.0.9"]  # the head first
+    assert placement.router_addresses(spread, ["10.0.0.2", "10.0.0.3", "10.0.0.2"]) == [
+        "10.0.0.2",
+        "10.0.0.9",  # its node left
+        "10.0.0.2",
+    ]
+    assert placement.router_addresses(spread, ["10.0.0.2", "10.0.0.2", "10.0.0.2"]) == [
+        "10.0.0.2",
+        "10.0.0.2",
+        "10.0.0.9",  # two routers fewer on the head than on 10.0.0.2: one moves
+    ]
+    nodes[1]["Alive"] = False
+    assert placement.router_addresses(ServingSettings(), ["10.0.0.9", "10.0.0.2"]) == ["10.0.0.9", "10.0.0.9"]
+    assert placement.router_addresses(ServingSettings(router_placement="head")) == [None, None]
+
+
+def test_a_replica_deployment_built_the_same_keeps_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller moves one replica of a model by deploying the model again: only a deployment
+    whose version changed restarts (the faults suite checks Serve keeps the others running)."""
+    from vram_scheduler.planner import Reservation
+    from vram_scheduler.serving import placement
+    from vram_scheduler.serving.replica import replica_deployment
+
+    monkeypatch.setattr(placement, "ray_node_address", lambda node: None)  # a declared node, not a Ray one
+
+    spec = ModelSpec(model_id="a", model="x", vram_gb=1)
+    where = {"model_id": "a", "node": "n", "gpu_uuid": "GPU-0", "gpu_index": 0, "bytes": GIB}
+    reservation = Reservation(replica_id="a-0", **where)
+
+    def version(r: Reservation) -> str:
+        return replica_deployment(spec, r, ServingSettings(), {})._bound_deployment.version
+
+    assert version(reservation) == version(reservation.model_copy())
+    assert version(reservation) != version(reservation.model_copy(update={"gpu_uuid": "GPU-1", "gpu_index": 1}))
 
 
 def test_a_serve_config_race_is_retried_and_other_errors_are_not() -> None:

@@ -21,6 +21,8 @@ WIRE_MODELS = {
     "NodeState",
     "ReplicaState",
     "ReplicaEndpoint",
+    "RoutedModel",
+    "EndpointTable",
 }
 
 

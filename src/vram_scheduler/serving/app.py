@@ -4,7 +4,8 @@
   its reservation names, see `placement`), grouped under a small `ModelGroup` ingress that
   reports the replicas' state. One Serve application per model means a change to one model
   never touches another model's replicas.
-- `build_router_app(args)`: the OpenAI-compatible endpoint (`router.OpenAIRouter`).
+- `build_router_app(args)`: the OpenAI-compatible endpoint (`router.OpenAIRouter`), one
+  deployment per router (`serving.router_replicas`), each pinned to a node.
 - `build_app(args)`: everything from one config (router + every model), for a RayService whose
   `serveConfigV2` has one application: ``import_path: vram_scheduler.serving.app:build_app`` with
   the values' `models`, `placement` and `serving` as `args`.
@@ -15,6 +16,7 @@ Replicas are planned by the allocator at build time unless `reservations` are gi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
@@ -22,9 +24,11 @@ from ray.serve import Application
 
 from ..config import ModelSpec, RayVRAMConfig, ServingSettings, parse_config
 from ..planner import Plan, Reservation
-from .options import deployment_options
+from .endpoint_board import endpoint_board, routed_models
+from .options import deployment_options, keep_if_unchanged, router_names, router_options
+from .placement import router_addresses
 from .replica import VLLMReplica, replica_deployment
-from .router import ROUTER_APP_ENV, ROUTER_DEPLOYMENT, RouterDeployment
+from .router import ROUTER_APP, ROUTER_APP_ENV, RouterDeployment
 
 #: Environment a replica inherits from whoever builds the app (caches, offline hub, vLLM knobs).
 PASSED_ENV_PREFIXES = ("VLLM_", "HF_", "TRANSFORMERS_", "TORCH", "RAY_VRAM_", "OMP_", "CUDA_DEVICE_ORDER")
@@ -65,13 +69,24 @@ def model_application(
 ) -> Application:
     env = replica_env() if env is None else env
     replicas = [replica_deployment(spec, r, serving, env, replica_class) for r in reservations]
+    replica_ids = [r.replica_id for r in reservations]
     group = serve.deployment(ModelGroup, **deployment_options("group", f"{spec.model_id}-group"))
-    return group.bind(spec.model_id, [r.replica_id for r in reservations], *replicas)
+    return keep_if_unchanged(group, [spec.model_id, replica_ids]).bind(spec.model_id, replica_ids, *replicas)
 
 
-def router_application(serving: ServingSettings, models: list[ModelSpec]) -> Application:
-    deployment = serve.deployment(RouterDeployment, **deployment_options("router", ROUTER_DEPLOYMENT))
-    return deployment.bind(serving.model_dump(mode="json"), [m.model_dump(mode="json") for m in models])
+def router_application(
+    serving: ServingSettings, addresses: list[str | None] | None = None, children: Sequence[Application] = ()
+) -> Application:
+    """The OpenAI endpoint's application: one deployment per router, each pinned to its node in
+    `addresses` (default: `placement.router_addresses`); the models it routes to come from the
+    endpoint board. `children` (model applications) are bound below the first router."""
+    addresses = router_addresses(serving) if addresses is None else addresses
+    args = serving.model_dump(mode="json")
+    routers = []
+    for name, address in zip(router_names(len(addresses)), addresses, strict=True):
+        options = router_options(name, address)
+        routers.append(keep_if_unchanged(serve.deployment(RouterDeployment, **options), [options, args]))
+    return routers[0].bind(args, *[router.bind(args) for router in routers[1:]], *children)
 
 
 def plan_models(models: list[ModelSpec], config: RayVRAMConfig) -> Plan:
@@ -101,19 +116,30 @@ def build_model_app(args: dict[str, Any]) -> Application:
 
 
 def build_router_app(args: dict[str, Any]) -> Application:
-    """args: {"serving": ServingSettings?, "models": [ModelSpec]?}."""
+    """args: {"serving": ServingSettings?, "models": [ModelSpec]?, "app_name": str?} (`models`, when
+    given, are declared to the routers of `app_name`, default ROUTER_APP)."""
     serving = ServingSettings.model_validate(args.get("serving") or {})
-    return router_application(serving, [ModelSpec.model_validate(m) for m in args.get("models") or []])
+    if "models" in args:
+        declare([ModelSpec.model_validate(m) for m in args["models"] or []], args.get("app_name", ROUTER_APP))
+    return router_application(serving)
+
+
+def declare(models: list[ModelSpec], app: str = ROUTER_APP) -> None:
+    """Tell every router of application `app` (through its endpoint board) which models there are."""
+    import ray
+
+    ray.get(endpoint_board(app).declare.remote(routed_models(models)))
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """The whole configuration as one application: the router with every model below it.
 
     `args` is the config (models, placement, serving) plus optional `app_name`: the name the
-    application is deployed under, which replicas need to find the router.
+    application is deployed under, whose endpoint board its replicas announce themselves on.
     """
     args = dict(args)
-    env = replica_env() | {ROUTER_APP_ENV: args.pop("app_name", "ray-vram")}
+    app_name = args.pop("app_name", "ray-vram")
+    env = replica_env() | {ROUTER_APP_ENV: app_name}
     config = parse_config(args, "build_app args")
     plan = plan_models(config.models, config)
     groups = [
@@ -121,7 +147,5 @@ def build_app(args: dict[str, Any]) -> Application:
         for spec in config.models
         if plan.replicas_of(spec.model_id)
     ]
-    deployment = serve.deployment(RouterDeployment, **deployment_options("router", ROUTER_DEPLOYMENT))
-    return deployment.bind(
-        config.serving.model_dump(mode="json"), [m.model_dump(mode="json") for m in config.models], *groups
-    )
+    declare(config.models, app_name)
+    return router_application(config.serving, children=groups)

@@ -4,7 +4,8 @@ Each model is its own Serve application (`model-<id>`), and the spec it was depl
 kept in Ray's GCS key-value store, so a controller started later with a changed config sees
 what runs: unchanged models are left alone (same replicas, no restart), removed models are
 deleted and their reservations freed, changed models are replaced, new models are planned and
-deployed. The OpenAI router is its own application and learns replicas as they come up.
+deployed. The OpenAI router is its own application and learns replicas as they come up (through
+the endpoint board). When a node leaves the Ray cluster, `repair` moves its replicas elsewhere.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from ..contract import DeploymentList, ModelStatus, ReplicaPhase, ReplicaStatus
 from ..errors import RayVramError
 from ..model_limits import effective_max_model_len
 from ..planner import Plan, Reservation
-from .app import model_app_name, model_application, replica_env, router_application
-from .router import ROUTER_APP, router_handle
+from .app import declare, model_app_name, model_application, replica_env, router_application
+from .endpoint_board import endpoint_board
+from .placement import lost_nodes, router_addresses
+from .router import ROUTER_APP
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -59,6 +62,12 @@ class Deployed(BaseModel):
     deploying: bool = Field(
         default=False,
         description="A new attempt is being set up: the previous attempt's replica states are not shown.",
+    )
+    serving: ServingSettings | None = Field(default=None, description="The serving settings its replicas got.")
+    env: dict[str, str] | None = Field(
+        default=None,
+        description="The environment its replicas got (the caller's: a restarted controller actor no longer "
+        "has it). A moved replica gets the same, and its siblings, built the same, keep running.",
     )
 
 
@@ -128,7 +137,7 @@ class Controller:
         removed = sorted(set(current) - set(wanted))
         for model_id in removed:
             self.remove(model_id)
-        self._ensure_router(config.models)
+        self._ensure_router()
         kept, deployed, unplaced = [], [], {}
         for spec in config.models:
             record = current.get(spec.model_id)
@@ -157,7 +166,7 @@ class Controller:
             if env is not None:
                 self._caller_env = dict(env)
             others = [r.spec for r in self.deployed().values() if r.spec.model_id != spec.model_id]
-            self._ensure_router([*others, spec])
+            self._ensure_router()
             try:
                 plan = self._deploy(spec, others, placement)
             except Exception:
@@ -181,16 +190,18 @@ class Controller:
         if not reservations:
             self._forget(spec.model_id)
             raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
-        app = serve_race_retried(lambda: model_application(spec, reservations, self.serving, self._env()))
+        serving, env = self.serving, self._env()
+        app = serve_race_retried(lambda: model_application(spec, reservations, serving, env))
         deploy_in_background(app, model_app_name(spec.model_id))
-        self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons))
+        self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons, serving=serving, env=env))
         return plan
 
-    def _plan(self, models: list[ModelSpec], placement: PlacementSettings | None) -> Plan:
+    def _plan(
+        self, models: list[ModelSpec], placement: PlacementSettings | None, exclude_nodes: set[str] | None = None
+    ) -> Plan:
         settings = placement.model_dump(mode="json") if placement else None
-        return Plan.model_validate(
-            ray.get(self.allocator.plan.remote([m.model_dump(mode="json") for m in models], settings))
-        )
+        dumped = [m.model_dump(mode="json") for m in models]
+        return Plan.model_validate(ray.get(self.allocator.plan.remote(dumped, settings, sorted(exclude_nodes or ()))))
 
     def remove(self, model_id: str) -> bool:
         """Shut a model down and free its reservations; False if it was not deployed (idempotent)."""
@@ -217,20 +228,37 @@ class Controller:
 
     # -- router -----------------------------------------------------------------------------
 
-    def _ensure_router(self, models: list[ModelSpec]) -> None:
-        stored = internal_kv._internal_kv_get(SERVING_KEY, namespace=NAMESPACE)
-        same = stored is not None and json.loads(stored) == self.serving.model_dump(mode="json")
-        if same and ROUTER_APP in serve.status().applications:
-            return
-        app = serve_race_retried(lambda: router_application(self.serving, models))
-        serve.run(app, name=ROUTER_APP, route_prefix=None)
-        internal_kv._internal_kv_put(
-            SERVING_KEY, json.dumps(self.serving.model_dump(mode="json")), overwrite=True, namespace=NAMESPACE
-        )
+    def _ensure_router(self) -> None:
+        """The router application with the current settings, each router on a node (`router_addresses`)."""
+        wanted = self.serving.model_dump(mode="json")
+        stored = _stored_router()
+        previous = stored["routers"] if stored and stored["serving"] == wanted else []
+        self._deploy_router(self.serving, router_addresses(self.serving, previous), stored)
 
-    def _declare(self, models: list[ModelSpec]) -> None:
-        if ROUTER_APP in serve.status().applications:
-            router_handle().declare.remote([m.model_dump(mode="json") for m in models]).result(timeout_s=30)
+    def _repair_routers(self) -> None:
+        """Routers whose node left move to the nodes there are, with the settings they were deployed
+        with (a restarted controller actor may not know newer ones yet)."""
+        stored = _stored_router()
+        if stored is None:
+            return
+        serving = ServingSettings.model_validate(stored["serving"])
+        addresses = router_addresses(serving, stored["routers"])
+        if addresses != stored["routers"]:
+            log.warning("routers move from nodes %s to %s", stored["routers"], addresses)
+            self._deploy_router(serving, addresses, stored)
+
+    @staticmethod
+    def _deploy_router(serving: ServingSettings, addresses: list[str | None], stored: dict[str, Any] | None) -> None:
+        record = {"serving": serving.model_dump(mode="json"), "routers": addresses}
+        if record == stored and ROUTER_APP in serve.status().applications:
+            return
+        app = serve_race_retried(lambda: router_application(serving, addresses))
+        serve.run(app, name=ROUTER_APP, route_prefix=None)
+        internal_kv._internal_kv_put(SERVING_KEY, json.dumps(record), overwrite=True, namespace=NAMESPACE)
+
+    @staticmethod
+    def _declare(models: list[ModelSpec]) -> None:
+        declare(models)
 
     def shutdown(self) -> None:
         """Remove every model and the router (local mode's exit)."""
@@ -317,8 +345,68 @@ class Controller:
         wanted = {r["replica_id"] for m in models for r in m["replicas"]}
         if not wanted:
             return True
-        registered = {e["replica_id"] for e in router_handle().endpoints.remote().result(timeout_s=30)}
-        return wanted <= registered
+        table = ray.get(endpoint_board(ROUTER_APP).table.remote(), timeout=30)
+        return wanted <= {e["replica_id"] for e in table["endpoints"]}
+
+    # -- nodes leaving ----------------------------------------------------------------------
+
+    def repair(self) -> dict[str, list[str]]:
+        """Move the routers and the replicas of nodes that left the Ray cluster: a router goes to
+        another node (`placement.router_addresses`); a replica (`placement.lost_nodes`): free its
+        reservations, plan them again on the other nodes and redeploy their models, in which every
+        other replica keeps running (`options.keep_if_unchanged`). Returns {model_id: moved replica ids}.
+
+        Serve alone would restart such a replica pinned to the node that left, where it never
+        starts. A model waits while one of its other replicas holds no reservation yet (still
+        starting): planned now, a moved replica could be given that replica's room.
+        """
+        with self._lock:
+            self._repair_routers()
+        records = self.deployed()
+        lost = lost_nodes({r.node for record in records.values() for r in record.reservations})
+        if not lost:
+            return {}
+        moved: dict[str, list[str]] = {}
+        with self._lock:
+            records = self.deployed()
+            for model_id, record in sorted(records.items()):
+                gone = [r for r in record.reservations if r.node in lost]
+                if not gone or record.deploying:
+                    continue
+                held = {r["replica_id"] for r in ray.get(self.allocator.reservations.remote())}
+                staying = [r for r in record.reservations if r.node not in lost]
+                if any(r.replica_id not in held for r in staying):
+                    log.info("model %s: moving %s once its other replicas hold their reservations", model_id, gone)
+                    continue
+                for reservation in gone:
+                    ray.get(self.allocator.release.remote(reservation.replica_id))
+                others = [r.spec for other, r in records.items() if other != model_id]
+                plan = self._plan([record.spec, *others], None, lost)
+                reservations = plan.replicas_of(model_id)
+                reasons = [u.reason for u in plan.unplaced if u.model_id == model_id]
+                serving = record.serving or self.serving
+                env = self._env() if record.env is None else record.env
+                app = serve_race_retried(
+                    lambda: model_application(record.spec, reservations, serving, env)  # noqa: B023
+                )
+                deploy_in_background(app, model_app_name(model_id))
+                self._store(record.model_copy(update={"reservations": reservations, "unplaced": reasons}))
+                moved[model_id] = [r.replica_id for r in gone]
+                log.warning(
+                    "node(s) %s left the Ray cluster: model %s's replicas %s planned again: %s",
+                    ", ".join(sorted(lost)),
+                    model_id,
+                    [r.replica_id for r in gone],
+                    [f"{r.replica_id} on {r.node} GPU {r.gpu_index}" for r in reservations],
+                )
+        return moved
+
+
+def _stored_router() -> dict[str, Any] | None:
+    """The router application as last deployed: {"serving": settings, "routers": node addresses}."""
+    raw = internal_kv._internal_kv_get(SERVING_KEY, namespace=NAMESPACE)
+    stored = json.loads(raw) if raw else None
+    return stored if isinstance(stored, dict) and {"serving", "routers"} <= set(stored) else None
 
 
 def check_model_limits(specs: list[ModelSpec]) -> None:

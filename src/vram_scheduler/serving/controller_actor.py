@@ -8,17 +8,20 @@ and apply runs in that one actor, serialised by its lock, while status reads run
 
 What the controller knows lives in Ray's GCS key-value store, not in the actor, so Ray restarts
 it (forever) without losing a model. Replicas get the environment of the process that asked for
-them (a token or cache path set in the controller pod), passed along with each deploy.
+them (a token or cache path set in the controller pod), passed along with each deploy. The actor
+also watches for nodes leaving the Ray cluster and moves their replicas (`Controller.repair`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from typing import Any
 
 import ray
 
-from ..allocator import NAMESPACE, get_vram_allocator, head_node_strategy
+from ..allocator import NAMESPACE, get_vram_allocator, on_head_node
 from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
 from ..planner import Plan
 from .app import replica_env
@@ -28,10 +31,26 @@ CONTROLLER_ACTOR = "ray-vram-controller"
 #: Threads of the actor: one converges (behind the controller's lock); the rest answer status,
 #: `wait_ready` and metrics scrapes meanwhile.
 CONTROLLER_CONCURRENCY = 32
+#: How often the actor looks for nodes that left the Ray cluster.
+REPAIR_INTERVAL_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class ControllerActor(Controller):
     """`Controller` as an actor: what a property or attribute gave in-process, a method gives here."""
+
+    def __init__(self, serving: ServingSettings | None = None):
+        super().__init__(serving)
+        self._stop = threading.Event()
+        threading.Thread(target=self._repair_loop, name="controller-repair", daemon=True).start()
+
+    def _repair_loop(self) -> None:
+        while not self._stop.wait(REPAIR_INTERVAL_S):
+            try:
+                self.repair()
+            except Exception:  # keep watching whatever one round hit
+                log.exception("repair round failed")
 
     def ping(self) -> bool:
         return True
@@ -63,7 +82,7 @@ def controller_actor(serving: ServingSettings | None = None) -> Any:
             max_restarts=-1,
             num_cpus=0,
             max_concurrency=CONTROLLER_CONCURRENCY,
-            scheduling_strategy=head_node_strategy(),
+            **on_head_node(),
         )
         .remote(serving)
     )

@@ -4,8 +4,8 @@ Start-up order is the product's promise: reserve on the planned GPU (fail fast w
 allocator's reason) → pin the process to that GPU → size vLLM from the reservation's bytes and
 cap the engine at the reservation (MPS, see `mps`) → take the GPU's startup lock → load vLLM →
 release the lock → report its processes to the ledger → start vLLM's own OpenAI HTTP layer on
-this node → register with the router. On shutdown or on any failure along the way, everything
-taken is given back.
+this node → announce itself on the endpoint board, which every router replica follows. On
+shutdown or on any failure along the way, everything taken is given back.
 
 This actor process never creates a CUDA context: vLLM's engine runs in its own EngineCore
 process (V1 multiprocessing), which inherits the pinning and the cap from this process's
@@ -40,14 +40,14 @@ from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .loop_thread import LoopThread
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
-from .options import deployment_options
+from .options import deployment_options, keep_if_unchanged
 from .pinning import pin_process, visible_device_total_bytes
-from .router import router_handle
+from .router import replicas_board
 from .sizing import EngineBudget, checkpoint_bytes, size_engine
 
 log = logging.getLogger("ray.serve")
 
-#: How often a ready replica re-announces itself to the router (a restarted router relearns it).
+#: How often a ready replica re-announces itself on the endpoint board (a restarted board relearns it).
 HEARTBEAT_S = 2.0
 #: Address replicas serve HTTP on (default: the node's IP as Ray knows it); local mode sets 127.0.0.1.
 REPLICA_HOST_ENV = "RAY_VRAM_REPLICA_HOST"
@@ -281,15 +281,17 @@ class VLLMReplica:
         port = sock.getsockname()[1]
         return f"http://{host}:{port}"
 
-    # -- router registration ----------------------------------------------------------------
+    # -- announcing itself to the routers -----------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        fresh = False
         while True:
             try:
-                handle = router_handle()
-                await handle.register.remote(self.endpoint.model_dump())
-            except Exception as error:  # router not deployed yet or restarting: try again
-                log.debug("replica %s: router not reachable: %s", self.replica_id, error)
+                await replicas_board(fresh).register.remote(self.endpoint.model_dump())
+                fresh = False
+            except Exception as error:  # the board restarting: try again
+                log.debug("replica %s: endpoint board not reachable: %s", self.replica_id, error)
+                fresh = True
             await asyncio.sleep(HEARTBEAT_S)
 
     # -- Serve hooks ------------------------------------------------------------------------
@@ -307,7 +309,7 @@ class VLLMReplica:
         if self.heartbeat_task is not None:
             self.heartbeat_task.cancel()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(router_handle().unregister.remote(self.replica_id), timeout=5)
+            await asyncio.wait_for(replicas_board().unregister.remote(self.replica_id), timeout=5)
         if self.server is not None:
             self.server.should_exit = True
             if self.server_task is not None and self.requests is not None:
@@ -341,7 +343,8 @@ def replica_deployment(
     env: dict[str, str],
     replica_class: type[VLLMReplica] = VLLMReplica,
 ) -> Any:
-    """A Serve deployment for one planned replica (named by its replica id, one Serve replica)."""
+    """A Serve deployment for one planned replica (named by its replica id, one Serve replica);
+    built again the same, it is the same deployment (`keep_if_unchanged`)."""
     from .placement import actor_options
 
     options = deployment_options(
@@ -350,6 +353,6 @@ def replica_deployment(
         ray_actor_options=actor_options(reservation, env),
         max_ongoing_requests=serving.max_ongoing_requests,
     )
-    return serve.deployment(replica_class, **options).bind(
-        spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json")
-    )
+    args = (spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
+    identity = [f"{replica_class.__module__}.{replica_class.__qualname__}", options, *args]
+    return keep_if_unchanged(serve.deployment(replica_class, **options), identity).bind(*args)

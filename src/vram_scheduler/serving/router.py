@@ -8,7 +8,10 @@ full replicas → 429 (both with Retry-After), the optional bearer API key, and 
 over all models.
 
 A plain ASGI app on uvicorn (no framework in the request path): on a 2-core machine every
-millisecond of per-request CPU shows up in throughput (bench/serving).
+millisecond of per-request CPU shows up in throughput (bench/serving). The router runs as
+`serving.router_replicas` Serve replicas, each routing by its copy of the endpoint board's table
+(`endpoint_board`) and listening on the same port of its node (SO_REUSEPORT): when one dies, the
+others keep answering on that port.
 """
 
 from __future__ import annotations
@@ -17,28 +20,31 @@ import asyncio
 import hmac
 import logging
 import os
-import time
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from ..config import ServingSettings
-from ..contract import ReplicaEndpoint
+from ..contract import EndpointTable, ReplicaEndpoint
+from .endpoint_board import WATCH_TIMEOUT_S, endpoint_board
 from .loop_thread import LoopThread
 
 log = logging.getLogger("ray.serve")
 
 ROUTER_APP = "ray-vram-openai"
 ROUTER_DEPLOYMENT = "OpenAIRouter"
-#: Replicas find the router's Serve application under this name (set when it is not ROUTER_APP).
+#: Replicas announce themselves on the board of this router application (set when it is not ROUTER_APP).
 ROUTER_APP_ENV = "RAY_VRAM_ROUTER_APP"
-#: A replica not heard from for this long is dropped (heartbeats come every 2 s).
-EXPIRE_AFTER_S = 15.0
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 5
+#: Longest the router waits to connect to a replica: a replica on a node that left answers no
+#: connection attempt at all, and its requests go to another replica after this.
+CONNECT_TIMEOUT_S = 5.0
+#: Response header naming the replica that answered (which one took a request: logs, tests).
+REPLICA_HEADER = b"x-ray-vram-replica"
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -47,46 +53,36 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 @dataclass
 class _Replica:
     endpoint: ReplicaEndpoint
-    seen: float
     inflight: int = 0
     served: int = 0
 
 
 @dataclass
 class Registry:
-    """Which replicas serve which model names, and how busy each is."""
+    """Which replicas serve which model names, and how busy each is (this router's copy)."""
 
     replicas: dict[str, _Replica] = field(default_factory=dict)
     declared: dict[str, str] = field(default_factory=dict)  # name -> model_id
     max_tokens: dict[str, int] = field(default_factory=dict)  # name -> default completion length
     _turn: int = 0
 
-    def declare(self, models: list[dict[str, Any]]) -> None:
-        self.declared = {}
-        for spec in models:
-            for name in [spec["model_id"], *([spec["router_name"]] if spec.get("router_name") else [])]:
-                self.declared[name] = spec["model_id"]
-                if spec.get("max_tokens"):
-                    self.max_tokens[name] = int(spec["max_tokens"])
-
-    def register(self, endpoint: ReplicaEndpoint, now: float) -> None:
-        for name in endpoint.names:
-            self.max_tokens[name] = endpoint.max_tokens
-        current = self.replicas.get(endpoint.replica_id)
-        if current is not None and current.endpoint.url == endpoint.url:
-            current.seen = now
-            current.endpoint = endpoint
-        else:
-            self.replicas[endpoint.replica_id] = _Replica(endpoint, now)
+    def sync(self, table: EndpointTable) -> None:
+        """Take the endpoint board's table; a replica already known at the same URL keeps its counts."""
+        self.declared = {name: model.model_id for model in table.models for name in model.names}
+        self.max_tokens = {name: model.max_tokens for model in table.models for name in model.names}
+        replicas = {}
+        for endpoint in table.endpoints:
+            current = self.replicas.get(endpoint.replica_id)
+            if current is not None and current.endpoint.url == endpoint.url:
+                current.endpoint = endpoint
+                replicas[endpoint.replica_id] = current
+            else:
+                replicas[endpoint.replica_id] = _Replica(endpoint)
+            self.max_tokens.update(dict.fromkeys(endpoint.names, endpoint.max_tokens))
+        self.replicas = replicas
 
     def unregister(self, replica_id: str) -> bool:
         return self.replicas.pop(replica_id, None) is not None
-
-    def expire(self, now: float) -> list[str]:
-        gone = [rid for rid, r in self.replicas.items() if now - r.seen > EXPIRE_AFTER_S]
-        for rid in gone:
-            del self.replicas[rid]
-        return gone
 
     def knows(self, name: str) -> bool:
         """Whether `name` is a served model name (per request: no sorted copy of every name)."""
@@ -124,9 +120,16 @@ def error_body(status: int, message: str, kind: str, param: str | None = None) -
 class OpenAIRouter:
     """The ASGI application (see module docstring)."""
 
-    def __init__(self, settings: ServingSettings, registry: Registry | None = None):
+    def __init__(
+        self,
+        settings: ServingSettings,
+        registry: Registry | None = None,
+        on_unreachable: Callable[[str], None] | None = None,
+    ):
         self.settings = settings
         self.registry = registry or Registry()
+        #: Told the id of a replica this router dropped for not answering (the other routers drop it too).
+        self.on_unreachable = on_unreachable
         self.api_key = os.environ.get(settings.api_key_env or "", "") if settings.api_key_env else ""
         self._session: Any = None
 
@@ -136,7 +139,7 @@ class OpenAIRouter:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s),
+                timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s, sock_connect=CONNECT_TIMEOUT_S),
                 auto_decompress=False,
             )
         return self._session
@@ -277,7 +280,7 @@ class OpenAIRouter:
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as upstream:
                 content_type = upstream.headers.get("content-type", "application/json")
                 streaming = content_type.startswith("text/event-stream")
-                headers = [(b"content-type", content_type.encode())]
+                headers = [(b"content-type", content_type.encode()), (REPLICA_HEADER, replica_id.encode())]
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                 started = True
                 async for chunk in upstream.content.iter_any():
@@ -289,20 +292,24 @@ class OpenAIRouter:
                 log.warning("replica %s: stream broken: %s", replica_id, error)
                 await _end_broken(send, replica_id, error, streaming)
                 return "done"
-            if isinstance(error, aiohttp.ClientConnectorError):
-                self.registry.unregister(replica_id)
-                log.warning("replica %s unreachable, dropped: %s", replica_id, error)
+            if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                self._drop(replica_id, f"unreachable: {error}")
                 return "unreachable"
             if not isinstance(error, TimeoutError):  # (a slow replica is not retried elsewhere: 504)
                 # Connected, then gone before a byte of answer: the replica died under the request.
                 # Dropped until it registers again (replicas re-register while they live).
-                self.registry.unregister(replica_id)
-                log.warning("replica %s lost the connection before answering, dropped: %s", replica_id, error)
+                self._drop(replica_id, f"lost the connection before answering: {error}")
                 return "lost"
             await _respond(send, 504, error_body(504, f"replica {replica_id}: {error}", "TimeoutError"))
             return "done"
         finally:
             replica.inflight -= 1
+
+    def _drop(self, replica_id: str, why: str) -> None:
+        if self.registry.unregister(replica_id):
+            log.warning("replica %s %s; dropped", replica_id, why)
+            if self.on_unreachable is not None:
+                self.on_unreachable(replica_id)
 
 
 async def _end_broken(send: Send, replica_id: str, error: BaseException, streaming: bool) -> None:
@@ -339,20 +346,32 @@ async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes
 # -- as a Ray Serve deployment ------------------------------------------------------------------
 
 
-class RouterDeployment:
-    """Runs `OpenAIRouter` on uvicorn at ServingSettings.host:port inside a Serve replica, and
-    takes replica registrations over Serve handles."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that every router replica on this node shares (SO_REUSEPORT:
+    the kernel spreads new connections over the live ones; only processes of the same user may join)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, reuse_port=True, backlog=2048)
 
-    async def __init__(self, serving: dict[str, Any], models: list[dict[str, Any]], *model_apps: Any):
+
+class RouterDeployment:
+    """Runs `OpenAIRouter` on uvicorn at ServingSettings.host:port inside a Serve replica, routing by
+    its copy of the endpoint board's table, which it follows (long-poll) for as long as it runs."""
+
+    async def __init__(self, serving: dict[str, Any], *model_apps: Any):
         import uvicorn
+        from ray import serve
 
         self.settings = ServingSettings.model_validate(serving)
-        self.router = OpenAIRouter(self.settings)
-        self.router.registry.declare(models)
+        self.app = serve.get_replica_context().app_name
+        self.router = OpenAIRouter(self.settings, on_unreachable=self._report_unreachable)
+        # Requests are served on a loop of their own, apart from the one Serve calls methods on.
+        self.requests = LoopThread("openai-router")
+        # The whole table before the first request: a (re)started router knows every replica at once.
+        table = EndpointTable.model_validate(await endpoint_board(self.app).table.remote())
+        await self.requests.call(self._take(table))
+        self.version = table.version
         config = uvicorn.Config(
             self.router,
-            host=self.settings.host,
-            port=self.settings.port,
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -360,14 +379,16 @@ class RouterDeployment:
             timeout_keep_alive=30,
         )
         self.server = uvicorn.Server(config)
-        # Requests are served on a loop of their own, apart from the one Serve calls methods on.
-        self.requests = LoopThread("openai-router")
+        self.sock = listen_socket(self.settings.host, self.settings.port)
         self.task = await self.requests.call(self._start())
-        self.expirer = await self.requests.call(self._start_expirer())
+        self.follower = asyncio.get_running_loop().create_task(self._follow())
         log.info("OpenAI endpoint listening on %s:%d", self.settings.host, self.settings.port)
 
+    async def _take(self, table: EndpointTable) -> None:
+        self.router.registry.sync(table)
+
     async def _start(self) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(self.server.serve())
+        task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
         while not self.server.started:
             if task.done():
                 task.result()
@@ -375,32 +396,31 @@ class RouterDeployment:
             await asyncio.sleep(0.02)
         return task
 
-    async def _start_expirer(self) -> asyncio.Task[None]:
-        return asyncio.get_running_loop().create_task(self._expire())
-
-    async def _expire(self) -> None:
+    async def _follow(self) -> None:
+        """Take each new version of the board's table (the board answers a watch when it changes)."""
+        fresh = False
         while True:
-            await asyncio.sleep(EXPIRE_AFTER_S / 3)
-            for replica_id in self.router.registry.expire(time.monotonic()):
-                log.warning("replica %s stopped sending heartbeats: dropped", replica_id)
+            try:
+                raw = await endpoint_board(self.app, fresh).watch.remote(self.version, WATCH_TIMEOUT_S)
+                table = EndpointTable.model_validate(raw)
+                fresh = False
+            except Exception as error:  # the board restarting: keep routing by the copy
+                log.warning("endpoint board not reachable (%s); routing by the last table", error)
+                fresh = True
+                await asyncio.sleep(1)
+                continue
+            if table.version != self.version:
+                self.requests.call_soon(self.router.registry.sync, table)
+                self.version = table.version
 
-    async def register(self, endpoint: dict[str, Any]) -> None:
+    def _report_unreachable(self, replica_id: str) -> None:
         try:
-            parsed = ReplicaEndpoint.model_validate(endpoint)
-        except ValidationError as error:
-            log.error("bad registration %s: %s", endpoint, error)
-            return
-        self.requests.call_soon(self.router.registry.register, parsed, time.monotonic())
-
-    async def unregister(self, replica_id: str) -> bool:
-        known = replica_id in self.router.registry.replicas
-        self.requests.call_soon(self.router.registry.unregister, replica_id)
-        return known
-
-    async def declare(self, models: list[dict[str, Any]]) -> None:
-        self.requests.call_soon(self.router.registry.declare, models)
+            endpoint_board(self.app).unregister.remote(replica_id)
+        except Exception as error:  # the replica announces itself again if it lives
+            log.warning("could not tell the endpoint board about %s: %s", replica_id, error)
 
     async def endpoints(self) -> list[dict[str, Any]]:
+        """This router's view: each replica's endpoint and its counts here."""
         return [
             r.endpoint.model_dump() | {"inflight": r.inflight, "served": r.served}
             for r in self.router.registry.replicas.values()
@@ -411,8 +431,8 @@ class RouterDeployment:
             raise RuntimeError("the OpenAI endpoint's HTTP server stopped")
 
     async def __del__(self) -> None:
+        self.follower.cancel()
         self.server.should_exit = True
-        self.requests.call_soon(self.expirer.cancel)
         try:
             await self.requests.call(asyncio.wait_for(self.task, timeout=5))
         except Exception:
@@ -421,8 +441,6 @@ class RouterDeployment:
         self.requests.stop()
 
 
-def router_handle() -> Any:
-    """The router replicas register with (its application name comes from RAY_VRAM_ROUTER_APP)."""
-    from ray import serve
-
-    return serve.get_deployment_handle(ROUTER_DEPLOYMENT, app_name=os.environ.get(ROUTER_APP_ENV, ROUTER_APP))
+def replicas_board(fresh: bool = False) -> Any:
+    """The board a model replica announces itself on: its router application's (`ROUTER_APP_ENV`)."""
+    return endpoint_board(os.environ.get(ROUTER_APP_ENV, ROUTER_APP), fresh)
