@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -62,25 +63,28 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
+    with running_stack([model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)]) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running_stack(models: list[dict[str, Any]]) -> Iterator[Stack]:
+    """Ray (local, in this process), Serve, the monitor on the declared inventory, the controller and
+    `models` deployed and ready; all stopped on exit."""
     import ray
     from ray import serve
 
     from vram_scheduler.allocator import NAMESPACE
     from vram_scheduler.config import parse_config
-    from vram_scheduler.demo_model import ensure_demo_model
+    from vram_scheduler.demo_model import DEMO_MODELS, ensure_demo_model
     from vram_scheduler.monitor.readers import FileReader
     from vram_scheduler.monitor.service import MonitorService, MonitorSettings
     from vram_scheduler.serving.controller_actor import ControllerHandle
 
-    ensure_demo_model()
+    for name in sorted({m["model"] for m in models} & set(DEMO_MODELS)):
+        ensure_demo_model(kind=DEMO_MODELS[name])
     port, metrics_port = free_port(), free_port()
-    config = parse_config(
-        {
-            "models": [model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)],
-            "serving": {"host": "127.0.0.1", "port": port},
-        },
-        "serving tests",
-    )
+    config = parse_config({"models": models, "serving": {"host": "127.0.0.1", "port": port}}, "serving tests")
     ray.init(
         address="local",
         namespace=NAMESPACE,

@@ -21,6 +21,7 @@ WIRE_MODELS = {
     "NodeState",
     "ReplicaState",
     "ReplicaEndpoint",
+    "MediaAccepts",
 }
 
 
