@@ -4,9 +4,9 @@ the monitor publishing a declared two-GPU inventory, the controller, the OpenAI 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-import contextlib
 import threading
 import time
 from collections.abc import Iterator
