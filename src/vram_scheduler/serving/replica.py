@@ -263,7 +263,11 @@ class VLLMReplica:
         from .vllm_compat import supported_modalities
 
         tasks = [str(task) for task in await self.engine.get_supported_tasks()]
-        return tasks, await asyncio.to_thread(supported_modalities, self.engine.model_config)
+        try:
+            return tasks, await asyncio.to_thread(supported_modalities, self.engine.model_config)
+        except Exception as error:  # a vLLM whose processor API differs: fall back to config.json's encoders
+            log.warning("replica %s: vLLM's input kinds unknown (%s); using config.json's", self.replica_id, error)
+            return tasks, dict.fromkeys(self.budget.media.modalities)
 
     async def serve_http(self, accepts: MediaAccepts) -> str:
         """Start serving on this node; returns the URL the router calls."""
