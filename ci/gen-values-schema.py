@@ -3,7 +3,8 @@ the `models`, `placement` and `serving` sections generated from the pydantic mod
 vram_scheduler.config, so that `helm install` rejects what the controller would reject.
 
 JSON schema cannot say everything pydantic checks; the rules it can say are added here:
-`replicas` and `max_replicas: true` together, and engine_kwargs keys that ray-vram sets itself.
+`replicas` and `max_replicas: true` together, and engine_kwargs keys that ray-vram sets itself
+(from vram_gb/model/max_model_len, and from `media`).
 (Unique model names are checked by the chart's templates.)
 
 Usage: python ci/gen-values-schema.py [--check]   (--check: exit 1 when the committed file differs)
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vram_scheduler.config import config_json_schema
+from vram_scheduler.config import MEDIA_ENGINE_KWARGS, config_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "charts" / "ray-vram" / "values.schema.json"
@@ -271,6 +272,9 @@ def config_defs() -> dict[str, Schema]:
     spec["properties"]["engine_kwargs"]["properties"] = {
         name: {"not": {}, "description": "set by ray-vram from vram_gb/model/max_model_len; remove it"}
         for name in OWNED_ENGINE_KWARGS
+    } | {
+        name: {"not": {}, "description": "set by ray-vram from the model's `media` settings; use those"}
+        for name in sorted(MEDIA_ENGINE_KWARGS)
     }
     # An endpoint beyond loopback (the default host 0.0.0.0 is) needs api_key_env (ServingSettings).
     serving = defs["ServingSettings"]

@@ -21,9 +21,10 @@ python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q --isolated ${PIP_CERT:+--cert "$PIP_CERT"} "pip==26.3"
 # Constraints: the tested versions of what ray-vram imports itself.
 grep -iE '^(ray|pydantic|pydantic_core|PyYAML|rich|httpx|prometheus_client|openai)==' ci/requirements-lock.txt >"$WORK/c.txt"
-grep -iE '^(gunicorn|nvidia-ml-py)==' ci/requirements-dev.txt >>"$WORK/c.txt"
+grep -iE '^(gunicorn|nvidia-ml-py|soundfile|av)==' ci/requirements-dev.txt >>"$WORK/c.txt"
 python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print(*p['dependencies'], *p['optional-dependencies']['serve'], *p['optional-dependencies']['gpu'], sep='\n')" >"$WORK/r.txt"
+print(*p['dependencies'], *p['optional-dependencies']['serve'], *p['optional-dependencies']['gpu'], \
+*p['optional-dependencies']['audio'], sep='\n')" >"$WORK/r.txt"
 "$WORK/venv/bin/pip" install --isolated ${PIP_CERT:+--cert "$PIP_CERT"} --progress-bar off --dry-run --ignore-installed \
   --python-version 3.11 --implementation cp "${PLATFORMS[@]}" --only-binary=:all: \
   --report "$WORK/report.json" -c "$WORK/c.txt" -r "$WORK/r.txt" \

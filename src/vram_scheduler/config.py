@@ -47,6 +47,77 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
+#: vLLM engine arguments ray-vram sets from `media` (a model's engine_kwargs may not set them).
+MEDIA_ENGINE_KWARGS = frozenset(
+    {"limit_mm_per_prompt", "mm_processor_cache_gb", "allowed_local_media_path", "allowed_media_domains"}
+)
+
+
+#: The most pixels any image may have: Pillow's decompression-bomb limit, which vLLM applies too.
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+class MediaSettings(StrictModel):
+    """What a vision or speech model accepts per request. The limits bound the memory its
+    multimodal encoder, encoder cache and processor cache use (so they are part of sizing), and
+    the OpenAI router refuses a request beyond them before any replica sees it. Text-only models
+    ignore them."""
+
+    images_per_prompt: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="Most images one chat request may carry (vLLM's limit_mm_per_prompt.image; the encoder "
+        "is profiled for this many).",
+    )
+    audios_per_prompt: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="Most audio clips one request may carry (limit_mm_per_prompt.audio); a transcription is one.",
+    )
+    max_item_mb: float = Field(
+        default=10.0,
+        gt=0,
+        le=1024,
+        description="Largest image or audio file in MiB, as sent (a data URL's decoded bytes, an uploaded file).",
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        le=MAX_IMAGE_PIXELS,
+        description="Largest image in pixels (width × height); larger ones are refused, never decoded.",
+    )
+    processor_cache_gb: float = Field(
+        default=0.25,
+        ge=0,
+        description="vLLM's cache of preprocessed images/audio (mm_processor_cache_gb), in host memory; "
+        "counted in the budget on CPU; 0 turns it off.",
+    )
+    local_media_dir: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Directory on the model's nodes that `file://` image URLs may name (vLLM's "
+        "allowed_local_media_path); unset: file URLs are refused.",
+    )
+    media_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts that http(s) image URLs may name (vLLM's allowed_media_domains); empty (default): "
+        "no downloads, only data URLs and local files.",
+    )
+
+    @field_validator("local_media_dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must be an absolute path on the model's nodes, got {value!r}")
+        return value
+
+    @property
+    def max_item_bytes(self) -> int:
+        return round(self.max_item_mb * 1024**2)
+
+
 class ModelSpec(StrictModel):
     """One model to serve and how much VRAM each of its replicas may use."""
 
@@ -91,6 +162,11 @@ class ModelSpec(StrictModel):
         default_factory=dict,
         description="Extra vLLM engine arguments (e.g. dtype, enforce_eager, quantization).",
     )
+    media: MediaSettings = Field(
+        default_factory=MediaSettings,
+        description="Images and audio per request, their sizes and where they may come from (vision and "
+        'speech models; see README "Vision and audio models").',
+    )
 
     @model_serializer(mode="wrap")
     def _dump_without_unused_replicas(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -116,6 +192,9 @@ class ModelSpec(StrictModel):
         clash = sorted(owned & set(value))
         if clash:
             raise ValueError(f"{', '.join(clash)} are set by ray-vram from vram_gb/model/max_model_len; remove them")
+        media = sorted(MEDIA_ENGINE_KWARGS & set(value))
+        if media:
+            raise ValueError(f"{', '.join(media)} are set by ray-vram from the model's `media` settings; use those")
         return value
 
     @property

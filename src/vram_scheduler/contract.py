@@ -127,6 +127,20 @@ class VRAMState(WireModel):
 # --------------------------------------------------------------------------- replica → router
 
 
+class MediaAccepts(WireModel):
+    """What a replica's model takes besides text, as the router enforces it (from the model's `media`
+    settings and what vLLM says the model supports)."""
+
+    items_per_prompt: dict[str, int] = Field(
+        default_factory=dict,
+        description='Input kind ("image", "audio") → most items per request; empty: text only.',
+    )
+    max_item_bytes: int = Field(default=10 * 1024**2, ge=1, description="Largest image or audio file, as sent.")
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    local_media_dir: str | None = Field(default=None, description="Where `file://` URLs may point; None: nowhere.")
+    media_domains: list[str] = Field(default_factory=list, description="Hosts http(s) image URLs may name; []: none.")
+
+
 class ReplicaEndpoint(WireModel):
     """What a replica announces to the router so it can be sent requests."""
 
@@ -141,6 +155,11 @@ class ReplicaEndpoint(WireModel):
     gpu_index: int
     bytes: int
     pids: list[int]
+    tasks: list[str] = Field(
+        default_factory=lambda: ["generate"],
+        description='What vLLM serves for the model: "generate" (completions, chat), "transcription" (audio).',
+    )
+    media: MediaAccepts = Field(default_factory=MediaAccepts)
 
 
 # --------------------------------------------------------------------------- endpoint board → routers

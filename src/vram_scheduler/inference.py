@@ -1,9 +1,11 @@
 """Inference helpers for models served by ray-vram (or any OpenAI-compatible endpoint).
 
 Sync and async single calls, bounded-concurrency batches and streaming batches, with
-structured output parsed into pydantic classes, retries on 429/503 honouring
-``Retry-After``, and typed errors. Only ``httpx`` is needed: nothing here imports Ray or
-vLLM, so a notebook or a web app can call models without the serving stack installed.
+structured output parsed into pydantic classes, images for vision models (``images=[...]``:
+paths, bytes, PIL images or URLs, see `media_inputs`), retries on 429/503 honouring
+``Retry-After``, and typed errors; speech-to-text is `transcription.transcribe`. Only ``httpx``
+is needed: nothing here imports Ray or vLLM, so a notebook or a web app can call models without
+the serving stack installed.
 
 Where the endpoint is, in order: the ``base_url`` argument, ``$RAY_VRAM_ENDPOINT``, the
 serving controller (``$RAY_VRAM_CONTROLLER``, default ``http://127.0.0.1:8080``) which
@@ -35,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from .contract import DeploymentList
 from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER
 from .errors import RayVramError
+from .media_inputs import ImageInput, with_images
 
 T = TypeVar("T", bound=BaseModel)
 Prompt = str | Sequence[dict[str, Any]]
@@ -70,7 +73,8 @@ class ModelNotFoundError(InferenceError):
 
 
 class InvalidRequestError(InferenceError):
-    """The endpoint refused the request as invalid (HTTP 400/422), e.g. a prompt over the model's limit."""
+    """The endpoint refused the request as invalid (HTTP 400/413/415/422): a prompt over the model's
+    limit, an image for a text-only model, an image or audio file too large or of an unknown format."""
 
 
 class OverloadedError(InferenceError):
@@ -266,10 +270,12 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def _messages(prompt: Prompt) -> list[dict[str, Any]]:
+def _messages(prompt: Prompt, images: Sequence[ImageInput] | None = None) -> list[dict[str, Any]]:
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [dict(message) for message in prompt]
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(message) for message in prompt]
+    return with_images(messages, images)
 
 
 def response_format_for(structured_output: type[BaseModel]) -> dict[str, Any]:
@@ -293,9 +299,11 @@ def build_request(
     truncate_prompt_tokens: int | None = None,
     stream: bool = False,
     sampling: dict[str, Any] | None = None,
+    images: Sequence[ImageInput] | None = None,
 ) -> dict[str, Any]:
-    """The chat-completions body: messages, limits, structured output and any sampling parameter."""
-    body: dict[str, Any] = {"model": model, "messages": _messages(prompt)}
+    """The chat-completions body: messages (`images` added to the last user message), limits,
+    structured output and any sampling parameter."""
+    body: dict[str, Any] = {"model": model, "messages": _messages(prompt, images)}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     if truncate_prompt_tokens is not None:
@@ -331,7 +339,7 @@ def _raise_for(response: httpx.Response, model: str, url: str, attempts: int) ->
         raise OverloadedError(
             f"model {model!r} at {url} stayed busy (HTTP {status}) through {attempts} attempt(s): {detail}", **kwargs
         )
-    if status in {400, 422}:
+    if status in {400, 413, 415, 422}:
         raise InvalidRequestError(f"model {model!r} at {url} refused the request (HTTP {status}): {detail}", **kwargs)
     raise InferenceError(f"model {model!r} at {url} failed (HTTP {status}): {detail}", **kwargs)
 
@@ -396,6 +404,11 @@ class _Call:
     timeout_s: float
     retry: RetryPolicy
     structured_output: type[BaseModel] | None
+    files: dict[str, tuple[str, bytes]] | None = None  # a multipart upload (`body` is then its form fields)
+
+    def payload(self) -> dict[str, Any]:
+        """httpx's keyword arguments for the body: JSON, or a multipart form with its files."""
+        return {"data": self.body, "files": self.files} if self.files is not None else {"json": self.body}
 
     def result(self, payload: dict[str, Any]) -> Any:
         content, finish_reason = _answer(payload, self.model, self.url)
@@ -418,10 +431,10 @@ def _prepare(
     timeout_s: float,
     retry: RetryPolicy | None,
     sampling: dict[str, Any],
+    images: Sequence[ImageInput] | None = None,
 ) -> _Call:
     model = router_name or model_id
-    base = resolve_endpoint(model, base_url, api_key)
-    body = build_request(
+    body = build_request(  # before the endpoint lookup: an unreadable image fails without a network call
         model,
         prompt,
         structured_output=structured_output,
@@ -429,7 +442,9 @@ def _prepare(
         truncate_prompt_tokens=truncate_prompt_tokens,
         stream=stream,
         sampling=sampling,
+        images=images,
     )
+    base = resolve_endpoint(model, base_url, api_key)
     return _Call(
         model=model,
         url=f"{base}/chat/completions",
@@ -445,7 +460,7 @@ def _post_sync(call: _Call, client: httpx.Client) -> dict[str, Any]:
     response = None
     for attempt in range(call.retry.attempts):
         try:
-            response = client.post(call.url, json=call.body, headers=call.headers, timeout=call.timeout_s)
+            response = client.post(call.url, **call.payload(), headers=call.headers, timeout=call.timeout_s)
         except (httpx.ConnectError, httpx.ConnectTimeout) as error:
             raise _connect_error(error, call.model, call.url) from None
         if response.status_code not in RETRY_STATUSES or attempt == call.retry.attempts - 1:
@@ -460,7 +475,7 @@ async def _post_async(call: _Call, client: httpx.AsyncClient) -> dict[str, Any]:
     response = None
     for attempt in range(call.retry.attempts):
         try:
-            response = await client.post(call.url, json=call.body, headers=call.headers, timeout=call.timeout_s)
+            response = await client.post(call.url, **call.payload(), headers=call.headers, timeout=call.timeout_s)
         except (httpx.ConnectError, httpx.ConnectTimeout) as error:
             raise _connect_error(error, call.model, call.url) from None
         if response.status_code not in RETRY_STATUSES or attempt == call.retry.attempts - 1:
@@ -516,6 +531,20 @@ def _single_order(prompt: Any, model_id: Any, base_url: str | None, api_key: str
     return bool(_NO_SPACE.match(prompt))
 
 
+def _images_per_prompt(
+    function: str, prompts: Sequence[Prompt], images: Sequence[Sequence[ImageInput] | None] | None
+) -> list[Sequence[ImageInput] | None]:
+    """One entry of `images` per prompt (None for all when there are no images)."""
+    if images is None:
+        return [None] * len(prompts)
+    if isinstance(images, str | bytes) or len(images) != len(prompts):
+        count = "one image" if isinstance(images, str | bytes) else f"{len(images)} entries"
+        raise ValueError(
+            f"{function}: images needs one entry per prompt ({len(prompts)}: a list of images, or None), got {count}"
+        )
+    return list(images)
+
+
 def _batch_order(function: str, prompts: Any, model_id: Any) -> tuple[Sequence[Prompt], str]:
     """(prompts, model_id), swapping (with a DeprecationWarning) a call in the old (model_id, prompts) order."""
     if isinstance(prompts, str) and not isinstance(model_id, str):
@@ -545,6 +574,7 @@ def inference(
     router_name: str | None = None,
     structured_output: type[BaseModel] | None = None,
     *,
+    images: Sequence[ImageInput] | None = None,
     max_tokens: int | None = None,
     truncate_prompt_tokens: int | None = None,
     base_url: str | None = None,
@@ -555,10 +585,11 @@ def inference(
 ) -> Any:
     """Ask `model_id` once; return its text, or an instance of `structured_output`.
 
-    `prompt` is a user message or a list of chat messages. `router_name` sends the request to
-    the model's alias instead. `truncate_prompt_tokens` keeps only the last N prompt tokens
-    (-1: as many as the model's max_model_len allows). Extra keyword arguments are sampling
-    parameters passed to vLLM (temperature, top_p, seed, stop, ...).
+    `prompt` is a user message or a list of chat messages. `images` (for a vision model) go with
+    the last user message: paths, bytes, PIL images, or data:/file:///http(s):// URLs.
+    `router_name` sends the request to the model's alias instead. `truncate_prompt_tokens` keeps
+    only the last N prompt tokens (-1: as many as the model's max_model_len allows). Extra keyword
+    arguments are sampling parameters passed to vLLM (temperature, top_p, seed, stop, ...).
     """
     if _single_order(prompt, model_id, base_url, api_key):
         _deprecated_order("inference", "prompt", stacklevel=2)
@@ -576,6 +607,7 @@ def inference(
         timeout_s=timeout_s,
         retry=retry,
         sampling=sampling,
+        images=images,
     )
     with httpx.Client() as client:
         return call.result(_post_sync(call, client))
@@ -587,6 +619,7 @@ async def a_inference(
     router_name: str | None = None,
     structured_output: type[BaseModel] | None = None,
     *,
+    images: Sequence[ImageInput] | None = None,
     max_tokens: int | None = None,
     truncate_prompt_tokens: int | None = None,
     base_url: str | None = None,
@@ -613,6 +646,7 @@ async def a_inference(
         retry=retry,
         client=client,
         sampling=sampling,
+        images=images,
     )
 
 
@@ -644,21 +678,24 @@ async def a_inference_batch(
     *,
     concurrency: int = 8,
     return_exceptions: bool = False,
+    images: Sequence[Sequence[ImageInput] | None] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Answers for every prompt, in order, with at most `concurrency` requests in flight.
 
-    With `return_exceptions`, a failed prompt yields its `InferenceError` in place of an answer
-    instead of failing the batch. Other keyword arguments are `inference`'s.
+    `images`, for a vision model, has one entry per prompt: that prompt's images (or None). With
+    `return_exceptions`, a failed prompt yields its `InferenceError` in place of an answer instead
+    of failing the batch. Other keyword arguments are `inference`'s.
     """
     prompts, model_id = _batch_order("a_inference_batch", prompts, model_id)
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    per_prompt = _images_per_prompt("a_inference_batch", prompts, images)
     options = {key: kwargs.pop(key, default) for key, default in _CALL_OPTIONS.items()}
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
 
-        async def one(prompt: Prompt) -> Any:
+        async def one(prompt: Prompt, images: Sequence[ImageInput] | None) -> Any:
             async with limit:
                 try:
                     return await _a_inference(
@@ -668,6 +705,7 @@ async def a_inference_batch(
                         structured_output=structured_output,
                         client=client,
                         sampling=kwargs,
+                        images=images,
                         **options,
                     )
                 except InferenceError as error:
@@ -675,7 +713,7 @@ async def a_inference_batch(
                         return error
                     raise
 
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        return list(await asyncio.gather(*(one(p, i) for p, i in zip(prompts, per_prompt, strict=True))))
 
 
 def inference_batch(
@@ -753,16 +791,19 @@ async def a_streaming_batch(
     api_key: str | None = None,
     timeout_s: float = 600.0,
     retry: RetryPolicy | None = None,
+    images: Sequence[Sequence[ImageInput] | None] | None = None,
     **sampling: Any,
 ) -> AsyncIterator[StreamEvent]:
     """Stream tokens for many prompts at once: `StreamEvent`s as they arrive, interleaved.
 
     Each prompt ends with exactly one event with `done=True` (and `error` set if it failed);
-    at most `concurrency` streams are open at a time.
+    at most `concurrency` streams are open at a time. `images`: one entry per prompt, as in
+    `a_inference_batch`.
     """
     prompts, model_id = _batch_order("a_streaming_batch", prompts, model_id)
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    per_prompt = _images_per_prompt("a_streaming_batch", prompts, images)
     calls = [
         await asyncio.to_thread(
             _prepare,
@@ -778,8 +819,9 @@ async def a_streaming_batch(
             timeout_s=timeout_s,
             retry=retry,
             sampling=sampling,
+            images=prompt_images,
         )
-        for prompt in prompts
+        for prompt, prompt_images in zip(prompts, per_prompt, strict=True)
     ]
     out: asyncio.Queue[StreamEvent] = asyncio.Queue()
     limit = asyncio.Semaphore(concurrency)
@@ -833,12 +875,19 @@ def streaming_batch(
         thread.join(timeout=5)
 
 
-def stream(prompt: Prompt, model_id: str, router_name: str | None = None, **kwargs: Any) -> Iterator[str]:
+def stream(
+    prompt: Prompt,
+    model_id: str,
+    router_name: str | None = None,
+    *,
+    images: Sequence[ImageInput] | None = None,
+    **kwargs: Any,
+) -> Iterator[str]:
     """Text pieces of one streamed answer; raises the stream's `InferenceError` if it fails."""
     if _single_order(prompt, model_id, kwargs.get("base_url"), kwargs.get("api_key")):
         _deprecated_order("stream", "prompt", stacklevel=2)
         prompt, model_id = model_id, prompt
-    for event in streaming_batch([prompt], model_id, router_name, concurrency=1, **kwargs):
+    for event in streaming_batch([prompt], model_id, router_name, concurrency=1, images=[images], **kwargs):
         if event.error is not None:
             raise event.error
         if event.text:

@@ -646,10 +646,10 @@ class ResolvedModel:
 
 def resolve_model(model: str) -> ResolvedModel:
     """The model's source and config.json: `demo`, a local directory, or a Hugging Face name."""
-    from .demo_model import ensure_demo_model, is_demo_model
+    from .demo_model import DEMO_MODELS, ensure_demo_model
 
-    if is_demo_model(model):
-        directory = ensure_demo_model()
+    if model in DEMO_MODELS:
+        directory = ensure_demo_model(kind=DEMO_MODELS[model])
         return ResolvedModel(model, str(directory), directory, json.loads((directory / "config.json").read_text()))
     path = Path(model).expanduser()
     if path.exists() or model.startswith(("/", "./", "../", "~")):

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .config import ConfigError, ModelSpec
-from .demo_model import default_demo_dir, is_demo_model
+from .demo_model import demo_model_dir, is_demo_model
 
 #: The original design's default, kept for models that allow at least as much.
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -78,7 +78,7 @@ def max_len_of(config: dict[str, Any], tokenizer_config: dict[str, Any] | None =
 def _local_files(model: str) -> Path | None:
     """The directory holding the model's config.json without downloading anything, if there is one."""
     if is_demo_model(model):
-        directory = default_demo_dir()
+        directory = demo_model_dir(model)
         return directory if (directory / "config.json").is_file() else None
     directory = Path(model).expanduser()
     if (directory / "config.json").is_file():
@@ -105,6 +105,18 @@ def _download_config(model: str) -> Path | None:
         return path.parent
     except Exception:  # offline, gated, not a hub name: vLLM reports it when it loads
         return None
+
+
+def local_config(model: str) -> dict[str, Any] | None:
+    """The model's config.json when it can be read without downloading (a local or cached model)."""
+    directory = _local_files(model)
+    if directory is None:
+        return None
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def model_limit(model: str, download: bool = False) -> ModelLimit | None:

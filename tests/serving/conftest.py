@@ -113,12 +113,24 @@ def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
+    with running_stack([model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)]) as started:
+        yield started
+
+
+@contextmanager
+def running_stack(models: list[dict[str, Any]]) -> Iterator[Stack]:
+    """Ray (local, in this process), Serve, the monitor on the declared inventory, the controller and
+    `models` deployed and ready; all stopped on exit."""
     import ray
 
     from vram_scheduler.allocator import NAMESPACE
+    from vram_scheduler.config import parse_config
+    from vram_scheduler.demo_model import DEMO_MODELS, ensure_demo_model
 
+    for name in sorted({m["model"] for m in models} & set(DEMO_MODELS)):
+        ensure_demo_model(kind=DEMO_MODELS[name])
     port, metrics_port = free_port(), free_port()
-    config = two_models(port)
+    config = parse_config({"models": models, "serving": {"host": "127.0.0.1", "port": port}}, "serving tests")
     ray.init(
         address="local",
         namespace=NAMESPACE,

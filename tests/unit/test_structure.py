@@ -23,6 +23,7 @@ WIRE_MODELS = {
     "ReplicaEndpoint",
     "RoutedModel",
     "EndpointTable",
+    "MediaAccepts",
 }
 
 

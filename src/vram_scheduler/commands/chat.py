@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import inference as inf
 from ..exit_codes import ExitCode
+from ..media_inputs import ImageInputError, with_images
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,18 +16,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "chat",
         help="chat with a served model (streaming; reads lines from the terminal or stdin)",
         description="Interactive chat: each line you type is sent with the conversation so far and the\n"
-        "answer streams back. /reset forgets the conversation, /exit (or Ctrl-D) quits.\n\n"
+        "answer streams back. /reset forgets the conversation, /exit (or Ctrl-D) quits.\n"
+        "Vision models: --image PATH (repeatable) goes with your first message; /image PATH goes with\n"
+        "the next one. Images travel inside the request (the model may be on another machine).\n\n"
         "exit codes: 0 done, 1 the endpoint failed, 2 unknown model\n\n"
         "examples:\n"
         "  ray-vram chat demo\n"
         "  echo 'hello' | ray-vram chat demo --max-tokens 32\n"
-        "  ray-vram chat qwen --system 'Answer in French.' --temperature 0.2",
+        "  ray-vram chat qwen --system 'Answer in French.' --temperature 0.2\n"
+        "  echo 'what is in this picture?' | ray-vram chat vision --image cat.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model_id", help="model id (or router name) to talk to")
     parser.add_argument("--system", help="system message opening the conversation")
     parser.add_argument("--max-tokens", type=int, default=None, help="answer length (default: the model's)")
     parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH_OR_URL",
+        help="image for the first message (repeatable): a local file, or a data:/file:///http(s):// URL",
+    )
     parser.add_argument("--endpoint", help="OpenAI base URL (default: discovered from the controller/Serve)")
     parser.set_defaults(func=run)
 
@@ -46,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
         )
     history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     sampling = {"temperature": args.temperature} if args.temperature is not None else {}
+    images: list[str] = list(args.image)
     if interactive:
-        print(f"chatting with {args.model_id} at {base_url} — /reset, /exit", file=sys.stderr)
+        print(f"chatting with {args.model_id} at {base_url} — /image PATH, /reset, /exit", file=sys.stderr)
     while True:
         if interactive:
             print("you> ", end="", file=sys.stderr, flush=True)
@@ -62,7 +74,18 @@ def run(args: argparse.Namespace) -> int:
         if text == "/reset":
             history = history[:1] if args.system else []
             continue
-        history.append({"role": "user", "content": text})
+        if text.startswith("/image "):
+            images.append(text.removeprefix("/image ").strip())
+            continue
+        try:
+            history += with_images([{"role": "user", "content": text}], images)
+        except ImageInputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            images = []
+            if not interactive:
+                return ExitCode.INVALID
+            continue
+        images = []
         answer = []
         try:
             for piece in inf.stream(history, args.model_id, base_url=base_url, max_tokens=args.max_tokens, **sampling):

@@ -3,6 +3,11 @@
 Arguments go through vLLM's own command-line parser, so a replica's engine and OpenAI layer are
 configured exactly as `vllm serve` would configure them from the same flags, and a bad
 `engine_kwargs` entry fails with vLLM's message naming the flag.
+
+A model's `media` settings become vLLM's multimodal flags (text-only models ignore them): items per
+prompt (which bound the encoder's profiled memory), the processor cache, and where images may come
+from. With no `media.media_domains`, vLLM is given the reserved domain `invalid` (RFC 2606), which
+no URL matches: a replica called directly downloads nothing either.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import argparse
 import json
 from typing import Any, NoReturn
 
-from ..config import ModelSpec
+from ..config import MediaSettings, ModelSpec
 from ..errors import RayVramError
 from .sizing import EngineBudget
 
@@ -35,6 +40,22 @@ def _flag(key: str, value: Any) -> list[str]:
     return [name, str(value)]
 
 
+#: A domain no URL can have (RFC 2606): vLLM's allowed_media_domains when none is allowed.
+NO_MEDIA_DOMAIN = "invalid"
+
+
+def media_kwargs(media: MediaSettings) -> dict[str, Any]:
+    """vLLM's multimodal engine arguments for `media` (see module docstring)."""
+    kwargs: dict[str, Any] = {
+        "limit_mm_per_prompt": {"image": media.images_per_prompt, "audio": media.audios_per_prompt, "video": 0},
+        "mm_processor_cache_gb": media.processor_cache_gb,
+        "allowed_media_domains": media.media_domains or [NO_MEDIA_DOMAIN],
+    }
+    if media.local_media_dir:
+        kwargs["allowed_local_media_path"] = media.local_media_dir
+    return kwargs
+
+
 def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget, engine_metrics: bool = True) -> list[str]:
     """The `vllm serve` flags for a replica of `spec` (`engine_metrics`: keep vLLM's statistics on)."""
     kwargs: dict[str, Any] = {
@@ -44,6 +65,7 @@ def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget, engine
         "disable_uvicorn_access_log": True,
         **({} if engine_metrics else {"disable_log_stats": True}),  # vLLM's flag has no negative form
         **budget.engine_kwargs(),
+        **media_kwargs(spec.media),
     }
     # spec.max_tokens is applied by the router to requests without max_tokens: vLLM's
     # generation-config default would cap every request at it instead.

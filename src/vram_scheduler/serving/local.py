@@ -30,7 +30,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..config import ConfigError, RayVRAMConfig, ServingSettings
-from ..demo_model import ensure_demo_model, is_demo_model
+from ..demo_model import DEMO_MODELS, ensure_demo_model
 from ..loopback import is_loopback_host, keep_ray_on_loopback
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,9 @@ class LocalStack:
                 "warning: RAY_AUTH_MODE=disabled: Ray's gRPC ports (on every interface) accept anyone "
                 "who can reach this machine"
             )
-        if any(is_demo_model(m.model) for m in self.config.models):
-            progress("preparing the demo model ...")
-            ensure_demo_model()
+        for name in sorted({m.model for m in self.config.models} & set(DEMO_MODELS)):
+            progress(f"preparing the demo model {name} ...")
+            ensure_demo_model(kind=DEMO_MODELS[name])
         import ray
         from ray import serve
 

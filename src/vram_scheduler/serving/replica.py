@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -32,13 +33,15 @@ from ray import serve
 
 from ..allocator import get_vram_allocator
 from ..config import ModelSpec, ServingSettings, format_gib, gib_to_bytes
-from ..contract import ReplicaEndpoint
+from ..contract import MediaAccepts, ReplicaEndpoint
 from ..demo_model import resolve_model_source
 from ..errors import RayVramError
+from ..model_limits import local_config
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .loop_thread import LoopThread
+from .media_budget import media_need
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
 from .options import deployment_options, keep_if_unchanged
 from .pinning import pin_process, visible_device_total_bytes
@@ -133,8 +136,9 @@ class VLLMReplica:
         device = pin_process(gpu_uuid)
         total = visible_device_total_bytes() if device == "cuda" else _host_memory_total()
         overhead = await self._overhead_bytes() if device == "cuda" else 0
+        media = media_need(self.spec, await asyncio.to_thread(local_config, model_source))
         budget = size_engine(
-            self.spec.model_id, self.spec.vram_bytes, device, total, checkpoint_bytes(model_source), overhead
+            self.spec.model_id, self.spec.vram_bytes, device, total, checkpoint_bytes(model_source), overhead, media
         )
         log.info(
             "replica %s: %s on %s (%s), budget %s: %s",
@@ -167,7 +171,8 @@ class VLLMReplica:
         pids = self._engine_pids()
         for pid in pids:
             await self.allocator.attach_process.remote(self.replica_id, pid)
-        url = await self.serve_http()
+        tasks, accepts = await self.capabilities()
+        url = await self.serve_http(accepts)
         self.endpoint = ReplicaEndpoint(
             replica_id=self.replica_id,
             model_id=self.spec.model_id,
@@ -180,6 +185,8 @@ class VLLMReplica:
             gpu_index=self.reservation.gpu_index,
             bytes=self.reservation.bytes,
             pids=pids,
+            tasks=tasks,
+            media=accepts,
         )
         self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
 
@@ -209,6 +216,9 @@ class VLLMReplica:
     def prepare(self, model_source: str, budget: EngineBudget) -> None:
         """Check the engine configuration before taking the startup lock (fail early, hold nothing long)."""
         self.args = parse_server_args(server_argv(self.spec, model_source, budget, self.serving.engine_metrics))
+        # vLLM's own guards, at the model's limits (the router checks first; see media_checks).
+        os.environ["VLLM_MAX_IMAGE_PIXELS"] = str(self.spec.media.max_image_pixels)
+        os.environ["VLLM_MAX_AUDIO_CLIP_FILESIZE_MB"] = str(math.ceil(self.spec.media.max_item_mb))
         if budget.device == "cpu":
             # vLLM's CPU backend lets this variable override kv_cache_memory_bytes: the reservation decides.
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
@@ -222,10 +232,47 @@ class VLLMReplica:
         self.requests = LoopThread(f"{self.replica_id}-requests")
         self.engine = await self.requests.call(self._start_engine(self.args))
 
-    async def serve_http(self) -> str:
+    async def capabilities(self) -> tuple[list[str], MediaAccepts]:
+        """What the loaded model serves (vLLM's tasks) and takes besides text, within the spec's `media`."""
+        assert self.requests is not None
+        tasks, supported = await self.requests.call(self._vllm_capabilities())
+        media = self.spec.media
+        limits = {"image": media.images_per_prompt, "audio": media.audios_per_prompt}
+        items = {
+            kind: min(limits[kind], cap or limits[kind]) for kind, cap in supported.items() if limits.get(kind, 0) > 0
+        }
+        if sorted(items) != sorted(self.budget.media.modalities):
+            log.warning(
+                "replica %s: vLLM takes %s besides text, its config.json suggested %s: the budget %s the encoder "
+                "and caches",
+                self.replica_id,
+                sorted(items) or "nothing",
+                self.budget.media.modalities or "nothing",
+                "counts" if self.budget.media.modalities else "does not count",
+            )
+        accepts = MediaAccepts(
+            items_per_prompt=items,
+            max_item_bytes=media.max_item_bytes,
+            max_image_pixels=media.max_image_pixels,
+            local_media_dir=media.local_media_dir,
+            media_domains=media.media_domains,
+        )
+        return tasks, accepts
+
+    async def _vllm_capabilities(self) -> tuple[list[str], dict[str, int | None]]:
+        from .vllm_compat import supported_modalities
+
+        tasks = [str(task) for task in await self.engine.get_supported_tasks()]
+        try:
+            return tasks, await asyncio.to_thread(supported_modalities, self.engine.model_config)
+        except Exception as error:  # a vLLM whose processor API differs: fall back to config.json's encoders
+            log.warning("replica %s: vLLM's input kinds unknown (%s); using config.json's", self.replica_id, error)
+            return tasks, dict.fromkeys(self.budget.media.modalities)
+
+    async def serve_http(self, accepts: MediaAccepts) -> str:
         """Start serving on this node; returns the URL the router calls."""
         assert self.requests is not None
-        return await self.requests.call(self._start_http(self.args))
+        return await self.requests.call(self._start_http(self.args, accepts))
 
     async def _start_engine(self, args: Any) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -257,9 +304,10 @@ class VLLMReplica:
         me = psutil.Process()
         return [me.pid, *sorted(child.pid for child in me.children(recursive=True))]
 
-    async def _start_http(self, args: Any) -> str:
+    async def _start_http(self, args: Any, accepts: MediaAccepts) -> str:
         import uvicorn
 
+        from .local_media import LocalMediaGuard
         from .vllm_compat import build_openai_app, init_openai_app_state
 
         tasks = await self.engine.get_supported_tasks()
@@ -267,8 +315,9 @@ class VLLMReplica:
         await init_openai_app_state(self.engine, app.state, args, tasks)
         host = os.environ.get(REPLICA_HOST_ENV) or node_ip_address()
         sock = socket.create_server((host, 0), reuse_port=False)
+        served = LocalMediaGuard(app, self.spec.model_id, accepts) if accepts.local_media_dir else app
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off", http="httptools"
+            served, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off", http="httptools"
         )
         self.server = uvicorn.Server(config)
         app.state.server = self.server

@@ -7,6 +7,13 @@ as vLLM implements it. What the router adds: unknown model → 404, no ready rep
 full replicas → 429 (both with Retry-After), the optional bearer API key, and `/v1/models`
 over all models.
 
+Images and audio are checked against what the model takes (`media_checks`) before a replica sees
+them: a request for an endpoint its model does not serve (chat to a speech model, a transcription to
+a text model), an image for a text-only model, too many or too large items, a path outside the
+model's media directory or a download URL get a 4xx naming the model and the limit. The audio
+endpoints (`/v1/audio/transcriptions`, `/v1/audio/translations`) take the multipart form OpenAI's
+clients send; it is forwarded as sent, with the model's default length added when it sets none.
+
 A plain ASGI app on uvicorn (no framework in the request path): on a 2-core machine every
 millisecond of per-request CPU shows up in throughput (bench/serving). The router runs as
 `serving.router_replicas` Serve replicas, each routing by its copy of the endpoint board's table
@@ -31,6 +38,8 @@ from ..config import ServingSettings
 from ..contract import EndpointTable, ReplicaEndpoint
 from .endpoint_board import WATCH_TIMEOUT_S, endpoint_board
 from .loop_thread import LoopThread
+from .media_checks import MediaRejected, check_audio_upload, check_chat
+from .multipart import FormError, add_field, is_multipart, parse_form
 
 log = logging.getLogger("ray.serve")
 
@@ -45,6 +54,13 @@ RETRY_AFTER_LOADING_S = 5
 CONNECT_TIMEOUT_S = 5.0
 #: Response header naming the replica that answered (which one took a request: logs, tests).
 REPLICA_HEADER = b"x-ray-vram-replica"
+#: The vLLM task each path needs (other /v1 paths go to vLLM unchecked), and what to call it in errors.
+PATH_TASKS = {
+    "/v1/chat/completions": ("generate", "chat completions"),
+    "/v1/completions": ("generate", "completions"),
+    "/v1/audio/transcriptions": ("transcription", "audio transcriptions"),
+    "/v1/audio/translations": ("transcription", "audio translations"),
+}
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -96,6 +112,14 @@ class Registry:
 
     def candidates(self, name: str) -> list[_Replica]:
         return [r for r in self.replicas.values() if name in r.endpoint.names]
+
+    def endpoint_of(self, name: str) -> ReplicaEndpoint | None:
+        """One replica's announcement for `name` (every replica of a model announces the same tasks
+        and media limits); None before any replica registered."""
+        for replica in self.replicas.values():
+            if name in replica.endpoint.names:
+                return replica.endpoint
+        return None
 
     def pick(self, name: str, exclude: set[str]) -> _Replica | None:
         """The least-busy replica of `name` below its limit (round-robin among equals)."""
@@ -184,7 +208,11 @@ class OpenAIRouter:
             await _respond(send, 404, error_body(404, f"no route {method} {path}", "NotFoundError"))
             return
         body = await _read_body(receive)
-        await self._forward(scope, body, send)
+        content_type = _header(scope, b"content-type") or "application/json"
+        if is_multipart(content_type):
+            await self._forward_form(scope, content_type, body, send)
+        else:
+            await self._forward(scope, body, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -215,13 +243,59 @@ class OpenAIRouter:
             await _respond(send, 400, error_body(400, f"request body is not valid JSON: {error}", "BadRequestError"))
             return
         name = request.get("model") if isinstance(request, dict) else None
+        if not await self._check_model(name, scope["path"], send):
+            return
+        assert isinstance(name, str)
+        endpoint = self.registry.endpoint_of(name)
+        if endpoint is not None and scope["path"] == "/v1/chat/completions":
+            try:
+                check_chat(request, name, endpoint.media)
+            except MediaRejected as error:
+                await _refuse(send, error)
+                return
+        if "max_tokens" not in request and "max_completion_tokens" not in request and name in self.registry.max_tokens:
+            # The model's default length; vLLM alone would fill the context (or cap at a configured default).
+            request["max_tokens"] = self.registry.max_tokens[name]
+            body = orjson.dumps(request)
+        await self._route(name, scope, body, send, "application/json")
+
+    async def _forward_form(self, scope: dict[str, Any], content_type: str, body: bytes, send: Send) -> None:
+        """A multipart request (OpenAI's audio endpoints): its `model` field routes it, its file is checked."""
+        try:
+            form = parse_form(content_type, body)
+        except FormError as error:
+            await _respond(send, 400, error_body(400, f"request body: {error}", "BadRequestError"))
+            return
+        name = form.fields.get("model")
+        if not await self._check_model(name, scope["path"], send):
+            return
+        assert isinstance(name, str)
+        endpoint = self.registry.endpoint_of(name)
+        uploads = [upload for upload in form.files if upload.name == "file"]
+        if endpoint is not None and scope["path"].startswith("/v1/audio/"):
+            if not uploads:
+                message = "file: field required (the audio file, as a multipart upload)"
+                await _respond(send, 400, error_body(400, message, "BadRequestError", "file"))
+                return
+            try:
+                check_audio_upload(uploads[0].data, uploads[0].filename, name, endpoint.media)
+            except MediaRejected as error:
+                await _refuse(send, error)
+                return
+        if "max_completion_tokens" not in form.fields and name in self.registry.max_tokens:
+            # Whisper-like models otherwise decode up to their whole context (448 tokens) per request.
+            body = add_field(content_type, body, "max_completion_tokens", str(self.registry.max_tokens[name]))
+        await self._route(name, scope, body, send, content_type)
+
+    async def _check_model(self, name: Any, path: str, send: Send) -> bool:
+        """Whether `name` is a served model whose replicas serve `path`; answers the client when not."""
         if not isinstance(name, str) or not name:
             await _respond(
                 send,
                 400,
                 error_body(400, "model: field required (a string naming a served model)", "BadRequestError", "model"),
             )
-            return
+            return False
         if not self.registry.knows(name):
             known = ", ".join(self.registry.names()) or "none"
             await _respond(
@@ -229,11 +303,20 @@ class OpenAIRouter:
                 404,
                 error_body(404, f"The model `{name}` does not exist (served: {known}).", "NotFoundError", "model"),
             )
-            return
-        if "max_tokens" not in request and "max_completion_tokens" not in request and name in self.registry.max_tokens:
-            # The model's default length; vLLM alone would fill the context (or cap at a configured default).
-            request["max_tokens"] = self.registry.max_tokens[name]
-            body = orjson.dumps(request)
+            return False
+        endpoint = self.registry.endpoint_of(name)
+        task, what = PATH_TASKS.get(path, (None, ""))
+        if endpoint is not None and task is not None and task not in endpoint.tasks:
+            serves = [label for t, label in PATH_TASKS.values() if t in endpoint.tasks]
+            message = (
+                f"model `{name}` does not serve {what} (POST {path}); it serves "
+                f"{', '.join(dict.fromkeys(serves)) or ', '.join(endpoint.tasks)}"
+            )
+            await _respond(send, 400, error_body(400, message, "BadRequestError", "model"))
+            return False
+        return True
+
+    async def _route(self, name: str, scope: dict[str, Any], body: bytes, send: Send, content_type: str) -> None:
         tried: set[str] = set()
         while True:
             replica = self.registry.pick(name, tried)
@@ -241,7 +324,7 @@ class OpenAIRouter:
                 await self._unavailable(send, name, tried)
                 return
             tried.add(replica.endpoint.replica_id)
-            outcome = await self._proxy(replica, scope, body, send)
+            outcome = await self._proxy(replica, scope, body, send, content_type)
             if outcome == "done":
                 return
             # "unreachable" or "lost": nothing reached the client yet, and a completion has no side
@@ -267,7 +350,7 @@ class OpenAIRouter:
                 [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())],
             )
 
-    async def _proxy(self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send) -> str:
+    async def _proxy(self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str) -> str:
         import aiohttp
 
         session = await self.session()
@@ -277,7 +360,7 @@ class OpenAIRouter:
         started, streaming = False, False
         replica_id = replica.endpoint.replica_id
         try:
-            async with session.post(url, data=body, headers={"content-type": "application/json"}) as upstream:
+            async with session.post(url, data=body, headers={"content-type": content_type}) as upstream:
                 content_type = upstream.headers.get("content-type", "application/json")
                 streaming = content_type.startswith("text/event-stream")
                 headers = [(b"content-type", content_type.encode()), (REPLICA_HEADER, replica_id.encode())]
@@ -322,6 +405,17 @@ async def _end_broken(send: Send, replica_id: str, error: BaseException, streami
         await send({"type": "http.response.body", "body": tail, "more_body": False})
     except Exception as failure:  # the client left first: nothing to tell
         log.debug("could not end the broken response: %s", failure)
+
+
+async def _refuse(send: Send, error: MediaRejected) -> None:
+    await _respond(send, error.status, error_body(error.status, str(error), error.kind, error.param))
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _model_card(name: str) -> dict[str, Any]:

@@ -17,6 +17,10 @@ On CPU (vLLM's CPU backend, local mode and CI), the reservation is accounted in 
 where the monitor measures the private memory of the replica's processes: vLLM takes an explicit
 `kv_cache_memory_bytes`, so the KV cache gets the budget minus the weights and the resident
 runtime of the replica's processes.
+
+A vision or speech model also holds an encoder cache, a processor cache and its encoder's
+activations (`media_budget`): on CPU they come out of the KV cache's share; on CUDA vLLM's
+profiling counts what lies on the GPU, and the budget must at least hold the encoder cache.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from ..config import format_gib
 from ..errors import RayVramError
+from .media_budget import MediaNeed
 
 MIB = 1024**2
 #: What a CPU replica holds besides weights and KV cache: the Python/PyTorch/vLLM runtime of the
@@ -54,6 +59,7 @@ class EngineBudget(BaseModel):
     cap_bytes: int | None = Field(
         default=None, description="Hard cap of the engine process on CUDA: the reservation, budget + overhead."
     )
+    media: MediaNeed = Field(default_factory=MediaNeed, description="The multimodal part (vision/speech models).")
 
     def engine_kwargs(self) -> dict[str, float | int]:
         """The vLLM engine arguments this budget sets (the spec's `engine_kwargs` may not)."""
@@ -87,9 +93,11 @@ def size_engine(
     device_total_bytes: int,
     weight_bytes: int = 0,
     overhead_bytes: int = 0,
+    media: MediaNeed | None = None,
 ) -> EngineBudget:
     """Engine settings that keep a replica of `model_id` inside `budget_bytes` (+ `overhead_bytes`
-    on CUDA: the part of the reservation vLLM does not count)."""
+    on CUDA: the part of the reservation vLLM does not count), `media` included."""
+    media = media or MediaNeed()
     if budget_bytes > device_total_bytes:
         raise BudgetTooSmall(
             f"model {model_id}: budget {format_gib(budget_bytes)} exceeds the device's total "
@@ -97,8 +105,8 @@ def size_engine(
         )
     if device == "cuda":
         share = math.floor(budget_bytes / device_total_bytes * 10_000) / 10_000  # never above the budget
-        if weight_bytes + MIN_KV_CACHE_BYTES > budget_bytes:
-            raise BudgetTooSmall(_too_small(model_id, budget_bytes, weight_bytes, 0))
+        if weight_bytes + media.encoder_cache_bytes + MIN_KV_CACHE_BYTES > budget_bytes:
+            raise BudgetTooSmall(_too_small(model_id, budget_bytes, weight_bytes, 0, media.encoder_cache_bytes))
         return EngineBudget(
             device=device,
             budget_bytes=budget_bytes,
@@ -106,23 +114,27 @@ def size_engine(
             weight_bytes=weight_bytes,
             gpu_memory_utilization=share,
             cap_bytes=min(budget_bytes + overhead_bytes, device_total_bytes),
+            media=media,
         )
-    kv_bytes = budget_bytes - weight_bytes - CPU_RUNTIME_BYTES
+    kv_bytes = budget_bytes - weight_bytes - CPU_RUNTIME_BYTES - media.cpu_bytes
     if kv_bytes < MIN_KV_CACHE_BYTES:
-        raise BudgetTooSmall(_too_small(model_id, budget_bytes, weight_bytes, CPU_RUNTIME_BYTES))
+        raise BudgetTooSmall(_too_small(model_id, budget_bytes, weight_bytes, CPU_RUNTIME_BYTES, media.cpu_bytes))
     return EngineBudget(
         device=device,
         budget_bytes=budget_bytes,
         device_total_bytes=device_total_bytes,
         weight_bytes=weight_bytes,
         kv_cache_memory_bytes=kv_bytes,
+        media=media,
     )
 
 
-def _too_small(model_id: str, budget: int, weights: int, runtime: int) -> str:
-    need = weights + runtime + MIN_KV_CACHE_BYTES
+def _too_small(model_id: str, budget: int, weights: int, runtime: int, media: int = 0) -> str:
+    need = weights + runtime + media + MIN_KV_CACHE_BYTES
+    media_part = f" + image/audio encoder and caches {format_gib(media)}" if media else ""
+    fix = "raise vram_gb" + (" or lower media.processor_cache_gb" if media else "")
     return (
         f"model {model_id}: budget {format_gib(budget)} cannot hold weights {format_gib(weights)} + runtime "
-        f"{format_gib(runtime)} + a minimal KV cache {format_gib(MIN_KV_CACHE_BYTES)} (short by "
-        f"{format_gib(need - budget)}); raise vram_gb"
+        f"{format_gib(runtime)}{media_part} + a minimal KV cache {format_gib(MIN_KV_CACHE_BYTES)} (short by "
+        f"{format_gib(need - budget)}); {fix}"
     )

@@ -77,6 +77,17 @@ def build_openai_app(args: Any, tasks: Any, model_config: Any) -> Any:
     return module.build_app(args, tasks, model_config)
 
 
+def supported_modalities(model_config: Any) -> dict[str, int | None]:
+    """Input kinds beside text the loaded model takes, each with vLLM's own cap per prompt (None: no cap);
+    empty for a text-only model."""
+    if not getattr(model_config, "is_multimodal_model", False):
+        return {}
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    limits = MULTIMODAL_REGISTRY.create_processor(model_config).info.get_supported_mm_limits()
+    return dict(limits)
+
+
 async def init_openai_app_state(engine: Any, state: Any, args: Any, tasks: Any) -> None:
     """Attach the engine and vLLM's serving classes to the app's state."""
     module = _first("vllm.entrypoints.launchers.api_server.app_state", "vllm.entrypoints.openai.api_server")
