@@ -35,6 +35,7 @@ import yaml
 
 from bench.serving.stacks import ray_vram_model, up_command
 from vram_scheduler.demo_model import ensure_demo_model
+from vram_scheduler.exit_codes import ExitCode
 from vram_scheduler.loopback import LOOPBACK_NODE_ENV, free_port
 from vram_scheduler.serving.local import ray_auth_env
 
@@ -244,7 +245,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         gcs, ready_s = run.start_stack()
         print(f"stack ready in {ready_s:.0f} s (Ray GCS {gcs}); load for {duration:.0f} s", flush=True)
         assert run.up is not None
-        run.load_started = time.monotonic()
+        run.load_started = run.last_progress = time.monotonic()
         run.sampler = memory.Sampler(run.up.pid, run.load_started, args.sample_s)
         run.sampler.start()
         run.start_clients()
@@ -322,9 +323,9 @@ def main() -> None:
         result = soak(args, args.work)
     except KeyboardInterrupt:
         print("interrupted: everything stopped", flush=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     print(result["table"])
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.results}")
-    sys.exit(0 if passed(result) else 1)
+    sys.exit(ExitCode.OK if passed(result) else ExitCode.FAILURE)
