@@ -23,10 +23,17 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+WORDS = "the cat runs the dog builds a team that serves many requests every day"
+
+
+def prompt(tag: str, i: int) -> str:
+    """A prompt of the shared shape, index first: no shared prefix between requests."""
+    return f"{tag}{i} {WORDS}"
+
+
 def prompts(tag: str, n: int) -> list[str]:
-    """Distinct prompts of equal shape (index first: no shared prefix between requests)."""
-    words = "the cat runs the dog builds a team that serves many requests every day"
-    return [f"{tag}{i} {words}" for i in range(n)]
+    """Distinct prompts of equal shape."""
+    return [prompt(tag, i) for i in range(n)]
 
 
 @dataclass
@@ -62,42 +69,72 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], phase: Phase) -> None:
+@dataclass
+class Outcome:
+    """One request: `kind` is "ok" or what went wrong ("http 503", "ReadTimeout", "stream error", ...)."""
+
+    kind: str
+    detail: str = ""
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    tokens: int = 0
+
+
+async def request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Outcome:
+    """One completion or chat completion, streamed or not; a stream counts only if it ends with
+    [DONE] after a first token and carries no error event."""
     started = time.perf_counter()
     try:
         if not body.get("stream"):
             response = await client.post(url, json=body)
             if response.status_code != 200:
-                phase.errors.append(f"{response.status_code} {response.text[:200]}")
-                return
-            phase.tokens += response.json()["usage"]["completion_tokens"]
-        else:
-            first = None
-            done = False
-            async with client.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    phase.errors.append(f"{response.status_code} {(await response.aread())[:200]!r}")
-                    return
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(data)
-                    if chunk.get("usage"):
-                        phase.tokens += chunk["usage"]["completion_tokens"]
-                    if first is None and any(c.get("text") for c in chunk.get("choices") or []):
-                        first = time.perf_counter()
-            if not done or first is None:
-                phase.errors.append(f"incomplete stream (done={done}, first token={first is not None})")
-                return
-            phase.ttft_ms.append((first - started) * 1000)
-        phase.latencies_ms.append((time.perf_counter() - started) * 1000)
-        phase.ok += 1
+                return Outcome(f"http {response.status_code}", f"{response.status_code} {response.text[:200]}")
+            tokens = response.json()["usage"]["completion_tokens"]
+            return Outcome("ok", latency_ms=(time.perf_counter() - started) * 1000, tokens=tokens)
+        first = None
+        done = False
+        tokens = 0
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread())[:200]
+                return Outcome(f"http {response.status_code}", f"{response.status_code} {text!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    return Outcome("stream error", json.dumps(chunk["error"])[:200])
+                if chunk.get("usage"):
+                    tokens += chunk["usage"]["completion_tokens"]
+                if first is None and any(_text(c) for c in chunk.get("choices") or []):
+                    first = time.perf_counter()
+        if not done or first is None:
+            return Outcome("incomplete stream", f"incomplete stream (done={done}, first token={first is not None})")
+        now = time.perf_counter()
+        return Outcome("ok", latency_ms=(now - started) * 1000, ttft_ms=(first - started) * 1000, tokens=tokens)
     except httpx.HTTPError as error:
-        phase.errors.append(repr(error)[:200])
+        return Outcome(type(error).__name__, repr(error)[:200])
+
+
+def _text(choice: dict[str, Any]) -> str:
+    """A streamed choice's new text: `text` (completions) or `delta.content` (chat)."""
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], phase: Phase) -> None:
+    outcome = await request(client, url, body)
+    if outcome.kind != "ok":
+        phase.errors.append(outcome.detail)
+        return
+    phase.tokens += outcome.tokens
+    if outcome.ttft_ms is not None:
+        phase.ttft_ms.append(outcome.ttft_ms)
+    phase.latencies_ms.append(outcome.latency_ms or 0.0)
+    phase.ok += 1
 
 
 async def run_phase(base: str, model: str, texts: list[str], concurrency: int, max_tokens: int, stream: bool) -> Phase:
@@ -109,12 +146,12 @@ async def run_phase(base: str, model: str, texts: list[str], concurrency: int, m
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
         for text in texts[:3]:  # warm-up, not measured
-            await _one(client, url, _body(model, text, max_tokens, stream), Phase())
+            await _one(client, url, request_body(model, text, max_tokens, stream), Phase())
 
         async def worker() -> None:
             while not queue.empty():
                 text = queue.get_nowait()
-                await _one(client, url, _body(model, text, max_tokens, stream), phase)
+                await _one(client, url, request_body(model, text, max_tokens, stream), phase)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -122,14 +159,15 @@ async def run_phase(base: str, model: str, texts: list[str], concurrency: int, m
     return phase
 
 
-def _body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+def request_body(model: str, text: str, max_tokens: int, stream: bool, chat: bool = False) -> dict[str, Any]:
+    """`/v1/completions` body (or `/v1/chat/completions` with `chat`): exactly `max_tokens` tokens."""
     body: dict[str, Any] = {
         "model": model,
-        "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
     }
+    body |= {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     return body

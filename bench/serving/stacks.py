@@ -21,33 +21,37 @@ KV_GIB = 1
 RAY_VRAM_BUDGET_GB = 2.25
 
 
-def ray_vram_command(model_dir: Path, port: int, controller_port: int, work: Path) -> tuple[list[str], dict[str, str]]:
+def ray_vram_model(model_id: str, model_dir: Path) -> dict:
+    """A values `models` entry serving the demo model with the benchmark's engine settings."""
     engine = {k: v for k, v in ENGINE.items() if k != "max_model_len"}
-    values = {
-        "models": [
-            {
-                "model_id": "demo",
-                "model": str(model_dir),
-                "vram_gb": RAY_VRAM_BUDGET_GB,
-                "max_model_len": ENGINE["max_model_len"],
-                "engine_kwargs": engine,
-            }
-        ],
-        "serving": {"host": "127.0.0.1", "port": port},
+    return {
+        "model_id": model_id,
+        "model": str(model_dir),
+        "vram_gb": RAY_VRAM_BUDGET_GB,
+        "max_model_len": ENGINE["max_model_len"],
+        "engine_kwargs": engine,
     }
+
+
+def ray_vram_command(model_dir: Path, port: int, controller_port: int, work: Path) -> tuple[list[str], dict[str, str]]:
+    values = {"models": [ray_vram_model("demo", model_dir)], "serving": {"host": "127.0.0.1", "port": port}}
     path = work / "ray-vram-values.yaml"
     path.write_text(yaml.safe_dump(values))
-    command = [
+    return up_command(path, controller_port), {"VLLM_CPU_KVCACHE_SPACE": ""}
+
+
+def up_command(values: Path, controller_port: int) -> list[str]:
+    """`ray-vram up -f VALUES` with this interpreter."""
+    return [
         sys.executable,
         "-m",
         "vram_scheduler.cli",
         "up",
         "-f",
-        str(path),
+        str(values),
         "--controller-port",
         str(controller_port),
     ]
-    return command, {"VLLM_CPU_KVCACHE_SPACE": ""}
 
 
 def vllm_command(model_dir: Path, port: int) -> tuple[list[str], dict[str, str]]:

@@ -6,11 +6,14 @@ import argparse
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import load_config
+from ..config import RayVRAMConfig, load_config
 from ..exit_codes import ExitCode
 from .options import add_ray_address_option, add_values_option, ray_address
+
+if TYPE_CHECKING:
+    from ..serving.controller_actor import ControllerHandle
 
 log = logging.getLogger("ray-vram.serve")
 
@@ -54,30 +57,16 @@ class _Lazy:
         threading.Thread(target=self._boot, name="controller-boot", daemon=True).start()
 
     def _boot(self) -> None:
-        import ray
-
-        from ..allocator import NAMESPACE
-        from ..loopback import prepare_ray_join
-        from ..serving.controller_actor import ControllerHandle
         from ..serving.http_api import ControllerAPI
 
         config = load_config(self.config_path)
-        deadline = time.monotonic() + self.wait_timeout_s
-        prepare_ray_join(self.address)
-        while True:
-            try:
-                ray.init(address=self.address, namespace=NAMESPACE, logging_level=logging.WARNING)
-                break
-            except (ConnectionError, RuntimeError) as error:
-                if time.monotonic() > deadline:
-                    self.error = f"Ray cluster {self.address} not reachable after {self.wait_timeout_s:g}s: {error}"
-                    log.error(self.error)
-                    return
-                time.sleep(2)
-        from ray import serve
-
-        serve.start(proxy_location="Disabled")
-        controller = ControllerHandle(config.serving)
+        try:
+            join_ray(self.address, self.wait_timeout_s)
+        except ConnectionError as error:
+            self.error = str(error)
+            log.error(self.error)
+            return
+        controller = start_controller(config)
         with self._lock:
             self.api = ControllerAPI(controller)
         try:
@@ -101,6 +90,37 @@ class _Lazy:
             start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         return api(environ, start_response)
+
+
+def join_ray(address: str, timeout_s: float) -> None:
+    """Join the cluster at `address` as a driver in ray-vram's namespace, retrying for `timeout_s`
+    (the controller pod may come up before the Ray head answers); ConnectionError after that."""
+    import ray
+
+    from ..allocator import NAMESPACE
+    from ..loopback import prepare_ray_join
+
+    deadline = time.monotonic() + timeout_s
+    prepare_ray_join(address)
+    while True:
+        try:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            return
+        except (ConnectionError, RuntimeError) as error:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"Ray cluster {address} not reachable after {timeout_s:g}s: {error}") from error
+            time.sleep(2)
+
+
+def start_controller(config: RayVRAMConfig) -> ControllerHandle:
+    """Serve without its HTTP proxies (the router is the front door) and a handle to the cluster's
+    one controller actor: what every `apply` of a whole values file goes through."""
+    from ray import serve
+
+    from ..serving.controller_actor import ControllerHandle
+
+    serve.start(proxy_location="Disabled")
+    return ControllerHandle(config.serving)
 
 
 def run(args: argparse.Namespace) -> int:
