@@ -30,7 +30,7 @@ from ray import serve
 from vram_scheduler import inference, transcription
 from vram_scheduler.monitor.readers import private_memory_bytes
 from vram_scheduler.serving.app import model_app_name
-from vram_scheduler.serving.router import router_handle
+from vram_scheduler.serving.router import replicas_board
 
 from .conftest import ENGINE_KWARGS, Stack, running_stack
 
@@ -128,8 +128,15 @@ def assert_refused(response: httpx.Response, status: int, *words: str) -> None:
 # -- what the replicas announce ----------------------------------------------------------------------
 
 
+def announced() -> list[dict[str, Any]]:
+    """Every replica's announcement, as the endpoint board holds it for the routers."""
+    import ray
+
+    return ray.get(replicas_board().table.remote(), timeout=60)["endpoints"]
+
+
 def test_replicas_announce_what_their_models_take(stack: Stack) -> None:
-    endpoints = {e["model_id"]: e for e in router_handle().endpoints.remote().result(timeout_s=60)}
+    endpoints = {e["model_id"]: e for e in announced()}
     assert endpoints["vision"]["media"]["items_per_prompt"] == {"image": 2}
     assert "generate" in endpoints["vision"]["tasks"]
     assert endpoints["speech"]["media"]["items_per_prompt"] == {"audio": 1}
@@ -356,7 +363,7 @@ def test_multimodal_replicas_stay_inside_their_budgets(stack: Stack) -> None:
     used = {}
     for replica_id, pids in replica_pids().items():
         used[replica_id] = sum(private_memory_bytes(pid) or 0 for pid in pids)
-    budgets = {e["replica_id"]: e["bytes"] for e in router_handle().endpoints.remote().result(timeout_s=60)}
+    budgets = {e["replica_id"]: e["bytes"] for e in announced()}
     print("\nREPLICA MEMORY", {r: f"{b / 2**30:.2f} of {budgets[r] / 2**30:.2f} GiB" for r, b in used.items()})
     print("MEDIA EXTRA", {r: f"{(b - used['text-0']) / 2**20:.0f} MiB" for r, b in used.items() if r != "text-0"})
     for replica_id, n_bytes in used.items():
