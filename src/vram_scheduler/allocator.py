@@ -1,10 +1,17 @@
 """The `vram_allocator` actor: the cluster's one VRAM ledger, as a named, detached Ray actor.
 
-A thin shell around `ledger.Ledger`: it serialises calls (an asyncio actor runs one method at
-a time between awaits), persists the ledger to Ray's GCS key-value store after every change
-and reloads it when Ray restarts the actor, reclaims reservations and startup locks of owner
-actors that died, and hands out per-GPU startup locks in FIFO order (two vLLM engines
-initialising on one GPU at once mis-size each other's KV cache).
+A thin shell around `ledger.Ledger`: it serialises calls, answers each change only once it is in
+Ray's GCS key-value store (`ledger_writer.py`: group commit of deltas, `ledger_store.py`: snapshot +
+journal) and reloads the ledger when Ray restarts the actor, reclaims reservations and startup
+locks of owner actors that died, and hands out per-GPU startup locks in FIFO order (two vLLM
+engines initialising on one GPU at once mis-size each other's KV cache).
+
+Three concurrency groups, each its own thread and event loop, share the ledger under one lock:
+the default group (reservations, locks: the calls that change the ledger), `inventory`
+(`update_inventory`) and `reads` (state, reservations, plans). So a monitor's update never waits in
+a queue behind a burst of reservations: a node goes stale because its monitor went quiet, not
+because the allocator was busy. (Judging staleness by the monitor's own timestamp instead would
+trust every node's clock, and an update stuck in the queue would still arrive late.)
 
 Get it with `get_vram_allocator()`; every method returns plain dicts (pydantic dumps).
 """
@@ -16,17 +23,18 @@ import contextlib
 import logging
 import re
 import threading
-import time
 from typing import Any, TypeVar
 
 import ray
 from pydantic import BaseModel, ValidationError
-from ray.experimental import internal_kv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .config import ConfigError, PlacementSettings, describe_validation_error
+from .config import ConfigError, PlacementSettings, StrictModel, describe_validation_error
 from .inventory import NodeInventory
-from .ledger import Ledger, ReservationError, VRAMState, models_from_dicts, now
+from .ledger import ReservationError, ReserveRequest, VRAMState, models_from_dicts, now
+from .ledger_models import ACTOR_ID_PATTERN
+from .ledger_store import LedgerStore
+from .ledger_writer import LedgerWriter
 
 __all__ = [
     "ACTOR_NAME",
@@ -39,15 +47,26 @@ __all__ = [
 
 NAMESPACE = "ray-vram"
 ACTOR_NAME = "vram_allocator"
-#: GCS internal KV key (namespace `ray-vram`) holding the persisted ledger snapshot.
-LEDGER_KEY = "allocator/ledger"
-#: Inventory-only changes reach the GCS at most this often: every monitor republishes its node each
-#: poll (a restarted allocator relearns within one), while reservations are written at once.
+#: A change of GPU usage alone reaches the GCS with the next write, or within this long: every
+#: monitor republishes its node each poll (a restarted allocator relearns within one). Reservations,
+#: settings, locks and a node's GPUs themselves are written before the call returns.
 INVENTORY_PERSIST_INTERVAL_S = 5.0
+#: The actor's concurrency groups besides the default one (see the module's docstring).
+CONCURRENCY_GROUPS = {"inventory": 16, "reads": 16}
 
 _M = TypeVar("_M", bound=BaseModel)
-_ACTOR_ID = re.compile(r"^[0-9a-f]{32}$")
+_ACTOR_ID = re.compile(ACTOR_ID_PATTERN)
 log = logging.getLogger(__name__)
+
+
+class _ReserveBatch(StrictModel):
+    """`reserve_many`'s argument, validated as a whole before anything is reserved."""
+
+    requests: list[ReserveRequest]
+
+
+class _ReleaseBatch(StrictModel):
+    replica_ids: list[str]
 
 
 def _validated(model: type[_M], data: Any, source: str) -> _M:
@@ -68,13 +87,22 @@ class VRAMAllocator:
     """The ledger actor. Create it through `get_vram_allocator()`, never directly."""
 
     def __init__(self) -> None:
-        raw = internal_kv._internal_kv_get(LEDGER_KEY, namespace=NAMESPACE)
-        self._ledger = Ledger.loads(raw) if raw else Ledger()
-        if raw:
-            log.info("ledger reloaded: %d reservation(s)", len(self._ledger.data.entries))
+        self._store = LedgerStore(NAMESPACE)
+        self._ledger = self._store.load()
+        loaded = self._store.stats().loaded
+        if loaded.source != "empty":
+            log.info(
+                "ledger reloaded from the %s (+%d journal writes, %d bytes) in %.3f s: %d reservation(s)",
+                loaded.source,
+                loaded.journal_writes,
+                loaded.bytes_read,
+                loaded.seconds,
+                loaded.reservations,
+            )
+        self._lock = threading.Lock()  # the ledger, shared by the concurrency groups' threads
+        self._writer = LedgerWriter(self._ledger, self._lock, self._store, INVENTORY_PERSIST_INTERVAL_S)
         self._waiting: dict[tuple[str, str], list[asyncio.Future[bool]]] = {}  # (GPU, replica) → its callers
         self._reclaimer: asyncio.Task[None] | None = None
-        self._persisted_at = 0.0
         # The reclaim loop lives on the actor's event loop, which __init__ does not run on: one
         # call to ourselves starts it, so a restarted allocator reclaims before anyone calls it.
         threading.Thread(target=self._kick, name="vram-allocator-kick", daemon=True).start()
@@ -88,13 +116,11 @@ class VRAMAllocator:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _persist(self) -> None:
-        internal_kv._internal_kv_put(LEDGER_KEY, self._ledger.dumps(), overwrite=True, namespace=NAMESPACE)
-        self._persisted_at = time.monotonic()
-
     def _background(self) -> None:
+        """Start the reclaim loop and the writer on the default group's event loop (call only from it)."""
         if self._reclaimer is None or self._reclaimer.done():
             self._reclaimer = asyncio.get_running_loop().create_task(self._reclaim_loop())
+        self._writer.start()
 
     async def _reclaim_loop(self) -> None:
         while True:
@@ -107,15 +133,17 @@ class VRAMAllocator:
     async def reclaim(self) -> list[str]:
         """Free reservations and startup locks whose owner actor is dead; returns their replica ids."""
         self._background()
-        owners = sorted(self._ledger.owners())
+        with self._lock:
+            owners = sorted(self._ledger.owners())
         if not owners:
             return []
         alive = await asyncio.to_thread(lambda: {o: _actor_alive(o) for o in owners})
         # Owners may have changed while we looked: the ledger reclaims only what a dead one still owns.
-        dead = self._ledger.reclaim({owner for owner, up in alive.items() if not up}, now())
+        with self._lock:
+            dead = self._ledger.reclaim({owner for owner, up in alive.items() if not up}, now())
         if dead:
-            self._persist()
             self._wake_waiters()
+            await self._writer.durable()
             log.info("reclaimed %d replica(s) of dead owners: %s", len(dead), ", ".join(dead))
         return dead
 
@@ -128,24 +156,33 @@ class VRAMAllocator:
     async def configure(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Replace the placement settings (overhead, stale timeout, reclaim interval)."""
         self._background()
-        if self._ledger.configure(_validated(PlacementSettings, settings, "configure(settings)")):
-            self._persist()
+        chosen = _validated(PlacementSettings, settings, "configure(settings)")
+        with self._lock:
+            changed = self._ledger.configure(chosen)
+        if changed:
             if self._reclaimer is not None:
                 self._reclaimer.cancel()  # the next round follows the new interval
                 self._reclaimer = None
             self._background()
-        return self._ledger.settings.model_dump()
+        await self._writer.durable()
+        return chosen.model_dump()
 
+    @ray.method(concurrency_group="inventory")
     async def update_inventory(self, node_inventory: dict[str, Any]) -> None:
-        """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock."""
-        self._background()
+        """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock.
+
+        Runs in its own concurrency group (never queued behind reservations). A change of the
+        node's GPUs is in the GCS when this returns; a change of their usage alone goes with the
+        next write, within INVENTORY_PERSIST_INTERVAL_S.
+        """
         inventory = _validated(NodeInventory, node_inventory, "update_inventory(node_inventory)")
         try:
-            self._ledger.update_inventory(inventory, now())
+            with self._lock:
+                reshaped = self._ledger.update_inventory(inventory, now())
         except ValueError as error:
             raise ConfigError("update_inventory(node_inventory)", [str(error)]) from None
-        if time.monotonic() - self._persisted_at >= INVENTORY_PERSIST_INTERVAL_S:
-            self._persist()
+        if reshaped:
+            await self._writer.durable_threadsafe()
 
     async def reserve(
         self,
@@ -162,40 +199,73 @@ class VRAMAllocator:
                 f"replica {replica_id}: owner {owner!r} is not a Ray actor id (32 hex digits, "
                 "ray.get_runtime_context().get_actor_id())"
             )
-        reservation, changed = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
-        if changed:
-            self._persist()
+        with self._lock:
+            reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
+        await self._writer.durable()
         return reservation.model_dump()
+
+    async def reserve_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`reserve` for each request (`ReserveRequest` fields), in order, with one write for all.
+
+        An invalid request (a missing field, bytes <= 0, an owner that is no actor id) refuses the
+        whole batch before anything is reserved, naming its index. A valid one that does not fit
+        is refused alone: its `ReserveOutcome` carries the error the single call would raise.
+        """
+        self._background()
+        batch = _validated(_ReserveBatch, {"requests": requests}, "reserve_many(requests)")
+        with self._lock:
+            outcomes, _ = self._ledger.reserve_many(batch.requests, now())
+        await self._writer.durable()
+        return [outcome.model_dump() for outcome in outcomes]
 
     async def release(self, replica_id: str) -> bool:
         """Free a replica's reservation and startup lock; False when it held neither."""
         self._background()
-        released = self._ledger.release(replica_id, now())
-        if released:
-            self._persist()
+        with self._lock:
+            released = self._ledger.release(replica_id, now())
         self._wake_waiters()
+        await self._writer.durable()
+        return released
+
+    async def release_many(self, replica_ids: list[str]) -> list[bool]:
+        """`release` for each replica id, in order, with one write for all; each answer as `release`'s."""
+        self._background()
+        batch = _validated(_ReleaseBatch, {"replica_ids": replica_ids}, "release_many(replica_ids)")
+        with self._lock:
+            released = self._ledger.release_many(batch.replica_ids, now())
+        self._wake_waiters()
+        await self._writer.durable()
         return released
 
     async def attach_process(self, replica_id: str, pid: int) -> None:
         """Mark `pid` as the replica's: its VRAM counts against the reservation, not as unmanaged."""
         self._background()
-        if self._ledger.attach_process(replica_id, pid):
-            self._persist()
+        with self._lock:
+            self._ledger.attach_process(replica_id, pid)
+        await self._writer.durable()
 
+    @ray.method(concurrency_group="reads")
     async def plan(self, models: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """Plan `models` against current inventories and reservations (stale nodes take nothing new)."""
-        self._background()
         specs = models_from_dicts(models, "plan(models)")
         chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
-        return self._ledger.plan(specs, now(), chosen).model_dump()
+        with self._lock:
+            return self._ledger.plan(specs, now(), chosen).model_dump()
 
+    @ray.method(concurrency_group="reads")
     async def reservations(self) -> list[dict[str, Any]]:
-        self._background()
-        return [r.model_dump() for r in self._ledger.reservations()]
+        with self._lock:
+            return [r.model_dump() for r in self._ledger.reservations()]
 
+    @ray.method(concurrency_group="reads")
     async def get_vram_state(self) -> dict[str, Any]:
-        self._background()
-        return self._ledger.state(now()).model_dump()
+        with self._lock:
+            return self._ledger.state(now()).model_dump()
+
+    @ray.method(concurrency_group="reads")
+    async def persistence(self) -> dict[str, Any]:
+        """How the ledger is persisted: writes, journal and snapshot sizes, and what the last load replayed."""
+        return self._writer.stats().model_dump()
 
     # -- startup locks ----------------------------------------------------------------------
     # The rules (who holds, FIFO order, who is next, dead owners) are `Ledger`'s; the actor only
@@ -211,9 +281,9 @@ class VRAMAllocator:
         whose starts need no serialising (a host-memory pseudo-GPU) grants it at once, to everyone.
         """
         self._background()
-        granted, changed = self._ledger.acquire_startup_lock(gpu_uuid, replica_id, now(), owner)
-        if changed:
-            self._persist()
+        with self._lock:
+            granted, _ = self._ledger.acquire_startup_lock(gpu_uuid, replica_id, now(), owner)
+        await self._writer.durable()
         if granted:
             return True
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -224,27 +294,30 @@ class VRAMAllocator:
             if future.done() and future.result():
                 return True  # granted in the same tick the wait timed out
             future.cancel()
-            self._ledger.drop_startup_waiter(gpu_uuid, replica_id)
+            with self._lock:
+                self._ledger.drop_startup_waiter(gpu_uuid, replica_id)
             self._wake_waiters()
             return False
 
     async def release_startup_lock(self, gpu_uuid: str, replica_id: str) -> None:
         """Give the GPU's startup lock to the next waiter; a waiter calling it leaves the queue."""
         self._background()
-        if self._ledger.release_startup_lock(gpu_uuid, replica_id, now()):
-            self._persist()
+        with self._lock:
+            self._ledger.release_startup_lock(gpu_uuid, replica_id, now())
         self._wake_waiters()
+        await self._writer.durable()
 
     def _wake_waiters(self) -> None:
         """End each wait the ledger has decided: True once it holds the lock, False once it left the queue."""
         for key, futures in list(self._waiting.items()):
             gpu_uuid, replica_id = key
-            if self._ledger.holds_startup_lock(gpu_uuid, replica_id):
-                result = True
-            elif replica_id not in self._ledger.startup_waiters(gpu_uuid):
-                result = False
-            else:
-                continue
+            with self._lock:
+                if self._ledger.holds_startup_lock(gpu_uuid, replica_id):
+                    result = True
+                elif replica_id not in self._ledger.startup_waiters(gpu_uuid):
+                    result = False
+                else:
+                    continue
             del self._waiting[key]
             for future in futures:
                 with contextlib.suppress(asyncio.InvalidStateError):
@@ -271,7 +344,7 @@ def get_vram_allocator() -> ray.actor.ActorHandle:
     with contextlib.suppress(ValueError):
         return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
     handle = (
-        ray.remote(VRAMAllocator)
+        ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(VRAMAllocator)
         .options(
             name=ACTOR_NAME,
             namespace=NAMESPACE,

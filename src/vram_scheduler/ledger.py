@@ -102,11 +102,17 @@ class Ledger:
         self._dirty_settings |= changed
         return changed
 
-    def update_inventory(self, inventory: NodeInventory, now: float) -> None:
+    def update_inventory(self, inventory: NodeInventory, now: float) -> bool:
         """Replace a node's inventory. A GPU uuid another live node reports is refused; one a stale
-        node reported moves here (a renamed node or a rescheduled monitor)."""
+        node reported moves here (a renamed node or a rescheduled monitor).
+
+        Returns whether the cluster's GPUs changed (a new node, a GPU added, gone, moved, resized
+        or unhealthy), not merely their usage: the allocator writes those at once, usage lazily.
+        """
         mine = {gpu.uuid for gpu in inventory.gpus}
         stale = self.stale_nodes(now)
+        previous = self.data.nodes.get(inventory.node)
+        reshaped = previous is None or _shape(previous.inventory) != _shape(inventory)
         for name, record in list(self.data.nodes.items()):
             if name == inventory.node:
                 continue
@@ -120,10 +126,12 @@ class Ledger:
                 else:
                     del self.data.nodes[name]
                 self._dirty["nodes"].add(name)
+                reshaped = True
         self.data.nodes[inventory.node] = NodeRecord(inventory=inventory, arrived_at=now)
         self._dirty["nodes"].add(inventory.node)
         for gpu in inventory.gpus:
             self._relocate(gpu)
+        return reshaped
 
     def _relocate(self, gpu: GPUInfo) -> None:
         """Point the GPU's reservations at where it is now. Every reservation of one GPU names the
@@ -602,6 +610,13 @@ class Ledger:
     @classmethod
     def loads(cls, text: str | bytes) -> Ledger:
         return cls(LedgerSnapshot.model_validate_json(text), copy=False)
+
+
+def _shape(inventory: NodeInventory) -> list[tuple[str, int, int, bool]]:
+    """A node's GPUs without their usage: what placement depends on beyond free memory."""
+    return [(gpu.uuid, gpu.index, gpu.total_bytes, gpu.healthy) for gpu in inventory.gpus] + [
+        (inventory.source, 0, 0, True)
+    ]
 
 
 def _label(reservation: Reservation) -> str:

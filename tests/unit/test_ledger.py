@@ -165,6 +165,15 @@ def test_attached_processes_are_managed_not_unmanaged() -> None:
         led.attach_process("ghost", 5)
 
 
+def test_an_update_says_whether_the_gpus_changed_or_only_their_usage(ledger: Ledger) -> None:
+    """The allocator writes a change of GPUs at once and a change of usage lazily."""
+    assert ledger.update_inventory(node("a", (0, 24, 5), (1, 16, 0)), T0 + 1) is False  # usage only
+    assert ledger.update_inventory(node("a", (0, 24, 0)), T0 + 2) is True  # a GPU gone
+    assert ledger.update_inventory(node("a", (0, 24, 0), (1, 16, 0)), T0 + 3) is True  # back
+    assert ledger.update_inventory(node("a", (0, 24, 0), (1, 20, 0)), T0 + 4) is True  # resized
+    assert ledger.update_inventory(node("c", (0, 8, 0)), T0 + 5) is True  # a new node
+
+
 def test_gpu_uuid_reported_by_two_nodes_is_refused(ledger: Ledger) -> None:
     clash = NodeInventory.model_validate({"node": "c", "gpus": [{"index": 0, "uuid": "a-1", "total_gb": 8}]})
     with pytest.raises(ValueError, match="node 'c' reports GPU a-1 that node 'a' already reports"):
