@@ -6,12 +6,9 @@ journal) and reloads the ledger when Ray restarts the actor, reclaims reservatio
 locks of owner actors that died, and hands out per-GPU startup locks in FIFO order (two vLLM
 engines initialising on one GPU at once mis-size each other's KV cache).
 
-Three concurrency groups, each its own thread and event loop, share the ledger under one lock:
-the default group (reservations, locks: the calls that change the ledger), `inventory`
-(`update_inventory`) and `reads` (state, reservations, plans). So a monitor's update never waits in
-a queue behind a burst of reservations: a node goes stale because its monitor went quiet, not
-because the allocator was busy. (Judging staleness by the monitor's own timestamp instead would
-trust every node's clock, and an update stuck in the queue would still arrive late.)
+A node goes stale because its monitor went quiet, not because the allocator was busy: besides
+`update_inventory` calls (which queue behind everything else), a loop here polls the monitors'
+heartbeats in the GCS (`heartbeats.py`), which no burst of reservations delays.
 
 Get it with `get_vram_allocator()`; every method returns plain dicts (pydantic dumps).
 """
@@ -30,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import ConfigError, PlacementSettings, StrictModel, describe_validation_error
+from .heartbeats import HeartbeatReader
 from .inventory import NodeInventory
 from .ledger import ReservationError, ReserveRequest, VRAMState, models_from_dicts, now
 from .ledger_models import ACTOR_ID_PATTERN
@@ -51,8 +49,8 @@ ACTOR_NAME = "vram_allocator"
 #: monitor republishes its node each poll (a restarted allocator relearns within one). Reservations,
 #: settings, locks and a node's GPUs themselves are written before the call returns.
 INVENTORY_PERSIST_INTERVAL_S = 5.0
-#: The actor's concurrency groups besides the default one (see the module's docstring).
-CONCURRENCY_GROUPS = {"inventory": 16, "reads": 16}
+#: Monitors' heartbeats are polled this often (at most: a quarter of `stale_after_s` if shorter).
+HEARTBEAT_POLL_S = 0.5
 
 _M = TypeVar("_M", bound=BaseModel)
 _ACTOR_ID = re.compile(ACTOR_ID_PATTERN)
@@ -99,12 +97,13 @@ class VRAMAllocator:
                 loaded.seconds,
                 loaded.reservations,
             )
-        self._lock = threading.Lock()  # the ledger, shared by the concurrency groups' threads
-        self._writer = LedgerWriter(self._ledger, self._lock, self._store, INVENTORY_PERSIST_INTERVAL_S)
+        self._writer = LedgerWriter(self._ledger, self._store, INVENTORY_PERSIST_INTERVAL_S)
+        self._heartbeats = HeartbeatReader(NAMESPACE)
         self._waiting: dict[tuple[str, str], list[asyncio.Future[bool]]] = {}  # (GPU, replica) → its callers
         self._reclaimer: asyncio.Task[None] | None = None
-        # The reclaim loop lives on the actor's event loop, which __init__ does not run on: one
-        # call to ourselves starts it, so a restarted allocator reclaims before anyone calls it.
+        self._watcher: asyncio.Task[None] | None = None
+        # The background loops live on the actor's event loop, which __init__ does not run on: one
+        # call to ourselves starts them, so a restarted allocator reclaims before anyone calls it.
         threading.Thread(target=self._kick, name="vram-allocator-kick", daemon=True).start()
 
     @staticmethod
@@ -117,10 +116,23 @@ class VRAMAllocator:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _background(self) -> None:
-        """Start the reclaim loop and the writer on the default group's event loop (call only from it)."""
+        """Start (again, if one stopped) the reclaim loop, the heartbeat watch and the writer."""
         if self._reclaimer is None or self._reclaimer.done():
             self._reclaimer = asyncio.get_running_loop().create_task(self._reclaim_loop())
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_heartbeats())
         self._writer.start()
+
+    async def _watch_heartbeats(self) -> None:
+        """A monitor that wrote a new heartbeat is alive: its node is fresh as of now."""
+        while True:
+            await asyncio.sleep(min(HEARTBEAT_POLL_S, self._ledger.settings.stale_after_s / 4))
+            try:
+                alive = await asyncio.to_thread(self._heartbeats.changed)
+            except Exception:  # the GCS may be restarting: the next round tries again
+                log.exception("reading the monitors' heartbeats failed")
+                continue
+            self._ledger.saw_monitors(alive, now())
 
     async def _reclaim_loop(self) -> None:
         while True:
@@ -133,14 +145,12 @@ class VRAMAllocator:
     async def reclaim(self) -> list[str]:
         """Free reservations and startup locks whose owner actor is dead; returns their replica ids."""
         self._background()
-        with self._lock:
-            owners = sorted(self._ledger.owners())
+        owners = sorted(self._ledger.owners())
         if not owners:
             return []
         alive = await asyncio.to_thread(lambda: {o: _actor_alive(o) for o in owners})
         # Owners may have changed while we looked: the ledger reclaims only what a dead one still owns.
-        with self._lock:
-            dead = self._ledger.reclaim({owner for owner, up in alive.items() if not up}, now())
+        dead = self._ledger.reclaim({owner for owner, up in alive.items() if not up}, now())
         if dead:
             self._wake_waiters()
             await self._writer.durable()
@@ -157,9 +167,7 @@ class VRAMAllocator:
         """Replace the placement settings (overhead, stale timeout, reclaim interval)."""
         self._background()
         chosen = _validated(PlacementSettings, settings, "configure(settings)")
-        with self._lock:
-            changed = self._ledger.configure(chosen)
-        if changed:
+        if self._ledger.configure(chosen):
             if self._reclaimer is not None:
                 self._reclaimer.cancel()  # the next round follows the new interval
                 self._reclaimer = None
@@ -167,22 +175,20 @@ class VRAMAllocator:
         await self._writer.durable()
         return chosen.model_dump()
 
-    @ray.method(concurrency_group="inventory")
     async def update_inventory(self, node_inventory: dict[str, Any]) -> None:
         """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock.
 
-        Runs in its own concurrency group (never queued behind reservations). A change of the
-        node's GPUs is in the GCS when this returns; a change of their usage alone goes with the
-        next write, within INVENTORY_PERSIST_INTERVAL_S.
+        A change of the node's GPUs is in the GCS when this returns; a change of their usage
+        alone goes with the next write, within INVENTORY_PERSIST_INTERVAL_S.
         """
+        self._background()
         inventory = _validated(NodeInventory, node_inventory, "update_inventory(node_inventory)")
         try:
-            with self._lock:
-                reshaped = self._ledger.update_inventory(inventory, now())
+            reshaped = self._ledger.update_inventory(inventory, now())
         except ValueError as error:
             raise ConfigError("update_inventory(node_inventory)", [str(error)]) from None
         if reshaped:
-            await self._writer.durable_threadsafe()
+            await self._writer.durable()
 
     async def reserve(
         self,
@@ -199,8 +205,7 @@ class VRAMAllocator:
                 f"replica {replica_id}: owner {owner!r} is not a Ray actor id (32 hex digits, "
                 "ray.get_runtime_context().get_actor_id())"
             )
-        with self._lock:
-            reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
+        reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
         await self._writer.durable()
         return reservation.model_dump()
 
@@ -213,16 +218,14 @@ class VRAMAllocator:
         """
         self._background()
         batch = _validated(_ReserveBatch, {"requests": requests}, "reserve_many(requests)")
-        with self._lock:
-            outcomes, _ = self._ledger.reserve_many(batch.requests, now())
+        outcomes, _ = self._ledger.reserve_many(batch.requests, now())
         await self._writer.durable()
         return [outcome.model_dump() for outcome in outcomes]
 
     async def release(self, replica_id: str) -> bool:
         """Free a replica's reservation and startup lock; False when it held neither."""
         self._background()
-        with self._lock:
-            released = self._ledger.release(replica_id, now())
+        released = self._ledger.release(replica_id, now())
         self._wake_waiters()
         await self._writer.durable()
         return released
@@ -231,8 +234,7 @@ class VRAMAllocator:
         """`release` for each replica id, in order, with one write for all; each answer as `release`'s."""
         self._background()
         batch = _validated(_ReleaseBatch, {"replica_ids": replica_ids}, "release_many(replica_ids)")
-        with self._lock:
-            released = self._ledger.release_many(batch.replica_ids, now())
+        released = self._ledger.release_many(batch.replica_ids, now())
         self._wake_waiters()
         await self._writer.durable()
         return released
@@ -240,29 +242,25 @@ class VRAMAllocator:
     async def attach_process(self, replica_id: str, pid: int) -> None:
         """Mark `pid` as the replica's: its VRAM counts against the reservation, not as unmanaged."""
         self._background()
-        with self._lock:
-            self._ledger.attach_process(replica_id, pid)
+        self._ledger.attach_process(replica_id, pid)
         await self._writer.durable()
 
-    @ray.method(concurrency_group="reads")
     async def plan(self, models: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """Plan `models` against current inventories and reservations (stale nodes take nothing new)."""
+        self._background()
         specs = models_from_dicts(models, "plan(models)")
         chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
-        with self._lock:
-            return self._ledger.plan(specs, now(), chosen).model_dump()
+        return self._ledger.plan(specs, now(), chosen).model_dump()
 
-    @ray.method(concurrency_group="reads")
     async def reservations(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [r.model_dump() for r in self._ledger.reservations()]
+        self._background()
+        return [r.model_dump() for r in self._ledger.reservations()]
 
-    @ray.method(concurrency_group="reads")
-    async def get_vram_state(self) -> dict[str, Any]:
-        with self._lock:
-            return self._ledger.state(now()).model_dump()
+    async def get_vram_state(self, node: str | None = None) -> dict[str, Any]:
+        """The ledger's state (`VRAMState`); with `node`, only that node's GPUs (a monitor's view)."""
+        self._background()
+        return self._ledger.state(now(), node).model_dump()
 
-    @ray.method(concurrency_group="reads")
     async def persistence(self) -> dict[str, Any]:
         """How the ledger is persisted: writes, journal and snapshot sizes, and what the last load replayed."""
         return self._writer.stats().model_dump()
@@ -281,8 +279,7 @@ class VRAMAllocator:
         whose starts need no serialising (a host-memory pseudo-GPU) grants it at once, to everyone.
         """
         self._background()
-        with self._lock:
-            granted, _ = self._ledger.acquire_startup_lock(gpu_uuid, replica_id, now(), owner)
+        granted, _ = self._ledger.acquire_startup_lock(gpu_uuid, replica_id, now(), owner)
         await self._writer.durable()
         if granted:
             return True
@@ -294,16 +291,14 @@ class VRAMAllocator:
             if future.done() and future.result():
                 return True  # granted in the same tick the wait timed out
             future.cancel()
-            with self._lock:
-                self._ledger.drop_startup_waiter(gpu_uuid, replica_id)
+            self._ledger.drop_startup_waiter(gpu_uuid, replica_id)
             self._wake_waiters()
             return False
 
     async def release_startup_lock(self, gpu_uuid: str, replica_id: str) -> None:
         """Give the GPU's startup lock to the next waiter; a waiter calling it leaves the queue."""
         self._background()
-        with self._lock:
-            self._ledger.release_startup_lock(gpu_uuid, replica_id, now())
+        self._ledger.release_startup_lock(gpu_uuid, replica_id, now())
         self._wake_waiters()
         await self._writer.durable()
 
@@ -311,13 +306,12 @@ class VRAMAllocator:
         """End each wait the ledger has decided: True once it holds the lock, False once it left the queue."""
         for key, futures in list(self._waiting.items()):
             gpu_uuid, replica_id = key
-            with self._lock:
-                if self._ledger.holds_startup_lock(gpu_uuid, replica_id):
-                    result = True
-                elif replica_id not in self._ledger.startup_waiters(gpu_uuid):
-                    result = False
-                else:
-                    continue
+            if self._ledger.holds_startup_lock(gpu_uuid, replica_id):
+                result = True
+            elif replica_id not in self._ledger.startup_waiters(gpu_uuid):
+                result = False
+            else:
+                continue
             del self._waiting[key]
             for future in futures:
                 with contextlib.suppress(asyncio.InvalidStateError):
@@ -344,7 +338,7 @@ def get_vram_allocator() -> ray.actor.ActorHandle:
     with contextlib.suppress(ValueError):
         return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
     handle = (
-        ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(VRAMAllocator)
+        ray.remote(VRAMAllocator)
         .options(
             name=ACTOR_NAME,
             namespace=NAMESPACE,

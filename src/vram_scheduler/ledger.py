@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelSpec, PlacementSettings, format_gib, gib_to_bytes, parse_config
-from .contract import GPUState, NodeState, ReplicaState, VRAMState
+from .contract import VRAMState
 from .errors import RayVramError
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .ledger_models import (
@@ -82,6 +82,10 @@ class Ledger:
         self._pids: dict[int, int] = {}  # managed pid → how many entries name it
         for entry in self.data.entries.values():
             self._index(entry, +1)
+        # Derived from the inventories (and managed pids): rebuilt on first use after a change.
+        self._gpu_cache: list[GPUInfo] | None = None
+        self._gpu_by_uuid: dict[str, GPUInfo] = {}
+        self._unmanaged_cache: dict[str, int] | None = None
         # Keys changed since the last `take_delta`.
         self._dirty_settings = False
         self._dirty: dict[str, set[str]] = {"nodes": set(), "entries": set(), "startup_locks": set()}
@@ -111,6 +115,7 @@ class Ledger:
         """
         mine = {gpu.uuid for gpu in inventory.gpus}
         stale = self.stale_nodes(now)
+        self._gpu_cache = self._unmanaged_cache = None
         previous = self.data.nodes.get(inventory.node)
         reshaped = previous is None or _shape(previous.inventory) != _shape(inventory)
         for name, record in list(self.data.nodes.items()):
@@ -132,6 +137,15 @@ class Ledger:
         for gpu in inventory.gpus:
             self._relocate(gpu)
         return reshaped
+
+    def saw_monitors(self, nodes: Iterable[str], now: float) -> None:
+        """These nodes' monitors showed a sign of life (a new heartbeat): fresh as of `now`, with the
+        inventory they last sent. Unknown nodes are ignored: they have no inventory to place on."""
+        for name in nodes:
+            record = self.data.nodes.get(name)
+            if record is not None and record.arrived_at < now:
+                record.arrived_at = now
+                self._dirty["nodes"].add(name)
 
     def _relocate(self, gpu: GPUInfo) -> None:
         """Point the GPU's reservations at where it is now. Every reservation of one GPU names the
@@ -155,17 +169,21 @@ class Ledger:
         return Inventory(nodes=[self.data.nodes[name].inventory for name in sorted(self.data.nodes)])
 
     def gpus(self) -> list[GPUInfo]:
-        return sorted(
-            (gpu for record in self.data.nodes.values() for gpu in record.inventory.gpus),
-            key=lambda g: (g.node, g.index),
-        )
+        return list(self._sorted_gpus())
+
+    def _sorted_gpus(self) -> list[GPUInfo]:
+        """Every GPU by (node, index), kept until an inventory changes (read-only)."""
+        if self._gpu_cache is None:
+            self._gpu_cache = sorted(
+                (gpu for record in self.data.nodes.values() for gpu in record.inventory.gpus),
+                key=lambda g: (g.node, g.index),
+            )
+            self._gpu_by_uuid = {gpu.uuid: gpu for gpu in self._gpu_cache}
+        return self._gpu_cache
 
     def find_gpu(self, uuid: str) -> GPUInfo | None:
-        for record in self.data.nodes.values():
-            for gpu in record.inventory.gpus:
-                if gpu.uuid == uuid:
-                    return gpu
-        return None
+        self._sorted_gpus()
+        return self._gpu_by_uuid.get(uuid)
 
     # -- capacity ---------------------------------------------------------------------------
 
@@ -192,14 +210,21 @@ class Ledger:
 
     def free_bytes(self) -> dict[str, int]:
         """Per GPU uuid: room for new reservations (may be negative if unmanaged use grew)."""
-        managed = self._pids.keys()
+        unmanaged = self._unmanaged()
         reserved = self.reserved_bytes()
-        return {g.uuid: g.total_bytes - g.unmanaged_bytes(managed) - reserved.get(g.uuid, 0) for g in self.gpus()}
+        return {g.uuid: g.total_bytes - unmanaged[g.uuid] - reserved.get(g.uuid, 0) for g in self._sorted_gpus()}
+
+    def _unmanaged(self) -> dict[str, int]:
+        """Per GPU uuid: memory of processes no reservation attached, kept until inventory or pids change."""
+        if self._unmanaged_cache is None:
+            managed = self._pids.keys()
+            self._unmanaged_cache = {g.uuid: g.unmanaged_bytes(managed) for g in self._sorted_gpus()}
+        return self._unmanaged_cache
 
     def open_gpus(self, now: float) -> list[GPUInfo]:
         """GPUs that may take new reservations: healthy, on a node that is not stale."""
         stale = self.stale_nodes(now)
-        return [g for g in self.gpus() if g.healthy and g.node not in stale]
+        return [g for g in self._sorted_gpus() if g.healthy and g.node not in stale]
 
     # -- reservations -----------------------------------------------------------------------
 
@@ -367,6 +392,7 @@ class Ledger:
             return False
         entry.pids.append(pid)
         self._pids[pid] = self._pids.get(pid, 0) + 1
+        self._unmanaged_cache = None
         self._dirty["entries"].add(replica_id)
         return True
 
@@ -390,6 +416,8 @@ class Ledger:
                 self._pids[pid] = count
             else:
                 self._pids.pop(pid, None)
+        if entry.pids:
+            self._unmanaged_cache = None
 
     def _put_entry(self, entry: LedgerEntry) -> None:
         self.data.entries[entry.reservation.replica_id] = entry
@@ -553,54 +581,65 @@ class Ledger:
             excluded_nodes=frozenset(self.stale_nodes(now)),
         )
 
-    def state(self, now: float) -> VRAMState:
+    def state(self, now: float, node: str | None = None) -> VRAMState:
+        """The whole picture, or only `node`'s GPUs and record (what its monitor reads each poll:
+        its cost then grows with that node's reservations, not the cluster's). Built as plain data
+        and validated once, which costs a fraction of building a model per replica."""
         stale = self.stale_nodes(now)
         free = self.free_bytes()
         reserved = self.reserved_bytes()
-        managed = self.managed_pids()
-        by_gpu: dict[str, list[LedgerEntry]] = {}
-        for rid in sorted(self.data.entries):
-            entry = self.data.entries[rid]
-            by_gpu.setdefault(entry.reservation.gpu_uuid, []).append(entry)
+        unmanaged = self._unmanaged()
         gpus = []
-        for gpu in self.gpus():
+        for gpu in self._sorted_gpus():
+            if node is not None and gpu.node != node:
+                continue
             usage = {p.pid: p.used_bytes for p in gpu.processes}
             gpus.append(
-                GPUState(
-                    node=gpu.node,
-                    index=gpu.index,
-                    uuid=gpu.uuid,
-                    name=gpu.name,
-                    total_bytes=gpu.total_bytes,
-                    used_bytes=gpu.used_bytes,
-                    unmanaged_bytes=gpu.unmanaged_bytes(managed),
-                    reserved_bytes=reserved.get(gpu.uuid, 0),
-                    free_bytes=free[gpu.uuid],
-                    healthy=gpu.healthy,
-                    stale=gpu.node in stale,
-                    replicas=[_replica_state(e, usage) for e in by_gpu.pop(gpu.uuid, [])],
-                )
+                {
+                    "node": gpu.node,
+                    "index": gpu.index,
+                    "uuid": gpu.uuid,
+                    "name": gpu.name,
+                    "total_bytes": gpu.total_bytes,
+                    "used_bytes": gpu.used_bytes,
+                    "unmanaged_bytes": unmanaged[gpu.uuid],
+                    "reserved_bytes": reserved.get(gpu.uuid, 0),
+                    "free_bytes": free[gpu.uuid],
+                    "healthy": gpu.healthy,
+                    "stale": gpu.node in stale,
+                    "replicas": self._replica_states(gpu.uuid, usage),
+                }
             )
-        orphaned = [_replica_state(e, None) for entries in by_gpu.values() for e in entries]
+        known = self._gpu_by_uuid
+        orphaned = []
+        if node is None:
+            orphaned = [r for uuid in self._by_gpu if uuid not in known for r in self._replica_states(uuid, None)]
         nodes = [
-            NodeState(
-                node=name,
-                source=record.inventory.source,
-                gpus=len(record.inventory.gpus),
-                age_s=round(now - record.arrived_at, 3),
-                stale=name in stale,
-            )
+            {
+                "node": name,
+                "source": record.inventory.source,
+                "gpus": len(record.inventory.gpus),
+                "age_s": round(now - record.arrived_at, 3),
+                "stale": name in stale,
+            }
             for name, record in sorted(self.data.nodes.items())
+            if node is None or name == node
         ]
-        return VRAMState(
-            timestamp=now,
-            gpus=gpus,
-            nodes=nodes,
-            stale_nodes=sorted(stale),
-            orphaned=orphaned,
-            startup_locks={uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
-            settings=self.settings,
+        return VRAMState.model_validate(
+            {
+                "timestamp": now,
+                "gpus": gpus,
+                "nodes": nodes,
+                "stale_nodes": sorted(stale),
+                "orphaned": sorted(orphaned, key=lambda r: r["replica_id"]),
+                "startup_locks": {uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
+                "settings": self.settings,
+            }
         )
+
+    def _replica_states(self, gpu_uuid: str, usage: dict[int, int] | None) -> list[dict[str, Any]]:
+        entries = self.data.entries
+        return [_replica_state(entries[rid], usage) for rid in sorted(self._by_gpu.get(gpu_uuid, ()))]
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -623,17 +662,19 @@ def _label(reservation: Reservation) -> str:
     return f"node {reservation.node}, GPU {reservation.gpu_index}"
 
 
-def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> ReplicaState:
+def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> dict[str, Any]:
+    """A `ReplicaState` as plain data (validated with the whole state)."""
+    held = entry.reservation
     seen = [usage[pid] for pid in entry.pids if usage is not None and pid in usage]
-    return ReplicaState(
-        replica_id=entry.reservation.replica_id,
-        model_id=entry.reservation.model_id,
-        bytes=entry.reservation.bytes,
-        pid=entry.pids[-1] if entry.pids else None,
-        pids=list(entry.pids),
-        used_bytes=sum(seen) if seen else None,
-        owner=entry.owner,
-    )
+    return {
+        "replica_id": held.replica_id,
+        "model_id": held.model_id,
+        "bytes": held.bytes,
+        "pid": entry.pids[-1] if entry.pids else None,
+        "pids": list(entry.pids),
+        "used_bytes": sum(seen) if seen else None,
+        "owner": entry.owner,
+    }
 
 
 def models_from_dicts(models: Iterable[dict[str, Any] | ModelSpec], source: str = "models") -> list[ModelSpec]:

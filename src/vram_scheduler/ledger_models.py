@@ -25,10 +25,12 @@ class LedgerEntry(StrictModel):
 
 
 class NodeRecord(StrictModel):
-    """A node's latest inventory and when it arrived (the ledger's clock, not the sender's)."""
+    """A node's latest inventory and the last sign of life of its monitor."""
 
     inventory: NodeInventory
-    arrived_at: float
+    arrived_at: float = Field(
+        description="When the inventory, or a newer heartbeat of its monitor, arrived (by the ledger's clock)."
+    )
 
 
 class StartupLockHolder(StrictModel):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 
 from .config import StrictModel
 from .errors import RayVramError
@@ -40,11 +39,10 @@ class WriterStats(StrictModel):
 
 
 class LedgerWriter:
-    """Writes `ledger`'s changes through `store`; `lock` guards the ledger (other threads touch it)."""
+    """Writes `ledger`'s changes through `store`, from the event loop that owns the ledger."""
 
-    def __init__(self, ledger: Ledger, lock: threading.Lock, store: LedgerStore, idle_flush_s: float):
+    def __init__(self, ledger: Ledger, store: LedgerStore, idle_flush_s: float):
         self._ledger = ledger
-        self._lock = lock
         self._store = store
         self._idle_flush_s = idle_flush_s
         self._requested = 0  # write rounds asked for
@@ -52,7 +50,6 @@ class LedgerWriter:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._unwritten: list[tuple[str, str]] = []  # (kind, payload) taken from the ledger, not yet written
         self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._rounds = self._writes = self._failed = 0
 
@@ -60,14 +57,12 @@ class LedgerWriter:
         """Start the writer on the running event loop (again if it stopped)."""
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._loop = asyncio.get_running_loop()
-            self._task = self._loop.create_task(self._run())
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def durable(self) -> None:
         """Return once every change made so far is in the GCS; raise `LedgerNotWritten` if its write failed."""
-        with self._lock:
-            if self._ledger.dirty:
-                self._requested += 1
+        if self._ledger.dirty:
+            self._requested += 1
         target = self._requested
         if self._written >= target:
             return
@@ -77,12 +72,6 @@ class LedgerWriter:
         assert self._wake is not None
         self._wake.set()
         await future
-
-    async def durable_threadsafe(self) -> None:
-        """`durable()` from another thread's event loop (returns at once if the writer never started)."""
-        if self._loop is None:
-            return
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.durable(), self._loop))
 
     def stats(self) -> WriterStats:
         store = self._store.stats()
@@ -97,8 +86,7 @@ class LedgerWriter:
             target = self._requested
             self._rounds += 1
             try:
-                with self._lock:
-                    self._take()
+                self._take()  # synchronous: the ledger cannot change while it is serialised
                 while self._unwritten:
                     kind, payload = self._unwritten[0]
                     write = self._store.compact if kind == "snapshot" else self._store.append

@@ -17,6 +17,7 @@ import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 
 from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, get_vram_allocator
+from vram_scheduler.heartbeats import forget_heartbeats
 from vram_scheduler.ledger_store import forget_ledger
 
 # Cluster's default node address: forcing 127.0.0.1 leaves the GCS address unreachable on this machine.
@@ -52,7 +53,7 @@ def add_node(ray_cluster: Cluster, **args: object) -> object:
 
 
 def drop_allocator() -> None:
-    """Kill the allocator for good and forget its persisted ledger."""
+    """Kill the allocator for good and forget its persisted ledger and the monitors' heartbeats."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -61,6 +62,7 @@ def drop_allocator() -> None:
             break  # the name is free again
         time.sleep(0.05)
     forget_ledger(NAMESPACE)
+    forget_heartbeats(NAMESPACE)
 
 
 @pytest.fixture

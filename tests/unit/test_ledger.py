@@ -165,6 +165,18 @@ def test_attached_processes_are_managed_not_unmanaged() -> None:
         led.attach_process("ghost", 5)
 
 
+def test_a_nodes_state_holds_its_gpus_only(ledger: Ledger) -> None:
+    """What a monitor reads each poll: its node's GPUs and replicas, the same as in the whole state."""
+    ledger.reserve("a-0", "m", GIB, T0, gpu_uuid="a-1")
+    ledger.reserve("b-0", "m", GIB, T0, gpu_uuid="b-0")
+    whole = ledger.state(T0)
+    mine = ledger.state(T0, node="a")
+    assert [g.uuid for g in mine.gpus] == ["a-0", "a-1"]
+    assert mine.gpus == [g for g in whole.gpus if g.node == "a"]
+    assert [n.node for n in mine.nodes] == ["a"] and mine.orphaned == []
+    assert [r.replica_id for r in mine.gpus[1].replicas] == ["a-0"]
+
+
 def test_an_update_says_whether_the_gpus_changed_or_only_their_usage(ledger: Ledger) -> None:
     """The allocator writes a change of GPUs at once and a change of usage lazily."""
     assert ledger.update_inventory(node("a", (0, 24, 5), (1, 16, 0)), T0 + 1) is False  # usage only
