@@ -8,7 +8,10 @@ engines initialising on one GPU at once mis-size each other's KV cache).
 
 A node goes stale because its monitor went quiet, not because the allocator was busy: besides
 `update_inventory` calls (which queue behind everything else), a loop here polls the monitors'
-heartbeats in the GCS (`heartbeats.py`), which no burst of reservations delays.
+heartbeats in the GCS (`heartbeats.py`), which no burst of reservations delays; and a call about
+to find a node stale looks at the heartbeats itself first (that loop may be late on a busy
+machine). A restarted allocator gives every node it reloads a full `stale_after_s` from the
+restart to show life again: it was not listening meanwhile.
 
 Get it with `get_vram_allocator()`; every method returns plain dicts (pydantic dumps).
 """
@@ -20,6 +23,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from typing import Any, TypeVar
 
 import ray
@@ -51,6 +55,8 @@ ACTOR_NAME = "vram_allocator"
 INVENTORY_PERSIST_INTERVAL_S = 5.0
 #: Monitors' heartbeats are polled this often (at most: a quarter of `stale_after_s` if shorter).
 HEARTBEAT_POLL_S = 0.5
+#: A call finding a node stale reads the heartbeats itself at most this often.
+HEARTBEAT_RECHECK_S = 0.05
 
 _M = TypeVar("_M", bound=BaseModel)
 _ACTOR_ID = re.compile(ACTOR_ID_PATTERN)
@@ -99,6 +105,8 @@ class VRAMAllocator:
             )
         self._writer = LedgerWriter(self._ledger, self._store, INVENTORY_PERSIST_INTERVAL_S)
         self._heartbeats = HeartbeatReader(NAMESPACE)
+        self._heartbeats_read_at = 0.0
+        self._ledger.saw_monitors(list(self._ledger.data.nodes), now())  # see the module's docstring
         self._waiting: dict[tuple[str, str], list[asyncio.Future[bool]]] = {}  # (GPU, replica) → its callers
         self._reclaimer: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -132,7 +140,20 @@ class VRAMAllocator:
             except Exception:  # the GCS may be restarting: the next round tries again
                 log.exception("reading the monitors' heartbeats failed")
                 continue
+            self._heartbeats_read_at = time.monotonic()
             self._ledger.saw_monitors(alive, now())
+
+    def _recheck_stale(self) -> None:
+        """Before a call judges a node stale, read the heartbeats now: the watch loop may be late."""
+        if not self._ledger.stale_nodes(now()) or time.monotonic() - self._heartbeats_read_at < HEARTBEAT_RECHECK_S:
+            return
+        self._heartbeats_read_at = time.monotonic()
+        try:
+            alive = self._heartbeats.changed()
+        except Exception:  # judged on what the ledger knows
+            log.exception("reading the monitors' heartbeats failed")
+            return
+        self._ledger.saw_monitors(alive, now())
 
     async def _reclaim_loop(self) -> None:
         while True:
@@ -205,6 +226,7 @@ class VRAMAllocator:
                 f"replica {replica_id}: owner {owner!r} is not a Ray actor id (32 hex digits, "
                 "ray.get_runtime_context().get_actor_id())"
             )
+        self._recheck_stale()
         reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
         await self._writer.durable()
         return reservation.model_dump()
@@ -218,6 +240,7 @@ class VRAMAllocator:
         """
         self._background()
         batch = _validated(_ReserveBatch, {"requests": requests}, "reserve_many(requests)")
+        self._recheck_stale()
         outcomes, _ = self._ledger.reserve_many(batch.requests, now())
         await self._writer.durable()
         return [outcome.model_dump() for outcome in outcomes]
@@ -250,6 +273,7 @@ class VRAMAllocator:
         self._background()
         specs = models_from_dicts(models, "plan(models)")
         chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
+        self._recheck_stale()
         return self._ledger.plan(specs, now(), chosen).model_dump()
 
     async def reservations(self) -> list[dict[str, Any]]:

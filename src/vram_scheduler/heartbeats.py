@@ -15,6 +15,8 @@ heartbeat, left in the store, keeps nobody fresh; a monitor without heartbeats i
 
 from __future__ import annotations
 
+import threading
+
 from ray.experimental import internal_kv
 
 HEARTBEAT_PREFIX = "monitor/heartbeat/"
@@ -35,15 +37,17 @@ class HeartbeatReader:
     def __init__(self, namespace: str):
         self.namespace = namespace
         self._seen: dict[str, bytes] | None = None
+        self._lock = threading.Lock()  # the allocator reads from its watch loop's thread and its own
 
     def changed(self) -> list[str]:
         """Nodes whose heartbeat changed since the previous call. The first call only takes note:
         a value found at start may be a dead monitor's last."""
-        keys = internal_kv._internal_kv_list(HEARTBEAT_PREFIX, namespace=self.namespace)
-        client = internal_kv.internal_kv_get_gcs_client()
-        values = client.internal_kv_multi_get(keys, self.namespace.encode()) if keys else {}
-        now = {key.decode().removeprefix(HEARTBEAT_PREFIX): value for key, value in values.items()}
-        before, self._seen = self._seen, now
+        with self._lock:
+            keys = internal_kv._internal_kv_list(HEARTBEAT_PREFIX, namespace=self.namespace)
+            client = internal_kv.internal_kv_get_gcs_client()
+            values = client.internal_kv_multi_get(keys, self.namespace.encode()) if keys else {}
+            now = {key.decode().removeprefix(HEARTBEAT_PREFIX): value for key, value in values.items()}
+            before, self._seen = self._seen, now
         if before is None:
             return []
         return sorted(node for node, value in now.items() if before.get(node) != value)

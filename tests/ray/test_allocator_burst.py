@@ -154,6 +154,20 @@ def test_a_node_is_fresh_while_its_heartbeat_changes_and_stale_once_it_stops(all
         ray.get(allocator.reserve.remote("h-1", "m", GIB))
 
 
+def test_a_restarted_allocator_gives_every_node_a_full_timeout_again(allocator) -> None:
+    """It was not listening while it was down: a node is judged from the restart on, not from
+    an inventory that arrived before it."""
+    ray.get(allocator.configure.remote({"stale_after_s": 2.0}))
+    ray.get(allocator.update_inventory.remote(node_inventory("n0", 24)))
+    eventually(lambda: ray.get(allocator.get_vram_state.remote())["stale_nodes"] == ["n0"], 10)
+    pid_before = actor_pid(allocator)
+    ray.kill(allocator, no_restart=False)
+    eventually(lambda: actor_pid(allocator) != pid_before, 60)
+    assert ray.get(allocator.get_vram_state.remote())["stale_nodes"] == []
+    ray.get(allocator.reserve.remote("r-0", "m", GIB))
+    eventually(lambda: ray.get(allocator.get_vram_state.remote())["stale_nodes"] == ["n0"], 10)  # nobody spoke up
+
+
 def test_a_restart_rebuilds_the_ledger_from_snapshot_and_journal(allocator) -> None:
     """Enough changes for the writer to compact (the journal outgrows 1 MiB), more after it, then a kill."""
     ray.get(allocator.configure.remote({"replica_overhead_gb": 0, "stale_after_s": 600}))
