@@ -283,7 +283,7 @@ class VRAMAllocator:
     async def get_vram_state(self, node: str | None = None) -> dict[str, Any]:
         """The ledger's state (`VRAMState`); with `node`, only that node's GPUs (a monitor's view)."""
         self._background()
-        return self._ledger.state(now(), node).model_dump()
+        return self._ledger.state_data(now(), node)
 
     async def persistence(self) -> dict[str, Any]:
         """How the ledger is persisted: writes, journal and snapshot sizes, and what the last load replayed."""

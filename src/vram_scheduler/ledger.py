@@ -583,8 +583,12 @@ class Ledger:
 
     def state(self, now: float, node: str | None = None) -> VRAMState:
         """The whole picture, or only `node`'s GPUs and record (what its monitor reads each poll:
-        its cost then grows with that node's reservations, not the cluster's). Built as plain data
-        and validated once, which costs a fraction of building a model per replica."""
+        its cost then grows with that node's reservations, not the cluster's)."""
+        return VRAMState.model_validate(self.state_data(now, node))
+
+    def state_data(self, now: float, node: str | None = None) -> dict[str, Any]:
+        """`state` as the plain data `VRAMState` dumps to, without building the model: what the
+        actor returns (its readers validate it), at a fraction of the cost per replica."""
         stale = self.stale_nodes(now)
         free = self.free_bytes()
         reserved = self.reserved_bytes()
@@ -625,17 +629,15 @@ class Ledger:
             for name, record in sorted(self.data.nodes.items())
             if node is None or name == node
         ]
-        return VRAMState.model_validate(
-            {
-                "timestamp": now,
-                "gpus": gpus,
-                "nodes": nodes,
-                "stale_nodes": sorted(stale),
-                "orphaned": sorted(orphaned, key=lambda r: r["replica_id"]),
-                "startup_locks": {uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
-                "settings": self.settings,
-            }
-        )
+        return {
+            "timestamp": now,
+            "gpus": gpus,
+            "nodes": nodes,
+            "stale_nodes": sorted(stale),
+            "orphaned": sorted(orphaned, key=lambda r: r["replica_id"]),
+            "startup_locks": {uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
+            "settings": self.settings.model_dump(),
+        }
 
     def _replica_states(self, gpu_uuid: str, usage: dict[int, int] | None) -> list[dict[str, Any]]:
         entries = self.data.entries
