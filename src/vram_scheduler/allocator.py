@@ -1,10 +1,17 @@
 """The `vram_allocator` actor: the cluster's one VRAM ledger, as a named, detached Ray actor.
 
-A thin shell around `ledger.Ledger`: it serialises calls (an asyncio actor runs one method at
-a time between awaits), persists the ledger to Ray's GCS key-value store after every change
-and reloads it when Ray restarts the actor, reclaims reservations and startup locks of owner
-actors that died, and hands out per-GPU startup locks in FIFO order (two vLLM engines
-initialising on one GPU at once mis-size each other's KV cache).
+A thin shell around `ledger.Ledger`: it serialises calls, answers each change only once it is in
+Ray's GCS key-value store (`ledger_writer.py`: group commit of deltas, `ledger_store.py`: snapshot +
+journal) and reloads the ledger when Ray restarts the actor, reclaims reservations and startup
+locks of owner actors that died, and hands out per-GPU startup locks in FIFO order (two vLLM
+engines initialising on one GPU at once mis-size each other's KV cache).
+
+A node goes stale because its monitor went quiet, not because the allocator was busy: besides
+`update_inventory` calls (which queue behind everything else), a loop here polls the monitors'
+heartbeats in the GCS (`heartbeats.py`), which no burst of reservations delays; and a call about
+to find a node stale looks at the heartbeats itself first (that loop may be late on a busy
+machine). A restarted allocator gives every node it reloads a full `stale_after_s` from the
+restart to show life again: it was not listening meanwhile.
 
 Get it with `get_vram_allocator()`; every method returns plain dicts (pydantic dumps).
 """
@@ -21,11 +28,14 @@ from typing import Any, TypeVar
 
 import ray
 from pydantic import BaseModel, ValidationError
-from ray.experimental import internal_kv
 
-from .config import ConfigError, PlacementSettings, describe_validation_error
+from .config import ConfigError, PlacementSettings, StrictModel, describe_validation_error
+from .heartbeats import HeartbeatReader
 from .inventory import NodeInventory
-from .ledger import Ledger, ReservationError, VRAMState, models_from_dicts, now
+from .ledger import ReservationError, ReserveRequest, VRAMState, models_from_dicts, now
+from .ledger_models import ACTOR_ID_PATTERN
+from .ledger_store import LedgerStore
+from .ledger_writer import LedgerWriter
 
 __all__ = [
     "ACTOR_NAME",
@@ -38,15 +48,28 @@ __all__ = [
 
 NAMESPACE = "ray-vram"
 ACTOR_NAME = "vram_allocator"
-#: GCS internal KV key (namespace `ray-vram`) holding the persisted ledger snapshot.
-LEDGER_KEY = "allocator/ledger"
-#: Inventory-only changes reach the GCS at most this often: every monitor republishes its node each
-#: poll (a restarted allocator relearns within one), while reservations are written at once.
+#: A change of GPU usage alone reaches the GCS with the next write, or within this long: every
+#: monitor republishes its node each poll (a restarted allocator relearns within one). Reservations,
+#: settings, locks and a node's GPUs themselves are written before the call returns.
 INVENTORY_PERSIST_INTERVAL_S = 5.0
+#: Monitors' heartbeats are polled this often (at most: a quarter of `stale_after_s` if shorter).
+HEARTBEAT_POLL_S = 0.5
+#: A call finding a node stale reads the heartbeats itself at most this often.
+HEARTBEAT_RECHECK_S = 0.05
 
 _M = TypeVar("_M", bound=BaseModel)
-_ACTOR_ID = re.compile(r"^[0-9a-f]{32}$")
+_ACTOR_ID = re.compile(ACTOR_ID_PATTERN)
 log = logging.getLogger(__name__)
+
+
+class _ReserveBatch(StrictModel):
+    """`reserve_many`'s argument, validated as a whole before anything is reserved."""
+
+    requests: list[ReserveRequest]
+
+
+class _ReleaseBatch(StrictModel):
+    replica_ids: list[str]
 
 
 def _validated(model: type[_M], data: Any, source: str) -> _M:
@@ -67,15 +90,27 @@ class VRAMAllocator:
     """The ledger actor. Create it through `get_vram_allocator()`, never directly."""
 
     def __init__(self) -> None:
-        raw = internal_kv._internal_kv_get(LEDGER_KEY, namespace=NAMESPACE)
-        self._ledger = Ledger.loads(raw) if raw else Ledger()
-        if raw:
-            log.info("ledger reloaded: %d reservation(s)", len(self._ledger.data.entries))
+        self._store = LedgerStore(NAMESPACE)
+        self._ledger = self._store.load()
+        loaded = self._store.stats().loaded
+        if loaded.source != "empty":
+            log.info(
+                "ledger reloaded from the %s (+%d journal writes, %d bytes) in %.3f s: %d reservation(s)",
+                loaded.source,
+                loaded.journal_writes,
+                loaded.bytes_read,
+                loaded.seconds,
+                loaded.reservations,
+            )
+        self._writer = LedgerWriter(self._ledger, self._store, INVENTORY_PERSIST_INTERVAL_S)
+        self._heartbeats = HeartbeatReader(NAMESPACE)
+        self._heartbeats_read_at = 0.0
+        self._ledger.saw_monitors(list(self._ledger.data.nodes), now())  # see the module's docstring
         self._waiting: dict[tuple[str, str], list[asyncio.Future[bool]]] = {}  # (GPU, replica) → its callers
         self._reclaimer: asyncio.Task[None] | None = None
-        self._persisted_at = 0.0
-        # The reclaim loop lives on the actor's event loop, which __init__ does not run on: one
-        # call to ourselves starts it, so a restarted allocator reclaims before anyone calls it.
+        self._watcher: asyncio.Task[None] | None = None
+        # The background loops live on the actor's event loop, which __init__ does not run on: one
+        # call to ourselves starts them, so a restarted allocator reclaims before anyone calls it.
         threading.Thread(target=self._kick, name="vram-allocator-kick", daemon=True).start()
 
     @staticmethod
@@ -87,13 +122,37 @@ class VRAMAllocator:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _persist(self) -> None:
-        internal_kv._internal_kv_put(LEDGER_KEY, self._ledger.dumps(), overwrite=True, namespace=NAMESPACE)
-        self._persisted_at = time.monotonic()
-
     def _background(self) -> None:
+        """Start (again, if one stopped) the reclaim loop, the heartbeat watch and the writer."""
         if self._reclaimer is None or self._reclaimer.done():
             self._reclaimer = asyncio.get_running_loop().create_task(self._reclaim_loop())
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_heartbeats())
+        self._writer.start()
+
+    async def _watch_heartbeats(self) -> None:
+        """A monitor that wrote a new heartbeat is alive: its node is fresh as of now."""
+        while True:
+            await asyncio.sleep(min(HEARTBEAT_POLL_S, self._ledger.settings.stale_after_s / 4))
+            try:
+                alive = await asyncio.to_thread(self._heartbeats.changed)
+            except Exception:  # the GCS may be restarting: the next round tries again
+                log.exception("reading the monitors' heartbeats failed")
+                continue
+            self._heartbeats_read_at = time.monotonic()
+            self._ledger.saw_monitors(alive, now())
+
+    def _recheck_stale(self) -> None:
+        """Before a call judges a node stale, read the heartbeats now: the watch loop may be late."""
+        if not self._ledger.stale_nodes(now()) or time.monotonic() - self._heartbeats_read_at < HEARTBEAT_RECHECK_S:
+            return
+        self._heartbeats_read_at = time.monotonic()
+        try:
+            alive = self._heartbeats.changed()
+        except Exception:  # judged on what the ledger knows
+            log.exception("reading the monitors' heartbeats failed")
+            return
+        self._ledger.saw_monitors(alive, now())
 
     async def _reclaim_loop(self) -> None:
         while True:
@@ -113,8 +172,8 @@ class VRAMAllocator:
         # Owners may have changed while we looked: the ledger reclaims only what a dead one still owns.
         dead = self._ledger.reclaim({owner for owner, up in alive.items() if not up}, now())
         if dead:
-            self._persist()
             self._wake_waiters()
+            await self._writer.durable()
             log.info("reclaimed %d replica(s) of dead owners: %s", len(dead), ", ".join(dead))
         return dead
 
@@ -127,24 +186,29 @@ class VRAMAllocator:
     async def configure(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Replace the placement settings (overhead, stale timeout, reclaim interval)."""
         self._background()
-        if self._ledger.configure(_validated(PlacementSettings, settings, "configure(settings)")):
-            self._persist()
+        chosen = _validated(PlacementSettings, settings, "configure(settings)")
+        if self._ledger.configure(chosen):
             if self._reclaimer is not None:
                 self._reclaimer.cancel()  # the next round follows the new interval
                 self._reclaimer = None
             self._background()
-        return self._ledger.settings.model_dump()
+        await self._writer.durable()
+        return chosen.model_dump()
 
     async def update_inventory(self, node_inventory: dict[str, Any]) -> None:
-        """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock."""
+        """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock.
+
+        A change of the node's GPUs is in the GCS when this returns; a change of their usage
+        alone goes with the next write, within INVENTORY_PERSIST_INTERVAL_S.
+        """
         self._background()
         inventory = _validated(NodeInventory, node_inventory, "update_inventory(node_inventory)")
         try:
-            self._ledger.update_inventory(inventory, now())
+            reshaped = self._ledger.update_inventory(inventory, now())
         except ValueError as error:
             raise ConfigError("update_inventory(node_inventory)", [str(error)]) from None
-        if time.monotonic() - self._persisted_at >= INVENTORY_PERSIST_INTERVAL_S:
-            self._persist()
+        if reshaped:
+            await self._writer.durable()
 
     async def reserve(
         self,
@@ -161,25 +225,47 @@ class VRAMAllocator:
                 f"replica {replica_id}: owner {owner!r} is not a Ray actor id (32 hex digits, "
                 "ray.get_runtime_context().get_actor_id())"
             )
-        reservation, changed = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
-        if changed:
-            self._persist()
+        self._recheck_stale()
+        reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
+        await self._writer.durable()
         return reservation.model_dump()
+
+    async def reserve_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`reserve` for each request (`ReserveRequest` fields), in order, with one write for all.
+
+        An invalid request (a missing field, bytes <= 0, an owner that is no actor id) refuses the
+        whole batch before anything is reserved, naming its index. A valid one that does not fit
+        is refused alone: its `ReserveOutcome` carries the error the single call would raise.
+        """
+        self._background()
+        batch = _validated(_ReserveBatch, {"requests": requests}, "reserve_many(requests)")
+        self._recheck_stale()
+        outcomes, _ = self._ledger.reserve_many(batch.requests, now())
+        await self._writer.durable()
+        return [outcome.model_dump() for outcome in outcomes]
 
     async def release(self, replica_id: str) -> bool:
         """Free a replica's reservation and startup lock; False when it held neither."""
         self._background()
         released = self._ledger.release(replica_id, now())
-        if released:
-            self._persist()
         self._wake_waiters()
+        await self._writer.durable()
+        return released
+
+    async def release_many(self, replica_ids: list[str]) -> list[bool]:
+        """`release` for each replica id, in order, with one write for all; each answer as `release`'s."""
+        self._background()
+        batch = _validated(_ReleaseBatch, {"replica_ids": replica_ids}, "release_many(replica_ids)")
+        released = self._ledger.release_many(batch.replica_ids, now())
+        self._wake_waiters()
+        await self._writer.durable()
         return released
 
     async def attach_process(self, replica_id: str, pid: int) -> None:
         """Mark `pid` as the replica's: its VRAM counts against the reservation, not as unmanaged."""
         self._background()
-        if self._ledger.attach_process(replica_id, pid):
-            self._persist()
+        self._ledger.attach_process(replica_id, pid)
+        await self._writer.durable()
 
     async def plan(
         self,
@@ -192,15 +278,21 @@ class VRAMAllocator:
         self._background()
         specs = models_from_dicts(models, "plan(models)")
         chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
+        self._recheck_stale()
         return self._ledger.plan(specs, now(), chosen, frozenset(exclude_nodes or ())).model_dump()
 
     async def reservations(self) -> list[dict[str, Any]]:
         self._background()
         return [r.model_dump() for r in self._ledger.reservations()]
 
-    async def get_vram_state(self) -> dict[str, Any]:
+    async def get_vram_state(self, node: str | None = None) -> dict[str, Any]:
+        """The ledger's state (`VRAMState`); with `node`, only that node's GPUs (a monitor's view)."""
         self._background()
-        return self._ledger.state(now()).model_dump()
+        return self._ledger.state_data(now(), node)
+
+    async def persistence(self) -> dict[str, Any]:
+        """How the ledger is persisted: writes, journal and snapshot sizes, and what the last load replayed."""
+        return self._writer.stats().model_dump()
 
     # -- startup locks ----------------------------------------------------------------------
     # The rules (who holds, FIFO order, who is next, dead owners) are `Ledger`'s; the actor only
@@ -216,9 +308,8 @@ class VRAMAllocator:
         whose starts need no serialising (a host-memory pseudo-GPU) grants it at once, to everyone.
         """
         self._background()
-        granted, changed = self._ledger.acquire_startup_lock(gpu_uuid, replica_id, now(), owner)
-        if changed:
-            self._persist()
+        granted, _ = self._ledger.acquire_startup_lock(gpu_uuid, replica_id, now(), owner)
+        await self._writer.durable()
         if granted:
             return True
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -236,9 +327,9 @@ class VRAMAllocator:
     async def release_startup_lock(self, gpu_uuid: str, replica_id: str) -> None:
         """Give the GPU's startup lock to the next waiter; a waiter calling it leaves the queue."""
         self._background()
-        if self._ledger.release_startup_lock(gpu_uuid, replica_id, now()):
-            self._persist()
+        self._ledger.release_startup_lock(gpu_uuid, replica_id, now())
         self._wake_waiters()
+        await self._writer.durable()
 
     def _wake_waiters(self) -> None:
         """End each wait the ledger has decided: True once it holds the lock, False once it left the queue."""

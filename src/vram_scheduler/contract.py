@@ -106,7 +106,7 @@ class NodeState(WireModel):
     node: str
     source: str
     gpus: int
-    age_s: float = Field(description="Seconds since the node's inventory last arrived.")
+    age_s: float = Field(description="Seconds since the node's monitor last showed life (inventory or heartbeat).")
     stale: bool
 
 

@@ -21,6 +21,7 @@ File format (YAML or JSON; ``ray-vram monitor`` publishes the same shape, and
 from __future__ import annotations
 
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +75,7 @@ class GPUInfo(StrictModel):
     def free_bytes(self) -> int:
         return self.total_bytes - self.used_bytes
 
-    def unmanaged_bytes(self, managed_pids: set[int] | frozenset[int] = frozenset()) -> int:
+    def unmanaged_bytes(self, managed_pids: AbstractSet[int] = frozenset()) -> int:
         """Memory used by processes ray-vram does not manage (other workloads, display, ...)."""
         managed = sum(p.used_bytes for p in self.processes if p.pid in managed_pids)
         return max(0, self.used_bytes - managed)

@@ -3,8 +3,12 @@
 `Ledger` is plain Python so that every rule (capacity per GPU, idempotent reserve and release,
 stale nodes, managed processes, FIFO startup locks, dead owners, persistence format) is tested
 without a cluster; the `vram_allocator` actor in `allocator.py` is a thin shell that serialises
-calls, persists the snapshot after every change, keeps callers waiting for a startup lock, and
-asks Ray which owners died.
+calls, persists what changed (`take_delta`, written by `ledger_writer.py`), keeps callers waiting
+for a startup lock, and asks Ray which owners died.
+
+Every operation on one reservation costs about the same at 10 or 10,000 live reservations: per-GPU
+reserved totals, reservations per GPU and managed pids are kept as indexes, updated with each
+change, rather than summed over every entry.
 
 Capacity is the planner's: a GPU takes a reservation only while its total stays at or above
 memory used by unmanaged processes plus every reservation on it (budget + per-replica overhead).
@@ -17,41 +21,40 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field
-
-from .config import ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes, parse_config
-from .contract import GPUState, NodeState, ReplicaState, VRAMState
+from .config import ModelSpec, PlacementSettings, format_gib, gib_to_bytes, parse_config
+from .contract import VRAMState
 from .errors import RayVramError
 from .inventory import GPUInfo, Inventory, NodeInventory
+from .ledger_models import (
+    SNAPSHOT_VERSION,
+    LedgerDelta,
+    LedgerEntry,
+    LedgerSnapshot,
+    NodeRecord,
+    ReserveOutcome,
+    ReserveRequest,
+    StartupLockHolder,
+)
 from .planner import Plan, Reservation, plan
 
-SNAPSHOT_VERSION = 1
+__all__ = [
+    "SNAPSHOT_VERSION",
+    "Ledger",
+    "LedgerDelta",
+    "LedgerEntry",
+    "LedgerSnapshot",
+    "NodeRecord",
+    "ReservationError",
+    "ReserveOutcome",
+    "ReserveRequest",
+    "StartupLockHolder",
+    "models_from_dicts",
+    "now",
+]
 
 
 class ReservationError(RayVramError, RuntimeError):
     """A reservation the ledger refuses: the message names model, need, and the room there is."""
-
-
-class LedgerEntry(StrictModel):
-    """One reservation plus what the ledger knows about the replica holding it."""
-
-    reservation: Reservation
-    owner: str | None = Field(default=None, description="Ray actor id (hex) of the replica; reclaimed when it dies.")
-    pids: list[int] = Field(default_factory=list, description="Processes of the replica (managed, not unmanaged).")
-    created_at: float
-
-
-class NodeRecord(StrictModel):
-    """A node's latest inventory and when it arrived (the ledger's clock, not the sender's)."""
-
-    inventory: NodeInventory
-    arrived_at: float
-
-
-class StartupLockHolder(StrictModel):
-    replica_id: str
-    owner: str | None = None
-    since: float
 
 
 @dataclass
@@ -62,22 +65,30 @@ class _StartupWaiter:
     owner: str | None
 
 
-class LedgerSnapshot(StrictModel):
-    """Everything the allocator persists; reloaded when the actor restarts."""
-
-    version: int = SNAPSHOT_VERSION
-    settings: PlacementSettings = Field(default_factory=PlacementSettings)
-    nodes: dict[str, NodeRecord] = Field(default_factory=dict)
-    entries: dict[str, LedgerEntry] = Field(default_factory=dict)
-    startup_locks: dict[str, StartupLockHolder] = Field(default_factory=dict, description="GPU uuid → holder.")
-
-
 class Ledger:
     """Reservations against per-node inventories; every mutator returns whether state changed."""
 
-    def __init__(self, snapshot: LedgerSnapshot | None = None):
-        self.data = snapshot.model_copy(deep=True) if snapshot else LedgerSnapshot()
+    def __init__(self, snapshot: LedgerSnapshot | None = None, *, copy: bool = True):
+        """`copy=False` adopts `snapshot` as is (a freshly loaded one nobody else holds)."""
+        if snapshot is None:
+            snapshot = LedgerSnapshot()
+        elif copy:
+            snapshot = snapshot.model_copy(deep=True)
+        self.data = snapshot
         self._startup_queues: dict[str, list[_StartupWaiter]] = {}
+        # Indexes over `data.entries`, kept by _put_entry/_drop_entry/attach_process.
+        self._by_gpu: dict[str, dict[str, None]] = {}  # GPU uuid → its replica ids (an ordered set)
+        self._budget: dict[str, int] = {}  # GPU uuid → sum of its reservations' budgets
+        self._pids: dict[int, int] = {}  # managed pid → how many entries name it
+        for entry in self.data.entries.values():
+            self._index(entry, +1)
+        # Derived from the inventories (and managed pids): rebuilt on first use after a change.
+        self._gpu_cache: list[GPUInfo] | None = None
+        self._gpu_by_uuid: dict[str, GPUInfo] = {}
+        self._unmanaged_cache: dict[str, int] | None = None
+        # Keys changed since the last `take_delta`.
+        self._dirty_settings = False
+        self._dirty: dict[str, set[str]] = {"nodes": set(), "entries": set(), "startup_locks": set()}
 
     # -- settings and inventory -------------------------------------------------------------
 
@@ -92,13 +103,21 @@ class Ledger:
     def configure(self, settings: PlacementSettings) -> bool:
         changed = settings != self.data.settings
         self.data.settings = settings
+        self._dirty_settings |= changed
         return changed
 
-    def update_inventory(self, inventory: NodeInventory, now: float) -> None:
+    def update_inventory(self, inventory: NodeInventory, now: float) -> bool:
         """Replace a node's inventory. A GPU uuid another live node reports is refused; one a stale
-        node reported moves here (a renamed node or a rescheduled monitor)."""
+        node reported moves here (a renamed node or a rescheduled monitor).
+
+        Returns whether the cluster's GPUs changed (a new node, a GPU added, gone, moved, resized
+        or unhealthy), not merely their usage: the allocator writes those at once, usage lazily.
+        """
         mine = {gpu.uuid for gpu in inventory.gpus}
         stale = self.stale_nodes(now)
+        self._gpu_cache = self._unmanaged_cache = None
+        previous = self.data.nodes.get(inventory.node)
+        reshaped = previous is None or _shape(previous.inventory) != _shape(inventory)
         for name, record in list(self.data.nodes.items()):
             if name == inventory.node:
                 continue
@@ -111,13 +130,36 @@ class Ledger:
                     record.inventory = record.inventory.model_copy(update={"gpus": kept})
                 else:
                     del self.data.nodes[name]
+                self._dirty["nodes"].add(name)
+                reshaped = True
         self.data.nodes[inventory.node] = NodeRecord(inventory=inventory, arrived_at=now)
-        where = {gpu.uuid: (gpu.node, gpu.index) for gpu in inventory.gpus}
-        for entry in self.data.entries.values():
-            held = entry.reservation
-            if held.gpu_uuid in where and (held.node, held.gpu_index) != where[held.gpu_uuid]:
-                node, index = where[held.gpu_uuid]
-                entry.reservation = held.model_copy(update={"node": node, "gpu_index": index})
+        self._dirty["nodes"].add(inventory.node)
+        for gpu in inventory.gpus:
+            self._relocate(gpu)
+        return reshaped
+
+    def saw_monitors(self, nodes: Iterable[str], now: float) -> None:
+        """These nodes' monitors showed a sign of life (a new heartbeat): fresh as of `now`, with the
+        inventory they last sent. Unknown nodes are ignored: they have no inventory to place on."""
+        for name in nodes:
+            record = self.data.nodes.get(name)
+            if record is not None and record.arrived_at < now:
+                record.arrived_at = now
+                self._dirty["nodes"].add(name)
+
+    def _relocate(self, gpu: GPUInfo) -> None:
+        """Point the GPU's reservations at where it is now. Every reservation of one GPU names the
+        same place (each move updates them all), so one look tells whether any moved."""
+        ids = self._by_gpu.get(gpu.uuid)
+        if not ids:
+            return
+        first = self.data.entries[next(iter(ids))].reservation
+        if (first.node, first.gpu_index) == (gpu.node, gpu.index):
+            return
+        for replica_id in ids:
+            entry = self.data.entries[replica_id]
+            entry.reservation = entry.reservation.model_copy(update={"node": gpu.node, "gpu_index": gpu.index})
+            self._dirty["entries"].add(replica_id)
 
     def stale_nodes(self, now: float) -> set[str]:
         limit = self.settings.stale_after_s
@@ -127,17 +169,21 @@ class Ledger:
         return Inventory(nodes=[self.data.nodes[name].inventory for name in sorted(self.data.nodes)])
 
     def gpus(self) -> list[GPUInfo]:
-        return sorted(
-            (gpu for record in self.data.nodes.values() for gpu in record.inventory.gpus),
-            key=lambda g: (g.node, g.index),
-        )
+        return list(self._sorted_gpus())
+
+    def _sorted_gpus(self) -> list[GPUInfo]:
+        """Every GPU by (node, index), kept until an inventory changes (read-only)."""
+        if self._gpu_cache is None:
+            self._gpu_cache = sorted(
+                (gpu for record in self.data.nodes.values() for gpu in record.inventory.gpus),
+                key=lambda g: (g.node, g.index),
+            )
+            self._gpu_by_uuid = {gpu.uuid: gpu for gpu in self._gpu_cache}
+        return self._gpu_cache
 
     def find_gpu(self, uuid: str) -> GPUInfo | None:
-        for record in self.data.nodes.values():
-            for gpu in record.inventory.gpus:
-                if gpu.uuid == uuid:
-                    return gpu
-        return None
+        self._sorted_gpus()
+        return self._gpu_by_uuid.get(uuid)
 
     # -- capacity ---------------------------------------------------------------------------
 
@@ -155,26 +201,30 @@ class Ledger:
         return True
 
     def managed_pids(self) -> frozenset[int]:
-        return frozenset(pid for entry in self.data.entries.values() for pid in entry.pids)
+        return frozenset(self._pids)
 
     def reserved_bytes(self) -> dict[str, int]:
         """Per GPU uuid: budgets plus overheads of its reservations."""
-        totals: dict[str, int] = {}
-        for entry in self.data.entries.values():
-            uuid = entry.reservation.gpu_uuid
-            totals[uuid] = totals.get(uuid, 0) + entry.reservation.bytes + self.overhead
-        return totals
+        overhead = self.overhead
+        return {uuid: self._budget[uuid] + len(ids) * overhead for uuid, ids in self._by_gpu.items()}
 
     def free_bytes(self) -> dict[str, int]:
         """Per GPU uuid: room for new reservations (may be negative if unmanaged use grew)."""
-        managed = self.managed_pids()
+        unmanaged = self._unmanaged()
         reserved = self.reserved_bytes()
-        return {g.uuid: g.total_bytes - g.unmanaged_bytes(managed) - reserved.get(g.uuid, 0) for g in self.gpus()}
+        return {g.uuid: g.total_bytes - unmanaged[g.uuid] - reserved.get(g.uuid, 0) for g in self._sorted_gpus()}
+
+    def _unmanaged(self) -> dict[str, int]:
+        """Per GPU uuid: memory of processes no reservation attached, kept until inventory or pids change."""
+        if self._unmanaged_cache is None:
+            managed = self._pids.keys()
+            self._unmanaged_cache = {g.uuid: g.unmanaged_bytes(managed) for g in self._sorted_gpus()}
+        return self._unmanaged_cache
 
     def open_gpus(self, now: float) -> list[GPUInfo]:
         """GPUs that may take new reservations: healthy, on a node that is not stale."""
         stale = self.stale_nodes(now)
-        return [g for g in self.gpus() if g.healthy and g.node not in stale]
+        return [g for g in self._sorted_gpus() if g.healthy and g.node not in stale]
 
     # -- reservations -----------------------------------------------------------------------
 
@@ -218,8 +268,25 @@ class Ledger:
             gpu_index=gpu.index,
             bytes=n_bytes,
         )
-        self.data.entries[replica_id] = LedgerEntry(reservation=reservation, owner=owner, created_at=now)
+        self._put_entry(LedgerEntry(reservation=reservation, owner=owner, created_at=now))
         return reservation, True
+
+    def reserve_many(self, requests: Sequence[ReserveRequest], now: float) -> tuple[list[ReserveOutcome], bool]:
+        """`reserve` for each request in order, as if called one by one: an item that does not fit
+        is refused alone (its outcome names why), the others are placed. Returns (outcomes,
+        whether anything changed)."""
+        outcomes, changed = [], False
+        for request in requests:
+            try:
+                reservation, placed = self.reserve(
+                    request.replica_id, request.model_id, request.bytes, now, request.gpu_uuid, request.owner
+                )
+            except ReservationError as refusal:
+                outcomes.append(ReserveOutcome(replica_id=request.replica_id, error=str(refusal)))
+                continue
+            outcomes.append(ReserveOutcome(replica_id=request.replica_id, reservation=reservation))
+            changed |= placed
+        return outcomes, changed
 
     def _repeat(
         self, entry: LedgerEntry, model_id: str, n_bytes: int, gpu_uuid: str | None, owner: str | None
@@ -239,6 +306,7 @@ class Ledger:
         changed = owner is not None and owner != entry.owner
         if changed:
             entry.owner = owner
+            self._dirty["entries"].add(held.replica_id)
         return held, changed
 
     def _check_target(
@@ -302,14 +370,18 @@ class Ledger:
     def release(self, replica_id: str, now: float | None = None) -> bool:
         """Drop a replica's reservation, its startup locks (each going to the next waiter) and its
         places in startup queues; False if it held neither a reservation nor a lock."""
-        entry = self.data.entries.pop(replica_id, None)
+        entry = self._drop_entry(replica_id)
         locks = [uuid for uuid, holder in self.data.startup_locks.items() if holder.replica_id == replica_id]
         for uuid in locks:
-            del self.data.startup_locks[uuid]
+            self._drop_lock(uuid)
         for uuid in list(self._startup_queues):
             self.drop_startup_waiter(uuid, replica_id)
         self._grant_next_locks(time.time() if now is None else now)
         return entry is not None or bool(locks)
+
+    def release_many(self, replica_ids: Sequence[str], now: float) -> list[bool]:
+        """`release` for each id in order; each answer says whether that one held anything."""
+        return [self.release(replica_id, now) for replica_id in replica_ids]
 
     def attach_process(self, replica_id: str, pid: int) -> bool:
         entry = self.data.entries.get(replica_id)
@@ -319,7 +391,82 @@ class Ledger:
         if pid in entry.pids:
             return False
         entry.pids.append(pid)
+        self._pids[pid] = self._pids.get(pid, 0) + 1
+        self._unmanaged_cache = None
+        self._dirty["entries"].add(replica_id)
         return True
+
+    # -- the indexes and what changed ---------------------------------------------------------
+
+    def _index(self, entry: LedgerEntry, sign: int) -> None:
+        """Count an entry into the indexes (+1) or out of them (-1)."""
+        held = entry.reservation
+        ids = self._by_gpu.setdefault(held.gpu_uuid, {})
+        if sign > 0:
+            ids[held.replica_id] = None
+        else:
+            ids.pop(held.replica_id, None)
+        self._budget[held.gpu_uuid] = self._budget.get(held.gpu_uuid, 0) + sign * held.bytes
+        if not ids:
+            del self._by_gpu[held.gpu_uuid]
+            del self._budget[held.gpu_uuid]
+        for pid in entry.pids:
+            count = self._pids.get(pid, 0) + sign
+            if count > 0:
+                self._pids[pid] = count
+            else:
+                self._pids.pop(pid, None)
+        if entry.pids:
+            self._unmanaged_cache = None
+
+    def _put_entry(self, entry: LedgerEntry) -> None:
+        self.data.entries[entry.reservation.replica_id] = entry
+        self._index(entry, +1)
+        self._dirty["entries"].add(entry.reservation.replica_id)
+
+    def _drop_entry(self, replica_id: str) -> LedgerEntry | None:
+        entry = self.data.entries.pop(replica_id, None)
+        if entry is not None:
+            self._index(entry, -1)
+            self._dirty["entries"].add(replica_id)
+        return entry
+
+    def _drop_lock(self, gpu_uuid: str) -> None:
+        del self.data.startup_locks[gpu_uuid]
+        self._dirty["startup_locks"].add(gpu_uuid)
+
+    @property
+    def dirty(self) -> bool:
+        """Whether anything changed since the last `take_delta` or `take_snapshot`."""
+        return self._dirty_settings or any(self._dirty.values())
+
+    def take_delta(self) -> LedgerDelta | None:
+        """What changed since the last call (None: nothing), and forget it. The delta shares the
+        ledger's objects: serialise it before the ledger changes again."""
+        if not self.dirty:
+            return None
+        data = self.data
+        delta = LedgerDelta.model_construct(
+            settings=data.settings if self._dirty_settings else None,
+            nodes={name: data.nodes.get(name) for name in self._dirty["nodes"]},
+            entries={rid: data.entries.get(rid) for rid in self._dirty["entries"]},
+            startup_locks={uuid: data.startup_locks.get(uuid) for uuid in self._dirty["startup_locks"]},
+        )
+        self._forget_changes()
+        return delta
+
+    def take_snapshot(self) -> str:
+        """The whole ledger as JSON (`dumps`); what changed so far is in it, so it is forgotten."""
+        self._forget_changes()
+        return self.dumps()
+
+    def _forget_changes(self) -> None:
+        self._dirty_settings = False
+        self._dirty = {kind: set() for kind in self._dirty}
+
+    @property
+    def reservation_count(self) -> int:
+        return len(self.data.entries)
 
     def _owned(self) -> list[tuple[str, str]]:
         """(replica id, owner) of every owned reservation and startup lock; one replica may appear
@@ -386,7 +533,7 @@ class Ledger:
         if not self.holds_startup_lock(gpu_uuid, replica_id):
             self.drop_startup_waiter(gpu_uuid, replica_id)
             return False
-        del self.data.startup_locks[gpu_uuid]
+        self._drop_lock(gpu_uuid)
         self._grant_next_locks(now)
         return True
 
@@ -409,6 +556,7 @@ class Ledger:
     def _grant_startup_lock(self, gpu_uuid: str, replica_id: str, owner: str | None, now: float) -> None:
         owner = owner or self._owner_of(replica_id)  # it may have reserved while it waited
         self.data.startup_locks[gpu_uuid] = StartupLockHolder(replica_id=replica_id, owner=owner, since=now)
+        self._dirty["startup_locks"].add(gpu_uuid)
 
     def _grant_next_locks(self, now: float) -> None:
         """Every free GPU goes to the first in its queue, so a queue never waits on a free lock."""
@@ -440,54 +588,67 @@ class Ledger:
             excluded_nodes=frozenset(self.stale_nodes(now)) | exclude_nodes,
         )
 
-    def state(self, now: float) -> VRAMState:
+    def state(self, now: float, node: str | None = None) -> VRAMState:
+        """The whole picture, or only `node`'s GPUs and record (what its monitor reads each poll:
+        its cost then grows with that node's reservations, not the cluster's)."""
+        return VRAMState.model_validate(self.state_data(now, node))
+
+    def state_data(self, now: float, node: str | None = None) -> dict[str, Any]:
+        """`state` as the plain data `VRAMState` dumps to, without building the model: what the
+        actor returns (its readers validate it), at a fraction of the cost per replica."""
         stale = self.stale_nodes(now)
         free = self.free_bytes()
         reserved = self.reserved_bytes()
-        managed = self.managed_pids()
-        by_gpu: dict[str, list[LedgerEntry]] = {}
-        for rid in sorted(self.data.entries):
-            entry = self.data.entries[rid]
-            by_gpu.setdefault(entry.reservation.gpu_uuid, []).append(entry)
+        unmanaged = self._unmanaged()
         gpus = []
-        for gpu in self.gpus():
+        for gpu in self._sorted_gpus():
+            if node is not None and gpu.node != node:
+                continue
             usage = {p.pid: p.used_bytes for p in gpu.processes}
             gpus.append(
-                GPUState(
-                    node=gpu.node,
-                    index=gpu.index,
-                    uuid=gpu.uuid,
-                    name=gpu.name,
-                    total_bytes=gpu.total_bytes,
-                    used_bytes=gpu.used_bytes,
-                    unmanaged_bytes=gpu.unmanaged_bytes(managed),
-                    reserved_bytes=reserved.get(gpu.uuid, 0),
-                    free_bytes=free[gpu.uuid],
-                    healthy=gpu.healthy,
-                    stale=gpu.node in stale,
-                    replicas=[_replica_state(e, usage) for e in by_gpu.pop(gpu.uuid, [])],
-                )
+                {
+                    "node": gpu.node,
+                    "index": gpu.index,
+                    "uuid": gpu.uuid,
+                    "name": gpu.name,
+                    "total_bytes": gpu.total_bytes,
+                    "used_bytes": gpu.used_bytes,
+                    "unmanaged_bytes": unmanaged[gpu.uuid],
+                    "reserved_bytes": reserved.get(gpu.uuid, 0),
+                    "free_bytes": free[gpu.uuid],
+                    "healthy": gpu.healthy,
+                    "stale": gpu.node in stale,
+                    "replicas": self._replica_states(gpu.uuid, usage),
+                }
             )
-        orphaned = [_replica_state(e, None) for entries in by_gpu.values() for e in entries]
+        known = self._gpu_by_uuid
+        orphaned = []
+        if node is None:
+            orphaned = [r for uuid in self._by_gpu if uuid not in known for r in self._replica_states(uuid, None)]
         nodes = [
-            NodeState(
-                node=name,
-                source=record.inventory.source,
-                gpus=len(record.inventory.gpus),
-                age_s=round(now - record.arrived_at, 3),
-                stale=name in stale,
-            )
+            {
+                "node": name,
+                "source": record.inventory.source,
+                "gpus": len(record.inventory.gpus),
+                "age_s": round(now - record.arrived_at, 3),
+                "stale": name in stale,
+            }
             for name, record in sorted(self.data.nodes.items())
+            if node is None or name == node
         ]
-        return VRAMState(
-            timestamp=now,
-            gpus=gpus,
-            nodes=nodes,
-            stale_nodes=sorted(stale),
-            orphaned=orphaned,
-            startup_locks={uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
-            settings=self.settings,
-        )
+        return {
+            "timestamp": now,
+            "gpus": gpus,
+            "nodes": nodes,
+            "stale_nodes": sorted(stale),
+            "orphaned": sorted(orphaned, key=lambda r: r["replica_id"]),
+            "startup_locks": {uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
+            "settings": self.settings.model_dump(),
+        }
+
+    def _replica_states(self, gpu_uuid: str, usage: dict[int, int] | None) -> list[dict[str, Any]]:
+        entries = self.data.entries
+        return [_replica_state(entries[rid], usage) for rid in sorted(self._by_gpu.get(gpu_uuid, ()))]
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -496,24 +657,33 @@ class Ledger:
 
     @classmethod
     def loads(cls, text: str | bytes) -> Ledger:
-        return cls(LedgerSnapshot.model_validate_json(text))
+        return cls(LedgerSnapshot.model_validate_json(text), copy=False)
+
+
+def _shape(inventory: NodeInventory) -> list[tuple[str, int, int, bool]]:
+    """A node's GPUs without their usage: what placement depends on beyond free memory."""
+    return [(gpu.uuid, gpu.index, gpu.total_bytes, gpu.healthy) for gpu in inventory.gpus] + [
+        (inventory.source, 0, 0, True)
+    ]
 
 
 def _label(reservation: Reservation) -> str:
     return f"node {reservation.node}, GPU {reservation.gpu_index}"
 
 
-def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> ReplicaState:
+def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> dict[str, Any]:
+    """A `ReplicaState` as plain data (validated with the whole state)."""
+    held = entry.reservation
     seen = [usage[pid] for pid in entry.pids if usage is not None and pid in usage]
-    return ReplicaState(
-        replica_id=entry.reservation.replica_id,
-        model_id=entry.reservation.model_id,
-        bytes=entry.reservation.bytes,
-        pid=entry.pids[-1] if entry.pids else None,
-        pids=list(entry.pids),
-        used_bytes=sum(seen) if seen else None,
-        owner=entry.owner,
-    )
+    return {
+        "replica_id": held.replica_id,
+        "model_id": held.model_id,
+        "bytes": held.bytes,
+        "pid": entry.pids[-1] if entry.pids else None,
+        "pids": list(entry.pids),
+        "used_bytes": sum(seen) if seen else None,
+        "owner": entry.owner,
+    }
 
 
 def models_from_dicts(models: Iterable[dict[str, Any] | ModelSpec], source: str = "models") -> list[ModelSpec]:

@@ -15,9 +15,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
-from ray.experimental import internal_kv
 
-from vram_scheduler.allocator import ACTOR_NAME, LEDGER_KEY, NAMESPACE, get_vram_allocator
+from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, get_vram_allocator
+from vram_scheduler.heartbeats import forget_heartbeats
+from vram_scheduler.ledger_store import forget_ledger
 
 # Cluster's default node address: forcing 127.0.0.1 leaves the GCS address unreachable on this machine.
 NODE_ARGS = {"object_store_memory": 80 * 1024**2}
@@ -52,7 +53,7 @@ def add_node(ray_cluster: Cluster, **args: object) -> object:
 
 
 def drop_allocator() -> None:
-    """Kill the allocator for good and forget its persisted ledger."""
+    """Kill the allocator for good and forget its persisted ledger and the monitors' heartbeats."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -60,7 +61,8 @@ def drop_allocator() -> None:
         except ValueError:
             break  # the name is free again
         time.sleep(0.05)
-    internal_kv._internal_kv_del(LEDGER_KEY, namespace=NAMESPACE)
+    forget_ledger(NAMESPACE)
+    forget_heartbeats(NAMESPACE)
 
 
 @pytest.fixture

@@ -285,15 +285,12 @@ def test_reservations_reach_the_gcs_at_once_inventory_polls_at_most_every_interv
     """Monitors republish every poll, so the allocator writes inventory-only changes to the GCS at
     most every INVENTORY_PERSIST_INTERVAL_S (a restarted allocator relearns them within a poll);
     a reservation is written at once, with the inventory current at that moment."""
-    from ray.experimental import internal_kv
-
-    from vram_scheduler.allocator import INVENTORY_PERSIST_INTERVAL_S, LEDGER_KEY
-    from vram_scheduler.ledger import LedgerSnapshot
+    from vram_scheduler.allocator import INVENTORY_PERSIST_INTERVAL_S
+    from vram_scheduler.ledger_store import LedgerStore
 
     def persisted_used_gb() -> float:
-        raw = internal_kv._internal_kv_get(LEDGER_KEY, namespace=NAMESPACE)
-        snapshot = LedgerSnapshot.model_validate_json(raw)
-        return snapshot.nodes["gpu-a"].inventory.gpus[0].used_bytes / GIB
+        ledger = LedgerStore(NAMESPACE).load()  # what a restarted allocator would load
+        return ledger.data.nodes["gpu-a"].inventory.gpus[0].used_bytes / GIB
 
     ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24, used_gb=1)))
     ray.get(allocator.reserve.remote("p-0", "m", GIB))  # written at once

@@ -160,5 +160,6 @@ def test_killing_the_allocator_mid_run_loses_and_duplicates_nothing(allocator) -
     prepare(allocator)
     held, _, killed = run_clients(allocator, seed=2, kills=2)
     assert killed >= 1, "the run finished before the allocator could be killed"
+    assert held, "nothing was reserved across the kills (a restarted allocator that lost its inventory refuses all)"
     check_ledger_matches(allocator, held)
     print(f"killed the allocator {killed}×; {len(held)} reservations held at the end")

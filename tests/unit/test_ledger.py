@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 from vram_scheduler.config import GIB, PlacementSettings
+from vram_scheduler.contract import VRAMState
 from vram_scheduler.inventory import NodeInventory
-from vram_scheduler.ledger import Ledger, LedgerSnapshot, ReservationError, StartupLockHolder, models_from_dicts
+from vram_scheduler.ledger import (
+    Ledger,
+    LedgerDelta,
+    LedgerSnapshot,
+    ReservationError,
+    ReserveRequest,
+    StartupLockHolder,
+    models_from_dicts,
+)
 
 T0 = 1_000.0
 
@@ -157,6 +166,31 @@ def test_attached_processes_are_managed_not_unmanaged() -> None:
         led.attach_process("ghost", 5)
 
 
+def test_a_nodes_state_holds_its_gpus_only(ledger: Ledger) -> None:
+    """What a monitor reads each poll: its node's GPUs and replicas, the same as in the whole state."""
+    ledger.reserve("a-0", "m", GIB, T0, gpu_uuid="a-1")
+    ledger.reserve("b-0", "m", GIB, T0, gpu_uuid="b-0")
+    whole = ledger.state(T0)
+    mine = ledger.state(T0, node="a")
+    assert [g.uuid for g in mine.gpus] == ["a-0", "a-1"]
+    assert mine.gpus == [g for g in whole.gpus if g.node == "a"]
+    assert [n.node for n in mine.nodes] == ["a"] and mine.orphaned == []
+    assert [r.replica_id for r in mine.gpus[1].replicas] == ["a-0"]
+    # What the actor returns is plain data in exactly the shape the model dumps to.
+    ledger.attach_process("a-0", 7)
+    for data in (ledger.state_data(T0), ledger.state_data(T0, node="b")):
+        assert VRAMState.model_validate(data).model_dump() == data
+
+
+def test_an_update_says_whether_the_gpus_changed_or_only_their_usage(ledger: Ledger) -> None:
+    """The allocator writes a change of GPUs at once and a change of usage lazily."""
+    assert ledger.update_inventory(node("a", (0, 24, 5), (1, 16, 0)), T0 + 1) is False  # usage only
+    assert ledger.update_inventory(node("a", (0, 24, 0)), T0 + 2) is True  # a GPU gone
+    assert ledger.update_inventory(node("a", (0, 24, 0), (1, 16, 0)), T0 + 3) is True  # back
+    assert ledger.update_inventory(node("a", (0, 24, 0), (1, 20, 0)), T0 + 4) is True  # resized
+    assert ledger.update_inventory(node("c", (0, 8, 0)), T0 + 5) is True  # a new node
+
+
 def test_gpu_uuid_reported_by_two_nodes_is_refused(ledger: Ledger) -> None:
     clash = NodeInventory.model_validate({"node": "c", "gpus": [{"index": 0, "uuid": "a-1", "total_gb": 8}]})
     with pytest.raises(ValueError, match="node 'c' reports GPU a-1 that node 'a' already reports"):
@@ -176,6 +210,61 @@ def test_gpu_of_a_stale_node_moves_to_the_node_now_reporting_it(ledger: Ledger) 
         ledger.update_inventory(
             NodeInventory.model_validate({"node": "a2", "gpus": [{"index": 0, "uuid": "a-0", "total_gb": 24}]}), T0 + 1
         )
+
+
+def test_a_moved_gpus_reservations_are_in_the_next_delta(ledger: Ledger) -> None:
+    """Moving a GPU rewrites where its reservations are: the journal must carry those entries too."""
+    ledger.reserve("h-0", "h", GIB, T0, gpu_uuid="b-0")
+    ledger.reserve("h-1", "h", GIB, T0, gpu_uuid="b-0")
+    ledger.reserve("s-0", "s", GIB, T0, gpu_uuid="a-0")
+    rebuilt = LedgerSnapshot()
+    ledger.take_delta().apply_to(rebuilt)
+    renamed = NodeInventory.model_validate({"node": "b2", "gpus": [{"index": 3, "uuid": "b-0", "total_gb": 12}]})
+    ledger.update_inventory(renamed, T0 + 11)  # b went stale: its GPU moves to b2
+    delta = ledger.take_delta()
+    assert sorted(delta.entries) == ["h-0", "h-1"] and sorted(delta.nodes) == ["b", "b2"]
+    assert delta.nodes["b"] is None  # b reported nothing else: gone
+    LedgerDelta.model_validate_json(delta.model_dump_json()).apply_to(rebuilt)
+    assert rebuilt == ledger.data
+    assert {(r.node, r.gpu_index) for r in ledger.reservations() if r.model_id == "h"} == {("b2", 3)}
+    assert ledger.take_delta() is None  # nothing changed since
+
+
+def test_reserved_totals_follow_every_change(ledger: Ledger) -> None:
+    """The per-GPU totals are kept as changes happen, never summed again: check them against a sum."""
+    for i in range(6):
+        ledger.reserve(f"t-{i}", "t", (i + 1) * GIB // 2, T0)
+    ledger.attach_process("t-1", 7)
+    ledger.release("t-2")
+    ledger.configure(PlacementSettings(stale_after_s=10, replica_overhead_gb=1))
+    summed: dict[str, int] = {}
+    for r in ledger.reservations():
+        summed[r.gpu_uuid] = summed.get(r.gpu_uuid, 0) + r.bytes + GIB
+    assert ledger.reserved_bytes() == summed
+    assert ledger.managed_pids() == {7}
+    restored = Ledger.loads(ledger.dumps())
+    assert restored.reserved_bytes() == summed and restored.managed_pids() == {7}
+    ledger.release("t-1")
+    assert ledger.managed_pids() == frozenset()
+
+
+def test_a_batch_places_what_fits_and_names_what_does_not(ledger: Ledger) -> None:
+    requests = [
+        ReserveRequest(replica_id="b-0", model_id="m", bytes=4 * GIB),
+        ReserveRequest(replica_id="b-1", model_id="m", bytes=40 * GIB),  # fits nowhere
+        ReserveRequest(replica_id="b-2", model_id="m", bytes=GIB, gpu_uuid="b-0"),
+        ReserveRequest(replica_id="b-0", model_id="m", bytes=4 * GIB),  # a repeat: the same answer
+    ]
+    outcomes, changed = ledger.reserve_many(requests, T0)
+    assert changed
+    assert [o.replica_id for o in outcomes] == ["b-0", "b-1", "b-2", "b-0"]
+    assert outcomes[0].reservation == outcomes[3].reservation and outcomes[0].error is None
+    assert outcomes[1].reservation is None
+    assert outcomes[1].error.startswith("model m needs 42.00 GiB per replica (40.00 GiB budget + 2.00 GiB overhead)")
+    assert outcomes[2].reservation.gpu_uuid == "b-0"
+    assert sorted(r.replica_id for r in ledger.reservations()) == ["b-0", "b-2"]
+    assert ledger.release_many(["b-0", "ghost", "b-0"], T0) == [True, False, False]
+    assert ledger.reserve_many(requests[3:], T0 + 1)[1] is True  # released, so placed anew
 
 
 def test_gpu_gone_from_inventory_leaves_an_orphaned_reservation(ledger: Ledger) -> None:

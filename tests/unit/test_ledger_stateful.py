@@ -1,6 +1,7 @@
 """The ledger under random sequences of inventory updates, reserves, releases and attaches
 (hypothesis state machine): no GPU ever booked beyond its room, refusals only when nothing fits,
-idempotent repeats, and a snapshot round trip that changes nothing."""
+idempotent repeats, a snapshot round trip that changes nothing, and a journal of deltas (what the
+allocator persists after each change) that rebuilds exactly the ledger it followed."""
 
 from __future__ import annotations
 
@@ -10,13 +11,27 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from vram_scheduler.config import PlacementSettings, gib_to_bytes
 from vram_scheduler.inventory import NodeInventory
-from vram_scheduler.ledger import Ledger, ReservationError
+from vram_scheduler.ledger import Ledger, LedgerDelta, LedgerSnapshot, ReservationError
 
 NODES = {"a": [24, 16], "b": [80], "c": [12, 12, 8]}
 UUIDS = [f"{node}-{i}" for node, totals in NODES.items() for i in range(len(totals))]
 NOW = 1_000.0
 # With the default 2.0 GiB overhead, 6 and 10 fill the 8 and 12 GiB GPUs to the byte (9.5 nearly).
 SIZES_GB = [0.5, 1, 2, 4, 6, 9.5, 10, 13.5, 30, 60, 90]
+
+
+class Journal:
+    """The ledger as its persisted deltas rebuild it: each delta through JSON, applied in order."""
+
+    def __init__(self) -> None:
+        self.rebuilt = LedgerSnapshot()
+
+    def follow(self, ledger: Ledger) -> None:
+        delta = ledger.take_delta()
+        if delta is not None:
+            LedgerDelta.model_validate_json(delta.model_dump_json()).apply_to(self.rebuilt)
+        assert self.rebuilt == ledger.data
+        assert Ledger(self.rebuilt).state(NOW) == ledger.state(NOW)
 
 
 def inventory(node: str, used_gb: list[float], pids: list[int]) -> NodeInventory:
@@ -37,6 +52,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.ledger.update_inventory(inventory(node, [0.0] * len(totals), [0] * len(totals)), NOW)
         self.held: dict[str, tuple[str, int]] = {}  # replica id → (model, bytes)
         self.counter = 0
+        self.journal = Journal()
 
     @rule(size_gb=st.sampled_from(SIZES_GB), gpu=st.none() | st.sampled_from(UUIDS))
     def reserve(self, size_gb: float, gpu: str | None) -> None:
@@ -103,6 +119,10 @@ class LedgerMachine(RuleBasedStateMachine):
         restored = Ledger.loads(self.ledger.dumps())
         assert restored.state(NOW) == self.ledger.state(NOW)
 
+    @invariant()
+    def journal_rebuilds_the_ledger(self) -> None:
+        self.journal.follow(self.ledger)
+
 
 LedgerMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -128,6 +148,7 @@ class StartupLockMachine(RuleBasedStateMachine):
         self.ledger.update_inventory(NodeInventory.model_validate(host), NOW)
         self.holder: dict[str, tuple[str, str]] = {}  # GPU → (replica, owner)
         self.queue: dict[str, list[tuple[str, str]]] = {gpu: [] for gpu in LOCK_GPUS}
+        self.journal = Journal()
 
     def _next(self, gpu: str) -> None:
         if gpu not in self.holder and self.queue[gpu]:
@@ -197,6 +218,7 @@ class StartupLockMachine(RuleBasedStateMachine):
             assert holder is None or holder.replica_id not in waiters
         assert "host-h" not in self.holder and not self.queue["host-h"]
         assert self.ledger.state(NOW).startup_locks == {gpu: r for gpu, (r, _) in sorted(self.holder.items())}
+        self.journal.follow(self.ledger)  # persisted holders (queues are not persisted: callers retry)
 
 
 StartupLockMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

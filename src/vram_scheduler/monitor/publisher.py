@@ -4,6 +4,10 @@ It runs in its own thread so that a slow or absent Ray cluster never delays a po
 the poll loop offers each new inventory (latest wins) and reads the latest allocator view. While
 the allocator is unreachable the link retries with exponential backoff (with jitter) and counts
 each failure; metrics keep being exported from NVML alone meanwhile.
+
+A second thread writes a heartbeat (the latest sample's time) to the GCS every interval
+(`heartbeats.py`): calls to the allocator may wait behind a burst of reservations, and the node
+must not go stale meanwhile.
 """
 
 from __future__ import annotations
@@ -99,16 +103,22 @@ class AllocatorLink:
         self._next_try = 0.0
         self.published = 0
         self.last_published_at: float | None = None
+        self.heartbeats = 0
+        self._sampled_at: float | None = None
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="allocator-link", daemon=True)
+        self._beat_thread = threading.Thread(target=self._beat, name="allocator-heartbeat", daemon=True)
 
     # -- used by the poll loop --------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+        self._beat_thread.start()
 
     def offer(self, inventory: NodeInventory) -> None:
         with self._wake:
             self._pending = inventory
+            self._sampled_at = inventory.timestamp
             self._wake.notify()
 
     def request_restart(self, actor_id: str, why: str) -> None:
@@ -128,7 +138,9 @@ class AllocatorLink:
         with self._wake:
             self._stop = True
             self._wake.notify()
+        self._stopped.set()
         self._thread.join(timeout_s)
+        self._beat_thread.join(timeout_s)
         if not self._thread.is_alive() and self._owns_ray:
             import ray
 
@@ -160,6 +172,24 @@ class AllocatorLink:
                 self._backoff = 0.0
             except Exception as error:
                 self._failed(error, inventory, restarts)
+
+    def _beat(self) -> None:
+        """Each interval, write the latest sample's time as this node's heartbeat (if it is new)."""
+        from ..allocator import NAMESPACE
+        from ..heartbeats import write_heartbeat
+
+        written = None
+        while not self._stopped.wait(self.interval_s):
+            sampled = self._sampled_at
+            if sampled is None or sampled == written or not self._connected:
+                continue
+            try:
+                write_heartbeat(self.node, sampled, NAMESPACE)
+            except Exception as error:  # the link's own calls report an unreachable cluster
+                log.debug("heartbeat of %s not written: %s", self.node, error)
+                continue
+            written = sampled
+            self.heartbeats += 1
 
     def _failed(self, error: Exception, inventory: NodeInventory | None, restarts: list[tuple[str, str]]) -> None:
         self._connected = False
@@ -213,7 +243,7 @@ class AllocatorLink:
         self._allocator_call(self._allocator.update_inventory.remote(inventory.model_dump(mode="json")))
         self.published += 1
         self.last_published_at = time.time()
-        state = self._allocator_call(self._allocator.get_vram_state.remote())
+        state = self._allocator_call(self._allocator.get_vram_state.remote(self.node))
         self._view = AllocatorView.from_state(state, self.node, time.time())
 
     def _allocator_call(self, ref: Any) -> Any:

@@ -222,9 +222,9 @@ class Controller:
     def _teardown(self, model_id: str) -> None:
         if self._app_exists(model_id):
             serve.delete(model_app_name(model_id), _blocking=True)
-        for reservation in ray.get(self.allocator.reservations.remote()):
-            if reservation["model_id"] == model_id:
-                ray.get(self.allocator.release.remote(reservation["replica_id"]))
+        held = [r["replica_id"] for r in ray.get(self.allocator.reservations.remote()) if r["model_id"] == model_id]
+        if held:  # one call and one GCS write for all of the model's replicas
+            ray.get(self.allocator.release_many.remote(held))
 
     # -- router -----------------------------------------------------------------------------
 
