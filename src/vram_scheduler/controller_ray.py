@@ -18,12 +18,10 @@ class RayControllerClient:
 
     def __init__(self, address: str):
         import ray
-        from ray.experimental import internal_kv
 
         from .allocator import NAMESPACE
-        from .config import ServingSettings
         from .loopback import prepare_ray_join
-        from .serving.controller import SERVING_KEY
+        from .serving.controller import stored_serving_settings
         from .serving.controller_actor import ControllerHandle
 
         self.url = address
@@ -33,9 +31,7 @@ class RayControllerClient:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ControllerUnavailableError(f"cannot join the Ray cluster at {address}: {error}") from None
-        stored = internal_kv._internal_kv_get(SERVING_KEY, namespace=NAMESPACE)
-        serving = ServingSettings.model_validate_json(stored) if stored else None
-        self.controller = ControllerHandle(serving)
+        self.controller = ControllerHandle(stored_serving_settings())
 
     def close(self) -> None:
         """Leaves Ray connected: the caller may use it; `ray.shutdown()` disconnects."""

@@ -409,6 +409,12 @@ def _stored_router() -> dict[str, Any] | None:
     return stored if isinstance(stored, dict) and {"serving", "routers"} <= set(stored) else None
 
 
+def stored_serving_settings() -> ServingSettings | None:
+    """The serving settings the cluster's router was last deployed with (None before any)."""
+    stored = _stored_router()
+    return ServingSettings.model_validate(stored["serving"]) if stored else None
+
+
 def check_model_limits(specs: list[ModelSpec]) -> None:
     """Refuse, before anything is planned or reserved, a `max_model_len` over a model's own maximum
     (where the controller can read the model's config without downloading; replicas check again)."""
