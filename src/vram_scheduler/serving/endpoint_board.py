@@ -165,16 +165,18 @@ def routed_models(specs: Sequence[ModelSpec]) -> list[dict[str, Any]]:
     ]
 
 
-_handles: dict[str, Any] = {}
+#: (cluster GCS address, app) → handle: a process may join another cluster later (tests do).
+_handles: dict[tuple[str, str], Any] = {}
 
 
 def endpoint_board(app: str, fresh: bool = False) -> Any:
     """The endpoint board of router application `app`, created if missing (race-safe); the handle
     is kept per process (`fresh`: look it up again, after a call on the kept one failed)."""
-    if app in _handles and not fresh:
-        return _handles[app]
     if not ray.is_initialized():
         ray.init(namespace=NAMESPACE)
+    key = (ray.get_runtime_context().gcs_address, app)
+    if key in _handles and not fresh:
+        return _handles[key]
     name = BOARD_ACTOR_PREFIX + app
     try:
         handle = ray.get_actor(name, namespace=NAMESPACE)
@@ -194,5 +196,5 @@ def endpoint_board(app: str, fresh: bool = False) -> Any:
             )
             .remote(app)
         )
-    _handles[app] = handle
+    _handles[key] = handle
     return handle
