@@ -86,6 +86,7 @@ CPU_GROUP = obj(
         "resources": RESOURCES,
         "nodeSelector": STRING_MAP,
         "tolerations": K8S_LIST,
+        "routers": {"type": "boolean"},
     },
     required=["name"],
 )

@@ -253,7 +253,8 @@ class ServingSettings(StrictModel):
     router_placement: Literal["spread", "head"] = Field(
         default="spread",
         description="spread: routers on different Ray nodes when there are several (else together on one); "
-        "head: all on the head node (the chart's choice: its `openai` Service reaches the head pod).",
+        "where nodes are labelled `ray-vram.io/router-host=true` (the chart's head and CPU pods, the ones its "
+        "`openai` Service reaches) only on those, at least one each; head: all on the head node.",
     )
 
     @field_validator("api_key_env")

@@ -34,6 +34,10 @@ KUBERAY_COMMAND_ENV = "KUBERAY_GEN_RAY_START_CMD"
 LABEL_PREFIX = "ray-vram.io/"
 #: The Ray node label naming the Kubernetes node (what the monitor calls the node in its inventory).
 NODE_NAME_LABEL = f"{LABEL_PREFIX}node-name"
+#: Node label (value "true") of the Ray nodes whose pods an endpoint Service reaches (the chart
+#: sets it on the head and CPU worker pods): with `router_placement: spread`, the routers go only
+#: there, at least one on each.
+ROUTER_HOST_LABEL = f"{LABEL_PREFIX}router-host"
 
 #: Nominal GPU memory sizes (GB as sold). A GPU's class is the smallest size at or above its total
 #: GiB as NVML reports it: an H100 80GB reports 79.6 GiB -> 80, an L4 22.5 GiB -> 24, an H200

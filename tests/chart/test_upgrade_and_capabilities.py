@@ -58,10 +58,7 @@ def test_config_map_holds_exactly_the_serving_config() -> None:
     texts = render_texts([BASE])
     data = load(texts["ConfigMap/rv-ray-vram-config"])["data"]
     config = parse_config(yaml.safe_load(data["config.yaml"]))
-    # The chart keeps the routers on the head pod, where its `openai` Service points.
-    expected = load_config(BASE)
-    expected = expected.model_copy(update={"serving": expected.serving.model_copy(update={"router_placement": "head"})})
-    assert config == expected
+    assert config == load_config(BASE)
     assert yaml.safe_load(data["config.json"]) == yaml.safe_load(data["config.yaml"])
 
 
@@ -172,6 +169,35 @@ def test_metallb_load_balancer_with_a_fixed_ip() -> None:
     assert all(p["protocol"] == "TCP" for p in service["spec"]["ports"]), "Helm 4's server-side apply needs protocol"
     default = load(render_texts([])["Service/rv-ray-vram-openai"])
     assert default["spec"]["type"] == "ClusterIP" and "annotations" not in default["metadata"]
+
+
+def test_the_openai_service_reaches_the_router_hosts_and_only_ready_routers(tmp_path: Path) -> None:
+    """The head and CPU groups with `routers` (default true) are router hosts: a Ray node label the
+    controller places routers by, a pod label the `openai` Service selects, and (CPU pods) a
+    readiness probe on the router's port, so a pod without a live router gets no requests."""
+    values = yaml.safe_load((ROOT / "values" / "k3s-3cpu-3gpu-metallb.yaml").read_text())
+    values["rayCluster"]["cpuGroups"].append({"name": "batch", "routers": False})
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    texts = render_texts([tmp_path / "values.yaml"])
+    service = load(texts["Service/rv-ray-vram-openai"])
+    assert service["spec"]["selector"] == {"ray.io/cluster": "rv-ray-vram", "ray-vram.io/router-host": "true"}
+    assert service["spec"]["ports"][0]["targetPort"] == "serve"
+    cluster = load(texts["RayCluster/rv-ray-vram"])["spec"]
+    head = cluster["headGroupSpec"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    hosts = {"head": head, "cpu": groups["cpu"]}
+    for name, group in hosts.items():
+        assert group["labels"] == {"ray-vram.io/router-host": "true"}, name
+        assert group["template"]["metadata"]["labels"]["ray-vram.io/router-host"] == "true", name
+        container = group["template"]["spec"]["containers"][0]
+        assert {"name": "serve", "containerPort": 8000, "protocol": "TCP"} in container["ports"], name
+    assert "readinessProbe" not in head["template"]["spec"]["containers"][0], "the head keeps KubeRay's probe"
+    probe = groups["cpu"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"][-1]
+    assert "http://localhost:8000/-/healthz" in probe and "local_raylet_healthz" in probe
+    for name in ("batch", "gpu"):
+        group = groups[name]
+        assert "labels" not in group and "ray-vram.io/router-host" not in group["template"]["metadata"]["labels"]
+        assert "readinessProbe" not in group["template"]["spec"]["containers"][0]
 
 
 def test_security_scenario() -> None:

@@ -350,6 +350,33 @@ def test_routers_go_one_per_node_and_leave_a_node_that_left(monkeypatch: pytest.
     assert placement.router_addresses(ServingSettings(router_placement="head")) == [None, None]
 
 
+def test_routers_go_only_to_router_hosts_and_to_each_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes labelled `ray-vram.io/router-host=true` (the pods the chart's Service reaches) take
+    every router, each at least one: max(router_replicas, hosts) routers."""
+    from vram_scheduler.serving import placement
+
+    host = {"ray-vram.io/router-host": "true"}
+    nodes = [
+        {"Alive": True, "NodeManagerAddress": "10.0.0.9", "Resources": {"node:__internal_head__": 1.0}, "Labels": host},
+        {"Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {}, "Labels": host},
+        {"Alive": True, "NodeManagerAddress": "10.0.0.3", "Resources": {}, "Labels": host},
+        {"Alive": True, "NodeManagerAddress": "10.0.0.5", "Resources": {}, "Labels": {}},  # a GPU pod
+    ]
+    monkeypatch.setattr(placement.ray, "nodes", lambda: nodes)
+    assert placement.router_addresses(ServingSettings()) == ["10.0.0.9", "10.0.0.2", "10.0.0.3"]
+    assert placement.router_addresses(ServingSettings(router_replicas=4)) == [
+        "10.0.0.9",
+        "10.0.0.2",
+        "10.0.0.3",
+        "10.0.0.9",
+    ]
+    # A CPU pod joined while both routers were on the head: one moves there, and the new pod gets one.
+    moved = placement.router_addresses(ServingSettings(), ["10.0.0.9", "10.0.0.9"])
+    assert moved[0] == "10.0.0.9" and sorted(moved) == ["10.0.0.2", "10.0.0.3", "10.0.0.9"]
+    nodes[1]["Alive"] = nodes[2]["Alive"] = False
+    assert placement.router_addresses(ServingSettings(), ["10.0.0.2", "10.0.0.3"]) == ["10.0.0.9", "10.0.0.9"]
+
+
 def test_a_replica_deployment_built_the_same_keeps_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """The controller moves one replica of a model by deploying the model again: only a deployment
     whose version changed restarts (the faults suite checks Serve keeps the others running)."""

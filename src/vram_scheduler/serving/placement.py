@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from ..config import ServingSettings
-from ..node import NODE_NAME_LABEL
+from ..node import NODE_NAME_LABEL, ROUTER_HOST_LABEL
 from ..planner import Reservation
 from .pinning import PINNING_ENV, is_cuda_uuid
 
@@ -74,20 +74,30 @@ def actor_options(reservation: Reservation, env: dict[str, str]) -> dict[str, An
     return options
 
 
+def router_hosts(nodes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alive nodes labelled `ray-vram.io/router-host=true`."""
+    return [n for n in nodes if n.get("Alive") and (n.get("Labels") or {}).get(ROUTER_HOST_LABEL) == "true"]
+
+
 def router_addresses(serving: ServingSettings, previous: Sequence[str | None] = ()) -> list[str | None]:
-    """The node (address) each of `serving.router_replicas` routers is pinned to; None: on the head
-    (`router_placement: head`).
+    """The node (address) of each router; None: on the head (`router_placement: head`).
 
     spread: one router per alive Ray node, the head's first, while there are nodes enough, then
-    again from the head. A router whose node (in `previous`) is alive stays there unless another
-    node has two routers fewer; a router whose node left goes to the node with fewest. Ray Serve's
-    own spreading of a deployment's replicas is no promise: it places each new replica on the next
+    again from the head. Where nodes are labelled router hosts (`ray-vram.io/router-host=true`:
+    the pods an endpoint Service reaches), only those take routers, and each takes at least one,
+    so there are max(`router_replicas`, hosts) routers: a Service never sends a request to a pod
+    without one. A router whose node (in `previous`) is alive stays there unless another node has
+    two routers fewer; a router whose node left goes to the node with fewest. Ray Serve's own
+    spreading of a deployment's replicas is no promise: it places each new replica on the next
     node in turn, whatever runs there, so a restarted router can join the other on one node.
     """
     count = serving.router_replicas
     if serving.router_placement == "head":
         return [None] * count
     alive = [n for n in ray.nodes() if n.get("Alive")]
+    hosts = router_hosts(alive)
+    if hosts:
+        alive, count = hosts, max(count, len(hosts))
     alive.sort(key=lambda n: ("node:__internal_head__" not in n.get("Resources", {}), n["NodeManagerAddress"]))
     order = [n["NodeManagerAddress"] for n in alive]
     chosen: list[str | None] = [a if a in order else None for a in list(previous)[:count]]
