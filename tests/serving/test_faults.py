@@ -1,7 +1,10 @@
 """Serving under faults: real Ray — a head and a worker node (`ray.cluster_utils.Cluster`, one
 machine, the nodes on 127.0.0.1 and 127.0.0.2) —, real vLLM (CPU) replicas, a steady load from two
-client processes, and one fault at a time: a replica killed, one of the two routers killed, the
-controller actor killed, the allocator actor killed, the monitor stopped, the worker node removed.
+client processes (plain and streamed completions in turn), and one fault at a time: a replica's
+vLLM engine process killed mid-stream, a replica (its actor) killed, one of the two routers killed,
+the controller actor killed, the allocator actor killed, the monitor stopped, the worker node
+removed. The engines run in their own processes here (`VLLM_ENABLE_V1_MULTIPROCESSING=1`, as on a
+GPU), so an engine can die under a replica that lives.
 
 For each fault the suite records what the clients saw (requests and errors by kind in the fault's
 window), how long until full service (a fresh request answered, every replica ready, the ledger
@@ -14,6 +17,8 @@ record is bench/results/faults.json).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -45,23 +50,42 @@ RESULTS = Path(os.environ.get("RAY_VRAM_FAULTS_RESULTS", ROOT / ".work" / "fault
 MODELS = ("alpha", "beta")
 INVENTORY = HERE / "inventory-two-nodes.yaml"
 HEAD, WORKER = "ci-head", "ci-worker"
+ENGINE_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 pytestmark = pytest.mark.slow
 
-#: One client process: completions in a loop until its stop file appears, one JSON line per request.
+#: One client process: a plain and a streamed completion in turn until its stop file appears, one
+#: JSON line per request. A stream is "ok" when it ends with [DONE] and no error event; one that
+#: ends without either is "stream cut" (what must never happen), one that hangs "ReadTimeout".
 CLIENT = """
 import json, sys, time, pathlib, httpx
 base, model, out, stop = sys.argv[1], sys.argv[2], open(sys.argv[3], "a"), pathlib.Path(sys.argv[4])
-body = {"model": model, "prompt": "Our team", "max_tokens": 4, "ignore_eos": True}
+plain = {"model": model, "prompt": "Our team", "max_tokens": 4, "ignore_eos": True}
+streamed = dict(plain, max_tokens=24, stream=True)
+
+def stream(client):
+    with client.stream("POST", base + "/v1/completions", json=streamed) as response:
+        if response.status_code != 200:
+            return f"http {response.status_code}"
+        lines = [line for line in response.iter_lines() if line]
+    if any(line.startswith('data: {"error"') for line in lines):
+        return "stream error event"
+    return "ok" if lines and lines[-1] == "data: [DONE]" else "stream cut"
+
 with httpx.Client(timeout=60) as client:
+    turn = 0
     while not stop.exists():
+        turn += 1
         start = time.time()
         try:
-            response = client.post(base + "/v1/completions", json=body)
-            kind = "ok" if response.status_code == 200 else f"http {response.status_code}"
+            if turn % 2:
+                response = client.post(base + "/v1/completions", json=plain)
+                kind = "ok" if response.status_code == 200 else f"http {response.status_code}"
+            else:
+                kind = stream(client)
         except httpx.HTTPError as error:
             kind = type(error).__name__
-        out.write(json.dumps({"start": start, "end": time.time(), "kind": kind}) + "\\n")
+        out.write(json.dumps({"start": start, "end": time.time(), "kind": kind, "stream": not turn % 2}) + "\\n")
         out.flush()
         if kind != "ok":
             time.sleep(0.2)
@@ -80,6 +104,8 @@ class Load:
         ]
 
     def seen(self, since: float, until: float) -> Counter[str]:
+        """Requests in the window by outcome ("ok", "stream cut", "http 503", an httpx error...),
+        and how many of them were streams ("streams")."""
         kinds: Counter[str] = Counter()
         for log in self.logs:
             lines = log.read_text().splitlines() if log.exists() else []  # a client not started yet
@@ -87,6 +113,7 @@ class Load:
                 record = json.loads(line)
                 if record["end"] >= since and record["start"] <= until:
                     kinds[record["kind"]] += 1
+                    kinds["streams"] += record.get("stream", False)
         return kinds
 
     def close(self) -> None:
@@ -126,6 +153,9 @@ def stack() -> Iterator[TwoNodes]:
         base, metrics = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
         threads = [head_thread, worker_thread]
         monitors = {"head": head_monitor, "worker": worker_monitor}
+        # Each engine in its own process, as on a GPU (the replicas get the caller's VLLM_* at apply).
+        in_process = os.environ.get(ENGINE_PROCESS_ENV)
+        os.environ[ENGINE_PROCESS_ENV] = "1"
         try:
             with deployed(config, nodes=2) as controller:
                 two = TwoNodes(
@@ -143,6 +173,7 @@ def stack() -> Iterator[TwoNodes]:
                 yield two
                 monitors["head"] = two.monitor  # the monitor test's replacement
         finally:
+            os.environ[ENGINE_PROCESS_ENV] = in_process or "0"
             for monitor in monitors.values():
                 monitor.stop()
             for thread in threads:
@@ -242,9 +273,11 @@ def run_fault(
     now = {k: (v["gpu_uuid"], v["bytes"]) for k, v in held.items()}
     live_nodes = {n["Labels"].get(NODE_NAME_LABEL) for n in ray.nodes() if n["Alive"]}
     running = replicas()
+    streams = seen.pop("streams", 0)
     row = {
         "fault": name,
         "requests": sum(seen.values()),
+        "streams": streams,
         "client_errors": {k: v for k, v in seen.items() if k != "ok"},
         "recovery_s": round(recovery, 1),
         "ledger_consistent": sorted(now) == sorted(planned)
@@ -261,6 +294,72 @@ def test_the_routers_run_on_both_nodes(stack: TwoNodes) -> None:
     assert sorted(routers().values()) == sorted([node_id(HEAD), node_id(WORKER)])
 
 
+def _engine_pid(pids: list[int]) -> int:
+    """The vLLM engine-core process among a replica's processes (it names itself VLLM::EngineCore)."""
+    import psutil
+
+    for pid in pids[1:]:
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in " ".join(psutil.Process(pid).cmdline()) or "EngineCore" in psutil.Process(pid).name():
+                return pid
+    raise AssertionError(f"no engine-core process among {pids}")
+
+
+def _long_stream(stack: Stack, started: threading.Event) -> str:
+    """done ([DONE] last, no error event), error (an OpenAI error event), cut (neither) or hung."""
+    import httpx
+
+    body = {"model": "alpha", "prompt": "Our team", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    lines = []
+    try:
+        with httpx.stream("POST", stack.base + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+    except httpx.ReadTimeout:
+        return "hung"
+    except httpx.HTTPError as error:
+        return f"cut ({type(error).__name__})"
+    if any(line.startswith('data: {"error"') for line in lines):
+        return "error"
+    return "done" if lines and lines[-1] == "data: [DONE]" else "cut"
+
+
+def test_an_engine_process_killed_mid_stream(stack: Stack, load: Load) -> None:
+    """alpha-0's engine process dies under it (SIGKILL) while 3 long streams run on alpha. A stream
+    the dead engine was serving ends with an OpenAI error event, never cut or hung; the replica
+    withdraws from the routers at once, so new requests go to alpha-1, and Serve's health check
+    restarts it on the GPU its reservation names."""
+    group = serve.get_app_handle(model_app_name("alpha")).replica_info.remote().result(timeout_s=30)
+    pids = next(i for i in group if i["replica_id"] == "alpha-0")["pids"]
+    engine = _engine_pid(pids)
+    outcomes: list[concurrent.futures.Future[str]] = []
+    pool = concurrent.futures.ThreadPoolExecutor(3)
+
+    def kill_mid_stream() -> None:
+        firsts = [threading.Event() for _ in range(3)]
+        outcomes.extend(pool.submit(_long_stream, stack, first) for first in firsts)
+        assert all(first.wait(60) for first in firsts), "the streams did not start"
+        os.kill(engine, signal.SIGKILL)
+
+    def replaced() -> bool:
+        try:
+            infos = serve.get_app_handle(model_app_name("alpha")).replica_info.remote().result(timeout_s=5)
+        except Exception:
+            return False
+        return any(i["replica_id"] == "alpha-0" and i.get("pids", pids)[0] != pids[0] for i in infos)
+
+    row = run_fault(stack, load, "engine process killed mid-stream", kill_mid_stream, replaced)
+    ended = [future.result(timeout=120) for future in outcomes]
+    pool.shutdown()
+    row["long_streams"] = dict(Counter(ended))
+    print("FAULT long streams", ended)
+    assert not [e for e in ended if e.startswith(("cut", "hung"))], ended
+    assert "stream cut" not in row["client_errors"] and "ReadTimeout" not in row["client_errors"], row
+    assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
+
+
 def test_a_replica_killed(stack: Stack, load: Load) -> None:
     group = serve.get_app_handle(model_app_name("alpha")).replica_info.remote().result(timeout_s=30)
     victim = next(i for i in group if i["replica_id"] == "alpha-0")["pids"][0]
@@ -272,7 +371,7 @@ def test_a_replica_killed(stack: Stack, load: Load) -> None:
             return False
         return any(i["replica_id"] == "alpha-0" and i.get("pids", [victim])[0] != victim for i in infos)
 
-    row = run_fault(stack, load, "replica process killed (SIGKILL)", lambda: os.kill(victim, signal.SIGKILL), replaced)
+    row = run_fault(stack, load, "replica actor killed (SIGKILL)", lambda: os.kill(victim, signal.SIGKILL), replaced)
     assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
 
 
@@ -343,13 +442,13 @@ def test_the_worker_node_removed(stack: TwoNodes, load: Load) -> None:
 
 
 def test_the_table(stack: Stack, load: Load) -> None:
-    assert len(RESULTS_ROWS) == 6, RESULTS_ROWS
+    assert len(RESULTS_ROWS) == 7, RESULTS_ROWS
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
             {
                 "setup": "2 Ray nodes (head + worker), 2 models x 2 vLLM CPU replicas, 2 routers",
-                "load": "2 client processes, 1 per model, 4-token completions",
+                "load": "2 client processes, 1 per model: 4-token completions and 24-token streams in turn",
                 "faults": RESULTS_ROWS,
             },
             indent=2,
@@ -357,13 +456,14 @@ def test_the_table(stack: Stack, load: Load) -> None:
         + "\n"
     )
     header = (
-        f"{'fault':40} {'requests':>8} {'client errors':28} {'recovery s':>10} {'ledger ok':>9} {'replicas back':>13}"
+        f"{'fault':40} {'requests':>8} {'streams':>7} {'client errors':36} {'recovery s':>10} {'ledger ok':>9} "
+        f"{'replicas back':>13}"
     )
     lines = [header]
     for row in RESULTS_ROWS:
         errors = ", ".join(f"{k} {v}" for k, v in row["client_errors"].items()) or "none"
         lines.append(
-            f"{row['fault']:40} {row['requests']:>8} {errors:28} {row['recovery_s']:>10} "
+            f"{row['fault']:40} {row['requests']:>8} {row['streams']:>7} {errors:36} {row['recovery_s']:>10} "
             f"{row['ledger_consistent']!s:>9} {row['replicas_back_on_their_gpus']!s:>13}"
         )
     print("\n" + "\n".join(lines))

@@ -52,6 +52,9 @@ log = logging.getLogger("ray.serve")
 
 #: How often a ready replica re-announces itself on the endpoint board (a restarted board relearns it).
 HEARTBEAT_S = 2.0
+#: How often the replica looks at its engine between announcements: a dead engine is withdrawn
+#: from the routers within this, not at Serve's next health check (5 s period, 3 failures).
+ENGINE_WATCH_S = 0.25
 #: Address replicas serve HTTP on (default: the node's IP as Ray knows it); local mode sets 127.0.0.1.
 REPLICA_HOST_ENV = "RAY_VRAM_REPLICA_HOST"
 #: Longest a replica waits for its GPU's startup lock before giving up.
@@ -333,15 +336,33 @@ class VLLMReplica:
     # -- announcing itself to the routers -----------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        fresh = False
+        """Announce this replica every HEARTBEAT_S while its engine lives; once the engine is dead
+        (its process killed, or failed), withdraw at once instead (`_withdraw`)."""
+        fresh, announce_at = False, 0.0
         while True:
-            try:
-                await replicas_board(fresh).register.remote(self.endpoint.model_dump())
-                fresh = False
-            except Exception as error:  # the board restarting: try again
-                log.debug("replica %s: endpoint board not reachable: %s", self.replica_id, error)
-                fresh = True
-            await asyncio.sleep(HEARTBEAT_S)
+            if self.engine is not None and self.engine.errored:
+                await self._withdraw()
+                return
+            if time.monotonic() >= announce_at:
+                try:
+                    await replicas_board(fresh).register.remote(self.endpoint.model_dump())
+                    fresh = False
+                except Exception as error:  # the board restarting: try again
+                    log.debug("replica %s: endpoint board not reachable: %s", self.replica_id, error)
+                    fresh = True
+                announce_at = time.monotonic() + HEARTBEAT_S
+            await asyncio.sleep(ENGINE_WATCH_S)
+
+    async def _withdraw(self) -> None:
+        """Leave the routers' table and stop taking connections: a request sent here now would only
+        get vLLM's EngineDeadError, while the routers send it to another replica when this one
+        refuses the connection. Serve's health check then restarts the replica."""
+        cause = self.engine.dead_error
+        log.error("replica %s: vLLM engine died (%s): withdrawn from the routers", self.replica_id, cause)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(replicas_board().unregister.remote(self.replica_id), timeout=5)
+        if self.server is not None:
+            self.server.should_exit = True
 
     # -- Serve hooks ------------------------------------------------------------------------
 
