@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .measured_stack import replica_budget_gb, replica_infos, replica_peaks
 from .tools import GIB, BareServer, NVMLSampler, bench_serve, gpus, process_tree, summarize, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ SWEPT = ("bare", "bare-mps", "one")
 
 def share_of_budget(total_bytes: int) -> tuple[float, float]:
     """The replica budget the GPU tests use (a tenth of the GPU, in half GiB) and its share."""
-    budget_gb = math.floor(total_bytes / GIB * 0.1 * 2) / 2
+    budget_gb = replica_budget_gb(total_bytes)
     return budget_gb, math.floor(budget_gb * GIB / total_bytes * 10_000) / 10_000
 
 
@@ -139,37 +140,10 @@ def stage_stack(model: str, models: list[dict[str, Any]], lock: bool, load_promp
                 targets = [(base, r["replica_id"].rsplit("-", 1)[0]) for r in states]
                 outcome["router_load"] = summarize(bench_serve(targets, model, "stack2", load_prompts, CONCURRENCY))
                 model_ids = [m["model_id"] for m in models]
-                outcome["replica_peaks"] = _replica_peaks(sampler, model_ids, overhead_gb)
+                outcome["replica_peaks"] = replica_peaks(sampler, replica_infos(model_ids), overhead_gb)
         finally:
             local.stop()
     return outcome
-
-
-def _replica_peaks(sampler: NVMLSampler, model_ids: list[str], overhead_gb: float) -> list[dict[str, Any]]:
-    """Each replica's process tree (actor and engine), its NVML peak against its reservation."""
-    from ray import serve
-
-    from vram_scheduler.serving.app import model_app_name
-
-    rows = []
-    for model_id in model_ids:
-        infos = serve.get_app_handle(model_app_name(model_id)).replica_info.remote().result(timeout_s=60)
-        for info in infos:
-            tree = sorted({p for pid in info["pids"] for p in process_tree(pid)})
-            peak = sampler.tree_peak(tree)
-            reservation = info["bytes"] + int(overhead_gb * GIB)
-            rows.append(
-                {
-                    "replica_id": info["replica_id"],
-                    "gpu_uuid": info["gpu_uuid"],
-                    "engine_gpus": sorted({sampler.gpu_of_pid[p] for p in tree if p in sampler.gpu_of_pid}),
-                    "budget_bytes": info["bytes"],
-                    "reservation_bytes": reservation,
-                    "nvml_peak_bytes": peak,
-                    "peak_minus_reservation_gib": round((peak - reservation) / GIB, 3),
-                }
-            )
-    return rows
 
 
 def stage_fractional(models: list[dict[str, Any]]) -> dict[str, Any]:

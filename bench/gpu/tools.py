@@ -1,6 +1,6 @@
 """What the GPU benchmark and the GPU tests share: NVML sampling of process trees, vLLM's own
-load generator (`vllm bench serve`, one client process per target), bare vLLM servers, and
-the ray-vram local stack started for a measurement.
+load generator (`vllm bench serve`, one client process per target) and bare vLLM servers
+(`measured_stack.py`: the ray-vram local stack started for a measurement, and replicas' peaks).
 
 Runs on the GPU machine only (NVML, CUDA vLLM); nothing here is imported by CI's CPU tests.
 """

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import ray
 from pydantic import BaseModel, ValidationError
 
+from .cluster_actors import NAMESPACE, cluster_actor
 from .config import ConfigError, PlacementSettings, StrictModel, describe_validation_error
 from .heartbeats import HeartbeatReader
 from .inventory import NodeInventory
@@ -46,7 +47,6 @@ __all__ = [
     "get_vram_allocator",
 ]
 
-NAMESPACE = "ray-vram"
 ACTOR_NAME = "vram_allocator"
 #: A change of GPU usage alone reaches the GCS with the next write, or within this long: every
 #: monitor republishes its node each poll (a restarted allocator relearns within one). Reservations,
@@ -347,17 +347,6 @@ class VRAMAllocator:
                     future.set_result(result)
 
 
-#: A sliver of the resource only the head node has (a restarted head too): pins an actor there.
-HEAD_NODE_RESOURCE = {"node:__internal_head__": 0.001}
-
-
-def on_head_node() -> dict[str, Any]:
-    """Actor options that place it on the head node, which lives as long as the cluster (a worker
-    node may leave). A resource, not a soft node affinity: Ray 2.60 spreads actors asking for no
-    CPU over the nodes whatever node a soft affinity names (seen with a 2-node cluster)."""
-    return {"resources": dict(HEAD_NODE_RESOURCE)}
-
-
 def get_vram_allocator() -> ray.actor.ActorHandle:
     """A handle to the cluster's `vram_allocator` (namespace `ray-vram`), created if missing.
 
@@ -365,24 +354,4 @@ def get_vram_allocator() -> ray.actor.ActorHandle:
     Ray restarts it forever on failure and retries calls that were in flight (every method is
     idempotent), and the ledger is reloaded from GCS, so callers see no gap but a delay.
     """
-    if not ray.is_initialized():
-        ray.init(namespace=NAMESPACE)
-    with contextlib.suppress(ValueError):
-        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
-    handle = (
-        ray.remote(VRAMAllocator)
-        .options(
-            name=ACTOR_NAME,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            max_task_retries=-1,
-            num_cpus=0,
-            max_concurrency=1000,
-            **on_head_node(),
-        )
-        .remote()
-    )
-    ray.get(handle.ping.remote())
-    return handle
+    return cluster_actor(VRAMAllocator, ACTOR_NAME, max_concurrency=1000, retry_calls=True)

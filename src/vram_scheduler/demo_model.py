@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from .demo_parts import DEMO_SHAPES, random_init_device, save_model, train_tokenizer
+from .demo_parts import DEMO_SHAPES, language_model_fields, train_tokenizer, write_model
 
 DemoKind = Literal["text", "vision", "audio"]
 #: The `model` value that means "the generated demo chat model".
@@ -76,29 +76,12 @@ def resolve_model_source(model: str) -> str:
 
 
 def _write_text_model(directory: Path, seed: int, shape: str) -> None:
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     dims = DEMO_SHAPES[shape]
     tokenizer = train_tokenizer(seed, dims.max_position)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=dims.hidden,
-        intermediate_size=dims.intermediate,
-        num_hidden_layers=dims.layers,
-        num_attention_heads=dims.heads,
-        num_key_value_heads=dims.kv_heads,
-        max_position_embeddings=dims.max_position,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype=dims.dtype,
-    )
-    with random_init_device(shape):
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dims.dtype))
-    save_model(model, directory, tokenizer)
+    config = Qwen2Config(**language_model_fields(dims, tokenizer), tie_word_embeddings=True, torch_dtype=dims.dtype)
+    write_model(directory, shape, Qwen2ForCausalLM, config, tokenizer)
 
 
 def generate_demo_model(directory: Path, seed: int = 0, shape: str = "tiny", kind: DemoKind = "text") -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from .demo_parts import DEMO_SHAPES, random_init_device, save_model, train_tokenizer
+from .demo_parts import DEMO_SHAPES, language_model_fields, train_tokenizer, write_model
 
 
 class VisionShape(NamedTuple):
@@ -63,7 +63,6 @@ WHISPER_DECODER_POSITIONS = 448
 
 def write_vision_model(directory: Path, seed: int, shape: str) -> None:
     """An Idefics3 model (tokenizer, processor, config, weights) into `directory`."""
-    import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
     from transformers.models.idefics3 import Idefics3VisionConfig
 
@@ -77,20 +76,7 @@ def write_vision_model(directory: Path, seed: int, shape: str) -> None:
     tokenizer = train_tokenizer(
         seed, lm.max_position, ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *tiles]
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=lm.hidden,
-        intermediate_size=lm.intermediate,
-        num_hidden_layers=lm.layers,
-        num_attention_heads=lm.heads,
-        num_key_value_heads=lm.kv_heads,
-        max_position_embeddings=lm.max_position,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = LlamaConfig(**language_model_fields(lm, tokenizer), tie_word_embeddings=False)
     vision = Idefics3VisionConfig(
         hidden_size=enc.hidden,
         intermediate_size=enc.intermediate,
@@ -108,9 +94,7 @@ def write_vision_model(directory: Path, seed: int, shape: str) -> None:
         tie_word_embeddings=False,
         torch_dtype=lm.dtype,
     )
-    with random_init_device(shape):
-        model = Idefics3ForConditionalGeneration(config).to(getattr(torch, lm.dtype))
-    save_model(model, directory, tokenizer)
+    write_model(directory, shape, Idefics3ForConditionalGeneration, config, tokenizer)
     image_processor = ImageProcessor(
         size={"longest_edge": enc.image_size * enc.max_tiles_per_side},
         max_image_size={"longest_edge": enc.image_size},
@@ -128,7 +112,6 @@ def write_vision_model(directory: Path, seed: int, shape: str) -> None:
 
 def write_audio_model(directory: Path, seed: int, shape: str) -> None:
     """A Whisper model (tokenizer with Whisper's task tokens, feature extractor, config, weights)."""
-    import torch
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
@@ -159,9 +142,7 @@ def write_audio_model(directory: Path, seed: int, shape: str) -> None:
         begin_suppress_tokens=None,
         torch_dtype=dtype,
     )
-    with random_init_device(shape):
-        model = WhisperForConditionalGeneration(config).to(getattr(torch, dtype))
-    save_model(model, directory, tokenizer)
+    write_model(directory, shape, WhisperForConditionalGeneration, config, tokenizer)
     features = WhisperFeatureExtractor(
         feature_size=dims.mel_bins,
         sampling_rate=WHISPER_SAMPLE_RATE,

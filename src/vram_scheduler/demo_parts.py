@@ -1,4 +1,4 @@
-"""What every generated demo model shares: the offline tokenizer, the language model's shapes, saving.
+"""What every generated demo model shares: the offline tokenizer, the language model's shapes, writing.
 
 No model hub is needed: the byte-level BPE vocabulary is learnt in about a second from sentences,
 JSON objects and pseudo-words, so chat and structured output work on it. Each kind of demo model
@@ -114,6 +114,33 @@ def random_init_device(shape: str) -> Any:
     import torch
 
     return torch.device("cuda" if shape != "tiny" and torch.cuda.is_available() else "cpu")
+
+
+def language_model_fields(dims: DemoShape, tokenizer: Any) -> dict[str, Any]:
+    """The config fields of a decoder-only language model of `dims` (Qwen2's and Llama's alike)."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.intermediate,
+        "num_hidden_layers": dims.layers,
+        "num_attention_heads": dims.heads,
+        "num_key_value_heads": dims.kv_heads,
+        "max_position_embeddings": dims.max_position,
+        "rope_theta": 10000.0,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def write_model(directory: Path, shape: str, model_class: Any, config: Any, tokenizer: Any) -> None:
+    """Random weights of `model_class(config)` in the dtype of `shape`, saved with `tokenizer`: every
+    kind of demo model is written this way, its processor (if any) added afterwards."""
+    import torch
+
+    with random_init_device(shape):
+        model = model_class(config).to(getattr(torch, DEMO_SHAPES[shape].dtype))
+    save_model(model, directory, tokenizer)
 
 
 def save_model(model: Any, directory: Path, tokenizer: Any) -> None:

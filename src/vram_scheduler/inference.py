@@ -444,34 +444,68 @@ def _prepare(
         sampling=sampling,
         images=images,
     )
+    return _endpoint_call(
+        model,
+        "chat/completions",
+        body,
+        base_url=base_url,
+        api_key=api_key,
+        timeout_s=timeout_s,
+        retry=retry,
+        structured_output=structured_output,
+    )
+
+
+def _endpoint_call(
+    model: str,
+    path: str,
+    body: dict[str, Any],
+    *,
+    base_url: str | None,
+    api_key: str | None,
+    timeout_s: float,
+    retry: RetryPolicy | None,
+    structured_output: type[BaseModel] | None = None,
+    files: dict[str, tuple[str, bytes]] | None = None,
+) -> _Call:
+    """A request to `path` (under /v1) of the endpoint serving `model`: every kind of request
+    (chat, transcription) finds its endpoint, authenticates and retries alike."""
     base = resolve_endpoint(model, base_url, api_key)
     return _Call(
         model=model,
-        url=f"{base}/chat/completions",
+        url=f"{base}/{path}",
         body=body,
         headers=auth_headers(api_key),
         timeout_s=timeout_s,
         retry=retry or DEFAULT_RETRY,
         structured_output=structured_output,
+        files=files,
     )
 
 
-def _post_sync(call: _Call, client: httpx.Client) -> dict[str, Any]:
+def _post_sync(call: _Call) -> dict[str, Any]:
+    """The answer (JSON) to `call`, on a client of its own, retried while the endpoint is busy;
+    an `InferenceError` for an unreachable endpoint or a refusal."""
     response = None
-    for attempt in range(call.retry.attempts):
-        try:
-            response = client.post(call.url, **call.payload(), headers=call.headers, timeout=call.timeout_s)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-            raise _connect_error(error, call.model, call.url) from None
-        if response.status_code not in RETRY_STATUSES or attempt == call.retry.attempts - 1:
-            break
-        time.sleep(call.retry.delay(attempt, response))
-    assert response is not None
-    _raise_for(response, call.model, call.url, call.retry.attempts)
-    return response.json()
+    with httpx.Client() as client:
+        for attempt in range(call.retry.attempts):
+            try:
+                response = client.post(call.url, **call.payload(), headers=call.headers, timeout=call.timeout_s)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                raise _connect_error(error, call.model, call.url) from None
+            if response.status_code not in RETRY_STATUSES or attempt == call.retry.attempts - 1:
+                break
+            time.sleep(call.retry.delay(attempt, response))
+        assert response is not None
+        _raise_for(response, call.model, call.url, call.retry.attempts)
+        return response.json()
 
 
-async def _post_async(call: _Call, client: httpx.AsyncClient) -> dict[str, Any]:
+async def _post_async(call: _Call, client: httpx.AsyncClient | None) -> dict[str, Any]:
+    """`_post_sync`, awaitable, on `client` (shared connections) or, if None, a client of its own."""
+    if client is None:
+        async with httpx.AsyncClient() as own:
+            return await _post_async(call, own)
     response = None
     for attempt in range(call.retry.attempts):
         try:
@@ -609,8 +643,7 @@ def inference(
         sampling=sampling,
         images=images,
     )
-    with httpx.Client() as client:
-        return call.result(_post_sync(call, client))
+    return call.result(_post_sync(call))
 
 
 async def a_inference(
@@ -654,10 +687,7 @@ async def _a_inference(
     prompt: Prompt, model_id: str, *, client: httpx.AsyncClient | None, sampling: dict[str, Any], **options: Any
 ) -> Any:
     call = await asyncio.to_thread(_prepare, model_id, prompt, stream=False, sampling=sampling, **options)
-    if client is not None:
-        return call.result(await _post_async(call, client))
-    async with httpx.AsyncClient() as own:
-        return call.result(await _post_async(call, own))
+    return call.result(await _post_async(call, client))
 
 
 _CALL_OPTIONS = {

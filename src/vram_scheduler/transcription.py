@@ -15,16 +15,7 @@ from typing import IO, Any, Literal
 
 import httpx
 
-from .inference import (
-    DEFAULT_RETRY,
-    InferenceError,
-    RetryPolicy,
-    _Call,
-    _post_async,
-    _post_sync,
-    auth_headers,
-    resolve_endpoint,
-)
+from .inference import InferenceError, RetryPolicy, _Call, _endpoint_call, _post_async, _post_sync
 
 #: What `transcribe` takes: a path, the file's bytes, or an open binary file.
 AudioInput = str | os.PathLike[str] | bytes | IO[bytes]
@@ -69,15 +60,14 @@ def _prepare(
     fields: dict[str, Any] = {"model": model, "response_format": response_format}
     optional = {"language": language, "prompt": prompt, "max_completion_tokens": max_tokens}
     fields |= {key: str(value) for key, value in (optional | params).items() if value is not None}
-    base = resolve_endpoint(model, base_url, api_key)
-    return _Call(
-        model=model,
-        url=f"{base}/audio/transcriptions",
-        body=fields,
-        headers=auth_headers(api_key),
+    return _endpoint_call(
+        model,
+        "audio/transcriptions",
+        fields,
+        base_url=base_url,
+        api_key=api_key,
         timeout_s=timeout_s,
-        retry=retry or DEFAULT_RETRY,
-        structured_output=None,
+        retry=retry,
         files={"file": (filename, data)},
     )
 
@@ -129,8 +119,7 @@ def transcribe(
         retry=retry,
         params=params,
     )
-    with httpx.Client() as client:
-        return _result(_post_sync(call, client), call, response_format)
+    return _result(_post_sync(call), call, response_format)
 
 
 async def a_transcribe(
@@ -155,7 +144,4 @@ async def a_transcribe(
         params=kwargs,
         **options,
     )
-    if client is not None:
-        return _result(await _post_async(call, client), call, response_format)
-    async with httpx.AsyncClient() as own:
-        return _result(await _post_async(call, own), call, response_format)
+    return _result(await _post_async(call, client), call, response_format)

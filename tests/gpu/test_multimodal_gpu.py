@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -27,27 +25,13 @@ from typing import Any
 
 import pytest
 
-from vram_scheduler.loopback import free_port
-
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(os.environ.get("RAY_VRAM_GPU_RESULTS", ROOT / ".work" / "gpu-results"))
-GIB = 1024**3
 OVERHEAD_GB = 2.0
 IMAGE_REQUESTS, IMAGE_CONCURRENCY = 384, 32
-
-
-def _generated(directory: Path, kind: str) -> Path:
-    """A demo model of real size, made in a child process (no CUDA context in this one)."""
-    if not (directory / "config.json").exists():
-        code = (
-            "import sys; from vram_scheduler.demo_model import generate_demo_model as g; "
-            "g(sys.argv[1], shape='gpu', kind=sys.argv[2])"
-        )
-        subprocess.run([sys.executable, "-c", code, str(directory), kind], check=True)
-    return directory
 
 
 def _png(seed: int) -> bytes:
@@ -108,75 +92,45 @@ async def _image_load(base: str, n: int, concurrency: int) -> dict[str, Any]:
 def test_a_vision_model_packed_beside_text_models_stays_inside_its_reservation(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from ray import serve
-
-    from bench.gpu.tools import NVMLSampler, bench_serve, gpus, process_tree, summarize, write_json
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.serving.app import model_app_name
-    from vram_scheduler.serving.local import LocalStack
-
-    text_dir = _generated(Path(os.environ.get("RAY_VRAM_GPU_MODEL") or tmp_path_factory.mktemp("t") / "m"), "text")
-    vision_dir = _generated(tmp_path_factory.mktemp("vision") / "model", "vision")
-    gpu = gpus()[0]
-    budget_gb = math.floor(gpu["total_bytes"] / GIB * 0.1 * 2) / 2  # a tenth of the GPU, in half GiB
-    common = {"vram_gb": budget_gb, "max_model_len": 2048, "max_tokens": 64}
-    config = parse_config(
-        {
-            "models": [
-                {"model_id": "text", "model": str(text_dir), "replicas": 2, **common},
-                {
-                    "model_id": "vision",
-                    "model": str(vision_dir),
-                    "replicas": 1,
-                    "media": {"images_per_prompt": 1, "max_item_mb": 4},
-                    **common,
-                },
-            ],
-            "placement": {"replica_overhead_gb": OVERHEAD_GB},
-            "serving": {"host": "127.0.0.1", "port": free_port(), "max_ongoing_requests": 512},
-        }
+    from bench.gpu.measured_stack import (
+        generated_model,
+        measured_stack,
+        replica_budget_gb,
+        replica_infos,
+        replica_peaks,
     )
-    local = LocalStack(config, controller_port=free_port())
-    with NVMLSampler() as sampler:
-        started = time.monotonic()
-        try:
-            local.start(progress=print)
-            local.controller.wait_ready(timeout_s=540)
-            ready_s = round(time.monotonic() - started, 1)
-            print(f"3 replicas (2 text, 1 vision) of {budget_gb} GiB ready in {ready_s}s", flush=True)
-            infos = [
-                info
-                for model_id in ("text", "vision")
-                for info in serve.get_app_handle(model_app_name(model_id)).replica_info.remote().result(timeout_s=60)
-            ]
-            base = local.controller.endpoint.removesuffix("/v1")
-            text_targets = [(i["url"], "text") for i in infos if i["model_id"] == "text"]
-            text_load: dict[str, Any] = {}
+    from bench.gpu.tools import bench_serve, gpus, summarize, write_json
 
-            def load_text() -> None:
-                text_load.update(summarize(bench_serve(text_targets, str(text_dir), "mm-text", 600, 64)))
+    text_dir = generated_model(Path(os.environ.get("RAY_VRAM_GPU_MODEL") or tmp_path_factory.mktemp("t") / "m"))
+    vision_dir = generated_model(tmp_path_factory.mktemp("vision") / "model", "vision")
+    gpu = gpus()[0]
+    budget_gb = replica_budget_gb(gpu["total_bytes"])
+    common = {"vram_gb": budget_gb, "max_model_len": 2048, "max_tokens": 64}
+    models = [
+        {"model_id": "text", "model": str(text_dir), "replicas": 2, **common},
+        {
+            "model_id": "vision",
+            "model": str(vision_dir),
+            "replicas": 1,
+            "media": {"images_per_prompt": 1, "max_item_mb": 4},
+            **common,
+        },
+    ]
+    with measured_stack(models, OVERHEAD_GB) as stack:
+        ready_s = stack.ready_s
+        print(f"3 replicas (2 text, 1 vision) of {budget_gb} GiB ready in {ready_s}s", flush=True)
+        infos = replica_infos(["text", "vision"])
+        text_targets = [(i["url"], "text") for i in infos if i["model_id"] == "text"]
+        text_load: dict[str, Any] = {}
 
-            loader = threading.Thread(target=load_text)
-            loader.start()
-            image_load = asyncio.run(_image_load(base, IMAGE_REQUESTS, IMAGE_CONCURRENCY))
-            loader.join()
-            replicas = []
-            for info in infos:
-                tree = sorted({p for pid in info["pids"] for p in process_tree(pid)})
-                peak = sampler.tree_peak(tree)
-                reservation = info["bytes"] + int(OVERHEAD_GB * GIB)
-                replicas.append(
-                    {
-                        "replica_id": info["replica_id"],
-                        "gpu_uuid": info["gpu_uuid"],
-                        "budget_bytes": info["bytes"],
-                        "reservation_bytes": reservation,
-                        "nvml_peak_bytes": peak,
-                        "peak_minus_budget_gib": round((peak - info["bytes"]) / GIB, 3),
-                    }
-                )
-        finally:
-            local.stop()
+        def load_text() -> None:
+            text_load.update(summarize(bench_serve(text_targets, str(text_dir), "mm-text", 600, 64)))
+
+        loader = threading.Thread(target=load_text)
+        loader.start()
+        image_load = asyncio.run(_image_load(stack.router_base, IMAGE_REQUESTS, IMAGE_CONCURRENCY))
+        loader.join()
+        replicas = replica_peaks(stack.sampler, infos, OVERHEAD_GB)
     result = {
         "gpu": gpu,
         "budget_gb": budget_gb,

@@ -19,9 +19,7 @@ Results (JSON) go to $RAY_VRAM_GPU_RESULTS (default .work/gpu-results); bench/gp
 
 from __future__ import annotations
 
-import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -31,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from vram_scheduler.loopback import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -50,11 +46,9 @@ KV_BLOCK_BYTES = 2 * 28 * 2 * 128 * 2 * 16
 @pytest.fixture(scope="module")
 def gpu_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random-weight model of real size, made in a child process (no CUDA context here)."""
-    directory = Path(os.environ.get("RAY_VRAM_GPU_MODEL") or tmp_path_factory.mktemp("gpu") / "model")
-    if not (directory / "config.json").exists():
-        code = "from vram_scheduler.demo_model import generate_demo_model as g; import sys; g(sys.argv[1], shape='gpu')"
-        subprocess.run([sys.executable, "-c", code, str(directory)], check=True)
-    return directory
+    from bench.gpu.measured_stack import generated_model
+
+    return generated_model(Path(os.environ.get("RAY_VRAM_GPU_MODEL") or tmp_path_factory.mktemp("gpu") / "model"))
 
 
 @dataclass
@@ -67,11 +61,9 @@ class Stack:
     ready_s: float
 
     def replicas(self, model_id: str = "packed") -> list[dict[str, Any]]:
-        from ray import serve
+        from bench.gpu.measured_stack import replica_infos
 
-        from vram_scheduler.serving.app import model_app_name
-
-        return serve.get_app_handle(model_app_name(model_id)).replica_info.remote().result(timeout_s=60)
+        return replica_infos([model_id])
 
     @property
     def router_base(self) -> str:
@@ -80,48 +72,32 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(gpu_model: Path) -> Iterator[Stack]:
-    from bench.gpu.tools import NVMLSampler, gpus
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.serving.local import LocalStack
+    from bench.gpu.measured_stack import measured_stack, replica_budget_gb
+    from bench.gpu.tools import gpus
 
     gpu = gpus()[0]
-    budget_gb = math.floor(gpu["total_bytes"] / GIB * 0.1 * 2) / 2  # a tenth of the GPU, in half GiB
-    config = parse_config(
-        {
-            "models": [
-                {
-                    "model_id": "packed",
-                    "model": str(gpu_model),
-                    "vram_gb": budget_gb,
-                    "replicas": REPLICAS,
-                    "max_model_len": MAX_MODEL_LEN,
-                    "max_tokens": 128,
-                }
-            ],
-            "placement": {"replica_overhead_gb": OVERHEAD_GB},
-            "serving": {"host": "127.0.0.1", "port": free_port(), "max_ongoing_requests": 512},
-        }
-    )
-    local = LocalStack(config, controller_port=free_port())
-    with NVMLSampler() as sampler:
-        started = time.monotonic()
-        try:
-            local.start(progress=print)
-            local.controller.wait_ready(timeout_s=540)
-            ready_s = round(time.monotonic() - started, 1)
-            print(f"{REPLICAS} replicas of {budget_gb} GiB ready in {ready_s}s")
-            yield Stack(local, sampler, gpu_model, gpu, budget_gb, ready_s)
-        finally:
-            local.stop()
+    budget_gb = replica_budget_gb(gpu["total_bytes"])
+    model = {
+        "model_id": "packed",
+        "model": str(gpu_model),
+        "vram_gb": budget_gb,
+        "replicas": REPLICAS,
+        "max_model_len": MAX_MODEL_LEN,
+        "max_tokens": 128,
+    }
+    with measured_stack([model], OVERHEAD_GB) as running:
+        print(f"{REPLICAS} replicas of {budget_gb} GiB ready in {running.ready_s}s")
+        yield Stack(running.local, running.sampler, gpu_model, gpu, budget_gb, running.ready_s)
 
 
 def _trees(infos: list[dict[str, Any]]) -> dict[str, list[int]]:
-    from bench.gpu.tools import process_tree
+    from bench.gpu.measured_stack import replica_tree
 
-    return {i["replica_id"]: sorted(set(i["pids"]) | set(process_tree(i["pids"][0]))) for i in infos}
+    return {i["replica_id"]: replica_tree(i) for i in infos}
 
 
 def test_replicas_pinned_and_inside_their_reservations_under_load(stack: Stack) -> None:
+    from bench.gpu.measured_stack import replica_peaks
     from bench.gpu.tools import bench_serve, nvml_processes, summarize, write_json
 
     infos = stack.replicas()
@@ -146,21 +122,7 @@ def test_replicas_pinned_and_inside_their_reservations_under_load(stack: Stack) 
     router_load = summarize(
         bench_serve([(stack.router_base, "packed")] * REPLICAS, str(stack.model_dir), "router", 1000, 64)
     )
-    reservation = int((stack.budget_gb + OVERHEAD_GB) * GIB)
-    replicas = []
-    for info in infos:
-        peak = stack.sampler.tree_peak(trees[info["replica_id"]])
-        replicas.append(
-            {
-                "replica_id": info["replica_id"],
-                "gpu_uuid": info["gpu_uuid"],
-                "budget_bytes": info["bytes"],
-                "reservation_bytes": reservation,
-                "nvml_peak_bytes": peak,
-                "peak_minus_budget_gib": round((peak - info["bytes"]) / GIB, 3),
-                "pids": trees[info["replica_id"]],
-            }
-        )
+    replicas = replica_peaks(stack.sampler, infos, OVERHEAD_GB)
     result = {
         "gpu": stack.gpu,
         "budget_gb": stack.budget_gb,

@@ -14,14 +14,14 @@ also watches for nodes leaving the Ray cluster and moves their replicas (`Contro
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from typing import Any
 
 import ray
 
-from ..allocator import NAMESPACE, get_vram_allocator, on_head_node
+from ..allocator import get_vram_allocator
+from ..cluster_actors import cluster_actor
 from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
 from ..planner import Plan
 from .app import replica_env
@@ -68,26 +68,9 @@ class ControllerActor(Controller):
 def controller_actor(serving: ServingSettings | None = None) -> Any:
     """The cluster's controller actor, created if missing (`serving` only matters then: a running
     controller keeps its settings until `apply` gives it new ones). Race-safe."""
-    if not ray.is_initialized():
-        ray.init(namespace=NAMESPACE)
-    with contextlib.suppress(ValueError):
-        return ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE)
-    handle = (
-        ray.remote(ControllerActor)
-        .options(
-            name=CONTROLLER_ACTOR,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=-1,
-            num_cpus=0,
-            max_concurrency=CONTROLLER_CONCURRENCY,
-            **on_head_node(),
-        )
-        .remote(serving)
+    return cluster_actor(
+        ControllerActor, CONTROLLER_ACTOR, serving, max_concurrency=CONTROLLER_CONCURRENCY, retry_calls=False
     )
-    ray.get(handle.ping.remote())
-    return handle
 
 
 def _call(ref: Any) -> Any:

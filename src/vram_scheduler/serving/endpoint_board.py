@@ -27,7 +27,7 @@ import ray
 from pydantic import ValidationError
 from ray.experimental import internal_kv
 
-from ..allocator import NAMESPACE, on_head_node
+from ..cluster_actors import NAMESPACE, cluster_actor, connect
 from ..config import ModelSpec
 from ..contract import EndpointTable, ReplicaEndpoint, RoutedModel
 
@@ -172,29 +172,12 @@ _handles: dict[tuple[str, str], Any] = {}
 def endpoint_board(app: str, fresh: bool = False) -> Any:
     """The endpoint board of router application `app`, created if missing (race-safe); the handle
     is kept per process (`fresh`: look it up again, after a call on the kept one failed)."""
-    if not ray.is_initialized():
-        ray.init(namespace=NAMESPACE)
+    connect()
     key = (ray.get_runtime_context().gcs_address, app)
     if key in _handles and not fresh:
         return _handles[key]
-    name = BOARD_ACTOR_PREFIX + app
-    try:
-        handle = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        handle = (
-            ray.remote(EndpointBoard)
-            .options(
-                name=name,
-                namespace=NAMESPACE,
-                lifetime="detached",
-                get_if_exists=True,
-                max_restarts=-1,
-                max_task_retries=-1,
-                num_cpus=0,
-                max_concurrency=1000,
-                **on_head_node(),
-            )
-            .remote(app)
-        )
+    handle = cluster_actor(
+        EndpointBoard, BOARD_ACTOR_PREFIX + app, app, max_concurrency=1000, retry_calls=True, wait_ready=False
+    )
     _handles[key] = handle
     return handle

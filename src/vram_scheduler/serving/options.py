@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from ..allocator import HEAD_NODE_RESOURCE
+from ..cluster_actors import HEAD_NODE_RESOURCE
 from .placement import NODE_RESOURCE_SHARE
 from .router import ROUTER_DEPLOYMENT
 
