@@ -324,11 +324,10 @@ class OpenAIRouter:
                 await self._unavailable(send, name, tried)
                 return
             tried.add(replica.endpoint.replica_id)
-            outcome = await self._proxy(replica, scope, body, send, content_type)
-            if outcome == "done":
+            if await self._proxy(replica, scope, body, send, content_type):
                 return
-            # "unreachable" or "lost": nothing reached the client yet, and a completion has no side
-            # effect, so the request goes to another replica of the model.
+            # The replica is gone (dropped): nothing reached the client yet, and a completion has no
+            # side effect, so the request goes to another replica of the model.
 
     async def _unavailable(self, send: Send, name: str, tried: set[str]) -> None:
         ready = [r for r in self.registry.candidates(name) if r.endpoint.replica_id not in tried]
@@ -350,7 +349,13 @@ class OpenAIRouter:
                 [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())],
             )
 
-    async def _proxy(self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str) -> str:
+    async def _proxy(
+        self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str
+    ) -> bool:
+        """Send the request to `replica` and its answer to the client: True once the client has an
+        answer (the replica's, a 504, or a response cut short); False when the replica could not be
+        reached or closed the connection before answering — either way it is gone: dropped here and
+        on the board (it comes back when it announces itself again), and nothing reached the client."""
         import aiohttp
 
         session = await self.session()
@@ -369,22 +374,20 @@ class OpenAIRouter:
                 async for chunk in upstream.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return "done"
+                return True
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             if started:
                 log.warning("replica %s: stream broken: %s", replica_id, error)
                 await _end_broken(send, replica_id, error, streaming)
-                return "done"
-            if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-                self._drop(replica_id, f"unreachable: {error}")
-                return "unreachable"
-            if not isinstance(error, TimeoutError):  # (a slow replica is not retried elsewhere: 504)
-                # Connected, then gone before a byte of answer: the replica died under the request.
-                # Dropped until it registers again (replicas re-register while they live).
-                self._drop(replica_id, f"lost the connection before answering: {error}")
-                return "lost"
+                return True
+            unreachable = isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+            if unreachable or not isinstance(error, TimeoutError):  # (a slow replica is not retried: 504)
+                # Not reached (no connection within CONNECT_TIMEOUT_S: its node is gone, or refused),
+                # or connected and then gone before a byte of answer (it died under the request).
+                self._drop(replica_id, f"unreachable: {error}" if unreachable else f"lost before answering: {error}")
+                return False
             await _respond(send, 504, error_body(504, f"replica {replica_id}: {error}", "TimeoutError"))
-            return "done"
+            return True
         finally:
             replica.inflight -= 1
 
