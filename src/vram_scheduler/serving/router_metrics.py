@@ -9,7 +9,7 @@ request naming none as `NO_MODEL`, a path outside `ROUTES` as route `other`.
 
 Per request the counter costs a dict update: counts are summed here and handed to Ray once a
 second (Ray's agent exports every few seconds anyway); the latency histograms are recorded as they
-happen (a few µs each, in Ray's C++ core).
+happen (about 7 µs of CPU each, in Ray's C++ core, measured in a Ray worker on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ ROUTES = {
 #: Status of a response cut short after its status went out (its replica failed mid-answer): the
 #: code of the error event the router ends a stream with.
 BROKEN_STATUS = 502
-#: Latency buckets (seconds): a router's own refusal to a long generation, up to the default timeout.
+#: Latency buckets (seconds): from a short answer to a long generation, up to the default request timeout.
 BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 #: Seconds counts are summed before they go to Ray.
 FLUSH_S = 1.0
