@@ -3,10 +3,13 @@
 Ray names an actor's worker process `ray::<Class>` (`ray::<Class>.<method>` while it runs a
 method); a Serve replica's is `ray::ServeReplica:<app>:<deployment>`. Only descendants of the
 `ray-vram up` process are looked at: other Ray clusters on the machine have the same titles.
+Every router is a role of its own, named by its deployment (`router OpenAIRouter`,
+`router OpenAIRouter-1`, …): each is its own process, and a leak shows in one.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
@@ -14,12 +17,35 @@ from typing import Any
 
 import psutil
 
+from vram_scheduler.serving.router import ROUTER_APP, ROUTER_DEPLOYMENT
+
 #: role -> title prefix.
 ROLES = {
-    "router": "ray::ServeReplica:ray-vram-openai:OpenAIRouter",
     "controller": "ray::ControllerActor",
 }
+#: A router's title (its deployment is `OpenAIRouter` or `OpenAIRouter-<n>`); its role is
+#: ROUTER_ROLE + " " + the deployment.
+ROUTER_TITLE = re.compile(rf"ray::ServeReplica:{re.escape(ROUTER_APP)}:({ROUTER_DEPLOYMENT}(?:-\d+)?)(?:\.|$)")
+ROUTER_ROLE = "router"
 UP_ROLE = "up"  # the `ray-vram up` process itself: the driver, the monitor, the controller API
+
+
+def role_of(name: str) -> str | None:
+    """The role of a process titled `name`, or None."""
+    router = ROUTER_TITLE.match(name)
+    if router:
+        return f"{ROUTER_ROLE} {router.group(1)}"
+    for role, prefix in ROLES.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return role
+    return None
+
+
+def roles(samples: list[dict[str, Any]]) -> list[str]:
+    """The roles to report: every router seen (or `router` alone when none was), then the others."""
+    seen = {role for sample in samples for role in sample if role.startswith(ROUTER_ROLE + " ")}
+    routers = sorted(seen, key=lambda role: (len(role), role))  # OpenAIRouter, -1, …, -9, -10
+    return (routers or [ROUTER_ROLE]) + [*ROLES, UP_ROLE]
 
 
 def title(process: psutil.Process) -> str:
@@ -33,12 +59,11 @@ def find(root: int) -> dict[str, list[psutil.Process]]:
     found[UP_ROLE] = [psutil.Process(root)]
     for process in psutil.Process(root).children(recursive=True):
         try:
-            name = title(process)
+            role = role_of(title(process))
         except psutil.Error:
             continue
-        for role, prefix in ROLES.items():
-            if name == prefix or name.startswith(prefix + "."):
-                found[role].append(process)
+        if role is not None:
+            found.setdefault(role, []).append(process)
     return found
 
 
@@ -49,7 +74,8 @@ def measure(process: psutil.Process) -> dict[str, int]:
 
 
 class Sampler(threading.Thread):
-    """Every `interval_s`: RSS and USS of each role's processes (summed per role, pids kept)."""
+    """Every `interval_s`: RSS and USS of each role's processes (summed per role, pids kept; each
+    router is a role)."""
 
     def __init__(self, root: int, started: float, interval_s: float = 10.0):
         super().__init__(name="memory-sampler", daemon=True)

@@ -5,8 +5,9 @@ added at 1/3 of the run, the original values applied again (removing it) at 2/3.
 The load comes from client processes (`bench.soak.client`, a few streams each, completions and
 chat, streamed and not) against the steady models; each apply is a fresh Ray driver
 (`bench.soak.apply`) calling the controller actor with the whole new values, as the chart's
-controller pod does after an upgrade. Every 10 s the RSS and USS of the router replica, the
-controller actor and the `up` process are sampled.
+controller pod does after an upgrade. Every 10 s the RSS and USS of each router replica (one row
+per router: `router OpenAIRouter`, `router OpenAIRouter-1`), the controller actor and the `up`
+process are sampled.
 
 Usage: python -m bench.soak [--minutes 10] [--concurrency 8] [--results bench/results/soak.json]
 Prints progress and a table; writes the results file. Exit code 1 when a steady model saw a
@@ -185,8 +186,8 @@ class Soak:
         mem = ""
         if self.sampler is not None and self.sampler.samples:
             last = self.sampler.samples[-1]
-            roles = [role for role in memory.ROLES if role in last]
-            mem = " ".join(f"{role} {last[role]['rss'] / 2**20:.0f} MiB" for role in roles)
+            roles = [role for role in memory.roles([last]) if role in last]
+            mem = ", ".join(f"{role} {last[role]['rss'] / 2**20:.0f} MiB" for role in roles)
         print(f"[{self.elapsed():6.0f}s] {dict(sorted(counts.items()))} RSS: {mem}", flush=True)
 
     # -- shutdown -----------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "extra_model": EXTRA,
         "models": report.per_model(records),
         "events": run.events,
-        "memory": {role: memory.summary(samples, role) for role in (*memory.ROLES, memory.UP_ROLE)},
+        "memory": {role: memory.summary(samples, role) for role in memory.roles(samples)},
         "samples": samples,
         "stack_exit_code": run.up.returncode if run.up else None,
         "leftover_processes": left,

@@ -241,8 +241,9 @@ class ServingSettings(StrictModel):
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica takes before 429/503.")
     engine_metrics: bool = Field(
         default=True,
-        description="Export vLLM's engine metrics (ray_vllm_*: TTFT, tokens, queue, KV cache) through Ray's "
-        "metrics agent on every Ray node; off saves a little CPU per request.",
+        description="Export per-request metrics through Ray's metrics agent on every Ray node: vLLM's engine "
+        "metrics (ray_vllm_*: TTFT, tokens, queue, KV cache) and the routers' request counts and latencies "
+        "(ray_vram_router_*); off saves a little CPU per request.",
     )
     router_replicas: int = Field(
         default=2,

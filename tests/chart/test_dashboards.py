@@ -1,6 +1,6 @@
 """Dashboards and alerts: valid JSON made by the generator, every PromQL expression parses (the
 `promql-parser` package: Prometheus' grammar), and every metric it names is one the project's
-exporters emit or a documented Ray/vLLM metric."""
+exporters (the monitor, the controller, the routers) emit or a documented Ray/vLLM metric."""
 
 from __future__ import annotations
 
@@ -172,6 +172,13 @@ def controller_metrics() -> set[str]:
     return names
 
 
+def router_metrics() -> set[str]:
+    """Series the routers record through Ray's metrics API (each node's metrics agent exports them)."""
+    from vram_scheduler.serving.router_metrics import SERIES
+
+    return set(SERIES)
+
+
 def external_metrics() -> dict[str, dict]:
     return load((DATA / "external-metrics.yaml").read_text())
 
@@ -186,8 +193,8 @@ def test_external_metrics_are_defined_by_the_installed_packages() -> None:
 
 
 def test_every_metric_is_exported_or_documented(monitor_metrics: set[str]) -> None:
-    ours = monitor_metrics | controller_metrics()
-    assert {"ray_vram_gpu_used_bytes", "ray_vram_model_replicas"} <= ours
+    ours = monitor_metrics | controller_metrics() | router_metrics()
+    assert {"ray_vram_gpu_used_bytes", "ray_vram_model_replicas", "ray_vram_router_requests_total"} <= ours
     known = ours | set(external_metrics())
     unknown = sorted(
         {f"{where}: {name}" for where, expr in all_exprs() for name in metric_names(expr) if name not in known}

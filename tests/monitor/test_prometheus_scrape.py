@@ -13,8 +13,9 @@ Targets (all on 127.0.0.1, scraped every second):
   Ray, allocator, controller, a vLLM CPU replica of the demo model), in a state the alerts show:
   `tiny` asks for two replicas where one fits (one unplaced), a second node's monitor died (a stale
   node), and one deploy failed (a reconcile error) while Prometheus watched.
-- `ray`: Ray's metrics agent on the stack's node (Ray Serve's and vLLM's metrics, as the chart's
-  scrape objects read them), after real requests to `tiny` while Prometheus watched.
+- `ray`: Ray's metrics agent on the stack's node (Ray Serve's, vLLM's and the routers' metrics, as
+  the chart's scrape objects read them), after real requests to `tiny` (completions, streamed and
+  not, and chat) and one for a model nobody serves while Prometheus watched.
 
 Dashboard query not covered here: `ray_node_gram_used` (Cluster VRAM: "GPU memory as Ray sees
 it"), which Ray's agent exports only for GPUs it sees through the driver; the CI machine has none.
@@ -32,15 +33,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
-from chart.test_dashboards import controller_metrics, dashboard_exprs, external_metrics, metric_names
+from chart.test_dashboards import controller_metrics, dashboard_exprs, external_metrics, metric_names, router_metrics
 from chart.test_promtool_rules import input_series_problems, rule_groups
 from exporters import polling, replica_monitor_metrics, series_labels
 from promstack import PrometheusServer
 from stack import LocalStack, demo_model_spec
 
 from vram_scheduler.monitor.exporter import MonitorHTTPServer
+from vram_scheduler.serving.router_metrics import UNKNOWN_MODEL
 
 from .conftest import Monitor, inventory_yaml
 
@@ -48,18 +51,19 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
 LOST_NODE = "lost-node"
-#: Ray's agent exports GPU memory only for GPUs it sees: none on a CPU-only CI machine. Serve's
-#: request counter counts what Serve's proxy receives: the routers answer HTTP themselves, so it has
-#: no series (the dashboard panel reading it is left to move to the routers' own counters).
-NOT_HERE = {"ray_node_gram_used", "ray_serve_deployment_request_counter_total"}
+#: Ray's agent exports GPU memory only for GPUs it sees: none on a CPU-only CI machine.
+NOT_HERE = {"ray_node_gram_used"}
 STALE_MONITOR_S = 5
 #: Counters the dashboards take rates of: requests must reach them while Prometheus scrapes.
-#: (Serve's own request counter is not among them: the routers answer HTTP themselves, so it moves
-#: only for Serve-proxied traffic.)
 MOVING = (
     "ray_vllm_generation_tokens_total",
     "ray_vllm_time_to_first_token_seconds_bucket",
+    "ray_vram_router_requests_total",
+    "ray_vram_router_request_duration_seconds_bucket",
+    "ray_vram_router_time_to_first_byte_seconds_bucket",
 )
+#: A model name no router serves (counted under UNKNOWN_MODEL).
+TYPO = "tiny-typo"
 
 
 def http(method: str, url: str, body: dict | None = None) -> tuple[int, Any]:
@@ -191,15 +195,26 @@ def fail_a_deploy(stack: LocalStack, prometheus: PrometheusServer) -> None:
     )
 
 
+def stream_completion(stack: LocalStack, prompt: str) -> None:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{stack.endpoint}/completions", json=body, timeout=60, trust_env=False) as response:
+        assert response.status_code == 200
+        assert "[DONE]" in "".join(response.iter_text())
+
+
 def send_requests(stack: LocalStack, prometheus: PrometheusServer, timeout_s: float = 180) -> None:
-    """Requests to `tiny` until Prometheus sees the counters the dashboards take rates of move: Ray's
-    agent exports what replicas recorded every few seconds."""
+    """Requests to `tiny` (chat, and streamed completions) and one for a model nobody serves, until
+    Prometheus sees the counters the dashboards take rates of move: Ray's agent exports what
+    replicas and routers recorded every few seconds."""
     from vram_scheduler.inference import inference
 
+    status, _ = http("POST", f"{stack.endpoint}/completions", {"model": TYPO, "prompt": "x", "max_tokens": 1})
+    assert status == 404
     deadline = time.monotonic() + timeout_s
     for round in range(1000):
         for i in range(2):
             assert inference(f"ping {round} {i}", MODEL, base_url=stack.endpoint, max_tokens=2)
+            stream_completion(stack, f"stream {round} {i}")
         still = [name for name in MOVING if not prometheus.query(f"sum(rate({name}[5m])) > 0")]
         if not still:
             return
@@ -222,6 +237,21 @@ def test_the_targets_serve_their_metrics(served: set[str], monitor: Monitor, loc
     assert set(series_labels(text)) == controller_metrics()
     assert controller_metrics() <= served
     assert {"ray_vram_replica_used_bytes", "ray_serve_deployment_replica_healthy"} <= served
+    assert router_metrics() <= served
+
+
+def test_the_routers_count_by_bounded_labels(prometheus: PrometheusServer) -> None:
+    """The routers' request counter as Prometheus holds it: `tiny`'s chat and completions answered
+    200, the unknown name under one bucket with its 404, each router named by its deployment."""
+    series = prometheus.query("ray_vram_router_requests_total")
+    print("\n".join(f"{item['metric']} {item['value'][1]}" for item in series))  # the report's sample
+    by = {(s["metric"]["model_id"], s["metric"]["route"], s["metric"]["code"]) for s in series}
+    assert {(MODEL, "chat", "200"), (MODEL, "completions", "200"), (UNKNOWN_MODEL, "completions", "404")} <= by
+    assert not {model for model, _, _ in by} - {MODEL, UNKNOWN_MODEL}, by  # no series named after the typo
+    assert {s["metric"]["router"] for s in series} <= {"OpenAIRouter", "OpenAIRouter-1"}
+    timed = prometheus.query("sum by (model_id, route) (ray_vram_router_request_duration_seconds_count)")
+    print("\n".join(f"requests timed {item['metric']} {item['value'][1]}" for item in timed))
+    assert {(s["metric"]["model_id"], s["metric"]["route"]) for s in timed} == {(MODEL, "chat"), (MODEL, "completions")}
 
 
 def test_the_promtool_input_series_are_what_the_real_controller_emits(local_stack: LocalStack) -> None:

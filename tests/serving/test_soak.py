@@ -1,6 +1,6 @@
 """Load held: the 2-minute soak (`python -m bench.soak --minutes 2`) — `ray-vram up` with two steady
 models under concurrency 8 while a model is added and removed by whole-values applies — must
-lose no request of the steady models, serve and then fully remove the added one, and keep the
+lose no request of the steady models, serve and then fully remove the added one, and keep every
 router's and the controller's memory from growing.
 """
 
@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from vram_scheduler.config import ServingSettings
+from vram_scheduler.serving.options import router_names
 
 ROOT = Path(__file__).resolve().parents[2]
 #: RSS growth allowed over the 2 minutes. This machine answers 1,000-3,600 requests in them (as
@@ -59,7 +62,9 @@ def test_extra_added_answered_and_removed(soak: dict) -> None:
 
 
 def test_router_and_controller_memory_flat(soak: dict) -> None:
-    for role in ("router", "controller"):
+    routers = [f"router {name}" for name in router_names(ServingSettings().router_replicas)]  # the soak's values
+    assert [role for role in soak["memory"] if role.startswith("router")] == routers, soak["memory"]
+    for role in (*routers, "controller"):
         memory = soak["memory"][role]
         assert memory["samples"] >= 6, (role, memory)  # every 10 s over at least 2 minutes
         assert len(memory["pids"]) == 1, (role, memory)  # found, and never replaced

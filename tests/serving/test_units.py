@@ -1,5 +1,6 @@
 """The serving layer's pure parts: engine sizing from bytes, vLLM flags from a spec, and the
-OpenAI router's own answers (auth, unknown model, bad body, overload, loading) over ASGI."""
+OpenAI router's own answers (auth, unknown model, bad body, overload, loading) and request
+metrics over ASGI."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vram_scheduler.serving.failures import engine_cause, engine_errors
 from vram_scheduler.serving.mps import client_env, daemon_running, node_pipe_dir
 from vram_scheduler.serving.pinning import gpu_present, is_cuda_uuid, pin_process
 from vram_scheduler.serving.router import OpenAIRouter, Registry
+from vram_scheduler.serving.router_metrics import BROKEN_STATUS, NO_MODEL, UNKNOWN_MODEL, RequestMetrics
 from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
 from vram_scheduler.serving.vllm_compat import UnsupportedVLLM, check_version, installed_version
 
@@ -243,6 +245,121 @@ def test_router_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     assert call(router, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert call(router, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert call(router, "GET", "/healthz").status_code == 200
+
+
+class Recorded:
+    """Stands in for one of Ray's metrics: keeps each (value, tags) the router records."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, dict[str, str]]] = []
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append((value, tags))
+
+    observe = inc
+
+
+def recording_metrics() -> RequestMetrics:
+    metrics = RequestMetrics("OpenAIRouter-1")
+    metrics.requests, metrics.duration, metrics.first_byte = Recorded(), Recorded(), Recorded()  # type: ignore[assignment]
+    return metrics
+
+
+def counted(metrics: RequestMetrics) -> dict[tuple[str, str, str], float]:
+    metrics.flush()
+    calls = metrics.requests.calls  # type: ignore[attr-defined]
+    assert {tags["router"] for _, tags in calls} <= {"OpenAIRouter-1"}
+    return {(tags["model_id"], tags["route"], tags["code"]): value for value, tags in calls}
+
+
+def timed(histogram: object) -> list[tuple[str, str]]:
+    return [(tags["model_id"], tags["route"]) for _, tags in histogram.calls]  # type: ignore[attr-defined]
+
+
+def test_router_counts_its_own_answers_under_bounded_labels() -> None:
+    """Refusals are counted by model_id (an alias counts as its model), route and code; names no
+    model has share one bucket; only a request sent on to a replica is timed; health checks are
+    not counted."""
+    metrics = recording_metrics()
+    router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None), metrics=metrics)
+    models = (
+        RoutedModel(model_id="a", names=["a", "alias"], max_tokens=7),
+        RoutedModel(model_id="c", names=["c"], max_tokens=7),
+    )
+    router.registry.sync(table(1, endpoint("a-0", ["a", "alias"]), models=models))
+    for i in range(3):
+        assert call(router, "POST", "/v1/completions", json={"model": f"typo-{i}", "prompt": "x"}).status_code == 404
+    assert call(router, "POST", "/v1/completions", content=b"[1,").status_code == 400
+    assert call(router, "GET", "/v1/models").status_code == 200
+    assert call(router, "GET", "/v1/models/alias").status_code == 200
+    assert call(router, "POST", "/v1/chat/completions", json={"model": "c", "messages": []}).status_code == 503
+    assert call(router, "POST", "/v1/any/path", json={"model": "alias"}).status_code == 503  # a-0 unreachable
+    assert call(router, "GET", "/healthz").status_code == 200
+    assert counted(metrics) == {
+        (UNKNOWN_MODEL, "completions", "404"): 3,
+        (NO_MODEL, "completions", "400"): 1,
+        (NO_MODEL, "models", "200"): 1,
+        ("a", "models", "200"): 1,
+        ("c", "chat", "503"): 1,
+        ("a", "other", "503"): 1,
+    }
+    assert timed(metrics.duration) == [("a", "other")] and timed(metrics.first_byte) == []
+
+
+def test_router_times_what_replicas_answer() -> None:
+    """A replica's answer, streamed or not, is counted with its status and timed to its end; a
+    stream also to its first body byte; a stream its replica breaks counts as BROKEN_STATUS."""
+    from aiohttp import web
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response({"choices": []})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(0.05)
+        await response.write(b"data: {}\n\n")
+        if body.get("break"):  # the replica dies mid-answer
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    metrics = recording_metrics()
+    router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None), metrics=metrics)
+
+    async def go() -> list[httpx.Response]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", complete)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        router.registry.sync(table(1, endpoint("a-0", ["a"]).model_copy(update={"url": url})))
+        try:
+            transport = httpx.ASGITransport(app=router)
+            async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+                request = {"model": "a", "prompt": "x"}
+                return [
+                    await client.post("/v1/completions", json=request),
+                    await client.post("/v1/completions", json=request | {"stream": True}),
+                    await client.post("/v1/completions", json=request | {"stream": True, "break": True}),
+                ]
+        finally:
+            await router.close()
+            await runner.cleanup()
+
+    plain, streamed, broken = asyncio.run(go())
+    assert plain.status_code == streamed.status_code == broken.status_code == 200
+    assert streamed.text.endswith("[DONE]\n\n") and '"code":502' in broken.text
+    assert counted(metrics) == {("a", "completions", "200"): 2, ("a", "completions", str(BROKEN_STATUS)): 1}
+    assert timed(metrics.duration) == [("a", "completions")] * 3
+    assert timed(metrics.first_byte) == [("a", "completions")] * 2  # the streams only
+    whole = [seconds for seconds, _ in metrics.duration.calls]  # type: ignore[attr-defined]
+    first = [seconds for seconds, _ in metrics.first_byte.calls]  # type: ignore[attr-defined]
+    assert all(0.05 <= f <= w for f, w in zip(first, whole[1:], strict=True))
 
 
 # -- an engine process's own error lines ------------------------------------------------------------

@@ -84,6 +84,13 @@ GPU = 'node=~"$node"'
 MODEL = 'model_id=~"$model"'
 VLLM_MODEL = 'model_name=~"$model"'
 
+
+def router_quantile(q: float, histogram: str) -> tuple[str, str]:
+    """The q-quantile per model of one of the routers' latency histograms (all routers together)."""
+    expr = f"histogram_quantile({q}, sum by (le, model_id) (rate({histogram}_bucket{{{MODEL}}}[{RATE}])))"
+    return expr, f"{{{{model_id}}}} p{round(q * 100)}"
+
+
 DASHBOARDS = {
     "ray-vram-cluster-vram.json": dashboard(
         "ray-vram-cluster-vram",
@@ -132,7 +139,8 @@ DASHBOARDS = {
     "ray-vram-models.json": dashboard(
         "ray-vram-models",
         "ray-vram / Models",
-        "Per model: replicas, VRAM budget against actual use, and vLLM latency, throughput and queue.",
+        "Per model: replicas, VRAM budget against actual use, requests and latency at the routers, and vLLM "
+        "latency, throughput and queue.",
         [variable("model", "Model", "label_values(ray_vram_model_replicas, model_id)")],
         [
             panel(
@@ -205,14 +213,31 @@ DASHBOARDS = {
                 "percentunit",
             ),
             panel(
-                "Requests per Serve deployment",
+                "Requests per second by model and status",
                 [
                     (
-                        "sum by (deployment) (rate(ray_serve_deployment_request_counter_total[" + RATE + "]))",
-                        "{{deployment}}",
+                        f"sum by (model_id, code) (rate(ray_vram_router_requests_total{{{MODEL}}}[{RATE}]))",
+                        "{{model_id}} {{code}}",
                     )
                 ],
                 "reqps",
+                description="Every request the routers answered (health checks aside), by HTTP status code, their "
+                "own refusals included. Model (unknown): names no model is served by; (none): requests "
+                "naming no model.",
+            ),
+            panel(
+                "Request latency (p50, p95)",
+                [router_quantile(q, "ray_vram_router_request_duration_seconds") for q in (0.5, 0.95)],
+                "s",
+                description="From a request's arrival at a router to the end of its response, for requests sent "
+                "on to a replica (the routers' immediate refusals are not timed).",
+            ),
+            panel(
+                "Streamed responses: time to first byte (p50, p95)",
+                [router_quantile(q, "ray_vram_router_time_to_first_byte_seconds") for q in (0.5, 0.95)],
+                "s",
+                description="From a request's arrival at a router to the first byte of its streamed body: the "
+                "client's time to first token, the router's hop included.",
             ),
         ],
     ),

@@ -5,7 +5,8 @@ answer back unchanged (JSON or SSE), so every OpenAI feature vLLM implements —
 chat, streaming, `response_format`, sampling parameters, truncation, its error bodies — works
 as vLLM implements it. What the router adds: unknown model → 404, no ready replica → 503 and
 full replicas → 429 (both with Retry-After), the optional bearer API key, and `/v1/models`
-over all models.
+over all models. With `serving.engine_metrics` on, each router counts and times the requests it
+answers (`router_metrics`: `ray_vram_router_*` through Ray's metrics agent).
 
 Images and audio are checked against what the model takes (`media_checks`) before a replica sees
 them: a request for an endpoint its model does not serve (chat to a speech model, a transcription to
@@ -40,6 +41,7 @@ from .endpoint_board import WATCH_TIMEOUT_S, endpoint_board
 from .loop_thread import LoopThread
 from .media_checks import MediaRejected, check_audio_upload, check_chat
 from .multipart import FormError, add_field, is_multipart, parse_form
+from .router_metrics import BROKEN_STATUS, UNKNOWN_MODEL, Exchange, RequestMetrics, route_of
 
 log = logging.getLogger("ray.serve")
 
@@ -61,6 +63,9 @@ PATH_TASKS = {
     "/v1/audio/transcriptions": ("transcription", "audio transcriptions"),
     "/v1/audio/translations": ("transcription", "audio translations"),
 }
+
+#: The scope key of a request's `router_metrics.Exchange` (absent with metrics off).
+EXCHANGE = "ray_vram.exchange"
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -100,9 +105,16 @@ class Registry:
     def unregister(self, replica_id: str) -> bool:
         return self.replicas.pop(replica_id, None) is not None
 
-    def knows(self, name: str) -> bool:
-        """Whether `name` is a served model name (per request: no sorted copy of every name)."""
-        return name in self.declared or any(name in r.endpoint.names for r in self.replicas.values())
+    def model_id(self, name: str) -> str | None:
+        """The model_id `name` routes to; None when no model is served by that name (per request:
+        no sorted copy of every name)."""
+        model_id = self.declared.get(name)
+        if model_id is not None:
+            return model_id
+        for replica in self.replicas.values():
+            if name in replica.endpoint.names:
+                return replica.endpoint.model_id
+        return None
 
     def names(self) -> list[str]:
         known = set(self.declared)
@@ -149,9 +161,12 @@ class OpenAIRouter:
         settings: ServingSettings,
         registry: Registry | None = None,
         on_unreachable: Callable[[str], None] | None = None,
+        metrics: RequestMetrics | None = None,
     ):
         self.settings = settings
         self.registry = registry or Registry()
+        #: Counts and times each request but health checks (None: not recorded).
+        self.metrics = metrics
         #: Told the id of a replica this router dropped for not answering (the other routers drop it too).
         self.on_unreachable = on_unreachable
         self.api_key = os.environ.get(settings.api_key_env or "", "") if settings.api_key_env else ""
@@ -181,10 +196,22 @@ class OpenAIRouter:
         if scope["type"] != "http":
             return
         path: str = scope["path"]
-        method: str = scope["method"]
         if path in ("/healthz", "/-/healthz"):
             await _respond(send, 200, b'{"status":"ok"}')
             return
+        if self.metrics is None:
+            await self._answer(scope, receive, send)
+            return
+        exchange = Exchange(send)
+        scope[EXCHANGE] = exchange
+        try:
+            await self._answer(scope, receive, exchange.send)
+        finally:
+            self.metrics.record(exchange, route_of(path))
+
+    async def _answer(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
         if not self._authorised(scope):
             await _respond(
                 send,
@@ -197,7 +224,9 @@ class OpenAIRouter:
             return
         if method == "GET" and path.startswith("/v1/models/"):
             name = path.removeprefix("/v1/models/")
-            if self.registry.knows(name):
+            model_id = self.registry.model_id(name)
+            _note_model(scope, model_id)
+            if model_id is not None:
                 await _respond(send, 200, orjson.dumps(_model_card(name)))
             else:
                 await _respond(
@@ -243,7 +272,7 @@ class OpenAIRouter:
             await _respond(send, 400, error_body(400, f"request body is not valid JSON: {error}", "BadRequestError"))
             return
         name = request.get("model") if isinstance(request, dict) else None
-        if not await self._check_model(name, scope["path"], send):
+        if not await self._check_model(name, scope, send):
             return
         assert isinstance(name, str)
         endpoint = self.registry.endpoint_of(name)
@@ -267,7 +296,7 @@ class OpenAIRouter:
             await _respond(send, 400, error_body(400, f"request body: {error}", "BadRequestError"))
             return
         name = form.fields.get("model")
-        if not await self._check_model(name, scope["path"], send):
+        if not await self._check_model(name, scope, send):
             return
         assert isinstance(name, str)
         endpoint = self.registry.endpoint_of(name)
@@ -287,8 +316,10 @@ class OpenAIRouter:
             body = add_field(content_type, body, "max_completion_tokens", str(self.registry.max_tokens[name]))
         await self._route(name, scope, body, send, content_type)
 
-    async def _check_model(self, name: Any, path: str, send: Send) -> bool:
-        """Whether `name` is a served model whose replicas serve `path`; answers the client when not."""
+    async def _check_model(self, name: Any, scope: dict[str, Any], send: Send) -> bool:
+        """Whether `name` is a served model whose replicas serve the request's path; answers the
+        client when not."""
+        path: str = scope["path"]
         if not isinstance(name, str) or not name:
             await _respond(
                 send,
@@ -296,7 +327,9 @@ class OpenAIRouter:
                 error_body(400, "model: field required (a string naming a served model)", "BadRequestError", "model"),
             )
             return False
-        if not self.registry.knows(name):
+        model_id = self.registry.model_id(name)
+        _note_model(scope, model_id)
+        if model_id is None:
             known = ", ".join(self.registry.names()) or "none"
             await _respond(
                 send,
@@ -318,17 +351,19 @@ class OpenAIRouter:
 
     async def _route(self, name: str, scope: dict[str, Any], body: bytes, send: Send, content_type: str) -> None:
         tried: set[str] = set()
+        exchange: Exchange | None = scope.get(EXCHANGE)
         while True:
             replica = self.registry.pick(name, tried)
             if replica is None:
                 await self._unavailable(send, name, tried)
                 return
             tried.add(replica.endpoint.replica_id)
-            outcome = await self._proxy(replica, scope, body, send, content_type)
-            if outcome == "done":
+            if exchange is not None:
+                exchange.forwarded = True
+            if await self._proxy(replica, scope, body, send, content_type):
                 return
-            # "unreachable" or "lost": nothing reached the client yet, and a completion has no side
-            # effect, so the request goes to another replica of the model.
+            # The replica is gone (dropped): nothing reached the client yet, and a completion has no
+            # side effect, so the request goes to another replica of the model.
 
     async def _unavailable(self, send: Send, name: str, tried: set[str]) -> None:
         ready = [r for r in self.registry.candidates(name) if r.endpoint.replica_id not in tried]
@@ -350,7 +385,13 @@ class OpenAIRouter:
                 [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())],
             )
 
-    async def _proxy(self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str) -> str:
+    async def _proxy(
+        self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str
+    ) -> bool:
+        """Send the request to `replica` and its answer to the client: True once the client has an
+        answer (the replica's, a 504, or a response cut short); False when the replica could not be
+        reached or closed the connection before answering — either way it is gone: dropped here and
+        on the board (it comes back when it announces itself again), and nothing reached the client."""
         import aiohttp
 
         session = await self.session()
@@ -363,28 +404,30 @@ class OpenAIRouter:
             async with session.post(url, data=body, headers={"content-type": content_type}) as upstream:
                 content_type = upstream.headers.get("content-type", "application/json")
                 streaming = content_type.startswith("text/event-stream")
+                if streaming and (exchange := scope.get(EXCHANGE)) is not None:
+                    exchange.streamed = True
                 headers = [(b"content-type", content_type.encode()), (REPLICA_HEADER, replica_id.encode())]
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                 started = True
                 async for chunk in upstream.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return "done"
+                return True
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
             if started:
                 log.warning("replica %s: stream broken: %s", replica_id, error)
                 await _end_broken(send, replica_id, error, streaming)
-                return "done"
-            if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-                self._drop(replica_id, f"unreachable: {error}")
-                return "unreachable"
-            if not isinstance(error, TimeoutError):  # (a slow replica is not retried elsewhere: 504)
-                # Connected, then gone before a byte of answer: the replica died under the request.
-                # Dropped until it registers again (replicas re-register while they live).
-                self._drop(replica_id, f"lost the connection before answering: {error}")
-                return "lost"
+                if (exchange := scope.get(EXCHANGE)) is not None:
+                    exchange.status = BROKEN_STATUS
+                return True
+            unreachable = isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+            if unreachable or not isinstance(error, TimeoutError):  # (a slow replica is not retried: 504)
+                # Not reached (no connection within CONNECT_TIMEOUT_S: its node is gone, or refused),
+                # or connected and then gone before a byte of answer (it died under the request).
+                self._drop(replica_id, f"unreachable: {error}" if unreachable else f"lost before answering: {error}")
+                return False
             await _respond(send, 504, error_body(504, f"replica {replica_id}: {error}", "TimeoutError"))
-            return "done"
+            return True
         finally:
             replica.inflight -= 1
 
@@ -416,6 +459,13 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+def _note_model(scope: dict[str, Any], model_id: str | None) -> None:
+    """The model a request is counted under: its model_id, or one bucket for every unknown name."""
+    exchange: Exchange | None = scope.get(EXCHANGE)
+    if exchange is not None:
+        exchange.model_id = UNKNOWN_MODEL if model_id is None else model_id
 
 
 def _model_card(name: str) -> dict[str, Any]:
@@ -456,8 +506,10 @@ class RouterDeployment:
         from ray import serve
 
         self.settings = ServingSettings.model_validate(serving)
-        self.app = serve.get_replica_context().app_name
-        self.router = OpenAIRouter(self.settings, on_unreachable=self._report_unreachable)
+        context = serve.get_replica_context()
+        self.app = context.app_name
+        metrics = RequestMetrics(context.deployment) if self.settings.engine_metrics else None
+        self.router = OpenAIRouter(self.settings, on_unreachable=self._report_unreachable, metrics=metrics)
         # Requests are served on a loop of their own, apart from the one Serve calls methods on.
         self.requests = LoopThread("openai-router")
         # The whole table before the first request: a (re)started router knows every replica at once.
@@ -532,6 +584,8 @@ class RouterDeployment:
         except Exception:
             self.requests.call_soon(self.task.cancel)
         await self.requests.call(self.router.close())
+        if self.router.metrics is not None:
+            self.requests.call_soon(self.router.metrics.flush)
         self.requests.stop()
 
 
