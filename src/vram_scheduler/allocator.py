@@ -272,14 +272,18 @@ class VRAMAllocator:
         models: list[dict[str, Any]],
         settings: dict[str, Any] | None = None,
         exclude_nodes: list[str] | None = None,
+        keep_others: bool = False,
     ) -> dict[str, Any]:
         """Plan `models` against current inventories and reservations (stale nodes and `exclude_nodes`,
-        e.g. nodes that left the Ray cluster, take nothing new)."""
+        e.g. nodes that left the Ray cluster, take nothing new). By default `models` is the whole
+        desired state (other models' reservations are listed for release); `keep_others`: they are
+        some of the cluster's models, and every other model's reservation keeps its room."""
         self._background()
         specs = models_from_dicts(models, "plan(models)")
         chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
         self._recheck_stale()
-        return self._ledger.plan(specs, now(), chosen, frozenset(exclude_nodes or ())).model_dump()
+        planned = self._ledger.plan(specs, now(), chosen, frozenset(exclude_nodes or ()), keep_others)
+        return planned.model_dump()
 
     async def reservations(self) -> list[dict[str, Any]]:
         self._background()

@@ -576,9 +576,10 @@ class Ledger:
         now: float,
         settings: PlacementSettings | None = None,
         exclude_nodes: frozenset[str] = frozenset(),
+        keep_others: bool = False,
     ) -> Plan:
         """The planner against current inventories and reservations; stale nodes and `exclude_nodes`
-        take nothing new."""
+        take nothing new; `keep_others`: other models' reservations keep their room (`planner.plan`)."""
         return plan(
             self.inventory(),
             models,
@@ -586,6 +587,7 @@ class Ledger:
             settings=settings or self.settings,
             managed_pids=self.managed_pids(),
             excluded_nodes=frozenset(self.stale_nodes(now)) | exclude_nodes,
+            keep_others=keep_others,
         )
 
     def state(self, now: float, node: str | None = None) -> VRAMState:

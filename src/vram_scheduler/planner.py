@@ -7,7 +7,9 @@ Rules:
 - capacity is per GPU: a GPU's room is its total minus memory used by processes ray-vram
   does not manage minus every reservation on it (each with the per-replica overhead);
 - existing reservations never move; those of removed models, of a changed budget, or beyond a
-  lowered replica count are listed for release (highest replica numbers first);
+  lowered replica count are listed for release (highest replica numbers first); with
+  `keep_others`, the models planned are some of the cluster's, not all of it (one Serve
+  application beside others): reservations of the models not planned keep their room;
 - fixed-count replicas are placed first, each on the fullest GPU that still holds it (best
   fit); two orders are tried — round-robin largest first (big holes for big replicas), and one
   replica per model then smallest first (more replicas when not all fit) — and the one placing
@@ -122,10 +124,14 @@ def plan(
     settings: PlacementSettings | None = None,
     managed_pids: frozenset[int] = frozenset(),
     excluded_nodes: frozenset[str] = frozenset(),
+    keep_others: bool = False,
 ) -> Plan:
     """Place every requested replica that fits; explain the rest.
 
     `excluded_nodes` (stale or draining nodes) keep their reservations but take no new ones.
+    `keep_others`: reservations of models not in `models` are someone else's (another application's),
+    taken as used where they are and listed neither as kept nor for release; by default `models` is
+    the whole desired state and such reservations are listed for release.
     """
     settings = settings or PlacementSettings()
     overhead = gib_to_bytes(settings.replica_overhead_gb)
@@ -135,8 +141,8 @@ def plan(
         gpu.uuid: _Slot(gpu=gpu, free=0, reserved=0, unmanaged=gpu.unmanaged_bytes(managed_pids))
         for gpu in sorted(inventory.gpus, key=lambda g: (g.node, g.index))
     }
-    kept, release = _split_existing(existing, specs, slots)
-    for reservation in kept:
+    kept, release, others = _split_existing(existing, specs, slots, keep_others)
+    for reservation in [*kept, *others]:
         slot = slots[reservation.gpu_uuid]
         slot.reserved += reservation.bytes + overhead
         slot.replicas.append(reservation.replica_id)
@@ -343,15 +349,20 @@ _STRATEGIES = (_round_robin, _smallest_first, _fill_gpus)
 
 
 def _split_existing(
-    existing: Iterable[Reservation], specs: dict[str, ModelSpec], slots: dict[str, _Slot]
-) -> tuple[list[Reservation], list[Reservation]]:
-    """Existing reservations to keep in place, and those to release (highest numbers first)."""
+    existing: Iterable[Reservation], specs: dict[str, ModelSpec], slots: dict[str, _Slot], keep_others: bool
+) -> tuple[list[Reservation], list[Reservation], list[Reservation]]:
+    """Existing reservations to keep in place, those to release (highest numbers first), and
+    (`keep_others`) those of models not planned that hold room on a known GPU."""
     kept: list[Reservation] = []
     release: list[Reservation] = []
+    others: list[Reservation] = []
     by_model: dict[str, list[Reservation]] = {}
     for reservation in sorted(existing, key=lambda r: (r.model_id, replica_number(r.replica_id))):
         spec = specs.get(reservation.model_id)
-        if spec is None or reservation.bytes != spec.vram_bytes or reservation.gpu_uuid not in slots:
+        if spec is None and keep_others:
+            if reservation.gpu_uuid in slots:
+                others.append(reservation)
+        elif spec is None or reservation.bytes != spec.vram_bytes or reservation.gpu_uuid not in slots:
             release.append(reservation)
         else:
             by_model.setdefault(reservation.model_id, []).append(reservation)
@@ -360,7 +371,7 @@ def _split_existing(
         limit = len(reservations) if spec.max_replicas else spec.replicas
         kept.extend(reservations[:limit])
         release.extend(reversed(reservations[limit:]))
-    return kept, release
+    return kept, release, others
 
 
 def _explain(

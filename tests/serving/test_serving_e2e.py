@@ -80,6 +80,25 @@ def test_replicas_hold_the_planned_reservations(stack: Stack) -> None:
             assert replica_id.startswith(model_id) and pids
 
 
+def test_an_application_plans_around_the_reservations_of_models_it_does_not_deploy(stack: Stack) -> None:
+    """`build_app`/`build_model_app` (a RayService beside the controller's models) plan only their own
+    models: the room alpha and beta hold is not theirs to take. (Planned as the whole desired state,
+    solo went to GPU 1, where alpha-0 holds 3.5 of 4 GiB, and its replica failed to reserve:
+    "Failed to update the deployments ['solo-0']".)"""
+    from vram_scheduler.config import ModelSpec, RayVRAMConfig
+    from vram_scheduler.serving.app import build_model_app, plan_models
+
+    solo = ModelSpec.model_validate(model("solo", replicas=1))
+    before = ray.get(stack.controller.allocator.reservations.remote())
+    plan = plan_models([solo], RayVRAMConfig(models=[solo]))
+    assert plan.replicas_of("solo") == [] and plan.release == []
+    assert [u.model_id for u in plan.unplaced] == ["solo"], plan.unplaced
+    assert "largest free slot is 1.50 GiB" in plan.unplaced[0].reason
+    with pytest.raises(ValueError, match=r"model solo: no replica placed: 1 replica of model solo needs 3\.50 GiB"):
+        build_model_app({"model": solo.model_dump(mode="json")})
+    assert ray.get(stack.controller.allocator.reservations.remote()) == before
+
+
 def test_models_endpoint_lists_ids_and_aliases(stack: Stack) -> None:
     listed = httpx.get(stack.base + "/v1/models", timeout=30).json()
     assert listed["object"] == "list"
@@ -391,6 +410,9 @@ def test_single_application_from_values_serves_and_gives_back_its_reservation(st
     import importlib
 
     build_app = importlib.import_module("vram_scheduler.serving.app").build_app
+    # Room for solo (3.5 GiB with the overhead): alpha and beta leave 1.5 and 0.5 GiB free. In file
+    # order the controller re-run test has removed alpha already; run alone, this test removes it.
+    stack.controller.remove("alpha")
     port = free_port()
     values = {
         "models": [model("solo", replicas=1)],

@@ -128,6 +128,27 @@ def test_release_list_for_removed_changed_and_reduced_models() -> None:
     assert [r.replica_id for r in second.new] == ["b-0"]
 
 
+def test_a_plan_for_some_models_keeps_the_room_other_models_hold() -> None:
+    """keep_others (one Serve application's models, beside the controller's or another
+    application's): other models' reservations are used room, neither kept nor released."""
+    inv = inventory(("n", [gpu(0, 12), gpu(1, 4)]))
+    cluster = plan(inv, [spec("alpha", 1.5, replicas=2), spec("beta", 1.5, replicas=2)])
+    assert placed_on(cluster) == {"alpha-0": "n-U1", "alpha-1": "n-U0", "beta-0": "n-U0", "beta-1": "n-U0"}
+    solo = [spec("solo", 1.5)]
+    whole = plan(inv, solo, existing=cluster.reservations)  # as if solo were all there is
+    assert placed_on(whole) == {"solo-0": "n-U1"} and len(whole.release) == 4  # alpha-0's room
+    beside = plan(inv, solo, existing=cluster.reservations, keep_others=True)
+    assert beside.new == [] and beside.kept == [] and beside.release == []
+    assert [u.model_id for u in beside.unplaced] == ["solo"]
+    assert "largest free slot is 1.50 GiB" in beside.unplaced[0].reason
+    assert [g.replicas for g in beside.gpus] == [["alpha-1", "beta-0", "beta-1"], ["alpha-0"]]
+    # Its own reservations are kept as ever; a gone GPU's reservation of another model is ignored.
+    held = plan(inv, [spec("alpha", 1.5, replicas=2)], existing=cluster.reservations, keep_others=True)
+    assert held.kept == cluster.replicas_of("alpha") and held.new == [] and held.release == []
+    gone = Reservation(replica_id="x-0", model_id="x", node="m", gpu_uuid="m-U0", gpu_index=0, bytes=GIB)
+    assert plan(inv, solo, existing=[gone], keep_others=True).release == []
+
+
 def test_max_replicas_fills_and_fixed_models_go_first() -> None:
     inv = inventory(("n", [gpu(0, 24), gpu(1, 16)]))
     result = plan(inv, [spec("fill", 4, max_replicas=True), spec("fixed", 14)], settings=NO_OVERHEAD)

@@ -10,11 +10,13 @@
   `serveConfigV2` has one application: ``import_path: vram_scheduler.serving.app:build_app`` with
   the values' `models`, `placement` and `serving` as `args`.
 
-Replicas are planned by the allocator at build time unless `reservations` are given.
+Replicas are planned by the allocator at build time unless `reservations` are given, around every
+other model's reservations (the controller's, another application's: `plan_models`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +31,8 @@ from .options import deployment_options, keep_if_unchanged, router_names, router
 from .placement import router_addresses
 from .replica import VLLMReplica, replica_deployment
 from .router import ROUTER_APP, ROUTER_APP_ENV, RouterDeployment
+
+log = logging.getLogger("ray.serve")
 
 #: Environment a replica inherits from whoever builds the app (caches, offline hub, vLLM knobs).
 PASSED_ENV_PREFIXES = ("VLLM_", "HF_", "TRANSFORMERS_", "TORCH", "RAY_VRAM_", "OMP_", "CUDA_DEVICE_ORDER")
@@ -90,28 +94,41 @@ def router_application(
 
 
 def plan_models(models: list[ModelSpec], config: RayVRAMConfig) -> Plan:
-    """Ask the allocator where each replica goes (kept reservations stay where they are)."""
+    """Ask the allocator where each replica goes (kept reservations stay where they are).
+
+    `models` are this application's, not the cluster's: every other model's reservation (the
+    controller's models, another application's) keeps its room. Planned as the whole desired
+    state, a replica was placed in room another model holds, and its reservation then failed
+    ("Failed to update the deployments" for a RayService beside other models).
+    """
     import ray
 
     from ..allocator import get_vram_allocator
 
     allocator = get_vram_allocator()
     dumped = ray.get(
-        allocator.plan.remote([m.model_dump(mode="json") for m in models], config.placement.model_dump(mode="json"))
+        allocator.plan.remote(
+            [m.model_dump(mode="json") for m in models], config.placement.model_dump(mode="json"), keep_others=True
+        )
     )
-    return Plan.model_validate(dumped)
+    plan = Plan.model_validate(dumped)
+    for unplaced in plan.unplaced:
+        log.warning("%s", unplaced.reason)
+    return plan
 
 
 def build_model_app(args: dict[str, Any]) -> Application:
     """args: {"model": ModelSpec, "serving": ServingSettings?, "reservations": [Reservation]?}."""
     spec = ModelSpec.model_validate(args["model"])
     serving = ServingSettings.model_validate(args.get("serving") or {})
+    reasons: list[str] = []
     if args.get("reservations") is not None:
         reservations = [Reservation.model_validate(r) for r in args["reservations"]]
     else:
-        reservations = plan_models([spec], RayVRAMConfig(models=[spec])).replicas_of(spec.model_id)
+        plan = plan_models([spec], RayVRAMConfig(models=[spec]))
+        reservations, reasons = plan.replicas_of(spec.model_id), [u.reason for u in plan.unplaced]
     if not reservations:
-        raise ValueError(f"model {spec.model_id}: no replica placed (see `ray-vram plan`)")
+        raise ValueError(f"model {spec.model_id}: no replica placed: {'; '.join(reasons) or 'see `ray-vram plan`'}")
     return model_application(spec, reservations, serving, args.get("env"))
 
 
