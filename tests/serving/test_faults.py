@@ -65,12 +65,13 @@ streamed = dict(plain, max_tokens=24, stream=True)
 
 def stream(client):
     with client.stream("POST", base + "/v1/completions", json=streamed) as response:
+        retried = int(response.headers.get("x-ray-vram-attempts", "1")) > 1
         if response.status_code != 200:
-            return f"http {response.status_code}"
+            return f"http {response.status_code}", retried
         lines = [line for line in response.iter_lines() if line]
     if any(line.startswith('data: {"error"') for line in lines):
-        return "stream error event"
-    return "ok" if lines and lines[-1] == "data: [DONE]" else "stream cut"
+        return "stream error event", retried
+    return ("ok" if lines and lines[-1] == "data: [DONE]" else "stream cut"), retried
 
 with httpx.Client(timeout=60) as client:
     turn = 0
@@ -78,14 +79,17 @@ with httpx.Client(timeout=60) as client:
         turn += 1
         start = time.time()
         try:
+            retried = False
             if turn % 2:
                 response = client.post(base + "/v1/completions", json=plain)
                 kind = "ok" if response.status_code == 200 else f"http {response.status_code}"
+                retried = int(response.headers.get("x-ray-vram-attempts", "1")) > 1
             else:
-                kind = stream(client)
+                kind, retried = stream(client)
         except httpx.HTTPError as error:
             kind = type(error).__name__
-        out.write(json.dumps({"start": start, "end": time.time(), "kind": kind, "stream": not turn % 2}) + "\\n")
+        record = {"start": start, "end": time.time(), "kind": kind, "stream": not turn % 2, "retried": retried}
+        out.write(json.dumps(record) + "\\n")
         out.flush()
         if kind != "ok":
             time.sleep(0.2)
@@ -105,7 +109,8 @@ class Load:
 
     def seen(self, since: float, until: float) -> Counter[str]:
         """Requests in the window by outcome ("ok", "stream cut", "http 503", an httpx error...),
-        and how many of them were streams ("streams")."""
+        how many of them were streams ("streams") and how many the router retried on another
+        replica ("retried": its x-ray-vram-attempts header above 1)."""
         kinds: Counter[str] = Counter()
         for log in self.logs:
             lines = log.read_text().splitlines() if log.exists() else []  # a client not started yet
@@ -114,6 +119,7 @@ class Load:
                 if record["end"] >= since and record["start"] <= until:
                     kinds[record["kind"]] += 1
                     kinds["streams"] += record.get("stream", False)
+                    kinds["retried"] += record.get("retried", False)
         return kinds
 
     def close(self) -> None:
@@ -273,11 +279,12 @@ def run_fault(
     now = {k: (v["gpu_uuid"], v["bytes"]) for k, v in held.items()}
     live_nodes = {n["Labels"].get(NODE_NAME_LABEL) for n in ray.nodes() if n["Alive"]}
     running = replicas()
-    streams = seen.pop("streams", 0)
+    streams, retried = seen.pop("streams", 0), seen.pop("retried", 0)
     row = {
         "fault": name,
         "requests": sum(seen.values()),
         "streams": streams,
+        "retried": retried,
         "client_errors": {k: v for k, v in seen.items() if k != "ok"},
         "recovery_s": round(recovery, 1),
         "ledger_consistent": sorted(now) == sorted(planned)
@@ -456,14 +463,15 @@ def test_the_table(stack: Stack, load: Load) -> None:
         + "\n"
     )
     header = (
-        f"{'fault':40} {'requests':>8} {'streams':>7} {'client errors':36} {'recovery s':>10} {'ledger ok':>9} "
-        f"{'replicas back':>13}"
+        f"{'fault':40} {'requests':>8} {'streams':>7} {'retried':>7} {'client errors':36} {'recovery s':>10} "
+        f"{'ledger ok':>9} {'replicas back':>13}"
     )
     lines = [header]
     for row in RESULTS_ROWS:
         errors = ", ".join(f"{k} {v}" for k, v in row["client_errors"].items()) or "none"
         lines.append(
-            f"{row['fault']:40} {row['requests']:>8} {row['streams']:>7} {errors:36} {row['recovery_s']:>10} "
+            f"{row['fault']:40} {row['requests']:>8} {row['streams']:>7} {row['retried']:>7} {errors:36} "
+            f"{row['recovery_s']:>10} "
             f"{row['ledger_consistent']!s:>9} {row['replicas_back_on_their_gpus']!s:>13}"
         )
     print("\n" + "\n".join(lines))

@@ -483,6 +483,11 @@ def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> 
     assert errors and all("replica beta-0 failed mid-response" in e for e in errors), outcomes
     assert [a.status_code for a in answers] == [200] * 8, [a.text[:300] for a in answers]
     assert all(a.json()["usage"]["completion_tokens"] == 48 for a in answers)
+    # Each answer says how many replicas it was sent to; one on beta-0 when it died was sent again.
+    attempts = [int(a.headers["x-ray-vram-attempts"]) for a in answers]
+    assert all(n >= 1 for n in attempts) and all(
+        a.headers["x-ray-vram-replica"] == "beta-1" for a, n in zip(answers, attempts, strict=True) if n > 1
+    ), attempts
 
     deadline = time.monotonic() + 300
     while True:

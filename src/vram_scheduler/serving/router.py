@@ -56,6 +56,9 @@ RETRY_AFTER_LOADING_S = 5
 CONNECT_TIMEOUT_S = 5.0
 #: Response header naming the replica that answered (which one took a request: logs, tests).
 REPLICA_HEADER = b"x-ray-vram-replica"
+#: Response header: the replicas this request was sent to, the one that answered included (2 or
+#: more: the router retried it after a replica died before answering).
+ATTEMPTS_HEADER = b"x-ray-vram-attempts"
 #: The vLLM task each path needs (other /v1 paths go to vLLM unchecked), and what to call it in errors.
 PATH_TASKS = {
     "/v1/chat/completions": ("generate", "chat completions"),
@@ -360,7 +363,7 @@ class OpenAIRouter:
             tried.add(replica.endpoint.replica_id)
             if exchange is not None:
                 exchange.forwarded = True
-            if await self._proxy(replica, scope, body, send, content_type):
+            if await self._proxy(replica, scope, body, send, content_type, len(tried)):
                 return
             # The replica is gone (dropped): nothing reached the client yet, and a completion has no
             # side effect, so the request goes to another replica of the model.
@@ -386,7 +389,7 @@ class OpenAIRouter:
             )
 
     async def _proxy(
-        self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str
+        self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str, attempt: int = 1
     ) -> bool:
         """Send the request to `replica` and its answer to the client: True once the client has an
         answer (the replica's, a 504, or a response cut short); False when the replica could not be
@@ -406,7 +409,11 @@ class OpenAIRouter:
                 streaming = content_type.startswith("text/event-stream")
                 if streaming and (exchange := scope.get(EXCHANGE)) is not None:
                     exchange.streamed = True
-                headers = [(b"content-type", content_type.encode()), (REPLICA_HEADER, replica_id.encode())]
+                headers = [
+                    (b"content-type", content_type.encode()),
+                    (REPLICA_HEADER, replica_id.encode()),
+                    (ATTEMPTS_HEADER, str(attempt).encode()),
+                ]
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
                 started = True
                 async for chunk in upstream.content.iter_any():
