@@ -107,9 +107,8 @@ def _download_config(model: str) -> Path | None:
         return None
 
 
-def local_config(model: str) -> dict[str, Any] | None:
-    """The model's config.json when it can be read without downloading (a local or cached model)."""
-    directory = _local_files(model)
+def _read_config(directory: Path | None) -> dict[str, Any] | None:
+    """`directory`'s config.json as a dict; None when there is none that reads as one."""
     if directory is None:
         return None
     try:
@@ -119,19 +118,21 @@ def local_config(model: str) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def local_config(model: str) -> dict[str, Any] | None:
+    """The model's config.json when it can be read without downloading (a local or cached model)."""
+    return _read_config(_local_files(model))
+
+
 def model_limit(model: str, download: bool = False) -> ModelLimit | None:
     """The model's maximum length from its files; None when they cannot be read (or name no length)."""
     directory = _local_files(model) or (_download_config(model) if download else None)
-    if directory is None:
-        return None
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
+    config = _read_config(directory)
+    if directory is None or config is None:
         return None
     tokenizer_config: dict[str, Any] | None = None
     with contextlib.suppress(OSError, ValueError):
         tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
-    found = max_len_of(config, tokenizer_config) if isinstance(config, dict) else None
+    found = max_len_of(config, tokenizer_config)
     if found is None:
         return None
     tokens, key = found

@@ -4,6 +4,7 @@ the monitor publishing a declared two-GPU inventory, the controller, the OpenAI 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -151,3 +152,26 @@ def running_stack(models: list[dict[str, Any]]) -> Iterator[Stack]:
         monitor.stop()
         thread.join(timeout=10)
         ray.shutdown()
+
+
+def stream_outcome(base: str, body: dict[str, Any], first: threading.Event) -> str:
+    """How a streamed completion ended: "error: <message>" (an OpenAI error event), "done" ([DONE]
+    last, no error event), "cut" (neither, or the connection broke) or "hung". `first` is set at
+    the first event."""
+    import httpx
+
+    lines: list[str] = []
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+    except httpx.ReadTimeout:
+        return "hung"
+    except httpx.HTTPError:
+        return "cut"
+    errors = [json.loads(x.removeprefix("data: "))["error"] for x in lines if x.startswith('data: {"error"')]
+    if errors:
+        return f"error: {errors[-1]['message']}"
+    return "done" if lines and lines[-1] == "data: [DONE]" else "cut"

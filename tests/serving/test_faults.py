@@ -43,7 +43,7 @@ from vram_scheduler.serving.app import model_app_name
 from vram_scheduler.serving.controller_actor import CONTROLLER_ACTOR
 from vram_scheduler.serving.router import ROUTER_APP, ROUTER_DEPLOYMENT
 
-from .conftest import HERE, Stack, deployed, free_port, start_monitor, two_models
+from .conftest import HERE, Stack, deployed, free_port, start_monitor, stream_outcome, two_models
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(os.environ.get("RAY_VRAM_FAULTS_RESULTS", ROOT / ".work" / "faults.json"))
@@ -51,6 +51,7 @@ MODELS = ("alpha", "beta")
 INVENTORY = HERE / "inventory-two-nodes.yaml"
 HEAD, WORKER = "ci-head", "ci-worker"
 ENGINE_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+LONG_STREAM = {"model": "alpha", "prompt": "Our team", "max_tokens": 400, "ignore_eos": True, "stream": True}
 
 pytestmark = pytest.mark.slow
 
@@ -312,27 +313,6 @@ def _engine_pid(pids: list[int]) -> int:
     raise AssertionError(f"no engine-core process among {pids}")
 
 
-def _long_stream(stack: Stack, started: threading.Event) -> str:
-    """done ([DONE] last, no error event), error (an OpenAI error event), cut (neither) or hung."""
-    import httpx
-
-    body = {"model": "alpha", "prompt": "Our team", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    lines = []
-    try:
-        with httpx.stream("POST", stack.base + "/v1/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if line:
-                    lines.append(line)
-                    started.set()
-    except httpx.ReadTimeout:
-        return "hung"
-    except httpx.HTTPError as error:
-        return f"cut ({type(error).__name__})"
-    if any(line.startswith('data: {"error"') for line in lines):
-        return "error"
-    return "done" if lines and lines[-1] == "data: [DONE]" else "cut"
-
-
 def test_an_engine_process_killed_mid_stream(stack: Stack, load: Load) -> None:
     """alpha-0's engine process dies under it (SIGKILL) while 3 long streams run on alpha. A stream
     the dead engine was serving ends with an OpenAI error event, never cut or hung; the replica
@@ -346,7 +326,7 @@ def test_an_engine_process_killed_mid_stream(stack: Stack, load: Load) -> None:
 
     def kill_mid_stream() -> None:
         firsts = [threading.Event() for _ in range(3)]
-        outcomes.extend(pool.submit(_long_stream, stack, first) for first in firsts)
+        outcomes.extend(pool.submit(stream_outcome, stack.base, LONG_STREAM, first) for first in firsts)
         assert all(first.wait(60) for first in firsts), "the streams did not start"
         os.kill(engine, signal.SIGKILL)
 
@@ -358,7 +338,7 @@ def test_an_engine_process_killed_mid_stream(stack: Stack, load: Load) -> None:
         return any(i["replica_id"] == "alpha-0" and i.get("pids", pids)[0] != pids[0] for i in infos)
 
     row = run_fault(stack, load, "engine process killed mid-stream", kill_mid_stream, replaced)
-    ended = [future.result(timeout=120) for future in outcomes]
+    ended = [future.result(timeout=120).split(":")[0] for future in outcomes]
     pool.shutdown()
     row["long_streams"] = dict(Counter(ended))
     print("FAULT long streams", ended)

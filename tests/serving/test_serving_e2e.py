@@ -31,7 +31,7 @@ from vram_scheduler.serving.app import model_app_name, model_application
 from vram_scheduler.serving.controller import deploy_in_background
 from vram_scheduler.serving.router import REPLICA_HEADER
 
-from .conftest import Stack, free_port, model
+from .conftest import Stack, free_port, model, stream_outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -442,23 +442,6 @@ def test_single_application_from_values_serves_and_gives_back_its_reservation(st
     assert "solo-0" not in held and {"beta-0", "beta-1"} <= set(held)
 
 
-def _stream_outcome(stack: Stack, body: dict, first: threading.Event) -> str:
-    """done ([DONE] last), error (an OpenAI error event), cut (ended without either) or hung."""
-    try:
-        with httpx.stream("POST", stack.base + "/v1/completions", json=body, timeout=60) as response:
-            lines = []
-            for line in response.iter_lines():
-                if line:
-                    lines.append(line)
-                    first.set()
-    except httpx.ReadTimeout:
-        return "hung"
-    if lines and lines[-1] == "data: [DONE]":
-        return "done"
-    errors = [json.loads(x.removeprefix("data: "))["error"] for x in lines if x.startswith('data: {"error"')]
-    return f"error: {errors[-1]['message']}" if errors else "cut"
-
-
 def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> None:
     """beta-0's process (engine included: no V1 multiprocessing here) is SIGKILLed while streams
     and plain requests are in flight on both replicas. Streams it was serving end with an
@@ -471,7 +454,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> 
     plain_body = {"model": "beta", "prompt": "Our team", "max_tokens": 48, "ignore_eos": True}
     firsts = [threading.Event() for _ in range(4)]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        streams = [pool.submit(_stream_outcome, stack, stream_body, first) for first in firsts]
+        streams = [pool.submit(stream_outcome, stack.base, stream_body, first) for first in firsts]
         assert all(first.wait(60) for first in firsts), "streams did not start"
         plain = [pool.submit(post, stack, "/v1/completions", plain_body) for _ in range(8)]
         time.sleep(0.3)
