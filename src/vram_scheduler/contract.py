@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import PlacementSettings
 
-ReplicaPhase = Literal["reserved", "loading", "ready", "failed"]
+#: A replica's state, one record per replica the values ask for: "pending" (no reservation: the
+#: planner found no room, `reason` says why), "reserved" (planned, its Serve replica not started),
+#: "loading", "ready", "failed" (`error`: the last one). A later state (e.g. asleep) is one more value.
+ReplicaPhase = Literal["pending", "reserved", "loading", "ready", "failed"]
+
+#: Whether a model can answer, as routers are told: "serving" (a replica is ready), "loading" (one is
+#: starting), "failed" (its replicas failed: `detail` is the last error), "pending" (none placed).
+Availability = Literal["serving", "loading", "failed", "pending"]
 
 
 class WireModel(BaseModel):
@@ -37,10 +44,21 @@ class ReplicaStatus(WireModel):
     gpu_uuid: str | None = None
     bytes: int | None = None
     error: str | None = None
+    reason: str | None = Field(default=None, description="Why a pending replica is not placed (the planner's words).")
+    since: float | None = Field(default=None, description="Unix time a pending replica was first found without room.")
 
     @property
     def where(self) -> str:
         return f"node {self.node}, GPU {self.gpu_index}" if self.node is not None else "not placed"
+
+
+class ModelEvent(WireModel):
+    """Something the controller did to a model, with its reason (placed, pending, moved): the last
+    few are kept in the model's record and shown by `ray-vram status`."""
+
+    at: float = Field(description="Unix time.")
+    kind: str = Field(description='"placed", "pending" or "moved".')
+    message: str
 
 
 class DeploymentStatus(WireModel):
@@ -52,12 +70,25 @@ class DeploymentStatus(WireModel):
     requested: int | None = Field(default=None, description="Replicas asked for; None means max_replicas.")
     router_name: str | None = Field(default=None, description="The alias the OpenAI router also serves it under.")
     replicas: list[ReplicaStatus] = Field(default_factory=list)
-    unplaced: list[str] = Field(default_factory=list)
+    unplaced: list[str] = Field(
+        default_factory=list, description="The pending replicas' reasons (each replica also says its own)."
+    )
     endpoint: str | None = Field(default=None, description="The OpenAI base URL (ending in /v1) serving it.")
+    events: list[ModelEvent] = Field(default_factory=list, description="The latest placements and their reasons.")
 
     @property
     def ready(self) -> bool:
         return bool(self.replicas) and all(r.state == "ready" for r in self.replicas)
+
+    @property
+    def pending(self) -> list[ReplicaStatus]:
+        """Replicas the values ask for that hold no reservation (placed when room appears)."""
+        return [r for r in self.replicas if r.state == "pending"]
+
+    @property
+    def answers(self) -> bool:
+        """Whether a request for it can be answered now (a replica is ready)."""
+        return any(r.state == "ready" for r in self.replicas)
 
     def serves(self, name: str) -> bool:
         """Whether requests for `name` (its model id or its alias) reach this model."""
@@ -165,13 +196,26 @@ class ReplicaEndpoint(WireModel):
 # --------------------------------------------------------------------------- endpoint board → routers
 
 
+class ModelAvailability(WireModel):
+    """Why a declared model may have no ready replica, as the controller last saw it: what a router
+    says in its 503 when no replica of the model is registered."""
+
+    state: Availability
+    detail: str | None = Field(default=None, description="pending: the planner's reason; failed: the last error.")
+    since: float | None = Field(default=None, description="pending: unix time since it has had no room.")
+
+
 class RoutedModel(WireModel):
     """A configured model as every router knows it before a replica registers: its names tell an
-    unknown model (404) from one still loading (503), and `max_tokens` is its default length."""
+    unknown model (404) from one without a ready replica (503, saying why: `availability`), and
+    `max_tokens` is its default length."""
 
     model_id: str
     names: list[str]
     max_tokens: int = Field(ge=1)
+    availability: ModelAvailability | None = Field(
+        default=None, description="None: not known (a model of a RayService application, loading until it registers)."
+    )
 
 
 class EndpointTable(WireModel):

@@ -8,6 +8,7 @@ reserved counts each replica's budget plus the per-replica overhead.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,23 +128,32 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
 
 def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
     table = Table(title="Models", title_justify="left")
-    for column in ("model_id", "model", "GiB/replica", "replicas", "states", "not placed"):
+    for column in ("model_id", "model", "GiB/replica", "replicas", "states", "pending (not placed)"):
         table.add_column(column)
+    now = time.time()
     for status in deployments:
         states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
         ready = sum(r.state == "ready" for r in status.replicas)
         wanted = "max" if status.requested is None else str(status.requested)
+        pending = status.pending
+        since = f"for {now - pending[0].since:.0f}s: " if pending and pending[0].since is not None else ""
         table.add_row(
             status.model_id,
             status.model,
             f"{status.vram_gb:g}",
             f"{ready}/{wanted} ready",
             states,
-            "; ".join(status.unplaced) or "-",
-            style="red" if any(r.state == "failed" for r in status.replicas) else None,
+            since + "; ".join(status.unplaced) if pending else "-",
+            style="red" if any(r.state == "failed" for r in status.replicas) else ("yellow" if pending else None),
         )
     failed = [(r.replica_id, r.error) for status in deployments for r in status.replicas if r.state == "failed"]
-    return [table, *(Text(f"{rid} failed: {error or 'no reason given'}", style="red") for rid, error in failed)]
+    events = [
+        Text(f"{status.model_id} {time.strftime('%H:%M:%S', time.localtime(e.at))} {e.kind}: {e.message}", style="dim")
+        for status in deployments
+        for e in status.events[-1:]
+    ]
+    failures = [Text(f"{rid} failed: {error or 'no reason given'}", style="red") for rid, error in failed]
+    return [table, *failures, *([Text("latest events:")] if events else []), *events]
 
 
 def render_plan(result: Plan) -> Group:
@@ -164,7 +174,10 @@ def render_plan(result: Plan) -> Group:
         for gpu in result.gpus
     ]
     parts: list[Any] = [_vram_table("Placement plan (per GPU)", rows)]
-    parts.extend(Text.assemble(("not placed:", "red"), f" {u.reason}") for u in result.unplaced)
+    parts.extend(
+        Text.assemble(("not placed (needs a bigger GPU):" if u.too_big else "not placed:", "red"), f" {u.reason}")
+        for u in result.unplaced
+    )
     not_placed = sum(u.count for u in result.unplaced)
     parts.append(
         Text(f"{len(result.reservations)} replica(s) placed" + (f", {not_placed} not placed" if not_placed else ""))

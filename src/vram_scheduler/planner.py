@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from .config import GIB, ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes
+from .config import ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes
 from .inventory import GPUInfo, Inventory
 
 
@@ -50,6 +50,14 @@ class Unplaced(StrictModel):
     need_bytes: int = Field(description="Budget plus per-replica overhead.")
     largest_free_bytes: int
     largest_free_gpu: str | None = Field(description="'node N, GPU i' holding the largest free slot.")
+    too_big: bool = Field(
+        default=False,
+        description="A replica is larger than every (matching) GPU of the inventory, empty: it needs a bigger "
+        "GPU, not a free one. False: no room now (a release, a scale-down or a joining GPU can make room).",
+    )
+    largest_gpu: str | None = Field(
+        default=None, description="The largest matching GPU: 'NAME, SIZE on node N, GPU i' (None without one)."
+    )
     reason: str
 
 
@@ -386,26 +394,33 @@ def _explain(
     need_text = f"{format_gib(need)} per replica ({spec.vram_gb:g} GiB budget + {format_gib(overhead)} overhead)"
     eligible = [s for s in open_slots if _eligible(spec, s)]
     all_list = list(all_slots)
+    matching = [s for s in all_list if _eligible(spec, s)]
     largest = min(eligible, key=lambda s: (-s.free, s.gpu.node, s.gpu.index), default=None)
     largest_free = max(0, largest.free) if largest else 0
     where = largest.gpu.label if largest else None
+    biggest = min(matching, key=lambda s: (-s.gpu.total_bytes, s.gpu.node, s.gpu.index), default=None)
+    biggest_text = (
+        f"{biggest.gpu.name}, {format_gib(biggest.gpu.total_bytes)} on {biggest.gpu.label}" if biggest else None
+    )
+    too_big = biggest is not None and need > biggest.gpu.total_bytes
     what = f"{count} replica{'s' if count > 1 else ''} of model {spec.model_id}"
     needs = "needs" if count == 1 else "need"
     if not all_list:
         reason = f"{what} cannot be placed: the inventory has no GPUs"
-    elif spec.gpu_type and not any(_eligible(spec, s) for s in all_list):
+    elif not matching:
         names = sorted({s.gpu.name for s in all_list})
         reason = f"{what} cannot be placed: no GPU matches gpu_type {spec.gpu_type!r} (GPUs: {', '.join(names)})"
+    elif too_big:
+        assert biggest is not None
+        reason = (
+            f"{what} {needs} {need_text}, more than any GPU holds: the largest is "
+            f"{format_gib(biggest.gpu.total_bytes)} ({biggest.gpu.name}) on {biggest.gpu.label}; "
+            "it needs a bigger GPU, not a free one"
+        )
     elif not eligible:
         reason = (
             f"{what} cannot be placed: every matching GPU is unhealthy or on a stale node "
             f"({', '.join(sorted(excluded_nodes)) or 'none stale'})"
-        )
-    elif need > max(s.gpu.total_bytes for s in eligible):
-        biggest = max(eligible, key=lambda s: s.gpu.total_bytes)
-        reason = (
-            f"{what} {needs} {need_text}, more than any GPU holds: the largest is "
-            f"{format_gib(biggest.gpu.total_bytes)} ({biggest.gpu.name}) on {biggest.gpu.label}"
         )
     else:
         reason = (
@@ -418,25 +433,7 @@ def _explain(
         need_bytes=need,
         largest_free_bytes=largest_free,
         largest_free_gpu=where,
+        too_big=too_big,
+        largest_gpu=biggest_text,
         reason=reason,
     )
-
-
-def largest_gpu_bytes(inventory: Inventory) -> int:
-    return max((g.total_bytes for g in inventory.gpus), default=0)
-
-
-def oversized_models(inventory: Inventory, models: Sequence[ModelSpec], settings: PlacementSettings) -> list[str]:
-    """Messages for models whose single replica exceeds every GPU of the inventory."""
-    overhead = gib_to_bytes(settings.replica_overhead_gb)
-    problems = []
-    for position, spec in enumerate(models):
-        matching = [g for g in inventory.gpus if spec.gpu_type is None or spec.gpu_type.lower() in g.name.lower()]
-        largest = max((g.total_bytes for g in matching), default=0)
-        if matching and spec.vram_bytes + overhead > largest:
-            problems.append(
-                f"models[{position}].vram_gb = {spec.vram_gb:g}: with {settings.replica_overhead_gb:g} GiB "
-                f"overhead a replica needs {format_gib(spec.vram_bytes + overhead)}, larger than any GPU "
-                f"({largest / GIB:.2f} GiB)"
-            )
-    return problems

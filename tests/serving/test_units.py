@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -219,7 +220,8 @@ def test_router_answers_for_itself() -> None:
     )
     router.registry.sync(table(1, endpoint("a-0", ["a", "b"], limit=1), models=models))
     assert call(router, "GET", "/healthz").status_code == 200
-    assert [m["id"] for m in call(router, "GET", "/v1/models").json()["data"]] == ["a", "b", "c"]
+    # Only models that can answer are listed: c is declared, with no replica registered.
+    assert [m["id"] for m in call(router, "GET", "/v1/models").json()["data"]] == ["a", "b"]
     unknown = call(router, "POST", "/v1/completions", json={"model": "zzz", "prompt": "x"})
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFoundError"
     not_json = call(router, "POST", "/v1/completions", content=b"[1,")
@@ -386,6 +388,48 @@ def test_engine_errors_finds_the_engine_processes_own_root_cause(tmp_path: Path)
 
 
 # -- the controller's status ---------------------------------------------------------------------
+
+
+def test_a_model_without_a_ready_replica_gets_a_503_saying_which_case_holds() -> None:
+    """pending (why, since when; no Retry-After: waiting alone does not make room), loading (Retry-After),
+    failed (the last error; no Retry-After); an undeclared model is still a 404."""
+    from vram_scheduler.contract import ModelAvailability
+
+    router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None))
+    reason = "1 replica of model p needs 7.00 GiB per replica; the largest free slot is 2.00 GiB on node n, GPU 0"
+    since = time.time() - 90
+    models = (
+        RoutedModel(
+            model_id="p",
+            names=["p", "p-alias"],
+            max_tokens=7,
+            availability=ModelAvailability(state="pending", detail=reason, since=since),
+        ),
+        RoutedModel(model_id="l", names=["l"], max_tokens=7, availability=ModelAvailability(state="loading")),
+        RoutedModel(
+            model_id="f", names=["f"], max_tokens=7, availability=ModelAvailability(state="failed", detail="f-0: OOM")
+        ),
+    )
+    router.registry.sync(table(1, models=models))
+    assert call(router, "GET", "/v1/models").json()["data"] == []
+    for name in ("p", "p-alias"):
+        pending = call(router, "POST", "/v1/chat/completions", json={"model": name, "messages": []})
+        assert pending.status_code == 503 and "retry-after" not in pending.headers
+        message = pending.json()["error"]["message"]
+        assert message.startswith(f"model {name} is pending: no replica is placed since ")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        assert f"since {stamp} (" in message and message.endswith(
+            f"s): {reason}; it is placed when room appears (see GET /v1/deployments on the controller)"
+        ), message
+    card = call(router, "GET", "/v1/models/p")  # declared, cannot answer: the same 503, not a card
+    assert card.status_code == 503 and reason in card.json()["error"]["message"]
+    loading = call(router, "POST", "/v1/completions", json={"model": "l", "prompt": "x"})
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "5"
+    assert "a replica is loading" in loading.json()["error"]["message"]
+    failed = call(router, "POST", "/v1/completions", json={"model": "f", "prompt": "x"})
+    assert failed.status_code == 503 and "retry-after" not in failed.headers
+    assert failed.json()["error"]["message"] == "model f has no ready replica: it failed: f-0: OOM"
+    assert call(router, "POST", "/v1/completions", json={"model": "zzz", "prompt": "x"}).status_code == 404
 
 
 def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) -> None:

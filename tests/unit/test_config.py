@@ -9,7 +9,7 @@ import pytest
 
 from vram_scheduler.config import GIB, ConfigError, ModelSpec, PlacementSettings, load_config, parse_config
 from vram_scheduler.inventory import parse_inventory
-from vram_scheduler.planner import oversized_models
+from vram_scheduler.planner import plan
 
 
 def problems_of(data: object) -> list[str]:
@@ -106,9 +106,13 @@ def test_vram_larger_than_any_gpu_names_model_need_and_largest() -> None:
     )
     models = [model(vram_gb=2), model(model_id="big", vram_gb=24), model(model_id="brim", vram_gb=22)]
     config = parse_config({"models": models})  # brim: 22 + 2 fills the 24 GiB GPU exactly, so it fits
-    assert oversized_models(inventory, config.models, PlacementSettings()) == [
-        "models[1].vram_gb = 24: with 2 GiB overhead a replica needs 26.00 GiB, larger than any GPU (24.00 GiB)"
-    ]
+    result = plan(inventory, config.models, settings=PlacementSettings())
+    assert [(u.model_id, u.too_big) for u in result.unplaced] == [("big", True)]
+    assert result.unplaced[0].largest_gpu == "GPU, 24.00 GiB on node a, GPU 0"
+    assert result.unplaced[0].reason == (
+        "1 replica of model big needs 26.00 GiB per replica (24 GiB budget + 2.00 GiB overhead), more than any "
+        "GPU holds: the largest is 24.00 GiB (GPU) on node a, GPU 0; it needs a bigger GPU, not a free one"
+    )
 
 
 def test_oversized_respects_gpu_type() -> None:
@@ -126,8 +130,9 @@ def test_oversized_respects_gpu_type() -> None:
         }
     )
     config = parse_config({"models": [model(vram_gb=30, gpu_type="4090")]})
-    (problem,) = oversized_models(inventory, config.models, PlacementSettings())
-    assert "needs 32.00 GiB, larger than any GPU (24.00 GiB)" in problem
+    (unplaced,) = plan(inventory, config.models, settings=PlacementSettings()).unplaced
+    assert unplaced.too_big and unplaced.largest_gpu == "RTX 4090, 24.00 GiB on node a, GPU 1"
+    assert "needs 32.00 GiB per replica (30 GiB budget + 2.00 GiB overhead), more than any GPU holds" in unplaced.reason
 
 
 def test_load_config_takes_model_section_of_chart_values(tmp_path: Path) -> None:

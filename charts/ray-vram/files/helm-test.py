@@ -1,5 +1,7 @@
 """`helm test` check of a ray-vram release: the endpoint lists every model, each model answers one
 completion, and the controller's allocator view holds a reservation for every running replica.
+A declared model with pending replicas (no room on any GPU) fails the test at once, with the
+controller's reason for each.
 
 Standard library only, so it runs in any image with python3. Configured by environment:
 OPENAI_URL, CONTROLLER_URL, API_KEY (may be empty), CONFIG_JSON (the release's configuration
@@ -37,6 +39,22 @@ def wait_for(what, check, deadline):
     raise SystemExit(f"FAIL {what}: not true before the deadline (last error: {last})")
 
 
+def fail_on_pending(controller):
+    """Exit failing, naming each pending replica and why, when the controller lists any."""
+    pending = [
+        (model["model_id"], replica)
+        for model in call(f"{controller}/v1/deployments").get("models", [])
+        for replica in model.get("replicas", [])
+        if replica.get("state") == "pending"
+    ]
+    if pending:
+        lines = [
+            f"  {model_id}: {r['replica_id']} pending: {r.get('reason') or 'no reason given'}"
+            for model_id, r in pending
+        ]
+        raise SystemExit(f"FAIL {len(pending)} declared replica(s) are pending (not placed):\n" + "\n".join(lines))
+
+
 def main():
     openai, controller = os.environ["OPENAI_URL"].rstrip("/"), os.environ["CONTROLLER_URL"].rstrip("/")
     key = os.environ.get("API_KEY", "")
@@ -46,7 +64,10 @@ def main():
 
     def listed():
         ids = {m["id"] for m in call(f"{openai}/v1/models", key=key)["data"]}
-        return ids if set(models) <= ids else None
+        if set(models) <= ids:
+            return ids
+        fail_on_pending(controller)
+        return None
 
     ids = wait_for(f"/v1/models lists {models}", listed, deadline)
     print(f"ok /v1/models lists {sorted(ids)}")

@@ -139,13 +139,24 @@ DASHBOARDS = {
     "ray-vram-models.json": dashboard(
         "ray-vram-models",
         "ray-vram / Models",
-        "Per model: replicas, VRAM budget against actual use, requests and latency at the routers, and vLLM "
+        "Per model: replicas (and those pending: not placed), VRAM budget against actual use, requests and latency at the routers, and vLLM "
         "latency, throughput and queue.",
         [variable("model", "Model", "label_values(ray_vram_model_replicas, model_id)")],
         [
             panel(
                 "Replicas by state",
                 [(f"sum by (model_id, state) (ray_vram_model_replicas{{{MODEL}}})", "{{model_id}} {{state}}")],
+            ),
+            panel(
+                "Pending models (replicas not placed: see `ray-vram status` for why)",
+                [
+                    (
+                        f'sum by (model_id) (ray_vram_model_replicas{{state="pending", {MODEL}}}) > 0',
+                        "{{model_id}}",
+                    )
+                ],
+                "short",
+                "bargauge",
             ),
             panel(
                 "Budget vs used per replica",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import ConfigError, load_config
+from ..config import load_config
 from ..display import render_plan, wide_console
 from ..exit_codes import ExitCode
 from ..inventory import load_inventory
-from ..planner import Plan, oversized_models, plan
+from ..planner import Plan, plan
 from .options import add_output_option, add_values_option
 
 
@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan",
         help="plan replica placement for a values file against a GPU inventory",
         description="Plan where each model replica goes, per GPU, without touching any cluster.\n\n"
+        "A replica larger than every GPU of the inventory is listed as needing a bigger GPU (not a free one).\n\n"
         "exit codes: 0 everything fits, 3 some replicas do not fit, 2 invalid input\n\n"
         "examples:\n"
         "  ray-vram plan --inventory values/inventory-example.yaml -f values/local.yaml\n"
@@ -33,9 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
     config = load_config(args.values)
-    problems = oversized_models(inventory, config.models, config.placement)
-    if problems:
-        raise ConfigError(args.values, problems)
     result = plan(inventory, config.models, settings=config.placement)
     if args.output == "json":
         print(json.dumps(plan_as_json(result), indent=2))

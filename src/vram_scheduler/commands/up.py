@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from ..config import load_config
-from ..contract import VRAMState
+from ..contract import DeploymentList, VRAMState
 from ..display import render_vram
 from ..exit_codes import ExitCode
 from .options import add_values_option
@@ -23,8 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Start an embedded Ray, the VRAM allocator, a monitor (NVML, or host memory without a GPU),\n"
         "the serving controller and the OpenAI-compatible endpoint, deploy the values' models, print the\n"
         "endpoint and the VRAM table, and stay in the foreground until Ctrl-C (then shut everything down).\n\n"
+        "A model without room now is pending (a not-placed line says why) and placed once room appears;\n"
+        "one larger than every GPU of this machine is refused before any engine starts.\n\n"
         "exit codes: 0 stopped by Ctrl-C/SIGTERM once ready, 1 a replica failed to start, 2 invalid values,\n"
-        "130 stopped by Ctrl-C/SIGTERM during start-up (everything started so far is stopped)\n\n"
+        "3 a model larger than every GPU here, 130 stopped by Ctrl-C/SIGTERM during start-up (everything\n"
+        "started so far is stopped)\n\n"
         "examples:\n"
         "  ray-vram up -f values/local.yaml\n"
         "  ray-vram up -f my-values.yaml --controller-port 9080",
@@ -38,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serving.local import LocalStack, wait_for_interrupt
+    from ..serving.local import LocalStack, NoGPULargeEnough, wait_for_interrupt
 
     config = load_config(args.values)
     console = Console()
@@ -51,28 +54,36 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        stack.start(progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+        try:
+            stack.start(progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+        except NoGPULargeEnough as error:
+            for reason in error.reasons:
+                console.print(f"[red]refused (no GPU here is large enough; local mode: none can join):[/red] {reason}")
+            return ExitCode.UNPLACED
+        for _, reasons in sorted(stack.applied.get("unplaced", {}).items()):
+            for reason in reasons:
+                console.print(f"[yellow]not placed (pending: placed when room appears):[/yellow] {reason}")
         console.print("[dim]waiting for replicas to load ...[/dim]")
         try:
             status = stack.controller.wait_ready(timeout_s=args.ready_timeout)
         except (RuntimeError, TimeoutError) as error:
             console.print(f"[red]replicas failed:[/red] {error}")
             return ExitCode.FAILURE
-        for model in status["models"]:
-            for reason in model["unplaced"]:
-                console.print(f"[yellow]not placed:[/yellow] {reason}")
         import ray
 
         state = VRAMState.model_validate(ray.get(stack.controller.allocator.get_vram_state.remote()))
         console.print(render_vram(state))
-        names = ", ".join(m.model_id for m in config.models)
+        answering, pending = _split(status)
+        models = f"models: {', '.join(answering) or 'none'}" + (
+            f"; pending, not placed: {', '.join(pending)}" if pending else ""
+        )
         console.print(
             f"[green]ready in {time.monotonic() - started:.0f}s[/green] — OpenAI endpoint "
-            f"[bold]{stack.controller.endpoint}[/bold] (models: {names}); controller API "
+            f"[bold]{stack.controller.endpoint}[/bold] ({models}); controller API "
             f"http://127.0.0.1:{args.controller_port}/v1/deployments; Ray GCS "
             f"{ray.get_runtime_context().gcs_address}\n"
             f"try: curl {stack.controller.endpoint}/chat/completions -H 'Content-Type: application/json' "
-            f'-d \'{{"model": "{config.models[0].model_id if config.models else "MODEL"}", '
+            f'-d \'{{"model": "{answering[0] if answering else "MODEL"}", '
             f'"messages": [{{"role": "user", "content": "hello"}}]}}\'\n'
             "Ctrl-C to stop"
         )
@@ -96,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
     console.print("stopped: no replicas, reservations or Ray processes left")
     return code
+
+
+def _split(status: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The models that answer (a ready replica) and those with pending replicas, from the status."""
+    models = DeploymentList.model_validate(status).models
+    return [m.model_id for m in models if m.answers], [m.model_id for m in models if m.pending]
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from ..config import ModelSpec, RayVRAMConfig, ServingSettings, parse_config
+from ..contract import ModelAvailability
 from ..planner import Plan, Reservation
 from .endpoint_board import endpoint_board, routed_models
 from .options import deployment_options, keep_if_unchanged, router_names, router_options
@@ -141,11 +142,14 @@ def build_router_app(args: dict[str, Any]) -> Application:
     return router_application(serving)
 
 
-def declare(models: list[ModelSpec], app: str = ROUTER_APP) -> None:
-    """Tell every router of application `app` (through its endpoint board) which models there are."""
+def declare(
+    models: list[ModelSpec], app: str = ROUTER_APP, availability: Mapping[str, ModelAvailability] | None = None
+) -> None:
+    """Tell every router of application `app` (through its endpoint board) which models there are,
+    and (`availability`) why a model has no ready replica, for its 503."""
     import ray
 
-    ray.get(endpoint_board(app).declare.remote(routed_models(models)))
+    ray.get(endpoint_board(app).declare.remote(routed_models(models, availability)))
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -6,6 +6,13 @@ what runs: unchanged models are left alone (same replicas, no restart), removed 
 deleted and their reservations freed, changed models are replaced, new models are planned and
 deployed. The OpenAI router is its own application and learns replicas as they come up (through
 the endpoint board). When a node leaves the Ray cluster, `repair` moves its replicas elsewhere.
+
+Declared is what runs: every model of the values keeps its record, and a replica the planner found
+no room for is `pending`, with the planner's reason and the time since when. `converge` places
+pending replicas once room appears (a model removed or scaled down, a replica released, a GPU or
+node joining), with the plan a fresh start would make, never moving or stopping a running replica;
+each placement is an event in the model's record. `availability` tells the routers why a model
+without a ready replica cannot answer (pending, loading or failed), for their 503.
 """
 
 from __future__ import annotations
@@ -24,10 +31,17 @@ from ray.experimental import internal_kv
 
 from ..allocator import NAMESPACE, get_vram_allocator
 from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
-from ..contract import DeploymentList, ModelStatus, ReplicaPhase, ReplicaStatus
+from ..contract import (
+    DeploymentList,
+    ModelAvailability,
+    ModelEvent,
+    ModelStatus,
+    ReplicaPhase,
+    ReplicaStatus,
+)
 from ..errors import RayVramError
 from ..model_limits import effective_max_model_len
-from ..planner import Plan, Reservation
+from ..planner import Plan, Reservation, Unplaced, replica_id_for, replica_number
 from .app import declare, model_app_name, model_application, replica_env, router_application
 from .endpoint_board import endpoint_board
 from .placement import lost_nodes, router_addresses
@@ -38,6 +52,8 @@ log = logging.getLogger(__name__)
 
 SPEC_KEY_PREFIX = "serving/model/"
 SERVING_KEY = "serving/settings"
+#: Events kept per model (the newest).
+EVENTS_KEPT = 20
 
 
 class Unplaceable(RayVramError, RuntimeError):
@@ -53,12 +69,23 @@ class Unplaceable(RayVramError, RuntimeError):
         return (type(self), (self.model_id, self.reasons))
 
 
+class Pending(BaseModel):
+    """Replicas of a model that hold no reservation: how many, the planner's reason, since when."""
+
+    count: int = Field(ge=1)
+    reason: str
+    too_big: bool = Field(default=False, description="Larger than every GPU: needs a bigger one, not a free one.")
+    since: float = Field(description="Unix time they were first found without room.")
+
+
 class Deployed(BaseModel):
-    """What the controller stores per model: the spec and the replicas it was deployed with."""
+    """What the controller stores per model: the spec, the replicas it was deployed with (each a
+    reservation), those still pending, and the latest events. One record per declared model."""
 
     spec: ModelSpec
     reservations: list[Reservation]
-    unplaced: list[str] = Field(default_factory=list)
+    pending: Pending | None = None
+    events: list[ModelEvent] = Field(default_factory=list)
     deploying: bool = Field(
         default=False,
         description="A new attempt is being set up: the previous attempt's replica states are not shown.",
@@ -144,15 +171,13 @@ class Controller:
             if record is not None and record.spec == spec and self._app_alive(spec.model_id):
                 kept.append(spec.model_id)
                 continue
-            try:
-                plan = self._deploy(spec, [m for m in config.models if m.model_id != spec.model_id], config.placement)
-            except Unplaceable as error:
-                unplaced[spec.model_id] = error.reasons
-                continue
+            others = [m for m in config.models if m.model_id != spec.model_id]
+            self._deploy(spec, others, config.placement, keep_pending=True)
             deployed.append(spec.model_id)
-            reasons = [u.reason for u in plan.unplaced if u.model_id == spec.model_id]
-            if reasons:
-                unplaced[spec.model_id] = reasons
+        self._converge()  # room the removed and changed models freed
+        for model_id, record in sorted(self.deployed().items()):
+            if record.pending is not None:
+                unplaced[model_id] = [record.pending.reason]
         self._declare(config.models)
         log.info("applied: kept %s, deployed %s, removed %s, unplaced %s", kept, deployed, removed, unplaced)
         return {"kept": kept, "deployed": deployed, "removed": removed, "unplaced": unplaced}
@@ -160,7 +185,9 @@ class Controller:
     def deploy(
         self, spec: ModelSpec, placement: PlacementSettings | None = None, env: dict[str, str] | None = None
     ) -> Plan:
-        """Plan and deploy (or replace) one model; other models are untouched. Raises `Unplaceable`."""
+        """Plan and deploy (or replace) one model; other models are untouched. Raises `Unplaceable`
+        when nothing of it fits now: a refused request declares nothing (values applied keep such a
+        model pending instead); replicas of it beyond those placed are pending."""
         check_model_limits([spec])
         with self._lock:
             if env is not None:
@@ -176,24 +203,40 @@ class Controller:
             self._declare([*others, spec])
             return plan
 
-    def _deploy(self, spec: ModelSpec, others: list[ModelSpec], placement: PlacementSettings | None) -> Plan:
+    def _deploy(
+        self, spec: ModelSpec, others: list[ModelSpec], placement: PlacementSettings | None, keep_pending: bool = False
+    ) -> Plan:
+        """Plan and deploy `spec`. Nothing placed: with `keep_pending` the model is stored with every
+        replica pending; otherwise it is forgotten and `Unplaceable` raised."""
         previous = self.deployed().get(spec.model_id)
         if previous is not None and previous.spec == spec and self._app_alive(spec.model_id):
             return self._plan([spec, *others], placement)
+        same = previous if previous is not None and previous.spec == spec else None
         if previous is not None or self._app_exists(spec.model_id):
             # The new attempt is what status shows from now on, never the replaced one's states.
-            self._store(Deployed(spec=spec, reservations=previous.reservations if previous else [], deploying=True))
+            reservations = previous.reservations if previous else []
+            events = same.events if same else []
+            self._store(Deployed(spec=spec, reservations=reservations, deploying=True, events=events))
             self._teardown(spec.model_id)  # a changed model is replaced, never mixed old/new
         plan = self._plan([spec, *others], placement)
         reservations = plan.replicas_of(spec.model_id)
-        reasons = [u.reason for u in plan.unplaced if u.model_id == spec.model_id]
-        if not reservations:
+        unplaced = next((u for u in plan.unplaced if u.model_id == spec.model_id), None)
+        if not reservations and not keep_pending:
             self._forget(spec.model_id)
-            raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
+            reasons = [unplaced.reason] if unplaced else [f"model {spec.model_id}: the plan placed no replica"]
+            raise Unplaceable(spec.model_id, reasons)
         serving, env = self.serving, self._env()
-        app = serve_race_retried(lambda: model_application(spec, reservations, serving, env))
-        deploy_in_background(app, model_app_name(spec.model_id))
-        self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons, serving=serving, env=env))
+        events = list(same.events) if same else []
+        if reservations:
+            app = serve_race_retried(lambda: model_application(spec, reservations, serving, env))
+            deploy_in_background(app, model_app_name(spec.model_id))
+            events = _with_event(events, "placed", "placed " + _placements(reservations))
+        pending = _pending(unplaced, same.pending if same else None)
+        if pending is not None and (same is None or same.pending is None or same.pending.reason != pending.reason):
+            events = _with_event(events, "pending", pending.reason)
+        self._store(
+            Deployed(spec=spec, reservations=reservations, pending=pending, serving=serving, env=env, events=events)
+        )
         return plan
 
     def _plan(
@@ -209,14 +252,18 @@ class Controller:
             known = model_id in self.deployed() or self._app_exists(model_id)
             self._teardown(model_id)
             self._forget(model_id)
+            self._converge()  # the room it held may place pending replicas
             self._declare([r.spec for r in self.deployed().values()])
             return known
 
     def remove_all(self) -> list[str]:
         with self._lock:
             ids = sorted(set(self.deployed()) | self._model_apps())
+            for model_id in ids:  # every record first: nothing left pending to place in the room freed
+                self._forget(model_id)
             for model_id in ids:
-                self.remove(model_id)
+                self._teardown(model_id)
+            self._declare([])
             return ids
 
     def _teardown(self, model_id: str) -> None:
@@ -256,9 +303,17 @@ class Controller:
         serve.run(app, name=ROUTER_APP, route_prefix=None)
         internal_kv._internal_kv_put(SERVING_KEY, json.dumps(record), overwrite=True, namespace=NAMESPACE)
 
-    @staticmethod
-    def _declare(models: list[ModelSpec]) -> None:
-        declare(models)
+    def _declare(self, models: list[ModelSpec]) -> None:
+        """Tell the routers the declared models and why one without a ready replica cannot answer."""
+        declare(models, availability=availability(DeploymentList.model_validate(self.status())))
+
+    def publish(self) -> None:
+        """Declare the stored models again with their current availability (the board keeps the
+        version when nothing changed): a router's 503 says what holds now."""
+        with self._lock:  # never an older list after a change `apply` or `remove` declared
+            records = self.deployed()
+            if records:  # none: nothing of ours to tell (`remove` declared the last change)
+                self._declare([r.spec for _, r in sorted(records.items())])
 
     def shutdown(self) -> None:
         """Remove every model and the router (local mode's exit)."""
@@ -311,6 +366,16 @@ class Controller:
                         error=error,
                     )
                 )
+            if record.pending is not None and not record.deploying:
+                replicas += [
+                    ReplicaStatus(
+                        replica_id=replica_id,
+                        state="pending",
+                        reason=record.pending.reason,
+                        since=record.pending.since,
+                    )
+                    for replica_id in pending_ids(model_id, record.reservations, record.pending.count)
+                ]
             spec = record.spec
             models.append(
                 ModelStatus(
@@ -320,18 +385,24 @@ class Controller:
                     requested=None if spec.max_replicas else spec.replicas,
                     router_name=spec.router_name,
                     replicas=replicas,
-                    unplaced=record.unplaced,
+                    unplaced=[record.pending.reason] if record.pending else [],
                     endpoint=self.endpoint,
+                    events=record.events,
                 )
             )
         return DeploymentList(models=models).model_dump(mode="json")
 
     def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> dict[str, Any]:
-        """Block until every replica of `model_ids` (default: all) is ready; raise on failure/timeout."""
+        """Block until every placed replica of `model_ids` (default: all) is ready; raise on failure or
+        timeout. Pending replicas are not waited for: they have no room (the status says why)."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.status()
-            chosen = [m for m in status["models"] if model_ids is None or m["model_id"] in model_ids]
+            chosen = [
+                m | {"replicas": [r for r in m["replicas"] if r["state"] != "pending"]}
+                for m in status["models"]
+                if model_ids is None or m["model_id"] in model_ids
+            ]
             failed = [r for m in chosen for r in m["replicas"] if r["state"] == "failed"]
             if failed:
                 raise RuntimeError("; ".join(f"{r['replica_id']}: {r['error']}" for r in failed))
@@ -383,14 +454,24 @@ class Controller:
                 others = [r.spec for other, r in records.items() if other != model_id]
                 plan = self._plan([record.spec, *others], None, lost)
                 reservations = plan.replicas_of(model_id)
-                reasons = [u.reason for u in plan.unplaced if u.model_id == model_id]
+                unplaced = next((u for u in plan.unplaced if u.model_id == model_id), None)
+                pending = _pending(unplaced, record.pending)
                 serving = record.serving or self.serving
                 env = self._env() if record.env is None else record.env
                 app = serve_race_retried(
                     lambda: model_application(record.spec, reservations, serving, env)  # noqa: B023
                 )
                 deploy_in_background(app, model_app_name(model_id))
-                self._store(record.model_copy(update={"reservations": reservations, "unplaced": reasons}))
+                message = (
+                    f"node(s) {', '.join(sorted(lost))} left the Ray cluster: {', '.join(r.replica_id for r in gone)} "
+                    f"planned again: " + (_placements(reservations) or "nothing placed")
+                )
+                events = _with_event(record.events, "moved", message)
+                if pending is not None:
+                    events = _with_event(events, "pending", pending.reason)
+                self._store(
+                    record.model_copy(update={"reservations": reservations, "pending": pending, "events": events})
+                )
                 moved[model_id] = [r.replica_id for r in gone]
                 log.warning(
                     "node(s) %s left the Ray cluster: model %s's replicas %s planned again: %s",
@@ -400,6 +481,117 @@ class Controller:
                     [f"{r.replica_id} on {r.node} GPU {r.gpu_index}" for r in reservations],
                 )
         return moved
+
+    # -- pending replicas -------------------------------------------------------------------
+
+    def converge(self) -> dict[str, list[str]]:
+        """Place pending replicas where room has appeared; returns {model_id: replica ids placed}."""
+        if not any(record.pending for record in self.deployed().values()):
+            return {}
+        with self._lock:
+            return self._converge()
+
+    def _converge(self) -> dict[str, list[str]]:
+        """Plan the stored models as a fresh start would (every reservation held stays where it is)
+        and deploy each pending model's new replicas beside its running ones (`keep_if_unchanged`:
+        those keep running). Waits while a planned replica holds no reservation yet and has not
+        failed (starting: planned now, its room could be given away twice)."""
+        records = self.deployed()
+        waiting = sorted(m for m, record in records.items() if record.pending and not record.deploying)
+        if not waiting:
+            return {}
+        held = {r["replica_id"] for r in ray.get(self.allocator.reservations.remote())}
+        unheld = {r.replica_id for record in records.values() for r in record.reservations} - held
+        if unheld:
+            states = {r["replica_id"]: r["state"] for m in self.status()["models"] for r in m["replicas"]}
+            starting = sorted(rid for rid in unheld if states.get(rid) != "failed")
+            if starting:
+                log.debug("pending replicas wait for %s to hold their reservations", starting)
+                return {}
+        plan = self._plan([record.spec for _, record in sorted(records.items())], None)
+        placed: dict[str, list[str]] = {}
+        for model_id in waiting:
+            record = records[model_id]
+            assert record.pending is not None
+            if any(r.replica_id in unheld for r in record.reservations):
+                continue  # a failed replica of its own: its number and room are still its record's
+            new = [r for r in plan.new if r.model_id == model_id][: record.pending.count]
+            left = record.pending.count - len(new)
+            unplaced = next((u for u in plan.unplaced if u.model_id == model_id), None)
+            if not new:
+                if unplaced is not None and unplaced.reason != record.pending.reason:  # the free slots changed
+                    pending = _pending(unplaced, record.pending)
+                    self._store(record.model_copy(update={"pending": pending}))
+                continue
+            reservations = [*record.reservations, *new]
+            pending = _pending(unplaced, record.pending) if left and unplaced is not None else None
+            if left and pending is None:
+                pending = record.pending.model_copy(update={"count": left})
+            serving = record.serving or self.serving
+            env = self._env() if record.env is None else record.env
+            app = serve_race_retried(lambda: model_application(record.spec, reservations, serving, env))  # noqa: B023
+            deploy_in_background(app, model_app_name(model_id))
+            waited = time.time() - record.pending.since
+            message = (
+                f"placed {_placements(new)}: room appeared after {waited:.0f}s pending (was: {record.pending.reason})"
+            )
+            events = _with_event(record.events, "placed", message)
+            self._store(record.model_copy(update={"reservations": reservations, "pending": pending, "events": events}))
+            placed[model_id] = [r.replica_id for r in new]
+            log.info("model %s: %s", model_id, message)
+        return placed
+
+
+def pending_ids(model_id: str, reservations: list[Reservation], count: int) -> list[str]:
+    """Names of a model's pending replicas: the lowest replica numbers its reservations do not take
+    (the numbers the planner gives them once placed)."""
+    taken = {replica_number(r.replica_id) for r in reservations}
+    ids: list[str] = []
+    number = 0
+    while len(ids) < count:
+        if number not in taken:
+            ids.append(replica_id_for(model_id, number))
+        number += 1
+    return ids
+
+
+def _pending(unplaced: Unplaced | None, previous: Pending | None) -> Pending | None:
+    """The pending record for the planner's `unplaced`, keeping the time since it has had no room."""
+    if unplaced is None:
+        return None
+    since = previous.since if previous is not None else time.time()
+    return Pending(count=unplaced.count, reason=unplaced.reason, too_big=unplaced.too_big, since=since)
+
+
+def _with_event(events: list[ModelEvent], kind: str, message: str) -> list[ModelEvent]:
+    return [*events, ModelEvent(at=time.time(), kind=kind, message=message)][-EVENTS_KEPT:]
+
+
+def _placements(reservations: list[Reservation]) -> str:
+    return ", ".join(f"{r.replica_id} on node {r.node}, GPU {r.gpu_index}" for r in reservations)
+
+
+def availability(models: DeploymentList) -> dict[str, ModelAvailability]:
+    """Per model, whether it can answer and, when not, why: serving (a replica is ready), loading
+    (one is starting), failed (the last error), pending (none placed: the reason, since when)."""
+    out = {}
+    for model in models.models:
+        states = [r.state for r in model.replicas]
+        failed = [r for r in model.replicas if r.state == "failed"]
+        pending = model.pending
+        if "ready" in states:
+            out[model.model_id] = ModelAvailability(state="serving")
+        elif "loading" in states or "reserved" in states:
+            out[model.model_id] = ModelAvailability(state="loading")
+        elif failed:
+            out[model.model_id] = ModelAvailability(
+                state="failed", detail=f"{failed[-1].replica_id}: {failed[-1].error}"
+            )
+        elif pending:
+            out[model.model_id] = ModelAvailability(state="pending", detail=pending[0].reason, since=pending[0].since)
+        else:
+            out[model.model_id] = ModelAvailability(state="loading")
+    return out
 
 
 def _stored_router() -> dict[str, Any] | None:

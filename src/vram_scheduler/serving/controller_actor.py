@@ -9,7 +9,10 @@ and apply runs in that one actor, serialised by its lock, while status reads run
 What the controller knows lives in Ray's GCS key-value store, not in the actor, so Ray restarts
 it (forever) without losing a model. Replicas get the environment of the process that asked for
 them (a token or cache path set in the controller pod), passed along with each deploy. The actor
-also watches for nodes leaving the Ray cluster and moves their replicas (`Controller.repair`).
+also watches for nodes leaving the Ray cluster and moves their replicas (`Controller.repair`),
+places pending replicas once room appears (`Controller.converge`: a model removed or scaled down,
+a replica released, a GPU or node joining the inventory) and tells the routers why a model without
+a ready replica cannot answer (`Controller.publish`), every `REPAIR_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ CONTROLLER_ACTOR = "ray-vram-controller"
 #: Threads of the actor: one converges (behind the controller's lock); the rest answer status,
 #: `wait_ready` and metrics scrapes meanwhile.
 CONTROLLER_CONCURRENCY = 32
-#: How often the actor looks for nodes that left the Ray cluster.
+#: How often the actor looks for nodes that left the Ray cluster, for room for pending replicas,
+#: and tells the routers each model's availability.
 REPAIR_INTERVAL_S = 2.0
 
 log = logging.getLogger(__name__)
@@ -47,10 +51,11 @@ class ControllerActor(Controller):
 
     def _repair_loop(self) -> None:
         while not self._stop.wait(REPAIR_INTERVAL_S):
-            try:
-                self.repair()
-            except Exception:  # keep watching whatever one round hit
-                log.exception("repair round failed")
+            for step in (self.repair, self.converge, self.publish):
+                try:
+                    step()
+                except Exception:  # keep watching whatever one round hit
+                    log.exception("%s round failed", step.__name__)
 
     def ping(self) -> bool:
         return True
@@ -123,3 +128,6 @@ class ControllerHandle:
 
     def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> dict[str, Any]:
         return _call(self.actor.wait_ready.remote(model_ids, timeout_s))
+
+    def converge(self) -> dict[str, list[str]]:
+        return _call(self.actor.converge.remote())

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from ray.experimental import internal_kv
 
 from ..cluster_actors import NAMESPACE, cluster_actor, connect
 from ..config import ModelSpec
-from ..contract import EndpointTable, ReplicaEndpoint, RoutedModel
+from ..contract import EndpointTable, ModelAvailability, ReplicaEndpoint, RoutedModel
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,16 @@ class EndpointBoard:
         return self.board.table().model_dump(mode="json")
 
 
-def routed_models(specs: Sequence[ModelSpec]) -> list[dict[str, Any]]:
-    """`declare`'s argument for these models."""
+def routed_models(
+    specs: Sequence[ModelSpec], availability: Mapping[str, ModelAvailability] | None = None
+) -> list[dict[str, Any]]:
+    """`declare`'s argument for these models (`availability`: by model id, what the controller knows)."""
+    known = availability or {}
     return [
-        RoutedModel(model_id=s.model_id, names=s.names, max_tokens=s.max_tokens).model_dump(mode="json") for s in specs
+        RoutedModel(
+            model_id=s.model_id, names=s.names, max_tokens=s.max_tokens, availability=known.get(s.model_id)
+        ).model_dump(mode="json")
+        for s in specs
     ]
 
 

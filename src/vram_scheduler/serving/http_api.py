@@ -5,7 +5,8 @@ GET    /metrics                    Prometheus (CONTRIBUTING.md "Serving controll
 GET    /v1/vram                    the allocator's VRAM state, per GPU
 GET    /v1/deployments             every model with its replicas' state and placement
 POST   /v1/deployments             a ModelSpec: plan and deploy/replace that model → 202 + plan,
-                                   409 + reasons when nothing fits, 400 naming the bad field
+                                   409 + reasons when nothing fits (nothing declared), 400 naming the
+                                   bad field
 DELETE /v1/deployments/{model_id}  shut one model down, free its reservations (idempotent)
 DELETE /v1/deployments             every model
 """
@@ -49,11 +50,12 @@ class _ControllerCollector:
             "ray_vram_model_replicas", "Replicas per model by state", labels=["model_id", "state"]
         )
         for model in self.controller.status()["models"]:
-            running = sum(r["state"] == "ready" for r in model["replicas"])
-            unplaced = model["requested"] - len(model["replicas"]) if model["requested"] else len(model["unplaced"])
-            replicas.add_metric([model["model_id"], "planned"], len(model["replicas"]))
-            replicas.add_metric([model["model_id"], "running"], running)
-            replicas.add_metric([model["model_id"], "unplaced"], max(0, unplaced))
+            # planned: replicas holding a place (any state but pending); running: ready; pending: no room.
+            states = [r["state"] for r in model["replicas"]]
+            pending = states.count("pending")
+            replicas.add_metric([model["model_id"], "planned"], len(states) - pending)
+            replicas.add_metric([model["model_id"], "running"], states.count("ready"))
+            replicas.add_metric([model["model_id"], "pending"], pending)
         yield replicas
         reconciles = CounterMetricFamily(
             "ray_vram_controller_reconciles", "Reconcile rounds by result", labels=["result"]

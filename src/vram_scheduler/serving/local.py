@@ -31,6 +31,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..config import ConfigError, RayVRAMConfig, ServingSettings
 from ..demo_model import DEMO_MODELS, ensure_demo_model
+from ..errors import RayVramError
 from ..loopback import is_loopback_host, keep_ray_on_loopback
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,20 @@ def check_serving_exposure(serving: ServingSettings, environ: dict[str, str] | o
     )
 
 
+class NoGPULargeEnough(RayVramError, RuntimeError):
+    """Local mode refuses models a replica of which is larger than every GPU of this machine: no GPU
+    can join here, so such a replica would stay pending forever. `reasons`: the planner's, per model."""
+
+    def __init__(self, reasons: list[str]):
+        self.reasons = reasons
+        super().__init__(
+            "no GPU of this machine holds a replica of every model (local mode: none can join): " + "; ".join(reasons)
+        )
+
+    def __reduce__(self) -> tuple[type[NoGPULargeEnough], tuple[list[str]]]:
+        return (type(self), (self.reasons,))
+
+
 class _ThreadingWSGIServer(WSGIServer):
     daemon_threads = True
 
@@ -146,6 +161,9 @@ class LocalStack:
     http: Any = None
     started_ray: bool = False
     mps_dirs: tuple[str, str] | None = None
+    #: What the controller's `apply` returned: kept, deployed, removed, and per model the reasons
+    #: of its pending replicas ("unplaced").
+    applied: dict[str, Any] = field(default_factory=dict)
     _threads: list[threading.Thread] = field(default_factory=list)
     _started_at: float | None = None
 
@@ -210,8 +228,23 @@ class LocalStack:
         thread = threading.Thread(target=self.http.serve_forever, name="controller-http", daemon=True)
         thread.start()
         self._threads.append(thread)
+        self._refuse_too_big()
         progress(f"deploying {len(self.config.models)} model(s) ...")
-        self.controller.apply(self.config)
+        self.applied = self.controller.apply(self.config)
+
+    def _refuse_too_big(self) -> None:
+        """Raise `NoGPULargeEnough` before any engine starts when a model's replica is larger than
+        every GPU here (the planner's `too_big`); a model merely without room now stays pending."""
+        import ray
+
+        from ..planner import Plan
+
+        models = [m.model_dump(mode="json") for m in self.config.models]
+        placement = self.config.placement.model_dump(mode="json")
+        planned = Plan.model_validate(ray.get(self.controller.allocator.plan.remote(models, placement)))
+        too_big = [u.reason for u in planned.unplaced if u.too_big]
+        if too_big:
+            raise NoGPULargeEnough(too_big)
 
     def _start_mps(self, progress: Callable[[str], None]) -> None:
         """Start an MPS control daemon of this stack's own when the machine has NVIDIA GPUs, so each

@@ -3,9 +3,12 @@
 It reads the body once, picks the least-busy ready replica of that model and streams vLLM's
 answer back unchanged (JSON or SSE), so every OpenAI feature vLLM implements — completions,
 chat, streaming, `response_format`, sampling parameters, truncation, its error bodies — works
-as vLLM implements it. What the router adds: unknown model → 404, no ready replica → 503 and
-full replicas → 429 (both with Retry-After), the optional bearer API key, and `/v1/models`
-over all models. With `serving.engine_metrics` on, each router counts and times the requests it
+as vLLM implements it. What the router adds: unknown model → 404, full replicas → 429 (with
+Retry-After), no ready replica → 503 saying which case holds (the controller's availability on
+the board: pending — not placed, why, since when; loading; failed — the last error; Retry-After
+only while loading or restarting, where waiting helps), the optional bearer API key, and
+`/v1/models` over the models that can answer (a ready replica registered). With
+`serving.engine_metrics` on, each router counts and times the requests it
 answers (`router_metrics`: `ray_vram_router_*` through Ray's metrics agent).
 
 Images and audio are checked against what the model takes (`media_checks`) before a replica sees
@@ -29,6 +32,7 @@ import hmac
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +40,7 @@ from typing import Any
 import orjson
 
 from ..config import ServingSettings
-from ..contract import EndpointTable, ReplicaEndpoint
+from ..contract import EndpointTable, ModelAvailability, ReplicaEndpoint
 from .endpoint_board import WATCH_TIMEOUT_S, endpoint_board
 from .loop_thread import LoopThread
 from .media_checks import MediaRejected, check_audio_upload, check_chat
@@ -88,12 +92,16 @@ class Registry:
     replicas: dict[str, _Replica] = field(default_factory=dict)
     declared: dict[str, str] = field(default_factory=dict)  # name -> model_id
     max_tokens: dict[str, int] = field(default_factory=dict)  # name -> default completion length
+    availability: dict[str, ModelAvailability] = field(default_factory=dict)  # name -> why it may not answer
     _turn: int = 0
 
     def sync(self, table: EndpointTable) -> None:
         """Take the endpoint board's table; a replica already known at the same URL keeps its counts."""
         self.declared = {name: model.model_id for model in table.models for name in model.names}
         self.max_tokens = {name: model.max_tokens for model in table.models for name in model.names}
+        self.availability = {
+            name: model.availability for model in table.models if model.availability for name in model.names
+        }
         replicas = {}
         for endpoint in table.endpoints:
             current = self.replicas.get(endpoint.replica_id)
@@ -120,10 +128,15 @@ class Registry:
         return None
 
     def names(self) -> list[str]:
+        """Every name a request may use: declared models' and registered replicas'."""
         known = set(self.declared)
         for replica in self.replicas.values():
             known.update(replica.endpoint.names)
         return sorted(known)
+
+    def answering(self) -> list[str]:
+        """The names of models that can answer now: a ready replica registered."""
+        return sorted({name for replica in self.replicas.values() for name in replica.endpoint.names})
 
     def candidates(self, name: str) -> list[_Replica]:
         return [r for r in self.replicas.values() if name in r.endpoint.names]
@@ -229,8 +242,10 @@ class OpenAIRouter:
             name = path.removeprefix("/v1/models/")
             model_id = self.registry.model_id(name)
             _note_model(scope, model_id)
-            if model_id is not None:
+            if self.registry.candidates(name):
                 await _respond(send, 200, orjson.dumps(_model_card(name)))
+            elif model_id is not None:  # declared, cannot answer now: say why, as a request would hear
+                await self._unavailable(send, name, set())
             else:
                 await _respond(
                     send, 404, error_body(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
@@ -266,7 +281,7 @@ class OpenAIRouter:
         return False
 
     def _models(self) -> bytes:
-        return orjson.dumps({"object": "list", "data": [_model_card(name) for name in self.registry.names()]})
+        return orjson.dumps({"object": "list", "data": [_model_card(name) for name in self.registry.answering()]})
 
     async def _forward(self, scope: dict[str, Any], body: bytes, send: Send) -> None:
         try:
@@ -380,13 +395,9 @@ class OpenAIRouter:
                 [(b"retry-after", str(RETRY_AFTER_BUSY_S).encode())],
             )
         else:
-            message = f"model {name} has no ready replica yet (loading or restarting); retry"
-            await _respond(
-                send,
-                503,
-                error_body(503, message, "ServiceUnavailableError"),
-                [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())],
-            )
+            message, retry = unavailable_answer(name, self.registry.availability.get(name), time.time())
+            extra = [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())] if retry else []
+            await _respond(send, 503, error_body(503, message, "ServiceUnavailableError"), extra)
 
     async def _proxy(
         self, replica: _Replica, scope: dict[str, Any], body: bytes, send: Send, content_type: str, attempt: int = 1
@@ -443,6 +454,28 @@ class OpenAIRouter:
             log.warning("replica %s %s; dropped", replica_id, why)
             if self.on_unreachable is not None:
                 self.on_unreachable(replica_id)
+
+
+def unavailable_answer(name: str, known: ModelAvailability | None, now: float) -> tuple[str, bool]:
+    """The 503 for model `name` without a ready replica: (message, whether a Retry-After is
+    sent: only where waiting helps — a replica loading or restarting; a pending model waits for room
+    an operator or a joining GPU makes, and a failed one for a fix)."""
+    state = known.state if known else "loading"
+    if state == "pending" and known is not None:
+        since = ""
+        if known.since is not None:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(known.since))
+            since = f" since {stamp} ({max(0.0, now - known.since):.0f}s)"
+        message = (
+            f"model {name} is pending: no replica is placed{since}: {known.detail or 'no room'}; it is placed "
+            "when room appears (see GET /v1/deployments on the controller)"
+        )
+        return message, False
+    if state == "failed" and known is not None:
+        return f"model {name} has no ready replica: it failed: {known.detail or 'no reason given'}", False
+    if state == "serving":  # the controller saw one ready: it restarted or was dropped since
+        return f"model {name} has no ready replica right now (restarting); retry", True
+    return f"model {name} has no ready replica yet: a replica is loading; retry", True
 
 
 async def _end_broken(send: Send, replica_id: str, error: BaseException, streaming: bool) -> None:
