@@ -11,7 +11,7 @@ Targets (all on 127.0.0.1, scraped every second):
   over its budget needs a GPU (tests/monitor/test_allocator_link.py covers that path with Ray).
 - `controller`: the serving controller's /metrics in `ray-vram up`'s local stack (tests/stack.py:
   Ray, allocator, controller, a vLLM CPU replica of the demo model), in a state the alerts show:
-  `tiny` asks for two replicas where one fits (one unplaced), a second node's monitor died (a stale
+  `tiny` asks for two replicas where one fits (one pending), a second node's monitor died (a stale
   node), and one deploy failed (a reconcile error) while Prometheus watched.
 - `ray`: Ray's metrics agent on the stack's node (Ray Serve's, vLLM's and the routers' metrics, as
   the chart's scrape objects read them), after real requests to `tiny` (completions, streamed and
@@ -285,7 +285,7 @@ def test_every_dashboard_query_returns_data(prometheus: PrometheusServer, served
 
 def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus: PrometheusServer) -> None:
     """`greedy-0` is over budget and was flagged once (the replica exporter); one replica of `tiny`
-    is unplaced, `lost-node` is stale and a deploy just failed (the real controller); the GPUs are
+    is pending, `lost-node` is stale and a deploy just failed (the real controller); the GPUs are
     healthy and the monitor polls."""
     rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
     assert len(rules) == 7
@@ -299,7 +299,7 @@ def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus:
     expected = {
         "RayVRAMReplicaOverBudget",
         "RayVRAMWatchdogViolations",
-        "RayVRAMUnplacedReplicas",
+        "RayVRAMPendingReplicas",
         "RayVRAMAllocatorStaleNodes",
         "RayVRAMControllerReconcileErrors",
     }
@@ -312,7 +312,7 @@ def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus:
     assert set(active) == expected, active
     assert active["RayVRAMReplicaOverBudget"]["replica"] == "greedy-0"
     assert active["RayVRAMWatchdogViolations"]["replica"] == "greedy-0"
-    assert active["RayVRAMUnplacedReplicas"]["model_id"] == MODEL
+    assert active["RayVRAMPendingReplicas"]["model_id"] == MODEL
 
 
 def test_faults_fire_their_alerts(prometheus: PrometheusServer, monitor: Monitor, monitor_inventory: Path) -> None:

@@ -168,8 +168,9 @@ class Controller:
         kept, deployed, unplaced = [], [], {}
         for spec in config.models:
             record = current.get(spec.model_id)
-            if record is not None and record.spec == spec and self._app_alive(spec.model_id):
-                kept.append(spec.model_id)
+            unchanged = record is not None and record.spec == spec and not record.deploying
+            if unchanged and (self._app_alive(spec.model_id) or not record.reservations):
+                kept.append(spec.model_id)  # one with every replica pending: `_converge` places it
                 continue
             others = [m for m in config.models if m.model_id != spec.model_id]
             self._deploy(spec, others, config.placement, keep_pending=True)
