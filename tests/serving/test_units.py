@@ -454,6 +454,47 @@ def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) ->
     assert (status.model_id, status.router_name, status.replicas[0].state) == ("beta", "beta-alias", "reserved")
 
 
+def test_controller_status_lists_pending_replicas_and_routers_hear_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record's pending replicas take the lowest numbers its reservations leave (those the planner
+    gives them once placed), each with the reason and since when; a model with none placed is
+    pending to the routers, one with a replica starting is loading."""
+    from types import SimpleNamespace
+
+    from vram_scheduler.contract import DeploymentList
+    from vram_scheduler.planner import Reservation
+    from vram_scheduler.serving import controller as ctl
+
+    where = {"node": "n", "gpu_uuid": "GPU-0", "gpu_index": 0, "bytes": GIB}
+    some = ctl.Deployed(
+        spec=ModelSpec(model_id="some", model="x", vram_gb=1, replicas=3),
+        reservations=[Reservation(replica_id="some-1", model_id="some", **where)],
+        pending=ctl.Pending(count=2, reason="no room for some", since=100.0),
+    )
+    none = ctl.Deployed(
+        spec=ModelSpec(model_id="none", model="x", vram_gb=1),
+        reservations=[],
+        pending=ctl.Pending(count=1, reason="bigger GPU needed", too_big=True, since=200.0),
+    )
+    monkeypatch.setattr(ctl.Controller, "deployed", staticmethod(lambda: {"some": some, "none": none}))
+    monkeypatch.setattr(ctl.serve, "status", lambda: SimpleNamespace(applications={}))
+    monkeypatch.setattr(ctl.ray, "get", lambda value: value)
+    controller = object.__new__(ctl.Controller)
+    controller.serving = ServingSettings()
+    controller.endpoint_host = None
+    controller.allocator = SimpleNamespace(reservations=SimpleNamespace(remote=lambda: []))
+    models = {m.model_id: m for m in DeploymentList.model_validate(controller.status()).models}
+    assert [(r.replica_id, r.state, r.reason, r.since) for r in models["some"].replicas] == [
+        ("some-1", "reserved", None, None),
+        ("some-0", "pending", "no room for some", 100.0),
+        ("some-2", "pending", "no room for some", 100.0),
+    ]
+    assert models["some"].unplaced == ["no room for some"] and not models["some"].answers
+    assert [(r.replica_id, r.state, r.where) for r in models["none"].replicas] == [("none-0", "pending", "not placed")]
+    told = ctl.availability(DeploymentList(models=list(models.values())))
+    assert (told["some"].state, told["none"].state) == ("loading", "pending")
+    assert (told["none"].detail, told["none"].since) == ("bigger GPU needed", 200.0)
+
+
 def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """`ray-vram up/serve`'s router and the single-application `build_app`'s come from one builder:
     one deployment per router, each pinned to its node."""

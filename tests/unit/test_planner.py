@@ -77,6 +77,25 @@ def test_shortfall_reason_names_model_need_largest_slot_and_where() -> None:
     assert (unplaced.largest_free_gpu, unplaced.largest_free_bytes) == ("node b, GPU 0", 10 * GIB)
 
 
+def test_too_big_for_any_gpu_is_told_apart_from_no_room_now() -> None:
+    """A replica larger than every GPU needs a bigger GPU (naming the largest); one that fits an empty
+    GPU but finds no room now waits for room. An unhealthy GPU large enough still counts as one."""
+    inv = inventory(("a", [gpu(0, 24, name="RTX 4090"), gpu(1, 16)]), ("b", [gpu(0, 24, used_gb=20, name="RTX 4090")]))
+    result = plan(inv, [spec("huge", 30), spec("fill", 20), spec("wait", 20)], settings=NO_OVERHEAD)
+    by_model = {u.model_id: u for u in result.unplaced}
+    assert sorted(by_model) == ["huge", "wait"]
+    huge, wait = by_model["huge"], by_model["wait"]
+    assert huge.too_big and huge.largest_gpu == "RTX 4090, 24.00 GiB on node a, GPU 0"
+    assert huge.reason.endswith(
+        "more than any GPU holds: the largest is 24.00 GiB (RTX 4090) on node a, GPU 0; "
+        "it needs a bigger GPU, not a free one"
+    )
+    assert not wait.too_big and "the largest free slot is 16.00 GiB on node a, GPU 1 (short by 4.00 GiB)" in wait.reason
+    sick = inventory(("a", [gpu(0, 40, healthy=False), gpu(1, 16)]))
+    (unplaced,) = plan(sick, [spec("m", 30)], settings=NO_OVERHEAD).unplaced
+    assert not unplaced.too_big and unplaced.largest_gpu == "GPU, 40.00 GiB on node a, GPU 0"
+
+
 def test_gpu_type_restricts_and_explains() -> None:
     inv = inventory(("n", [gpu(0, 80, name="NVIDIA H100"), gpu(1, 24, name="RTX 4090")]))
     result = plan(inv, [spec("m", 10, gpu_type="h100"), spec("x", 1, gpu_type="A100")], settings=NO_OVERHEAD)
