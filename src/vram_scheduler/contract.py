@@ -80,7 +80,9 @@ class DeploymentList(WireModel):
 class ReplicaState(WireModel):
     replica_id: str
     model_id: str
-    bytes: int = Field(description="Reserved budget (the per-replica overhead comes on top).")
+    bytes: int = Field(description="Reserved budget (its overhead comes on top).")
+    overhead_bytes: int | None = Field(default=None, description="Its overhead (None: an older allocator's record).")
+    cap_bytes: int | None = Field(default=None, description="Its engine's hard cap: budget + overhead, ≤ the GPU.")
     pid: int | None = Field(description="Latest attached process id, None before the replica attached one.")
     pids: list[int]
     used_bytes: int | None = Field(description="VRAM the replica's processes use now (inventory); None if unknown.")
@@ -95,7 +97,7 @@ class GPUState(WireModel):
     total_bytes: int
     used_bytes: int = Field(description="All memory in use on the GPU (latest inventory).")
     unmanaged_bytes: int = Field(description="Memory used by processes no replica attached.")
-    reserved_bytes: int = Field(description="Budgets plus per-replica overheads of every reservation.")
+    reserved_bytes: int = Field(description="Budgets plus overheads of every reservation.")
     free_bytes: int = Field(description="Room for new reservations: total − unmanaged − reserved.")
     healthy: bool
     stale: bool

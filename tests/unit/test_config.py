@@ -29,7 +29,8 @@ def test_minimal_model_gets_documented_defaults() -> None:
     # max_model_len None: 8192 or the model's own maximum, resolved where the model's files are (model_limits)
     assert (spec.replicas, spec.max_replicas, spec.max_model_len, spec.max_tokens) == (1, False, None, 256)
     assert spec.vram_bytes == 4 * GIB
-    assert config.placement.replica_overhead_gb == 2.0
+    assert config.placement.replica_overhead_gb is None  # each model's own, else derived (capacity)
+    assert config.models[0].overhead_gb is None
 
 
 def test_unknown_key_in_model_is_named_with_its_value() -> None:
@@ -106,9 +107,16 @@ def test_vram_larger_than_any_gpu_names_model_need_and_largest() -> None:
     )
     models = [model(vram_gb=2), model(model_id="big", vram_gb=24), model(model_id="brim", vram_gb=22)]
     config = parse_config({"models": models})  # brim: 22 + 2 fills the 24 GiB GPU exactly, so it fits
-    assert oversized_models(inventory, config.models, PlacementSettings()) == [
-        "models[1].vram_gb = 24: with 2 GiB overhead a replica needs 26.00 GiB, larger than any GPU (24.00 GiB)"
+    assert oversized_models(inventory, config.models, PlacementSettings(replica_overhead_gb=2)) == [
+        "models[1].vram_gb = 24: with 2.00 GiB overhead (placement.replica_overhead_gb) a replica needs 26.00 GiB, "
+        "larger than any GPU (24.00 GiB)"
     ]
+    # unset, each model's overhead: brim's files are not here, so it gets the default, and fits no more
+    assert [p.split(":")[0] for p in oversized_models(inventory, config.models, PlacementSettings())] == [
+        "models[1].vram_gb = 24",
+        "models[2].vram_gb = 22",
+    ]
+    assert "(default (model size unknown))" in oversized_models(inventory, config.models, PlacementSettings())[1]
 
 
 def test_oversized_respects_gpu_type() -> None:
@@ -126,7 +134,7 @@ def test_oversized_respects_gpu_type() -> None:
         }
     )
     config = parse_config({"models": [model(vram_gb=30, gpu_type="4090")]})
-    (problem,) = oversized_models(inventory, config.models, PlacementSettings())
+    (problem,) = oversized_models(inventory, config.models, PlacementSettings(replica_overhead_gb=2))
     assert "needs 32.00 GiB, larger than any GPU (24.00 GiB)" in problem
 
 
