@@ -296,6 +296,11 @@ class VRAMAllocator:
         )
         return planned.model_dump()
 
+    async def settings(self) -> dict[str, Any]:
+        """The placement settings in force (`PlacementSettings` as a dict)."""
+        self._background()
+        return self._ledger.settings.model_dump()
+
     async def reservations(self) -> list[dict[str, Any]]:
         self._background()
         return [r.model_dump() for r in self._ledger.reservations()]

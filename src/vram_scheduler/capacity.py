@@ -59,7 +59,9 @@ class Overhead(BaseModel):
         if self.source == "placement":
             return "placement.replica_overhead_gb"
         if self.source == "weights":
-            return f"derived from {(self.weights_bytes or 0) / GIB:.2f} GiB of weights"
+            weights = self.weights_bytes or 0
+            size = f"{weights / GIB:.2f} GiB" if weights >= GIB else f"{weights / 1024**2:.1f} MiB"
+            return f"derived from {size} of weights"
         return "default (model size unknown)"
 
 

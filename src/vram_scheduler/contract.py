@@ -43,6 +43,21 @@ class ReplicaStatus(WireModel):
         return f"node {self.node}, GPU {self.gpu_index}" if self.node is not None else "not placed"
 
 
+class ResolvedSizes(WireModel):
+    """What the controller resolved for a model, once, when it deployed it; its replicas use these."""
+
+    max_model_len: int | None = Field(
+        default=None,
+        description="The effective max_model_len (None: the model's files are not on the controller's node; "
+        "each replica resolves it from its own).",
+    )
+    budget_bytes: int = Field(description="vram_gb in bytes: the engine's share.")
+    overhead_bytes: int = Field(description="The model's overhead, held beside the budget.")
+    overhead_from: str = Field(description="Where the overhead came from (measured, setting, weights, default).")
+    reservation_bytes: int = Field(description="budget + overhead: what each replica holds and is capped to.")
+    weights_bytes: int | None = Field(default=None, description="The weights' size where the controller read it.")
+
+
 class DeploymentStatus(WireModel):
     """One model as the controller sees it."""
 
@@ -54,6 +69,7 @@ class DeploymentStatus(WireModel):
     replicas: list[ReplicaStatus] = Field(default_factory=list)
     unplaced: list[str] = Field(default_factory=list)
     endpoint: str | None = Field(default=None, description="The OpenAI base URL (ending in /v1) serving it.")
+    resolved: ResolvedSizes | None = Field(default=None, description="Sizes resolved at deploy (None: older record).")
 
     @property
     def ready(self) -> bool:

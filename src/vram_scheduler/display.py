@@ -145,16 +145,21 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
 
 def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
     table = Table(title="Models", title_justify="left")
-    for column in ("model_id", "model", "GiB/replica", "replicas", "states", "not placed"):
+    for column in ("model_id", "model", "GiB/replica", "max_model_len", "replicas", "states", "not placed"):
         table.add_column(column)
     for status in deployments:
         states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
         ready = sum(r.state == "ready" for r in status.replicas)
         wanted = "max" if status.requested is None else str(status.requested)
+        sizes = status.resolved
+        per_replica = f"{status.vram_gb:g}"
+        if sizes is not None:
+            per_replica += f" + {_gib(sizes.overhead_bytes)} ({sizes.overhead_from})"
         table.add_row(
             status.model_id,
             status.model,
-            f"{status.vram_gb:g}",
+            per_replica,
+            str(sizes.max_model_len) if sizes is not None and sizes.max_model_len else "-",
             f"{ready}/{wanted} ready",
             states,
             "; ".join(status.unplaced) or "-",
@@ -164,8 +169,18 @@ def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
     return [table, *(Text(f"{rid} failed: {error or 'no reason given'}", style="red") for rid, error in failed)]
 
 
-def render_plan(result: Plan) -> Group:
-    """A plan as the same VRAM table, then each shortfall and how many replicas were placed."""
+def _overheads(overheads: dict[str, capacity.Overhead]) -> Table:
+    table = Table(title="Overhead per replica", title_justify="left")
+    for column in ("model_id", "overhead GiB", "from"):
+        table.add_column(column, justify="right" if column == "overhead GiB" else "left")
+    for model_id, found in sorted(overheads.items()):
+        table.add_row(model_id, _gib(found.bytes), found.describe())
+    return table
+
+
+def render_plan(result: Plan, overheads: dict[str, capacity.Overhead] | None = None) -> Group:
+    """A plan as the same VRAM table, each model's overhead and where it came from, then each
+    shortfall and how many replicas were placed."""
     held = {r.replica_id: r for r in result.reservations}
     rows = [
         _Row(
@@ -182,6 +197,8 @@ def render_plan(result: Plan) -> Group:
         for gpu in result.gpus
     ]
     parts: list[Any] = [_vram_table("Placement plan (per GPU)", rows)]
+    if overheads:
+        parts.append(_overheads(overheads))
     parts.extend(Text.assemble(("not placed:", "red"), f" {u.reason}") for u in result.unplaced)
     not_placed = sum(u.count for u in result.unplaced)
     parts.append(

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from . import capacity
 from .config import ConfigError, ModelSpec, PlacementSettings
+from .contract import ResolvedSizes
 from .demo_model import demo_model_dir, is_demo_model
 from .serving.sizing import checkpoint_bytes
 
@@ -180,3 +181,22 @@ def resolve_overheads(specs: Iterable[ModelSpec], settings: PlacementSettings) -
         weights = None if capacity.overhead_stated(spec, settings) else weights_bytes(spec.model)
         out[spec.model_id] = capacity.resolve_overhead(spec, settings, weights)
     return out
+
+
+def resolve_model(spec: ModelSpec, settings: PlacementSettings) -> tuple[ModelSpec, ResolvedSizes]:
+    """The model resolved once from its files where they can be read without downloading: the spec
+    its replicas get (with the effective `max_model_len` when known) and the sizes to record.
+    Raises `ConfigError` for a `max_model_len` over the model's maximum."""
+    known = spec.max_model_len is not None or model_limit(spec.model) is not None
+    length = effective_max_model_len(spec) if known else None
+    weights = weights_bytes(spec.model)
+    overhead = capacity.resolve_overhead(spec, settings, weights)
+    sizes = ResolvedSizes(
+        max_model_len=length,
+        budget_bytes=spec.vram_bytes,
+        overhead_bytes=overhead.bytes,
+        overhead_from=overhead.describe(),
+        reservation_bytes=capacity.reservation_bytes(spec.vram_bytes, overhead.bytes),
+        weights_bytes=weights,
+    )
+    return (spec.model_copy(update={"max_model_len": length}) if length else spec), sizes

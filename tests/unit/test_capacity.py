@@ -72,7 +72,8 @@ def test_the_overhead_comes_from_the_model_then_the_cluster_then_the_weights_the
         assert (found.source, found.bytes) == ("placement", gib_to_bytes(cluster))
     elif weights:
         assert (found.source, found.bytes) == ("weights", capacity.derived_overhead_bytes(weights))
-        assert f"{weights / GIB:.2f} GiB of weights" in found.describe()
+        size = f"{weights / GIB:.2f} GiB" if weights >= GIB else f"{weights / 2**20:.1f} MiB"
+        assert found.describe() == f"derived from {size} of weights"
     else:
         assert (found.source, found.bytes) == ("default", gib_to_bytes(capacity.DEFAULT_OVERHEAD_GB))
     assert found.describe()

@@ -24,6 +24,7 @@ WIRE_MODELS = {
     "RoutedModel",
     "EndpointTable",
     "MediaAccepts",
+    "ResolvedSizes",
 }
 
 

@@ -24,9 +24,9 @@ from ray.experimental import internal_kv
 
 from ..allocator import NAMESPACE, get_vram_allocator
 from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
-from ..contract import DeploymentList, ModelStatus, ReplicaPhase, ReplicaStatus
+from ..contract import DeploymentList, ModelStatus, ReplicaPhase, ReplicaStatus, ResolvedSizes
 from ..errors import RayVramError
-from ..model_limits import effective_max_model_len
+from ..model_limits import effective_max_model_len, resolve_model, resolve_overheads
 from ..planner import Plan, Reservation
 from .app import declare, model_app_name, model_application, replica_env, router_application
 from .endpoint_board import endpoint_board
@@ -69,6 +69,14 @@ class Deployed(BaseModel):
         description="The environment its replicas got (the caller's: a restarted controller actor no longer "
         "has it). A moved replica gets the same, and its siblings, built the same, keep running.",
     )
+    resolved: ResolvedSizes | None = Field(
+        default=None, description="What the model resolved to when deployed (max_model_len, overhead, reservation)."
+    )
+
+    def replica_spec(self) -> ModelSpec:
+        """The spec its replicas were built with: `spec` with the resolved max_model_len."""
+        length = self.resolved.max_model_len if self.resolved else None
+        return self.spec.model_copy(update={"max_model_len": length}) if length else self.spec
 
 
 class Controller:
@@ -191,9 +199,11 @@ class Controller:
             self._forget(spec.model_id)
             raise Unplaceable(spec.model_id, reasons or [f"model {spec.model_id}: the plan placed no replica"])
         serving, env = self.serving, self._env()
-        app = serve_race_retried(lambda: model_application(spec, reservations, serving, env))
+        record = Deployed(spec=spec, reservations=reservations, unplaced=reasons, serving=serving, env=env)
+        record.resolved = resolve_model(spec, self._settings(placement))[1]  # once; the replicas use it
+        app = serve_race_retried(lambda: model_application(record.replica_spec(), reservations, serving, env))
         deploy_in_background(app, model_app_name(spec.model_id))
-        self._store(Deployed(spec=spec, reservations=reservations, unplaced=reasons, serving=serving, env=env))
+        self._store(record)
         return plan
 
     def _plan(
@@ -201,7 +211,16 @@ class Controller:
     ) -> Plan:
         settings = placement.model_dump(mode="json") if placement else None
         dumped = [m.model_dump(mode="json") for m in models]
-        return Plan.model_validate(ray.get(self.allocator.plan.remote(dumped, settings, sorted(exclude_nodes or ()))))
+        overheads = {k: o.bytes for k, o in resolve_overheads(models, self._settings(placement)).items()}
+        return Plan.model_validate(
+            ray.get(self.allocator.plan.remote(dumped, settings, sorted(exclude_nodes or ()), False, overheads))
+        )
+
+    def _settings(self, placement: PlacementSettings | None) -> PlacementSettings:
+        """`placement`, or the allocator's settings in force."""
+        if placement is not None:
+            return placement
+        return PlacementSettings.model_validate(ray.get(self.allocator.settings.remote()))
 
     def remove(self, model_id: str) -> bool:
         """Shut a model down and free its reservations; False if it was not deployed (idempotent)."""
@@ -322,6 +341,7 @@ class Controller:
                     replicas=replicas,
                     unplaced=record.unplaced,
                     endpoint=self.endpoint,
+                    resolved=record.resolved,
                 )
             )
         return DeploymentList(models=models).model_dump(mode="json")
@@ -387,7 +407,7 @@ class Controller:
                 serving = record.serving or self.serving
                 env = self._env() if record.env is None else record.env
                 app = serve_race_retried(
-                    lambda: model_application(record.spec, reservations, serving, env)  # noqa: B023
+                    lambda: model_application(record.replica_spec(), reservations, serving, env)  # noqa: B023
                 )
                 deploy_in_background(app, model_app_name(model_id))
                 self._store(record.model_copy(update={"reservations": reservations, "unplaced": reasons}))
