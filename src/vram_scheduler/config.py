@@ -238,7 +238,20 @@ class ServingSettings(StrictModel):
         "(local mode refuses a non-loopback host without a key). Required (not null) when host is not loopback.",
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a request may take.")
-    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica takes before 429/503.")
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="Requests a replica takes at once; more wait in the router's queue."
+    )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=0,
+        description="Requests per model each router holds while every replica of the model is at "
+        "max_ongoing_requests; beyond that a request is refused at once with 429 and Retry-After.",
+    )
+    max_queue_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Longest a request waits in a router's queue for a replica with room; then 429 with Retry-After.",
+    )
     engine_metrics: bool = Field(
         default=True,
         description="Export per-request metrics through Ray's metrics agent on every Ray node: vLLM's engine "

@@ -374,7 +374,11 @@ class VLLMReplica:
             raise RuntimeError(f"replica {self.replica_id}: its HTTP server stopped")
 
     async def info(self) -> dict[str, Any]:
-        return self.endpoint.model_dump() if self.endpoint else {"replica_id": self.replica_id}
+        """Its announcement, with the overhead and cap its reservation holds (for measurements)."""
+        if self.endpoint is None:
+            return {"replica_id": self.replica_id}
+        held = {"overhead_bytes": self.reservation.overhead_bytes, "cap_bytes": self.reservation.cap_bytes}
+        return self.endpoint.model_dump() | held
 
     async def __del__(self) -> None:
         if self.heartbeat_task is not None:
