@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vram_scheduler import capacity
+from vram_scheduler.config import gib_to_bytes
+
 from .measured_stack import replica_budget_gb, replica_infos, replica_peaks
 from .sizes import SIZES, run_sizes
 from .tools import GIB, BareServer, NVMLSampler, bench_serve, gpus, process_tree, summarize, write_json
@@ -56,7 +59,8 @@ def run_servers(
     ]
     for server in servers:  # the same cap as a ray-vram replica: share + 2 GiB
         if mps_pipe:
-            cap = int(server.utilization * gpu["total_bytes"]) + 2 * GIB
+            share_bytes = int(server.utilization * gpu["total_bytes"])
+            cap = capacity.cap_bytes(share_bytes, 2 * GIB, gpu["total_bytes"])
             server.extra_env = client_env(mps_pipe, gpu["uuid"], cap)
     ready: list[float | None] = []
     with NVMLSampler() as sampler:
@@ -174,7 +178,7 @@ def stage_fractional(models: list[dict[str, Any]]) -> dict[str, Any]:
         for name, order in (("values order (mid first)", models), ("largest first", models[::-1])):
             actors, placed = [], []
             for spec in order:
-                fraction = round((spec["vram_gb"] * GIB + overhead) / total, 4)
+                fraction = round(capacity.reservation_bytes(gib_to_bytes(spec["vram_gb"]), overhead) / total, 4)
                 for number in range(spec["replicas"]):
                     actor = Slot.options(num_gpus=fraction, num_cpus=0).remote()  # type: ignore[attr-defined]
                     actors.append(actor)
