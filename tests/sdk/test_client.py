@@ -57,7 +57,9 @@ def test_display_shows_every_gpu_and_the_models(local_stack: stack.LocalStack) -
         scheduler.display_vram_state(console)
     text = console.file.getvalue()
     assert "NVIDIA Test 8GB" in text and "NVIDIA Test 4GB" in text
-    assert "tiny-0 1.50+" in text and "within reservation" in text and "1/1 ready" in text
+    assert "tiny-0 1.50+2.00" in text and "1/1 ready" in text  # no use known (a declared inventory): no verdict
+    # the models table: what the controller resolved (overhead and where it came from, max_model_len)
+    assert "1.5 + 2.00 (placement.replica_overhead_gb)" in text and "│ 512 " in text
 
 
 def test_over_reservation_is_red_over_budget_is_not(local_stack: stack.LocalStack) -> None:
