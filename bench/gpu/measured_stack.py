@@ -97,21 +97,31 @@ def replica_tree(info: dict[str, Any]) -> list[int]:
     return sorted({p for pid in info["pids"] for p in process_tree(pid)})
 
 
-def replica_peaks(sampler: NVMLSampler, infos: list[dict[str, Any]], overhead_gb: float) -> list[dict[str, Any]]:
+def replica_peaks(
+    sampler: NVMLSampler, infos: list[dict[str, Any]], overhead_gb: float | None = None
+) -> list[dict[str, Any]]:
     """Each replica's process tree, its NVML peak against its budget and its reservation (budget +
-    overhead), and the GPUs its engine used."""
+    the overhead its reservation holds; `overhead_gb` for a replica that reports none), and the GPUs
+    its engine used."""
+    from vram_scheduler import capacity
+    from vram_scheduler.config import gib_to_bytes
+
     rows = []
     for info in infos:
         tree = replica_tree(info)
         peak = sampler.tree_peak(tree)
-        reservation = info["bytes"] + int(overhead_gb * GIB)
+        held = info.get("overhead_bytes")
+        overhead = held if held is not None else gib_to_bytes(overhead_gb or capacity.DEFAULT_OVERHEAD_GB)
+        reservation = capacity.reservation_bytes(info["bytes"], overhead)
         rows.append(
             {
                 "replica_id": info["replica_id"],
                 "gpu_uuid": info["gpu_uuid"],
                 "engine_gpus": sorted({sampler.gpu_of_pid[p] for p in tree if p in sampler.gpu_of_pid}),
                 "budget_bytes": info["bytes"],
+                "overhead_bytes": overhead,
                 "reservation_bytes": reservation,
+                "verdict": capacity.verdict(peak, info["bytes"], overhead),
                 "nvml_peak_bytes": peak,
                 "peak_minus_budget_gib": round((peak - info["bytes"]) / GIB, 3),
                 "peak_minus_reservation_gib": round((peak - reservation) / GIB, 3),

@@ -8,6 +8,8 @@ into bench/results/gpu.json and prints a table):
 - ``one N``: one vLLM server holding the memory of N such shares, loaded by N clients;
 - ``race``: ray-vram's local stack deploying 4 replicas on one GPU without the per-GPU startup
   lock (``RAY_VRAM_GPU_STARTUP_LOCK=0``) and without MPS: the start-up race the lock prevents;
+- ``sizes``: `ray-vram measure` on a 1.5B Qwen2, a 7B-class and a 14B-class Llama (`bench.gpu.sizes`),
+  each size's recommendation and peak over its share, also written into bench/results/gpu.json;
 - ``report``: the comparison with ray-vram's stack (tests/gpu/test_vllm_gpu.py writes stack.json:
   the same packing through the router).
 
@@ -26,7 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vram_scheduler import capacity
+from vram_scheduler.config import gib_to_bytes
+
 from .measured_stack import replica_budget_gb, replica_infos, replica_peaks
+from .sizes import SIZES, run_sizes
 from .tools import GIB, BareServer, NVMLSampler, bench_serve, gpus, process_tree, summarize, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +59,8 @@ def run_servers(
     ]
     for server in servers:  # the same cap as a ray-vram replica: share + 2 GiB
         if mps_pipe:
-            cap = int(server.utilization * gpu["total_bytes"]) + 2 * GIB
+            share_bytes = int(server.utilization * gpu["total_bytes"])
+            cap = capacity.cap_bytes(share_bytes, 2 * GIB, gpu["total_bytes"])
             server.extra_env = client_env(mps_pipe, gpu["uuid"], cap)
     ready: list[float | None] = []
     with NVMLSampler() as sampler:
@@ -171,7 +178,7 @@ def stage_fractional(models: list[dict[str, Any]]) -> dict[str, Any]:
         for name, order in (("values order (mid first)", models), ("largest first", models[::-1])):
             actors, placed = [], []
             for spec in order:
-                fraction = round((spec["vram_gb"] * GIB + overhead) / total, 4)
+                fraction = round(capacity.reservation_bytes(gib_to_bytes(spec["vram_gb"]), overhead) / total, 4)
                 for number in range(spec["replicas"]):
                     actor = Slot.options(num_gpus=fraction, num_cpus=0).remote()  # type: ignore[attr-defined]
                     actors.append(actor)
@@ -243,6 +250,7 @@ def report(results: Path, vllm_version: str) -> dict[str, Any]:
         "race_without_lock": race,
         "isolation": isolation,
         "sweep_one_gpu": sweep,
+        "sizes": {name: _size_row(data) for name in SIZES if (data := load(f"sizes-{name}"))},
         "two_gpus": {
             "ray_fractional_vs_planner": load("fractional"),
             "planner_with_lock": load("two-gpu"),
@@ -282,15 +290,24 @@ def report(results: Path, vllm_version: str) -> dict[str, Any]:
     return merged
 
 
+def _size_row(measured: dict[str, Any]) -> dict[str, Any]:
+    """What bench/results/gpu.json keeps of one size's measurement (the full result stays in sizes-*.json)."""
+    return {k: v for k, v in measured.items() if k != "measure"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["bare", "bare-mps", "one", "race", "fractional", "two-gpu", "report"])
+    parser.add_argument(
+        "stage", choices=["bare", "bare-mps", "one", "race", "fractional", "two-gpu", "sizes", "report"]
+    )
     parser.add_argument("n", nargs="?", type=int, default=4)
     parser.add_argument("--results", default=os.environ.get("RAY_VRAM_GPU_RESULTS", str(ROOT / ".work/gpu-results")))
     parser.add_argument("--model", default=os.environ.get("RAY_VRAM_GPU_MODEL", ""))
     parser.add_argument("--write", help="also write the merged report here (report stage)")
     parser.add_argument("--no-lock", action="store_true", help="two-gpu stage: without the startup lock and MPS")
     parser.add_argument("--vllm-version", help="report stage: the vLLM the stages ran with (default: this Python's)")
+    parser.add_argument("--size", action="append", choices=list(SIZES), help="sizes stage: only these (repeatable)")
+    parser.add_argument("--model-root", default="/tmp/rv-sizes", help="sizes stage: where the models are kept")
     args = parser.parse_args()
     results = Path(args.results)
     gpu = gpus()[0] if args.stage != "report" else None
@@ -304,6 +321,14 @@ def main() -> int:
         if args.write:
             write_json(Path(args.write), merged)
         return 0
+    if args.stage == "sizes":
+        measured = run_sizes(args.size or list(SIZES), Path(args.model_root), results)
+        target = Path(args.write) if args.write else ROOT / "bench/results/gpu.json"
+        merged = json.loads(target.read_text()) if target.exists() else {}
+        merged["sizes"] = {**merged.get("sizes", {}), **{k: _size_row(v) for k, v in measured.items()}}
+        write_json(target, merged)
+        print("GPU-BENCH-SIZES", json.dumps(merged["sizes"])[:3000])
+        return 0 if all(not v.get("error") and not v.get("failed") for v in measured.values()) else 1
     if not args.model:
         print("--model (or RAY_VRAM_GPU_MODEL) is required", file=sys.stderr)
         return 2

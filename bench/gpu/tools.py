@@ -147,11 +147,34 @@ def bench_serve(
         keep = ("completed", "failed", "duration", "output_throughput", "request_throughput", "total_token_throughput")
         keep += ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "error")
         summary = {k: data[k] for k in keep if k in data}
-        reasons = sorted({str(e)[:200] for e in data.get("errors") or [] if e})
-        if reasons:
-            summary["error_kinds"] = reasons[:3]  # why requests failed (an HTTP 400 names the limit)
+        kinds = failure_kinds(data.get("errors") or [])
+        if kinds:
+            summary["failure_kinds"] = kinds  # every failed request's kind (an HTTP 429 or 400 names why)
         results.append(summary)
     return results
+
+
+def failure_kinds(errors: list[Any]) -> dict[str, int]:
+    """How many failed requests of each kind: vLLM's bench records one error text per request (empty
+    when it succeeded), holding the HTTP status and body or the exception's class and message."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        if error:
+            kind = " ".join(str(error).split())[:200]
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _merged_kinds(results: list[dict[str, Any]]) -> dict[str, int]:
+    """Every client's failure kinds, counted together (a client with no result counts as one)."""
+    merged: dict[str, int] = {}
+    for result in results:
+        for kind, count in result.get("failure_kinds", {}).items():
+            merged[kind] = merged.get(kind, 0) + count
+        if "error" in result:
+            kind = f"client: {result['error']}"[:200]
+            merged[kind] = merged.get(kind, 0) + 1
+    return dict(sorted(merged.items(), key=lambda item: (-item[1], item[0])))
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -160,6 +183,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "output_tok_s": round(sum(r.get("output_throughput", 0.0) for r in results), 1),
         "completed": sum(r.get("completed", 0) for r in results),
         "failed": sum(r.get("failed", 0) for r in results) + sum(1 for r in results if "error" in r),
+        "failure_kinds": _merged_kinds(results),
         "median_ttft_ms": round(max((r.get("median_ttft_ms", 0.0) for r in results), default=0.0), 1),
         "median_tpot_ms": round(max((r.get("median_tpot_ms", 0.0) for r in results), default=0.0), 2),
         "clients": results,

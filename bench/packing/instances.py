@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from vram_scheduler import capacity
 from vram_scheduler.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
 from vram_scheduler.inventory import Inventory
 
@@ -38,10 +39,10 @@ class Instance:
 
     @property
     def overhead(self) -> int:
-        return gib_to_bytes(self.settings.replica_overhead_gb)
+        return capacity.placement_overhead_bytes(self.settings)
 
     def need(self, model: ModelSpec) -> int:
-        return model.vram_bytes + self.overhead
+        return capacity.reservation_bytes(model.vram_bytes, self.overhead)
 
     @property
     def gpus(self) -> int:

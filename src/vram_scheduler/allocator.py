@@ -217,8 +217,10 @@ class VRAMAllocator:
         bytes: int,
         gpu_uuid: str | None = None,
         owner: str | None = None,
+        overhead_bytes: int | None = None,
     ) -> dict[str, Any]:
-        """Reserve `bytes` (+ overhead) for a replica on `gpu_uuid` or the best-fitting GPU."""
+        """Reserve `bytes` + `overhead_bytes` (None: the cluster's overhead) for a replica on `gpu_uuid`
+        or the best-fitting GPU."""
         self._background()
         if owner is not None and not _ACTOR_ID.match(owner):
             raise ReservationError(
@@ -226,7 +228,7 @@ class VRAMAllocator:
                 "ray.get_runtime_context().get_actor_id())"
             )
         self._recheck_stale()
-        reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner)
+        reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner, overhead_bytes)
         await self._writer.durable()
         return reservation.model_dump()
 
@@ -273,17 +275,31 @@ class VRAMAllocator:
         settings: dict[str, Any] | None = None,
         exclude_nodes: list[str] | None = None,
         keep_others: bool = False,
+        overheads: dict[str, int] | None = None,
     ) -> dict[str, Any]:
         """Plan `models` against current inventories and reservations (stale nodes and `exclude_nodes`,
         e.g. nodes that left the Ray cluster, take nothing new). By default `models` is the whole
         desired state (other models' reservations are listed for release); `keep_others`: they are
-        some of the cluster's models, and every other model's reservation keeps its room."""
+        some of the cluster's models, and every other model's reservation keeps its room. `overheads`:
+        model id → overhead in bytes, as the caller resolved it from the model's files."""
         self._background()
         specs = models_from_dicts(models, "plan(models)")
         chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
         self._recheck_stale()
-        planned = self._ledger.plan(specs, now(), chosen, frozenset(exclude_nodes or ()), keep_others)
+        planned = self._ledger.plan(
+            specs,
+            now(),
+            chosen,
+            frozenset(exclude_nodes or ()),
+            keep_others,
+            {k: int(v) for k, v in (overheads or {}).items()},
+        )
         return planned.model_dump()
+
+    async def settings(self) -> dict[str, Any]:
+        """The placement settings in force (`PlacementSettings` as a dict)."""
+        self._background()
+        return self._ledger.settings.model_dump()
 
     async def reservations(self) -> list[dict[str, Any]]:
         self._background()

@@ -19,13 +19,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from .config import GIB, ConfigError, ModelSpec, describe_validation_error, format_gib
+from . import capacity
+from .config import ConfigError, ModelSpec, describe_validation_error, format_gib
 from .contract import DeploymentStatus, ReplicaStatus, VRAMState
 from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER, HTTPControllerClient
 from .controller_ray import RayControllerClient
 from .deploy_progress import DeployProgress
 from .display import render_vram, wide_console
 from .inventory import GPUInfo, Inventory, NodeInventory
+from .model_limits import resolve_overheads
 from .planner import Plan, Reservation, plan
 from .scheduler_errors import (
     ControllerUnavailableError,
@@ -70,14 +72,16 @@ class DeployResult(DeploymentStatus):
 
 def plan_on_state(state: VRAMState, specs: Sequence[ModelSpec]) -> Plan:
     """Plan `specs` against the allocator's state: their own replicas are kept or released,
-    everything else on a GPU (other models' reservations, unmanaged memory) is taken as used."""
+    everything else on a GPU (other models' reservations, unmanaged memory) is taken as used. Each
+    model's overhead is resolved from the files this machine sees (`model_limits.resolve_overheads`)."""
     planned = {spec.model_id for spec in specs}
-    overhead = round(state.settings.replica_overhead_gb * GIB)
+    settings = state.settings
     nodes: dict[str, list[GPUInfo]] = {}
     existing: list[Reservation] = []
     for gpu in state.gpus:
         own = [r for r in gpu.replicas if r.model_id in planned]
-        taken = gpu.total_bytes - gpu.free_bytes - sum(r.bytes + overhead for r in own)
+        held = sum(capacity.reservation_bytes(r.bytes, capacity.held_overhead(r.overhead_bytes, settings)) for r in own)
+        taken = gpu.total_bytes - gpu.free_bytes - held
         nodes.setdefault(gpu.node, []).append(
             GPUInfo(
                 node=gpu.node,
@@ -97,6 +101,8 @@ def plan_on_state(state: VRAMState, specs: Sequence[ModelSpec]) -> Plan:
                 gpu_uuid=gpu.uuid,
                 gpu_index=gpu.index,
                 bytes=r.bytes,
+                overhead_bytes=capacity.held_overhead(r.overhead_bytes, settings),
+                cap_bytes=r.cap_bytes,
             )
             for r in own
         ]
@@ -105,8 +111,9 @@ def plan_on_state(state: VRAMState, specs: Sequence[ModelSpec]) -> Plan:
         inventory,
         specs,
         existing=existing,
-        settings=state.settings,
+        settings=settings,
         excluded_nodes=frozenset(state.stale_nodes),
+        overheads={k: v.bytes for k, v in resolve_overheads(specs, settings).items()},
     )
 
 

@@ -29,15 +29,6 @@ from .loopback import is_loopback_host
 
 GIB = 1024**3
 
-#: What a replica costs beyond its declared budget: what vLLM does not count inside its share of the
-#: GPU, i.e. the engine process's CUDA context (0.5 GiB measured under MPS) and allocator growth
-#: under load. Measured on an H200 (vLLM 0.26, a 1.5B model, NVML per process tree at peak under
-#: `vllm bench serve`, each engine at gpu_memory_utilization = budget / total): ray-vram replicas
-#: and bare vLLM servers, with and without MPS, peaked 0.85 to 1.54 GiB over their budget, once
-#: 1.93 GiB (4 servers at share 0.2). 2.0 covers the largest seen: a lower value lets a brim-full
-#: GPU be overcommitted by the difference per replica.
-DEFAULT_REPLICA_OVERHEAD_GB = 2.0
-
 MODEL_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
 
@@ -133,8 +124,15 @@ class ModelSpec(StrictModel):
     )
     vram_gb: float = Field(
         gt=0,
-        description="VRAM budget per replica in GiB (weights + KV cache + activations). "
-        "The replica is capped to it; the per-replica overhead is added on top when packing.",
+        description="VRAM budget per replica in GiB (weights + KV cache + activations): vLLM's share of the GPU. "
+        "The replica's reservation, which packing counts and its engine is capped to, is vram_gb + its overhead.",
+    )
+    overhead_gb: float | None = Field(
+        default=None,
+        ge=0,
+        description="VRAM a replica uses beyond vram_gb (what vLLM does not count, plus a margin), as "
+        "`ray-vram measure` recommends it. Unset: placement.replica_overhead_gb when set, else derived from "
+        'the size of the model\'s weights (README "Budgets on a GPU").',
     )
     replicas: int = Field(default=1, ge=1, le=1024, description="Number of replicas to place.")
     max_replicas: bool = Field(
@@ -210,10 +208,12 @@ class ModelSpec(StrictModel):
 class PlacementSettings(StrictModel):
     """How replicas are packed and how the ledger treats silent nodes and dead owners."""
 
-    replica_overhead_gb: float = Field(
-        default=DEFAULT_REPLICA_OVERHEAD_GB,
+    replica_overhead_gb: float | None = Field(
+        default=None,
         ge=0,
-        description="VRAM each replica costs beyond its budget (CUDA context, allocator growth); added when packing.",
+        description="Overhead (VRAM beyond the budget) of every model that states no overhead_gb of its own. "
+        "Unset (default): each model's is derived from the size of its weights, or 2.4 GiB where they "
+        "cannot be read.",
     )
     stale_after_s: float = Field(
         default=10.0, gt=0, description="A node whose inventory is older than this gets no new reservations."
@@ -238,7 +238,20 @@ class ServingSettings(StrictModel):
         "(local mode refuses a non-loopback host without a key). Required (not null) when host is not loopback.",
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a request may take.")
-    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica takes before 429/503.")
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="Requests a replica takes at once; more wait in the router's queue."
+    )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=0,
+        description="Requests per model each router holds while every replica of the model is at "
+        "max_ongoing_requests; beyond that a request is refused at once with 429 and Retry-After.",
+    )
+    max_queue_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Longest a request waits in a router's queue for a replica with room; then 429 with Retry-After.",
+    )
     engine_metrics: bool = Field(
         default=True,
         description="Export per-request metrics through Ray's metrics agent on every Ray node: vLLM's engine "

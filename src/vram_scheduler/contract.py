@@ -61,6 +61,21 @@ class ModelEvent(WireModel):
     message: str
 
 
+class ResolvedSizes(WireModel):
+    """What the controller resolved for a model, once, when it deployed it; its replicas use these."""
+
+    max_model_len: int | None = Field(
+        default=None,
+        description="The effective max_model_len (None: the model's files are not on the controller's node; "
+        "each replica resolves it from its own).",
+    )
+    budget_bytes: int = Field(description="vram_gb in bytes: the engine's share.")
+    overhead_bytes: int = Field(description="The model's overhead, held beside the budget.")
+    overhead_from: str = Field(description="Where the overhead came from (measured, setting, weights, default).")
+    reservation_bytes: int = Field(description="budget + overhead: what each replica holds and is capped to.")
+    weights_bytes: int | None = Field(default=None, description="The weights' size where the controller read it.")
+
+
 class DeploymentStatus(WireModel):
     """One model as the controller sees it."""
 
@@ -75,6 +90,7 @@ class DeploymentStatus(WireModel):
     )
     endpoint: str | None = Field(default=None, description="The OpenAI base URL (ending in /v1) serving it.")
     events: list[ModelEvent] = Field(default_factory=list, description="The latest placements and their reasons.")
+    resolved: ResolvedSizes | None = Field(default=None, description="Sizes resolved at deploy (None: older record).")
 
     @property
     def ready(self) -> bool:
@@ -111,7 +127,9 @@ class DeploymentList(WireModel):
 class ReplicaState(WireModel):
     replica_id: str
     model_id: str
-    bytes: int = Field(description="Reserved budget (the per-replica overhead comes on top).")
+    bytes: int = Field(description="Reserved budget (its overhead comes on top).")
+    overhead_bytes: int | None = Field(default=None, description="Its overhead (None: an older allocator's record).")
+    cap_bytes: int | None = Field(default=None, description="Its engine's hard cap: budget + overhead, ≤ the GPU.")
     pid: int | None = Field(description="Latest attached process id, None before the replica attached one.")
     pids: list[int]
     used_bytes: int | None = Field(description="VRAM the replica's processes use now (inventory); None if unknown.")
@@ -126,7 +144,7 @@ class GPUState(WireModel):
     total_bytes: int
     used_bytes: int = Field(description="All memory in use on the GPU (latest inventory).")
     unmanaged_bytes: int = Field(description="Memory used by processes no replica attached.")
-    reserved_bytes: int = Field(description="Budgets plus per-replica overheads of every reservation.")
+    reserved_bytes: int = Field(description="Budgets plus overheads of every reservation.")
     free_bytes: int = Field(description="Room for new reservations: total − unmanaged − reserved.")
     healthy: bool
     stale: bool

@@ -3,7 +3,9 @@
 allocator's ledger (`VRAMState`) or from a plan that touched no cluster (`Plan`).
 
 Sizes are GiB with two decimals, the unit in the header; free = total − unmanaged − reserved, and
-reserved counts each replica's budget plus the per-replica overhead.
+reserved counts each replica's reservation: its budget plus its model's overhead. A replica's use is
+judged against its reservation (the cap its engine runs under), never against the budget alone: a
+CUDA engine always uses somewhat more than its budget, which is what the overhead holds room for.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .config import GIB
+from . import capacity
+from .config import GIB, PlacementSettings
 from .contract import DeploymentStatus, GPUState, VRAMState
 from .planner import Plan
 
-CAPTION = "reserved = budgets + per-replica overhead; free = total − unmanaged − reserved"
+CAPTION = (
+    "replicas: budget + overhead = reservation; reserved = their reservations; free = total − unmanaged − reserved"
+)
 
 
 def wide_console(stderr: bool = False) -> Console:
@@ -34,6 +39,7 @@ def wide_console(stderr: bool = False) -> Console:
 class _Replica:
     replica_id: str
     bytes: int
+    overhead_bytes: int
     used_bytes: int | None = None
 
 
@@ -58,7 +64,7 @@ def _gib(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.2f}"
 
 
-def _state_row(gpu: GPUState) -> _Row:
+def _state_row(gpu: GPUState, settings: PlacementSettings) -> _Row:
     return _Row(
         node=gpu.node,
         index=gpu.index,
@@ -70,22 +76,32 @@ def _state_row(gpu: GPUState) -> _Row:
         free_bytes=gpu.free_bytes,
         healthy=gpu.healthy,
         stale=gpu.stale,
-        replicas=[_Replica(r.replica_id, r.bytes, r.used_bytes) for r in gpu.replicas],
+        replicas=[
+            _Replica(r.replica_id, r.bytes, capacity.held_overhead(r.overhead_bytes, settings), r.used_bytes)
+            for r in gpu.replicas
+        ],
     )
 
 
 def _replicas_cell(replicas: Sequence[_Replica]) -> Text:
-    """`id budget (uses now)`, in bold red with OVER for a replica using more than its budget."""
+    """`id budget+overhead (uses now, within reservation)`; bold red, with by how much, for a replica
+    over its reservation."""
     if not replicas:
         return Text("-")
     cell = Text()
     for i, replica in enumerate(replicas):
-        over = replica.used_bytes is not None and replica.used_bytes > replica.bytes
-        label = f"{replica.replica_id} {_gib(replica.bytes)}"
+        label = f"{replica.replica_id} {_gib(replica.bytes)}+{_gib(replica.overhead_bytes)}"
+        over = False
         if replica.used_bytes is not None:
-            label += f" (uses {_gib(replica.used_bytes)})"
+            verdict = capacity.verdict(replica.used_bytes, replica.bytes, replica.overhead_bytes)
+            over = verdict == "over reservation"
+            label += f" (uses {_gib(replica.used_bytes)}, {verdict}"
+            if over:
+                excess = -capacity.headroom_bytes(replica.used_bytes, replica.bytes, replica.overhead_bytes)
+                label += f" by {_gib(excess)}"
+            label += ")"
         cell.append(", " if i else "")
-        cell.append(label + (" OVER" if over else ""), style="bold red" if over else "")
+        cell.append(label, style="bold red" if over else "")
     return cell
 
 
@@ -95,8 +111,10 @@ def _vram_table(title: str, rows: Sequence[_Row]) -> Table:
     show_used = any(row.used_bytes is not None for row in rows)
     table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left")
     columns = ["node", "gpu", "name", "total GiB", *(["used GiB"] if show_used else [])]
-    for column in (*columns, "unmanaged GiB", "reserved GiB", "free GiB", "replicas (GiB)"):
-        table.add_column(column, justify="left" if column in {"node", "name", "replicas (GiB)"} else "right")
+    for column in (*columns, "unmanaged GiB", "reserved GiB", "free GiB", "replicas (budget+overhead GiB)"):
+        table.add_column(
+            column, justify="left" if column in {"node", "name", "replicas (budget+overhead GiB)"} else "right"
+        )
     for row in rows:
         used = row.used_bytes or 0
         over = row.reserved_bytes + row.unmanaged_bytes > row.total_bytes or used > row.total_bytes
@@ -118,7 +136,7 @@ def _vram_table(title: str, rows: Sequence[_Row]) -> Table:
 
 def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) -> Group:
     """The allocator's VRAM table (one row per node and GPU) and, when given, the models table."""
-    parts: list[Any] = [_vram_table("VRAM per GPU", [_state_row(gpu) for gpu in state.gpus])]
+    parts: list[Any] = [_vram_table("VRAM per GPU", [_state_row(gpu, state.settings) for gpu in state.gpus])]
     if state.orphaned:
         parts.append(Text(f"orphaned reservations (GPU gone): {', '.join(r.replica_id for r in state.orphaned)}"))
     if deployments:
@@ -128,7 +146,7 @@ def render_vram(state: VRAMState, deployments: Sequence[DeploymentStatus] = ()) 
 
 def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
     table = Table(title="Models", title_justify="left")
-    for column in ("model_id", "model", "GiB/replica", "replicas", "states", "pending (not placed)"):
+    for column in ("model_id", "model", "GiB/replica", "max_model_len", "replicas", "states", "pending (not placed)"):
         table.add_column(column)
     now = time.time()
     for status in deployments:
@@ -137,10 +155,15 @@ def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
         wanted = "max" if status.requested is None else str(status.requested)
         pending = status.pending
         since = f"for {now - pending[0].since:.0f}s: " if pending and pending[0].since is not None else ""
+        sizes = status.resolved
+        per_replica = f"{status.vram_gb:g}"
+        if sizes is not None:
+            per_replica += f" + {_gib(sizes.overhead_bytes)} ({sizes.overhead_from})"
         table.add_row(
             status.model_id,
             status.model,
-            f"{status.vram_gb:g}",
+            per_replica,
+            str(sizes.max_model_len) if sizes is not None and sizes.max_model_len else "-",
             f"{ready}/{wanted} ready",
             states,
             since + "; ".join(status.unplaced) if pending else "-",
@@ -156,9 +179,19 @@ def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
     return [table, *failures, *([Text("latest events:")] if events else []), *events]
 
 
-def render_plan(result: Plan) -> Group:
-    """A plan as the same VRAM table, then each shortfall and how many replicas were placed."""
-    budgets = {r.replica_id: r.bytes for r in result.reservations}
+def _overheads(overheads: dict[str, capacity.Overhead]) -> Table:
+    table = Table(title="Overhead per replica", title_justify="left")
+    for column in ("model_id", "overhead GiB", "from"):
+        table.add_column(column, justify="right" if column == "overhead GiB" else "left")
+    for model_id, found in sorted(overheads.items()):
+        table.add_row(model_id, _gib(found.bytes), found.describe())
+    return table
+
+
+def render_plan(result: Plan, overheads: dict[str, capacity.Overhead] | None = None) -> Group:
+    """A plan as the same VRAM table, each model's overhead and where it came from, then each
+    shortfall and how many replicas were placed."""
+    held = {r.replica_id: r for r in result.reservations}
     rows = [
         _Row(
             node=gpu.node,
@@ -169,11 +202,13 @@ def render_plan(result: Plan) -> Group:
             unmanaged_bytes=gpu.unmanaged_bytes,
             reserved_bytes=gpu.reserved_bytes,
             free_bytes=gpu.free_bytes,
-            replicas=[_Replica(rid, budgets[rid]) for rid in gpu.replicas],
+            replicas=[_Replica(rid, held[rid].bytes, held[rid].overhead_bytes or 0) for rid in gpu.replicas],
         )
         for gpu in result.gpus
     ]
     parts: list[Any] = [_vram_table("Placement plan (per GPU)", rows)]
+    if overheads:
+        parts.append(_overheads(overheads))
     parts.extend(
         Text.assemble(("not placed (needs a bigger GPU):" if u.too_big else "not placed:", "red"), f" {u.reason}")
         for u in result.unplaced

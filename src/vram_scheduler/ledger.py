@@ -11,7 +11,8 @@ reserved totals, reservations per GPU and managed pids are kept as indexes, upda
 change, rather than summed over every entry.
 
 Capacity is the planner's: a GPU takes a reservation only while its total stays at or above
-memory used by unmanaged processes plus every reservation on it (budget + per-replica overhead).
+memory used by unmanaged processes plus every reservation on it (budget + the overhead it holds,
+`capacity`). Each reservation records its overhead and its engine's hard cap.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ModelSpec, PlacementSettings, format_gib, gib_to_bytes, parse_config
+from . import capacity
+from .config import ModelSpec, PlacementSettings, format_gib, parse_config
 from .contract import VRAMState
 from .errors import RayVramError
 from .inventory import GPUInfo, Inventory, NodeInventory
@@ -78,14 +80,16 @@ class Ledger:
         self._startup_queues: dict[str, list[_StartupWaiter]] = {}
         # Indexes over `data.entries`, kept by _put_entry/_drop_entry/attach_process.
         self._by_gpu: dict[str, dict[str, None]] = {}  # GPU uuid → its replica ids (an ordered set)
-        self._budget: dict[str, int] = {}  # GPU uuid → sum of its reservations' budgets
+        self._held: dict[str, int] = {}  # GPU uuid → sum of its reservations (budget + overhead each)
         self._pids: dict[int, int] = {}  # managed pid → how many entries name it
-        for entry in self.data.entries.values():
-            self._index(entry, +1)
         # Derived from the inventories (and managed pids): rebuilt on first use after a change.
         self._gpu_cache: list[GPUInfo] | None = None
         self._gpu_by_uuid: dict[str, GPUInfo] = {}
         self._unmanaged_cache: dict[str, int] | None = None
+        for entry in self.data.entries.values():
+            if entry.reservation.overhead_bytes is None:  # recorded before overheads were per reservation
+                entry.reservation = self._completed(entry.reservation, None)
+            self._index(entry, +1)
         # Keys changed since the last `take_delta`.
         self._dirty_settings = False
         self._dirty: dict[str, set[str]] = {"nodes": set(), "entries": set(), "startup_locks": set()}
@@ -98,7 +102,18 @@ class Ledger:
 
     @property
     def overhead(self) -> int:
-        return gib_to_bytes(self.settings.replica_overhead_gb)
+        """The overhead of a reservation asked for without one (`capacity.placement_overhead_bytes`)."""
+        return capacity.placement_overhead_bytes(self.settings)
+
+    def _completed(self, reservation: Reservation, overhead_bytes: int | None) -> Reservation:
+        """`reservation` with its overhead (`overhead_bytes`, else the cluster's) and its cap (on its GPU)."""
+        overhead = capacity.held_overhead(
+            reservation.overhead_bytes if overhead_bytes is None else overhead_bytes, self.settings
+        )
+        gpu = self.find_gpu(reservation.gpu_uuid)
+        total = gpu.total_bytes if gpu is not None else capacity.reservation_bytes(reservation.bytes, overhead)
+        cap = capacity.cap_bytes(reservation.bytes, overhead, total)
+        return reservation.model_copy(update={"overhead_bytes": overhead, "cap_bytes": cap})
 
     def configure(self, settings: PlacementSettings) -> bool:
         changed = settings != self.data.settings
@@ -205,8 +220,7 @@ class Ledger:
 
     def reserved_bytes(self) -> dict[str, int]:
         """Per GPU uuid: budgets plus overheads of its reservations."""
-        overhead = self.overhead
-        return {uuid: self._budget[uuid] + len(ids) * overhead for uuid, ids in self._by_gpu.items()}
+        return dict(self._held)
 
     def free_bytes(self) -> dict[str, int]:
         """Per GPU uuid: room for new reservations (may be negative if unmanaged use grew)."""
@@ -242,24 +256,31 @@ class Ledger:
         now: float,
         gpu_uuid: str | None = None,
         owner: str | None = None,
+        overhead_bytes: int | None = None,
     ) -> tuple[Reservation, bool]:
-        """Reserve `n_bytes` (+ overhead) for a replica; the same request again returns the same
-        reservation. Raises `ReservationError` naming model, need and the room there is."""
+        """Reserve `n_bytes` + `overhead_bytes` (None: the cluster's overhead) for a replica; the same
+        request again returns the same reservation. Raises `ReservationError` naming model, need and
+        the room there is."""
         if n_bytes <= 0:
             raise ReservationError(f"replica {replica_id} of model {model_id}: bytes must be > 0, got {n_bytes}")
+        if overhead_bytes is not None and overhead_bytes < 0:
+            raise ReservationError(
+                f"replica {replica_id} of model {model_id}: overhead must be >= 0 bytes, got {overhead_bytes}"
+            )
         existing = self.data.entries.get(replica_id)
         if existing is not None:
             return self._repeat(existing, model_id, n_bytes, gpu_uuid, owner)
-        need = n_bytes + self.overhead
+        overhead = capacity.held_overhead(overhead_bytes, self.settings)
+        need = capacity.reservation_bytes(n_bytes, overhead)
         free = self.free_bytes()
         open_gpus = self.open_gpus(now)
         if gpu_uuid is None:
             fitting = [g for g in open_gpus if free[g.uuid] >= need]
             if not fitting:
-                raise ReservationError(self._no_room(model_id, n_bytes, open_gpus, free, now))
+                raise ReservationError(self._no_room(model_id, n_bytes, overhead, open_gpus, free, now))
             gpu = min(fitting, key=lambda g: (free[g.uuid], g.node, g.index))
         else:
-            gpu = self._check_target(model_id, n_bytes, gpu_uuid, open_gpus, free, now)
+            gpu = self._check_target(model_id, n_bytes, overhead, gpu_uuid, open_gpus, free, now)
         reservation = Reservation(
             replica_id=replica_id,
             model_id=model_id,
@@ -267,6 +288,8 @@ class Ledger:
             gpu_uuid=gpu.uuid,
             gpu_index=gpu.index,
             bytes=n_bytes,
+            overhead_bytes=overhead,
+            cap_bytes=capacity.cap_bytes(n_bytes, overhead, gpu.total_bytes),
         )
         self._put_entry(LedgerEntry(reservation=reservation, owner=owner, created_at=now))
         return reservation, True
@@ -279,7 +302,13 @@ class Ledger:
         for request in requests:
             try:
                 reservation, placed = self.reserve(
-                    request.replica_id, request.model_id, request.bytes, now, request.gpu_uuid, request.owner
+                    request.replica_id,
+                    request.model_id,
+                    request.bytes,
+                    now,
+                    request.gpu_uuid,
+                    request.owner,
+                    request.overhead_bytes,
                 )
             except ReservationError as refusal:
                 outcomes.append(ReserveOutcome(replica_id=request.replica_id, error=str(refusal)))
@@ -310,9 +339,16 @@ class Ledger:
         return held, changed
 
     def _check_target(
-        self, model_id: str, n_bytes: int, gpu_uuid: str, open_gpus: list[GPUInfo], free: dict[str, int], now: float
+        self,
+        model_id: str,
+        n_bytes: int,
+        overhead: int,
+        gpu_uuid: str,
+        open_gpus: list[GPUInfo],
+        free: dict[str, int],
+        now: float,
     ) -> GPUInfo:
-        need = n_bytes + self.overhead
+        need = capacity.reservation_bytes(n_bytes, overhead)
         gpu = self.find_gpu(gpu_uuid)
         if gpu is None:
             known = ", ".join(g.uuid for g in self.gpus()) or "none"
@@ -327,16 +363,17 @@ class Ledger:
             )
         if free[gpu.uuid] < need:
             raise ReservationError(
-                f"model {model_id} needs {self._need_text(n_bytes)} on {gpu.label}, which has "
+                f"model {model_id} needs {self._need_text(n_bytes, overhead)} on {gpu.label}, which has "
                 f"{format_gib(max(0, free[gpu.uuid]))} free (short by {format_gib(need - max(0, free[gpu.uuid]))}); "
                 + self._largest_text(open_gpus, free)
             )
         return gpu
 
-    def _need_text(self, n_bytes: int) -> str:
+    @staticmethod
+    def _need_text(n_bytes: int, overhead: int) -> str:
         return (
-            f"{format_gib(n_bytes + self.overhead)} per replica "
-            f"({format_gib(n_bytes)} budget + {format_gib(self.overhead)} overhead)"
+            f"{format_gib(capacity.reservation_bytes(n_bytes, overhead))} per replica "
+            f"({format_gib(n_bytes)} budget + {format_gib(overhead)} overhead)"
         )
 
     @staticmethod
@@ -349,21 +386,23 @@ class Ledger:
             return "no GPU takes new reservations"
         return f"the largest free slot is {format_gib(max(0, free[largest.uuid]))} on {largest.label}"
 
-    def _no_room(self, model_id: str, n_bytes: int, open_gpus: list[GPUInfo], free: dict[str, int], now: float) -> str:
-        need = n_bytes + self.overhead
+    def _no_room(
+        self, model_id: str, n_bytes: int, overhead: int, open_gpus: list[GPUInfo], free: dict[str, int], now: float
+    ) -> str:
+        need = capacity.reservation_bytes(n_bytes, overhead)
         if not self.gpus():
-            return f"model {model_id} needs {self._need_text(n_bytes)}; the inventory has no GPUs yet"
+            return f"model {model_id} needs {self._need_text(n_bytes, overhead)}; the inventory has no GPUs yet"
         if not open_gpus:
             stale = ", ".join(sorted(self.stale_nodes(now))) or "none"
             return (
-                f"model {model_id} needs {self._need_text(n_bytes)}; no GPU takes new reservations "
+                f"model {model_id} needs {self._need_text(n_bytes, overhead)}; no GPU takes new reservations "
                 f"(every GPU is unhealthy or on a stale node; stale: {stale})"
             )
         largest = self._largest(open_gpus, free)
         assert largest is not None
         room = max(0, free[largest.uuid])
         return (
-            f"model {model_id} needs {self._need_text(n_bytes)}; the largest free slot is "
+            f"model {model_id} needs {self._need_text(n_bytes, overhead)}; the largest free slot is "
             f"{format_gib(room)} on {largest.label} (short by {format_gib(need - room)})"
         )
 
@@ -406,10 +445,11 @@ class Ledger:
             ids[held.replica_id] = None
         else:
             ids.pop(held.replica_id, None)
-        self._budget[held.gpu_uuid] = self._budget.get(held.gpu_uuid, 0) + sign * held.bytes
+        whole = capacity.reservation_bytes(held.bytes, capacity.held_overhead(held.overhead_bytes, self.settings))
+        self._held[held.gpu_uuid] = self._held.get(held.gpu_uuid, 0) + sign * whole
         if not ids:
             del self._by_gpu[held.gpu_uuid]
-            del self._budget[held.gpu_uuid]
+            del self._held[held.gpu_uuid]
         for pid in entry.pids:
             count = self._pids.get(pid, 0) + sign
             if count > 0:
@@ -577,9 +617,11 @@ class Ledger:
         settings: PlacementSettings | None = None,
         exclude_nodes: frozenset[str] = frozenset(),
         keep_others: bool = False,
+        overheads: dict[str, int] | None = None,
     ) -> Plan:
         """The planner against current inventories and reservations; stale nodes and `exclude_nodes`
-        take nothing new; `keep_others`: other models' reservations keep their room (`planner.plan`)."""
+        take nothing new; `keep_others`: other models' reservations keep their room; `overheads`: each
+        model's, as the caller resolved it (`planner.plan`)."""
         return plan(
             self.inventory(),
             models,
@@ -588,6 +630,7 @@ class Ledger:
             managed_pids=self.managed_pids(),
             excluded_nodes=frozenset(self.stale_nodes(now)) | exclude_nodes,
             keep_others=keep_others,
+            overheads=overheads,
         )
 
     def state(self, now: float, node: str | None = None) -> VRAMState:
@@ -681,6 +724,8 @@ def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> dict[str
         "replica_id": held.replica_id,
         "model_id": held.model_id,
         "bytes": held.bytes,
+        "overhead_bytes": held.overhead_bytes,
+        "cap_bytes": held.cap_bytes,
         "pid": entry.pids[-1] if entry.pids else None,
         "pids": list(entry.pids),
         "used_bytes": sum(seen) if seen else None,

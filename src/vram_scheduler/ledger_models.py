@@ -86,7 +86,8 @@ class ReserveRequest(StrictModel):
 
     replica_id: str = Field(min_length=1)
     model_id: str = Field(min_length=1)
-    bytes: int = Field(gt=0, description="The replica's budget; the per-replica overhead comes on top.")
+    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
+    overhead_bytes: int | None = Field(default=None, ge=0, description="The model's overhead; None: the cluster's.")
     gpu_uuid: str | None = None
     owner: str | None = Field(default=None, pattern=ACTOR_ID_PATTERN, description="Ray actor id of the replica.")
 

@@ -37,12 +37,14 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from .config import DEFAULT_REPLICA_OVERHEAD_GB, GIB, ConfigError, format_gib
+from . import capacity
+from .config import GIB, ConfigError, format_gib, gib_to_bytes
 from .errors import RayVramError
 from .loopback import free_port
 from .nvml_usage import process_usage
 from .serving.engine_args import _flag
-from .serving.sizing import CPU_RUNTIME_BYTES, checkpoint_bytes
+from .serving.mps import client_env, node_pipe_dir
+from .serving.sizing import CPU_RUNTIME_BYTES, checkpoint_bytes, size_engine
 
 Device = Literal["cuda", "cpu"]
 MIB = 1024**2
@@ -289,9 +291,17 @@ class MeasureResult(BaseModel):
     load_seconds: float
     output_tokens_per_s: float
     sizing_floor_bytes: int = Field(description="CPU: weights + runtime allowance + KV cache the replica sizing needs.")
+    replica_run: ReplicaRun | None = Field(
+        default=None,
+        description="CUDA: the engine run as a replica runs it (share, MPS cap) at vram_gb, under the load.",
+    )
+    peak_over_share_bytes: int = Field(
+        description="Peak minus vram_gb: what the engine used beyond its share (CUDA: in the replica run)."
+    )
+    margin_gb: float = Field(description="What the recommended overhead leaves above that peak.")
     vram_gb: float = Field(description="The budget to declare per replica.")
-    replica_overhead_gb: float
-    reservation_gb: float = Field(description="What each replica costs when packed: vram_gb + replica_overhead_gb.")
+    overhead_gb: float = Field(description="The overhead to declare: peak over the share + the margin, up to 0.1 GiB.")
+    reservation_gb: float = Field(description="What each replica costs when packed: vram_gb + overhead_gb.")
     models_entry: dict[str, Any]
     snippet: str
 
@@ -301,7 +311,7 @@ def models_snippet(entry: dict[str, Any], reservation_gb: float, overhead_gb: fl
     import yaml
 
     body = yaml.safe_dump({"models": [entry]}, sort_keys=False, default_flow_style=None).rstrip()
-    note = f"# each replica reserves {reservation_gb:g} GiB (vram_gb + replica_overhead_gb {overhead_gb:g})"
+    note = f"# each replica reserves {reservation_gb:g} GiB (vram_gb + overhead_gb {overhead_gb:g})"
     return f"{note}\n{body}\n"
 
 
@@ -474,12 +484,13 @@ class EngineServer:
 
     model_source: str
     max_model_len: int
-    kv_cache_bytes: int
+    kv_cache_bytes: int | None
     device: Device
     log_path: Path
     gpu_uuid: str | None = None
     gpu_memory_utilization: float | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
@@ -495,9 +506,10 @@ class EngineServer:
             "max_model_len": self.max_model_len,
             "host": "127.0.0.1",
             "port": self.port,
-            "kv_cache_memory_bytes": self.kv_cache_bytes,
             "disable_uvicorn_access_log": True,
         }
+        if self.kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = self.kv_cache_bytes
         if self.gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         kwargs.update(self.engine_kwargs)
@@ -516,6 +528,7 @@ class EngineServer:
         else:
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as local mode does
         env.setdefault("HF_HUB_OFFLINE", "1" if Path(self.model_source).is_dir() else "0")
+        env.update(self.extra_env)
         return env
 
     def start(self) -> None:
@@ -617,6 +630,146 @@ async def drive_load(
     return result
 
 
+# ---------------------------------------------------------------- one engine run, and the replica run
+
+
+@dataclass
+class EngineRun:
+    """What one engine run under the load saw."""
+
+    sampler: FootprintSampler
+    load: LoadResult
+    start_s: float
+    idle_bytes: int
+
+
+def _run_engine(
+    server: EngineServer,
+    gpu: GPUInfo | None,
+    request: MeasureRequest,
+    num_prompts: int,
+    prompts: Callable[[], list[str]],
+    progress: Progress,
+) -> EngineRun:
+    """Start `server`, drive the load through it, and stop it; the footprint sampled throughout."""
+    sampler: FootprintSampler | None = None
+    try:
+        server.start()
+        assert server.proc is not None
+        sampler = FootprintSampler(
+            server.proc.pid, server.device, gpu.uuid if gpu else None, baseline_used=gpu.used_bytes if gpu else 0
+        ).start()
+        texts = prompts()
+        start_s = server.wait_ready(
+            request.start_timeout_s,
+            lambda s: progress.tick(f"starting vLLM… {s:.0f}s, footprint {format_size(sampler.last)}"),
+        )
+        time.sleep(2 * SAMPLE_INTERVAL_S)
+        idle = sampler.last
+        sampler.phase = "load"
+        progress.step(
+            f"engine ready in {start_s:g}s ({format_size(idle)}); sending {num_prompts} prompts of ≤ "
+            f"{request.max_model_len - request.max_tokens} tokens, {request.concurrency} at a time, "
+            f"{request.max_tokens} tokens each"
+        )
+
+        def done(r: LoadResult) -> None:
+            progress.tick(
+                f"load: {r.completed + r.failed}/{num_prompts} done ({r.failed} failed), "
+                f"footprint {format_size(sampler.last)}, peak {format_size(sampler.peak)}"
+            )
+
+        load = asyncio.run(drive_load(server.base_url, texts, request.concurrency, request.max_tokens, done))
+        time.sleep(2 * SAMPLE_INTERVAL_S)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        progress.step("stopping vLLM")
+        server.stop()
+    return EngineRun(sampler, load, start_s, idle)
+
+
+class ReplicaRun(BaseModel):
+    """The engine as a replica of budget `vram_gb` runs it: vLLM at the share budget / GPU total (no
+    KV cache in bytes: vLLM gives it what the share leaves), an MPS client capped at the reservation
+    where the node's MPS daemon runs."""
+
+    budget_bytes: int
+    gpu_memory_utilization: float
+    cap_bytes: int = Field(description="budget + the overhead derived from the weights, at most the GPU.")
+    mps_capped: bool = Field(description="Whether the engine ran as an MPS client under that cap.")
+    idle_bytes: int
+    peak_start_bytes: int
+    peak_load_bytes: int
+    peak_bytes: int
+    completed: int
+    failed: int
+    errors: list[str] = Field(default_factory=list)
+    start_seconds: float
+    load_seconds: float
+    load: LoadResult = Field(exclude=True)
+
+    model_config = {"arbitrary_types_allowed": True}
+
+
+def _replica_run(
+    model: ResolvedModel,
+    gpu: GPUInfo,
+    vram_bytes: int,
+    weights: int,
+    request: MeasureRequest,
+    num_prompts: int,
+    prompts: Callable[[], list[str]],
+    progress: Progress,
+) -> ReplicaRun:
+    """Run the engine sized the way a replica of `vram_bytes` is (`serving.sizing.size_engine`), with
+    the same MPS cap when the node's daemon runs (`serving.mps`), under the same load."""
+    model_id = request.model_id or model_id_for(request.model)
+    provisional = capacity.derived_overhead_bytes(weights)
+    budget = size_engine(model_id, vram_bytes, "cuda", gpu.total_bytes, weights, provisional)
+    cap = budget.cap_bytes or vram_bytes
+    pipe_dir = node_pipe_dir()
+    log_path = (request.log_path or Path(tempfile.mkdtemp(prefix="ray-vram-measure-")) / "vllm.log").with_suffix(
+        ".replica.log"
+    )
+    server = EngineServer(
+        model_source=model.source,
+        max_model_len=request.max_model_len,
+        kv_cache_bytes=None,
+        device="cuda",
+        log_path=log_path,
+        gpu_uuid=gpu.uuid,
+        gpu_memory_utilization=budget.gpu_memory_utilization,
+        engine_kwargs=request.engine_kwargs,
+        extra_env=client_env(pipe_dir, gpu.uuid, cap) if pipe_dir else {},
+    )
+    progress.step(
+        f"replica run: vram_gb {vram_bytes / GIB:g} as a replica runs it (gpu_memory_utilization "
+        f"{budget.gpu_memory_utilization}), "
+        + (f"MPS-capped at {format_gib(cap)}" if pipe_dir else "no MPS daemon (not capped)")
+        + f" (log: {log_path})"
+    )
+    run = _run_engine(server, gpu, request, num_prompts, prompts, progress)
+    peak = run.sampler.peak
+    progress.step(f"replica run: peak {format_size(peak)}, {format_size(peak - vram_bytes)} over the share")
+    return ReplicaRun(
+        budget_bytes=vram_bytes,
+        gpu_memory_utilization=budget.gpu_memory_utilization or 0.0,
+        cap_bytes=cap,
+        mps_capped=pipe_dir is not None,
+        idle_bytes=run.idle_bytes,
+        peak_start_bytes=run.sampler.peaks.get("start", 0),
+        peak_load_bytes=run.sampler.peaks.get("load", 0),
+        peak_bytes=peak,
+        completed=run.load.completed,
+        failed=run.load.failed,
+        errors=run.load.errors,
+        start_seconds=run.start_s,
+        load_seconds=run.load.seconds,
+        load=run.load,
+    )
+
+
 # ---------------------------------------------------------------- the whole measurement
 
 
@@ -634,6 +787,7 @@ class MeasureRequest:
     start_timeout_s: float = 1200.0
     log_path: Path | None = None
     seed: int = 0
+    replica_run: bool = True
 
 
 @dataclass
@@ -743,55 +897,39 @@ def measure(request: MeasureRequest, progress: Progress | None = None) -> Measur
     )
     where = f"GPU {gpu.index} {gpu.name} ({gpu.uuid})" if gpu else "CPU"
     progress.step(
-        f"starting vLLM on {where}: KV cache {format_size(kv_bytes)} for {request.concurrency} × "
+        f"sizing run on {where}: KV cache {format_size(kv_bytes)} for {request.concurrency} × "
         f"{request.max_model_len} tokens (log: {log_path})"
     )
-    sampler: FootprintSampler | None = None
-    try:
-        server.start()
-        assert server.proc is not None
-        sampler = FootprintSampler(
-            server.proc.pid, device, gpu.uuid if gpu else None, baseline_used=gpu.used_bytes if gpu else 0
-        ).start()
-        # Built while the engine starts (loading the tokenizer takes a while too).
-        prompt_tokens = request.max_model_len - request.max_tokens
-        prompts = _prompts(model, num_prompts, prompt_tokens, request.seed)
-        start_s = server.wait_ready(
-            request.start_timeout_s,
-            lambda s: progress.tick(f"starting vLLM… {s:.0f}s, footprint {format_size(sampler.last)}"),
-        )
-        time.sleep(2 * SAMPLE_INTERVAL_S)
-        idle = sampler.last
-        sampler.phase = "load"
-        progress.step(
-            f"engine ready in {start_s:g}s ({format_size(idle)}); sending {num_prompts} prompts of ≤ "
-            f"{prompt_tokens} tokens, {request.concurrency} at a time, {request.max_tokens} tokens each"
-        )
+    prompt_tokens = request.max_model_len - request.max_tokens
+    prompts: list[str] = []
 
-        def done(r: LoadResult) -> None:
-            progress.tick(
-                f"load: {r.completed + r.failed}/{num_prompts} done ({r.failed} failed), "
-                f"footprint {format_size(sampler.last)}, peak {format_size(sampler.peak)}"
-            )
+    def build_prompts_once() -> list[str]:
+        if not prompts:  # built while the first engine starts (loading the tokenizer takes a while too)
+            prompts.extend(_prompts(model, num_prompts, prompt_tokens, request.seed))
+        return prompts
 
-        load = asyncio.run(drive_load(server.base_url, prompts, request.concurrency, request.max_tokens, done))
-        time.sleep(2 * SAMPLE_INTERVAL_S)
-    finally:
-        if sampler is not None:
-            sampler.stop()
-        progress.step("stopping vLLM")
-        server.stop()
+    sizing = _run_engine(server, gpu, request, num_prompts, build_prompts_once, progress)
+    load = sizing.load
 
     weights = checkpoint_bytes(model.directory)
-    peak = sampler.peak
+    peak = sizing.sampler.peak
     floor = weights + CPU_RUNTIME_BYTES + kv_bytes if device == "cpu" else 0
     vram_gb = recommend_vram_gb(device, peak, floor)
-    overhead_gb = DEFAULT_REPLICA_OVERHEAD_GB
-    reservation_gb = round(vram_gb + overhead_gb, 3)
+    vram_bytes = gib_to_bytes(vram_gb)
+    replica: ReplicaRun | None = None
+    if gpu is not None and request.replica_run:
+        replica = _replica_run(model, gpu, vram_bytes, weights, request, num_prompts, build_prompts_once, progress)
+        load = replica.load if replica.load.failed else load
+        peak_over_share = replica.peak_bytes - vram_bytes
+    else:  # a CPU replica runs the way the sizing run did: its KV cache in bytes
+        peak_over_share = peak - vram_bytes
+    overhead_gb = capacity.recommend_overhead_gb(peak_over_share)
+    reservation_gb = capacity.reservation_gb(vram_gb, overhead_gb)
     entry: dict[str, Any] = {
         "model_id": model_id,
         "model": request.model,
         "vram_gb": vram_gb,
+        "overhead_gb": overhead_gb,
         "max_model_len": request.max_model_len,
     }
     if request.engine_kwargs:
@@ -813,21 +951,27 @@ def measure(request: MeasureRequest, progress: Progress | None = None) -> Measur
         weights_bytes=weights,
         kv_cache_bytes=kv_bytes,
         gpu_memory_utilization=utilization,
-        footprint_source=sampler.source,
-        idle_bytes=idle,
-        peak_start_bytes=sampler.peaks.get("start", 0),
-        peak_load_bytes=sampler.peaks.get("load", 0),
+        footprint_source=sizing.sampler.source,
+        idle_bytes=sizing.idle_bytes,
+        peak_start_bytes=sizing.sampler.peaks.get("start", 0),
+        peak_load_bytes=sizing.sampler.peaks.get("load", 0),
         peak_bytes=peak,
         completed=load.completed,
         failed=load.failed,
         errors=load.errors,
-        start_seconds=start_s,
+        start_seconds=sizing.start_s,
         load_seconds=load.seconds,
         output_tokens_per_s=round(load.output_tokens / load.seconds, 1) if load.seconds else 0.0,
         sizing_floor_bytes=floor,
+        replica_run=replica,
+        peak_over_share_bytes=peak_over_share,
+        margin_gb=capacity.MARGIN_GB,
         vram_gb=vram_gb,
-        replica_overhead_gb=overhead_gb,
+        overhead_gb=overhead_gb,
         reservation_gb=reservation_gb,
         models_entry=entry,
         snippet=models_snippet(entry, reservation_gb, overhead_gb),
     )
+
+
+MeasureResult.model_rebuild()

@@ -6,19 +6,26 @@ is derived the way vLLM derives it (the smallest of the usual length keys of the
 scaled by a RoPE factor where vLLM scales it, capped by the tokenizer's `model_max_length`), from
 files only: a local directory, the generated demo model, or the Hugging Face cache. Where the
 config cannot be read without downloading, the check is left to the replica, which may download.
+
+The same files tell the size of the model's weights, from which a model without a measured
+`overhead_gb` gets its overhead (`capacity.resolve_overhead`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from .config import ConfigError, ModelSpec
+from . import capacity
+from .config import ConfigError, ModelSpec, PlacementSettings
+from .contract import ResolvedSizes
 from .demo_model import demo_model_dir, is_demo_model
+from .serving.sizing import checkpoint_bytes
 
 #: The original design's default, kept for models that allow at least as much.
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -157,3 +164,39 @@ def effective_max_model_len(spec: ModelSpec, download: bool = False) -> int:
             ],
         )
     return spec.max_model_len
+
+
+def weights_bytes(model: str) -> int | None:
+    """Bytes of the model's weight files where they can be read without downloading; None otherwise."""
+    directory = _local_files(model)
+    found = checkpoint_bytes(directory) if directory is not None else 0
+    return found or None
+
+
+def resolve_overheads(specs: Iterable[ModelSpec], settings: PlacementSettings) -> dict[str, capacity.Overhead]:
+    """Each model's overhead and where it came from (`capacity.resolve_overhead`), by model id; a
+    model's weights are read only when neither it nor `settings` states an overhead."""
+    out = {}
+    for spec in specs:
+        weights = None if capacity.overhead_stated(spec, settings) else weights_bytes(spec.model)
+        out[spec.model_id] = capacity.resolve_overhead(spec, settings, weights)
+    return out
+
+
+def resolve_model(spec: ModelSpec, settings: PlacementSettings) -> tuple[ModelSpec, ResolvedSizes]:
+    """The model resolved once from its files where they can be read without downloading: the spec
+    its replicas get (with the effective `max_model_len` when known) and the sizes to record.
+    Raises `ConfigError` for a `max_model_len` over the model's maximum."""
+    known = spec.max_model_len is not None or model_limit(spec.model) is not None
+    length = effective_max_model_len(spec) if known else None
+    weights = weights_bytes(spec.model)
+    overhead = capacity.resolve_overhead(spec, settings, weights)
+    sizes = ResolvedSizes(
+        max_model_len=length,
+        budget_bytes=spec.vram_bytes,
+        overhead_bytes=overhead.bytes,
+        overhead_from=overhead.describe(),
+        reservation_bytes=capacity.reservation_bytes(spec.vram_bytes, overhead.bytes),
+        weights_bytes=weights,
+    )
+    return (spec.model_copy(update={"max_model_len": length}) if length else spec), sizes

@@ -5,7 +5,7 @@ no NVML, no I/O — so it can be tested exhaustively and benchmarked.
 
 Rules:
 - capacity is per GPU: a GPU's room is its total minus memory used by processes ray-vram
-  does not manage minus every reservation on it (each with the per-replica overhead);
+  does not manage minus every reservation on it (budget + the model's overhead, `capacity`);
 - existing reservations never move; those of removed models, of a changed budget, or beyond a
   lowered replica count are listed for release (highest replica numbers first); with
   `keep_others`, the models planned are some of the cluster's, not all of it (one Serve
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from .config import ModelSpec, PlacementSettings, StrictModel, format_gib, gib_to_bytes
+from . import capacity
+from .config import ModelSpec, PlacementSettings, StrictModel, format_gib
 from .inventory import GPUInfo, Inventory
 
 
@@ -39,7 +40,16 @@ class Reservation(StrictModel):
     node: str
     gpu_uuid: str
     gpu_index: int = Field(ge=0)
-    bytes: int = Field(gt=0, description="The replica's budget; the per-replica overhead comes on top.")
+    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
+    overhead_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="The model's overhead, held beside the budget (None: a record from before overheads were "
+        "per reservation; the cluster's setting applies).",
+    )
+    cap_bytes: int | None = Field(
+        default=None, gt=0, description="The engine's hard cap (MPS): budget + overhead, at most the GPU's total."
+    )
 
 
 class Unplaced(StrictModel):
@@ -47,7 +57,7 @@ class Unplaced(StrictModel):
 
     model_id: str
     count: int = Field(ge=1, description="How many requested replicas did not fit.")
-    need_bytes: int = Field(description="Budget plus per-replica overhead.")
+    need_bytes: int = Field(description="Budget plus the model's overhead.")
     largest_free_bytes: int
     largest_free_gpu: str | None = Field(description="'node N, GPU i' holding the largest free slot.")
     too_big: bool = Field(
@@ -133,8 +143,13 @@ def plan(
     managed_pids: frozenset[int] = frozenset(),
     excluded_nodes: frozenset[str] = frozenset(),
     keep_others: bool = False,
+    overheads: Mapping[str, int] | None = None,
 ) -> Plan:
     """Place every requested replica that fits; explain the rest.
+
+    `overheads`: each model's overhead in bytes, as its caller resolved it (`capacity.resolve_overhead`,
+    from the model's files); a model missing there gets its own `overhead_gb`, the cluster's setting
+    or the default.
 
     `excluded_nodes` (stale or draining nodes) keep their reservations but take no new ones.
     `keep_others`: reservations of models not in `models` are someone else's (another application's),
@@ -142,8 +157,12 @@ def plan(
     the whole desired state and such reservations are listed for release.
     """
     settings = settings or PlacementSettings()
-    overhead = gib_to_bytes(settings.replica_overhead_gb)
     specs = {spec.model_id: spec for spec in models}
+    given = overheads or {}
+    overhead = {
+        model_id: given[model_id] if model_id in given else capacity.resolve_overhead(spec, settings).bytes
+        for model_id, spec in specs.items()
+    }
 
     slots = {
         gpu.uuid: _Slot(gpu=gpu, free=0, reserved=0, unmanaged=gpu.unmanaged_bytes(managed_pids))
@@ -152,7 +171,10 @@ def plan(
     kept, release, others = _split_existing(existing, specs, slots, keep_others)
     for reservation in [*kept, *others]:
         slot = slots[reservation.gpu_uuid]
-        slot.reserved += reservation.bytes + overhead
+        held = reservation.overhead_bytes
+        if held is None:
+            held = overhead.get(reservation.model_id, capacity.placement_overhead_bytes(settings))
+        slot.reserved += capacity.reservation_bytes(reservation.bytes, held)
         slot.replicas.append(reservation.replica_id)
     for slot in slots.values():
         slot.free = slot.gpu.total_bytes - slot.unmanaged - slot.reserved
@@ -164,7 +186,9 @@ def plan(
         taken_numbers[reservation.model_id].add(replica_number(reservation.replica_id))
         counts[reservation.model_id] += 1
 
-    needs = {model_id: spec.vram_bytes + overhead for model_id, spec in specs.items()}
+    needs = {
+        model_id: capacity.reservation_bytes(spec.vram_bytes, overhead[model_id]) for model_id, spec in specs.items()
+    }
     fixed = [s for s in specs.values() if not s.max_replicas]
     pending = {s.model_id: max(0, s.replicas - counts[s.model_id]) for s in fixed}
     # Fixed-count replicas: run each strategy on a scratch packer and keep the one that places
@@ -206,6 +230,8 @@ def plan(
                 gpu_uuid=uuid,
                 gpu_index=slot.gpu.index,
                 bytes=specs[model_id].vram_bytes,
+                overhead_bytes=overhead[model_id],
+                cap_bytes=capacity.cap_bytes(specs[model_id].vram_bytes, overhead[model_id], slot.gpu.total_bytes),
             )
         )
 
@@ -217,7 +243,7 @@ def plan(
             missing[spec.model_id] = spec.replicas - counts[spec.model_id]
 
     unplaced = [
-        _explain(specs[model_id], count, overhead, open_slots, slots.values(), excluded_nodes)
+        _explain(specs[model_id], count, overhead[model_id], open_slots, slots.values(), excluded_nodes)
         for model_id, count in sorted(missing.items())
     ]
     gpus = [
@@ -390,7 +416,7 @@ def _explain(
     all_slots: Iterable[_Slot],
     excluded_nodes: frozenset[str],
 ) -> Unplaced:
-    need = spec.vram_bytes + overhead
+    need = capacity.reservation_bytes(spec.vram_bytes, overhead)
     need_text = f"{format_gib(need)} per replica ({spec.vram_gb:g} GiB budget + {format_gib(overhead)} overhead)"
     eligible = [s for s in open_slots if _eligible(spec, s)]
     all_list = list(all_slots)

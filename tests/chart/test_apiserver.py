@@ -238,7 +238,7 @@ def test_monitoring_objects_appear_with_the_prometheus_operator_api(cluster: Clu
             assert cluster.exists(namespace, kind, name), f"{kind} missing although the API exists"
         rule = cluster.get(namespace, "prometheusrule", "mon-ray-vram")
         alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
-        assert "RayVRAMReplicaOverBudget" in alerts
+        assert "RayVRAMReplicaOverReservation" in alerts
         cluster.helm("uninstall", "mon", "-n", namespace)
     finally:
         cluster.kubectl("delete", "crd", "--ignore-not-found", *(c["metadata"]["name"] for c in crds))

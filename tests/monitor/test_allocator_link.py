@@ -76,7 +76,7 @@ def actor_state(actor_id: str) -> str:
 
 def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inventory, monitors) -> None:
     allocator = get_vram_allocator()
-    ray.get(allocator.configure.remote({"stale_after_s": 3, "reclaim_interval_s": 1}))  # the default overhead
+    ray.get(allocator.configure.remote({"stale_after_s": 3, "reclaim_interval_s": 1, "replica_overhead_gb": 2}))
     processes = [{"pid": HONEST_PID, "used_bytes": 3 * GIB}, {"pid": GREEDY_PID, "used_bytes": 5 * GIB}]
     path = write_inventory(inventory_yaml(processes=processes, used_gb=10))
     monitor = Monitor(
@@ -113,6 +113,8 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
     )
     labels = {"node": "ci-node", "gpu": "1"}
     assert value(samples, "ray_vram_replica_budget_bytes", replica="honest-0", model_id="honest", **labels) == 4 * GIB
+    # the reservation (budget + overhead) is what the watchdog judges: greedy uses 5 of its 2 + 2
+    assert value(samples, "ray_vram_replica_reservation_bytes", replica="greedy-0", **labels) == 4 * GIB
     assert value(samples, "ray_vram_replica_used_bytes", replica="honest-0", **labels) == 3 * GIB
     assert value(samples, "ray_vram_replica_used_bytes", replica="greedy-0", **labels) == 5 * GIB
     assert value(samples, "ray_vram_gpu_unmanaged_bytes", **labels) == 2 * GIB, "10 GiB used, 8 GiB by replicas"

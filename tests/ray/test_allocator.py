@@ -76,6 +76,7 @@ class Replica:
 
 def test_contract_round_trip(allocator) -> None:
     assert ray.get(allocator.ping.remote()) == "pong"
+    ray.get(allocator.configure.remote({"replica_overhead_gb": 2}))
     ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24, 16)))
     placed = ray.get(allocator.reserve.remote("m-0", "m", 10 * GIB))
     assert placed == {
@@ -85,6 +86,8 @@ def test_contract_round_trip(allocator) -> None:
         "gpu_uuid": "GPU-gpu-a-1",
         "gpu_index": 1,
         "bytes": 10 * GIB,
+        "overhead_bytes": 2 * GIB,  # the cluster's, as the request named none
+        "cap_bytes": 12 * GIB,
     }
     assert ray.get(allocator.reserve.remote("m-0", "m", 10 * GIB)) == placed
     with pytest.raises(ReservationError) as caught:
@@ -98,11 +101,13 @@ def test_contract_round_trip(allocator) -> None:
     state = ray.get(allocator.get_vram_state.remote())
     json.dumps(state)  # plain JSON all the way down
     gpu = state["gpus"][1]
-    assert (gpu["reserved_bytes"], gpu["free_bytes"]) == (12 * GIB, 4 * GIB)  # budget 10 + the default overhead 2
+    assert (gpu["reserved_bytes"], gpu["free_bytes"]) == (12 * GIB, 4 * GIB)  # budget 10 + the overhead 2
     assert gpu["replicas"][0] | {"owner": None} == {
         "replica_id": "m-0",
         "model_id": "m",
         "bytes": 10 * GIB,
+        "overhead_bytes": 2 * GIB,
+        "cap_bytes": 12 * GIB,
         "pid": 4242,
         "pids": [4242],
         "used_bytes": None,
@@ -112,6 +117,10 @@ def test_contract_round_trip(allocator) -> None:
     assert [r["replica_id"] for r in result["kept"]] == ["m-0"]
     assert [r["gpu_uuid"] for r in result["new"]] == ["GPU-gpu-a-0", "GPU-gpu-a-0"]
     assert ray.get(allocator.reservations.remote()) == [placed]  # planning reserves nothing
+    # a replica's own overhead (the one its model resolved to) is held, and caps it, whatever the cluster's
+    own = ray.get(allocator.reserve.remote("o-0", "o", 4 * GIB, "GPU-gpu-a-0", None, int(2.4 * GIB)))
+    assert (own["overhead_bytes"], own["cap_bytes"]) == (int(2.4 * GIB), 4 * GIB + int(2.4 * GIB))
+    assert ray.get(allocator.release.remote("o-0")) is True
 
     assert ray.get(allocator.release.remote("m-0")) is True
     assert ray.get(allocator.release.remote("m-0")) is False
@@ -148,7 +157,7 @@ def test_get_vram_allocator_is_race_safe(allocator, forget_allocator) -> None:
 
 
 def test_stale_node_gets_no_new_reservations(allocator) -> None:
-    ray.get(allocator.configure.remote({"stale_after_s": 2.0}))
+    ray.get(allocator.configure.remote({"stale_after_s": 2.0, "replica_overhead_gb": 2}))
 
     def publish_a() -> None:  # only gpu-a keeps publishing
         ray.get(allocator.update_inventory.remote(node_inventory("gpu-a", 24)))
@@ -170,7 +179,7 @@ def test_stale_node_gets_no_new_reservations(allocator) -> None:
     publish_a()
     assert ray.get(allocator.reserve.remote("k-1", "k", GIB))["node"] == "gpu-a"
     publish_a()
-    # 24 − (1 + the default 2 GiB overhead) on gpu-a; gpu-b's 48 GiB free are stale and not offered.
+    # 24 − (1 + the 2 GiB overhead) on gpu-a; gpu-b's 48 GiB free are stale and not offered.
     with pytest.raises(ReservationError, match=r"largest free slot is 21\.00 GiB on node gpu-a, GPU 0"):
         ray.get(allocator.reserve.remote("k-2", "k", 30 * GIB))
     publish_a()

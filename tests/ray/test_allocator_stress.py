@@ -16,14 +16,15 @@ import pytest
 import ray
 
 from vram_scheduler.allocator import ReservationError, get_vram_allocator
-from vram_scheduler.config import DEFAULT_REPLICA_OVERHEAD_GB, GIB, gib_to_bytes
+from vram_scheduler.capacity import DEFAULT_OVERHEAD_GB
+from vram_scheduler.config import GIB, gib_to_bytes
 
 pytestmark = pytest.mark.slow
 
 CLIENT_ACTORS = 4
 THREADS = 8  # per client actor: 32 concurrent clients
 OPERATIONS = 2000
-OVERHEAD_GB = DEFAULT_REPLICA_OVERHEAD_GB
+OVERHEAD_GB = DEFAULT_OVERHEAD_GB
 # Two nodes of mixed GPUs (GiB), one with memory used by something ray-vram does not manage.
 NODES = {"gpu-a": [24, 16, 8], "gpu-b": [80, 12]}
 UNMANAGED_GB = {"GPU-gpu-b-1": 2.5}

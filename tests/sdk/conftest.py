@@ -23,7 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[stack.LocalStack]:
-    with stack.LocalStack([stack.demo_model_spec(MODEL, router_name=ALIAS)]) as running:
+    # A 2 GiB overhead for every model (placement.replica_overhead_gb), so the SDK tests' arithmetic is
+    # round; the overhead derived from the weights is exercised by tests/serving/test_queue.py.
+    placement = {"replica_overhead_gb": 2}
+    with stack.LocalStack(
+        [stack.demo_model_spec(MODEL, router_name=ALIAS)], values={"placement": placement}
+    ) as running:
         yield running
 
 

@@ -45,6 +45,8 @@ def test_vram_state_is_typed_and_json_serialisable(local_stack: stack.LocalStack
     assert [(g.index, g.total_bytes) for g in state.gpus] == [(0, 8 * GIB), (1, 4 * GIB)]
     (replica,) = state.gpus[1].replicas
     assert (replica.replica_id, replica.bytes) == ("tiny-0", int(1.5 * GIB))
+    # the stack's placement.replica_overhead_gb (2): held beside the budget, and the engine's cap
+    assert (replica.overhead_bytes, replica.cap_bytes) == (2 * GIB, int(3.5 * GIB))
     assert state.gpus[1].free_bytes == int(0.5 * GIB)  # 4 − (1.5 + 2)
     assert VRAMState.model_validate(json.loads(json.dumps(state.model_dump()))) == state
 
@@ -55,18 +57,27 @@ def test_display_shows_every_gpu_and_the_models(local_stack: stack.LocalStack) -
         scheduler.display_vram_state(console)
     text = console.file.getvalue()
     assert "NVIDIA Test 8GB" in text and "NVIDIA Test 4GB" in text
-    assert "tiny-0 1.50" in text and "1/1 ready" in text
+    assert "tiny-0 1.50+2.00" in text and "1/1 ready" in text  # no use known (a declared inventory): no verdict
+    # the models table: what the controller resolved (overhead and where it came from, max_model_len)
+    assert "1.5 + 2.00 (placement.replica_overhead_gb)" in text and "│ 512 " in text
 
 
-def test_over_budget_is_red(local_stack: stack.LocalStack) -> None:
+def test_over_reservation_is_red_over_budget_is_not(local_stack: stack.LocalStack) -> None:
     with VRAMScheduler(local_stack.controller) as scheduler:
         state = scheduler.get_vram_state()
     gpu = state.gpus[1]
-    over = gpu.model_copy(update={"replicas": [gpu.replicas[0].model_copy(update={"used_bytes": 2 * GIB})]})
-    console = Console(file=io.StringIO(), width=160, force_terminal=True, color_system="standard")
-    console.print(render_vram(state.model_copy(update={"gpus": [state.gpus[0], over]})))
-    text = console.file.getvalue()
-    assert "OVER" in text and "\x1b[1;31m" in text  # bold red
+    replica = gpu.replicas[0]
+
+    def shown(used: int) -> str:
+        using = gpu.model_copy(update={"replicas": [replica.model_copy(update={"used_bytes": used})]})
+        console = Console(file=io.StringIO(), width=160, force_terminal=True, color_system="standard")
+        console.print(render_vram(state.model_copy(update={"gpus": [state.gpus[0], using]})))
+        return console.file.getvalue()
+
+    normal = shown(2 * GIB)  # over its 1.5 GiB budget, within budget + overhead: how a CUDA engine runs
+    assert "within reservation" in normal and "\x1b[1;31m" not in normal
+    over = shown(4 * GIB)
+    assert "over reservation by" in over and "\x1b[1;31m" in over  # bold red
 
 
 def test_model_that_does_not_fit_is_refused_before_deploying(local_stack: stack.LocalStack) -> None:

@@ -8,9 +8,11 @@ import json
 import pytest
 from conftest import run_cli
 
-from vram_scheduler.config import DEFAULT_REPLICA_OVERHEAD_GB, GIB, ModelSpec
+from vram_scheduler import capacity
+from vram_scheduler.config import GIB, ModelSpec
 from vram_scheduler.measure import (
     CUDA_CONTEXT_BYTES,
+    EngineServer,
     build_prompts,
     check_workload,
     error_lines,
@@ -22,7 +24,8 @@ from vram_scheduler.measure import (
     recommend_vram_gb,
     round_up_gb,
 )
-from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES
+from vram_scheduler.serving.mps import client_env
+from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, size_engine
 
 MIB = 2**20
 #: The generated demo model's config.json (what matters of it).
@@ -212,10 +215,17 @@ def test_measure_demo_model_on_cpu(tmp_path) -> None:
     assert result["vram_gb"] * GIB >= result["peak_bytes"]
     assert result["vram_gb"] * GIB >= result["sizing_floor_bytes"]
     assert result["vram_gb"] % 0.5 == 0
-    assert result["reservation_gb"] == pytest.approx(result["vram_gb"] + DEFAULT_REPLICA_OVERHEAD_GB)
+    # a CPU replica runs as the sizing run did (KV cache in bytes): the peak over its budget is that
+    # run's, and the overhead covers it with the margin
+    assert result["replica_run"] is None
+    assert result["peak_over_share_bytes"] == result["peak_bytes"] - round(result["vram_gb"] * GIB)
+    assert result["overhead_gb"] == capacity.recommend_overhead_gb(result["peak_over_share_bytes"])
+    assert result["overhead_gb"] * GIB >= result["peak_over_share_bytes"] + capacity.MARGIN_GB * GIB
+    assert result["reservation_gb"] == pytest.approx(result["vram_gb"] + result["overhead_gb"])
     entry = result["models_entry"]
     spec = ModelSpec(**entry)  # the printed entry is valid configuration
     assert spec.vram_gb == result["vram_gb"] and spec.max_model_len == 512
+    assert spec.overhead_gb == result["overhead_gb"]
     assert "models:" in result["snippet"] and f"vram_gb: {result['vram_gb']}" in result["snippet"]
     # the server's log was kept where asked, and its process group is gone
     assert "kv_cache_memory_bytes" in (tmp_path / "vllm.log").read_text()
@@ -230,3 +240,24 @@ def test_engine_that_fails_to_start_exits_1_with_vllms_own_error(tmp_path) -> No
     assert done.returncode == 1, done.stderr
     assert "exited with code" in done.stderr and "Cannot find the config file for awq" in done.stderr
     assert "Traceback" not in done.stderr and str(tmp_path / "vllm.log") in done.stderr
+
+
+def test_the_replica_run_sizes_the_engine_as_a_replica_does(tmp_path) -> None:
+    """The second run: vLLM at the replica's share (no KV cache in bytes), an MPS client at the cap."""
+    share = size_engine("m", 10 * GIB, "cuda", 80 * GIB, 3 * GIB, capacity.derived_overhead_bytes(3 * GIB))
+    assert share.cap_bytes == capacity.cap_bytes(10 * GIB, capacity.derived_overhead_bytes(3 * GIB), 80 * GIB)
+    server = EngineServer(
+        model_source="/models/m",
+        max_model_len=512,
+        kv_cache_bytes=None,
+        device="cuda",
+        log_path=tmp_path / "vllm.log",
+        gpu_uuid="GPU-1",
+        gpu_memory_utilization=share.gpu_memory_utilization,
+        extra_env=client_env("/run/mps", "GPU-1", share.cap_bytes or 0),
+    )
+    argv = " ".join(server.argv())
+    assert "kv-cache-memory-bytes" not in argv and f"{share.gpu_memory_utilization}" in argv
+    env = server.env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-1" and env["CUDA_MPS_PIPE_DIRECTORY"] == "/run/mps"
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"GPU-1={(share.cap_bytes or 0) // MIB}M"

@@ -72,7 +72,7 @@ def test_the_original_quick_start_runs_as_written(controller_env: dict[str, str]
         for block in blocks:
             run_block(block, namespace)
         output = capsys.readouterr().out
-        assert "my-model-0" in output and "max-llm-0" in output and "OVER" not in output
+        assert "my-model-0" in output and "max-llm-0" in output and "over reservation" not in output
         assert isinstance(namespace["results"], list) and len(namespace["results"]) == 3
         assert type(namespace["result"]).__name__ == "Response"
     finally:
@@ -103,7 +103,7 @@ def test_every_python_example_of_the_readme_runs_as_written(
         for block in sdk:
             run_block(block, namespace)
         output = capsys.readouterr().out
-        assert "qwen: 1 replica(s) ready" in output and "OVER" not in output
+        assert "qwen: 1 replica(s) ready" in output and "over reservation" not in output
         assert namespace["state"].gpus and namespace["event"].done
     finally:
         shutdown("qwen")

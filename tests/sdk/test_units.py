@@ -14,7 +14,9 @@ from vram_scheduler.config import ModelSpec, PlacementSettings, gib_to_bytes
 from vram_scheduler.contract import GPUState, ReplicaState, VRAMState
 
 GIB = 1024**3
-OVERHEAD = gib_to_bytes(PlacementSettings().replica_overhead_gb)  # 2 GiB by default
+#: The cluster's overhead in these states (replica states without their own take it).
+SETTINGS = PlacementSettings(replica_overhead_gb=2)
+OVERHEAD = gib_to_bytes(2)
 
 
 def test_public_api_imports_neither_ray_nor_vllm() -> None:
@@ -62,7 +64,7 @@ def state(*gpus: GPUState) -> VRAMState:
         stale_nodes=[],
         orphaned=[],
         startup_locks={},
-        settings=PlacementSettings(),
+        settings=SETTINGS,
     )
 
 

@@ -119,9 +119,9 @@ def stack() -> Iterator[Stack]:
 
 
 @contextmanager
-def running_stack(models: list[dict[str, Any]]) -> Iterator[Stack]:
+def running_stack(models: list[dict[str, Any]], serving: dict[str, Any] | None = None) -> Iterator[Stack]:
     """Ray (local, in this process), Serve, the monitor on the declared inventory, the controller and
-    `models` deployed and ready; all stopped on exit."""
+    `models` deployed and ready (with `serving` settings beside host and port); all stopped on exit."""
     import ray
 
     from vram_scheduler.allocator import NAMESPACE
@@ -131,7 +131,9 @@ def running_stack(models: list[dict[str, Any]]) -> Iterator[Stack]:
     for name in sorted({m["model"] for m in models} & set(DEMO_MODELS)):
         ensure_demo_model(kind=DEMO_MODELS[name])
     port, metrics_port = free_port(), free_port()
-    config = parse_config({"models": models, "serving": {"host": "127.0.0.1", "port": port}}, "serving tests")
+    config = parse_config(
+        {"models": models, "serving": {**(serving or {}), "host": "127.0.0.1", "port": port}}, "serving tests"
+    )
     ray.init(
         address="local",
         namespace=NAMESPACE,

@@ -213,7 +213,7 @@ def call(router: OpenAIRouter, method: str, path: str, **kwargs: object) -> http
 
 
 def test_router_answers_for_itself() -> None:
-    router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None))
+    router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None, max_queued_requests=0))
     models = (
         RoutedModel(model_id="a", names=["a", "b"], max_tokens=7),
         RoutedModel(model_id="c", names=["c"], max_tokens=7),
@@ -234,6 +234,7 @@ def test_router_answers_for_itself() -> None:
     busy = call(router, "POST", "/v1/chat/completions", json={"model": "b", "messages": []})
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
     assert "capacity" in busy.json()["error"]["message"]
+    assert "the queue is full (0 of 0 waiting, serving.max_queued_requests)" in busy.json()["error"]["message"]
     router.registry.replicas["a-0"].inflight = 0
     dead = call(router, "POST", "/v1/completions", json={"model": "a", "prompt": "x"})
     assert dead.status_code == 503  # port 9 refuses: the replica is dropped, none is left
@@ -617,3 +618,32 @@ def test_a_serve_config_race_is_retried_and_other_errors_are_not() -> None:
 
     with pytest.raises(ValueError, match="num_replicas"):
         serve_race_retried(broken)
+
+
+def test_a_request_beyond_capacity_waits_in_the_queue_then_gets_429() -> None:
+    """At max_ongoing_requests a request queues; it is refused with 429 and Retry-After when the
+    queue is full (at once) or when no slot frees within max_queue_wait_s."""
+    registry = Registry()
+    registry.sync(table(1, endpoint("a-0", ["a"], limit=1)))
+    registry.replicas["a-0"].inflight = 1
+
+    async def scenario() -> tuple[object, object, object]:
+        first = asyncio.ensure_future(registry.wait("a", set(), max_queued=1, max_wait_s=30))
+        await asyncio.sleep(0.05)
+        assert registry.queued("a") == 1
+        full = await registry.wait("a", set(), max_queued=1, max_wait_s=30)  # the queue is full: at once
+        registry.replicas["a-0"].inflight = 0  # a slot frees: the queued request takes it
+        got = await first
+        assert registry.queued("a") == 0
+        registry.replicas["a-0"].inflight = 1
+        late = await registry.wait("a", set(), max_queued=1, max_wait_s=0.05)  # no slot in time
+        return full, got, late
+
+    full, got, late = asyncio.run(scenario())
+    assert full is None and got is registry.replicas["a-0"] and late is None
+    router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None, max_queue_wait_s=0.05))
+    router.registry.sync(table(1, endpoint("a-0", ["a"], limit=1)))
+    router.registry.replicas["a-0"].inflight = 1
+    busy = call(router, "POST", "/v1/completions", json={"model": "a", "prompt": "x"})
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert "no room within 0.05s in the queue (serving.max_queue_wait_s)" in busy.json()["error"]["message"]

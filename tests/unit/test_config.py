@@ -29,7 +29,8 @@ def test_minimal_model_gets_documented_defaults() -> None:
     # max_model_len None: 8192 or the model's own maximum, resolved where the model's files are (model_limits)
     assert (spec.replicas, spec.max_replicas, spec.max_model_len, spec.max_tokens) == (1, False, None, 256)
     assert spec.vram_bytes == 4 * GIB
-    assert config.placement.replica_overhead_gb == 2.0
+    assert config.placement.replica_overhead_gb is None  # each model's own, else derived (capacity)
+    assert config.models[0].overhead_gb is None
 
 
 def test_unknown_key_in_model_is_named_with_its_value() -> None:
@@ -106,7 +107,7 @@ def test_vram_larger_than_any_gpu_names_model_need_and_largest() -> None:
     )
     models = [model(vram_gb=2), model(model_id="big", vram_gb=24), model(model_id="brim", vram_gb=22)]
     config = parse_config({"models": models})  # brim: 22 + 2 fills the 24 GiB GPU exactly, so it fits
-    result = plan(inventory, config.models, settings=PlacementSettings())
+    result = plan(inventory, config.models, settings=PlacementSettings(replica_overhead_gb=2))
     assert [(u.model_id, u.too_big) for u in result.unplaced] == [("big", True)]
     assert result.unplaced[0].largest_gpu == "GPU, 24.00 GiB on node a, GPU 0"
     assert result.unplaced[0].reason == (
@@ -130,7 +131,7 @@ def test_oversized_respects_gpu_type() -> None:
         }
     )
     config = parse_config({"models": [model(vram_gb=30, gpu_type="4090")]})
-    (unplaced,) = plan(inventory, config.models, settings=PlacementSettings()).unplaced
+    (unplaced,) = plan(inventory, config.models, settings=PlacementSettings(replica_overhead_gb=2)).unplaced
     assert unplaced.too_big and unplaced.largest_gpu == "RTX 4090, 24.00 GiB on node a, GPU 1"
     assert "needs 32.00 GiB per replica (30 GiB budget + 2.00 GiB overhead), more than any GPU holds" in unplaced.reason
 

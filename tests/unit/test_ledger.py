@@ -43,7 +43,7 @@ def node(name: str, *gpus: tuple[int, float, float], processes: dict[int, list[d
 @pytest.fixture
 def ledger() -> Ledger:
     led = Ledger()
-    led.configure(PlacementSettings(stale_after_s=10))  # the default overhead: 2 GiB per replica
+    led.configure(PlacementSettings(stale_after_s=10, replica_overhead_gb=2))  # 2 GiB per replica
     led.update_inventory(node("a", (0, 24, 0), (1, 16, 0)), T0)
     led.update_inventory(node("b", (0, 12, 2)), T0)
     return led
@@ -149,6 +149,7 @@ def test_release_is_idempotent_and_frees_the_startup_lock(ledger: Ledger) -> Non
 
 def test_attached_processes_are_managed_not_unmanaged() -> None:
     led = Ledger()
+    led.configure(PlacementSettings(replica_overhead_gb=2))
     led.update_inventory(node("n", (0, 20, 0)), T0)
     led.reserve("r-0", "m", 8 * GIB, T0)
     used = [{"pid": 41, "used_bytes": 7 * GIB}, {"pid": 99, "used_bytes": 3 * GIB}]
@@ -159,7 +160,7 @@ def test_attached_processes_are_managed_not_unmanaged() -> None:
     assert led.attach_process("r-0", 41) is False
     gpu = led.state(T0 + 1).gpus[0]
     assert gpu.unmanaged_bytes == 3 * GIB
-    assert gpu.free_bytes == 20 * GIB - 3 * GIB - 10 * GIB  # budget 8 + the default overhead 2
+    assert gpu.free_bytes == 20 * GIB - 3 * GIB - 10 * GIB  # budget 8 + the overhead 2
     (replica,) = gpu.replicas
     assert (replica.pid, replica.used_bytes) == (41, 7 * GIB)
     with pytest.raises(ReservationError, match=r"attach pid 5: replica 'ghost' holds no reservation \(held: r-0\)"):
@@ -237,9 +238,11 @@ def test_reserved_totals_follow_every_change(ledger: Ledger) -> None:
     ledger.attach_process("t-1", 7)
     ledger.release("t-2")
     ledger.configure(PlacementSettings(stale_after_s=10, replica_overhead_gb=1))
+    ledger.reserve("t-9", "t", GIB, T0)  # after the change: 1 GiB overhead; the others keep the 2 they hold
     summed: dict[str, int] = {}
     for r in ledger.reservations():
-        summed[r.gpu_uuid] = summed.get(r.gpu_uuid, 0) + r.bytes + GIB
+        assert r.overhead_bytes == (GIB if r.replica_id == "t-9" else 2 * GIB)
+        summed[r.gpu_uuid] = summed.get(r.gpu_uuid, 0) + r.bytes + r.overhead_bytes
     assert ledger.reserved_bytes() == summed
     assert ledger.managed_pids() == {7}
     restored = Ledger.loads(ledger.dumps())

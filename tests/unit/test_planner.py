@@ -5,11 +5,13 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vram_scheduler.config import DEFAULT_REPLICA_OVERHEAD_GB, GIB, ModelSpec, PlacementSettings, gib_to_bytes
+from vram_scheduler.capacity import DEFAULT_OVERHEAD_GB
+from vram_scheduler.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
 from vram_scheduler.inventory import GPUInfo, Inventory, NodeInventory
 from vram_scheduler.planner import Plan, Reservation, plan
 
 NO_OVERHEAD = PlacementSettings(replica_overhead_gb=0)
+TWO_GIB = PlacementSettings(replica_overhead_gb=2)
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -54,8 +56,8 @@ def test_best_fit_keeps_the_big_hole_for_the_big_replica() -> None:
 
 def test_several_replicas_share_a_gpu_with_overhead_counted() -> None:
     inv = inventory(("n", [gpu(0, 24, used_gb=1)]))
-    # With the default 2 GiB overhead: 4 × (3.75 + 2) = 23 fills the 23 GiB left to the byte; a 5th does not fit.
-    result = plan(inv, [spec("m", 3.75, replicas=5)])
+    # With a 2 GiB overhead: 4 × (3.75 + 2) = 23 fills the 23 GiB left to the byte; a 5th does not fit.
+    result = plan(inv, [spec("m", 3.75, replicas=5)], settings=TWO_GIB)
     assert len(result.new) == 4
     (g,) = result.gpus
     assert g.unmanaged_bytes == gib_to_bytes(1)
@@ -67,7 +69,7 @@ def test_several_replicas_share_a_gpu_with_overhead_counted() -> None:
 
 def test_shortfall_reason_names_model_need_largest_slot_and_where() -> None:
     inv = inventory(("a", [gpu(0, 24)]), ("b", [gpu(0, 12, used_gb=2)]))
-    result = plan(inv, [spec("m", 8.75, replicas=4)])  # 8.75 + the default 2 GiB overhead: 2 fit on a, none on b
+    result = plan(inv, [spec("m", 8.75, replicas=4)], settings=TWO_GIB)  # 8.75 + 2 GiB overhead: 2 fit on a, none on b
     (unplaced,) = result.unplaced
     assert unplaced.count == 2
     assert unplaced.reason == (
@@ -151,12 +153,12 @@ def test_a_plan_for_some_models_keeps_the_room_other_models_hold() -> None:
     """keep_others (one Serve application's models, beside the controller's or another
     application's): other models' reservations are used room, neither kept nor released."""
     inv = inventory(("n", [gpu(0, 12), gpu(1, 4)]))
-    cluster = plan(inv, [spec("alpha", 1.5, replicas=2), spec("beta", 1.5, replicas=2)])
+    cluster = plan(inv, [spec("alpha", 1.5, replicas=2), spec("beta", 1.5, replicas=2)], settings=TWO_GIB)
     assert placed_on(cluster) == {"alpha-0": "n-U1", "alpha-1": "n-U0", "beta-0": "n-U0", "beta-1": "n-U0"}
     solo = [spec("solo", 1.5)]
-    whole = plan(inv, solo, existing=cluster.reservations)  # as if solo were all there is
+    whole = plan(inv, solo, existing=cluster.reservations, settings=TWO_GIB)  # as if solo were all there is
     assert placed_on(whole) == {"solo-0": "n-U1"} and len(whole.release) == 4  # alpha-0's room
-    beside = plan(inv, solo, existing=cluster.reservations, keep_others=True)
+    beside = plan(inv, solo, existing=cluster.reservations, keep_others=True, settings=TWO_GIB)
     assert beside.new == [] and beside.kept == [] and beside.release == []
     assert [u.model_id for u in beside.unplaced] == ["solo"]
     assert "largest free slot is 1.50 GiB" in beside.unplaced[0].reason
@@ -268,7 +270,7 @@ def model_mixes(draw: st.DrawFn) -> list[ModelSpec]:
     return models
 
 
-overheads = st.sampled_from([0.0, 0.5, DEFAULT_REPLICA_OVERHEAD_GB, 1.25])
+overheads = st.sampled_from([0.0, 0.5, DEFAULT_OVERHEAD_GB, 1.25])
 
 
 def fits(model: ModelSpec, gpu_plan_free: int, overhead_gb: float) -> bool:

@@ -24,6 +24,7 @@ WIRE_MODELS = {
     "RoutedModel",
     "EndpointTable",
     "MediaAccepts",
+    "ResolvedSizes",
 }
 
 
@@ -182,3 +183,45 @@ def test_errors_keep_their_former_base_and_message() -> None:
     for error in (ReservationError("gpu 0: 2 GiB free"), PlacementError("gpu 0: 2 GiB free", ["why"])):
         assert isinstance(error, RayVramError) and isinstance(error, RuntimeError)
         assert str(error) == "gpu 0: 2 GiB free"
+
+
+#: The cluster's overhead setting: only `capacity` decides what it means for a reservation.
+_OVERHEAD_SETTING = "replica_overhead_gb"
+#: Calls that turn GiB into bytes.
+_TO_BYTES = {"gib_to_bytes"}
+
+
+def _names_overhead(node: ast.AST) -> bool:
+    """Whether an expression names an overhead (`overhead`, `x.overhead_bytes`, `overhead_gb`, …)."""
+    for sub in ast.walk(node):
+        name = sub.id if isinstance(sub, ast.Name) else sub.attr if isinstance(sub, ast.Attribute) else ""
+        if "overhead" in name.lower():
+            return True
+    return False
+
+
+def _converts_an_overhead(node: ast.AST) -> bool:
+    """`gib_to_bytes(<something naming an overhead>)`."""
+    if not isinstance(node, ast.Call):
+        return False
+    name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+    return name in _TO_BYTES and any(_names_overhead(arg) for arg in node.args)
+
+
+def test_the_overhead_arithmetic_lives_in_capacity_only() -> None:
+    """Reservation = budget + overhead, the cap, and turning `*overhead_gb` into bytes are `capacity`'s:
+    no other module adds an overhead to anything or reads the overhead settings."""
+    found: list[str] = []
+    for module, tree in modules().items():
+        if module == "vram_scheduler.capacity":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub):
+                text = any(isinstance(side, ast.JoinedStr | ast.Constant) for side in (node.left, node.right))
+                if not text and (_names_overhead(node.left) or _names_overhead(node.right)):
+                    found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Attribute) and node.attr == _OVERHEAD_SETTING:
+                found.append(f"{module}:{node.lineno}: reads {ast.unparse(node)}")
+            elif _converts_an_overhead(node):
+                found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []

@@ -159,18 +159,19 @@ DASHBOARDS = {
                 "bargauge",
             ),
             panel(
-                "Budget vs used per replica",
+                "Budget, reservation and used per replica",
                 [
                     (f"ray_vram_replica_budget_bytes{{{MODEL}}}", "{{replica}} budget"),
+                    (f"ray_vram_replica_reservation_bytes{{{MODEL}}}", "{{replica}} reservation"),
                     (f"ray_vram_replica_used_bytes{{{MODEL}}}", "{{replica}} used"),
                 ],
                 "bytes",
             ),
             panel(
-                "Used of budget per replica",
+                "Used of reservation per replica",
                 [
                     (
-                        f"ray_vram_replica_used_bytes{{{MODEL}}} / ray_vram_replica_budget_bytes{{{MODEL}}}",
+                        f"ray_vram_replica_used_bytes{{{MODEL}}} / ray_vram_replica_reservation_bytes{{{MODEL}}}",
                         "{{model_id}} {{replica}}",
                     )
                 ],

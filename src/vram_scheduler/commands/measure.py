@@ -51,6 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-id", help="model_id for the printed models: entry (default: from the model name)")
     parser.add_argument("--start-timeout", type=float, default=1200.0, help="seconds to wait for the engine (1200)")
     parser.add_argument("--log-file", type=Path, help="where vLLM's server log goes (default: a temporary file)")
+    parser.add_argument(
+        "--no-replica-run",
+        dest="replica_run",
+        action="store_false",
+        help="CUDA: skip the second run at vram_gb as a replica runs it (share, MPS cap), which measures the "
+        "peak over the share that overhead_gb covers; without it overhead_gb is derived from the sizing run",
+    )
     add_output_option(parser)
     parser.set_defaults(func=run)
 
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         model_id=args.model_id,
         start_timeout_s=args.start_timeout,
         log_path=args.log_file,
+        replica_run=args.replica_run,
     )
     err = Console(stderr=True, soft_wrap=True)  # paths and vLLM lines unbroken
     progress = _ConsoleProgress(err)
@@ -139,16 +147,33 @@ def print_result(result: Any, console: Console) -> None:
         ("peak under load", _size(result.peak_load_bytes), f"{result.output_tokens_per_s:g} output tok/s"),
         ("requests", f"{result.completed} ok, {result.failed} failed", f"in {result.load_seconds:g}s"),
         ("vram_gb", f"[bold]{result.vram_gb:g}[/bold]", _vram_note(result)),
+        *_replica_rows(result),
+        ("peak over the share", _size(result.peak_over_share_bytes), "peak − vram_gb"),
         (
-            "reservation",
-            f"{result.reservation_gb:g} GiB",
-            f"vram_gb + replica_overhead_gb {result.replica_overhead_gb:g}",
+            "overhead_gb",
+            f"[bold]{result.overhead_gb:g}[/bold]",
+            f"peak over the share + {result.margin_gb:g} GiB margin, up to 0.1 GiB",
         ),
+        ("reservation", f"{result.reservation_gb:g} GiB", "vram_gb + overhead_gb: packing and the MPS cap"),
     ]
     for row in rows:
         table.add_row(*row)
     console.print(table)
     console.print(result.snippet, markup=False, highlight=False)
+
+
+def _replica_rows(result: Any) -> list[tuple[str, str, str]]:
+    run = result.replica_run
+    if run is None:
+        return []
+    cap = f"MPS cap {_size(run.cap_bytes)}" if run.mps_capped else "no MPS daemon: not capped"
+    return [
+        (
+            "replica run",
+            f"peak {_size(run.peak_bytes)}",
+            f"share {run.gpu_memory_utilization:g} of the GPU, {cap}; {run.completed} ok, {run.failed} failed",
+        )
+    ]
 
 
 def _vram_note(result: Any) -> str:

@@ -84,9 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--watchdog-margin-gb",
         type=float,
         default=DEFAULT_WATCHDOG_MARGIN_GB,
-        help="GiB a replica may use above its budget before it counts as over (default"
-        f" {DEFAULT_WATCHDOG_MARGIN_GB:g}: the default placement overhead, the room reserved beside each budget"
-        " for the CUDA context and allocator growth)",
+        help="GiB a replica may use above its reservation (budget + its overhead, as the allocator records it)"
+        f" before it counts as over (default {DEFAULT_WATCHDOG_MARGIN_GB:g})",
     )
     parser.add_argument("--watchdog-polls", type=int, default=3, help="consecutive polls over to flag (default 3)")
     parser.add_argument(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..capacity import Overhead
 from ..config import load_config
 from ..display import render_plan, wide_console
 from ..exit_codes import ExitCode
 from ..inventory import load_inventory
+from ..model_limits import resolve_overheads
 from ..planner import Plan, plan
 from .options import add_output_option, add_values_option
 
@@ -34,15 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
     config = load_config(args.values)
-    result = plan(inventory, config.models, settings=config.placement)
+    overheads = resolve_overheads(config.models, config.placement)
+    result = plan(
+        inventory, config.models, settings=config.placement, overheads={k: o.bytes for k, o in overheads.items()}
+    )
     if args.output == "json":
-        print(json.dumps(plan_as_json(result), indent=2))
+        print(json.dumps(plan_as_json(result, overheads), indent=2))
     else:
-        wide_console().print(render_plan(result))
+        wide_console().print(render_plan(result, overheads))
     return ExitCode.OK if result.complete else ExitCode.UNPLACED
 
 
-def plan_as_json(result: Plan) -> dict:
+def plan_as_json(result: Plan, overheads: dict[str, Overhead] | None = None) -> dict:
     by_gpu = {g.uuid: [] for g in result.gpus}
     for reservation in result.reservations:
         by_gpu[reservation.gpu_uuid].append(reservation.model_dump())
@@ -51,4 +56,7 @@ def plan_as_json(result: Plan) -> dict:
         "gpus": [gpu.model_dump() | {"assignments": by_gpu[gpu.uuid]} for gpu in result.gpus],
         "unplaced": [u.model_dump() for u in result.unplaced],
         "release": [r.model_dump() for r in result.release],
+        "overheads": {
+            model_id: found.model_dump() | {"from": found.describe()} for model_id, found in (overheads or {}).items()
+        },
     }

@@ -61,7 +61,8 @@ class MonitorMetrics:
             self.errors.labels(node, kind)
         self.violations = Counter(
             "ray_vram_watchdog_violations",
-            "Times a replica stayed above its VRAM budget plus margin for the configured number of polls.",
+            "Times a replica stayed above its VRAM reservation (budget + overhead) plus margin for the configured "
+            "number of polls.",
             REPLICA_LABELS,
             registry=self.registry,
         )
@@ -110,13 +111,20 @@ class _SnapshotCollector:
                 ("total_bytes", "Memory of the GPU (NVML total)."),
                 ("used_bytes", "Memory in use on the GPU, by every process."),
                 ("free_bytes", "Memory free on the GPU."),
-                ("reserved_bytes", "Memory reserved by ray-vram replicas on the GPU (sum of budgets)."),
+                ("reserved_bytes", "Memory reserved by ray-vram replicas on the GPU (budgets plus overheads)."),
                 ("unmanaged_bytes", "Memory used on the GPU by processes ray-vram does not manage."),
                 ("healthy", "1 when the last poll read the GPU without error and no critical XID was seen."),
             )
         }
         budget = GaugeMetricFamily(
-            "ray_vram_replica_budget_bytes", "VRAM budget (reservation) of a replica.", labels=REPLICA_LABELS
+            "ray_vram_replica_budget_bytes",
+            "VRAM budget of a replica (vLLM's share); its reservation adds the model's overhead.",
+            labels=REPLICA_LABELS,
+        )
+        reservation = GaugeMetricFamily(
+            "ray_vram_replica_reservation_bytes",
+            "VRAM reservation of a replica: budget + overhead, the hard cap of its engine.",
+            labels=REPLICA_LABELS,
         )
         used = GaugeMetricFamily(
             "ray_vram_replica_used_bytes", "VRAM a replica's processes use on its GPU (NVML).", labels=REPLICA_LABELS
@@ -143,11 +151,13 @@ class _SnapshotCollector:
             for usage in snapshot.usages:
                 labels = [usage.replica.model_id, usage.replica.replica_id, usage.node, str(usage.gpu_index)]
                 budget.add_metric(labels, usage.replica.budget_bytes)
+                reservation.add_metric(labels, usage.replica.reservation_bytes)
                 used.add_metric(labels, usage.used_bytes)
             if snapshot.last_success is not None:
                 last.add_metric([node], snapshot.last_success)
         yield from gauges.values()
         yield budget
+        yield reservation
         yield used
         yield last
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import capacity
 from ..contract import VRAMState
 from ..inventory import NodeInventory
 from .watchdog import ReplicaBudget
@@ -46,7 +47,8 @@ class AllocatorView:
             reserved[gpu.uuid] = gpu.reserved_bytes
             for r in gpu.replicas:
                 pids = tuple(dict.fromkeys([*r.pids, *([r.pid] if r.pid is not None else [])]))
-                replicas.append(ReplicaBudget(r.replica_id, r.model_id, gpu.uuid, r.bytes, pids, r.owner))
+                overhead = capacity.held_overhead(r.overhead_bytes, parsed.settings)
+                replicas.append(ReplicaBudget(r.replica_id, r.model_id, gpu.uuid, r.bytes, pids, r.owner, overhead))
         return cls(replicas, reserved, fetched_at)
 
     @property

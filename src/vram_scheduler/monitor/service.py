@@ -40,9 +40,9 @@ class MonitorSettings(StrictModel):
     watchdog_margin_bytes: int = Field(
         default=gib_to_bytes(DEFAULT_WATCHDOG_MARGIN_GB),
         ge=0,
-        description="Usage above budget tolerated before a poll counts as over (default: the placement overhead).",
+        description="Usage above the reservation (budget + overhead) tolerated before a poll counts as over.",
     )
-    watchdog_polls: int = Field(default=3, ge=1, description="Consecutive polls over budget + margin to flag.")
+    watchdog_polls: int = Field(default=3, ge=1, description="Consecutive polls over reservation + margin to flag.")
     restart_over_budget: bool = Field(
         default=False, description="Kill a flagged replica's owner actor through Ray (Serve starts a new one)."
     )

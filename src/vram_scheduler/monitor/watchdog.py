@@ -1,4 +1,5 @@
-"""Budget versus actual, per replica: who uses how much of which GPU, and who stays over budget.
+"""Reservation versus actual, per replica: who uses how much of which GPU, and who stays over its
+reservation (budget + the overhead it holds, `capacity`).
 
 Pure logic on plain data (an inventory and the allocator's reservations); the service decides
 what to do with a violation (metric, event log line, optional restart through Ray).
@@ -9,15 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import DEFAULT_REPLICA_OVERHEAD_GB, format_gib
+from .. import capacity
+from ..config import format_gib
 from ..inventory import NodeInventory
 from .pids import ProcessMatcher
 
 #: NVML counts a replica's CUDA context and allocator growth against it while its budget does not
-#: (real vLLM replicas peak 1.2 to 1.5 GiB over budget under load). The placement overhead reserves
-#: that room beside every budget, so the default margin is the default overhead: a replica within
-#: its reservation (budget + overhead) is not flagged.
-DEFAULT_WATCHDOG_MARGIN_GB = DEFAULT_REPLICA_OVERHEAD_GB
+#: (real vLLM replicas peak 1.1 to 1.9 GiB over budget under load). Each reservation holds its
+#: model's overhead for that beside the budget, so the watchdog flags use over the reservation;
+#: the margin is extra tolerance beyond it, none by default.
+DEFAULT_WATCHDOG_MARGIN_GB = 0.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class ReplicaBudget:
     budget_bytes: int
     pids: tuple[int, ...] = ()
     owner: str | None = None
+    overhead_bytes: int = 0
+
+    @property
+    def reservation_bytes(self) -> int:
+        return capacity.reservation_bytes(self.budget_bytes, self.overhead_bytes)
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,16 @@ class Violation:
 
     @property
     def excess_bytes(self) -> int:
-        return self.usage.used_bytes - self.usage.replica.budget_bytes
+        """How far over its reservation the replica is."""
+        r = self.usage.replica
+        return -capacity.headroom_bytes(self.usage.used_bytes, r.budget_bytes, r.overhead_bytes)
 
     def describe(self) -> str:
         r, u = self.usage.replica, self.usage
         return (
             f"replica {r.replica_id} of model {r.model_id} on node {u.node}, GPU {u.gpu_index} uses "
-            f"{format_gib(u.used_bytes)} against a budget of {format_gib(r.budget_bytes)}: "
+            f"{format_gib(u.used_bytes)} against a reservation of {format_gib(r.reservation_bytes)} "
+            f"({format_gib(r.budget_bytes)} budget + {format_gib(r.overhead_bytes)} overhead): "
             f"{format_gib(self.excess_bytes)} over (margin {format_gib(self.margin_bytes)}) for {self.polls} polls "
             f"(pids {', '.join(map(str, u.pids)) or 'none'})"
         )
@@ -92,10 +102,10 @@ def measure(
 
 
 class Watchdog:
-    """Flags a replica whose usage exceeds budget + margin for `polls` consecutive polls.
+    """Flags a replica whose usage exceeds its reservation + margin for `polls` consecutive polls.
 
     One violation per episode: the replica is reported when its streak reaches `polls`, and again
-    only after it has come back within budget + margin and gone over again.
+    only after it has come back within reservation + margin and gone over again.
     """
 
     def __init__(self, margin_bytes: int, polls: int):
@@ -116,7 +126,8 @@ class Watchdog:
         for usage in usages:
             key = usage.replica.replica_id
             seen.add(key)
-            if usage.used_bytes > usage.replica.budget_bytes + self.margin_bytes:
+            r = usage.replica
+            if capacity.headroom_bytes(usage.used_bytes, r.budget_bytes, r.overhead_bytes) < -self.margin_bytes:
                 self._streaks[key] = self._streaks.get(key, 0) + 1
                 if self._streaks[key] == self.polls:
                     violations.append(Violation(usage, self.polls, self.margin_bytes))

@@ -38,9 +38,10 @@ from ..contract import (
     ModelStatus,
     ReplicaPhase,
     ReplicaStatus,
+    ResolvedSizes,
 )
 from ..errors import RayVramError
-from ..model_limits import effective_max_model_len
+from ..model_limits import effective_max_model_len, resolve_model, resolve_overheads
 from ..planner import Plan, Reservation, Unplaced, replica_id_for, replica_number
 from .app import declare, model_app_name, model_application, replica_env, router_application
 from .endpoint_board import endpoint_board
@@ -96,6 +97,14 @@ class Deployed(BaseModel):
         description="The environment its replicas got (the caller's: a restarted controller actor no longer "
         "has it). A moved replica gets the same, and its siblings, built the same, keep running.",
     )
+    resolved: ResolvedSizes | None = Field(
+        default=None, description="What the model resolved to when deployed (max_model_len, overhead, reservation)."
+    )
+
+    def replica_spec(self) -> ModelSpec:
+        """The spec its replicas were built with: `spec` with the resolved max_model_len."""
+        length = self.resolved.max_model_len if self.resolved else None
+        return self.spec.model_copy(update={"max_model_len": length}) if length else self.spec
 
 
 class Controller:
@@ -228,16 +237,16 @@ class Controller:
             raise Unplaceable(spec.model_id, reasons)
         serving, env = self.serving, self._env()
         events = list(same.events) if same else []
+        resolved = resolve_model(spec, self._settings(placement))[1]  # once; the replicas use it
+        record = Deployed(spec=spec, reservations=reservations, serving=serving, env=env, resolved=resolved)
         if reservations:
-            app = serve_race_retried(lambda: model_application(spec, reservations, serving, env))
+            app = serve_race_retried(lambda: model_application(record.replica_spec(), reservations, serving, env))
             deploy_in_background(app, model_app_name(spec.model_id))
             events = _with_event(events, "placed", "placed " + _placements(reservations))
         pending = _pending(unplaced, same.pending if same else None)
         if pending is not None and (same is None or same.pending is None or same.pending.reason != pending.reason):
             events = _with_event(events, "pending", pending.reason)
-        self._store(
-            Deployed(spec=spec, reservations=reservations, pending=pending, serving=serving, env=env, events=events)
-        )
+        self._store(record.model_copy(update={"pending": pending, "events": events}))
         return plan
 
     def _plan(
@@ -245,7 +254,16 @@ class Controller:
     ) -> Plan:
         settings = placement.model_dump(mode="json") if placement else None
         dumped = [m.model_dump(mode="json") for m in models]
-        return Plan.model_validate(ray.get(self.allocator.plan.remote(dumped, settings, sorted(exclude_nodes or ()))))
+        overheads = {k: o.bytes for k, o in resolve_overheads(models, self._settings(placement)).items()}
+        return Plan.model_validate(
+            ray.get(self.allocator.plan.remote(dumped, settings, sorted(exclude_nodes or ()), False, overheads))
+        )
+
+    def _settings(self, placement: PlacementSettings | None) -> PlacementSettings:
+        """`placement`, or the allocator's settings in force."""
+        if placement is not None:
+            return placement
+        return PlacementSettings.model_validate(ray.get(self.allocator.settings.remote()))
 
     def remove(self, model_id: str) -> bool:
         """Shut a model down and free its reservations; False if it was not deployed (idempotent)."""
@@ -389,6 +407,7 @@ class Controller:
                     unplaced=[record.pending.reason] if record.pending else [],
                     endpoint=self.endpoint,
                     events=record.events,
+                    resolved=record.resolved,
                 )
             )
         return DeploymentList(models=models).model_dump(mode="json")
@@ -460,7 +479,7 @@ class Controller:
                 serving = record.serving or self.serving
                 env = self._env() if record.env is None else record.env
                 app = serve_race_retried(
-                    lambda: model_application(record.spec, reservations, serving, env)  # noqa: B023
+                    lambda: model_application(record.replica_spec(), reservations, serving, env)  # noqa: B023
                 )
                 deploy_in_background(app, model_app_name(model_id))
                 message = (
@@ -530,7 +549,7 @@ class Controller:
                 pending = record.pending.model_copy(update={"count": left})
             serving = record.serving or self.serving
             env = self._env() if record.env is None else record.env
-            app = serve_race_retried(lambda: model_application(record.spec, reservations, serving, env))  # noqa: B023
+            app = serve_race_retried(lambda: model_application(record.replica_spec(), reservations, serving, env))  # noqa: B023
             deploy_in_background(app, model_app_name(model_id))
             waited = time.time() - record.pending.since
             message = (

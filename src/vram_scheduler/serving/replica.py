@@ -32,7 +32,7 @@ import ray
 from ray import serve
 
 from ..allocator import get_vram_allocator
-from ..config import ModelSpec, ServingSettings, format_gib, gib_to_bytes
+from ..config import ModelSpec, ServingSettings, format_gib
 from ..contract import MediaAccepts, ReplicaEndpoint
 from ..demo_model import resolve_model_source
 from ..errors import RayVramError
@@ -129,7 +129,12 @@ class VLLMReplica:
         self.spec = await asyncio.to_thread(checked_spec, self.spec, self.replica_id)  # before reserving
         try:
             held = await self.allocator.reserve.remote(
-                self.replica_id, self.spec.model_id, self.spec.vram_bytes, gpu_uuid=self.planned.gpu_uuid, owner=owner
+                self.replica_id,
+                self.spec.model_id,
+                self.spec.vram_bytes,
+                gpu_uuid=self.planned.gpu_uuid,
+                owner=owner,
+                overhead_bytes=self.planned.overhead_bytes,
             )
         except Exception as error:
             raise ReplicaStartupError(f"replica {self.replica_id}: no reservation: {_reason(error)}") from None
@@ -138,7 +143,8 @@ class VLLMReplica:
         gpu_uuid = self.reservation.gpu_uuid
         device = pin_process(gpu_uuid)
         total = visible_device_total_bytes() if device == "cuda" else _host_memory_total()
-        overhead = await self._overhead_bytes() if device == "cuda" else 0
+        # The overhead the ledger holds beside the budget is on the reservation: the engine's cap.
+        overhead = (self.reservation.overhead_bytes or 0) if device == "cuda" else 0
         media = media_need(self.spec, await asyncio.to_thread(local_config, model_source))
         budget = size_engine(
             self.spec.model_id, self.spec.vram_bytes, device, total, checkpoint_bytes(model_source), overhead, media
@@ -192,11 +198,6 @@ class VLLMReplica:
             media=accepts,
         )
         self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
-
-    async def _overhead_bytes(self) -> int:
-        """The per-replica overhead the ledger adds to this replica's budget (the allocator's setting)."""
-        state = await self.allocator.get_vram_state.remote()
-        return gib_to_bytes(float(state["settings"]["replica_overhead_gb"]))
 
     def _cap_engine(self, gpu_uuid: str, budget: EngineBudget) -> None:
         """Make the engine process an MPS client capped at the reservation (inherited at its start)."""
@@ -373,7 +374,11 @@ class VLLMReplica:
             raise RuntimeError(f"replica {self.replica_id}: its HTTP server stopped")
 
     async def info(self) -> dict[str, Any]:
-        return self.endpoint.model_dump() if self.endpoint else {"replica_id": self.replica_id}
+        """Its announcement, with the overhead and cap its reservation holds (for measurements)."""
+        if self.endpoint is None:
+            return {"replica_id": self.replica_id}
+        held = {"overhead_bytes": self.reservation.overhead_bytes, "cap_bytes": self.reservation.cap_bytes}
+        return self.endpoint.model_dump() | held
 
     async def __del__(self) -> None:
         if self.heartbeat_task is not None:

@@ -55,6 +55,8 @@ ROUTER_DEPLOYMENT = "OpenAIRouter"
 ROUTER_APP_ENV = "RAY_VRAM_ROUTER_APP"
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 5
+#: How often a queued request looks for a replica with room (a few µs each).
+QUEUE_POLL_S = 0.01
 #: Longest the router waits to connect to a replica: a replica on a node that left answers no
 #: connection attempt at all, and its requests go to another replica after this.
 CONNECT_TIMEOUT_S = 5.0
@@ -94,6 +96,7 @@ class Registry:
     max_tokens: dict[str, int] = field(default_factory=dict)  # name -> default completion length
     availability: dict[str, ModelAvailability] = field(default_factory=dict)  # name -> why it may not answer
     _turn: int = 0
+    _queues: dict[str, list[object]] = field(default_factory=dict)  # model_id -> waiting requests, first first
 
     def sync(self, table: EndpointTable) -> None:
         """Take the endpoint board's table; a replica already known at the same URL keeps its counts."""
@@ -148,6 +151,33 @@ class Registry:
             if name in replica.endpoint.names:
                 return replica.endpoint
         return None
+
+    def queued(self, name: str) -> int:
+        """Requests waiting for a replica of `name`'s model."""
+        return len(self._queues.get(self.model_id(name) or name, ()))
+
+    def ready(self, name: str, exclude: set[str]) -> list[_Replica]:
+        return [r for r in self.candidates(name) if r.endpoint.replica_id not in exclude]
+
+    async def wait(self, name: str, exclude: set[str], max_queued: int, max_wait_s: float) -> _Replica | None:
+        """Queue for a replica of `name` with room, first come first served, at most `max_wait_s`;
+        None at once when the queue holds `max_queued` already or no replica is ready, and when the
+        wait ends without room (or without a ready replica)."""
+        queue = self._queues.setdefault(self.model_id(name) or name, [])
+        if len(queue) >= max_queued or not self.ready(name, exclude):
+            return None
+        ticket = object()
+        queue.append(ticket)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait_s
+        try:
+            while loop.time() < deadline and self.ready(name, exclude):
+                await asyncio.sleep(min(QUEUE_POLL_S, max(0.0, deadline - loop.time())))
+                if queue[0] is ticket and (replica := self.pick(name, exclude)) is not None:
+                    return replica
+            return None
+        finally:
+            queue.remove(ticket)
 
     def pick(self, name: str, exclude: set[str]) -> _Replica | None:
         """The least-busy replica of `name` below its limit (round-robin among equals)."""
@@ -370,8 +400,12 @@ class OpenAIRouter:
     async def _route(self, name: str, scope: dict[str, Any], body: bytes, send: Send, content_type: str) -> None:
         tried: set[str] = set()
         exchange: Exchange | None = scope.get(EXCHANGE)
+        settings = self.settings
         while True:
-            replica = self.registry.pick(name, tried)
+            # Queued requests come first: a new one takes a free slot only when nobody waits.
+            replica = None if self.registry.queued(name) else self.registry.pick(name, tried)
+            if replica is None:
+                replica = await self.registry.wait(name, tried, settings.max_queued_requests, settings.max_queue_wait_s)
             if replica is None:
                 await self._unavailable(send, name, tried)
                 return
@@ -384,10 +418,19 @@ class OpenAIRouter:
             # side effect, so the request goes to another replica of the model.
 
     async def _unavailable(self, send: Send, name: str, tried: set[str]) -> None:
-        ready = [r for r in self.registry.candidates(name) if r.endpoint.replica_id not in tried]
+        ready = self.registry.ready(name, tried)
         if ready:
             limit = sum(r.endpoint.max_ongoing_requests for r in ready)
-            message = f"model {name} is at capacity ({limit} requests in flight over {len(ready)} replica(s)); retry"
+            queued, most = self.registry.queued(name), self.settings.max_queued_requests
+            why = (
+                f"the queue is full ({queued} of {most} waiting, serving.max_queued_requests)"
+                if queued >= most
+                else f"no room within {self.settings.max_queue_wait_s:g}s in the queue (serving.max_queue_wait_s)"
+            )
+            message = (
+                f"model {name} is at capacity ({limit} requests in flight over {len(ready)} replica(s)) and {why}; "
+                "retry"
+            )
             await _respond(
                 send,
                 429,

@@ -4,9 +4,9 @@ On CUDA, vLLM's `gpu_memory_utilization` is a share of the GPU's *total* memory 
 vLLM itself profiles — weights, peak activations, its CUDA-graph estimate and the KV cache — so
 the budget divided by the GPU's total is the share. What vLLM does not count lies outside the
 share: the engine process's CUDA context (0.5 GiB, measured on an H200 under MPS) and what its
-allocators grow by under load. The per-replica overhead of the reservation covers those, and the
-reservation (budget + overhead) is the hard cap MPS enforces on the engine (see `mps`). The
-table behind the default overhead is in the README ("Budgets on a GPU").
+allocators grow by under load. The model's overhead, held beside the budget, covers those, and the
+reservation (budget + overhead, `capacity`) is the hard cap MPS enforces on the engine (see `mps`).
+The measurements behind the overheads are in the README ("Budgets on a GPU").
 
 A utilization share rather than an explicit `kv_cache_memory_bytes`: with bytes, the engine's
 footprint is weights + KV + everything else, and "everything else" (2.4 GiB for a 1.3B model at
@@ -32,6 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from .. import capacity
 from ..config import format_gib
 from ..errors import RayVramError
 from .media_budget import MediaNeed
@@ -113,7 +114,7 @@ def size_engine(
             device_total_bytes=device_total_bytes,
             weight_bytes=weight_bytes,
             gpu_memory_utilization=share,
-            cap_bytes=min(budget_bytes + overhead_bytes, device_total_bytes),
+            cap_bytes=capacity.cap_bytes(budget_bytes, overhead_bytes, device_total_bytes),
             media=media,
         )
     kv_bytes = budget_bytes - weight_bytes - CPU_RUNTIME_BYTES - media.cpu_bytes

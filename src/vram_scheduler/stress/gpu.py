@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import capacity
 from ..config import GIB, format_gib
 from ..nvml_usage import process_usage
 
@@ -176,10 +177,11 @@ def run_gpu_stress(gpu_uuid: str, budget_bytes: int, overhead_bytes: int, second
     try:
         handle = nvml.nvmlDeviceGetHandleByUUID(gpu_uuid)
         free = int(nvml.nvmlDeviceGetMemoryInfo(handle).free)
-        if free < budget_bytes + overhead_bytes:
+        need = capacity.reservation_bytes(budget_bytes, overhead_bytes)
+        if free < need:
             raise SkipGPU(
                 f"GPU {gpu_uuid} has {format_gib(free)} free now, less than the stress reservation "
-                f"{format_gib(budget_bytes + overhead_bytes)} (budget + overhead): not forced"
+                f"{format_gib(need)} (budget + overhead): not forced"
             )
         pids_before = process_usage(nvml, handle)
         ecc_before = _ecc(nvml, handle)

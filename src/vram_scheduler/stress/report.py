@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from .. import capacity
 from ..config import GIB, StrictModel
 
 Status = Literal["ok", "slow", "misreported", "failed", "skipped"]
@@ -122,7 +123,7 @@ def gpu_memory_problems(result: GPUStress) -> list[str]:
             f"NVML sees {_gib(result.nvml_bytes)} used by the stress process, less than the "
             f"{_gib(result.allocated_bytes)} torch holds (short by {_gib(result.allocated_bytes - result.nvml_bytes)})"
         )
-    ceiling = result.reserved_bytes + result.overhead_bytes
+    ceiling = capacity.reservation_bytes(result.reserved_bytes, result.overhead_bytes)
     if result.nvml_bytes > ceiling:
         problems.append(
             f"NVML sees {_gib(result.nvml_bytes)} used by the stress process, more than its reservation of "

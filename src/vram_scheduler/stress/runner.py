@@ -23,8 +23,9 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .. import capacity
 from ..allocator import ReservationError, get_vram_allocator
-from ..config import GIB, ConfigError, format_gib, gib_to_bytes
+from ..config import GIB, ConfigError, format_gib
 from ..contract import GPUState, VRAMState
 from ..node import NODE_NAME_LABEL
 from ..serving.pinning import PINNING_ENV, is_cuda_uuid, pin_process
@@ -118,13 +119,13 @@ def gpu_targets(
 ) -> list[GPUTarget]:
     """Every GPU the GPU phase covers, its budget (`gpu_fraction` × the free memory the monitor last
     read, capped by the room the ledger leaves) or why it is skipped."""
-    overhead = gib_to_bytes(state.settings.replica_overhead_gb)
+    overhead = capacity.placement_overhead_bytes(state.settings)
     targets = []
     for gpu in state.gpus:
         ray_node, why = match_ray_node(gpu.node, nodes)
         if not _wanted(selected, gpu.node, *(ray_node.aliases if ray_node else ())):
             continue
-        room = gpu.free_bytes - overhead
+        room = capacity.budget_room(gpu.free_bytes, overhead)
         budget = min(int(gpu_fraction * (gpu.total_bytes - gpu.used_bytes)), room)
         skip = None
         if not is_cuda_uuid(gpu.uuid):
@@ -164,7 +165,12 @@ class GPUStressActor:
         try:
             ray.get(
                 allocator.reserve.remote(
-                    target.replica_id, STRESS_MODEL_ID, target.budget_bytes, target.gpu.uuid, owner
+                    target.replica_id,
+                    STRESS_MODEL_ID,
+                    target.budget_bytes,
+                    target.gpu.uuid,
+                    owner,
+                    overhead_bytes=target.overhead_bytes,
                 )
             )
         except ReservationError as refusal:
