@@ -10,6 +10,7 @@ into bench/results/gpu.json and prints a table):
   lock (``RAY_VRAM_GPU_STARTUP_LOCK=0``) and without MPS: the start-up race the lock prevents;
 - ``sizes``: `ray-vram measure` on a 1.5B Qwen2, a 7B-class and a 14B-class Llama (`bench.gpu.sizes`),
   each size's recommendation and peak over its share, also written into bench/results/gpu.json;
+- ``pack``: three measured models on one GPU, one pending until another is removed (`bench.gpu.pack`);
 - ``report``: the comparison with ray-vram's stack (tests/gpu/test_vllm_gpu.py writes stack.json:
   the same packing through the router).
 
@@ -32,6 +33,7 @@ from vram_scheduler import capacity
 from vram_scheduler.config import gib_to_bytes
 
 from .measured_stack import replica_budget_gb, replica_infos, replica_peaks
+from .pack import run_pack
 from .sizes import SIZES, run_sizes
 from .tools import GIB, BareServer, NVMLSampler, bench_serve, gpus, process_tree, summarize, write_json
 
@@ -298,7 +300,7 @@ def _size_row(measured: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "stage", choices=["bare", "bare-mps", "one", "race", "fractional", "two-gpu", "sizes", "report"]
+        "stage", choices=["bare", "bare-mps", "one", "race", "fractional", "two-gpu", "sizes", "pack", "report"]
     )
     parser.add_argument("n", nargs="?", type=int, default=4)
     parser.add_argument("--results", default=os.environ.get("RAY_VRAM_GPU_RESULTS", str(ROOT / ".work/gpu-results")))
@@ -307,7 +309,7 @@ def main() -> int:
     parser.add_argument("--no-lock", action="store_true", help="two-gpu stage: without the startup lock and MPS")
     parser.add_argument("--vllm-version", help="report stage: the vLLM the stages ran with (default: this Python's)")
     parser.add_argument("--size", action="append", choices=list(SIZES), help="sizes stage: only these (repeatable)")
-    parser.add_argument("--model-root", default="/tmp/rv-sizes", help="sizes stage: where the models are kept")
+    parser.add_argument("--model-root", default="/tmp/rv-sizes", help="sizes, pack: the models' folder")
     args = parser.parse_args()
     results = Path(args.results)
     gpu = gpus()[0] if args.stage != "report" else None
@@ -329,6 +331,15 @@ def main() -> int:
         write_json(target, merged)
         print("GPU-BENCH-SIZES", json.dumps(merged["sizes"])[:3000])
         return 0 if all(not v.get("error") and not v.get("failed") for v in measured.values()) else 1
+    if args.stage == "pack":
+        packed = run_pack(Path(args.model_root), results)
+        write_json(results / "pack.json", packed)
+        target = Path(args.write) if args.write else ROOT / "bench/results/gpu.json"
+        merged = json.loads(target.read_text()) if target.exists() else {}
+        merged["pack"] = {k: v for k, v in packed.items() if k != "vram"}
+        write_json(target, merged)
+        print("GPU-BENCH-PACK", json.dumps(merged["pack"])[:4000])
+        return 0
     if not args.model:
         print("--model (or RAY_VRAM_GPU_MODEL) is required", file=sys.stderr)
         return 2

@@ -1,0 +1,148 @@
+"""The `pack` stage of the GPU benchmark: three models sized by `ray-vram measure` (the `sizes`
+stage's results) declared together on one GPU, where the largest two leave too little room for the
+third; what a user sees, and each replica's NVML peak against its reservation under load.
+
+1. `huge` (14B-class Llama), `big` (7B class) and `small` (1.5B Qwen2) declared, one replica each,
+   each with the `vram_gb` and `overhead_gb` its measurement recommended: `small` is pending, with
+   the planner's reason in the controller's status and in the router's 503;
+2. `vllm bench serve` loads `huge` and `big` through the router (one client process per model);
+3. `big` is removed through the controller's HTTP API: the controller places `small` in the room
+   that appeared, with no restart;
+4. `vllm bench serve` loads `small` and `huge`;
+5. every replica's NVML peak (its process tree, sampled from before the first engine started)
+   against its reservation, and every failed request's kind.
+
+Usage (on the GPU machine, after `sizes`): python -m bench.gpu.run pack [--model-root DIR] [--results DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .measured_stack import measured_stack, replica_infos, replica_peaks
+from .tools import bench_serve, summarize
+
+#: model_id -> the `sizes` stage's model it is
+ROLES = {"huge": "llama-14b", "big": "llama-7b", "small": "qwen2-1.5b"}
+MAX_MODEL_LEN = 4096
+PROMPTS, CONCURRENCY = 320, 64
+
+
+def declared_models(root: Path, results: Path) -> list[dict[str, Any]]:
+    """The three models as a user declares them after measuring each: the recommended sizes."""
+    models = []
+    for model_id, size in ROLES.items():
+        measured = json.loads((results / f"sizes-{size}.json").read_text())
+        models.append(
+            {
+                "model_id": model_id,
+                "model": str(root / size),
+                "vram_gb": measured["vram_gb"],
+                "overhead_gb": measured["overhead_gb"],
+                "max_model_len": MAX_MODEL_LEN,
+            }
+        )
+    return models
+
+
+def _load(base_url: str, targets: list[tuple[str, str]], tag: str) -> dict[str, Any]:
+    """One `vllm bench serve` client per (model, tokenizer), all at once, through the router."""
+    out: dict[str, Any] = {}
+
+    def one(model_id: str, tokenizer: str) -> None:
+        results = bench_serve([(base_url, model_id)], tokenizer, f"{tag}-{model_id}", PROMPTS, CONCURRENCY)
+        out[model_id] = summarize(results)
+
+    threads = [threading.Thread(target=one, args=target) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for model_id, summary in out.items():
+        print(f"pack: {tag}: {model_id}: {json.dumps({k: v for k, v in summary.items() if k != 'clients'})}")
+    return out
+
+
+def _request(method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _status(local: Any) -> dict[str, Any]:
+    return {model["model_id"]: model for model in local.controller.status()["models"]}
+
+
+def run_pack(root: Path, results: Path) -> dict[str, Any]:
+    import ray
+    from vram_scheduler.controller_auth import controller_headers
+
+    models = declared_models(root, results)
+    print(f"pack: declaring {json.dumps(models)}", flush=True)
+    outcome: dict[str, Any] = {"models": models}
+    with measured_stack(models, None) as stack:
+        local = stack.local
+        outcome["ready_s"] = stack.ready_s
+        before = _status(local)
+        small = before["small"]
+        outcome["pending_before"] = {
+            "replicas": small["replicas"],
+            "unplaced": small["unplaced"],
+            "resolved": {m: before[m].get("resolved") for m in before},
+        }
+        print(f"pack: small before removal: {json.dumps(outcome['pending_before'])}", flush=True)
+        chat = json.dumps({"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        code, text = _request(
+            "POST", stack.router_base + "/v1/chat/completions", {"content-type": "application/json"}, chat.encode()
+        )
+        outcome["router_before"] = {"status": code, "body": text[:2000]}
+        print(f"pack: router for small before removal: {code} {text[:600]}", flush=True)
+
+        outcome["load_huge_big"] = _load(
+            stack.router_base + "/v1",
+            [("huge", models[0]["model"]), ("big", models[1]["model"])],
+            "pack-a",
+        )
+        big_rows = replica_peaks(stack.sampler, replica_infos(["big"]))  # before its processes end
+
+        controller = f"http://127.0.0.1:{local.controller_port}"
+        removed = time.monotonic()
+        code, text = _request("DELETE", controller + "/v1/deployments/big", controller_headers())
+        outcome["remove_big"] = {"status": code, "body": text[:1000]}
+        print(f"pack: DELETE /v1/deployments/big: {code} {text[:300]}", flush=True)
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            replicas = _status(local)["small"]["replicas"]
+            if replicas and all(r["state"] == "ready" for r in replicas):
+                break
+            time.sleep(2)
+        after = _status(local)
+        outcome["small_ready_after_removal_s"] = round(time.monotonic() - removed, 1)
+        outcome["small_after"] = {"replicas": after["small"]["replicas"], "events": after["small"].get("events")}
+        waited = outcome["small_ready_after_removal_s"]
+        print(f"pack: small after removal ({waited}s): {json.dumps(outcome['small_after'])}", flush=True)
+
+        outcome["load_small_huge"] = _load(
+            stack.router_base + "/v1",
+            [("small", models[2]["model"]), ("huge", models[0]["model"])],
+            "pack-b",
+        )
+        rows = [*replica_peaks(stack.sampler, replica_infos(["huge", "small"])), *big_rows]
+        outcome["replicas"] = rows
+        outcome["vram"] = ray.get(local.controller.allocator.get_vram_state.remote())
+    for row in rows:
+        print(
+            f"pack: {row['replica_id']}: peak {row['nvml_peak_bytes'] / 2**30:.2f} GiB, reservation "
+            f"{row['reservation_bytes'] / 2**30:.2f} GiB ({row['peak_minus_reservation_gib']:+.3f}), "
+            f"over budget {row['peak_minus_budget_gib']:+.3f} GiB: {row['verdict']}"
+        )
+    return outcome
