@@ -3,7 +3,8 @@ stage's results) declared together on one GPU, where the largest two leave too l
 third; what a user sees, and each replica's NVML peak against its reservation under load.
 
 1. `huge` (14B-class Llama), `big` (7B class) and `small` (1.5B Qwen2) declared, one replica each,
-   each with the `vram_gb` and `overhead_gb` its measurement recommended: `small` is pending, with
+   each with the `vram_gb` and `overhead_gb` its measurement recommended (on a GPU larger than an
+   H100, copies of `huge` and `big` as models of their own fill it first): `small` is pending, with
    the planner's reason in the controller's status and in the router's 503;
 2. `vllm bench serve` loads `huge` and `big` through the router (one client process per model);
 3. `big` is removed through the controller's HTTP API: the controller places `small` in the room
@@ -34,21 +35,37 @@ MAX_MODEL_LEN = 4096
 PROMPTS, CONCURRENCY = 320, 64
 
 
-def declared_models(root: Path, results: Path) -> list[dict[str, Any]]:
-    """The three models as a user declares them after measuring each: the recommended sizes."""
-    models = []
-    for model_id, size in ROLES.items():
-        measured = json.loads((results / f"sizes-{size}.json").read_text())
-        models.append(
-            {
-                "model_id": model_id,
-                "model": str(root / size),
-                "vram_gb": measured["vram_gb"],
-                "overhead_gb": measured["overhead_gb"],
-                "max_model_len": MAX_MODEL_LEN,
-            }
-        )
-    return models
+def _declared(model_id: str, size: str, root: Path, results: Path) -> dict[str, Any]:
+    measured = json.loads((results / f"sizes-{size}.json").read_text())
+    return {
+        "model_id": model_id,
+        "model": str(root / size),
+        "vram_gb": measured["vram_gb"],
+        "overhead_gb": measured["overhead_gb"],
+        "max_model_len": MAX_MODEL_LEN,
+    }
+
+
+def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dict[str, Any]]:
+    """The models as a user declares them after measuring each (the recommended sizes): `huge` and
+    `big`, then more copies of them (as models of their own: the planner places one replica of every
+    model before any second one) while they fit the GPU, then `small`, which no longer fits."""
+    huge, big = _declared("huge", ROLES["huge"], root, results), _declared("big", ROLES["big"], root, results)
+    small = _declared("small", ROLES["small"], root, results)
+
+    def need(model: dict[str, Any]) -> float:
+        return model["vram_gb"] + model["overhead_gb"]
+
+    large, used = [huge, big], need(huge) + need(big)
+    for copy in range(2, 6):
+        extra = (huge if copy % 2 == 0 else big) | {"model_id": f"{'huge' if copy % 2 == 0 else 'big'}-{copy // 2 + 1}"}
+        if used + need(extra) > gpu_total_gib - 0.5:
+            break
+        large.append(extra)
+        used += need(extra)
+    if gpu_total_gib - used >= need(small):
+        print(f"pack: warning: {gpu_total_gib - used:.1f} GiB stay free, small ({need(small):.1f}) fits", flush=True)
+    return [*large, small]
 
 
 def _load(base_url: str, targets: list[tuple[str, str]], tag: str) -> dict[str, Any]:
@@ -86,7 +103,9 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
     import ray
     from vram_scheduler.controller_auth import controller_headers
 
-    models = declared_models(root, results)
+    from .tools import gpus
+
+    models = declared_models(root, results, gpus()[0]["total_bytes"] / 2**30)
     print(f"pack: declaring {json.dumps(models)}", flush=True)
     outcome: dict[str, Any] = {"models": models}
     with measured_stack(models, None) as stack:
@@ -133,10 +152,11 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
 
         outcome["load_small_huge"] = _load(
             stack.router_base + "/v1",
-            [("small", models[2]["model"]), ("huge", models[0]["model"])],
+            [("small", models[-1]["model"]), ("huge", models[0]["model"])],
             "pack-b",
         )
-        rows = [*replica_peaks(stack.sampler, replica_infos(["huge", "small"])), *big_rows]
+        serving = [m["model_id"] for m in models if m["model_id"] != "big"]
+        rows = [*replica_peaks(stack.sampler, replica_infos(serving)), *big_rows]
         outcome["replicas"] = rows
         outcome["vram"] = ray.get(local.controller.allocator.get_vram_state.remote())
     for row in rows:
