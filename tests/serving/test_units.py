@@ -293,7 +293,8 @@ def test_router_counts_its_own_answers_under_bounded_labels() -> None:
     assert call(router, "GET", "/v1/models").status_code == 200
     assert call(router, "GET", "/v1/models/alias").status_code == 200
     assert call(router, "POST", "/v1/chat/completions", json={"model": "c", "messages": []}).status_code == 503
-    assert call(router, "POST", "/v1/any/path", json={"model": "alias"}).status_code == 503  # a-0 unreachable
+    assert call(router, "POST", "/v1/any/path", json={"model": "alias"}).status_code == 404  # no such route
+    assert call(router, "POST", "/v1/chat/completions", json={"model": "alias"}).status_code == 503  # unreachable
     assert call(router, "GET", "/healthz").status_code == 200
     assert counted(metrics) == {
         (UNKNOWN_MODEL, "completions", "404"): 3,
@@ -301,9 +302,10 @@ def test_router_counts_its_own_answers_under_bounded_labels() -> None:
         (NO_MODEL, "models", "200"): 1,
         ("a", "models", "200"): 1,
         ("c", "chat", "503"): 1,
-        ("a", "other", "503"): 1,
+        (NO_MODEL, "other", "404"): 1,
+        ("a", "chat", "503"): 1,
     }
-    assert timed(metrics.duration) == [("a", "other")] and timed(metrics.first_byte) == []
+    assert timed(metrics.duration) == [("a", "chat")] and timed(metrics.first_byte) == []
 
 
 def test_router_times_what_replicas_answer() -> None:
