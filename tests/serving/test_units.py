@@ -534,3 +534,25 @@ def test_a_serve_config_race_is_retried_and_other_errors_are_not() -> None:
 
     with pytest.raises(ValueError, match="num_replicas"):
         serve_race_retried(broken)
+
+
+def test_secrets_never_go_into_a_replicas_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime env is stored in the GCS in plain text: replicas inherit secrets from their node."""
+    from vram_scheduler.serving.app import replica_env, without_secrets
+
+    secrets = {
+        "RAY_VRAM_API_KEY": "k1",
+        "RAY_VRAM_INTERNAL_KEY": "k2",
+        "RAY_VRAM_CONTROLLER_TOKEN": "k3",
+        "HF_TOKEN": "k4",
+        "HUGGING_FACE_HUB_TOKEN": "k5",
+        "VLLM_API_KEY": "k6",
+        "RAY_VRAM_S3_SECRET": "k7",
+    }
+    kept = {"HF_HOME": "/cache/hf", "VLLM_MAX_TOKENS_PER_EXPERT": "4", "RAY_AUTH_TOKEN_PATH": "/t", "RAY_VRAM_X": "1"}
+    for name, value in (secrets | kept).items():
+        monkeypatch.setenv(name, value)
+    env = replica_env()
+    assert not set(secrets) & set(env) and kept.items() <= env.items()
+    serving = ServingSettings(api_key_env="RAY_VRAM_X")  # whatever variable holds the API key
+    assert "RAY_VRAM_X" not in without_secrets(env, serving)
