@@ -35,7 +35,6 @@ ROUTES = {
     "/v1/completions": "completions",
     "/v1/audio/transcriptions": "transcriptions",
     "/v1/audio/translations": "translations",
-    "/v1/embeddings": "embeddings",
     "/v1/models": "models",
 }
 #: Status of a response cut short after its status went out (its replica failed mid-answer): the
