@@ -1,13 +1,20 @@
-"""Shared test setup: the repository root, and skipping GPU tests where no GPU exists."""
+"""Shared test setup: the repository root, the cluster's internal key, and skipping GPU tests where
+no GPU exists."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Every Ray cluster a test starts (in this process or a child) inherits it, as a Ray node does from
+# its container: replicas refuse to start without one, and routers send it (serving/internal_key.py).
+os.environ.setdefault("RAY_VRAM_INTERNAL_KEY", secrets.token_hex(32))
 
 
 def _has_nvidia_gpu() -> bool:

@@ -134,7 +134,10 @@ def bench_serve(
             "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
         ]  # fmt: skip
         log = open(out_dir / f"{tag}-{i}.log", "w")  # noqa: SIM115 - closed once the client exits
-        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), name, log))
+        env = dict(os.environ)
+        if os.environ.get("RAY_VRAM_INTERNAL_KEY"):  # replicas answer only with it (`vllm bench` sends it as Bearer)
+            env["OPENAI_API_KEY"] = os.environ["RAY_VRAM_INTERNAL_KEY"]
+        procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), name, log))
     results = []
     for proc, name, log in procs:
         proc.wait()

@@ -238,6 +238,19 @@ class ServingSettings(StrictModel):
         "(local mode refuses a non-loopback host without a key). Required (not null) when host is not loopback.",
     )
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest a request may take.")
+    max_body_mb: float = Field(
+        default=64.0,
+        gt=0,
+        le=4096,
+        description="Largest JSON request body (completions, chat) in MiB; larger ones get 413 before they are "
+        "read. Images sent as data URLs count at 4/3 of their size (the default fits 4 images of 10 MiB). "
+        "Audio uploads are bounded by their model's media.max_item_mb instead.",
+    )
+    client_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a client may take to send a request's headers, and then its body (408 after).",
+    )
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Requests a replica takes at once; more wait in the router's queue."
     )

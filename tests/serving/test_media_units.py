@@ -4,6 +4,7 @@ inputs, and the generated vision and speech models as transformers reads them.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -265,3 +266,67 @@ def test_generated_models_load_with_their_processors(kind: str, tmp_path: Path) 
         tokens = processor.tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|en|>", "<|transcribe|>"])
         assert processor.tokenizer.unk_token_id not in tokens
         assert processor.feature_extractor.sampling_rate == 16000
+
+
+# -- file:// media on the replica's node (LocalMediaGuard) -------------------------------------------
+
+
+def guarded_chat(guard: Any, *parts: dict[str, Any]) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=guard)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            return await client.post("/v1/chat/completions", json=chat("vision", *parts))
+
+    return asyncio.run(go())
+
+
+def test_local_media_is_a_regular_file_under_the_directory_checked_before_it_is_opened(tmp_path: Path) -> None:
+    """Links are resolved first; missing, outside, linked outside, a directory, a FIFO and a device all
+    get one refusal (nothing tells whether a file exists elsewhere), and none of them is read."""
+    from vram_scheduler.serving.local_media import LocalMediaGuard
+
+    media, elsewhere = tmp_path / "media", tmp_path / "elsewhere"
+    media.mkdir()
+    elsewhere.mkdir()
+    (media / "ok.png").write_bytes(png(4, 4))
+    (elsewhere / "secret.png").write_bytes(png(4, 4))
+    (media / "sub").mkdir()
+    (media / "to-secret.png").symlink_to(elsewhere / "secret.png")
+    (media / "to-zero").symlink_to("/dev/zero")
+    (media / "to-ok.png").symlink_to(media / "ok.png")
+    os.mkfifo(media / "fifo")
+    reached: list[bytes] = []
+
+    async def vllm(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reached.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    accepts = VISION.model_copy(update={"local_media_dir": str(media), "items_per_prompt": {"image": 2, "audio": 1}})
+    guard = LocalMediaGuard(vllm, "vision", accepts)
+    assert guarded_chat(guard, image(f"file://{media}/ok.png"), image(f"file://{media}/to-ok.png")).status_code == 200
+    refused = {
+        "missing": f"{media}/missing.png",
+        "outside": f"{elsewhere}/secret.png",
+        "dotdot": f"{media}/../elsewhere/secret.png",
+        "linked outside": f"{media}/to-secret.png",
+        "device": "/dev/zero",
+        "linked device": f"{media}/to-zero",
+        "dotdot device": f"{media}/../../../../dev/zero",
+        "directory": f"{media}/sub",
+        "the directory": str(media),
+        "fifo": f"{media}/fifo",
+    }
+    messages = {}
+    for case, path in refused.items():
+        answer = guarded_chat(guard, image(f"file://{path}"))
+        assert answer.status_code == 400, (case, answer.text)
+        messages[case] = answer.json()["error"]["message"].replace(path, "<path>", 1)
+    assert len(set(messages.values())) == 1, messages
+    assert messages["missing"] == (
+        f"messages[0].content[1]: file <path> is not a readable file in model `vision`'s media directory {media} "
+        "(media.local_media_dir)"
+    )
+    audio = {"type": "audio_url", "audio_url": {"url": f"file://{media}/to-secret.png"}}
+    assert guarded_chat(guard, audio).status_code == 400  # audio and video URLs too
+    assert len(reached) == 1

@@ -296,7 +296,8 @@ def test_router_counts_its_own_answers_under_bounded_labels() -> None:
     assert call(router, "GET", "/v1/models").status_code == 200
     assert call(router, "GET", "/v1/models/alias").status_code == 200
     assert call(router, "POST", "/v1/chat/completions", json={"model": "c", "messages": []}).status_code == 503
-    assert call(router, "POST", "/v1/any/path", json={"model": "alias"}).status_code == 503  # a-0 unreachable
+    assert call(router, "POST", "/v1/any/path", json={"model": "alias"}).status_code == 404  # no such route
+    assert call(router, "POST", "/v1/chat/completions", json={"model": "alias"}).status_code == 503  # unreachable
     assert call(router, "GET", "/healthz").status_code == 200
     assert counted(metrics) == {
         (UNKNOWN_MODEL, "completions", "404"): 3,
@@ -304,9 +305,10 @@ def test_router_counts_its_own_answers_under_bounded_labels() -> None:
         (NO_MODEL, "models", "200"): 1,
         ("a", "models", "200"): 1,
         ("c", "chat", "503"): 1,
-        ("a", "other", "503"): 1,
+        (NO_MODEL, "other", "404"): 1,
+        ("a", "chat", "503"): 1,
     }
-    assert timed(metrics.duration) == [("a", "other")] and timed(metrics.first_byte) == []
+    assert timed(metrics.duration) == [("a", "chat")] and timed(metrics.first_byte) == []
 
 
 def test_router_times_what_replicas_answer() -> None:
@@ -647,3 +649,25 @@ def test_a_request_beyond_capacity_waits_in_the_queue_then_gets_429() -> None:
     busy = call(router, "POST", "/v1/completions", json={"model": "a", "prompt": "x"})
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
     assert "no room within 0.05s in the queue (serving.max_queue_wait_s)" in busy.json()["error"]["message"]
+
+
+def test_secrets_never_go_into_a_replicas_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime env is stored in the GCS in plain text: replicas inherit secrets from their node."""
+    from vram_scheduler.serving.app import replica_env, without_secrets
+
+    secrets = {
+        "RAY_VRAM_API_KEY": "k1",
+        "RAY_VRAM_INTERNAL_KEY": "k2",
+        "RAY_VRAM_CONTROLLER_TOKEN": "k3",
+        "HF_TOKEN": "k4",
+        "HUGGING_FACE_HUB_TOKEN": "k5",
+        "VLLM_API_KEY": "k6",
+        "RAY_VRAM_S3_SECRET": "k7",
+    }
+    kept = {"HF_HOME": "/cache/hf", "VLLM_MAX_TOKENS_PER_EXPERT": "4", "RAY_AUTH_TOKEN_PATH": "/t", "RAY_VRAM_X": "1"}
+    for name, value in (secrets | kept).items():
+        monkeypatch.setenv(name, value)
+    env = replica_env()
+    assert not set(secrets) & set(env) and kept.items() <= env.items()
+    serving = ServingSettings(api_key_env="RAY_VRAM_X")  # whatever variable holds the API key
+    assert "RAY_VRAM_X" not in without_secrets(env, serving)

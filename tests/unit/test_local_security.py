@@ -73,3 +73,17 @@ def test_an_exposed_local_endpoint_needs_a_key_in_the_environment() -> None:
 )  # fmt: skip
 def test_is_loopback_host(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+def test_local_mode_makes_the_internal_key_when_none_is_set_and_keeps_a_given_one() -> None:
+    """Made before Ray starts, so every Ray process of the local cluster inherits it."""
+    from vram_scheduler.serving.internal_key import INTERNAL_KEY_ENV, InternalKeyMissing, ensure_internal_key
+
+    environ: dict[str, str] = {}
+    key = ensure_internal_key(environ)
+    assert environ[INTERNAL_KEY_ENV] == key and len(key) == 64 and int(key, 16) >= 0
+    assert ensure_internal_key(environ) == key and ensure_internal_key({}) != key
+    given = {INTERNAL_KEY_ENV: "a-key-the-operator-set"}
+    assert ensure_internal_key(given) == "a-key-the-operator-set"
+    with pytest.raises(InternalKeyMissing, match=f"{INTERNAL_KEY_ENV} is 3 characters, fewer than 16"):
+        ensure_internal_key({INTERNAL_KEY_ENV: "abc"})

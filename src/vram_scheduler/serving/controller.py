@@ -43,7 +43,7 @@ from ..contract import (
 from ..errors import RayVramError
 from ..model_limits import effective_max_model_len, resolve_model, resolve_overheads
 from ..planner import Plan, Reservation, Unplaced, replica_id_for, replica_number
-from .app import declare, model_app_name, model_application, replica_env, router_application
+from .app import declare, model_app_name, model_application, replica_env, router_application, without_secrets
 from .endpoint_board import endpoint_board
 from .placement import lost_nodes, router_addresses
 from .router import ROUTER_APP
@@ -359,7 +359,7 @@ class Controller:
         return {name.removeprefix(prefix) for name in serve.status().applications if name.startswith(prefix)}
 
     def _env(self) -> dict[str, str]:
-        return {**replica_env(), **self._caller_env}
+        return without_secrets({**replica_env(), **self._caller_env}, self.serving)
 
     def status(self) -> dict[str, Any]:
         """`GET /v1/deployments` (a `DeploymentList` as JSON): every model, its replicas' state and where they are."""

@@ -8,7 +8,9 @@ Ray — nothing is left running or reserved.
 Nothing is reachable from another host without a credential: everything that takes an address
 listens on 127.0.0.1, and Ray's own gRPC servers (which always listen on every interface) require
 the installation's Ray token (`ray_auth_env`). The OpenAI endpoint leaves loopback only when
-`serving.host` says so, and then only with an API key (`check_serving_exposure`).
+`serving.host` says so, and then only with an API key (`check_serving_exposure`). Replicas answer
+only the routers: local mode makes the cluster's internal key (`internal_key`) when the
+environment has none, before Ray starts, so every Ray process inherits it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..config import ConfigError, RayVRAMConfig, ServingSettings
 from ..demo_model import DEMO_MODELS, ensure_demo_model
 from ..errors import RayVramError
 from ..loopback import is_loopback_host, keep_ray_on_loopback
+from .internal_key import ensure_internal_key
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,7 @@ class LocalStack:
         for key, value in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         os.environ.update(LOOPBACK_ENV)
+        ensure_internal_key()  # before Ray: the raylet and every worker inherit it
         keep_ray_on_loopback()
         auth = ray_auth_env()
         os.environ.pop("RAY_AUTH_TOKEN", None)  # a token for another cluster would win over ours

@@ -1,22 +1,29 @@
-"""Size and pixel checks of `file://` images where the files are: on the replica's node.
+"""Checks of `file://` media where the files are: on the replica's node.
 
 The router checks what a request carries (data URLs) and where a `file://` path points, but the
 file itself lies on the replica's node, which may be another machine. Without this check vLLM would
 read any file there whole and answer an image over its pixel limit with HTTP 500. This ASGI wrapper
-in front of vLLM's app reads only the chat requests that name a `file:` URL, stats each file and
-reads its header, and answers 413 (too large) or 400 (unreadable) with the same words as the router.
+in front of vLLM's app reads only the chat requests that name a `file:` URL and, for each image,
+audio or video URL, resolves the path (links included) before opening anything: it must be a
+regular file under the model's media directory (`media.local_media_dir`, resolved too), else 400
+with one message for missing, outside, unreadable and not-a-file alike (an answer must not tell
+whether a file exists elsewhere on the node). The file is then opened without following links,
+checked again on its descriptor (a regular file, within `media.max_item_mb`: never `/dev/zero`, a
+FIFO or a socket), and only its header is read; images are checked against their pixel limit.
+Answers: 413 (too large) or 400, with the same words as the router.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import orjson
 
 from ..contract import MediaAccepts
-from .media_checks import MediaRejected, check_pixels, check_size, image_size
+from .media_checks import PART_KINDS, MediaRejected, check_pixels, check_size, image_size
 from .router import error_body
 
 Scope = dict[str, Any]
@@ -69,29 +76,58 @@ class LocalMediaGuard:
         for i, message in enumerate(request.get("messages") or [] if isinstance(request, dict) else []):
             content = message.get("content") if isinstance(message, dict) else None
             for j, part in enumerate(content if isinstance(content, list) else []):
-                value = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+                kind = part.get("type") if isinstance(part, dict) else None
+                if not kind or not kind.endswith("_url") or kind not in PART_KINDS:
+                    continue
+                value = part.get(kind)
                 url = value.get("url") if isinstance(value, dict) else value
-                if isinstance(url, str) and url.startswith("file:"):
-                    self.check_file(unquote(urlsplit(url).path), f"messages[{i}].content[{j}]")
+                if isinstance(url, str) and url[:5].lower() == "file:":
+                    self.check_file(unquote(urlsplit(url).path), f"messages[{i}].content[{j}]", PART_KINDS[kind])
 
-    def check_file(self, path: str, where: str) -> None:
-        try:
-            size = os.stat(path).st_size
-        except OSError as error:
-            raise MediaRejected(400, f"{where}: file {path} cannot be read here ({error.strerror})", where) from None
-        check_size(size, f"{where} (file {path})", self.model, self.accepts)
-        with open(path, "rb") as file:
+    def check_file(self, path: str, where: str, kind: str = "image") -> None:
+        """`path` must be a regular file under the media directory, within the size (and for an image
+        the pixel) limit; MediaRejected otherwise, never telling why a path is not a usable file."""
+        with self._open(path, where) as file:
+            size = os.fstat(file.fileno()).st_size
+            check_size(size, f"{where} (file {path})", self.model, self.accepts)
+            if kind != "image":
+                return
             head = file.read(256 * 1024)
-        try:
-            width, height = image_size(head)
-        except ValueError:
             try:
-                with open(path, "rb") as file:
-                    width, height = image_size(file.read())
-            except ValueError as error:
-                message = f"{where}: file {path} is not an image that can be read ({error})"
-                raise MediaRejected(400, message, where) from None
+                width, height = image_size(head)
+            except ValueError:
+                try:  # a header beyond the first bytes; the file is within max_item_mb
+                    width, height = image_size(head + file.read(self.accepts.max_item_bytes))
+                except ValueError as error:
+                    message = f"{where}: file {path} is not an image that can be read ({error})"
+                    raise MediaRejected(400, message, where) from None
         check_pixels(width, height, where, self.model, self.accepts)
+
+    def _open(self, path: str, where: str) -> Any:
+        """The file `path` names, opened for reading once it is known to be a regular file under the
+        media directory (resolved, links included); one refusal for every other case."""
+        root = os.path.realpath(self.accepts.local_media_dir or "/nonexistent")
+        refused = MediaRejected(
+            400,
+            f"{where}: file {path} is not a readable file in model `{self.model}`'s media directory "
+            f"{self.accepts.local_media_dir} (media.local_media_dir)",
+            where,
+        )
+        resolved = os.path.realpath(path) if os.path.isabs(path) else None
+        if resolved is None or os.path.commonpath([resolved, root]) != root or resolved == root:
+            raise refused
+        try:
+            fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            raise refused from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device, FIFO, socket or directory
+                raise refused
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 async def _reject(send: Any, error: MediaRejected) -> None:

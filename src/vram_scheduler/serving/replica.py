@@ -4,8 +4,10 @@ Start-up order is the product's promise: reserve on the planned GPU (fail fast w
 allocator's reason) → pin the process to that GPU → size vLLM from the reservation's bytes and
 cap the engine at the reservation (MPS, see `mps`) → take the GPU's startup lock → load vLLM →
 release the lock → report its processes to the ledger → start vLLM's own OpenAI HTTP layer on
-this node → announce itself on the endpoint board, which every router replica follows. On
-shutdown or on any failure along the way, everything taken is given back.
+this node, answering only requests that carry the cluster's internal key (`internal_key`: the
+router adds it; a node without one fails the replica before anything is reserved) → announce
+itself on the endpoint board, which every router replica follows. On shutdown or on any failure
+along the way, everything taken is given back.
 
 This actor process never creates a CUDA context: vLLM's engine runs in its own EngineCore
 process (V1 multiprocessing), which inherits the pinning and the cap from this process's
@@ -40,6 +42,8 @@ from ..model_limits import local_config
 from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
+from .http_limits import server_config
+from .internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
 from .loop_thread import LoopThread
 from .media_budget import media_need
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
@@ -124,6 +128,10 @@ class VLLMReplica:
     # -- start ------------------------------------------------------------------------------
 
     async def _start(self) -> None:
+        try:
+            self.key = internal_key(where=f"the node of replica {self.replica_id}")
+        except InternalKeyMissing as error:  # never serve open: before anything is reserved
+            raise ReplicaStartupError(f"replica {self.replica_id}: {error}") from None
         owner = ray.get_runtime_context().get_actor_id()
         model_source = resolve_model_source(self.spec.model)
         self.spec = await asyncio.to_thread(checked_spec, self.spec, self.replica_id)  # before reserving
@@ -320,10 +328,8 @@ class VLLMReplica:
         host = os.environ.get(REPLICA_HOST_ENV) or node_ip_address()
         sock = socket.create_server((host, 0), reuse_port=False)
         served = LocalMediaGuard(app, self.spec.model_id, accepts) if accepts.local_media_dir else app
-        config = uvicorn.Config(
-            served, log_level="warning", access_log=False, timeout_keep_alive=30, lifespan="off", http="httptools"
-        )
-        self.server = uvicorn.Server(config)
+        guarded = InternalKeyGuard(served, self.key)  # every path: the router's requests only
+        self.server = uvicorn.Server(server_config(guarded, self.serving.client_timeout_s))
         app.state.server = self.server
         self.server_task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
@@ -379,6 +385,11 @@ class VLLMReplica:
             return {"replica_id": self.replica_id}
         held = {"overhead_bytes": self.reservation.overhead_bytes, "cap_bytes": self.reservation.cap_bytes}
         return self.endpoint.model_dump() | held
+
+    async def engine_requests(self) -> int:
+        """Requests the engine holds now, running or waiting: one whose client went away and was
+        aborted no longer counts."""
+        return 0 if self.engine is None else int(self.engine.get_num_unfinished_requests())
 
     async def __del__(self) -> None:
         if self.heartbeat_task is not None:

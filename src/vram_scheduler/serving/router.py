@@ -18,6 +18,14 @@ model's media directory or a download URL get a 4xx naming the model and the lim
 endpoints (`/v1/audio/transcriptions`, `/v1/audio/translations`) take the multipart form OpenAI's
 clients send; it is forwarded as sent, with the model's default length added when it sets none.
 
+Only exact routes are served (`FORWARDED` and `GET /v1/models[/<name>]`): any other method or path
+is 404, matched on the path as the client sent it (`raw_path`), so no trailing slash, `..`,
+double slash or percent-encoding ever reaches another route of vLLM, and redirects from replicas are
+never followed. Each forwarded request carries the cluster's internal key (`internal_key`), without
+which replicas answer 401. A request body is bounded per route (`http_limits`: 413 before it is
+read, 408 when too slow), and a client that goes away cancels its request: the connection to the
+replica is closed, and vLLM aborts the generation.
+
 A plain ASGI app on uvicorn (no framework in the request path): on a 2-core machine every
 millisecond of per-request CPU shows up in throughput (bench/serving). The router runs as
 `serving.router_replicas` Serve replicas, each routing by its copy of the endpoint board's table
@@ -33,7 +41,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +50,12 @@ import orjson
 from ..config import ServingSettings
 from ..contract import EndpointTable, ModelAvailability, ReplicaEndpoint
 from .endpoint_board import WATCH_TIMEOUT_S, endpoint_board
+from .http_limits import MIB, BodyRefused, read_body, server_config
+from .internal_key import authorization, internal_key
 from .loop_thread import LoopThread
 from .media_checks import MediaRejected, check_audio_upload, check_chat
 from .multipart import FormError, add_field, is_multipart, parse_form
-from .router_metrics import BROKEN_STATUS, UNKNOWN_MODEL, Exchange, RequestMetrics, route_of
+from .router_metrics import BROKEN_STATUS, CLIENT_LEFT_STATUS, UNKNOWN_MODEL, Exchange, RequestMetrics, route_of
 
 log = logging.getLogger("ray.serve")
 
@@ -65,13 +75,18 @@ REPLICA_HEADER = b"x-ray-vram-replica"
 #: Response header: the replicas this request was sent to, the one that answered included (2 or
 #: more: the router retried it after a replica died before answering).
 ATTEMPTS_HEADER = b"x-ray-vram-attempts"
-#: The vLLM task each path needs (other /v1 paths go to vLLM unchecked), and what to call it in errors.
+#: The routes forwarded to replicas (POST, exact paths), the vLLM task each needs, and what to call it
+#: in errors. Every other path is 404 (`exact_path`).
 PATH_TASKS = {
     "/v1/chat/completions": ("generate", "chat completions"),
     "/v1/completions": ("generate", "completions"),
     "/v1/audio/transcriptions": ("transcription", "audio transcriptions"),
     "/v1/audio/translations": ("transcription", "audio translations"),
 }
+#: The forwarded routes whose body is a multipart upload, bounded by the models' media.max_item_mb.
+UPLOAD_ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
+#: Room for a form's other fields and boundaries beside its file.
+FORM_ENVELOPE_BYTES = MIB
 
 #: The scope key of a request's `router_metrics.Exchange` (absent with metrics off).
 EXCHANGE = "ray_vram.exchange"
@@ -140,6 +155,13 @@ class Registry:
     def answering(self) -> list[str]:
         """The names of models that can answer now: a ready replica registered."""
         return sorted({name for replica in self.replicas.values() for name in replica.endpoint.names})
+
+    def largest_item_bytes(self) -> int:
+        """The largest `media.max_item_mb` (bytes) of any replica that transcribes (0: none does)."""
+        return max(
+            (r.endpoint.media.max_item_bytes for r in self.replicas.values() if "transcription" in r.endpoint.tasks),
+            default=0,
+        )
 
     def candidates(self, name: str) -> list[_Replica]:
         return [r for r in self.replicas.values() if name in r.endpoint.names]
@@ -216,6 +238,8 @@ class OpenAIRouter:
         #: Told the id of a replica this router dropped for not answering (the other routers drop it too).
         self.on_unreachable = on_unreachable
         self.api_key = os.environ.get(settings.api_key_env or "", "") if settings.api_key_env else ""
+        #: Sent to replicas with every request (they answer 401 without it); none: refuse to start.
+        self.replica_authorization = authorization(internal_key(where="this router's node"))
         self._session: Any = None
 
     async def session(self) -> Any:
@@ -241,7 +265,7 @@ class OpenAIRouter:
             return
         if scope["type"] != "http":
             return
-        path: str = scope["path"]
+        path = exact_path(scope)
         if path in ("/healthz", "/-/healthz"):
             await _respond(send, 200, b'{"status":"ok"}')
             return
@@ -256,7 +280,7 @@ class OpenAIRouter:
             self.metrics.record(exchange, route_of(path))
 
     async def _answer(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
+        path = exact_path(scope)
         method: str = scope["method"]
         if not self._authorised(scope):
             await _respond(
@@ -268,8 +292,8 @@ class OpenAIRouter:
         if method == "GET" and path == "/v1/models":
             await _respond(send, 200, self._models())
             return
-        if method == "GET" and path.startswith("/v1/models/"):
-            name = path.removeprefix("/v1/models/")
+        if method == "GET" and path.startswith("/v1/models/"):  # answered here: the name may be percent-encoded
+            name = scope["path"].removeprefix("/v1/models/")
             model_id = self.registry.model_id(name)
             _note_model(scope, model_id)
             if self.registry.candidates(name):
@@ -281,15 +305,33 @@ class OpenAIRouter:
                     send, 404, error_body(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
                 )
             return
-        if method != "POST" or not path.startswith("/v1/"):
-            await _respond(send, 404, error_body(404, f"no route {method} {path}", "NotFoundError"))
+        if method != "POST" or path not in PATH_TASKS:
+            message = f"no route {method} {path[:200]} (served: GET /v1/models, POST {', POST '.join(PATH_TASKS)})"
+            await _respond(send, 404, error_body(404, message, "NotFoundError"))
             return
-        body = await _read_body(receive)
+        limit, setting = self.body_limit(path)
+        try:
+            body = await read_body(scope, receive, limit, self.settings.client_timeout_s, f"POST {path} ({setting})")
+        except BodyRefused as error:  # the connection closes: the rest of the body is never read
+            await _respond(send, error.status, error_body(error.status, str(error), error.kind), [CLOSE])
+            return
+        except ConnectionResetError:  # the client left before sending all of its body
+            return
         content_type = _header(scope, b"content-type") or "application/json"
+        tracked = _Tracked(send)
         if is_multipart(content_type):
-            await self._forward_form(scope, content_type, body, send)
+            answer = self._forward_form(scope, content_type, body, tracked.send)
         else:
-            await self._forward(scope, body, send)
+            answer = self._forward(scope, body, tracked.send)
+        await cancelled_if_client_leaves(scope, receive, answer, tracked)
+
+    def body_limit(self, path: str) -> tuple[int, str]:
+        """The largest body `path` takes, and the setting that says so: an upload its models' largest
+        media.max_item_mb and a form's overhead, JSON serving.max_body_mb."""
+        largest_item = self.registry.largest_item_bytes() if path in UPLOAD_ROUTES else 0
+        if largest_item:
+            return largest_item + FORM_ENVELOPE_BYTES, "models' media.max_item_mb + 1 MiB of form"
+        return round(self.settings.max_body_mb * MIB), "serving.max_body_mb"
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -452,23 +494,26 @@ class OpenAIRouter:
         import aiohttp
 
         session = await self.session()
-        url = replica.endpoint.url + scope["path"]
+        url = replica.endpoint.url + exact_path(scope)  # one of PATH_TASKS
         replica.inflight += 1
         replica.served += 1
         started, streaming = False, False
+        upstream_response: Any = None
         replica_id = replica.endpoint.replica_id
         try:
-            async with session.post(url, data=body, headers={"content-type": content_type}) as upstream:
+            headers = {"content-type": content_type, "authorization": self.replica_authorization}
+            async with session.post(url, data=body, headers=headers, allow_redirects=False) as upstream:
+                upstream_response = upstream
                 content_type = upstream.headers.get("content-type", "application/json")
                 streaming = content_type.startswith("text/event-stream")
                 if streaming and (exchange := scope.get(EXCHANGE)) is not None:
                     exchange.streamed = True
-                headers = [
+                answer_headers = [
                     (b"content-type", content_type.encode()),
                     (REPLICA_HEADER, replica_id.encode()),
                     (ATTEMPTS_HEADER, str(attempt).encode()),
                 ]
-                await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+                await send({"type": "http.response.start", "status": upstream.status, "headers": answer_headers})
                 started = True
                 async for chunk in upstream.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -489,6 +534,10 @@ class OpenAIRouter:
                 return False
             await _respond(send, 504, error_body(504, f"replica {replica_id}: {error}", "TimeoutError"))
             return True
+        except asyncio.CancelledError:  # the client left (`cancelled_if_client_leaves`)
+            if upstream_response is not None:
+                upstream_response.close()  # the replica sees its connection close, and vLLM aborts
+            raise
         finally:
             replica.inflight -= 1
 
@@ -555,17 +604,68 @@ def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "ray-vram"}
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
+def exact_path(scope: dict[str, Any]) -> str:
+    """The request's path as the client sent it (`raw_path`, without its query): uvicorn's `path` is
+    percent-decoded, and `/v1/chat%2Fcompletions` must not become `/v1/chat/completions`."""
+    raw = scope.get("raw_path")
+    if raw is None:
+        return scope["path"]
+    return raw.split(b"?", 1)[0].decode("latin-1")
+
+
+class _Tracked:
+    """The ASGI send of one request, noting when its response has ended."""
+
+    __slots__ = ("ended", "to")
+
+    def __init__(self, send: Send):
+        self.to = send
+        self.ended = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.ended = True
+        await self.to(message)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (its body was read before: only a disconnect comes now)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancelled_if_client_leaves(
+    scope: dict[str, Any], receive: Receive, answer: Coroutine[Any, Any, None], tracked: _Tracked
+) -> None:
+    """Run `answer` (which sends through `tracked`) while watching the client: when it goes away before
+    its response has ended,
+    cancel `answer`, which closes the connection to the replica, and vLLM aborts the request (a stream
+    or not: its server cancels a request whose client disconnects). uvicorn itself would let the
+    answer run on, its sends dropped, to the last token."""
+    work = asyncio.ensure_future(answer)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        watch.cancel()
+        raise
+    if watch in done and not work.done() and not tracked.ended:
+        work.cancel()
+        if (exchange := scope.get(EXCHANGE)) is not None and not exchange.status:
+            exchange.status = CLIENT_LEFT_STATUS
+    watch.cancel()
+    await asyncio.wait({work})
+    if not work.cancelled():
+        work.result()
+
+
+#: Answer header that closes the connection after a refusal (nothing more of its body is read).
+CLOSE = (b"connection", b"close")
 
 
 async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [(b"content-type", b"application/json"), *(extra or [])]
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -599,15 +699,7 @@ class RouterDeployment:
         table = EndpointTable.model_validate(await endpoint_board(self.app).table.remote())
         await self.requests.call(self._take(table))
         self.version = table.version
-        config = uvicorn.Config(
-            self.router,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            http="httptools",
-            timeout_keep_alive=30,
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(self.router, self.settings.client_timeout_s))
         self.sock = listen_socket(self.settings.host, self.settings.port)
         self.task = await self.requests.call(self._start())
         self.follower = asyncio.get_running_loop().create_task(self._follow())

@@ -35,12 +35,14 @@ ROUTES = {
     "/v1/completions": "completions",
     "/v1/audio/transcriptions": "transcriptions",
     "/v1/audio/translations": "translations",
-    "/v1/embeddings": "embeddings",
     "/v1/models": "models",
 }
 #: Status of a response cut short after its status went out (its replica failed mid-answer): the
 #: code of the error event the router ends a stream with.
 BROKEN_STATUS = 502
+#: Status of a request whose client went away before any answer (nginx's "client closed request"):
+#: the router cancelled it, and its replica aborted the generation.
+CLIENT_LEFT_STATUS = 499
 #: Latency buckets (seconds): from a short answer to a long generation, up to the default request timeout.
 BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 #: Seconds counts are summed before they go to Ray.
