@@ -23,7 +23,7 @@ from ray import serve
 from ray.experimental import internal_kv
 
 from ..allocator import NAMESPACE, get_vram_allocator
-from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, check_remote_code
 from ..contract import DeploymentList, ModelStatus, ReplicaPhase, ReplicaStatus
 from ..errors import RayVramError
 from ..model_limits import effective_max_model_len
@@ -177,6 +177,7 @@ class Controller:
             return plan
 
     def _deploy(self, spec: ModelSpec, others: list[ModelSpec], placement: PlacementSettings | None) -> Plan:
+        check_remote_code(spec, self.serving)  # every deploy, from a values file or POST /v1/deployments
         previous = self.deployed().get(spec.model_id)
         if previous is not None and previous.spec == spec and self._app_alive(spec.model_id):
             return self._plan([spec, *others], placement)
