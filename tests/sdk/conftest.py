@@ -23,8 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[stack.LocalStack]:
+    """The stack; this test process is the same installation (XDG_CONFIG_HOME), so clients find the
+    controller token in its file as a user of `ray-vram up` does."""
     with stack.LocalStack([stack.demo_model_spec(MODEL, router_name=ALIAS)]) as running:
-        yield running
+        before = os.environ.get("XDG_CONFIG_HOME")
+        os.environ["XDG_CONFIG_HOME"] = str(running.config_home)
+        try:
+            yield running
+        finally:
+            if before is None:
+                os.environ.pop("XDG_CONFIG_HOME", None)
+            else:
+                os.environ["XDG_CONFIG_HOME"] = before
 
 
 @pytest.fixture
