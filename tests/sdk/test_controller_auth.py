@@ -6,15 +6,24 @@ token themselves or say where it is."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import signal
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import stack
+import yaml
 from conftest import run_cli
 
 from vram_scheduler.client import ControllerAuthError, VRAMScheduler
+from vram_scheduler.loopback import free_port
 
 ROUTES = [
     ("GET", "/v1/deployments"),
@@ -106,3 +115,64 @@ def test_sdk_and_cli_send_the_token_and_say_where_it_is(bare: stack.LocalStack, 
     assert cli.returncode == 1 and "refused GET /v1/vram (HTTP 401)" in cli.stderr and "controller-token" in cli.stderr
     by_env = run_cli("status", env=env | {"XDG_CONFIG_HOME": "/nonexistent", "RAY_VRAM_CONTROLLER_TOKEN": bare.token})
     assert by_env.returncode == 0, by_env.stderr
+
+
+def test_ray_vram_serve_requires_the_token_too(bare: stack.LocalStack, tmp_path: Path) -> None:
+    """`ray-vram serve` (gunicorn, as the chart runs it) joined to the stack's cluster: the token from
+    the environment, the hint the chart sets, and the extra host names it is told."""
+    values = tmp_path / "values.yaml"
+    serving = {"host": "127.0.0.1", "port": bare.serving_port}
+    values.write_text(yaml.safe_dump({"models": [], "serving": serving}))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    token = secrets.token_hex(32)
+    env = os.environ | {
+        "RAY_ADDRESS": bare.gcs_address,
+        "RAY_VRAM_CONTROLLER_TOKEN": token,
+        "RAY_VRAM_CONTROLLER_TOKEN_HINT": "the Secret rv-ray-vram-auth",
+        "XDG_CONFIG_HOME": str(tmp_path / "nowhere"),
+    }
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable,
+        "-m",
+        "vram_scheduler.cli",
+        "serve",
+        "-f",
+        str(values),
+        "--ray-address",
+        bare.gcs_address,
+    ]
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port), "--allowed-host", "ctl.example"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        stack.wait_http(api + "/healthz", 300, server, log)
+        auth = {"Authorization": f"Bearer {token}"}
+        refused = httpx.get(api + "/v1/deployments", timeout=30)  # refused even while it starts
+        assert refused.status_code == 401 and refused.json()["hint"] == "the Secret rv-ray-vram-auth"
+        deadline = time.monotonic() + 300
+        while (answer := httpx.get(api + "/v1/deployments", headers=auth, timeout=30)).status_code == 503:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        assert answer.status_code == 200, answer.text
+        named = httpx.get(api + "/v1/vram", headers=auth | {"Host": f"ctl.example:{port}"}, timeout=30)
+        assert named.status_code == 200
+        other = httpx.get(api + "/v1/vram", headers=auth | {"Host": f"other.example:{port}"}, timeout=30)
+        assert other.status_code == 403 and "ctl.example" in other.json()["error"]
+        spec = stack.demo_model_spec("sneaky")
+        body = spec | {"engine_kwargs": spec["engine_kwargs"] | {"--trust-remote-code": True}}
+        code = httpx.post(api + "/v1/deployments", json=body, headers=auth, timeout=60)
+        assert code.status_code == 400 and "allow_remote_code" in code.text, code.text
+        assert not (tmp_path / "nowhere").exists(), "a token from the environment writes no file"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
