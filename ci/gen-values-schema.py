@@ -19,13 +19,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vram_scheduler.config import MEDIA_ENGINE_KWARGS, config_json_schema
+from vram_scheduler.config import config_json_schema
+from vram_scheduler.engine_guard import ENGINE_ARG_ALIASES, OWNED_ENGINE_ARGS
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "charts" / "ray-vram" / "values.schema.json"
 
-#: engine_kwargs keys ray-vram derives from vram_gb/model/max_model_len (ModelSpec refuses them too).
-OWNED_ENGINE_KWARGS = ["gpu_memory_utilization", "kv_cache_memory_bytes", "max_model_len", "model"]
+
+def owned_key_pattern() -> str:
+    """Every spelling of an owned engine argument (what ModelSpec refuses after normalising keys):
+    leading dashes, dashes or underscores, a `no-` prefix, a `.key` suffix, vLLM's aliases."""
+    names = sorted({*OWNED_ENGINE_ARGS, *(a for a, d in ENGINE_ARG_ALIASES.items() if d in OWNED_ENGINE_ARGS)})
+    words = "|".join(name.replace("_", "[-_]") for name in names)
+    return f"^-*(no[-_])?({words})([.].*)?$"
+
 
 Schema = dict[str, Any]
 
@@ -64,6 +71,7 @@ DNS_LABEL_SHORT = r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$"
 IPV4 = r"^$|^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$"
 LOOPBACK_HOST = r"^(127\.[0-9.]+|::1|\[::1\]|localhost)$"
 DURATION = r"^([0-9]+(ms|s|m|h))+$"
+SECRET_NAME = r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 IMAGE = r"^[a-z0-9][a-zA-Z0-9./_:@-]*$"
 PORT = integer(1, 65535)
 STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -208,9 +216,15 @@ def chart_properties() -> dict[str, Schema]:
                 "tolerations": K8S_LIST,
             }
         ),
-        "apiKey": obj(
-            {"create": BOOL, "value": string(), "existingSecret": string(r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")}
+        "apiKey": obj({"create": BOOL, "value": string(), "existingSecret": string(SECRET_NAME)}),
+        "auth": obj(
+            {
+                "existingSecret": string(SECRET_NAME),
+                "secretJob": obj({"enabled": BOOL, "ttlSecondsAfterFinished": integer(0), "resources": RESOURCES}),
+                "controllerHosts": {"type": "array", "items": string(r"^[a-zA-Z0-9]([-a-zA-Z0-9.]*[a-zA-Z0-9])?$")},
+            }
         ),
+        "hfToken": obj({"existingSecret": string(SECRET_NAME), "key": string(r"^[-._a-zA-Z0-9]+$")}),
         "services": obj(
             {
                 "dashboard": obj(
@@ -228,7 +242,13 @@ def chart_properties() -> dict[str, Schema]:
             }
         ),
         "networkPolicy": obj(
-            {"enabled": BOOL, "openaiFrom": K8S_LIST, "dashboardFrom": K8S_LIST, "metricsFrom": K8S_LIST}
+            {
+                "enabled": BOOL,
+                "openaiFrom": K8S_LIST,
+                "dashboardFrom": K8S_LIST,
+                "metricsFrom": K8S_LIST,
+                "controllerFrom": K8S_LIST,
+            }
         ),
         "monitoring": obj(
             {
@@ -269,14 +289,13 @@ def config_defs() -> dict[str, Schema]:
         "properties": {"max_replicas": {"const": True}},
     }
     spec["description"] += " Set either `replicas` or `max_replicas: true`, not both."
-    # One never-valid schema per owned key, so that the error names the key itself.
+    # One never-valid schema per owned key, so that the error names the key itself, and a pattern
+    # for every other spelling of it. Code-loading arguments depend on serving.allow_remote_code:
+    # the controller refuses those when it reads the values.
     spec["properties"]["engine_kwargs"]["properties"] = {
-        name: {"not": {}, "description": "set by ray-vram from vram_gb/model/max_model_len; remove it"}
-        for name in OWNED_ENGINE_KWARGS
-    } | {
-        name: {"not": {}, "description": "set by ray-vram from the model's `media` settings; use those"}
-        for name in sorted(MEDIA_ENGINE_KWARGS)
+        name: {"not": {}, "description": f"{why}; remove it"} for name, why in sorted(OWNED_ENGINE_ARGS.items())
     }
+    spec["properties"]["engine_kwargs"]["propertyNames"] = {"not": {"pattern": owned_key_pattern()}}
     # An endpoint beyond loopback (the default host 0.0.0.0 is) needs api_key_env (ServingSettings).
     serving = defs["ServingSettings"]
     serving["if"] = {"not": {"required": ["host"], "properties": {"host": {"pattern": LOOPBACK_HOST}}}}

@@ -177,9 +177,11 @@ class LocalStack:
 
     Attributes once started: `controller` (URL), `endpoint` (OpenAI base URL ending in /v1), `pid`
     (the stack's process, root of every process it starts), `gcs_address`, `ray_metrics` (Ray's
-    metrics agent on the node: its /metrics URL). `auth=False` (the SDK tests) turns Ray's token auth
-    off for speed; `auth=True` starts the stack as users get it, its token under `work`. `values`:
-    more top-level values (`placement`, ...) beside the models.
+    metrics agent on the node: its /metrics URL), `config_home` (the stack's XDG_CONFIG_HOME: its
+    controller token file, and Ray token with `auth`), `token` (the controller token, as `ray-vram up`
+    made it) and `headers` (what a client sends with it). `auth=False` (the SDK tests) turns Ray's token
+    auth off for speed; `auth=True` starts the stack as users get it. `values`: more top-level values
+    (`placement`, ...) beside the models.
     """
 
     def __init__(self, models: list[dict], work: Path | None = None, auth: bool = False, values: dict | None = None):
@@ -195,6 +197,8 @@ class LocalStack:
         self.process: subprocess.Popen | None = None
         self.gcs_address = ""
         self.ray_metrics = ""
+        self.config_home = self.work / "config"
+        self.token = ""
 
     @property
     def pid(self) -> int:
@@ -213,10 +217,11 @@ class LocalStack:
         )
         inventory.write_text(yaml.safe_dump(SDK_INVENTORY))
         env = vllm_env() | {"RAY_TMPDIR": str(self.work), "RAY_AUTH_MODE": "disabled"}
+        env["XDG_CONFIG_HOME"] = str(self.config_home)  # its own token files, never the user's
+        env.pop("RAY_VRAM_CONTROLLER_TOKEN", None)
         if self.auth:
             for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
                 env.pop(name, None)
-            env["XDG_CONFIG_HOME"] = str(self.work / "config")
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, __file__, str(values), str(inventory), str(self.controller_port)],
@@ -239,7 +244,13 @@ class LocalStack:
         self.gcs_address = next(line.split()[1] for line in lines if line.startswith("gcs "))
         metrics_port = next(line.split()[1] for line in lines if line.startswith("metrics "))
         self.ray_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.token = (self.config_home / "ray-vram" / "controller-token").read_text().strip()
         return self
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The controller token as a client sends it."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def __exit__(self, *exc: object) -> None:
         if self.process is None:

@@ -30,6 +30,7 @@ from .inventory import GPUInfo, Inventory, NodeInventory
 from .model_limits import resolve_overheads
 from .planner import Plan, Reservation, plan
 from .scheduler_errors import (
+    ControllerAuthError,
     ControllerUnavailableError,
     DeploymentError,
     PlacementError,
@@ -40,6 +41,7 @@ from .scheduler_errors import (
 __all__ = [
     "CONTROLLER_ENV",
     "DEFAULT_CONTROLLER",
+    "ControllerAuthError",
     "ControllerUnavailableError",
     "DeployProgress",
     "DeployResult",
@@ -158,6 +160,9 @@ class VRAMScheduler:
     `address` is the serving controller's URL (``http://host:8080``), or a Ray address
     (``host:6379``, ``ray://host:10001``, ``auto``) to drive the cluster in-process through Ray;
     by default ``$RAY_VRAM_CONTROLLER`` or the local one (``http://127.0.0.1:8080``, `ray-vram up`).
+    `token` is the controller token (default ``$RAY_VRAM_CONTROLLER_TOKEN``, else the file `ray-vram up`
+    keeps in ``~/.config/ray-vram/controller-token``); a refused call raises `ControllerAuthError`
+    saying where to find it.
     """
 
     def __init__(
@@ -166,13 +171,13 @@ class VRAMScheduler:
         *,
         console: Console | None = None,
         timeout_s: float = 30.0,
-        api_key: str | None = None,
+        token: str | None = None,
     ):
         address = (address or os.environ.get(CONTROLLER_ENV) or DEFAULT_CONTROLLER).rstrip("/")
         self.address = address
         self.api: HTTPControllerClient | RayControllerClient
         if address.startswith(("http://", "https://")):
-            self.api = HTTPControllerClient(address, timeout_s=timeout_s, api_key=api_key)
+            self.api = HTTPControllerClient(address, timeout_s=timeout_s, token=token)
         else:
             self.api = RayControllerClient(address)
         self.console = console or Console(stderr=True)

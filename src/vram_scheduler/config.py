@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from .engine_guard import code_loading_engine_args, normalise_engine_kwargs, owned_engine_args
 from .errors import RayVramError
 from .loopback import is_loopback_host
 
@@ -36,12 +37,6 @@ class StrictModel(BaseModel):
     """Base for every user-facing model: unknown keys are errors, not silently dropped."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
-
-
-#: vLLM engine arguments ray-vram sets from `media` (a model's engine_kwargs may not set them).
-MEDIA_ENGINE_KWARGS = frozenset(
-    {"limit_mm_per_prompt", "mm_processor_cache_gb", "allowed_local_media_path", "allowed_media_domains"}
-)
 
 
 #: The most pixels any image may have: Pillow's decompression-bomb limit, which vLLM applies too.
@@ -158,7 +153,11 @@ class ModelSpec(StrictModel):
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra vLLM engine arguments (e.g. dtype, enforce_eager, quantization).",
+        description="Extra vLLM engine arguments (e.g. dtype, enforce_eager, quantization), in any spelling "
+        "vLLM takes (dashes or underscores, leading --, no_ for a boolean's negative form). Arguments ray-vram "
+        "sets (budget, model, names, media, server address and keys, parallelism) are refused; arguments that "
+        "load code (trust_remote_code, worker/scheduler classes, middleware, plugins, logits processors) only "
+        "with serving.allow_remote_code.",
     )
     media: MediaSettings = Field(
         default_factory=MediaSettings,
@@ -183,17 +182,21 @@ class ModelSpec(StrictModel):
             )
         return self
 
-    @field_validator("engine_kwargs")
+    @field_validator("engine_kwargs", mode="before")
     @classmethod
-    def _engine_kwargs_not_budget(cls, value: dict[str, Any]) -> dict[str, Any]:
-        owned = {"gpu_memory_utilization", "kv_cache_memory_bytes", "model", "max_model_len"}
-        clash = sorted(owned & set(value))
-        if clash:
-            raise ValueError(f"{', '.join(clash)} are set by ray-vram from vram_gb/model/max_model_len; remove them")
-        media = sorted(MEDIA_ENGINE_KWARGS & set(value))
-        if media:
-            raise ValueError(f"{', '.join(media)} are set by ray-vram from the model's `media` settings; use those")
-        return value
+    def _engine_kwargs_guarded(cls, value: Any) -> Any:
+        """Keys in vLLM's canonical spelling, then refuse what ray-vram sets itself (any spelling)."""
+        if not isinstance(value, dict):
+            return value
+        kwargs = normalise_engine_kwargs(value)
+        problems = owned_engine_args(kwargs)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return kwargs
+
+    def remote_code(self) -> list[str]:
+        """What in `engine_kwargs` makes vLLM load code named by the configuration (empty: nothing)."""
+        return code_loading_engine_args(self.engine_kwargs)
 
     @property
     def vram_bytes(self) -> int:
@@ -284,6 +287,14 @@ class ServingSettings(StrictModel):
         "`openai` Service reaches) only on those, at least one each; head: all on the head node.",
     )
 
+    allow_remote_code: bool = Field(
+        default=False,
+        description="Let models' engine_kwargs load code: trust_remote_code (the model repository's Python), "
+        "worker/scheduler classes, middleware, tool/reasoning parser plugins, logits processors, logging "
+        "factories, KV connector modules. Off: such a model is refused, in values files and in "
+        "POST /v1/deployments alike. Turn on only when everyone who can deploy models may run code on the GPU nodes.",
+    )
+
     @field_validator("api_key_env")
     @classmethod
     def _key_beyond_loopback(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -319,6 +330,17 @@ class RayVRAMConfig(StrictModel):
                 seen[name] = where
         return models
 
+    @model_validator(mode="after")
+    def _remote_code_allowed(self) -> RayVRAMConfig:
+        problems = [
+            f"models[{i}].{problem}"
+            for i, spec in enumerate(self.models)
+            for problem in remote_code_problems(spec, self.serving)
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def model(self, name: str) -> ModelSpec:
         """The model answering to `name` (model_id or router_name)."""
         for spec in self.models:
@@ -326,6 +348,24 @@ class RayVRAMConfig(StrictModel):
                 return spec
         known = ", ".join(n for spec in self.models for n in spec.names) or "none"
         raise KeyError(f"unknown model {name!r}; known: {known}")
+
+
+def remote_code_problems(spec: ModelSpec, serving: ServingSettings) -> list[str]:
+    """Why `spec` may not be served under `serving`: its engine arguments load code and
+    `serving.allow_remote_code` is off (empty: allowed)."""
+    if serving.allow_remote_code:
+        return []
+    return [
+        f'engine_kwargs.{problem}; refused unless serving.allow_remote_code is true (see README "Security")'
+        for problem in spec.remote_code()
+    ]
+
+
+def check_remote_code(spec: ModelSpec, serving: ServingSettings) -> None:
+    """Raise `ConfigError` naming each code-loading engine argument of `spec` that `serving` does not allow."""
+    problems = remote_code_problems(spec, serving)
+    if problems:
+        raise ConfigError(f"model {spec.model_id!r}", problems)
 
 
 class ConfigError(RayVramError, ValueError):

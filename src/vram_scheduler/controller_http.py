@@ -3,39 +3,47 @@ URL and the controller's own reason. Needs only httpx, so a laptop drives a remo
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
 
 from .config import ConfigError, ModelSpec
 from .contract import DeploymentList, DeploymentStatus, VRAMState
-from .scheduler_errors import ControllerUnavailableError, PlacementError, SchedulerError
+from .controller_auth import auth_headers, where_to_find_token
+from .scheduler_errors import ControllerAuthError, ControllerUnavailableError, PlacementError, SchedulerError
 
 CONTROLLER_ENV = "RAY_VRAM_CONTROLLER"
 DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
 
 
 class HTTPControllerClient:
-    """Thin typed calls to the serving controller; errors name the URL and the controller's reason."""
+    """Thin typed calls to the serving controller; errors name the URL and the controller's reason.
+    `token`: the controller token (default: $RAY_VRAM_CONTROLLER_TOKEN, else the local token file)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0, api_key: str | None = None):
+    def __init__(self, url: str, timeout_s: float = 30.0, token: str | None = None):
         self.url = url.rstrip("/")
-        key = api_key if api_key is not None else os.environ.get("RAY_VRAM_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=auth_headers(token))
 
     def close(self) -> None:
         self._client.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            return self._client.request(method, path, **kwargs)
+            response = self._client.request(method, path, **kwargs)
         except httpx.HTTPError as error:
             raise ControllerUnavailableError(
                 f"serving controller at {self.url} did not answer {method} {path}: {type(error).__name__}: {error}. "
                 f"Is `ray-vram up` or `ray-vram serve` running? (set ${CONTROLLER_ENV} or pass address=)"
             ) from None
+        if response.status_code in {401, 403}:
+            data = _safe_json(response)
+            hint = data.get("hint") if isinstance(data, dict) else None
+            where = f"The controller says the token is in {hint}. " if hint else ""
+            raise ControllerAuthError(
+                f"serving controller at {self.url} refused {method} {path} (HTTP {response.status_code}): "
+                f"{_reason(response)}. {where}To call it, {where_to_find_token()}"
+            )
+        return response
 
     def _json(self, response: httpx.Response, what: str) -> Any:
         if response.status_code >= 400:

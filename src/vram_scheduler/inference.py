@@ -35,6 +35,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from .contract import DeploymentList
+from .controller_auth import auth_headers as controller_auth_headers
 from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER
 from .errors import RayVramError
 from .media_inputs import ImageInput, with_images
@@ -187,7 +188,7 @@ def _local_host(host: str) -> str:
 
 
 def _candidates_from_controller(client: httpx.Client, controller: str, model: str) -> list[str]:
-    response = client.get(f"{controller.rstrip('/')}/v1/deployments")
+    response = client.get(f"{controller.rstrip('/')}/v1/deployments", headers=controller_auth_headers())
     response.raise_for_status()
     found: list[str] = []
     for entry in DeploymentList.model_validate(response.json()).models:

@@ -16,6 +16,10 @@ class ControllerUnavailableError(SchedulerError):
     """The serving controller did not answer."""
 
 
+class ControllerAuthError(SchedulerError):
+    """The serving controller refused the call (401/403): no token, a wrong one, or a cross-site request."""
+
+
 class PlacementError(SchedulerError):
     """Not every requested replica fits (nothing was deployed, unless `max_replicas`)."""
 

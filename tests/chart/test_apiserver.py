@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -136,10 +137,7 @@ def read_back(cluster: Cluster, namespace: str) -> dict[str, dict]:
 
 def test_install_upgrade_uninstall(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
     ns, release = namespace, "rv"
-    # A generated API key this time (the values file fixes one for the render tests).
-    install = cluster.helm(
-        "install", release, str(CHART), "-n", ns, "--skip-crds", "-f", str(VALUES), "--set", "apiKey.value="
-    )
+    install = cluster.helm("install", release, str(CHART), "-n", ns, "--skip-crds", "-f", str(VALUES))
     assert "STATUS: deployed" in install.stdout
     assert f"helm test {release} -n {ns}" in install.stdout, "NOTES name the next steps"
 
@@ -158,7 +156,7 @@ def test_install_upgrade_uninstall(cluster: Cluster, namespace: str, tmp_path: P
     for service in ("openai", "dashboard", "controller", "monitor"):
         assert f"Service/rv-ray-vram-{service}" in before, service
     api_key = decoded(before["Secret/rv-ray-vram-api-key"], "api-key")
-    assert len(api_key) == 40
+    assert api_key == "test-api-key-not-secret"  # generated keys: test_auth_secret_hook_as_its_service_account
     # The 1.20 server has no policy/v1: the chart asked the server and used policy/v1beta1.
     assert before["PodDisruptionBudget/rv-ray-vram-gpu"]["apiVersion"] == "policy/v1beta1"
     # No Prometheus Operator API on this server: no monitoring objects; the dashboards are there.
@@ -172,9 +170,7 @@ def test_install_upgrade_uninstall(cluster: Cluster, namespace: str, tmp_path: P
     values["models"][0]["replicas"] = 1
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(values))
-    upgrade = cluster.helm(
-        "upgrade", release, str(CHART), "-n", ns, "--skip-crds", "-f", str(changed), "--set", "apiKey.value="
-    )
+    upgrade = cluster.helm("upgrade", release, str(CHART), "-n", ns, "--skip-crds", "-f", str(changed))
     assert "STATUS: deployed" in upgrade.stdout and "REVISION: 2" in upgrade.stdout
 
     after = read_back(cluster, ns)
@@ -202,6 +198,65 @@ def test_install_upgrade_uninstall(cluster: Cluster, namespace: str, tmp_path: P
     left = {k for k in read_back(cluster, ns) if not k.startswith("Secret/default-token")}
     assert not left, f"left after uninstall: {sorted(left)}"
     assert cluster.helm("list", "-n", ns, "-q").stdout.strip() == ""
+
+
+def test_auth_secret_hook_as_its_service_account(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    """The auth Secret's hook, its command run as its own service account (no kubelet here to run
+    the Job): keys created once, an earlier release's API key taken over, nothing changed on the next
+    run, a removed key made anew (rotation), nothing else readable; `helm uninstall` leaves the Secret."""
+    ns = namespace
+    sets = ["auth.secretJob.enabled=true", "apiKey.value="]
+    docs = render(values=[VALUES], namespace=ns, sets=sets)
+    hook = [d for d in docs if d["metadata"]["name"].endswith("-auth-secret")]
+    job = next(d for d in hook if d["kind"] == "Job")
+    cluster.kubectl("-n", ns, "create", "-f", "-", stdin=dump_all(d for d in hook if d["kind"] != "Job"))
+    account = job["spec"]["template"]["spec"]["serviceAccountName"]
+    token = tmp_path / "token"
+    token.write_text(cluster.kubectl("-n", ns, "create", "token", account).stdout.strip())
+    kubeconfig = Path(cluster.env["KUBECONFIG"])
+    server = load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[0] == "ray-vram"
+
+    def run_hook() -> dict:
+        where = ["--namespace", ns, "--api-server", server, "--token-file", str(token)]
+        ca = ["--ca-file", str(kubeconfig.parent / "certs" / "apiserver.crt")]
+        return json.loads(cluster.run(sys.executable, "-m", "vram_scheduler.cli", *command[1:], *where, *ca).stdout)
+
+    def values() -> dict[str, str]:
+        secret = cluster.get(ns, "secret", "rv-ray-vram-auth")
+        return {key: decoded(secret, key) for key in secret["data"]}
+
+    earlier = "key-of-an-earlier-release"
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "rv-ray-vram-api-key", f"--from-literal=api-key={earlier}")
+    first = run_hook()
+    assert (first["created"], first["copied"]) == (["controller-token", "internal-key"], ["api-key"]), first
+    made = values()
+    assert made["api-key"] == earlier and all(len(made[k]) == 64 for k in ("controller-token", "internal-key"))
+    assert run_hook()["kept"] == ["controller-token", "internal-key", "api-key"] and values() == made
+    remove = '[{"op": "remove", "path": "/data/internal-key"}]'
+    cluster.kubectl("-n", ns, "patch", "secret", "rv-ray-vram-auth", "--type=json", "-p", remove)
+    assert run_hook()["created"] == ["internal-key"]
+    rotated = values()
+    assert rotated["internal-key"] != made["internal-key"] and rotated["controller-token"] == made["controller-token"]
+    who = f"--as=system:serviceaccount:{ns}:{account}"
+    cluster.kubectl("-n", ns, "create", "secret", "generic", "unrelated", "--from-literal=x=y")
+    assert (
+        cluster.kubectl("-n", ns, "auth", "can-i", "get", "secret/unrelated", who, check=False).stdout.strip() == "no"
+    )
+    assert cluster.kubectl("-n", ns, "auth", "can-i", "list", "secrets", who, check=False).stdout.strip() == "no"
+
+    # The release uses the Secret by reference and does not own it: uninstall leaves it.
+    cluster.helm("install", "rv", str(CHART), "-n", ns, "--skip-crds", "--no-hooks", "-f", str(VALUES), *_sets(sets))
+    controller = cluster.get(ns, "deployment", "rv-ray-vram-controller")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in controller["env"]}
+    assert env["RAY_VRAM_CONTROLLER_TOKEN"] == {"name": "rv-ray-vram-auth", "key": "controller-token"}
+    cluster.helm("uninstall", "rv", "-n", ns)
+    assert values() == rotated
+
+
+def _sets(sets: list[str]) -> list[str]:
+    return [arg for item in sets for arg in ("--set", item)]
 
 
 def test_bad_raycluster_fields_are_refused(cluster: Cluster, namespace: str) -> None:

@@ -203,7 +203,7 @@ def test_the_openai_service_reaches_the_router_hosts_and_only_ready_routers(tmp_
 def test_security_scenario() -> None:
     texts = render_texts([CHART / "ci" / "security-values.yaml"])
     policies = {k: load(v) for k, v in texts.items() if k.startswith("NetworkPolicy/")}
-    assert set(policies) == {"NetworkPolicy/rv-ray-vram-ray", "NetworkPolicy/rv-ray-vram-observability"}
+    assert set(policies) == {f"NetworkPolicy/rv-ray-vram-{n}" for n in ("ray", "observability", "controller")}
     ray = policies["NetworkPolicy/rv-ray-vram-ray"]["spec"]
     dashboard_rule = next(r for r in ray["ingress"] if {"port": 8265, "protocol": "TCP"} in r.get("ports", []))
     assert dashboard_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]

@@ -66,10 +66,11 @@ MOVING = (
 TYPO = "tiny-typo"
 
 
-def http(method: str, url: str, body: dict | None = None) -> tuple[int, Any]:
-    """`method url` with an optional JSON body → (status, decoded JSON or text)."""
+def http(method: str, url: str, body: dict | None = None, token: str = "") -> tuple[int, Any]:
+    """`method url` with an optional JSON body (and the controller `token`) → (status, decoded JSON or text)."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             status, raw = response.status, response.read()
@@ -110,14 +111,20 @@ def lost_node(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory)
     try:
         process.wait_ready()
         # A Ray driver joining takes seconds, more on a 2-core machine under load.
-        wait_for(lambda: LOST_NODE in {n["node"] for n in http("GET", vram)[1]["nodes"]}, "the inventory", 180)
+        wait_for(
+            lambda: LOST_NODE in {n["node"] for n in http("GET", vram, token=local_stack.token)[1]["nodes"]},
+            "the inventory",
+            180,
+        )
     except BaseException:
         print(process.log())
         raise
     finally:
         process.stop(signal.SIGKILL)
         process.close()
-    wait_for(lambda: LOST_NODE in http("GET", vram)[1]["stale_nodes"], "the node marked stale", 60)
+    wait_for(
+        lambda: LOST_NODE in http("GET", vram, token=local_stack.token)[1]["stale_nodes"], "the node marked stale", 60
+    )
     return LOST_NODE
 
 
@@ -188,7 +195,9 @@ def prometheus(
 def fail_a_deploy(stack: LocalStack, prometheus: PrometheusServer) -> None:
     """A model no GPU can hold: the controller refuses it and counts a reconcile error, which
     Prometheus sees rise from 0."""
-    status, body = http("POST", f"{stack.controller}/v1/deployments", demo_model_spec("huge", vram_gb=20))
+    status, body = http(
+        "POST", f"{stack.controller}/v1/deployments", demo_model_spec("huge", vram_gb=20), token=stack.token
+    )
     assert status == 409, body
     prometheus.wait_until(
         lambda: prometheus.query('ray_vram_controller_reconciles_total{result="error"} > 0'), "the error scraped"

@@ -23,13 +23,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[stack.LocalStack]:
-    # A 2 GiB overhead for every model (placement.replica_overhead_gb), so the SDK tests' arithmetic is
-    # round; the overhead derived from the weights is exercised by tests/serving/test_queue.py.
+    """The stack; this test process is the same installation (XDG_CONFIG_HOME), so clients find the
+    controller token in its file as a user of `ray-vram up` does. A 2 GiB overhead for every model
+    (placement.replica_overhead_gb), so the SDK tests' arithmetic is round; the overhead derived from
+    the weights is exercised by tests/serving/test_queue.py."""
     placement = {"replica_overhead_gb": 2}
     with stack.LocalStack(
         [stack.demo_model_spec(MODEL, router_name=ALIAS)], values={"placement": placement}
     ) as running:
-        yield running
+        before = os.environ.get("XDG_CONFIG_HOME")
+        os.environ["XDG_CONFIG_HOME"] = str(running.config_home)
+        try:
+            yield running
+        finally:
+            if before is None:
+                os.environ.pop("XDG_CONFIG_HOME", None)
+            else:
+                os.environ["XDG_CONFIG_HOME"] = before
 
 
 @pytest.fixture
@@ -40,13 +50,16 @@ def endpoint(local_stack: stack.LocalStack) -> str:
 
 @pytest.fixture
 def controller_env(local_stack: stack.LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Point discovery at the stack's controller (and nowhere else) for this test."""
+    """Point discovery at the stack's controller (and nowhere else) for this test; its token is found
+    as a user of `ray-vram up` finds it, in the installation's token file (XDG_CONFIG_HOME)."""
     from vram_scheduler import inference
 
     monkeypatch.setenv("RAY_VRAM_CONTROLLER", local_stack.controller)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(local_stack.config_home))
+    monkeypatch.delenv("RAY_VRAM_CONTROLLER_TOKEN", raising=False)
     monkeypatch.delenv("RAY_VRAM_ENDPOINT", raising=False)
     inference.forget_endpoints()
-    return {"RAY_VRAM_CONTROLLER": local_stack.controller}
+    return {"RAY_VRAM_CONTROLLER": local_stack.controller, "XDG_CONFIG_HOME": str(local_stack.config_home)}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 600):

@@ -73,7 +73,7 @@ def test_a_start_failure_reaches_every_view_whole(
             table = run_cli("status", env=controller_env)
             assert " ".join(cause.split()) in " ".join(table.stdout.split()), table.stdout
 
-            api = httpx.get(f"{local_stack.controller}/v1/deployments", timeout=30).json()
+            api = httpx.get(f"{local_stack.controller}/v1/deployments", headers=local_stack.headers, timeout=30).json()
             errors = [r["error"] for m in api["models"] if m["model_id"] == model_id for r in m["replicas"]]
             assert errors and all(cause in (e or "") for e in errors)
 

@@ -59,7 +59,7 @@ VISION = MediaAccepts(
 def test_media_settings_are_checked_and_media_engine_kwargs_are_refused() -> None:
     spec = ModelSpec(model_id="v", model="demo-vision", vram_gb=2)
     assert spec.media.images_per_prompt == 4 and spec.media.media_domains == [] and spec.media.local_media_dir is None
-    with pytest.raises(ValidationError, match="set by ray-vram from the model's `media` settings"):
+    with pytest.raises(ValidationError, match="sets it from the model's `media` settings"):
         ModelSpec(model_id="v", model="m", vram_gb=2, engine_kwargs={"limit_mm_per_prompt": {"image": 9}})
     with pytest.raises(ValidationError, match="absolute path"):
         ModelSpec(model_id="v", model="m", vram_gb=2, media={"local_media_dir": "images"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -321,20 +322,22 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
     asker.start()
     port = free_port()
     api = f"http://127.0.0.1:{port}"
+    token = secrets.token_hex(16)
+    auth = {"Authorization": f"Bearer {token}"}
     log = (tmp_path / "serve.log").open("w")
     command = [sys.executable, "-m", "vram_scheduler.cli", "serve", "-f", str(tmp_path / "models.yaml")]
     server = subprocess.Popen(
         [*command, "--ray-address", stack.gcs_address, "--host", "127.0.0.1", "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=os.environ | {"RAY_ADDRESS": stack.gcs_address},
+        env=os.environ | {"RAY_ADDRESS": stack.gcs_address, "RAY_VRAM_CONTROLLER_TOKEN": token},
     )
     try:
         deadline = time.monotonic() + 600
         while True:
             assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             try:
-                status = httpx.get(api + "/v1/deployments", timeout=10)
+                status = httpx.get(api + "/v1/deployments", headers=auth, timeout=10)
                 if status.status_code == 200:
                     models = {m["model_id"]: m for m in status.json()["models"]}
                     states = [r["state"] for m in models.values() for r in m["replicas"]]
@@ -359,7 +362,7 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
 
         # The controller's HTTP API (served by gunicorn).
         assert httpx.get(api + "/healthz", timeout=10).json() == {"status": "ok"}
-        vram = httpx.get(api + "/v1/vram", timeout=10).json()
+        vram = httpx.get(api + "/v1/vram", headers=auth, timeout=10).json()
         assert {g["uuid"] for g in vram["gpus"]} == {
             "GPU-5e5e0000-0000-0000-0000-000000000000",
             "GPU-5e5e0000-0000-0000-0000-000000000001",
@@ -367,12 +370,18 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
         metrics = httpx.get(api + "/metrics", timeout=10).text
         assert 'ray_vram_model_replicas{model_id="gamma",state="running"} 1.0' in metrics
         assert "ray_vram_controller_reconciles_total" in metrics and "ray_vram_allocator_stale_nodes 0.0" in metrics
-        bad = httpx.post(api + "/v1/deployments", json=model("delta") | {"vram_gb": -1}, timeout=30)
+        bad = httpx.post(api + "/v1/deployments", json=model("delta") | {"vram_gb": -1}, headers=auth, timeout=30)
         assert bad.status_code == 400 and any("vram_gb" in p for p in bad.json()["problems"])
-        huge = httpx.post(api + "/v1/deployments", json=model("delta") | {"vram_gb": 50}, timeout=60)
+        huge = httpx.post(api + "/v1/deployments", json=model("delta") | {"vram_gb": 50}, headers=auth, timeout=60)
         assert huge.status_code == 409 and "delta" in huge.json()["reasons"][0], huge.text
-        gone = httpx.delete(api + "/v1/deployments/never-deployed", timeout=30)
+        gone = httpx.delete(api + "/v1/deployments/never-deployed", headers=auth, timeout=30)
         assert gone.status_code == 200 and gone.json()["removed"] is False
+        # gunicorn's controller requires its token too, and refuses code-loading engine arguments.
+        refused = httpx.get(api + "/v1/deployments", timeout=10)
+        assert refused.status_code == 401 and "RAY_VRAM_CONTROLLER_TOKEN" in refused.json()["hint"], refused.text
+        remote = model("delta") | {"engine_kwargs": {"--trust-remote-code": True}}
+        code = httpx.post(api + "/v1/deployments", json=remote, headers=auth, timeout=30)
+        assert code.status_code == 400 and "allow_remote_code" in code.text, code.text
     finally:
         stop.set()
         server.send_signal(signal.SIGTERM)

@@ -81,7 +81,7 @@ def test_duplicate_router_name() -> None:
 
 def test_engine_kwargs_cannot_override_the_budget() -> None:
     (problem,) = problems_of({"models": [model(engine_kwargs={"gpu_memory_utilization": 0.9})]})
-    assert problem.startswith("models[0].engine_kwargs: gpu_memory_utilization are set by ray-vram")
+    assert problem.startswith("models[0].engine_kwargs: gpu_memory_utilization: ray-vram sets it from vram_gb")
 
 
 def test_bad_model_id_and_settings() -> None:

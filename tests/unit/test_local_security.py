@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from vram_scheduler.config import ConfigError, parse_config
+from vram_scheduler.controller_auth import config_dir
 from vram_scheduler.loopback import is_loopback_host
-from vram_scheduler.serving.local import TOKEN_FILE, config_dir, ensure_ray_token, local_serving, ray_auth_env
+from vram_scheduler.serving.local import TOKEN_FILE, ensure_ray_token, local_serving, ray_auth_env
 
 
 def mode(path: Path) -> int:

@@ -4,7 +4,7 @@ A declared model with pending replicas (no room on any GPU) fails the test at on
 controller's reason for each.
 
 Standard library only, so it runs in any image with python3. Configured by environment:
-OPENAI_URL, CONTROLLER_URL, API_KEY (may be empty), CONFIG_JSON (the release's configuration
+OPENAI_URL, CONTROLLER_URL, CONTROLLER_TOKEN, API_KEY (may be empty), CONFIG_JSON (the release's configuration
 as JSON: its models are checked), TIMEOUT_S.
 """
 
@@ -79,8 +79,9 @@ def main():
         if not answer.get("choices"):
             raise SystemExit(f"FAIL completion from {model}: no choices in {answer}")
         print(f"ok {model} answered ({answer.get('usage', {}).get('completion_tokens', '?')} tokens)")
-    deployments = call(f"{controller}/v1/deployments")
-    vram = call(f"{controller}/v1/vram")
+    token = os.environ.get("CONTROLLER_TOKEN", "")
+    deployments = call(f"{controller}/v1/deployments", key=token)
+    vram = call(f"{controller}/v1/vram", key=token)
     reserved = {
         replica.get("replica_id")
         for gpu in vram.get("gpus", [])

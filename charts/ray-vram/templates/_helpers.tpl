@@ -52,8 +52,33 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- printf "%s-head-svc" (include "ray-vram.rayClusterName" .) -}}
 {{- end -}}
 
+{{/* The Secret with `controller-token` and `internal-key`: the operator's, or the one the hook Job generates. */}}
+{{- define "ray-vram.authSecret" -}}
+{{- default (printf "%s-auth" (include "ray-vram.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The endpoint's API key Secret (key `api-key`): the operator's, the chart's from `apiKey.value`, or the auth Secret. */}}
 {{- define "ray-vram.apiKeySecret" -}}
-{{- default (printf "%s-api-key" (include "ray-vram.fullname" .)) .Values.apiKey.existingSecret -}}
+{{- if .Values.apiKey.existingSecret -}}
+{{- .Values.apiKey.existingSecret -}}
+{{- else if .Values.apiKey.value -}}
+{{- printf "%s-api-key" (include "ray-vram.fullname" .) -}}
+{{- else -}}
+{{- include "ray-vram.authSecret" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the API key is a random one the hook Job generates into the auth Secret. */}}
+{{- define "ray-vram.generatedApiKey" -}}
+{{- if and .Values.apiKey.create (not .Values.apiKey.existingSecret) (not .Values.apiKey.value) }}true{{ end -}}
+{{- end -}}
+
+{{/* Host names of the controller's Service, which clients in the cluster use (its Host header check). */}}
+{{- define "ray-vram.controllerHosts" -}}
+{{- $svc := printf "%s-controller" (include "ray-vram.fullname" .) -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) -}}
+{{- join "," (concat $names .Values.auth.controllerHosts) -}}
 {{- end -}}
 
 {{- define "ray-vram.apiKeyEnabled" -}}
@@ -77,7 +102,7 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- if .Capabilities.APIVersions.Has "policy/v1" -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
 {{- end -}}
 
-{{/* Environment of every Ray container: auth, API key, Serve defaults. */}}
+{{/* Environment of every Ray container: auth, API key, internal key, HF token, Serve defaults. */}}
 {{- define "ray-vram.rayEnv" -}}
 - name: RAY_VRAM_NAMESPACE
   value: ray-vram
@@ -93,6 +118,19 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
     secretKeyRef:
       name: {{ include "ray-vram.apiKeySecret" . }}
       key: api-key
+{{- end }}
+# The cluster's key between routers and replicas (from the auth Secret, never in Ray's runtime env).
+- name: RAY_VRAM_INTERNAL_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ray-vram.authSecret" . }}
+      key: internal-key
+{{- with .Values.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.hfToken.key }}
 {{- end }}
 {{- end -}}
 

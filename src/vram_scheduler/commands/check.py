@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         except SchedulerError as error:
             print(f"error: {error}", file=sys.stderr)
             return ExitCode.FAILURE
-    with VRAMScheduler(args.address) as scheduler:
+    with VRAMScheduler(args.address, token=args.token) as scheduler:
         results = run_checks(scheduler, args.endpoint)
     ok = all(r.ok for r in results)
     if args.output == "json":

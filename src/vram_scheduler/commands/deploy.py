@@ -106,7 +106,7 @@ def specs_from_args(args: argparse.Namespace) -> list[ModelSpec]:
 
 def run(args: argparse.Namespace) -> int:
     specs = specs_from_args(args)
-    with VRAMScheduler(args.address, console=Console(stderr=True)) as scheduler:
+    with VRAMScheduler(args.address, console=Console(stderr=True), token=args.token) as scheduler:
         try:
             results = scheduler.deploy(specs, wait=not args.no_wait, timeout_s=args.timeout)
         except SchedulerError as error:

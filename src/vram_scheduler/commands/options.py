@@ -83,7 +83,7 @@ def add_output_option(parser: argparse.ArgumentParser, *, what: str = "") -> Non
 
 
 def add_controller_address_option(parser: argparse.ArgumentParser) -> None:
-    """`--address`: the serving controller this command talks to."""
+    """`--address` and `--token`: the serving controller this command talks to, and its token."""
     from ..controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER
 
     parser.add_argument(
@@ -93,6 +93,13 @@ def add_controller_address_option(parser: argparse.ArgumentParser) -> None:
         help=f"the serving controller: its URL (http://host:8080), or a Ray address (host:6379, "
         f"ray://host:10001, auto) to reach it through Ray from this process; default ${CONTROLLER_ENV}, "
         f"else {DEFAULT_CONTROLLER} (what `ray-vram up` starts)",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        metavar="TOKEN",
+        help="the controller token; default $RAY_VRAM_CONTROLLER_TOKEN, else the file `ray-vram up` keeps in "
+        "~/.config/ray-vram/controller-token (a Helm release: its Secret <release>-ray-vram-auth)",
     )
 
 

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..config import RayVRAMConfig, load_config
+from ..controller_auth import GuardedApp, RequestGuard, allowed_hosts, server_token
 from ..exit_codes import ExitCode
 from .options import add_ray_address_option, add_values_option, ray_address
 
@@ -25,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Wait for the Ray cluster, plan, deploy the Serve applications of the config's models,\n"
         "and serve the controller API (/healthz, /metrics, /v1/vram, /v1/deployments) with gunicorn.\n"
         "Started again with a changed config it converges: unchanged models keep serving untouched,\n"
-        "removed models are shut down and their reservations freed, new models are placed.\n\n"
+        "removed models are shut down and their reservations freed, new models are placed.\n"
+        "Every route but /healthz and /metrics needs the controller token: $RAY_VRAM_CONTROLLER_TOKEN,\n"
+        "else the installation's token file (~/.config/ray-vram/controller-token, created on first use).\n\n"
         "exit codes: 0 stopped by SIGTERM/SIGINT, 1 runtime failure, 2 invalid config\n\n"
         "examples:\n"
         "  ray-vram serve -f /etc/ray-vram/models.yaml --ray-address ray-head:6379\n"
@@ -39,14 +42,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="controller API listen address (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8080, help="controller API port (default 8080)")
     parser.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for the Ray cluster")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients use to reach the controller (repeatable; IP addresses and localhost always "
+        "work; also $RAY_VRAM_CONTROLLER_HOSTS, comma-separated); other Host headers are refused (DNS rebinding)",
+    )
     parser.set_defaults(func=run)
 
 
 class _Lazy:
     """WSGI app created in the gunicorn worker (Ray connections do not survive a fork)."""
 
-    def __init__(self, config_path: str, address: str, wait_timeout_s: float):
+    def __init__(self, config_path: str, address: str, wait_timeout_s: float, guard: RequestGuard):
         self.config_path = config_path
+        self.guard = guard
         self.address = address
         self.wait_timeout_s = wait_timeout_s
         self.api: Any = None
@@ -77,6 +89,9 @@ class _Lazy:
             log.exception("apply failed")
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        return GuardedApp(self._dispatch, self.guard)(environ, start_response)
+
+    def _dispatch(self, environ: dict[str, Any], start_response: Any) -> Any:
         with self._lock:
             api = self.api
         if api is None:
@@ -127,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
     load_config(args.values)  # invalid config: exit 2 before anything starts
-    lazy = _Lazy(args.values, ray_address(args.ray_address), args.wait_timeout)
+    token, hint = server_token()  # before the fork: the worker answers with it from the first request
+    guard = RequestGuard(token=token, hosts=allowed_hosts(args.allowed_host), hint=hint)
+    lazy = _Lazy(args.values, ray_address(args.ray_address), args.wait_timeout, guard)
 
     class _App(BaseApplication):
         def load_config(self) -> None:

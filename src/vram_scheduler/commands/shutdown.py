@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with VRAMScheduler(args.address) as scheduler:
+    with VRAMScheduler(args.address, token=args.token) as scheduler:
         try:
             removed = scheduler.shutdown(args.model_id)
         except SchedulerError as error:

@@ -52,7 +52,7 @@ def snapshot(scheduler: VRAMScheduler) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    with VRAMScheduler(args.address) as scheduler:
+    with VRAMScheduler(args.address, token=args.token) as scheduler:
         try:
             if args.output == "json":
                 return _json(scheduler, args.watch)

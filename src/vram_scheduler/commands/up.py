@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from typing import Any
@@ -11,6 +12,7 @@ from rich.console import Console
 
 from ..config import load_config
 from ..contract import DeploymentList, VRAMState
+from ..controller_auth import TOKEN_ENV, token_file
 from ..display import render_vram
 from ..exit_codes import ExitCode
 from .options import add_values_option
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             f"[green]ready in {time.monotonic() - started:.0f}s[/green] — OpenAI endpoint "
             f"[bold]{stack.controller.endpoint}[/bold] ({models}); controller API "
-            f"http://127.0.0.1:{args.controller_port}/v1/deployments; Ray GCS "
+            f"http://127.0.0.1:{args.controller_port}/v1/deployments (token: {token_source()}); Ray GCS "
             f"{ray.get_runtime_context().gcs_address}\n"
             f"try: curl {stack.controller.endpoint}/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{answering[0] if answering else "MODEL"}", '
@@ -113,6 +115,11 @@ def _split(status: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The models that answer (a ready replica) and those with pending replicas, from the status."""
     models = DeploymentList.model_validate(status).models
     return [m.model_id for m in models if m.answers], [m.model_id for m in models if m.pending]
+
+
+def token_source() -> str:
+    """Where clients find the controller token (what `LocalStack` took)."""
+    return f"${TOKEN_ENV}" if os.environ.get(TOKEN_ENV, "").strip() else str(token_file())
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -30,7 +30,7 @@ from ray import serve
 from ray.experimental import internal_kv
 
 from ..allocator import NAMESPACE, get_vram_allocator
-from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
+from ..config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, check_remote_code
 from ..contract import (
     DeploymentList,
     ModelAvailability,
@@ -218,6 +218,7 @@ class Controller:
     ) -> Plan:
         """Plan and deploy `spec`. Nothing placed: with `keep_pending` the model is stored with every
         replica pending; otherwise it is forgotten and `Unplaceable` raised."""
+        check_remote_code(spec, self.serving)  # every deploy, from a values file or POST /v1/deployments
         previous = self.deployed().get(spec.model_id)
         if previous is not None and previous.spec == spec and self._app_alive(spec.model_id):
             return self._plan([spec, *others], placement)

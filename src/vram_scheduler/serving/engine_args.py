@@ -17,6 +17,7 @@ import json
 from typing import Any, NoReturn
 
 from ..config import MediaSettings, ModelSpec
+from ..engine_guard import code_loading_engine_args, normalise_engine_kwargs, owned_engine_args
 from ..errors import RayVramError
 from .sizing import EngineBudget
 
@@ -56,8 +57,20 @@ def media_kwargs(media: MediaSettings) -> dict[str, Any]:
     return kwargs
 
 
-def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget, engine_metrics: bool = True) -> list[str]:
-    """The `vllm serve` flags for a replica of `spec` (`engine_metrics`: keep vLLM's statistics on)."""
+def server_argv(
+    spec: ModelSpec,
+    model_source: str,
+    budget: EngineBudget,
+    engine_metrics: bool = True,
+    allow_remote_code: bool = False,
+) -> list[str]:
+    """The `vllm serve` flags for a replica of `spec` (`engine_metrics`: keep vLLM's statistics on).
+    The engine arguments are checked once more here, the last step before vLLM sees them: a spec that
+    reached a replica without passing the schema (built with `model_construct`, say) is refused too."""
+    extra = normalise_engine_kwargs(spec.engine_kwargs)
+    problems = owned_engine_args(extra) + ([] if allow_remote_code else code_loading_engine_args(extra))
+    if problems:
+        raise EngineArgsError(f"model {spec.model_id}: engine_kwargs refused: " + "; ".join(problems))
     kwargs: dict[str, Any] = {
         "model": model_source,
         "served_model_name": spec.names,
@@ -69,7 +82,7 @@ def server_argv(spec: ModelSpec, model_source: str, budget: EngineBudget, engine
     }
     # spec.max_tokens is applied by the router to requests without max_tokens: vLLM's
     # generation-config default would cap every request at it instead.
-    kwargs.update(spec.engine_kwargs)
+    kwargs.update(extra)
     argv: list[str] = []
     for key, value in kwargs.items():
         argv += _flag(key, value)
@@ -89,6 +102,8 @@ def parse_server_args(argv: list[str]) -> argparse.Namespace:
         raise argparse.ArgumentError(None, message)
 
     parser.error = refuse  # type: ignore[method-assign]
+    # No prefixes: `--gpu-memory-util` must not reach --gpu-memory-utilization past ray-vram's guards.
+    parser.allow_abbrev = False
     try:
         args = parser.parse_args(argv)
         cli_args.validate_parsed_serve_args(args)

@@ -1,5 +1,8 @@
 """The serving controller's HTTP API (a WSGI app: gunicorn in `ray-vram serve`, a thread in `up`).
 
+Every route but /healthz and /metrics needs the controller token, and cross-site requests are
+refused: `controller_auth.GuardedApp` wraps this app in both. POST bodies must be application/json.
+
 GET    /healthz                    liveness
 GET    /metrics                    Prometheus (CONTRIBUTING.md "Serving controller")
 GET    /v1/vram                    the allocator's VRAM state, per GPU
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-_REASONS |= {409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error"}
+_REASONS |= {409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error"}
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -122,6 +125,11 @@ class ControllerAPI:
         return 404, _json({"error": f"no route {method} {path}"}), "application/json"
 
     def _post(self, environ: dict[str, Any]) -> tuple[int, bytes, str]:
+        content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            # Browsers send text/plain and forms cross-site without a preflight; JSON needs one.
+            error = f"POST /v1/deployments takes Content-Type application/json, not {content_type or 'none'!r}"
+            return 415, _json({"error": error}), "application/json"
         length = int(environ.get("CONTENT_LENGTH") or 0)
         if length > MAX_BODY_BYTES:
             return 413, _json({"error": f"body of {length} bytes exceeds {MAX_BODY_BYTES}"}), "application/json"

@@ -5,6 +5,10 @@ memory as one pseudo-GPU), the serving controller with its HTTP API, and the Ope
 Ctrl-C shuts everything down: models first (each replica frees its reservation), then Serve, then
 Ray — nothing is left running or reserved.
 
+The controller API (127.0.0.1 only) requires the installation's controller token (the file
+`controller-token` beside the Ray token, or `$RAY_VRAM_CONTROLLER_TOKEN`) and refuses cross-site
+requests (`controller_auth`).
+
 Nothing is reachable from another host without a credential: everything that takes an address
 listens on 127.0.0.1, and Ray's own gRPC servers (which always listen on every interface) require
 the installation's Ray token (`ray_auth_env`). The OpenAI endpoint leaves loopback only when
@@ -19,9 +23,7 @@ import contextlib
 import ctypes
 import logging
 import os
-import secrets
 import signal
-import stat
 import tempfile
 import threading
 import time
@@ -32,6 +34,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..config import ConfigError, RayVRAMConfig, ServingSettings
+from ..controller_auth import GuardedApp, RequestGuard, allowed_hosts, ensure_secret_file, server_token
 from ..demo_model import DEMO_MODELS, ensure_demo_model
 from ..errors import RayVramError
 from ..loopback import is_loopback_host, keep_ray_on_loopback
@@ -56,28 +59,9 @@ LOOPBACK_ENV = {"RAY_VRAM_REPLICA_HOST": "127.0.0.1"}
 TOKEN_FILE = "ray-auth-token"
 
 
-def config_dir() -> Path:
-    """`$XDG_CONFIG_HOME/ray-vram` (default `~/.config/ray-vram`): what outlives caches and runs."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "ray-vram"
-
-
 def ensure_ray_token(directory: Path | None = None) -> Path:
-    """The installation's Ray token file, created on first use: 64 random hex digits, mode 0600 in a
-    0700 directory. An existing file readable by others is narrowed to 0600; an empty one is refilled."""
-    directory = directory or config_dir()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / TOKEN_FILE
-    if path.exists() and path.read_text().strip():
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            path.chmod(0o600)
-        return path
-    temporary = directory / f".{TOKEN_FILE}.{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(32))
-    os.replace(temporary, path)  # atomic: two first starts at once both end with one whole token
-    return path
+    """The installation's Ray token file (see `controller_auth.ensure_secret_file`)."""
+    return ensure_secret_file(TOKEN_FILE, directory)
 
 
 def ray_auth_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
@@ -222,10 +206,12 @@ class LocalStack:
         self.controller = ControllerHandle(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
         self._wait_inventory()
+        token, hint = server_token()
+        guard = RequestGuard(token=token, hosts=allowed_hosts(), hint=hint)
         self.http = make_server(
             "127.0.0.1",
             self.controller_port,
-            ControllerAPI(self.controller),
+            GuardedApp(ControllerAPI(self.controller), guard),
             server_class=_ThreadingWSGIServer,
             handler_class=_QuietHandler,
         )

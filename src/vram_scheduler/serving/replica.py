@@ -227,7 +227,8 @@ class VLLMReplica:
 
     def prepare(self, model_source: str, budget: EngineBudget) -> None:
         """Check the engine configuration before taking the startup lock (fail early, hold nothing long)."""
-        self.args = parse_server_args(server_argv(self.spec, model_source, budget, self.serving.engine_metrics))
+        argv = server_argv(self.spec, model_source, budget, self.serving.engine_metrics, self.serving.allow_remote_code)
+        self.args = parse_server_args(argv)
         # vLLM's own guards, at the model's limits (the router checks first; see media_checks).
         os.environ["VLLM_MAX_IMAGE_PIXELS"] = str(self.spec.media.max_image_pixels)
         os.environ["VLLM_MAX_AUDIO_CLIP_FILESIZE_MB"] = str(math.ceil(self.spec.media.max_item_mb))
