@@ -101,7 +101,7 @@ def _status(local: Any) -> dict[str, Any]:
 
 def run_pack(root: Path, results: Path) -> dict[str, Any]:
     import ray
-    from vram_scheduler.controller_auth import controller_headers
+    from vram_scheduler.controller_auth import auth_headers
 
     from .tools import gpus
 
@@ -135,7 +135,7 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
 
         controller = f"http://127.0.0.1:{local.controller_port}"
         removed = time.monotonic()
-        code, text = _request("DELETE", controller + "/v1/deployments/big", controller_headers())
+        code, text = _request("DELETE", controller + "/v1/deployments/big", auth_headers())
         outcome["remove_big"] = {"status": code, "body": text[:1000]}
         print(f"pack: DELETE /v1/deployments/big: {code} {text[:300]}", flush=True)
         deadline = time.monotonic() + 420
