@@ -1,15 +1,15 @@
-"""The `pack` stage of the GPU benchmark: three models sized by `ray-vram measure` (the `sizes`
-stage's results) declared together on one GPU, where the largest two leave too little room for the
-third; what a user sees, and each replica's NVML peak against its reservation under load.
+"""The `pack` stage of the GPU benchmark: models sized by `ray-vram measure` (the `sizes` stage's
+results) declared together on one GPU until the last one no longer fits; what a user sees, and each
+replica's NVML peak against its reservation under load.
 
-1. `huge` (14B-class Llama), `big` (7B class) and `small` (1.5B Qwen2) declared, one replica each,
-   each with the `vram_gb` and `overhead_gb` its measurement recommended (on a GPU larger than an
-   H100, copies of `huge` and `big` as models of their own fill it first): `small` is pending, with
-   the planner's reason in the controller's status and in the router's 503;
-2. `vllm bench serve` loads `huge` and `big` through the router (one client process per model);
-3. `big` is removed through the controller's HTTP API: the controller places `small` in the room
-   that appeared, with no restart;
-4. `vllm bench serve` loads `small` and `huge`;
+1. `huge` (14B-class Llama, when measured) and `big` (7B class), copies of them as models of their
+   own while they fit, then `small` (1.5B Qwen2) and its copies until one does not fit, one replica
+   each, each with the `vram_gb` and `overhead_gb` its measurement recommended: the last is pending,
+   with the planner's reason in the controller's status and in the router's 503;
+2. `vllm bench serve` loads the first two models through the router (one client process per model);
+3. `big` is removed through the controller's HTTP API: the controller places the pending model in
+   the room that appeared, with no restart;
+4. `vllm bench serve` loads the once-pending model and the first model;
 5. every replica's NVML peak (its process tree, sampled from before the first engine started)
    against its reservation, and every failed request's kind.
 
@@ -47,25 +47,34 @@ def _declared(model_id: str, size: str, root: Path, results: Path) -> dict[str, 
 
 
 def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dict[str, Any]]:
-    """The models as a user declares them after measuring each (the recommended sizes): `huge` and
-    `big`, then more copies of them (as models of their own: the planner places one replica of every
-    model before any second one) while they fit the GPU, then `small`, which no longer fits."""
-    huge, big = _declared("huge", ROLES["huge"], root, results), _declared("big", ROLES["big"], root, results)
+    """The models as a user declares them after measuring each (the recommended sizes): `huge` (when
+    the 14B class was measured) and `big`, then more copies of them as models of their own (the
+    planner places one replica of every model before any second one) while they fit the GPU, then
+    `small` and its copies until one no longer fits: that last one is pending."""
+    large = [_declared("big", ROLES["big"], root, results)]
+    if (results / f"sizes-{ROLES['huge']}.json").exists():
+        large.insert(0, _declared("huge", ROLES["huge"], root, results))
     small = _declared("small", ROLES["small"], root, results)
 
     def need(model: dict[str, Any]) -> float:
         return model["vram_gb"] + model["overhead_gb"]
 
-    large, used = [huge, big], need(huge) + need(big)
+    room = gpu_total_gib - 0.5  # what ray-vram does not manage (the MPS server, the CUDA driver)
+    declared, used = list(large), sum(need(m) for m in large)
     for copy in range(2, 6):
-        extra = (huge if copy % 2 == 0 else big) | {"model_id": f"{'huge' if copy % 2 == 0 else 'big'}-{copy // 2 + 1}"}
-        if used + need(extra) > gpu_total_gib - 0.5:
+        extra = large[copy % len(large)]
+        extra = extra | {"model_id": f"{extra['model_id']}-{copy}"}
+        if used + need(extra) > room:
             break
-        large.append(extra)
+        declared.append(extra)
         used += need(extra)
-    if gpu_total_gib - used >= need(small):
-        print(f"pack: warning: {gpu_total_gib - used:.1f} GiB stay free, small ({need(small):.1f}) fits", flush=True)
-    return [*large, small]
+    for copy in range(1, 20):
+        extra = small if copy == 1 else small | {"model_id": f"small-{copy}"}
+        declared.append(extra)
+        used += need(extra)
+        if used > room:
+            break
+    return declared
 
 
 def _load(base_url: str, targets: list[tuple[str, str]], tag: str) -> dict[str, Any]:
@@ -113,23 +122,24 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         local = stack.local
         outcome["ready_s"] = stack.ready_s
         before = _status(local)
-        small = before["small"]
+        pending_id = models[-1]["model_id"]
+        small = before[pending_id]
         outcome["pending_before"] = {
             "replicas": small["replicas"],
             "unplaced": small["unplaced"],
             "resolved": {m: before[m].get("resolved") for m in before},
         }
-        print(f"pack: small before removal: {json.dumps(outcome['pending_before'])}", flush=True)
-        chat = json.dumps({"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        print(f"pack: {pending_id} before removal: {json.dumps(outcome['pending_before'])}", flush=True)
+        chat = json.dumps({"model": pending_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         code, text = _request(
             "POST", stack.router_base + "/v1/chat/completions", {"content-type": "application/json"}, chat.encode()
         )
         outcome["router_before"] = {"status": code, "body": text[:2000]}
-        print(f"pack: router for small before removal: {code} {text[:600]}", flush=True)
+        print(f"pack: router for {pending_id} before removal: {code} {text[:600]}", flush=True)
 
-        outcome["load_huge_big"] = _load(
+        outcome["load_before"] = _load(
             stack.router_base + "/v1",
-            [("huge", models[0]["model"]), ("big", models[1]["model"])],
+            [(m["model_id"], m["model"]) for m in models[:2]],
             "pack-a",
         )
         big_rows = replica_peaks(stack.sampler, replica_infos(["big"]))  # before its processes end
@@ -141,19 +151,19 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         print(f"pack: DELETE /v1/deployments/big: {code} {text[:300]}", flush=True)
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
-            replicas = _status(local)["small"]["replicas"]
+            replicas = _status(local)[pending_id]["replicas"]
             if replicas and all(r["state"] == "ready" for r in replicas):
                 break
             time.sleep(2)
         after = _status(local)
         outcome["small_ready_after_removal_s"] = round(time.monotonic() - removed, 1)
-        outcome["small_after"] = {"replicas": after["small"]["replicas"], "events": after["small"].get("events")}
+        outcome["small_after"] = {"replicas": after[pending_id]["replicas"], "events": after[pending_id].get("events")}
         waited = outcome["small_ready_after_removal_s"]
-        print(f"pack: small after removal ({waited}s): {json.dumps(outcome['small_after'])}", flush=True)
+        print(f"pack: {pending_id} after removal ({waited}s): {json.dumps(outcome['small_after'])}", flush=True)
 
-        outcome["load_small_huge"] = _load(
+        outcome["load_after"] = _load(
             stack.router_base + "/v1",
-            [("small", models[-1]["model"]), ("huge", models[0]["model"])],
+            [(pending_id, models[-1]["model"]), (models[0]["model_id"], models[0]["model"])],
             "pack-b",
         )
         serving = [m["model_id"] for m in models if m["model_id"] != "big"]

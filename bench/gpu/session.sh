@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session of the capacity benchmarks, run in the background so that it outlives a
 # single command: `sizes` (ray-vram measure on the 7B-class, 1.5B and 14B-class models, in that
-# order) then `pack` (the three measured models on one GPU). Progress: /tmp/rv-gpu-session.log;
+# order; $SIZES picks) then `pack` (the measured models on one GPU). Progress: /tmp/rv-gpu-session.log;
 # results: $RESULTS (default .work/gpu-results) and bench/results/gpu.json.
 # Usage (repo root, with CUDA vLLM and Ray importable): bash bench/gpu/session.sh [start|collect OUT]
 set -uo pipefail
@@ -12,7 +12,7 @@ case "${1:-start}" in
     mkdir -p "$RESULTS"
     export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src:$PWD
     nohup bash -c "
-      for size in llama-7b qwen2-1.5b llama-14b; do
+      for size in ${SIZES:-llama-7b qwen2-1.5b llama-14b}; do
         python -m bench.gpu.run sizes --size \$size --results '$RESULTS' || echo \"SIZES \$size FAILED\"
       done
       python -m bench.gpu.run pack --results '$RESULTS' || echo 'PACK FAILED'
