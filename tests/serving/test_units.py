@@ -671,3 +671,23 @@ def test_secrets_never_go_into_a_replicas_runtime_env(monkeypatch: pytest.Monkey
     assert not set(secrets) & set(env) and kept.items() <= env.items()
     serving = ServingSettings(api_key_env="RAY_VRAM_X")  # whatever variable holds the API key
     assert "RAY_VRAM_X" not in without_secrets(env, serving)
+
+
+def test_a_pending_reason_is_written_again_only_when_the_room_changed_materially() -> None:
+    """Host memory drifts by megabytes between polls: the stored reason (a GCS write and a new board
+    version each time) follows only a change of count, kind, place or ≥ 256 MiB of free room."""
+    from vram_scheduler.planner import Unplaced
+    from vram_scheduler.serving.controller import REASON_REFRESH_BYTES, _pending, _room_changed
+
+    def unplaced(free: int, where: str = "node n, GPU 0", count: int = 1) -> Unplaced:
+        return Unplaced(
+            model_id="m", count=count, need_bytes=8 << 30, largest_free_bytes=free, largest_free_gpu=where, reason="r"
+        )
+
+    stored = _pending(unplaced(3 << 30), None)
+    assert stored is not None
+    assert not _room_changed(stored, unplaced((3 << 30) + REASON_REFRESH_BYTES - 1))
+    assert _room_changed(stored, unplaced((3 << 30) + REASON_REFRESH_BYTES))
+    assert _room_changed(stored, unplaced(3 << 30, where="node n, GPU 1"))
+    assert _room_changed(stored, unplaced(3 << 30, count=2))
+    assert _pending(unplaced(1 << 30), stored).since == stored.since  # still pending since the first time

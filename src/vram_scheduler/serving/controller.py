@@ -77,6 +77,8 @@ class Pending(BaseModel):
     reason: str
     too_big: bool = Field(default=False, description="Larger than every GPU: needs a bigger one, not a free one.")
     since: float = Field(description="Unix time they were first found without room.")
+    largest_free_bytes: int = Field(default=0, description="The largest free slot when the reason was written.")
+    largest_free_gpu: str | None = Field(default=None, description="Where that slot was.")
 
 
 class Deployed(BaseModel):
@@ -540,7 +542,7 @@ class Controller:
             left = record.pending.count - len(new)
             unplaced = next((u for u in plan.unplaced if u.model_id == model_id), None)
             if not new:
-                if unplaced is not None and unplaced.reason != record.pending.reason:  # the free slots changed
+                if unplaced is not None and _room_changed(record.pending, unplaced):
                     pending = _pending(unplaced, record.pending)
                     self._store(record.model_copy(update={"pending": pending}))
                 continue
@@ -581,7 +583,30 @@ def _pending(unplaced: Unplaced | None, previous: Pending | None) -> Pending | N
     if unplaced is None:
         return None
     since = previous.since if previous is not None else time.time()
-    return Pending(count=unplaced.count, reason=unplaced.reason, too_big=unplaced.too_big, since=since)
+    return Pending(
+        count=unplaced.count,
+        reason=unplaced.reason,
+        too_big=unplaced.too_big,
+        since=since,
+        largest_free_bytes=unplaced.largest_free_bytes,
+        largest_free_gpu=unplaced.largest_free_gpu,
+    )
+
+
+#: A pending reason is written again when the largest free slot moved or changed by this much: host
+#: memory (local mode on CPU) drifts by megabytes from poll to poll, and each write is a GCS write and
+#: a new endpoint-board version for every router.
+REASON_REFRESH_BYTES = 256 * 1024**2
+
+
+def _room_changed(pending: Pending, unplaced: Unplaced) -> bool:
+    """Whether the planner's view of a still-pending model differs enough to write its reason again."""
+    return (
+        pending.count != unplaced.count
+        or pending.too_big != unplaced.too_big
+        or pending.largest_free_gpu != unplaced.largest_free_gpu
+        or abs(pending.largest_free_bytes - unplaced.largest_free_bytes) >= REASON_REFRESH_BYTES
+    )
 
 
 def _with_event(events: list[ModelEvent], kind: str, message: str) -> list[ModelEvent]:
