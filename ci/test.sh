@@ -17,7 +17,7 @@ export RAY_VRAM_PROMETHEUS=$PROM_BIN/prometheus RAY_VRAM_PROMTOOL=$PROM_BIN/prom
 ruff check src tests bench examples
 ruff format --check src tests bench examples
 set +e
-python -m pytest -ra -p no:cacheprovider "$@"
+python -m pytest -ra -p no:cacheprovider --durations=25 "$@"
 rc=$?
 set -e
 echo "[test] finished in $(( $(date +%s) - start ))s (pytest exit $rc)"
