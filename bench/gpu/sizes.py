@@ -38,6 +38,8 @@ SIZES: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 #: The workload the README's measure example uses for these sizes.
 MAX_MODEL_LEN, CONCURRENCY = 4096, 32
+#: Extra `ray-vram measure` flags (e.g. "--no-replica-run" where device time is short).
+MEASURE_ARGS_ENV = "RAY_VRAM_SIZES_MEASURE_ARGS"
 MPS_PIPE, MPS_LOGS = "/tmp/rv-bench-mps/pipe", "/tmp/rv-bench-mps/log"
 
 
@@ -99,6 +101,7 @@ def measure_command(model: Path, log_file: Path) -> list[str]:
         sys.executable, "-m", "vram_scheduler.cli", "measure", "--model", str(model),
         "--max-model-len", str(MAX_MODEL_LEN), "--concurrency", str(CONCURRENCY),
         "--log-file", str(log_file), "--output", "json",
+        *os.environ.get(MEASURE_ARGS_ENV, "").split(),
     ]  # fmt: skip
 
 

@@ -25,12 +25,26 @@ from vram_scheduler.exit_codes import ExitCode
 pytestmark = pytest.mark.slow
 
 
+def config_home(tmp_path: Path) -> Path:
+    return tmp_path / "config"
+
+
+def controller_headers(tmp_path: Path) -> dict[str, str]:
+    """The controller token `up` made, as a client sends it."""
+    token = (config_home(tmp_path) / "ray-vram" / "controller-token").read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
 def start_up(tmp_path: Path, models: list[dict]) -> tuple[subprocess.Popen, Path, int, int]:
     serving_port, controller_port = stack.free_port(), stack.free_port()
     values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"models": models, "serving": {"host": "127.0.0.1", "port": serving_port}}))
+    # A 2 GiB overhead for every model (placement.replica_overhead_gb), so the reasons' arithmetic is round.
+    placement = {"replica_overhead_gb": 2}
+    serving = {"host": "127.0.0.1", "port": serving_port}
+    values.write_text(yaml.safe_dump({"models": models, "placement": placement, "serving": serving}))
     log = tmp_path / "up.log"
     env = stack.vllm_env() | {"RAY_TMPDIR": str(stack.ray_temp_dir("up-")), "RAY_AUTH_MODE": "disabled"}
+    env["XDG_CONFIG_HOME"] = str(config_home(tmp_path))  # its own controller token file, never the user's
     command = [sys.executable, "-m", "vram_scheduler.cli", "up", "-f", str(values)]
     with log.open("w") as out:
         up = subprocess.Popen(
@@ -84,7 +98,9 @@ def test_up_reports_a_model_without_room_as_pending_with_the_same_reason_everywh
         (line,) = [line for line in text.splitlines() if line.startswith("not placed")]
         assert line.startswith(f"not placed (pending: placed when room appears): {prefix}"), line
         assert "(models: demo; pending, not placed: roomless)" in text, text
-        listed = httpx.get(f"http://127.0.0.1:{controller_port}/v1/deployments", timeout=30).json()
+        listed = httpx.get(
+            f"http://127.0.0.1:{controller_port}/v1/deployments", headers=controller_headers(tmp_path), timeout=30
+        ).json()
         (pending,) = [r for m in listed["models"] for r in m["replicas"] if r["state"] == "pending"]
         assert pending["replica_id"] == "roomless-0" and pending["reason"].startswith(prefix), pending
         body = {"model": "roomless", "messages": [{"role": "user", "content": "hi"}]}
@@ -101,7 +117,7 @@ def test_up_reports_a_model_without_room_as_pending_with_the_same_reason_everywh
             capture_output=True,
             text=True,
             timeout=120,
-            env=os.environ | {"COLUMNS": "400"},
+            env=os.environ | {"COLUMNS": "400", "XDG_CONFIG_HOME": str(config_home(tmp_path))},
         )
         assert status.returncode == 0, status.stderr
         assert "roomless-0:pending" in status.stdout and prefix in " ".join(status.stdout.split()), status.stdout

@@ -84,7 +84,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pending]:
         model("late", replicas=1, vram_gb=5),
         model("huge", replicas=1, vram_gb=30),
     ]
-    config = parse_config({"models": models, "serving": {"host": "127.0.0.1", "port": port}}, "pending tests")
+    # A 2 GiB overhead for every model (placement.replica_overhead_gb), so the reasons' arithmetic is round.
+    values = {"models": models, "placement": {"replica_overhead_gb": 2}, "serving": {"host": "127.0.0.1", "port": port}}
+    config = parse_config(values, "pending tests")
     ray.init(
         address="local",
         namespace=NAMESPACE,
@@ -242,6 +244,7 @@ def test_a_node_that_joins_later_gets_the_pending_replicas(stack: Pending) -> No
                 model("third", replicas=1, vram_gb=4.5),
                 model("huge", replicas=1, vram_gb=30),
             ],
+            "placement": {"replica_overhead_gb": 2},
             "serving": {"host": "127.0.0.1", "port": int(stack.base.rsplit(":", 1)[1])},
         },
         "pending tests",
