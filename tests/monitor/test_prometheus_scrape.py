@@ -293,7 +293,7 @@ def test_every_dashboard_query_returns_data(prometheus: PrometheusServer, served
 
 
 def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus: PrometheusServer) -> None:
-    """`greedy-0` is over budget and was flagged once (the replica exporter); one replica of `tiny`
+    """`greedy-0` is over its reservation and was flagged once (the replica exporter); one replica of `tiny`
     is pending, `lost-node` is stale and a deploy just failed (the real controller); the GPUs are
     healthy and the monitor polls."""
     rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
@@ -306,7 +306,7 @@ def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus:
     rules = prometheus.wait_until(evaluated, "every rule evaluated")
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     expected = {
-        "RayVRAMReplicaOverBudget",
+        "RayVRAMReplicaOverReservation",
         "RayVRAMWatchdogViolations",
         "RayVRAMPendingReplicas",
         "RayVRAMAllocatorStaleNodes",
@@ -319,7 +319,7 @@ def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus:
 
     active = prometheus.wait_until(all_active, "the expected alerts active")
     assert set(active) == expected, active
-    assert active["RayVRAMReplicaOverBudget"]["replica"] == "greedy-0"
+    assert active["RayVRAMReplicaOverReservation"]["replica"] == "greedy-0"
     assert active["RayVRAMWatchdogViolations"]["replica"] == "greedy-0"
     assert active["RayVRAMPendingReplicas"]["model_id"] == MODEL
 

@@ -114,14 +114,19 @@ def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with running_stack([model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)]) as started:
+    # A 2 GiB overhead for every model (placement.replica_overhead_gb): the tests' room arithmetic is round.
+    models = [model("alpha"), model("beta", router_name="beta-alias", max_tokens=10)]
+    with running_stack(models, placement={"replica_overhead_gb": 2}) as started:
         yield started
 
 
 @contextmanager
-def running_stack(models: list[dict[str, Any]], serving: dict[str, Any] | None = None) -> Iterator[Stack]:
+def running_stack(
+    models: list[dict[str, Any]], serving: dict[str, Any] | None = None, placement: dict[str, Any] | None = None
+) -> Iterator[Stack]:
     """Ray (local, in this process), Serve, the monitor on the declared inventory, the controller and
-    `models` deployed and ready (with `serving` settings beside host and port); all stopped on exit."""
+    `models` deployed and ready (with `serving` settings beside host and port, and `placement`); all
+    stopped on exit."""
     import ray
 
     from vram_scheduler.allocator import NAMESPACE
@@ -132,7 +137,12 @@ def running_stack(models: list[dict[str, Any]], serving: dict[str, Any] | None =
         ensure_demo_model(kind=DEMO_MODELS[name])
     port, metrics_port = free_port(), free_port()
     config = parse_config(
-        {"models": models, "serving": {**(serving or {}), "host": "127.0.0.1", "port": port}}, "serving tests"
+        {
+            "models": models,
+            "placement": placement or {},
+            "serving": {**(serving or {}), "host": "127.0.0.1", "port": port},
+        },
+        "serving tests",
     )
     ray.init(
         address="local",

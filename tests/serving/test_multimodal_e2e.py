@@ -287,7 +287,7 @@ def test_bad_images_get_a_4xx_and_no_replica_restarts(stack: Stack, media_dir: P
     broken_file = f"file://{media_dir / 'broken.png'}"
     assert_refused(post(stack, chat_body("vision", [broken_file])), 400, "not an image that can be read")
     missing = f"file://{media_dir / 'missing.png'}"
-    assert_refused(post(stack, chat_body("vision", [missing])), 400, "cannot be read")
+    assert_refused(post(stack, chat_body("vision", [missing])), 400, "is not a readable file")
     # The SDK raises the router's words.
     with pytest.raises(inference.InvalidRequestError, match="does not take image input") as raised:
         inference("hi", "text", images=[png(10, 10)], base_url=stack.base + "/v1")

@@ -86,17 +86,18 @@ def test_an_application_plans_around_the_reservations_of_models_it_does_not_depl
     models: the room alpha and beta hold is not theirs to take. (Planned as the whole desired state,
     solo went to GPU 1, where alpha-0 holds 3.5 of 4 GiB, and its replica failed to reserve:
     "Failed to update the deployments ['solo-0']".)"""
-    from vram_scheduler.config import ModelSpec, RayVRAMConfig
+    from vram_scheduler.config import ModelSpec, PlacementSettings, RayVRAMConfig
     from vram_scheduler.serving.app import build_model_app, plan_models
 
     solo = ModelSpec.model_validate(model("solo", replicas=1))
     before = ray.get(stack.controller.allocator.reservations.remote())
-    plan = plan_models([solo], RayVRAMConfig(models=[solo]))
+    placement = PlacementSettings(replica_overhead_gb=2)
+    plan = plan_models([solo], RayVRAMConfig(models=[solo], placement=placement))
     assert plan.replicas_of("solo") == [] and plan.release == []
     assert [u.model_id for u in plan.unplaced] == ["solo"], plan.unplaced
     assert "largest free slot is 1.50 GiB" in plan.unplaced[0].reason
     with pytest.raises(ValueError, match=r"model solo: no replica placed: 1 replica of model solo needs 3\.50 GiB"):
-        build_model_app({"model": solo.model_dump(mode="json")})
+        build_model_app({"model": solo.model_dump(mode="json"), "placement": placement.model_dump(mode="json")})
     assert ray.get(stack.controller.allocator.reservations.remote()) == before
 
 
@@ -425,6 +426,7 @@ def test_single_application_from_values_serves_and_gives_back_its_reservation(st
     port = free_port()
     values = {
         "models": [model("solo", replicas=1)],
+        "placement": {"replica_overhead_gb": 2},
         "serving": {"host": "127.0.0.1", "port": port},
         "app_name": "ray-vram-single",
     }

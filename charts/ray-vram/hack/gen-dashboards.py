@@ -151,7 +151,7 @@ DASHBOARDS = {
                 "Pending models (replicas not placed: see `ray-vram status` for why)",
                 [
                     (
-                        f'sum by (model_id) (ray_vram_model_replicas{{state="pending", {MODEL}}}) > 0',
+                        f'sum by (model_id) (ray_vram_model_replicas{{state="pending", {MODEL}}})',
                         "{{model_id}}",
                     )
                 ],

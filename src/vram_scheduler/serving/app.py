@@ -24,7 +24,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from ..config import ModelSpec, RayVRAMConfig, ServingSettings, parse_config
+from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, parse_config
 from ..contract import ModelAvailability
 from ..planner import Plan, Reservation
 from .endpoint_board import endpoint_board, routed_models
@@ -145,14 +145,16 @@ def plan_models(models: list[ModelSpec], config: RayVRAMConfig) -> Plan:
 
 
 def build_model_app(args: dict[str, Any]) -> Application:
-    """args: {"model": ModelSpec, "serving": ServingSettings?, "reservations": [Reservation]?}."""
+    """args: {"model": ModelSpec, "serving": ServingSettings?, "placement": PlacementSettings?,
+    "reservations": [Reservation]?} (without reservations it is planned around every other model's)."""
     spec = ModelSpec.model_validate(args["model"])
     serving = ServingSettings.model_validate(args.get("serving") or {})
+    placement = PlacementSettings.model_validate(args.get("placement") or {})
     reasons: list[str] = []
     if args.get("reservations") is not None:
         reservations = [Reservation.model_validate(r) for r in args["reservations"]]
     else:
-        plan = plan_models([spec], RayVRAMConfig(models=[spec]))
+        plan = plan_models([spec], RayVRAMConfig(models=[spec], placement=placement))
         reservations, reasons = plan.replicas_of(spec.model_id), [u.reason for u in plan.unplaced]
     if not reservations:
         raise ValueError(f"model {spec.model_id}: no replica placed: {'; '.join(reasons) or 'see `ray-vram plan`'}")
