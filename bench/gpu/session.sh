@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session of the capacity benchmarks, run in the background so that it outlives a
 # single command: `sizes` (ray-vram measure on the 7B-class, 1.5B and 14B-class models, in that
-# order; $SIZES picks) then `pack` (the measured models on one GPU). Progress: /tmp/rv-gpu-session.log;
+# order; $SIZES picks, PACK=0 skips pack) then `pack` (the measured models on one GPU). Progress: /tmp/rv-gpu-session.log;
 # results: $RESULTS (default .work/gpu-results) and bench/results/gpu.json.
 # Usage (repo root, with CUDA vLLM and Ray importable): bash bench/gpu/session.sh [start|collect OUT]
 set -uo pipefail
@@ -15,7 +15,7 @@ case "${1:-start}" in
       for size in ${SIZES:-llama-7b qwen2-1.5b llama-14b}; do
         python -m bench.gpu.run sizes --size \$size --results '$RESULTS' || echo \"SIZES \$size FAILED\"
       done
-      python -m bench.gpu.run pack --results '$RESULTS' || echo 'PACK FAILED'
+      if [ '${PACK:-1}' = 1 ]; then python -m bench.gpu.run pack --results '$RESULTS' || echo 'PACK FAILED'; fi
       echo SESSION-DONE" > "$LOG" 2>&1 &
     echo "started: $LOG"
     ;;
