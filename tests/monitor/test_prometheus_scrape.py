@@ -105,7 +105,10 @@ def lost_node(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory)
     """A second node's monitor publishes its inventory to the stack's allocator and is killed, as a
     lost GPU node's would be: the allocator reports the node stale from then on."""
     path = tmp_path_factory.mktemp("lost") / "inventory.yaml"
-    path.write_text(yaml.safe_dump(inventory_yaml(node=LOST_NODE)))
+    # One 4 GiB GPU: tiny's pending replica (6.5 GiB with its overhead) stays pending. (A GPU that
+    # holds it would take it: the controller places pending replicas on a node whose inventory joins.)
+    small = {"index": 0, "uuid": f"GPU-{LOST_NODE}-0", "name": "NVIDIA T4", "total_gb": 4}
+    path.write_text(yaml.safe_dump({"nodes": [{"node": LOST_NODE, "gpus": [small]}]}))
     process = Monitor(f"--inventory-file={path}", f"--ray-address={local_stack.gcs_address}")
     vram = f"{local_stack.controller}/v1/vram"
     try:
@@ -317,7 +320,11 @@ def test_the_chart_rules_evaluate_and_the_expected_alerts_are_active(prometheus:
         active = {a["labels"]["alertname"]: a["labels"] for a in prometheus.api("alerts")["alerts"]}
         return active if set(active) >= expected else None
 
-    active = prometheus.wait_until(all_active, "the expected alerts active")
+    try:
+        active = prometheus.wait_until(all_active, "the expected alerts active")
+    except AssertionError as error:
+        seen = {a["labels"]["alertname"]: a["state"] for a in prometheus.api("alerts")["alerts"]}
+        raise AssertionError(f"alerts active {seen}, expected {sorted(expected)}") from error
     assert set(active) == expected, active
     assert active["RayVRAMReplicaOverReservation"]["replica"] == "greedy-0"
     assert active["RayVRAMWatchdogViolations"]["replica"] == "greedy-0"
