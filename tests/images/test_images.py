@@ -117,6 +117,8 @@ def test_serving_image_runs_version_and_plans_like_the_package(built_images, tmp
     # otherwise derived, are on the host but not in the image.
     values = yaml.safe_load((ROOT / "values" / "local.yaml").read_text()) | {"placement": {"replica_overhead_gb": 2}}
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(values))
+    tmp_path.chmod(0o755)  # the image's user reads it through the mount (pytest's folders are 0700)
+    (tmp_path / "local.yaml").chmod(0o644)
     plan = ["plan", "--inventory", "values/inventory-example.yaml", "--output", "json", "--values"]
     mounts = ["-v", VALUES, "-v", f"{tmp_path}:/stated:ro"]
     run = ["run", "--rm", "--network=none", *mounts, "-w", "/", SERVING]
