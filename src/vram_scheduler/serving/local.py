@@ -27,7 +27,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,15 +186,16 @@ class LocalStack:
         progress("starting Ray (local, token auth) ..." if auth else "starting Ray (local) ...")
         self.started_ray = True  # before init: an interrupt inside it still shuts down what it started
         on_sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(
-            address="local",  # always a new cluster of our own, never someone else's
-            namespace=NAMESPACE,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            num_cpus=self.num_cpus or os.cpu_count(),
-            logging_level=logging.WARNING,
-            log_to_driver=os.environ.get("RAY_VRAM_LOG_TO_DRIVER", "0") == "1",
-        )
+        with _callers_sigterm_handler_kept():
+            ray.init(
+                address="local",  # always a new cluster of our own, never someone else's
+                namespace=NAMESPACE,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                num_cpus=self.num_cpus or os.cpu_count(),
+                logging_level=logging.WARNING,
+                log_to_driver=os.environ.get("RAY_VRAM_LOG_TO_DRIVER", "0") == "1",
+            )
         # Ray's core worker replaces the SIGTERM handler with one that aborts the process: put back
         # the caller's (`up` turns SIGTERM into a clean stop).
         if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
@@ -333,6 +334,21 @@ def _apply_to_this_process(token: bool) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
     if token and get_authentication_mode() != AuthenticationMode.TOKEN:
         raise RuntimeError("Ray did not take RAY_AUTH_MODE=token; refusing to start an unauthenticated local cluster")
+
+
+@contextlib.contextmanager
+def _callers_sigterm_handler_kept() -> Iterator[None]:
+    """While `ray.init` runs, keep the caller's SIGTERM handler: Ray installs one that calls
+    `sys.exit` first thing, and a SIGTERM landing inside one of Ray's finalizers then raised an
+    exception that Python ignores, so `up` went on starting instead of stopping."""
+    import ray._private.utils as ray_utils
+
+    install = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = install
 
 
 def become_subreaper() -> None:
