@@ -260,7 +260,21 @@ def build_prompts(tokenizer: Tokenizer, vocab_size: int, count: int, tokens: int
 # ---------------------------------------------------------------- the result
 
 
-class MeasureResult(BaseModel):
+class RunPeaks(BaseModel):
+    """What one engine run saw: its NVML peaks while starting and under the load, and the load's outcome
+    (the sizing run's and the replica run's alike)."""
+
+    peak_start_bytes: int
+    peak_load_bytes: int
+    peak_bytes: int
+    completed: int
+    failed: int
+    errors: list[str] = Field(default_factory=list)
+    start_seconds: float
+    load_seconds: float
+
+
+class MeasureResult(RunPeaks):
     """One measurement: the workload, what the engine used, and the `vram_gb` to declare."""
 
     model: str
@@ -281,14 +295,6 @@ class MeasureResult(BaseModel):
     gpu_memory_utilization: float | None = Field(default=None, description="Only passes vLLM's free-memory check.")
     footprint_source: str
     idle_bytes: int = Field(description="Footprint once the engine was ready, before the load.")
-    peak_start_bytes: int
-    peak_load_bytes: int
-    peak_bytes: int
-    completed: int
-    failed: int
-    errors: list[str] = Field(default_factory=list)
-    start_seconds: float
-    load_seconds: float
     output_tokens_per_s: float
     sizing_floor_bytes: int = Field(description="CPU: weights + runtime allowance + KV cache the replica sizing needs.")
     replica_run: ReplicaRun | None = Field(
@@ -689,7 +695,7 @@ def _run_engine(
     return EngineRun(sampler, load, start_s, idle)
 
 
-class ReplicaRun(BaseModel):
+class ReplicaRun(RunPeaks):
     """The engine as a replica of budget `vram_gb` runs it: vLLM at the share budget / GPU total (no
     KV cache in bytes: vLLM gives it what the share leaves), an MPS client capped at the reservation
     where the node's MPS daemon runs."""
@@ -699,14 +705,6 @@ class ReplicaRun(BaseModel):
     cap_bytes: int = Field(description="budget + the overhead derived from the weights, at most the GPU.")
     mps_capped: bool = Field(description="Whether the engine ran as an MPS client under that cap.")
     idle_bytes: int
-    peak_start_bytes: int
-    peak_load_bytes: int
-    peak_bytes: int
-    completed: int
-    failed: int
-    errors: list[str] = Field(default_factory=list)
-    start_seconds: float
-    load_seconds: float
     load: LoadResult = Field(exclude=True)
 
     model_config = {"arbitrary_types_allowed": True}
