@@ -134,6 +134,14 @@ class ReplicaState(WireModel):
     pids: list[int]
     used_bytes: int | None = Field(description="VRAM the replica's processes use now (inventory); None if unknown.")
     owner: str | None
+    state: Literal["awake", "asleep", "stopped"] = Field(
+        default="awake", description="awake: holds its reservation; asleep: its sleeping footprint; stopped: nothing."
+    )
+    held_bytes: int | None = Field(default=None, description="What it holds on its GPU in its state.")
+    sleep_bytes: int | None = Field(default=None, description="Its sleeping footprint (None: it never sleeps).")
+    asleep_level: int | None = Field(default=None, description="The level it sleeps at (1 or 2), while asleep.")
+    pinned: bool = Field(default=True, description="Never sleeps, never evicted (pinned, or no sleep policy).")
+    last_used_at: float | None = Field(default=None, description="When it last served a request, as recorded.")
 
 
 class GPUState(WireModel):
@@ -144,10 +152,13 @@ class GPUState(WireModel):
     total_bytes: int
     used_bytes: int = Field(description="All memory in use on the GPU (latest inventory).")
     unmanaged_bytes: int = Field(description="Memory used by processes no replica attached.")
-    reserved_bytes: int = Field(description="Budgets plus overheads of every reservation.")
+    reserved_bytes: int = Field(
+        description="What its replicas hold: budget + overhead awake, the sleeping footprint asleep, 0 stopped."
+    )
     free_bytes: int = Field(description="Room for new reservations: total − unmanaged − reserved.")
     healthy: bool
     stale: bool
+    asleep: int = Field(default=0, description="How many of its replicas sleep (placement.sleep.max_asleep_per_gpu).")
     replicas: list[ReplicaState]
 
 
@@ -157,6 +168,7 @@ class NodeState(WireModel):
     gpus: int
     age_s: float = Field(description="Seconds since the node's monitor last showed life (inventory or heartbeat).")
     stale: bool
+    level1_host_bytes: int = Field(default=0, description="Host RAM its level-1 sleepers' weights take.")
 
 
 class VRAMState(WireModel):

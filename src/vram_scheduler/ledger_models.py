@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .config import PlacementSettings, StrictModel
+from .capacity import ReplicaLife, SleepTerms
+from .config import PlacementSettings, SleepLevel, StrictModel
 from .inventory import NodeInventory
 from .planner import Reservation
 
@@ -22,6 +23,14 @@ class LedgerEntry(StrictModel):
     owner: str | None = Field(default=None, description="Ray actor id (hex) of the replica; reclaimed when it dies.")
     pids: list[int] = Field(default_factory=list, description="Processes of the replica (managed, not unmanaged).")
     created_at: float
+    last_used_at: float | None = Field(
+        default=None, description="When it last served a request (`touch`): the order a wake evicts in (LRU)."
+    )
+
+    @property
+    def used_at(self) -> float:
+        """When it was last used, or created (never used)."""
+        return self.created_at if self.last_used_at is None else self.last_used_at
 
 
 class NodeRecord(StrictModel):
@@ -90,6 +99,25 @@ class ReserveRequest(StrictModel):
     overhead_bytes: int | None = Field(default=None, ge=0, description="The model's overhead; None: the cluster's.")
     gpu_uuid: str | None = None
     owner: str | None = Field(default=None, pattern=ACTOR_ID_PATTERN, description="Ray actor id of the replica.")
+    state: ReplicaLife = Field(default="awake", description="awake, or stopped (placed beyond the room awake).")
+    sleep: SleepTerms | None = Field(default=None, description="How it sleeps; None: never (pinned).")
+
+
+class Eviction(StrictModel):
+    """A replica a wake put to sleep or stopped: its engine must follow before the waker's starts."""
+
+    replica_id: str
+    model_id: str
+    state: ReplicaLife
+    level: SleepLevel | None = None
+    freed_bytes: int
+
+
+class WakeOutcome(StrictModel):
+    """What `wake` did: the replica's reservation, whole again, and the replicas it evicted."""
+
+    reservation: Reservation
+    evicted: list[Eviction] = Field(default_factory=list)
 
 
 class ReserveOutcome(StrictModel):

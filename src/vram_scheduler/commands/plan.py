@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan",
         help="plan replica placement for a values file against a GPU inventory",
         description="Plan where each model replica goes, per GPU, without touching any cluster.\n\n"
-        "A replica larger than every GPU of the inventory is listed as needing a bigger GPU (not a free one).\n\n"
+        "A replica larger than every GPU of the inventory is listed as needing a bigger GPU (not a free one).\n"
+        "Replicas of models that sleep beyond the room awake start stopped: their first request starts them.\n\n"
         "exit codes: 0 everything fits, 3 some replicas do not fit, 2 invalid input\n\n"
         "examples:\n"
         "  ray-vram plan --inventory values/inventory-example.yaml -f values/local.yaml\n"
@@ -38,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.values)
     overheads = resolve_overheads(config.models, config.placement)
     result = plan(
-        inventory, config.models, settings=config.placement, overheads={k: o.bytes for k, o in overheads.items()}
+        inventory,
+        config.models,
+        settings=config.placement,
+        overheads={k: o.bytes for k, o in overheads.items()},
+        weights_bytes={k: o.weights_bytes for k, o in overheads.items() if o.weights_bytes},
     )
     if args.output == "json":
         print(json.dumps(plan_as_json(result, overheads), indent=2))

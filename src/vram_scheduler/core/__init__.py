@@ -1,0 +1,1 @@
+"""Pure rules: no Ray, no HTTP, no process or file I/O."""
