@@ -400,6 +400,18 @@ class VRAMScheduler:
             return self.api.remove_all()
         return [model_id] if self.api.remove(model_id) else []
 
+    def sleep(self, model_id: str) -> list[dict[str, Any]]:
+        """Put every awake replica of a model to sleep now (its sleeping footprint stays reserved;
+        on CPU its engine stops); each replica's state. Raises `SchedulerError` naming why not
+        (an unknown model, or one that never sleeps: pinned, or no sleep policy)."""
+        return self.api.sleep(model_id)
+
+    def wake(self, model_id: str) -> list[dict[str, Any]]:
+        """Wake every replica of a model now (a cold start where stopped), evicting idle replicas
+        that sleep where room is short; each replica's `WakeReport` as a dict (seconds, evicted).
+        Raises `SchedulerError` naming why not (no room without a busy or pinned replica, a failed wake)."""
+        return self.api.wake(model_id)
+
 
 def _spec(specs: list[ModelSpec], model_id: str) -> ModelSpec:
     return next(s for s in specs if s.model_id == model_id)

@@ -46,6 +46,11 @@ class ReplicaStatus(WireModel):
     error: str | None = None
     reason: str | None = Field(default=None, description="Why a pending replica is not placed (the planner's words).")
     since: float | None = Field(default=None, description="Unix time a pending replica was first found without room.")
+    sleep: Literal["awake", "asleep", "stopped"] | None = Field(
+        default=None,
+        description="A placed replica's state in the ledger: awake, asleep (its sleeping footprint) or stopped "
+        "(a request starts it); None: not placed.",
+    )
 
     @property
     def where(self) -> str:
@@ -221,6 +226,21 @@ class ReplicaEndpoint(WireModel):
         description='What vLLM serves for the model: "generate" (completions, chat), "transcription" (audio).',
     )
     media: MediaAccepts = Field(default_factory=MediaAccepts)
+    state: Literal["awake", "asleep", "stopped"] = Field(
+        default="awake",
+        description="awake: routable at `url`; asleep or stopped: a router wakes it (its `wake` method) first.",
+    )
+    app: str | None = Field(default=None, description="The Serve application of its deployment (where to wake it).")
+
+
+class WakeReport(WireModel):
+    """What a replica's `wake` answers: how long it took and what it evicted."""
+
+    replica_id: str
+    state: Literal["awake", "asleep", "stopped"]
+    seconds: float = Field(ge=0, description="From the call to the engine answering (0: it was awake).")
+    cold: bool = Field(default=False, description="The engine was started (stopped before), not woken.")
+    evicted: list[str] = Field(default_factory=list, description="Replicas put to sleep or stopped to make room.")
 
 
 # --------------------------------------------------------------------------- endpoint board → routers

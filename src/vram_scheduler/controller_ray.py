@@ -68,5 +68,19 @@ class RayControllerClient:
     def remove(self, model_id: str) -> bool:
         return self.controller.remove(model_id)
 
+    def sleep(self, model_id: str) -> list[dict[str, Any]]:
+        return self._sleep_or_wake(model_id, "sleep")
+
+    def wake(self, model_id: str) -> list[dict[str, Any]]:
+        return self._sleep_or_wake(model_id, "wake")
+
+    def _sleep_or_wake(self, model_id: str, action: str) -> list[dict[str, Any]]:
+        call = self.controller.sleep_model if action == "sleep" else self.controller.wake_model
+        try:
+            return call(model_id)
+        except Exception as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise SchedulerError(f"{action} {model_id}: {lines[-1] if lines else type(error).__name__}") from None
+
     def remove_all(self) -> list[str]:
         return self.controller.remove_all()

@@ -171,7 +171,13 @@ def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
         table.add_column(column)
     now = time.time()
     for status in deployments:
-        states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
+        states = (
+            ", ".join(
+                f"{r.replica_id}:{r.state}" + (f" ({r.sleep})" if r.sleep not in (None, "awake") else "")
+                for r in status.replicas
+            )
+            or "-"
+        )
         ready = sum(r.state == "ready" for r in status.replicas)
         wanted = "max" if status.requested is None else str(status.requested)
         pending = status.pending

@@ -57,6 +57,10 @@ SERVING_KEY = "serving/settings"
 EVENTS_KEPT = 20
 
 
+#: Longest an operator's sleep or wake of one replica may take (a cold start loads the model).
+WAKE_CALL_TIMEOUT_S = 900.0
+
+
 class Unplaceable(RayVramError, RuntimeError):
     """Nothing of a model fits (and it does not ask for max_replicas): the planner's reasons."""
 
@@ -278,6 +282,27 @@ class Controller:
             self._declare([r.spec for r in self.deployed().values()])
             return known
 
+    def sleep_model(self, model_id: str) -> list[dict[str, Any]]:
+        """Put every awake replica of a model to sleep (`ray-vram sleep`); each replica's `info()`.
+        Raises `KeyError` for an unknown model, `ReplicaWakeError` (through Ray) for one that never sleeps."""
+        return [self._replica_call(model_id, rid, "sleep_now") for rid in self._placed(model_id)]
+
+    def wake_model(self, model_id: str) -> list[dict[str, Any]]:
+        """Wake every replica of a model (`ray-vram wake`), one after another; each a `WakeReport` dict."""
+        return [self._replica_call(model_id, rid, "wake") for rid in self._placed(model_id)]
+
+    def _placed(self, model_id: str) -> list[str]:
+        record = self.deployed().get(model_id)
+        if record is None:
+            known = ", ".join(sorted(self.deployed())) or "none"
+            raise KeyError(f"unknown model {model_id!r}; deployed: {known}")
+        return [r.replica_id for r in record.reservations]
+
+    @staticmethod
+    def _replica_call(model_id: str, replica_id: str, method: str) -> dict[str, Any]:
+        handle = serve.get_deployment_handle(replica_id, app_name=model_app_name(model_id))
+        return getattr(handle, method).remote().result(timeout_s=WAKE_CALL_TIMEOUT_S)
+
     def remove_all(self) -> list[str]:
         with self._lock:
             ids = sorted(set(self.deployed()) | self._model_apps())
@@ -386,6 +411,7 @@ class Controller:
                         gpu_uuid=where["gpu_uuid"],
                         bytes=where["bytes"],
                         error=error,
+                        sleep=reservation.get("state", "awake") if reservation is not None else None,
                     )
                 )
             if record.pending is not None and not record.deploying:

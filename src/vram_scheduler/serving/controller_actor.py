@@ -117,6 +117,12 @@ class ControllerHandle:
     def remove(self, model_id: str) -> bool:
         return _call(self.actor.remove.remote(model_id))
 
+    def sleep_model(self, model_id: str) -> list[dict[str, Any]]:
+        return _call(self.actor.sleep_model.remote(model_id))
+
+    def wake_model(self, model_id: str) -> list[dict[str, Any]]:
+        return _call(self.actor.wake_model.remote(model_id))
+
     def remove_all(self) -> list[str]:
         return _call(self.actor.remove_all.remote())
 

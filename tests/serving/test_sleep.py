@@ -1,0 +1,165 @@
+"""More models than the budget holds awake, end to end with real vLLM (CPU) replicas on a declared
+inventory: models that sleep beyond the room awake start stopped; a request for one is held while
+its replica starts (scale to zero on CPU, where vLLM has no sleep mode), evicting the least
+recently used idle replica that is not pinned; requests hopping between the models all answer; a
+replica with requests in flight is never evicted (the wake is refused with a clear 503); a wake
+that fails (the model's files removed) answers a clear error, and its replica stops holding
+anything; the ledger is consistent after every step.
+
+Tests run in file order on one stack (a step's state is the next one's start). vLLM starts: pin
+and a at first, then b, a, b again (the failed wake loads nothing).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import ray
+import yaml
+
+from vram_scheduler.loopback import free_port
+
+from .conftest import deployed, model, start_monitor, stream_outcome
+
+pytestmark = pytest.mark.slow
+
+NODE = "ci-gpu-node"
+# One 8 GiB GPU; every replica 1.5 GiB + 2 GiB overhead = 3.5: pin (never sleeps) and one model that
+# sleeps fit awake together, a third does not.
+INVENTORY = {
+    "nodes": [{"node": NODE, "gpus": [{"index": 0, "uuid": "GPU-sleep-0", "name": "Test 8GB", "total_gb": 8}]}]
+}
+NAP = {"after_idle_s": 3600}  # eviction only: no idle sleep during the tests
+
+
+@dataclass
+class Sleepy:
+    controller: Any
+    base: str
+    gone_dir: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
+    from vram_scheduler.allocator import NAMESPACE
+    from vram_scheduler.config import parse_config
+    from vram_scheduler.demo_model import ensure_demo_model
+
+    work = tmp_path_factory.mktemp("sleep")
+    inventory = work / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump(INVENTORY))
+    gone_dir = work / "gone-model"
+    shutil.copytree(ensure_demo_model(), gone_dir)
+    port = free_port()
+    models = [
+        model("pin", replicas=1, pinned=True),
+        model("a", replicas=1, sleep=NAP),
+        model("b", replicas=1, sleep=NAP),
+        model("gone", replicas=1, sleep=NAP) | {"model": str(gone_dir)},
+    ]
+    serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": 600}
+    values = {"models": models, "placement": {"replica_overhead_gb": 2}, "serving": serving}
+    config = parse_config(values, "sleep tests")
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    monitor, thread = start_monitor(NODE, ray.get_runtime_context().gcs_address, inventory)
+    try:
+        with deployed(config) as controller:
+            yield Sleepy(controller, f"http://127.0.0.1:{port}", gone_dir)
+    finally:
+        monitor.stop()
+        thread.join(timeout=10)
+        ray.shutdown()
+
+
+def states(stack: Sleepy) -> dict[str, str]:
+    """Replica id → its state in the ledger, after checking the ledger is consistent: each GPU's
+    reserved bytes are what its replicas hold in their states, within its total."""
+    state = ray.get(stack.controller.allocator.get_vram_state.remote())
+    found = {}
+    for gpu in state["gpus"]:
+        held = 0
+        for replica in gpu["replicas"]:
+            expected = {"awake": replica["bytes"] + replica["overhead_bytes"], "stopped": 0}.get(replica["state"])
+            if expected is not None:
+                assert replica["held_bytes"] == expected, replica
+            held += replica["held_bytes"]
+            found[replica["replica_id"]] = replica["state"]
+        assert gpu["reserved_bytes"] == held and gpu["free_bytes"] >= 0, gpu
+    return found
+
+
+def chat(stack: Sleepy, name: str) -> httpx.Response:
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    return httpx.post(stack.base + "/v1/chat/completions", json=body, timeout=900)
+
+
+def test_more_models_than_fit_awake_are_placed_the_rest_start_stopped(stack: Sleepy) -> None:
+    assert states(stack) == {"pin-0": "awake", "a-0": "awake", "b-0": "stopped", "gone-0": "stopped"}
+    listed = {m["id"] for m in httpx.get(stack.base + "/v1/models", timeout=30).json()["data"]}
+    assert listed == {"pin", "a", "b", "gone"}  # a stopped model answers: a request starts it
+
+
+def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(stack: Sleepy) -> None:
+    outcomes = []
+    assert chat(stack, "a").status_code == 200  # a used last: b's start evicts it, not pin
+    answer = chat(stack, "b")
+    outcomes.append(answer.status_code)
+    assert answer.headers["x-ray-vram-replica"] == "b-0"
+    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+    first = threading.Event()
+    body = {"model": "a", "prompt": "hello", "max_tokens": 8, "stream": True}
+    assert stream_outcome(stack.base, body, first) == "done"  # streamed, held while a started
+    assert states(stack) == {"pin-0": "awake", "a-0": "awake", "b-0": "stopped", "gone-0": "stopped"}
+    for name in ("pin", "a", "pin"):
+        outcomes.append(chat(stack, name).status_code)
+    assert outcomes == [200] * 4
+
+
+def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> None:
+    first = threading.Event()
+    body = {"model": "a", "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    outcome: list[str] = []
+    streaming = threading.Thread(target=lambda: outcome.append(stream_outcome(stack.base, body, first)))
+    streaming.start()
+    assert first.wait(120), "the stream never started"
+    deadline = time.monotonic() + 60
+    while "a-0" not in ray.get(stack.controller.allocator.in_flight.remote()):
+        assert streaming.is_alive(), f"the stream ended before a reported it in flight: {outcome}"
+        assert time.monotonic() < deadline, "a-0 never reported its request in flight"
+        time.sleep(0.05)
+    refused = chat(stack, "b")
+    streaming.join(timeout=300)
+    assert refused.status_code == 503, refused.text
+    message = refused.json()["error"]["message"]
+    assert message.startswith("model b could not be woken: replica b-0 of model b: cannot wake: wake b-0")
+    assert "with requests in flight: a-0 3.50 GiB" in message and "pinned: pin-0 3.50 GiB" in message
+    assert outcome == ["done"]  # the busy replica kept serving
+    assert states(stack)["a-0"] == "awake" and states(stack)["b-0"] == "stopped"
+
+
+def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
+    shutil.rmtree(stack.gone_dir)
+    answer = chat(stack, "gone")
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith("model gone could not be woken: replica gone-0 of model gone: wake failed: ")
+    assert "its engine is stopped and its reservation freed" in message
+    assert states(stack)["gone-0"] == "stopped"
+    # The other models still answer (b starts in the room the failed wake gave back).
+    assert [chat(stack, name).status_code for name in ("b", "pin")] == [200, 200]
+    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
