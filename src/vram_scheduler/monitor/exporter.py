@@ -135,7 +135,9 @@ class _SnapshotCollector:
             labels=REPLICA_LABELS,
         )
         asleep = GaugeMetricFamily(
-            "ray_vram_replica_asleep", "1 while a replica sleeps or is stopped (its model sleeps).", labels=REPLICA_LABELS
+            "ray_vram_replica_asleep",
+            "1 while a replica sleeps or is stopped (its model sleeps).",
+            labels=REPLICA_LABELS,
         )
         last = GaugeMetricFamily(
             "ray_vram_monitor_last_poll_timestamp_seconds",

@@ -266,6 +266,8 @@ class VLLMReplica:
     def prepare(self, model_source: str, budget: EngineBudget) -> None:
         """Check the engine configuration before taking the startup lock (fail early, hold nothing long)."""
         argv = server_argv(self.spec, model_source, budget, self.serving.engine_metrics, self.serving.allow_remote_code)
+        if budget.device == "cuda" and self.planned.sleep is not None and "--enable-sleep-mode" not in argv:
+            argv.append("--enable-sleep-mode")  # its model sleeps: vLLM's sleep and wake, in this process
         self.args = parse_server_args(argv)
         # vLLM's own guards, at the model's limits (the router checks first; see media_checks).
         os.environ["VLLM_MAX_IMAGE_PIXELS"] = str(self.spec.media.max_image_pixels)
@@ -531,7 +533,9 @@ class VLLMReplica:
                 held = Reservation.model_validate(await self.allocator.sleep.remote(self.replica_id))
                 if held.state == "asleep":
                     assert self.requests is not None
-                    await self.requests.call(self.engine.sleep(level=held.asleep_level or 1))
+                    from .vllm_compat import engine_sleep
+
+                    await self.requests.call(engine_sleep(self.engine, held.asleep_level or 1))
                 else:
                     await self._shut_engine()
             else:
@@ -607,8 +611,10 @@ class VLLMReplica:
         if not locked:
             raise ReplicaStartupError(f"startup lock of GPU {gpu_uuid} not granted within {STARTUP_LOCK_TIMEOUT_S:g}s")
         try:
+            from .vllm_compat import engine_wake
+
             assert self.requests is not None
-            await self.requests.call(self.engine.wake_up())
+            await self.requests.call(engine_wake(self.engine))
         finally:
             await self.allocator.release_startup_lock.remote(gpu_uuid, self.replica_id)
 
