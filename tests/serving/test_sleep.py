@@ -7,11 +7,13 @@ that fails (the model's files removed) answers a clear error, and its replica st
 anything; the ledger is consistent after every step.
 
 Tests run in file order on one stack (a step's state is the next one's start). vLLM starts: pin
-and a at first, then b, a, b again (the failed wake loads nothing).
+and a at first, then b, a, b again (the failed wake loads nothing), then b once more (an operator's
+wake after an operator's sleep).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -45,6 +47,8 @@ class Sleepy:
     controller: Any
     base: str
     gone_dir: Path
+    gcs_address: str
+    ray_metrics: str  # Ray's metrics agent on this node (the replicas' sleep and wake metrics)
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +72,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
     serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": 600}
     values = {"models": models, "placement": {"replica_overhead_gb": 2}, "serving": serving}
     config = parse_config(values, "sleep tests")
+    metrics_port = free_port()
     ray.init(
         address="local",
         namespace=NAMESPACE,
         num_cpus=2,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_port,
         log_to_driver=False,
     )
     monitor, thread = start_monitor(NODE, ray.get_runtime_context().gcs_address, inventory)
     try:
         with deployed(config) as controller:
-            yield Sleepy(controller, f"http://127.0.0.1:{port}", gone_dir)
+            gcs = ray.get_runtime_context().gcs_address
+            yield Sleepy(
+                controller, f"http://127.0.0.1:{port}", gone_dir, gcs, f"http://127.0.0.1:{metrics_port}/metrics"
+            )
     finally:
         monitor.stop()
         thread.join(timeout=10)
@@ -163,3 +172,53 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
     # The other models still answer (b starts in the room the failed wake gave back).
     assert [chat(stack, name).status_code for name in ("b", "pin")] == [200, 200]
     assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+
+
+def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None:
+    from vram_scheduler.client import SchedulerError, VRAMScheduler
+
+    scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
+    (slept,) = scheduler.sleep("b")
+    assert (slept["replica_id"], slept["state"]) == ("b-0", "stopped")  # CPU: the engine stops
+    assert states(stack)["b-0"] == "stopped"
+    status = {m.model_id: m for m in scheduler.deployments()}
+    assert [(r.replica_id, r.sleep) for r in status["b"].replicas] == [("b-0", "stopped")]
+    (woke,) = scheduler.wake("b")
+    assert (woke["replica_id"], woke["state"], woke["cold"], woke["evicted"]) == ("b-0", "awake", True, [])
+    assert woke["seconds"] > 0 and states(stack)["b-0"] == "awake"
+    with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
+        scheduler.sleep("pin")
+    assert chat(stack, "b").status_code == 200
+
+
+def exported(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(series name, labels) of every sample line of a Prometheus exposition."""
+    samples = []
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} ", line)
+        if match:
+            samples.append((match.group(1), dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))))
+    return samples
+
+
+def test_sleeps_and_wakes_are_counted_and_timed(stack: Sleepy) -> None:
+    wanted = [
+        ("ray_vram_replica_wakes_total", {"how": "started", "model_id": "b", "replica": "b-0"}),
+        ("ray_vram_replica_wakes_total", {"how": "failed", "model_id": "gone", "replica": "gone-0"}),
+        ("ray_vram_replica_sleeps_total", {"model_id": "b", "state": "stopped", "why": "operator"}),
+        ("ray_vram_replica_evictions_total", {"model_id": "b", "replica": "b-0"}),
+        ("ray_vram_replica_wake_seconds_bucket", {"how": "started", "model_id": "a"}),
+        ("ray_vram_replica_state", {"model_id": "b", "replica": "b-0", "state": "awake"}),
+    ]
+    deadline = time.monotonic() + 120
+    while True:
+        samples = exported(httpx.get(stack.ray_metrics, timeout=30).text)
+        missing = [
+            (name, labels)
+            for name, labels in wanted
+            if not any(n == name and labels.items() <= found.items() for n, found in samples)
+        ]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"not exported: {missing}"
+        time.sleep(1)

@@ -13,6 +13,8 @@ SLEEPS = "ray_vram_replica_sleeps_total"
 EVICTIONS = "ray_vram_replica_evictions_total"
 WAKE_SECONDS = "ray_vram_replica_wake_seconds"
 STATE = "ray_vram_replica_state"
+#: Every series name these metrics give in Prometheus.
+SERIES = frozenset({WAKES, SLEEPS, EVICTIONS, STATE, *(f"{WAKE_SECONDS}_{s}" for s in ("bucket", "sum", "count"))})
 #: Wake buckets (seconds): a GPU level-1 wake (~0.3 s) to a cold start of a large model.
 WAKE_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 STATES = ("awake", "asleep", "stopped")
