@@ -17,7 +17,7 @@ from vram_scheduler.commands.options import DeprecatedAlias, ray_address
 from vram_scheduler.config import ConfigError
 
 VALUES_COMMANDS = {"plan", "up", "deploy", "serve"}
-CONTROLLER_COMMANDS = {"status", "deploy", "shutdown", "check"}
+CONTROLLER_COMMANDS = {"status", "deploy", "shutdown", "sleep", "wake", "check"}
 RAY_COMMANDS = {"serve", "check", "monitor"}
 
 

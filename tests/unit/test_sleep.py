@@ -278,3 +278,20 @@ def test_models_that_do_not_sleep_stay_pending_as_before() -> None:
     models = [ModelSpec(model_id=f"m{i}", model="x", vram_gb=30) for i in range(2)]
     result = plan(inventory, models, settings=settings())
     assert [r.state for r in result.reservations] == ["awake"] and [u.model_id for u in result.unplaced] == ["m1"]
+
+
+def test_status_shows_each_replica_awake_asleep_or_stopped() -> None:
+    from rich.console import Console
+
+    from vram_scheduler.display import render_vram
+
+    ledger = ledger_with(80, max_asleep_per_gpu=1)
+    fill(ledger, "a", "b", budget_gb=10)
+    ledger.reserve("c", "c", 10 * GIB, T0, "g0", sleep=terms(10))
+    ledger.sleep("a", T0)
+    ledger.sleep("b", T0)  # past the GPU's one sleeper: stopped
+    console = Console(width=250, record=True)
+    console.print(render_vram(ledger.state(T0)))
+    text = console.export_text()
+    assert "a 10.00+2.00 asleep L1, holds 2.30" in text and "b 10.00+2.00 stopped" in text
+    assert "c 10.00+2.00" in text and "c 10.00+2.00 asleep" not in text and "c 10.00+2.00 stopped" not in text
