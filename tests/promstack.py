@@ -61,12 +61,13 @@ class PrometheusServer:
     ):
         self._dir = tempfile.TemporaryDirectory(prefix="prometheus-")
         folder = Path(self._dir.name)
+        tokens = bearer_tokens or {}
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(path) for path in rule_files],
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": [t]}]}
-                | ({"authorization": {"credentials": (bearer_tokens or {})[job]}} if job in (bearer_tokens or {}) else {})
+                | ({"authorization": {"credentials": tokens[job]}} if job in tokens else {})
                 for job, t in targets.items()
             ],
         }
