@@ -12,9 +12,9 @@ import shlex
 import pytest
 from ray._private.label_utils import parse_node_labels_string
 
-from vram_scheduler.cli import main
-from vram_scheduler.config import GIB, ConfigError
-from vram_scheduler.node import (
+from vram_scheduler.cli.main import main
+from vram_scheduler.core.config import GIB, ConfigError
+from vram_scheduler.monitor.node import (
     KUBERAY_COMMAND_ENV,
     NodeGPU,
     build_node_start,

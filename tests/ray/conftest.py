@@ -16,9 +16,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, get_vram_allocator
-from vram_scheduler.heartbeats import forget_heartbeats
-from vram_scheduler.ledger_store import forget_ledger
+from vram_scheduler.allocator.actor import ACTOR_NAME, NAMESPACE, get_vram_allocator
+from vram_scheduler.allocator.heartbeats import forget_heartbeats
+from vram_scheduler.allocator.store import forget_ledger
 
 # Cluster's default node address: forcing 127.0.0.1 leaves the GCS address unreachable on this machine.
 NODE_ARGS = {"object_store_memory": 80 * 1024**2}

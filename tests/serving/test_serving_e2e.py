@@ -29,8 +29,8 @@ from pydantic import BaseModel
 from ray import serve
 
 from vram_scheduler.serving.app import model_app_name, model_application
-from vram_scheduler.serving.controller import deploy_in_background
-from vram_scheduler.serving.router import REPLICA_HEADER
+from vram_scheduler.serving.controller.controller import deploy_in_background
+from vram_scheduler.serving.router.router import REPLICA_HEADER
 
 from .conftest import Stack, free_port, model, stream_outcome
 
@@ -86,7 +86,7 @@ def test_an_application_plans_around_the_reservations_of_models_it_does_not_depl
     models: the room alpha and beta hold is not theirs to take. (Planned as the whole desired state,
     solo went to GPU 1, where alpha-0 holds 3.5 of 4 GiB, and its replica failed to reserve:
     "Failed to update the deployments ['solo-0']".)"""
-    from vram_scheduler.config import ModelSpec, PlacementSettings, RayVRAMConfig
+    from vram_scheduler.core.config import ModelSpec, PlacementSettings, RayVRAMConfig
     from vram_scheduler.serving.app import build_model_app, plan_models
 
     solo = ModelSpec.model_validate(model("solo", replicas=1))
@@ -266,8 +266,8 @@ def test_engine_metrics_reach_rays_metrics_agent_under_the_dashboards_names(stac
 
 
 def test_replica_without_reservation_fails_fast_with_the_reason(stack: Stack) -> None:
-    from vram_scheduler.config import ModelSpec
-    from vram_scheduler.planner import Reservation
+    from vram_scheduler.core.config import ModelSpec
+    from vram_scheduler.core.planner import Reservation
 
     spec = ModelSpec.model_validate(model("greedy", replicas=1) | {"vram_gb": 2.5})
     # Planned onto the 4 GiB GPU, where alpha-0 leaves 0.5 GiB: the allocator must refuse.

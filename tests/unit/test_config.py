@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vram_scheduler.config import GIB, ConfigError, ModelSpec, PlacementSettings, load_config, parse_config
-from vram_scheduler.inventory import parse_inventory
-from vram_scheduler.planner import plan
+from vram_scheduler.core.config import GIB, ConfigError, ModelSpec, PlacementSettings, load_config, parse_config
+from vram_scheduler.core.inventory import parse_inventory
+from vram_scheduler.core.planner import plan
 
 
 def problems_of(data: object) -> list[str]:

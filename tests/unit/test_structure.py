@@ -54,7 +54,7 @@ def test_every_wire_model_is_defined_in_exactly_one_module() -> None:
     for module, tree in modules().items():
         for name in defined_names(tree) & WIRE_MODELS:
             where[name].append(module)
-    assert {name: found for name, found in where.items() if found != ["vram_scheduler.contract"]} == {}
+    assert {name: found for name, found in where.items() if found != ["vram_scheduler.core.contract"]} == {}
 
 
 def imported(module: str, tree: ast.Module, known: set[str]) -> set[str]:
@@ -136,16 +136,16 @@ def test_the_import_graph_has_no_cycles() -> None:
     trees = modules()
     graph = {module: imported(module, tree, set(trees)) for module, tree in trees.items()}
     # the graph is real: plain, relative, function-level and importlib imports are all edges
-    assert "vram_scheduler.contract" in graph["vram_scheduler.serving.router"]
-    assert "vram_scheduler.commands.up" in graph["vram_scheduler.cli"]
+    assert "vram_scheduler.core.contract" in graph["vram_scheduler.serving.router.router"]
+    assert "vram_scheduler.cli.commands.up" in graph["vram_scheduler.cli.main"]
     assert cycles(graph) == []
 
 
 def test_only_entry_points_import_the_cli() -> None:
     """Commands and the monitor share exit codes and extras through small modules, never `cli`."""
     trees = modules()
-    importers = {m for m, tree in trees.items() if "vram_scheduler.cli" in imported(m, tree, set(trees))}
-    assert importers <= {"vram_scheduler.__main__"}
+    importers = {m for m, tree in trees.items() if "vram_scheduler.cli.main" in imported(m, tree, set(trees))}
+    assert importers <= {"vram_scheduler.cli.__main__"}
 
 
 #: Exceptions used as control flow inside one process, never raised to a caller.
@@ -173,9 +173,9 @@ def test_every_error_descends_from_ray_vram_error() -> None:
 
 def test_errors_keep_their_former_base_and_message() -> None:
     from vram_scheduler import RayVramError
-    from vram_scheduler.client import PlacementError
-    from vram_scheduler.config import ConfigError
-    from vram_scheduler.ledger import ReservationError
+    from vram_scheduler.core.config import ConfigError
+    from vram_scheduler.core.ledger import ReservationError
+    from vram_scheduler.sdk.client import PlacementError
 
     config = ConfigError("models[0]", ["vram_gb = -1: too small"])
     assert isinstance(config, RayVramError) and isinstance(config, ValueError)
@@ -213,7 +213,7 @@ def test_the_overhead_arithmetic_lives_in_capacity_only() -> None:
     no other module adds an overhead to anything or reads the overhead settings."""
     found: list[str] = []
     for module, tree in modules().items():
-        if module == "vram_scheduler.capacity":
+        if module == "vram_scheduler.core.capacity":
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub):

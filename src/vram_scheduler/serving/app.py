@@ -24,15 +24,15 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, parse_config
-from ..contract import ModelAvailability
-from ..planner import Plan, Reservation
+from ..core.config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, parse_config
+from ..core.contract import ModelAvailability
+from ..core.planner import Plan, Reservation
 from .endpoint_board import endpoint_board, routed_models
 from .internal_key import INTERNAL_KEY_ENV
 from .options import deployment_options, keep_if_unchanged, router_names, router_options
-from .placement import router_addresses
-from .replica import VLLMReplica, replica_deployment
-from .router import ROUTER_APP, ROUTER_APP_ENV, RouterDeployment
+from .replica.placement import router_addresses
+from .replica.replica import VLLMReplica, replica_deployment
+from .router.router import ROUTER_APP, ROUTER_APP_ENV, RouterDeployment
 
 log = logging.getLogger("ray.serve")
 
@@ -130,7 +130,7 @@ def plan_models(models: list[ModelSpec], config: RayVRAMConfig) -> Plan:
     """
     import ray
 
-    from ..allocator import get_vram_allocator
+    from ..allocator.actor import get_vram_allocator
 
     allocator = get_vram_allocator()
     dumped = ray.get(

@@ -27,9 +27,9 @@ import ray
 from pydantic import ValidationError
 from ray.experimental import internal_kv
 
-from ..cluster_actors import NAMESPACE, cluster_actor, connect
-from ..config import ModelSpec
-from ..contract import EndpointTable, ModelAvailability, ReplicaEndpoint, RoutedModel
+from ..allocator.cluster_actors import NAMESPACE, cluster_actor, connect
+from ..core.config import ModelSpec
+from ..core.contract import EndpointTable, ModelAvailability, ReplicaEndpoint, RoutedModel
 
 log = logging.getLogger(__name__)
 

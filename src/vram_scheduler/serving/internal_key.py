@@ -22,7 +22,7 @@ import secrets
 from collections.abc import MutableMapping
 from typing import Any
 
-from ..errors import RayVramError
+from ..core.errors import RayVramError
 
 #: Environment variable holding the cluster's internal key (the same on every Ray node).
 INTERNAL_KEY_ENV = "RAY_VRAM_INTERNAL_KEY"

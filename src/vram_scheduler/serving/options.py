@@ -12,9 +12,9 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from ..cluster_actors import HEAD_NODE_RESOURCE
-from .placement import NODE_RESOURCE_SHARE
-from .router import ROUTER_DEPLOYMENT
+from ..allocator.cluster_actors import HEAD_NODE_RESOURCE
+from .replica.placement import NODE_RESOURCE_SHARE
+from .router.router import ROUTER_DEPLOYMENT
 
 Role = Literal["router", "replica", "group"]
 
