@@ -1,9 +1,9 @@
 """Turn a node's GPUs into `ray start` options, so that one pod spec serves any GPU node.
 
 The node entrypoint (`ray-vram node-start`) reads the GPUs it can see through NVML and adds to
-the `ray start` command: the GPU count (`--num-gpus`), the node's VRAM as Ray custom resources
-(`vram_gb_total`, and one `gpu_<size>gb` resource per GPU size class so that Ray's own accounting
-backs the planner's choices), and node labels with the GPU model and the Kubernetes node name.
+the `ray start` command: the GPU count (`--num-gpus`) and node labels with the GPU model and the
+Kubernetes node name. The node's VRAM is the allocator's to account (from the monitors'
+inventories): no Ray custom resource carries it.
 A node without GPUs gets none of the GPU options: whatever the caller passed stays as it is.
 
 The command may come from the caller or from KubeRay: with the pod annotation
@@ -15,7 +15,6 @@ The command may come from the caller or from KubeRay: with the pod annotation
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
@@ -24,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..core.config import GIB, ConfigError, StrictModel
+from ..core.config import ConfigError, StrictModel
 from ..core.inventory import load_inventory
 
 #: Where KubeRay puts the `ray start` command it generated for a pod.
@@ -38,11 +37,6 @@ NODE_NAME_LABEL = f"{LABEL_PREFIX}node-name"
 #: sets it on the head and CPU worker pods): with `router_placement: spread`, the routers go only
 #: there, at least one on each.
 ROUTER_HOST_LABEL = f"{LABEL_PREFIX}router-host"
-
-#: Nominal GPU memory sizes (GB as sold). A GPU's class is the smallest size at or above its total
-#: GiB as NVML reports it: an H100 80GB reports 79.6 GiB -> 80, an L4 22.5 GiB -> 24, an H200
-#: 140.4 GiB -> 141. Beyond the table, the total is rounded up.
-SIZE_CLASSES_GB = (4, 6, 8, 10, 11, 12, 16, 20, 24, 32, 40, 48, 64, 80, 94, 96, 128, 141, 180, 192, 256, 288)
 
 #: Ray's own options that this module sets and therefore merges with the caller's.
 _MERGED_OPTIONS = ("--num-gpus", "--resources", "--labels")
@@ -71,27 +65,6 @@ class NodeStart(StrictModel):
     labels: dict[str, str]
     command: list[str]
     notes: list[str] = Field(default_factory=list, description="Caller options replaced by detected values.")
-
-
-def size_class_gb(total_bytes: int) -> int:
-    """The nominal size (GB) of a GPU with `total_bytes` of memory."""
-    gib = total_bytes / GIB
-    return next((size for size in SIZE_CLASSES_GB if size >= gib), math.ceil(gib))
-
-
-def gpu_resources(gpus: Sequence[NodeGPU]) -> dict[str, float]:
-    """Ray custom resources for these GPUs: total VRAM in whole GiB, floored, and a count per size class.
-
-    Whole numbers because Ray refuses fractional node resources ("Resource quantities must all be
-    whole numbers"); floored so that Ray never counts more VRAM than the node has.
-    """
-    if not gpus:
-        return {}
-    resources: dict[str, float] = {"vram_gb_total": sum(g.total_bytes for g in gpus) // GIB}
-    for gpu in sorted(gpus, key=lambda g: g.index):
-        key = f"gpu_{size_class_gb(gpu.total_bytes)}gb"
-        resources[key] = resources.get(key, 0) + 1
-    return resources
 
 
 def label_value(text: str) -> str:
@@ -199,8 +172,9 @@ def build_node_start(
 ) -> NodeStart:
     """The `ray start --block` command for this node: the caller's arguments plus what its GPUs say.
 
-    Detected values win over the caller's `--num-gpus` and over same-named resources and labels
-    (each replacement is listed in `notes`); on a node without GPUs the caller's options stay.
+    Detected values win over the caller's `--num-gpus` and over same-named labels (each replacement
+    is listed in `notes`); the caller's `--resources` pass through; on a node without GPUs the
+    caller's options stay.
     """
     rest, taken = _take_options(ray_args)
     if role == "worker" and "--head" in rest:
@@ -224,10 +198,6 @@ def build_node_start(
             num_gpus = int(float(num_gpus_text))
         except ValueError:
             raise ConfigError("ray start arguments", [f"--num-gpus: not a number: {num_gpus_text!r}"]) from None
-    for key, value in gpu_resources(gpus).items():
-        if key in resources and resources[key] != value:
-            notes.append(f"resource {key}={_number(resources[key])} replaced by {_number(value)} (detected)")
-        resources[key] = value
     for key, value in node_labels(gpus, node_name).items():
         if key in labels and labels[key] != value:
             notes.append(f"label {key}={labels[key]} replaced by {value} (detected)")

@@ -31,7 +31,7 @@ from .endpoint_board import endpoint_board, routed_models
 from .internal_key import INTERNAL_KEY_ENV
 from .options import deployment_options, keep_if_unchanged, router_names, router_options
 from .replica.placement import router_addresses
-from .replica.replica import VLLMReplica, replica_deployment
+from .replica.replica import replica_deployment
 from .router.router import ROUTER_APP, ROUTER_APP_ENV, RouterDeployment
 
 log = logging.getLogger("ray.serve")
@@ -96,10 +96,9 @@ def model_application(
     reservations: list[Reservation],
     serving: ServingSettings,
     env: dict[str, str] | None = None,
-    replica_class: type[VLLMReplica] = VLLMReplica,
 ) -> Application:
     env = without_secrets(replica_env() if env is None else env, serving)
-    replicas = [replica_deployment(spec, r, serving, env, replica_class) for r in reservations]
+    replicas = [replica_deployment(spec, r, serving, env) for r in reservations]
     replica_ids = [r.replica_id for r in reservations]
     group = serve.deployment(ModelGroup, **deployment_options("group", f"{spec.model_id}-group"))
     return keep_if_unchanged(group, [spec.model_id, replica_ids]).bind(spec.model_id, replica_ids, *replicas)

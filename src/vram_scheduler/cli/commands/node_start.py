@@ -20,12 +20,12 @@ MPS_DIR = "/tmp/ray-vram-mps"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "node-start",
-        help="start Ray on this node with its GPUs and VRAM as Ray resources (container entrypoint)",
-        description="Detect this node's GPUs through NVML and run `ray start --block` with --num-gpus, the VRAM\n"
-        "as custom resources (vram_gb_total, gpu_<size>gb) and node labels (ray-vram.io/gpu-model,\n"
-        "ray-vram.io/node-name). A node without GPUs starts with no GPU options. Options of node-start go\n"
-        "before the role; everything after it is passed to `ray start`. Without ray start arguments the\n"
-        f"command KubeRay generated (${KUBERAY_COMMAND_ENV}) is used.\n\n"
+        help="start Ray on this node with its GPUs and GPU labels (container entrypoint)",
+        description="Detect this node's GPUs through NVML and run `ray start --block` with --num-gpus and node\n"
+        "labels (ray-vram.io/gpu-model, ray-vram.io/node-name). A node without GPUs starts with no GPU\n"
+        "options. Options of node-start go before the role; everything after it is passed to\n"
+        "`ray start`. Without ray start arguments the command KubeRay generated\n"
+        f"(${KUBERAY_COMMAND_ENV}) is used.\n\n"
         "exit codes: ray's own once started; 1 Ray could not be started, 2 invalid arguments\n\n"
         "examples:\n"
         "  ray-vram node-start head --port=6379 --dashboard-host=0.0.0.0\n"

@@ -428,7 +428,6 @@ def replica_deployment(
     reservation: Reservation,
     serving: ServingSettings,
     env: dict[str, str],
-    replica_class: type[VLLMReplica] = VLLMReplica,
 ) -> Any:
     """A Serve deployment for one planned replica (named by its replica id, one Serve replica);
     built again the same, it is the same deployment (`keep_if_unchanged`)."""
@@ -441,5 +440,5 @@ def replica_deployment(
         max_ongoing_requests=serving.max_ongoing_requests,
     )
     args = (spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
-    identity = [f"{replica_class.__module__}.{replica_class.__qualname__}", options, *args]
-    return keep_if_unchanged(serve.deployment(replica_class, **options), identity).bind(*args)
+    identity = [f"{VLLMReplica.__module__}.{VLLMReplica.__qualname__}", options, *args]
+    return keep_if_unchanged(serve.deployment(VLLMReplica, **options), identity).bind(*args)
