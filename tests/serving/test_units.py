@@ -498,17 +498,13 @@ def test_controller_status_lists_pending_replicas_and_routers_hear_why(monkeypat
     assert (told["none"].detail, told["none"].since) == ("bigger GPU needed", 200.0)
 
 
-def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`ray-vram up/serve`'s router and the single-application `build_app`'s come from one builder:
-    one deployment per router, each pinned to its node."""
-    from vram_scheduler.core.planner import Plan
+def test_the_routers_are_one_deployment_each_pinned_to_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller deploys the router application (the one deploy path: no Serve application is
+    built from values by path): one deployment per router, each pinned to its node."""
     from vram_scheduler.serving import app
 
-    monkeypatch.setattr(app, "plan_models", lambda models, config: Plan())
-    monkeypatch.setattr(app, "declare", lambda models, app_name="": None)
     monkeypatch.setattr(app, "router_addresses", lambda serving: ["10.0.0.1", "10.0.0.2"])
     separate = app.router_application(ServingSettings())
-    single = app.build_app({"models": []})
     keys = ("health_check_period_s", "logging_config", "max_ongoing_requests", "num_replicas")
 
     def routers(application: object) -> list[dict]:
@@ -519,7 +515,7 @@ def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.Monkey
             for d in [ingress, *others]
         ]
 
-    assert routers(separate) == routers(single)
+    assert not [name for name in vars(app) if name.startswith("build_")]
     first, second = routers(separate)
     assert (first["name"], second["name"]) == ("OpenAIRouter", "OpenAIRouter-1")
     assert first["health_check_period_s"] == 5 and first["num_replicas"] == 1

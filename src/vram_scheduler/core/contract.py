@@ -232,7 +232,7 @@ class RoutedModel(WireModel):
     names: list[str]
     max_tokens: int = Field(ge=1)
     availability: ModelAvailability | None = Field(
-        default=None, description="None: not known (a model of a RayService application, loading until it registers)."
+        default=None, description="None: not known yet (loading until a replica registers)."
     )
 
 

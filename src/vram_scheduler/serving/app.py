@@ -1,17 +1,15 @@
-"""Ray Serve application builders, importable by path (RayService `serveConfigV2`, the controller).
+"""The Serve applications the controller deploys: the one path by which models reach Ray Serve.
 
-- `build_model_app(args)`: one model — a deployment per planned replica (each pinned to the node
-  its reservation names, see `placement`), grouped under a small `ModelGroup` ingress that
-  reports the replicas' state. One Serve application per model means a change to one model
-  never touches another model's replicas.
-- `build_router_app(args)`: the OpenAI-compatible endpoint (`router.OpenAIRouter`), one
-  deployment per router (`serving.router_replicas`), each pinned to a node.
-- `build_app(args)`: everything from one config (router + every model), for a RayService whose
-  `serveConfigV2` has one application: ``import_path: vram_scheduler.serving.app:build_app`` with
-  the values' `models`, `placement` and `serving` as `args`.
+- `model_application`: one model — a deployment per reservation the controller planned (each
+  pinned to the node its reservation names, see `placement`), grouped under a small `ModelGroup`
+  ingress that reports the replicas' state. One Serve application per model means a change to
+  one model never touches another model's replicas.
+- `router_application`: the OpenAI-compatible endpoint (`router.OpenAIRouter`), one deployment
+  per router (`serving.router_replicas`), each pinned to a node.
+- `declare`: tells the routers (through their endpoint board) which models there are.
 
-Replicas are planned by the allocator at build time unless `reservations` are given, around every
-other model's reservations (the controller's, another application's: `plan_models`).
+Nothing here is an application builder to import by path (a RayService `serveConfigV2`): Serve
+would own those applications and replace them on each update, beside the controller's.
 """
 
 from __future__ import annotations
@@ -24,15 +22,15 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from ..core.config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, parse_config
+from ..core.config import ModelSpec, ServingSettings
 from ..core.contract import ModelAvailability
-from ..core.planner import Plan, Reservation
+from ..core.planner import Reservation
 from .endpoint_board import endpoint_board, routed_models
 from .internal_key import INTERNAL_KEY_ENV
 from .options import deployment_options, keep_if_unchanged, router_names, router_options
 from .replica.placement import router_addresses
 from .replica.replica import replica_deployment
-from .router.router import ROUTER_APP, ROUTER_APP_ENV, RouterDeployment
+from .router.router import ROUTER_APP, RouterDeployment
 
 log = logging.getLogger("ray.serve")
 
@@ -119,56 +117,6 @@ def router_application(
     return routers[0].bind(args, *[router.bind(args) for router in routers[1:]], *children)
 
 
-def plan_models(models: list[ModelSpec], config: RayVRAMConfig) -> Plan:
-    """Ask the allocator where each replica goes (kept reservations stay where they are).
-
-    `models` are this application's, not the cluster's: every other model's reservation (the
-    controller's models, another application's) keeps its room. Planned as the whole desired
-    state, a replica was placed in room another model holds, and its reservation then failed
-    ("Failed to update the deployments" for a RayService beside other models).
-    """
-    import ray
-
-    from ..allocator.actor import get_vram_allocator
-
-    allocator = get_vram_allocator()
-    dumped = ray.get(
-        allocator.plan.remote(
-            [m.model_dump(mode="json") for m in models], config.placement.model_dump(mode="json"), keep_others=True
-        )
-    )
-    plan = Plan.model_validate(dumped)
-    for unplaced in plan.unplaced:
-        log.warning("%s", unplaced.reason)
-    return plan
-
-
-def build_model_app(args: dict[str, Any]) -> Application:
-    """args: {"model": ModelSpec, "serving": ServingSettings?, "placement": PlacementSettings?,
-    "reservations": [Reservation]?} (without reservations it is planned around every other model's)."""
-    spec = ModelSpec.model_validate(args["model"])
-    serving = ServingSettings.model_validate(args.get("serving") or {})
-    placement = PlacementSettings.model_validate(args.get("placement") or {})
-    reasons: list[str] = []
-    if args.get("reservations") is not None:
-        reservations = [Reservation.model_validate(r) for r in args["reservations"]]
-    else:
-        plan = plan_models([spec], RayVRAMConfig(models=[spec], placement=placement))
-        reservations, reasons = plan.replicas_of(spec.model_id), [u.reason for u in plan.unplaced]
-    if not reservations:
-        raise ValueError(f"model {spec.model_id}: no replica placed: {'; '.join(reasons) or 'see `ray-vram plan`'}")
-    return model_application(spec, reservations, serving, args.get("env"))
-
-
-def build_router_app(args: dict[str, Any]) -> Application:
-    """args: {"serving": ServingSettings?, "models": [ModelSpec]?, "app_name": str?} (`models`, when
-    given, are declared to the routers of `app_name`, default ROUTER_APP)."""
-    serving = ServingSettings.model_validate(args.get("serving") or {})
-    if "models" in args:
-        declare([ModelSpec.model_validate(m) for m in args["models"] or []], args.get("app_name", ROUTER_APP))
-    return router_application(serving)
-
-
 def declare(
     models: list[ModelSpec], app: str = ROUTER_APP, availability: Mapping[str, ModelAvailability] | None = None
 ) -> None:
@@ -177,23 +125,3 @@ def declare(
     import ray
 
     ray.get(endpoint_board(app).declare.remote(routed_models(models, availability)))
-
-
-def build_app(args: dict[str, Any]) -> Application:
-    """The whole configuration as one application: the router with every model below it.
-
-    `args` is the config (models, placement, serving) plus optional `app_name`: the name the
-    application is deployed under, whose endpoint board its replicas announce themselves on.
-    """
-    args = dict(args)
-    app_name = args.pop("app_name", "ray-vram")
-    env = replica_env() | {ROUTER_APP_ENV: app_name}
-    config = parse_config(args, "build_app args")
-    plan = plan_models(config.models, config)
-    groups = [
-        model_application(spec, plan.replicas_of(spec.model_id), config.serving, env)
-        for spec in config.models
-        if plan.replicas_of(spec.model_id)
-    ]
-    declare(config.models, app_name)
-    return router_application(config.serving, children=groups)

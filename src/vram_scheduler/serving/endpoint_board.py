@@ -8,9 +8,8 @@ Serve handle reaches one replica of the router only, which had kept the router a
 
 The board is not in the request path: routers serve from their copy while it restarts. Its table
 lives in Ray's GCS key-value store, like the allocator's ledger, so Ray restarts it (forever)
-without losing a replica; one not heard from for `EXPIRE_AFTER_S` is dropped. Each router
-application has a board of its own, named after it (a RayService's single application beside
-`ray-vram up`'s router routes only to its own replicas).
+without losing a replica; one not heard from for `EXPIRE_AFTER_S` is dropped. The board is named
+after the router application it serves.
 """
 
 from __future__ import annotations

@@ -61,8 +61,6 @@ log = logging.getLogger("ray.serve")
 
 ROUTER_APP = "ray-vram-openai"
 ROUTER_DEPLOYMENT = "OpenAIRouter"
-#: Replicas announce themselves on the board of this router application (set when it is not ROUTER_APP).
-ROUTER_APP_ENV = "RAY_VRAM_ROUTER_APP"
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 5
 #: How often a queued request looks for a replica with room (a few µs each).
@@ -765,5 +763,5 @@ class RouterDeployment:
 
 
 def replicas_board(fresh: bool = False) -> Any:
-    """The board a model replica announces itself on: its router application's (`ROUTER_APP_ENV`)."""
-    return endpoint_board(os.environ.get(ROUTER_APP_ENV, ROUTER_APP), fresh)
+    """The board a model replica announces itself on: the router application's."""
+    return endpoint_board(ROUTER_APP, fresh)
