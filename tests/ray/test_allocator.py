@@ -11,8 +11,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator.actor import ACTOR_NAME, NAMESPACE, ReservationError, get_vram_allocator
+from vram_scheduler.allocator.actor import ReservationError, get_vram_allocator
 from vram_scheduler.core.config import GIB, ConfigError
+from vram_scheduler.core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +154,7 @@ def test_get_vram_allocator_is_race_safe(allocator, forget_allocator) -> None:
     forget_allocator()
     ids = ray.get([find.remote() for _ in range(6)])
     assert len(set(ids)) == 1
-    assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id.hex() == ids[0]
+    assert ray.get_actor(ALLOCATOR_ACTOR, namespace=NAMESPACE)._actor_id.hex() == ids[0]
 
 
 def test_stale_node_gets_no_new_reservations(allocator) -> None:

@@ -12,10 +12,11 @@ import pytest
 import ray
 from test_allocator import actor_pid, eventually, node_inventory
 
-from vram_scheduler.allocator.actor import NAMESPACE, ReservationError
+from vram_scheduler.allocator.actor import ReservationError
 from vram_scheduler.allocator.heartbeats import write_heartbeat
 from vram_scheduler.core.config import GIB, ConfigError
 from vram_scheduler.core.inventory import NodeInventory
+from vram_scheduler.core.ray_names import NAMESPACE
 from vram_scheduler.monitor.publisher import AllocatorLink
 
 pytestmark = pytest.mark.slow

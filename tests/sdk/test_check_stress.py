@@ -24,7 +24,7 @@ from vram_scheduler.allocator.actor import get_vram_allocator
 from vram_scheduler.core.config import GIB, ConfigError, PlacementSettings
 from vram_scheduler.core.inventory import GPUInfo, NodeInventory
 from vram_scheduler.core.ledger import Ledger
-from vram_scheduler.monitor.node import NODE_NAME_LABEL
+from vram_scheduler.core.ray_names import NODE_NAME_LABEL
 from vram_scheduler.tools.stress import gpu as stress_gpu
 from vram_scheduler.tools.stress.report import CPUStress, GPUStress, build_report, judge_cpus, judge_gpus, notes, rows
 from vram_scheduler.tools.stress.runner import (

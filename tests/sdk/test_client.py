@@ -194,7 +194,8 @@ print(json.dumps(outcome))
 
 CLUSTER_VIEW = """
 import json, sys, ray
-from vram_scheduler.allocator.actor import NAMESPACE, get_vram_allocator
+from vram_scheduler.core.ray_names import NAMESPACE
+from vram_scheduler.allocator.actor import get_vram_allocator
 from vram_scheduler.core.loopback import prepare_ray_join
 from ray import serve
 prepare_ray_join(sys.argv[1])

@@ -70,6 +70,14 @@ def two_models(port: int) -> Any:
     )
 
 
+def with_demo_models(config: Any) -> Any:
+    """`config` with the demo models it names generated and listed in `serving.model_sources`, as
+    `ray-vram up` and `ray-vram serve` do (the serving path serves them from their directory)."""
+    from vram_scheduler.tools.demo.model import demo_sources
+
+    return demo_sources(config, progress=lambda _: None)
+
+
 def start_monitor(node: str, gcs_address: str, inventory: Path = INVENTORY) -> tuple[Any, threading.Thread]:
     """A monitor publishing inventory node `node` of the file, in a thread of this process."""
     from vram_scheduler.monitor.readers import FileReader
@@ -92,9 +100,8 @@ def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
     from ray import serve
 
     from vram_scheduler.serving.controller.actor import ControllerHandle
-    from vram_scheduler.tools.demo.model import ensure_demo_model
 
-    ensure_demo_model()
+    config = with_demo_models(config)
     serve.start(proxy_location="Disabled")
     controller = ControllerHandle(config.serving)
     try:
@@ -129,12 +136,9 @@ def running_stack(
     stopped on exit."""
     import ray
 
-    from vram_scheduler.allocator.actor import NAMESPACE
     from vram_scheduler.core.config import parse_config
-    from vram_scheduler.tools.demo.model import DEMO_MODELS, ensure_demo_model
+    from vram_scheduler.core.ray_names import NAMESPACE
 
-    for name in sorted({m["model"] for m in models} & set(DEMO_MODELS)):
-        ensure_demo_model(kind=DEMO_MODELS[name])
     port, metrics_port = free_port(), free_port()
     config = parse_config(
         {

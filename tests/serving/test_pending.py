@@ -29,7 +29,7 @@ import yaml
 from vram_scheduler.core.contract import DeploymentList, DeploymentStatus
 from vram_scheduler.core.loopback import free_port
 
-from .conftest import deployed, model, start_monitor
+from .conftest import deployed, model, start_monitor, with_demo_models
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ class Pending:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pending]:
-    from vram_scheduler.allocator.actor import NAMESPACE
     from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.ray_names import NAMESPACE
     from vram_scheduler.serving.controller.http_api import ControllerAPI
 
     work = tmp_path_factory.mktemp("pending")
@@ -249,7 +249,7 @@ def test_a_node_that_joins_later_gets_the_pending_replicas(stack: Pending) -> No
         },
         "pending tests",
     )
-    applied = stack.controller.apply(config)
+    applied = stack.controller.apply(with_demo_models(config))
     assert (applied["kept"], applied["deployed"], applied["removed"]) == (["late", "huge"], ["third"], [])
     assert applied["unplaced"]["huge"] == [HUGE_REASON]
     assert applied["unplaced"]["third"] == [

@@ -649,7 +649,7 @@ def test_a_request_beyond_capacity_waits_in_the_queue_then_gets_429() -> None:
 
 def test_secrets_never_go_into_a_replicas_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """A runtime env is stored in the GCS in plain text: replicas inherit secrets from their node."""
-    from vram_scheduler.serving.app import replica_env, without_secrets
+    from vram_scheduler.core.replica_env import replica_env, without_secrets
 
     secrets = {
         "RAY_VRAM_API_KEY": "k1",

@@ -12,9 +12,10 @@ import pytest
 
 import vram_scheduler
 from vram_scheduler.cli.commands.check import stress_address
-from vram_scheduler.cli.commands.options import DeprecatedAlias, ray_address
+from vram_scheduler.cli.commands.options import ray_address
 from vram_scheduler.cli.main import build_parser
 from vram_scheduler.core.config import ConfigError
+from vram_scheduler.core.flags import DeprecatedAlias
 
 VALUES_COMMANDS = {"plan", "up", "deploy", "serve"}
 CONTROLLER_COMMANDS = {"status", "deploy", "shutdown", "check"}

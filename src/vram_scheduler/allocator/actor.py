@@ -33,21 +33,19 @@ from ..core.config import ConfigError, PlacementSettings, StrictModel, describe_
 from ..core.inventory import NodeInventory
 from ..core.ledger import ReservationError, ReserveRequest, VRAMState, models_from_dicts, now
 from ..core.ledger_models import ACTOR_ID_PATTERN
-from .cluster_actors import NAMESPACE, cluster_actor
+from ..core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
+from .cluster_actors import cluster_actor
 from .heartbeats import HeartbeatReader
 from .store import LedgerStore
 from .writer import LedgerWriter
 
 __all__ = [
-    "ACTOR_NAME",
-    "NAMESPACE",
     "ReservationError",
     "VRAMAllocator",
     "VRAMState",
     "get_vram_allocator",
 ]
 
-ACTOR_NAME = "vram_allocator"
 #: A change of GPU usage alone reaches the GCS with the next write, or within this long: every
 #: monitor republishes its node each poll (a restarted allocator relearns within one). Reservations,
 #: settings, locks and a node's GPUs themselves are written before the call returns.
@@ -374,4 +372,4 @@ def get_vram_allocator() -> ray.actor.ActorHandle:
     Ray restarts it forever on failure and retries calls that were in flight (every method is
     idempotent), and the ledger is reloaded from GCS, so callers see no gap but a delay.
     """
-    return cluster_actor(VRAMAllocator, ACTOR_NAME, max_concurrency=1000, retry_calls=True)
+    return cluster_actor(VRAMAllocator, ALLOCATOR_ACTOR, max_concurrency=1000, retry_calls=True)

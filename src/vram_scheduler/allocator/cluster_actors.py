@@ -2,8 +2,8 @@
 
 The allocator, the serving controller and each router's endpoint board are named, detached actors
 in namespace `ray-vram`, on the head node, that Ray restarts forever. Written three times, their
-options could drift apart; `cluster_actor` is the one place they are set. Imports nothing of the
-package, so the allocator and the serving modules can all use it.
+options could drift apart; `cluster_actor` is the one place they are set (their names are
+`core.ray_names`').
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 import ray
 
-NAMESPACE = "ray-vram"
+from ..core.ray_names import NAMESPACE
+
 #: A sliver of the resource only the head node has (a restarted head too): pins an actor there.
 HEAD_NODE_RESOURCE = {"node:__internal_head__": 0.001}
 

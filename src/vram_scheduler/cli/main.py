@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..core.config import ConfigError
 from ..core.exit_codes import ExitCode
-from .extras import missing_dependency
+from ..core.extras import missing_dependency
 
 #: Sub-command modules under vram_scheduler.cli.commands, in --help order. Each has
 #: `register(subparsers)` that adds its parser and sets `func(args) -> int`.

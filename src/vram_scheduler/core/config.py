@@ -226,6 +226,22 @@ class PlacementSettings(StrictModel):
     )
 
 
+class ModelSource(StrictModel):
+    """A local model directory that a `model` name stands for, and the engine arguments it is served with."""
+
+    path: str = Field(min_length=1, description="The model's directory, present on every GPU node.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Engine arguments for this model; a model's own engine_kwargs win."
+    )
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _one_spelling(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Keys in vLLM's canonical spelling (what a model's own engine_kwargs are merged over); what
+        ray-vram sets itself is refused when a model is served from it (`with_source`)."""
+        return normalise_engine_kwargs(value)
+
+
 class ServingSettings(StrictModel):
     """The OpenAI-compatible endpoint."""
 
@@ -287,6 +303,12 @@ class ServingSettings(StrictModel):
         "`openai` Service reaches) only on those, at least one each; head: all on the head node.",
     )
 
+    model_sources: dict[str, ModelSource] = Field(
+        default_factory=dict,
+        description="Model names that stand for a local directory: a model whose `model` is one of them is served "
+        "from that path, with the source's engine_kwargs under its own. `ray-vram up` and `ray-vram serve` list "
+        "the generated demo models here (demo, demo-vision, demo-audio).",
+    )
     allow_remote_code: bool = Field(
         default=False,
         description="Let models' engine_kwargs load code: trust_remote_code (the model repository's Python), "
@@ -348,6 +370,19 @@ class RayVRAMConfig(StrictModel):
                 return spec
         known = ", ".join(n for spec in self.models for n in spec.names) or "none"
         raise KeyError(f"unknown model {name!r}; known: {known}")
+
+
+def with_source(spec: ModelSpec, serving: ServingSettings) -> ModelSpec:
+    """`spec` served from the directory its `model` stands for in `serving.model_sources` (with the
+    source's engine_kwargs under its own), validated again; any other spec as it is."""
+    source = serving.model_sources.get(spec.model)
+    if source is None:
+        return spec
+    data = spec.model_dump() | {"model": source.path, "engine_kwargs": source.engine_kwargs | spec.engine_kwargs}
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"serving.model_sources[{spec.model!r}]", describe_validation_error(error)) from None
 
 
 def remote_code_problems(spec: ModelSpec, serving: ServingSettings) -> list[str]:

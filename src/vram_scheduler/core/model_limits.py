@@ -4,7 +4,7 @@
 value above the maximum is refused before anything is reserved, naming both numbers. The maximum
 is derived the way vLLM derives it (the smallest of the usual length keys of the text config,
 scaled by a RoPE factor where vLLM scales it, capped by the tokenizer's `model_max_length`), from
-files only: a local directory, the generated demo model, or the Hugging Face cache. Where the
+files only: a local directory or the Hugging Face cache. Where the
 config cannot be read without downloading, the check is left to the replica, which may download.
 
 The same files tell the size of the model's weights, from which a model without a measured
@@ -21,8 +21,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..serving.replica.sizing import checkpoint_bytes
-from ..tools.demo.model import demo_model_dir, is_demo_model
 from . import capacity
 from .config import ConfigError, ModelSpec, PlacementSettings
 from .contract import ResolvedSizes
@@ -84,9 +82,6 @@ def max_len_of(config: dict[str, Any], tokenizer_config: dict[str, Any] | None =
 
 def _local_files(model: str) -> Path | None:
     """The directory holding the model's config.json without downloading anything, if there is one."""
-    if is_demo_model(model):
-        directory = demo_model_dir(model)
-        return directory if (directory / "config.json").is_file() else None
     directory = Path(model).expanduser()
     if (directory / "config.json").is_file():
         return directory
@@ -200,3 +195,17 @@ def resolve_model(spec: ModelSpec, settings: PlacementSettings) -> tuple[ModelSp
         weights_bytes=weights,
     )
     return (spec.model_copy(update={"max_model_len": length}) if length else spec), sizes
+
+
+def checkpoint_bytes(model_dir: str | Path) -> int:
+    """Bytes of weight files in a local model directory (0 when it is not local)."""
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        return 0
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return int(json.loads(index.read_text())["metadata"]["total_size"])
+        except (KeyError, ValueError, TypeError):
+            pass
+    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in {".safetensors", ".bin", ".pt"})

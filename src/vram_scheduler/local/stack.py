@@ -38,7 +38,6 @@ from ..core.errors import RayVramError
 from ..core.loopback import is_loopback_host, keep_ray_on_loopback
 from ..serving.controller.auth import GuardedApp, RequestGuard, allowed_hosts, ensure_secret_file, server_token
 from ..serving.internal_key import ensure_internal_key
-from ..tools.demo.model import DEMO_MODELS, ensure_demo_model
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +170,10 @@ class LocalStack:
                 "warning: RAY_AUTH_MODE=disabled: Ray's gRPC ports (on every interface) accept anyone "
                 "who can reach this machine"
             )
-        for name in sorted({m.model for m in self.config.models} & set(DEMO_MODELS)):
-            progress(f"preparing the demo model {name} ...")
-            ensure_demo_model(kind=DEMO_MODELS[name])
         import ray
         from ray import serve
 
-        from ..allocator.actor import NAMESPACE
+        from ..core.ray_names import NAMESPACE
         from ..serving.controller.actor import ControllerHandle
         from ..serving.controller.http_api import ControllerAPI
 

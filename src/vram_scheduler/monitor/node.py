@@ -25,18 +25,11 @@ from pydantic import Field
 
 from ..core.config import ConfigError, StrictModel
 from ..core.inventory import load_inventory
+from ..core.ray_names import LABEL_PREFIX, NODE_NAME_LABEL
 
 #: Where KubeRay puts the `ray start` command it generated for a pod.
 KUBERAY_COMMAND_ENV = "KUBERAY_GEN_RAY_START_CMD"
 
-#: Prefix of the node labels ray-vram sets (Ray reserves `ray.io/`).
-LABEL_PREFIX = "ray-vram.io/"
-#: The Ray node label naming the Kubernetes node (what the monitor calls the node in its inventory).
-NODE_NAME_LABEL = f"{LABEL_PREFIX}node-name"
-#: Node label (value "true") of the Ray nodes whose pods an endpoint Service reaches (the chart
-#: sets it on the head and CPU worker pods): with `router_placement: spread`, the routers go only
-#: there, at least one on each.
-ROUTER_HOST_LABEL = f"{LABEL_PREFIX}router-host"
 
 #: Ray's own options that this module sets and therefore merges with the caller's.
 _MERGED_OPTIONS = ("--num-gpus", "--resources", "--labels")

@@ -177,8 +177,8 @@ class AllocatorLink:
 
     def _beat(self) -> None:
         """Each interval, write the latest sample's time as this node's heartbeat (if it is new)."""
-        from ..allocator.actor import NAMESPACE
         from ..allocator.heartbeats import write_heartbeat
+        from ..core.ray_names import NAMESPACE
 
         written = None
         while not self._stopped.wait(self.interval_s):
@@ -222,8 +222,9 @@ class AllocatorLink:
             return
         import ray
 
-        from ..allocator.actor import NAMESPACE, get_vram_allocator
+        from ..allocator.actor import get_vram_allocator
         from ..core.loopback import prepare_ray_join
+        from ..core.ray_names import NAMESPACE
 
         if not ray.is_initialized():
             if self.address:

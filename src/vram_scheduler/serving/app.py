@@ -15,7 +15,6 @@ would own those applications and replace them on each update, beside the control
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,47 +24,14 @@ from ray.serve import Application
 from ..core.config import ModelSpec, ServingSettings
 from ..core.contract import ModelAvailability
 from ..core.planner import Reservation
+from ..core.replica_env import replica_env, without_secrets
 from .endpoint_board import endpoint_board, routed_models
-from .internal_key import INTERNAL_KEY_ENV
 from .options import deployment_options, keep_if_unchanged, router_names, router_options
 from .replica.placement import router_addresses
 from .replica.replica import replica_deployment
 from .router.router import ROUTER_APP, RouterDeployment
 
 log = logging.getLogger("ray.serve")
-
-#: Environment a replica inherits from whoever builds the app (caches, offline hub, vLLM knobs).
-PASSED_ENV_PREFIXES = ("VLLM_", "HF_", "TRANSFORMERS_", "TORCH", "RAY_VRAM_", "OMP_", "CUDA_DEVICE_ORDER")
-PASSED_ENV = {"TMPDIR", "XDG_CACHE_HOME", "DO_NOT_TRACK", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "HOME"}
-#: Secrets never passed: a Ray runtime env is stored in the GCS in plain text and shown to anyone
-#: who can list actors. Replicas inherit these from their Ray node instead (the chart sets them
-#: on every Ray container from Secrets). Besides these names, any variable with one of
-#: `SECRET_WORDS` between its underscores (VLLM_API_KEY, ...) and the variable `serving.api_key_env`
-#: names stay behind.
-SECRET_ENV = frozenset(
-    {"RAY_VRAM_API_KEY", INTERNAL_KEY_ENV, "RAY_VRAM_CONTROLLER_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
-)
-SECRET_WORDS = frozenset({"TOKEN", "KEY", "APIKEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"})
-
-
-def is_secret(name: str) -> bool:
-    """Whether the variable `name` may hold a secret (and so never goes into a runtime env)."""
-    if name in SECRET_ENV:
-        return True
-    return name not in PASSED_ENV and not SECRET_WORDS.isdisjoint(name.upper().split("_"))
-
-
-def without_secrets(env: dict[str, str], serving: ServingSettings | None = None) -> dict[str, str]:
-    """`env` less every secret (`is_secret`, and the API key's variable `serving.api_key_env`)."""
-    api_key_env = serving.api_key_env if serving is not None else None
-    return {k: v for k, v in env.items() if not is_secret(k) and k != api_key_env}
-
-
-def replica_env() -> dict[str, str]:
-    """What replicas get from this process's environment through their runtime env (no secret)."""
-    return without_secrets(
-        {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIXES)}
-    )
 
 
 def model_app_name(model_id: str) -> str:

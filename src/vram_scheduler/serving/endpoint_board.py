@@ -26,9 +26,10 @@ import ray
 from pydantic import ValidationError
 from ray.experimental import internal_kv
 
-from ..allocator.cluster_actors import NAMESPACE, cluster_actor, connect
+from ..allocator.cluster_actors import cluster_actor, connect
 from ..core.config import ModelSpec
 from ..core.contract import EndpointTable, ModelAvailability, ReplicaEndpoint, RoutedModel
+from ..core.ray_names import NAMESPACE
 
 log = logging.getLogger(__name__)
 

@@ -41,10 +41,11 @@ from ..core import capacity
 from ..core.config import GIB, ConfigError, format_gib, gib_to_bytes
 from ..core.errors import RayVramError
 from ..core.loopback import free_port
+from ..core.model_limits import checkpoint_bytes
 from ..monitor.nvml_usage import process_usage
-from ..serving.replica.engine_args import _flag
+from ..serving.replica.engine_args import engine_flag
 from ..serving.replica.mps import client_env, node_pipe_dir
-from ..serving.replica.sizing import CPU_RUNTIME_BYTES, checkpoint_bytes, size_engine
+from ..serving.replica.sizing import CPU_RUNTIME_BYTES, size_engine
 
 Device = Literal["cuda", "cpu"]
 MIB = 1024**2
@@ -521,7 +522,7 @@ class EngineServer:
         kwargs.update(self.engine_kwargs)
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         for key, value in kwargs.items():
-            argv += _flag(key, value)
+            argv += engine_flag(key, value)
         return argv
 
     def env(self) -> dict[str, str]:

@@ -21,18 +21,11 @@ from rich.table import Table
 from ...core.config import GIB, ConfigError, format_gib
 from ...core.contract import DeploymentStatus
 from ...core.exit_codes import ExitCode
+from ...core.flags import RAY_ADDRESS_INSTEAD, add_output_option, add_ray_address_option, warn_deprecated
 from ...sdk import inference as inf
 from ...sdk.client import PlacementError, SchedulerError, VRAMScheduler, model_spec
 from ...sdk.display import wide_console
-from .options import (
-    RAY_ADDRESS_INSTEAD,
-    add_controller_address_option,
-    add_output_option,
-    add_ray_address_option,
-    is_http_url,
-    ray_address,
-    warn_deprecated,
-)
+from .options import add_controller_address_option, is_http_url, ray_address
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
 
@@ -174,8 +167,8 @@ def validate_stress(args: argparse.Namespace) -> None:
 def run_stress(args: argparse.Namespace) -> int:
     import ray
 
-    from ...allocator.actor import NAMESPACE
     from ...core.loopback import prepare_ray_join
+    from ...core.ray_names import NAMESPACE
     from ...tools.stress import report as stress_report
     from ...tools.stress.runner import run_stress as run_burn_in
 

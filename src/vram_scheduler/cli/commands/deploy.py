@@ -12,9 +12,10 @@ from rich.table import Table
 
 from ...core.config import ConfigError, ModelSpec, load_config
 from ...core.exit_codes import ExitCode
+from ...core.flags import add_output_option
 from ...sdk.client import DeployResult, SchedulerError, VRAMScheduler, as_json, exit_code_for, model_spec
 from ...sdk.display import wide_console
-from .options import add_controller_address_option, add_output_option, add_values_option
+from .options import add_controller_address_option, add_values_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -14,8 +14,8 @@ from rich.table import Table
 
 from ...core.config import ConfigError
 from ...core.exit_codes import ExitCode
+from ...core.flags import add_output_option
 from ...tools.measure import format_size as _size
-from .options import add_output_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,8 +10,8 @@ import shutil
 import sys
 
 from ...core.exit_codes import ExitCode
+from ...core.flags import add_output_option
 from ...monitor.node import KUBERAY_COMMAND_ENV, build_node_start, detect_gpus, kuberay_args
-from .options import add_output_option
 
 #: Where a GPU node's MPS control daemon listens (inside the Ray container; short for AF_UNIX paths).
 MPS_DIR = "/tmp/ray-vram-mps"

@@ -3,49 +3,20 @@
 `-f/--values` is the values/config file, `--output table|json` the output format, `--address` the
 serving controller and `--ray-address` a Ray cluster the command joins itself. Old spellings
 (`--file`, `--config`, `--output text`, `--address` for a Ray cluster) keep working and say on
-stderr what replaces them. Only argparse and the configuration error are imported here, so the
-monitor's entry point stays light.
+stderr what replaces them. `--output` and `--ray-address` are `core.flags`'s, shared with
+`python -m vram_scheduler.monitor`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ...core.config import ConfigError
+from ...core.flags import RAY_ADDRESS_ENV, DeprecatedAlias
 
-OUTPUT_FORMATS = ("table", "json")
-RAY_ADDRESS_ENV = "RAY_ADDRESS"
 VALUES_FLAGS = "-f/--values"
-#: What replaces `--address` where it used to name a Ray cluster.
-RAY_ADDRESS_INSTEAD = "--ray-address (--address names the serving controller)"
-
-
-def warn_deprecated(old: str, new: str) -> None:
-    """One wording for every old spelling, on stderr so that `--output json` stays parseable."""
-    print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
-
-
-class DeprecatedAlias(argparse.Action):
-    """An old option string, hidden from --help: stores into the canonical flag's dest and warns."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, *, canonical: str, **kwargs: Any) -> None:
-        kwargs["help"] = argparse.SUPPRESS
-        super().__init__(option_strings, dest, **kwargs)
-        self.canonical = canonical
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        warn_deprecated(option_string or self.dest, self.canonical)
-        setattr(namespace, self.dest, values)
 
 
 def add_values_option(
@@ -60,26 +31,6 @@ def add_values_option(
     group.add_argument("-f", "--values", metavar="FILE", help=help)
     for old in deprecated:
         group.add_argument(old, dest="values", metavar="FILE", action=DeprecatedAlias, canonical=VALUES_FLAGS)
-
-
-def output_format(value: str) -> str:
-    """argparse type of --output: `text`, the former name of the human format, becomes `table`."""
-    if value == "text":
-        warn_deprecated("--output text", "--output table")
-        return "table"
-    return value
-
-
-def add_output_option(parser: argparse.ArgumentParser, *, what: str = "") -> None:
-    """`--output table|json`, default table; `what` says what is printed when it is not the result."""
-    suffix = f" of {what}" if what else ""
-    parser.add_argument(
-        "--output",
-        type=output_format,
-        choices=OUTPUT_FORMATS,
-        default="table",
-        help=f"format{suffix}: table (for people, the default) or json (for scripts)",
-    )
 
 
 def add_controller_address_option(parser: argparse.ArgumentParser) -> None:
@@ -101,26 +52,6 @@ def add_controller_address_option(parser: argparse.ArgumentParser) -> None:
         help="the controller token; default $RAY_VRAM_CONTROLLER_TOKEN, else the file `ray-vram up` keeps in "
         "~/.config/ray-vram/controller-token (a Helm release: its Secret <release>-ray-vram-auth)",
     )
-
-
-def add_ray_address_option(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    *,
-    help: str | None = None,
-    deprecated: Sequence[str] = (),
-) -> None:
-    """`--ray-address`: a Ray cluster the command joins itself (resolve it with `ray_address`)."""
-    parser.add_argument(
-        "--ray-address",
-        default=None,
-        metavar="RAY",
-        help=help
-        or f"the Ray cluster to join: host:6379, ray://host:10001 or auto; default ${RAY_ADDRESS_ENV}, else auto",
-    )
-    for old in deprecated:
-        parser.add_argument(
-            old, dest="ray_address", metavar="RAY", action=DeprecatedAlias, canonical=RAY_ADDRESS_INSTEAD
-        )
 
 
 def is_http_url(address: str) -> bool:

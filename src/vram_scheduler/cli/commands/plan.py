@@ -8,11 +8,12 @@ import json
 from ...core.capacity import Overhead
 from ...core.config import load_config
 from ...core.exit_codes import ExitCode
+from ...core.flags import add_output_option
 from ...core.inventory import load_inventory
 from ...core.model_limits import resolve_overheads
 from ...core.planner import Plan, plan
 from ...sdk.display import render_plan, wide_console
-from .options import add_output_option, add_values_option
+from .options import add_values_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

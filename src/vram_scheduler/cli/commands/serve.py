@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from ...core.config import RayVRAMConfig, load_config
 from ...core.exit_codes import ExitCode
+from ...core.flags import add_ray_address_option
 from ...serving.controller.auth import GuardedApp, RequestGuard, allowed_hosts, server_token
-from .options import add_ray_address_option, add_values_option, ray_address
+from .options import add_values_option, ray_address
 
 if TYPE_CHECKING:
     from ...serving.controller.actor import ControllerHandle
@@ -70,8 +71,9 @@ class _Lazy:
 
     def _boot(self) -> None:
         from ...serving.controller.http_api import ControllerAPI
+        from ...tools.demo.model import demo_sources
 
-        config = load_config(self.config_path)
+        config = demo_sources(load_config(self.config_path), progress=log.info)
         try:
             join_ray(self.address, self.wait_timeout_s)
         except ConnectionError as error:
@@ -112,8 +114,8 @@ def join_ray(address: str, timeout_s: float) -> None:
     (the controller pod may come up before the Ray head answers); ConnectionError after that."""
     import ray
 
-    from ...allocator.actor import NAMESPACE
     from ...core.loopback import prepare_ray_join
+    from ...core.ray_names import NAMESPACE
 
     deadline = time.monotonic() + timeout_s
     prepare_ray_join(address)

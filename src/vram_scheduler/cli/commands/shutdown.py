@@ -7,8 +7,9 @@ import json
 import sys
 
 from ...core.exit_codes import ExitCode
+from ...core.flags import add_output_option
 from ...sdk.client import SchedulerError, VRAMScheduler, exit_code_for
-from .options import add_controller_address_option, add_output_option
+from .options import add_controller_address_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from rich.live import Live
 
 from ...core.exit_codes import ExitCode
+from ...core.flags import add_output_option
 from ...sdk.client import SchedulerError, VRAMScheduler, as_json, exit_code_for
 from ...sdk.display import render_vram, wide_console
-from .options import add_controller_address_option, add_output_option
+from .options import add_controller_address_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

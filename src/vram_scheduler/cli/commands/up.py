@@ -44,11 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...local.stack import LocalStack, NoGPULargeEnough, wait_for_interrupt
+    from ...tools.demo.model import demo_sources
 
     config = load_config(args.values)
     console = Console()
     started = time.monotonic()
-    stack = LocalStack(config, controller_port=args.controller_port, num_cpus=args.num_cpus)
+    stack: LocalStack | None = None
     code = ExitCode.OK
     # SIGINT and SIGTERM stop start-up with a KeyboardInterrupt, so every phase cleans up. SIGINT is
     # set explicitly too: a process started in the background by a shell inherits it as ignored.
@@ -56,8 +57,15 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+
+        def progress(text: str) -> None:
+            console.print(f"[dim]{text}[/dim]")
+
+        # The demo models the values name are generated here and served from their directory.
+        config = demo_sources(config, progress)
+        stack = LocalStack(config, controller_port=args.controller_port, num_cpus=args.num_cpus)
         try:
-            stack.start(progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+            stack.start(progress=progress)
         except NoGPULargeEnough as error:
             for reason in error.reasons:
                 console.print(f"[red]refused (no GPU here is large enough; local mode: none can join):[/red] {reason}")
@@ -103,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
         try:
-            stack.stop()
+            if stack is not None:
+                stack.stop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

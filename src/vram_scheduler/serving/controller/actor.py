@@ -27,10 +27,10 @@ from ...allocator.actor import get_vram_allocator
 from ...allocator.cluster_actors import cluster_actor
 from ...core.config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
 from ...core.planner import Plan
-from ..app import replica_env
+from ...core.ray_names import CONTROLLER_ACTOR
+from ...core.replica_env import replica_env
 from .controller import Controller
 
-CONTROLLER_ACTOR = "ray-vram-controller"
 #: Threads of the actor: one converges (behind the controller's lock); the rest answer status,
 #: `wait_ready` and metrics scrapes meanwhile.
 CONTROLLER_CONCURRENCY = 32

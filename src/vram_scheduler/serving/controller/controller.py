@@ -29,8 +29,16 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.experimental import internal_kv
 
-from ...allocator.actor import NAMESPACE, get_vram_allocator
-from ...core.config import ConfigError, ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, check_remote_code
+from ...allocator.actor import get_vram_allocator
+from ...core.config import (
+    ConfigError,
+    ModelSpec,
+    PlacementSettings,
+    RayVRAMConfig,
+    ServingSettings,
+    check_remote_code,
+    with_source,
+)
 from ...core.contract import (
     DeploymentList,
     ModelAvailability,
@@ -40,10 +48,12 @@ from ...core.contract import (
     ReplicaStatus,
     ResolvedSizes,
 )
-from ...core.errors import RayVramError
+from ...core.errors import Unplaceable
 from ...core.model_limits import effective_max_model_len, resolve_model, resolve_overheads
 from ...core.planner import Plan, Reservation, Unplaced, replica_id_for, replica_number
-from ..app import declare, model_app_name, model_application, replica_env, router_application, without_secrets
+from ...core.ray_names import NAMESPACE
+from ...core.replica_env import replica_env, without_secrets
+from ..app import declare, model_app_name, model_application, router_application
 from ..endpoint_board import endpoint_board
 from ..replica.placement import lost_nodes, router_addresses
 from ..router.router import ROUTER_APP
@@ -55,19 +65,6 @@ SPEC_KEY_PREFIX = "serving/model/"
 SERVING_KEY = "serving/settings"
 #: Events kept per model (the newest).
 EVENTS_KEPT = 20
-
-
-class Unplaceable(RayVramError, RuntimeError):
-    """Nothing of a model fits (and it does not ask for max_replicas): the planner's reasons."""
-
-    def __init__(self, model_id: str, reasons: list[str]):
-        self.model_id = model_id
-        self.reasons = reasons
-        super().__init__(f"model {model_id}: nothing placed: " + "; ".join(reasons))
-
-    def __reduce__(self) -> tuple[type[Unplaceable], tuple[str, list[str]]]:
-        # Picklable with its fields: it crosses from the controller actor to its callers.
-        return (type(self), (self.model_id, self.reasons))
 
 
 class Pending(BaseModel):
@@ -154,7 +151,7 @@ class Controller:
 
     def apply(self, config: RayVRAMConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
         """Converge to `config`: returns {"kept": [...], "deployed": [...], "removed": [...], "unplaced": {...}}.
-        `env`: the caller's variables for replicas (see `app.replica_env`), over this process's."""
+        `env`: the caller's variables for replicas (see `core.replica_env`), over this process's."""
         with self._lock:
             if env is not None:
                 self._caller_env = dict(env)
@@ -167,6 +164,7 @@ class Controller:
             return result
 
     def _apply(self, config: RayVRAMConfig) -> dict[str, Any]:
+        config = config.model_copy(update={"models": [with_source(s, config.serving) for s in config.models]})
         check_model_limits(config.models)
         ray.get(self.allocator.configure.remote(config.placement.model_dump(mode="json")))
         self.serving = config.serving
@@ -200,6 +198,7 @@ class Controller:
         """Plan and deploy (or replace) one model; other models are untouched. Raises `Unplaceable`
         when nothing of it fits now: a refused request declares nothing (values applied keep such a
         model pending instead); replicas of it beyond those placed are pending."""
+        spec = with_source(spec, self.serving)
         check_model_limits([spec])
         with self._lock:
             if env is not None:

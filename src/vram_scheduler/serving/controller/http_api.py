@@ -28,8 +28,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 
 from ...core.config import ConfigError, ModelSpec, describe_validation_error
+from ...core.errors import Unplaceable
 from .actor import ControllerHandle
-from .controller import Unplaceable
 
 log = logging.getLogger(__name__)
 

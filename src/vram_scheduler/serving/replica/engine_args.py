@@ -26,7 +26,8 @@ class EngineArgsError(RayVramError, ValueError):
     """An `engine_kwargs` entry vLLM does not accept."""
 
 
-def _flag(key: str, value: Any) -> list[str]:
+def engine_flag(key: str, value: Any) -> list[str]:
+    """One engine argument as vLLM's command line spells it (`--key value`, `--key` / `--no-key`)."""
     name = "--" + key.replace("_", "-")
     if value is True:
         return [name]
@@ -85,7 +86,7 @@ def server_argv(
     kwargs.update(extra)
     argv: list[str] = []
     for key, value in kwargs.items():
-        argv += _flag(key, value)
+        argv += engine_flag(key, value)
     return argv
 
 

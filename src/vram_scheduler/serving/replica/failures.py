@@ -18,7 +18,6 @@ from pydantic import ValidationError
 from ...core.config import ConfigError, ModelSpec
 from ...core.errors import RayVramError
 from ...core.model_limits import effective_max_model_len
-from ...tools.demo.model import is_demo_model
 
 #: Our own errors are already phrased for the user: shown without their class name.
 _PHRASED = {"ModelCheckError", "ReplicaStartupError", "BudgetTooSmall", "EngineArgsError", "ConfigError"}
@@ -110,28 +109,18 @@ def engine_cause(mark: tuple[str, int] | None) -> str:
     return "; ".join(engine_errors(text))
 
 
-#: The generated demo model answers fast and closes structured output (random weights) with these,
-#: so the original quick start runs on it unchanged; a model's own engine_kwargs take precedence.
-DEMO_ENGINE_DEFAULTS: dict[str, object] = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-}
-
-
 class ModelCheckError(RayVramError, RuntimeError):
     """The model cannot be served as configured; found before anything was reserved."""
 
 
 def checked_spec(spec: ModelSpec, replica_id: str) -> ModelSpec:
-    """`spec` with its effective `max_model_len` (and the demo model's engine defaults), checked
-    against the model's files on this node.
+    """`spec` with its effective `max_model_len`, checked against the model's files on this node.
 
     Raises `ModelCheckError` (one line, the fix included) for a missing local path or a length over
     the model's maximum; a hub name whose files cannot be fetched is left to vLLM to report.
     """
     where = f"replica {replica_id} on node {os.uname().nodename}"
-    if not is_demo_model(spec.model) and spec.model.startswith(("/", "./", "../", "~")):
+    if spec.model.startswith(("/", "./", "../", "~")):
         path = Path(spec.model).expanduser()
         if not path.is_dir():
             raise ModelCheckError(
@@ -144,7 +133,4 @@ def checked_spec(spec: ModelSpec, replica_id: str) -> ModelSpec:
         length = effective_max_model_len(spec, download=True)
     except ConfigError as error:
         raise ModelCheckError(f"{where}: " + "; ".join(error.problems)) from None
-    update: dict[str, object] = {"max_model_len": length}
-    if is_demo_model(spec.model):
-        update["engine_kwargs"] = DEMO_ENGINE_DEFAULTS | spec.engine_kwargs
-    return spec.model_copy(update=update)
+    return spec.model_copy(update={"max_model_len": length})

@@ -19,7 +19,7 @@ import ray
 
 from ...core.config import ServingSettings
 from ...core.planner import Reservation
-from ...monitor.node import NODE_NAME_LABEL, ROUTER_HOST_LABEL
+from ...core.ray_names import NODE_NAME_LABEL, ROUTER_HOST_LABEL
 from .pinning import PINNING_ENV, is_cuda_uuid
 
 log = logging.getLogger(__name__)

@@ -37,9 +37,8 @@ from ...allocator.actor import get_vram_allocator
 from ...core.config import ModelSpec, ServingSettings, format_gib
 from ...core.contract import MediaAccepts, ReplicaEndpoint
 from ...core.errors import RayVramError
-from ...core.model_limits import local_config
+from ...core.model_limits import checkpoint_bytes, local_config
 from ...core.planner import Reservation
-from ...tools.demo.model import resolve_model_source
 from ..internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
 from ..options import deployment_options, keep_if_unchanged
 from ..router.http_limits import server_config
@@ -50,7 +49,7 @@ from .loop_thread import LoopThread
 from .media_budget import media_need
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
 from .pinning import pin_process, visible_device_total_bytes
-from .sizing import EngineBudget, checkpoint_bytes, size_engine
+from .sizing import EngineBudget, size_engine
 
 log = logging.getLogger("ray.serve")
 
@@ -133,7 +132,7 @@ class VLLMReplica:
         except InternalKeyMissing as error:  # never serve open: before anything is reserved
             raise ReplicaStartupError(f"replica {self.replica_id}: {error}") from None
         owner = ray.get_runtime_context().get_actor_id()
-        model_source = resolve_model_source(self.spec.model)
+        model_source = self.spec.model
         self.spec = await asyncio.to_thread(checked_spec, self.spec, self.replica_id)  # before reserving
         try:
             held = await self.allocator.reserve.remote(

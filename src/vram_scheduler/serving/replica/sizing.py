@@ -25,9 +25,7 @@ profiling counts what lies on the GPU, and the budget must at least hold the enc
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -71,20 +69,6 @@ class EngineBudget(BaseModel):
 
 class BudgetTooSmall(RayVramError, ValueError):
     """The reservation cannot hold the model's weights plus a minimal KV cache."""
-
-
-def checkpoint_bytes(model_dir: str | Path) -> int:
-    """Bytes of weight files in a local model directory (0 when it is not local)."""
-    directory = Path(model_dir)
-    if not directory.is_dir():
-        return 0
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return int(json.loads(index.read_text())["metadata"]["total_size"])
-        except (KeyError, ValueError, TypeError):
-            pass
-    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in {".safetensors", ".bin", ".pt"})
 
 
 def size_engine(

@@ -9,8 +9,11 @@ machine with no network. Three kinds, each named by a `model` value in values fi
 
 All have random weights and a byte-level BPE tokenizer trained here on generated text (`demo_parts`),
 with a ChatML template. Their answers are gibberish by design: they exercise every serving path,
-not language. `ray-vram up` (and a replica) generates one on first use under
-``$RAY_VRAM_CACHE/models/<name>``; ``ray-vram demo-model --kind`` does it ahead of time.
+not language. They are served like any local model, from their directory: `ray-vram up` (and
+`ray-vram serve`) generates the ones its values name under ``$RAY_VRAM_CACHE/models/<name>`` and
+lists every generated one in ``serving.model_sources`` (`demo_sources`), so that the names resolve
+to those directories with `DEMO_ENGINE_KWARGS`; ``ray-vram demo-model --kind`` generates one ahead of
+time. Nothing on the serving path knows these names.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from ...core.config import ModelSource, RayVRAMConfig
 from .parts import DEMO_SHAPES, language_model_fields, train_tokenizer, write_model
 
 DemoKind = Literal["text", "vision", "audio"]
@@ -33,6 +38,14 @@ DEMO_KINDS: tuple[DemoKind, ...] = ("text", "vision", "audio")
 #: Bumped whenever a kind's generated files change, so cached copies are regenerated.
 DEMO_MODEL_VERSIONS: dict[DemoKind, int] = {"text": 1, "vision": 1, "audio": 1}
 _MARKER = "ray-vram-demo.json"
+#: The engine arguments a demo model is served with: it answers fast, and closes structured output
+#: (random weights) so that the original quick start runs on it unchanged. A model's own
+#: engine_kwargs take precedence.
+DEMO_ENGINE_KWARGS: dict[str, object] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+}
 
 
 def demo_name(kind: DemoKind) -> str:
@@ -42,10 +55,6 @@ def demo_name(kind: DemoKind) -> str:
 def default_demo_dir(kind: DemoKind = "text") -> Path:
     cache = Path(os.environ.get("RAY_VRAM_CACHE", Path.home() / ".cache" / "ray-vram"))
     return cache / "models" / demo_name(kind)
-
-
-def is_demo_model(model: str) -> bool:
-    return model in DEMO_MODELS
 
 
 def is_generated(directory: Path, kind: DemoKind = "text") -> bool:
@@ -65,14 +74,21 @@ def ensure_demo_model(directory: Path | None = None, kind: DemoKind = "text") ->
     return directory
 
 
-def demo_model_dir(model: str) -> Path:
-    """The cached directory of the demo model `model` names (generated or not)."""
-    return default_demo_dir(DEMO_MODELS[model])
-
-
-def resolve_model_source(model: str) -> str:
-    """What vLLM should load for a configured `model`: the generated directory for a demo name."""
-    return str(ensure_demo_model(kind=DEMO_MODELS[model])) if is_demo_model(model) else model
+def demo_sources(config: RayVRAMConfig, progress: Callable[[str], None] = print) -> RayVRAMConfig:
+    """`config` with its `serving.model_sources` naming the generated demo models: those its models
+    name are generated now (when missing or from an older version), and every other one already
+    generated here is listed too (a later deploy may name it). Sources the values set win."""
+    named = {spec.model for spec in config.models} & set(DEMO_MODELS)
+    sources: dict[str, ModelSource] = {}
+    for name, kind in DEMO_MODELS.items():
+        directory = default_demo_dir(kind)
+        if name in named and not is_generated(directory, kind):
+            progress(f"preparing the demo model {name} ...")
+            ensure_demo_model(directory, kind)
+        if is_generated(directory, kind):
+            sources[name] = ModelSource(path=str(directory), engine_kwargs=dict(DEMO_ENGINE_KWARGS))
+    serving = config.serving.model_copy(update={"model_sources": sources | config.serving.model_sources})
+    return config.model_copy(update={"serving": serving})
 
 
 def _write_text_model(directory: Path, seed: int, shape: str) -> None:

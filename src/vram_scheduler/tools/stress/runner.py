@@ -27,7 +27,7 @@ from ...allocator.actor import ReservationError, get_vram_allocator
 from ...core import capacity
 from ...core.config import GIB, ConfigError, format_gib
 from ...core.contract import GPUState, VRAMState
-from ...monitor.node import NODE_NAME_LABEL
+from ...core.ray_names import NODE_NAME_LABEL
 from ...serving.replica.pinning import PINNING_ENV, is_cuda_uuid, pin_process
 from .report import CPUStress, GPUStress, StressReport, build_report
 
