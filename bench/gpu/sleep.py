@@ -122,7 +122,7 @@ def _asleep_use(info: dict[str, Any]) -> int:
 def run_sleep(root: Path, results: Path) -> dict[str, Any]:
     import ray
 
-    from vram_scheduler.controller_auth import auth_headers
+    from vram_scheduler.sdk.token import auth_headers
 
     from .tools import gpus
 

@@ -27,7 +27,7 @@ import pytest
 import ray
 import yaml
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 from .conftest import deployed, model, start_monitor, stream_outcome
 
@@ -53,9 +53,9 @@ class Sleepy:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
-    from vram_scheduler.allocator import NAMESPACE
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.demo_model import ensure_demo_model
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.ray_names import NAMESPACE
+    from vram_scheduler.tools.demo.model import ensure_demo_model
 
     work = tmp_path_factory.mktemp("sleep")
     inventory = work / "inventory.yaml"
@@ -175,7 +175,7 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
 
 
 def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None:
-    from vram_scheduler.client import SchedulerError, VRAMScheduler
+    from vram_scheduler.sdk.client import SchedulerError, VRAMScheduler
 
     scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
     (slept,) = scheduler.sleep("b")

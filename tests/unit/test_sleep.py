@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from vram_scheduler import capacity
-from vram_scheduler.config import (
+from vram_scheduler.core import capacity, eviction
+from vram_scheduler.core.config import (
     GIB,
     ConfigError,
     ModelSpec,
@@ -17,10 +17,9 @@ from vram_scheduler.config import (
     parse_config,
     sleep_policy,
 )
-from vram_scheduler.core import eviction
-from vram_scheduler.inventory import Inventory, NodeInventory
-from vram_scheduler.ledger import Ledger, ReservationError
-from vram_scheduler.planner import plan
+from vram_scheduler.core.inventory import Inventory, NodeInventory
+from vram_scheduler.core.ledger import Ledger, ReservationError
+from vram_scheduler.core.planner import plan
 
 T0 = 1_000.0
 NAP = SleepPolicy(after_idle_s=30)
@@ -283,7 +282,7 @@ def test_models_that_do_not_sleep_stay_pending_as_before() -> None:
 def test_status_shows_each_replica_awake_asleep_or_stopped() -> None:
     from rich.console import Console
 
-    from vram_scheduler.display import render_vram
+    from vram_scheduler.sdk.display import render_vram
 
     ledger = ledger_with(80, max_asleep_per_gpu=1)
     fill(ledger, "a", "b", budget_gb=10)

@@ -1,1 +1,1 @@
-"""Pure rules: no Ray, no HTTP, no process or file I/O."""
+"""Pure rules: configuration, wire models, inventory, capacity, placement, the ledger. No Ray, no HTTP."""

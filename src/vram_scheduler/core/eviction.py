@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..capacity import ReplicaLife
-from ..config import SleepLevel
+from .capacity import ReplicaLife
+from .config import SleepLevel
 
 
 @dataclass(frozen=True)
