@@ -24,6 +24,11 @@ class Unplaceable(RayVramError, RuntimeError):
         return (type(self), (self.model_id, self.reasons))
 
 
+#: What a wake refused by the ledger (no room now: the replicas there are busy or pinned) says; a
+#: wake that failed (the engine did not start) says "wake failed" instead.
+WAKE_REFUSED = ": cannot wake: "
+
+
 class ReplicaWakeError(RayVramError, RuntimeError):
     """A sleeping or stopped replica could not wake (or sleep); the message says why, and for a
     failed wake that its engine is stopped and its reservation freed (the next wake starts it again)."""

@@ -49,7 +49,7 @@ import orjson
 
 from ...core.config import ServingSettings
 from ...core.contract import EndpointTable, ModelAvailability, ReplicaEndpoint
-from ...core.errors import wake_failure
+from ...core.errors import WAKE_REFUSED, wake_failure
 from ..endpoint_board import WATCH_TIMEOUT_S, endpoint_board
 from ..internal_key import authorization, internal_key
 from ..replica.loop_thread import LoopThread
@@ -64,6 +64,8 @@ ROUTER_APP = "ray-vram-openai"
 ROUTER_DEPLOYMENT = "OpenAIRouter"
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 5
+#: How often a wake refused for want of room (busy or pinned replicas there) is tried again.
+WAKE_RETRY_S = 0.5
 #: How often a queued request looks for a replica with room (a few µs each).
 QUEUE_POLL_S = 0.01
 #: Longest the router waits to connect to a replica: a replica on a node that left answers no
@@ -253,6 +255,8 @@ class OpenAIRouter:
         self._session: Any = None
         #: The wake in progress per model (requests for a sleeping model share it).
         self._wakes: dict[str, asyncio.Task[None]] = {}
+        #: Per model, why its last wake was refused (no room now), while it is tried again.
+        self._wake_refusals: dict[str, str] = {}
         #: Told each wake's report (model id, `WakeReport` as a dict): the router's wake metrics.
         self.on_wake: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -485,19 +489,18 @@ class OpenAIRouter:
         arriving meanwhile wait for the same one). None: ready; else the 503's message and headers."""
         model_id = self.registry.model_id(name) or name
         wake = self._wakes.get(model_id)
-        if wake is None or wake.done():
-            wake = asyncio.get_running_loop().create_task(self._wake_one(name))
-            self._wakes[model_id] = wake
         limit = self.settings.max_wake_wait_s
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
+        if wake is None or wake.done():
+            wake = loop.create_task(self._wake_one(name, deadline))
+            self._wakes[model_id] = wake
         try:
             await asyncio.wait_for(asyncio.shield(wake), timeout=limit)
         except TimeoutError:
-            message = (
-                f"model {name} is waking (its replicas were asleep) and was not ready within {limit:g}s "
-                "(serving.max_wake_wait_s); retry"
-            )
+            refused = self._wake_refusals.get(model_id)
+            why = f": the last try was refused: {refused}" if refused else " (its replicas were asleep)"
+            message = f"model {name} was not awake within {limit:g}s (serving.max_wake_wait_s){why}; retry"
             return message, [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())]
         except Exception as error:
             return f"model {name} could not be woken: {wake_failure(error)}", []
@@ -508,8 +511,9 @@ class OpenAIRouter:
         message = f"model {name} woke but no replica of it was ready within {limit:g}s (serving.max_wake_wait_s); retry"
         return message, [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())]
 
-    async def _wake_one(self, name: str) -> None:
-        """Ask the first sleeper of `name` (`Registry.sleepers`) to wake, through its Serve deployment."""
+    async def _wake_one(self, name: str, deadline: float) -> None:
+        """Ask the first sleeper of `name` (`Registry.sleepers`) to wake, through its Serve deployment;
+        a wake refused for want of room is asked again until `deadline` (the loop's clock)."""
         from ray import serve
 
         endpoint = self.registry.sleepers(name)[0]
@@ -518,7 +522,19 @@ class OpenAIRouter:
         else:
             handle = serve.get_deployment_handle(endpoint.replica_id)
         started = time.monotonic()
-        report = await handle.wake.remote()
+        while True:
+            try:
+                report = await handle.wake.remote()
+                break
+            except Exception as error:
+                reason = wake_failure(error)
+                if WAKE_REFUSED not in reason or asyncio.get_running_loop().time() + WAKE_RETRY_S > deadline:
+                    raise  # it failed (said at once), or no room came in time
+                # No room now (the replicas there are busy or pinned): requests in flight end, so
+                # try again while the request waits (`_wake` bounds it).
+                self._wake_refusals[endpoint.model_id] = reason
+                await asyncio.sleep(WAKE_RETRY_S)
+        self._wake_refusals.pop(endpoint.model_id, None)
         log.info("woke %s for model %s in %.2fs: %s", endpoint.replica_id, name, time.monotonic() - started, report)
         if self.on_wake is not None:
             self.on_wake(endpoint.model_id, report)
