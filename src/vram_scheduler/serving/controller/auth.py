@@ -1,5 +1,5 @@
-"""Who may call the serving controller's HTTP API: a bearer token on every route but health and
-metrics, and no cross-site requests (Host and Origin checks), the server side (the client side is `sdk.token`).
+"""Who may call the serving controller's HTTP API: a bearer token on every route but health (metrics
+included), and no cross-site requests (Host and Origin checks), the server side (the client side is `sdk.token`).
 
 Why each check: the API deploys models (code and GPUs) and removes them, so a caller must hold the
 installation's controller token (compared in constant time). A browser page must not be able to use
@@ -35,8 +35,9 @@ from ...core.installation import TOKEN_ENV, TOKEN_FILE, config_dir
 HOSTS_ENV = "RAY_VRAM_CONTROLLER_HOSTS"
 #: Where an operator finds the token, told to a caller the controller refuses (the chart sets it).
 HINT_ENV = "RAY_VRAM_CONTROLLER_TOKEN_HINT"
-#: Routes that need no token: liveness, and Prometheus' scrape (counts only, no secrets).
-OPEN_ROUTES = frozenset({"/healthz", "/metrics"})
+#: Routes that need no token: liveness only. Prometheus scrapes /metrics with the token (the chart's
+#: ServiceMonitor reads it from the auth Secret): model names and counts are not for everyone.
+OPEN_ROUTES = frozenset({"/healthz"})
 
 
 def ensure_secret_file(name: str, directory: Path | None = None) -> Path:
