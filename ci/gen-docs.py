@@ -34,7 +34,9 @@ DOCS = ROOT / "docs"
 PACKAGE = ROOT / "src" / "vram_scheduler"
 MONITORING_TEMPLATE = ROOT / "charts" / "ray-vram" / "templates" / "monitoring.yaml"
 SECTION = re.compile(
-    r"(?P<begin><!-- generated: (?P<name>[a-z0-9-]+)[^\n]*-->\n)(?P<body>.*?)(?P<end><!-- end generated: (?P=name) -->)",
+    r"(?P<begin><!-- generated: (?P<name>[a-z0-9-]+)[^\n]*-->\n)"
+    r"(?P<body>.*?)"
+    r"(?P<end><!-- end generated: (?P=name) -->)",
     re.S,
 )
 HELP_WIDTH = "100"
@@ -166,7 +168,9 @@ def _value(node: ast.AST | None, constants: dict[str, Any], loop: dict[str, Any]
     if isinstance(node, ast.Name):
         return loop.get(node.id, constants.get(node.id))
     if isinstance(node, ast.JoinedStr):
-        parts = [str(_value(v.value, constants, loop)) if isinstance(v, ast.FormattedValue) else v.value for v in node.values]
+        parts = [
+            str(_value(v.value, constants, loop)) if isinstance(v, ast.FormattedValue) else v.value for v in node.values
+        ]
         return "".join(parts)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
         return _value(node.func.value, constants, loop)
@@ -186,7 +190,9 @@ def _metric(call: ast.Call, kind: str, constants: dict[str, Any], loop: dict[str
     name = _value(args[0] if args else kwargs.get("name"), constants, loop)
     if not isinstance(name, str) or not name.startswith("ray_vram_"):
         return None
-    text = _value(args[1] if len(args) > 1 else kwargs.get("documentation") or kwargs.get("description"), constants, loop)
+    text = _value(
+        args[1] if len(args) > 1 else kwargs.get("documentation") or kwargs.get("description"), constants, loop
+    )
     labels_node = kwargs.get("labels") or kwargs.get("labelnames") or kwargs.get("tag_keys")
     if labels_node is None:
         rest = [a for a in args[2:] if _is_labels(_value(a, constants, loop))]
@@ -197,7 +203,9 @@ def _metric(call: ast.Call, kind: str, constants: dict[str, Any], loop: dict[str
     return Metric(name, kind, tuple(labels), " ".join(str(text or "").split()), module)
 
 
-def _loops(comprehension: ast.DictComp | ast.ListComp | ast.GeneratorExp | ast.SetComp, constants: dict[str, Any]) -> list[dict[str, Any]]:
+def _loops(
+    comprehension: ast.DictComp | ast.ListComp | ast.GeneratorExp | ast.SetComp, constants: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Bindings of a one-generator comprehension over a literal tuple of tuples (else none)."""
     generator = comprehension.generators[0]
     items = _value(generator.iter, constants, {})
@@ -265,9 +273,8 @@ def alerts_section() -> str:
     for a in chart_alerts():
         when = a.get("for", "—").replace("{{ $mon.alerts.", "`monitoring.alerts.").replace(" }}", "`")
         expr = a.get("expr", "").replace("{{ $mon.alerts.", "monitoring.alerts.").replace(" }}", "")
-        rows.append(
-            f"| `{a['alert']}` | {a.get('severity', '—')} | {cell(when)} | `{cell(expr)}` | {cell(a.get('summary', ''))} |"
-        )
+        summary = cell(a.get("summary", ""))
+        rows.append(f"| `{a['alert']}` | {a.get('severity', '—')} | {cell(when)} | `{cell(expr)}` | {summary} |")
     return "\n".join(rows) + "\n"
 
 
