@@ -162,7 +162,7 @@ class ModelSpec(StrictModel):
     media: MediaSettings = Field(
         default_factory=MediaSettings,
         description="Images and audio per request, their sizes and where they may come from (vision and "
-        'speech models; see docs/multimodal.md).',
+        "speech models; see docs/multimodal.md).",
     )
 
     @model_serializer(mode="wrap")
@@ -356,7 +356,7 @@ def remote_code_problems(spec: ModelSpec, serving: ServingSettings) -> list[str]
     if serving.allow_remote_code:
         return []
     return [
-        f'engine_kwargs.{problem}; refused unless serving.allow_remote_code is true (see docs/security.md)'
+        f"engine_kwargs.{problem}; refused unless serving.allow_remote_code is true (see docs/security.md)"
         for problem in spec.remote_code()
     ]
 
