@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# This checkout's package, whatever checkout an environment's editable install points at.
+sys.path.insert(0, str(ROOT / "src"))
 DOCS = ROOT / "docs"
 PACKAGE = ROOT / "src" / "vram_scheduler"
 MONITORING_TEMPLATE = ROOT / "charts" / "ray-vram" / "templates" / "monitoring.yaml"

@@ -90,3 +90,28 @@ def test_the_readme_keeps_the_set_up_commands_and_stays_short() -> None:
     assert first[0] == ci_command, f"README's first command {first[0]!r} is not what .ci/run runs ({ci_command!r})"
     assert first[1].startswith("bash ci/up.sh "), first[1]
     assert 'ray-vram" up -f values/local.yaml' in (ROOT / "ci" / "up.sh").read_text()
+
+
+def module_exists(dotted: str) -> bool:
+    """`vram_scheduler.a.b` (or `vram_scheduler.a.b.attribute`) names a module of src/."""
+    parts = dotted.split(".")
+    for end in (len(parts), len(parts) - 1):
+        base = ROOT / "src" / Path(*parts[:end])
+        if base.with_suffix(".py").is_file() or (base / "__init__.py").is_file():
+            return True
+    return False
+
+
+def test_source_paths_and_modules_named_in_the_docs_exist() -> None:
+    """Docs name files and modules that are there (a module moved without its docs fails here)."""
+    files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py") if ".git" not in p.parts]
+    problems = []
+    for path in docblocks.doc_files():
+        text = path.read_text()
+        for name in sorted(set(re.findall(r"`([\w./-]+\.py)`", text))):
+            if not any(f == name or f.endswith("/" + name) for f in files):
+                problems.append(f"{path.relative_to(ROOT)}: no file {name}")
+        for dotted in sorted(set(re.findall(r"\bvram_scheduler(?:\.\w+)+", text))):
+            if not module_exists(dotted):
+                problems.append(f"{path.relative_to(ROOT)}: no module {dotted}")
+    assert not problems, "\n".join(problems)
