@@ -82,7 +82,8 @@ def tested_by(test_file: str | Path) -> list[Block]:
 
 def run_python(source: str, namespace: dict[str, Any]) -> None:
     """Run one block as a notebook cell would (top-level `await` allowed)."""
-    code = compile(source, "<block>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    # dont_inherit: a notebook cell has none of this module's `from __future__` imports.
+    code = compile(source, "<block>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
     result = eval(code, namespace)
     if inspect.iscoroutine(result):
         asyncio.run(result)
