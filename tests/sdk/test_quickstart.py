@@ -117,7 +117,7 @@ def test_the_readme_tour_and_the_sdk_docs_run_as_written(
                 assert ran.returncode == 0, f"{block.where}: {ran.stderr[-3000:]}"
                 answers.append(json.loads(ran.stdout))
             else:
-                run_block(block.code, namespace)
+                docblocks.run_python(block.code, namespace)
         output = capsys.readouterr().out
         assert "qwen: 1 replica(s) ready" in output and "over reservation" not in output
         assert namespace["state"].gpus and namespace["event"].done
