@@ -2,7 +2,7 @@
 that define them, so the tables never drift from the code:
 
 - `values-*` (docs/configuration.md): the `models`, `models[].media`, `placement` and `serving`
-  keys, from `vram_scheduler.config.config_json_schema()` (the same schema
+  keys, from `vram_scheduler.core.config.config_json_schema()` (the same schema
   ci/gen-values-schema.py writes into the chart's values.schema.json);
 - `cli` (docs/cli.md): `ray-vram --help` and every sub-command's `--help`, from the argparse parser;
 - `metrics` (docs/operations.md): every `ray_vram_*` metric, found where it is declared in
@@ -102,7 +102,7 @@ def values_table(definition: dict[str, Any], prefix: str) -> str:
 
 def values_section(definition_name: str, prefix: str) -> Callable[[], str]:
     def make() -> str:
-        from vram_scheduler.config import config_json_schema
+        from vram_scheduler.core.config import config_json_schema
 
         definition = config_json_schema()["$defs"][definition_name]
         return f"{cell(definition.get('description', ''))}\n\n" + values_table(definition, prefix)
@@ -116,7 +116,7 @@ def values_section(definition_name: str, prefix: str) -> Callable[[], str]:
 def cli_section() -> str:
     """`--help` of the command and of every sub-command, at a fixed width."""
     os.environ["COLUMNS"] = HELP_WIDTH
-    from vram_scheduler.cli import build_parser
+    from vram_scheduler.cli.main import build_parser
 
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
