@@ -7,7 +7,7 @@ Ray — nothing is left running or reserved.
 
 The controller API (127.0.0.1 only) requires the installation's controller token (the file
 `controller-token` beside the Ray token, or `$RAY_VRAM_CONTROLLER_TOKEN`) and refuses cross-site
-requests (`controller_auth`).
+requests (`serving.controller.auth`).
 
 Nothing is reachable from another host without a credential: everything that takes an address
 listens on 127.0.0.1, and Ray's own gRPC servers (which always listen on every interface) require
@@ -59,7 +59,7 @@ TOKEN_FILE = "ray-auth-token"
 
 
 def ensure_ray_token(directory: Path | None = None) -> Path:
-    """The installation's Ray token file (see `controller_auth.ensure_secret_file`)."""
+    """The installation's Ray token file (see `serving.controller.auth.ensure_secret_file`)."""
     return ensure_secret_file(TOKEN_FILE, directory)
 
 
