@@ -251,7 +251,7 @@ DASHBOARDS = {
                 description="From a request's arrival at a router to the first byte of its streamed body: the "
                 "client's time to first token, the router's hop included.",
             ),
-            # Sleep and wake (README "More models than VRAM").
+            # Sleep and wake (docs/operations.md "More models than VRAM").
             panel(
                 "Held per replica: reservation awake, sleeping footprint asleep, 0 stopped",
                 [

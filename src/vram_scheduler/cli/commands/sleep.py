@@ -1,5 +1,5 @@
 """`ray-vram sleep MODEL` / `ray-vram wake MODEL`: an operator puts a model's replicas to sleep, or
-wakes them, now (README "More models than VRAM")."""
+wakes them, now (docs/operations.md "More models than VRAM")."""
 
 from __future__ import annotations
 

@@ -27,31 +27,32 @@ class SleepMetrics:
         from ray.util.metrics import Counter, Gauge, Histogram
 
         self.tags = {"model_id": model_id, "replica": replica}
-        keys = ("model_id", "replica")
         self.wakes = Counter(
             WAKES.removeprefix("ray_").removesuffix("_total"),
             "Wakes of a replica by how: woken (sleep mode), started (its engine was stopped), failed.",
-            (*keys, "how"),
+            ("model_id", "replica", "how"),
         )
         self.sleeps = Counter(
             SLEEPS.removeprefix("ray_").removesuffix("_total"),
             "Times a replica went to sleep, by the state it reached (asleep, stopped) and why (idle, evicted, "
             "operator).",
-            (*keys, "state", "why"),
+            ("model_id", "replica", "state", "why"),
         )
         self.evictions = Counter(
             EVICTIONS.removeprefix("ray_").removesuffix("_total"),
             "Replicas a wake of this replica put to sleep or stopped to make room.",
-            keys,
+            ("model_id", "replica"),
         )
         self.wake_seconds = Histogram(
             WAKE_SECONDS.removeprefix("ray_"),
             "Seconds from a wake's call to the engine answering again (room taken, evictions, engine wake or start).",
             WAKE_BUCKETS,
-            (*keys, "how"),
+            ("model_id", "replica", "how"),
         )
         self.state = Gauge(
-            STATE.removeprefix("ray_"), "1 for the state a replica is in (awake, asleep, stopped).", (*keys, "state")
+            STATE.removeprefix("ray_"),
+            "1 for the state a replica is in (awake, asleep, stopped).",
+            ("model_id", "replica", "state"),
         )
 
     def set_state(self, state: str) -> None:
