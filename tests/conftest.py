@@ -1,14 +1,16 @@
-"""Shared test setup: the repository root, the cluster's internal key, and skipping GPU tests where
-no GPU exists."""
+"""Shared test setup: the repository root, the cluster's internal key, skipping GPU tests where no GPU
+exists, and the session's one local stack (tests/stack.py) that every suite able to share it uses."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +43,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def local_stack() -> Iterator[stack.LocalStack]:
+    """The session's local stack (Ray, allocator, monitor on a declared 8 GiB + 4 GiB inventory,
+    controller, OpenAI router, a vLLM CPU replica of the demo model as `tiny`/`tiny-alias`), started
+    once for every test that takes it; tests that deploy more models shut them down before they end.
+
+    This test process is the same installation (XDG_CONFIG_HOME), so clients find the controller token
+    in its file as a user of `ray-vram up` does. A 2 GiB overhead for every model
+    (placement.replica_overhead_gb), so the tests' arithmetic is round; the overhead derived from the
+    weights is exercised by tests/serving/test_queue.py."""
+    placement = {"replica_overhead_gb": 2}
+    with stack.LocalStack(
+        [stack.demo_model_spec(stack.MODEL, router_name=stack.ALIAS)], values={"placement": placement}
+    ) as running:
+        before = os.environ.get("XDG_CONFIG_HOME")
+        os.environ["XDG_CONFIG_HOME"] = str(running.config_home)
+        try:
+            yield running
+        finally:
+            if before is None:
+                os.environ.pop("XDG_CONFIG_HOME", None)
+            else:
+                os.environ["XDG_CONFIG_HOME"] = before
+
+
+@pytest.fixture
+def endpoint(local_stack: stack.LocalStack) -> str:
+    """The OpenAI base URL (…/v1) of the session's stack."""
+    return local_stack.endpoint
+
+
+@pytest.fixture
+def controller_env(local_stack: stack.LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point discovery at the session stack's controller (and nowhere else) for this test; its token is
+    found as a user of `ray-vram up` finds it, in the installation's token file (XDG_CONFIG_HOME)."""
+    from vram_scheduler import inference
+
+    monkeypatch.setenv("RAY_VRAM_CONTROLLER", local_stack.controller)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(local_stack.config_home))
+    monkeypatch.delenv("RAY_VRAM_CONTROLLER_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_VRAM_ENDPOINT", raising=False)
+    inference.forget_endpoints()
+    return {"RAY_VRAM_CONTROLLER": local_stack.controller, "XDG_CONFIG_HOME": str(local_stack.config_home)}

@@ -17,8 +17,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # imported after the environment above is set
-from conftest import run_cli
 from ray.cluster_utils import Cluster
+from stack import run_cli
 
 from vram_scheduler.allocator import get_vram_allocator
 from vram_scheduler.config import GIB, ConfigError, PlacementSettings

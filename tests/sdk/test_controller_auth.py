@@ -20,7 +20,7 @@ import httpx
 import pytest
 import stack
 import yaml
-from conftest import run_cli
+from stack import run_cli
 
 from vram_scheduler.client import ControllerAuthError, VRAMScheduler
 from vram_scheduler.loopback import free_port

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import stack
-from conftest import ALIAS, MODEL
 from pydantic import BaseModel, Field, field_validator
+from stack import ALIAS, MODEL
 
 from vram_scheduler import inference as inf
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import stack
-from conftest import ROOT
+from stack import ROOT
 
 from vram_scheduler.loopback import LOOPBACK_NODE_ENV
 
