@@ -31,7 +31,34 @@ def _has_nvidia_gpu() -> bool:
         return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
 
 
+#: Fixtures that start Ray, vLLM, an API server or containers: a test taking one is `slow` whatever its
+#: module says, so `pytest -m "not slow"` is the quick loop (pure rules, renders, parsers; no services).
+#: Tests that start such things in their own body carry the mark themselves.
+SERVICE_FIXTURES = frozenset(
+    {
+        "allocator",
+        "bare",
+        "built_images",
+        "cluster",
+        "kv",
+        "local_stack",
+        "monitors",
+        "prometheus",
+        "queued_stack",
+        "ray_address",
+        "ray_head",
+        "soak",
+        "stack",
+        "three_nodes",
+        "user_stack",
+    }
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if _has_nvidia_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run on the GPU machine)")
