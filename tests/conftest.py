@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import stack
+from fake_engine import FakeOpenAIEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,3 +116,11 @@ def controller_env(local_stack: stack.LocalStack, monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("RAY_VRAM_ENDPOINT", raising=False)
     inference.forget_endpoints()
     return {"RAY_VRAM_CONTROLLER": local_stack.controller, "XDG_CONFIG_HOME": str(local_stack.config_home)}
+
+
+@pytest.fixture
+def fake_engine() -> Iterator[FakeOpenAIEngine]:
+    """The OpenAI engine's test double (tests/fake_engine.py) serving the session stack's model name, for
+    tests of the client side of HTTP (retries) where the engine is not under test."""
+    with FakeOpenAIEngine(stack.MODEL) as engine:
+        yield engine
