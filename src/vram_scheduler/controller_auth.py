@@ -37,8 +37,9 @@ HOSTS_ENV = "RAY_VRAM_CONTROLLER_HOSTS"
 #: Where an operator finds the token, told to a caller the controller refuses (the chart sets it).
 HINT_ENV = "RAY_VRAM_CONTROLLER_TOKEN_HINT"
 TOKEN_FILE = "controller-token"
-#: Routes that need no token: liveness, and Prometheus' scrape (counts only, no secrets).
-OPEN_ROUTES = frozenset({"/healthz", "/metrics"})
+#: Routes that need no token: liveness only. Prometheus scrapes /metrics with the token (the chart's
+#: ServiceMonitor reads it from the auth Secret): model names and counts are not for everyone.
+OPEN_ROUTES = frozenset({"/healthz"})
 
 
 def config_dir() -> Path:

@@ -368,7 +368,8 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
             "GPU-5e5e0000-0000-0000-0000-000000000000",
             "GPU-5e5e0000-0000-0000-0000-000000000001",
         }
-        metrics = httpx.get(api + "/metrics", timeout=10).text
+        assert httpx.get(api + "/metrics", timeout=10).status_code == 401  # Prometheus sends the token
+        metrics = httpx.get(api + "/metrics", headers=auth, timeout=10).text
         assert 'ray_vram_model_replicas{model_id="gamma",state="running"} 1.0' in metrics
         assert "ray_vram_controller_reconciles_total" in metrics and "ray_vram_allocator_stale_nodes 0.0" in metrics
         bad = httpx.post(api + "/v1/deployments", json=model("delta") | {"vram_gb": -1}, headers=auth, timeout=30)

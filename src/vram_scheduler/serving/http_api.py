@@ -1,6 +1,6 @@
 """The serving controller's HTTP API (a WSGI app: gunicorn in `ray-vram serve`, a thread in `up`).
 
-Every route but /healthz and /metrics needs the controller token, and cross-site requests are
+Every route but /healthz (/metrics included) needs the controller token, and cross-site requests are
 refused: `controller_auth.GuardedApp` wraps this app in both. POST bodies must be application/json.
 
 GET    /healthz                    liveness
