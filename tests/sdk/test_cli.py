@@ -134,10 +134,13 @@ def test_status_watch_table_stops_on_ctrl_c(controller_env: dict[str, str], tmp_
     import sys
 
     out_file, err_file = tmp_path / "watch.out", tmp_path / "watch.err"
+    # As in a terminal (FORCE_COLOR): rich draws the live table while it runs, where to a plain file it
+    # draws only the last one, at exit; so the test sees the table on screen before pressing Ctrl-C.
+    terminal = {"FORCE_COLOR": "1", "COLUMNS": "200"}
     with out_file.open("w") as out, err_file.open("w") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "vram_scheduler.cli", "status", "--watch", "0.2"],
-            env=os.environ | controller_env,
+            env=os.environ | controller_env | terminal,
             stdout=out,
             stderr=err,
             text=True,
