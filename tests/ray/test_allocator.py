@@ -240,10 +240,14 @@ def test_startup_lock_is_fifo_reentrant_and_times_out(allocator) -> None:
     gpu = "GPU-gpu-a-0"
     assert ray.get(allocator.acquire_startup_lock.remote(gpu, "a")) is True
     assert ray.get(allocator.acquire_startup_lock.remote(gpu, "a")) is True  # already the holder
+
+    def waiters() -> list[str]:  # the queue behind the holder, in the allocator's ledger
+        return ray.get(allocator.__ray_call__.remote(lambda self: self._ledger.startup_waiters(gpu)))
+
     second = allocator.acquire_startup_lock.remote(gpu, "b", 30)
-    time.sleep(0.3)
+    wait_until(lambda: waiters() == ["b"], 30, "b queued behind a")
     third = allocator.acquire_startup_lock.remote(gpu, "c", 30)
-    time.sleep(0.3)
+    wait_until(lambda: waiters() == ["b", "c"], 30, lambda: f"c queued behind b (queue {waiters()})")
     assert ray.get(allocator.acquire_startup_lock.remote(gpu, "impatient", 0.2)) is False
     assert ray.get(allocator.acquire_startup_lock.remote("GPU-other", "d")) is True  # other GPUs are independent
     ray.get(allocator.release_startup_lock.remote(gpu, "c"))  # a waiter giving up leaves the queue...
