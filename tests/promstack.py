@@ -25,7 +25,7 @@ from typing import Any
 import waiting
 import yaml
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

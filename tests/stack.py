@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 from waiting import wait_until
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("RAY_VRAM_CACHE", Path.home() / ".cache" / "ray-vram"))
@@ -337,6 +337,14 @@ def start_monitor(node: str, gcs_address: str, inventory: Path = SERVING_INVENTO
     return monitor, thread
 
 
+def with_demo_models(config: Any) -> Any:
+    """`config` with the demo models it names generated and listed in `serving.model_sources`, as
+    `ray-vram up` and `ray-vram serve` do (the serving path serves them from their directory)."""
+    from vram_scheduler.tools.demo.model import demo_sources
+
+    return demo_sources(config, progress=lambda _: None)
+
+
 @contextmanager
 def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
     """Serve, the controller and `config`'s models on the connected Ray cluster once the allocator has
@@ -344,10 +352,9 @@ def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
     import ray
     from ray import serve
 
-    from vram_scheduler.demo_model import ensure_demo_model
-    from vram_scheduler.serving.controller_actor import ControllerHandle
+    from vram_scheduler.serving.controller.actor import ControllerHandle
 
-    ensure_demo_model()
+    config = with_demo_models(config)
     serve.start(proxy_location="Disabled")
     controller = ControllerHandle(config.serving)
     try:
@@ -376,12 +383,9 @@ def running_stack(
     stopped on exit."""
     import ray
 
-    from vram_scheduler.allocator import NAMESPACE
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.demo_model import DEMO_MODELS, ensure_demo_model
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.ray_names import NAMESPACE
 
-    for name in sorted({m["model"] for m in models} & set(DEMO_MODELS)):
-        ensure_demo_model(kind=DEMO_MODELS[name])
     port, metrics_port = free_port(), free_port()
     config = parse_config(
         {
@@ -436,10 +440,10 @@ def stream_outcome(base: str, body: dict[str, Any], first: threading.Event) -> s
 
 def _serve_declared(values: str, inventory: str, controller_port: int) -> None:
     """Child process: LocalStack with a FileReader monitor; runs until stdin closes."""
-    from vram_scheduler.config import load_config
+    from vram_scheduler.core.config import load_config
+    from vram_scheduler.local import stack as local
     from vram_scheduler.monitor.readers import FileReader
     from vram_scheduler.monitor.service import MonitorService, MonitorSettings
-    from vram_scheduler.serving import local
 
     class DeclaredStack(local.LocalStack):
         def _start_monitor(self, address: str) -> None:

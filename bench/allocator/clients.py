@@ -7,7 +7,7 @@ import time
 
 import ray
 
-from vram_scheduler.allocator import get_vram_allocator
+from vram_scheduler.allocator.actor import get_vram_allocator
 
 MIB = 1 << 20
 

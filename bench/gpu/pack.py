@@ -111,7 +111,7 @@ def _status(local: Any) -> dict[str, Any]:
 def run_pack(root: Path, results: Path) -> dict[str, Any]:
     import ray
 
-    from vram_scheduler.controller_auth import auth_headers
+    from vram_scheduler.sdk.token import auth_headers
 
     from .tools import gpus
 

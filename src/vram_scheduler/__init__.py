@@ -13,51 +13,51 @@ __version__ = "0.1.0"
 
 #: public name -> submodule defining it (`inference` is the module itself, and callable).
 _EXPORTS = {
-    "VRAMScheduler": "client",
-    "DeployResult": "client",
-    "DeploymentStatus": "contract",
-    "ReplicaStatus": "contract",
-    "SchedulerError": "scheduler_errors",
-    "PlacementError": "scheduler_errors",
-    "DeploymentError": "scheduler_errors",
-    "ControllerUnavailableError": "scheduler_errors",
-    "a_inference": "inference",
-    "inference_batch": "inference",
-    "a_inference_batch": "inference",
-    "streaming_batch": "inference",
-    "a_streaming_batch": "inference",
-    "stream": "inference",
-    "StreamEvent": "inference",
-    "RetryPolicy": "inference",
-    "InferenceError": "inference",
-    "EndpointNotFoundError": "inference",
-    "ModelNotFoundError": "inference",
-    "InvalidRequestError": "inference",
-    "OverloadedError": "inference",
-    "StructuredOutputError": "inference",
-    "transcribe": "transcription",
-    "a_transcribe": "transcription",
-    "ImageInputError": "media_inputs",
-    "ModelSpec": "config",
-    "RayVRAMConfig": "config",
-    "ConfigError": "config",
-    "RayVramError": "errors",
-    "VRAMState": "contract",
+    "VRAMScheduler": "sdk.client",
+    "DeployResult": "sdk.client",
+    "DeploymentStatus": "core.contract",
+    "ReplicaStatus": "core.contract",
+    "SchedulerError": "sdk.scheduler_errors",
+    "PlacementError": "sdk.scheduler_errors",
+    "DeploymentError": "sdk.scheduler_errors",
+    "ControllerUnavailableError": "sdk.scheduler_errors",
+    "a_inference": "sdk.inference",
+    "inference_batch": "sdk.inference",
+    "a_inference_batch": "sdk.inference",
+    "streaming_batch": "sdk.inference",
+    "a_streaming_batch": "sdk.inference",
+    "stream": "sdk.inference",
+    "StreamEvent": "sdk.inference",
+    "RetryPolicy": "sdk.inference",
+    "InferenceError": "sdk.inference",
+    "EndpointNotFoundError": "sdk.inference",
+    "ModelNotFoundError": "sdk.inference",
+    "InvalidRequestError": "sdk.inference",
+    "OverloadedError": "sdk.inference",
+    "StructuredOutputError": "sdk.inference",
+    "transcribe": "sdk.transcription",
+    "a_transcribe": "sdk.transcription",
+    "ImageInputError": "sdk.media_inputs",
+    "ModelSpec": "core.config",
+    "RayVRAMConfig": "core.config",
+    "ConfigError": "core.config",
+    "RayVramError": "core.errors",
+    "VRAMState": "core.contract",
 }
 
 __all__ = ["__version__", "get_vram_allocator", "inference", *_EXPORTS]
 
 
 def get_vram_allocator() -> Any:
-    """The cluster's `vram_allocator` actor handle (see `vram_scheduler.allocator`); imports Ray now."""
-    from .allocator import get_vram_allocator as get
+    """The cluster's `vram_allocator` actor handle (see `vram_scheduler.allocator.actor`); imports Ray now."""
+    from .allocator.actor import get_vram_allocator as get
 
     return get()
 
 
 def __getattr__(name: str) -> Any:
     if name == "inference":
-        return importlib.import_module(".inference", __name__)
+        return importlib.import_module(".sdk.inference", __name__)
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

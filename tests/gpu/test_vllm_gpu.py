@@ -145,7 +145,7 @@ def test_outgrown_replica_fails_alone(stack: Stack) -> None:
     import ray
 
     from bench.gpu.tools import bench_serve, summarize, write_json
-    from vram_scheduler.config import ModelSpec
+    from vram_scheduler.core.config import ModelSpec
 
     infos = stack.replicas()
     neighbours: dict[str, Any] = {}

@@ -17,7 +17,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator import NAMESPACE, get_vram_allocator
+from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.core.ray_names import NAMESPACE
 
 from .conftest import GIB, Monitor, free_port, inventory_yaml, value
 

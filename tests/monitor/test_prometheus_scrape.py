@@ -44,7 +44,7 @@ from stack import LocalStack, demo_model_spec
 from waiting import wait_until
 
 from vram_scheduler.monitor.exporter import MonitorHTTPServer
-from vram_scheduler.serving.router_metrics import UNKNOWN_MODEL
+from vram_scheduler.serving.router.metrics import UNKNOWN_MODEL
 
 from .conftest import Monitor, inventory_yaml
 
@@ -215,7 +215,7 @@ def send_requests(stack: LocalStack, prometheus: PrometheusServer, timeout_s: fl
     """Requests to `tiny` (chat, and streamed completions) and one for a model nobody serves, until
     Prometheus sees the counters the dashboards take rates of move: Ray's agent exports what
     replicas and routers recorded every few seconds."""
-    from vram_scheduler.inference import inference
+    from vram_scheduler.sdk.inference import inference
 
     status, _ = http("POST", f"{stack.endpoint}/completions", {"model": TYPO, "prompt": "x", "max_tokens": 1})
     assert status == 404

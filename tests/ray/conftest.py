@@ -16,9 +16,10 @@ import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 from waiting import wait_until
 
-from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, get_vram_allocator
-from vram_scheduler.heartbeats import forget_heartbeats
-from vram_scheduler.ledger_store import forget_ledger
+from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.allocator.heartbeats import forget_heartbeats
+from vram_scheduler.allocator.store import forget_ledger
+from vram_scheduler.core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
 
 # Cluster's default node address: forcing 127.0.0.1 leaves the GCS address unreachable on this machine.
 NODE_ARGS = {"object_store_memory": 80 * 1024**2}
@@ -57,12 +58,12 @@ def drop_allocator() -> None:
 
     def name_free() -> bool:
         try:
-            ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
+            ray.kill(ray.get_actor(ALLOCATOR_ACTOR, namespace=NAMESPACE), no_restart=True)
         except ValueError:
             return True  # the name is free again
         return False
 
-    wait_until(name_free, 30, f"the actor name {ACTOR_NAME!r} free again", every_s=0.05)
+    wait_until(name_free, 30, f"the actor name {ALLOCATOR_ACTOR!r} free again", every_s=0.05)
     forget_ledger(NAMESPACE)
     forget_heartbeats(NAMESPACE)
 

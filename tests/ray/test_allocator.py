@@ -12,8 +12,9 @@ import ray
 from ray.cluster_utils import Cluster
 from waiting import wait_until
 
-from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, ReservationError, get_vram_allocator
-from vram_scheduler.config import GIB, ConfigError
+from vram_scheduler.allocator.actor import ReservationError, get_vram_allocator
+from vram_scheduler.core.config import GIB, ConfigError
+from vram_scheduler.core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
 
 pytestmark = pytest.mark.slow
 
@@ -143,7 +144,7 @@ def test_get_vram_allocator_is_race_safe(allocator, forget_allocator) -> None:
     forget_allocator()
     ids = ray.get([find.remote() for _ in range(6)])
     assert len(set(ids)) == 1
-    assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id.hex() == ids[0]
+    assert ray.get_actor(ALLOCATOR_ACTOR, namespace=NAMESPACE)._actor_id.hex() == ids[0]
 
 
 def test_stale_node_gets_no_new_reservations(allocator) -> None:
@@ -285,7 +286,7 @@ def test_restarted_allocator_reclaims_without_being_called(allocator) -> None:
     pid_before = actor_pid(allocator)
     ray.kill(allocator, no_restart=False)
     ray.kill(owner)
-    from vram_scheduler.ledger_store import LedgerStore
+    from vram_scheduler.allocator.store import LedgerStore
 
     # Nobody calls the allocator meanwhile: what it persisted in the GCS shows the reclaim.
     wait_until(
@@ -302,8 +303,8 @@ def test_reservations_reach_the_gcs_at_once_inventory_polls_at_most_every_interv
     """Monitors republish every poll, so the allocator writes inventory-only changes to the GCS at
     most every INVENTORY_PERSIST_INTERVAL_S (a restarted allocator relearns them within a poll);
     a reservation is written at once, with the inventory current at that moment."""
-    from vram_scheduler.allocator import INVENTORY_PERSIST_INTERVAL_S
-    from vram_scheduler.ledger_store import LedgerStore
+    from vram_scheduler.allocator.actor import INVENTORY_PERSIST_INTERVAL_S
+    from vram_scheduler.allocator.store import LedgerStore
 
     def persisted_used_gb() -> float:
         ledger = LedgerStore(NAMESPACE).load()  # what a restarted allocator would load

@@ -15,9 +15,9 @@ import time
 import pytest
 import ray
 
-from vram_scheduler.allocator import ReservationError, get_vram_allocator
-from vram_scheduler.capacity import DEFAULT_OVERHEAD_GB
-from vram_scheduler.config import GIB, gib_to_bytes
+from vram_scheduler.allocator.actor import ReservationError, get_vram_allocator
+from vram_scheduler.core.capacity import DEFAULT_OVERHEAD_GB
+from vram_scheduler.core.config import GIB, gib_to_bytes
 
 pytestmark = pytest.mark.slow
 

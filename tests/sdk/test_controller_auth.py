@@ -22,8 +22,8 @@ import stack
 import yaml
 from stack import run_cli
 
-from vram_scheduler.client import ControllerAuthError, VRAMScheduler
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
+from vram_scheduler.sdk.client import ControllerAuthError, VRAMScheduler
 
 ROUTES = [
     ("GET", "/v1/deployments"),

@@ -1,4 +1,4 @@
-"""vram_scheduler.inference against the real local stack (router → vLLM CPU replica of the demo model).
+"""vram_scheduler.sdk.inference against the real local stack (router → vLLM CPU replica of the demo model).
 
 Random weights: assert structure (types, counts, schemas, errors), never text.
 """

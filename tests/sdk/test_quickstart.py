@@ -5,7 +5,9 @@ against the local stack.
 The quick start's blocks run verbatim except for what a 2-core CI machine without a model hub cannot
 hold, replaced as text before running (`SCALED`): its hub model becomes the generated demo model,
 5 replicas of 3.89 GiB become 1 of 1.5 GiB, and the structured-output class bounds its string (the
-demo model's random weights never close an unbounded one). Every call, argument order and keyword
+demo model's random weights never close an unbounded one); its import of `vram_scheduler.inference`
+names the module's place in the SDK package (`from vram_scheduler import inference` is the public
+spelling). Every call, argument order and keyword
 is as written; top-level `await` runs as in a notebook.
 """
 
@@ -25,13 +27,15 @@ import pytest
 import stack
 from stack import ROOT
 
-from vram_scheduler.loopback import LOOPBACK_NODE_ENV
+from vram_scheduler.core.loopback import LOOPBACK_NODE_ENV
 
 pytestmark = pytest.mark.slow
 
 QUICKSTART = Path(__file__).parent / "data" / "original_quickstart.md"
 SCALED = {
     '"Qwen/Qwen2-0.5B-Instruct"': '"demo"',
+    # The inference helpers' module lives in the SDK package (`vram_scheduler.inference` is its lazy alias).
+    "from vram_scheduler.inference import": "from vram_scheduler.sdk.inference import",
     "vram_gb=3.89": "vram_gb=1.5",
     "replicas=5": "replicas=1",
     # The demo model's weights are random: a string without a length bound never closes its quote.

@@ -21,10 +21,11 @@ from stack import (
     running_stack,
     start_monitor,
     stream_outcome,
+    with_demo_models,
 )
 from stack import serving_model as model
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -47,12 +48,13 @@ __all__ = [
     "start_monitor",
     "stream_outcome",
     "two_models",
+    "with_demo_models",
 ]
 
 
 def two_models(port: int) -> Any:
     """The stack's configuration: alpha and beta (alias beta-alias), 2 replicas each."""
-    from vram_scheduler.config import parse_config
+    from vram_scheduler.core.config import parse_config
 
     return parse_config(
         {

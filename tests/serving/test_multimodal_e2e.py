@@ -27,10 +27,11 @@ from PIL import Image
 from pydantic import BaseModel
 from ray import serve
 
-from vram_scheduler import inference, transcription
+from vram_scheduler import inference
 from vram_scheduler.monitor.readers import private_memory_bytes
+from vram_scheduler.sdk import transcription
 from vram_scheduler.serving.app import model_app_name
-from vram_scheduler.serving.router import replicas_board
+from vram_scheduler.serving.router.router import replicas_board
 
 from .conftest import ENGINE_KWARGS, Stack, running_stack
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import ray
 
-from vram_scheduler import capacity
-from vram_scheduler.config import GIB
-from vram_scheduler.model_limits import weights_bytes
+from vram_scheduler.core import capacity
+from vram_scheduler.core.config import GIB
+from vram_scheduler.core.model_limits import weights_bytes
 
 from .conftest import Stack, model, running_stack
 

@@ -1,0 +1,1 @@
+"""The SDK: VRAMScheduler, the inference helpers, transcription. Imports no server module."""
