@@ -6,13 +6,14 @@ import argparse
 import json
 
 from ...core.capacity import Overhead
-from ...core.config import load_config
+from ...core.config import load_config, with_source
 from ...core.exit_codes import ExitCode
 from ...core.flags import add_output_option
 from ...core.inventory import load_inventory
 from ...core.model_limits import resolve_overheads
 from ...core.planner import Plan, plan
 from ...sdk.display import render_plan, wide_console
+from ...tools.demo.model import demo_sources
 from .options import add_values_option
 
 
@@ -36,11 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    config = load_config(args.values)
-    overheads = resolve_overheads(config.models, config.placement)
-    result = plan(
-        inventory, config.models, settings=config.placement, overheads={k: o.bytes for k, o in overheads.items()}
-    )
+    # Models named in serving.model_sources (the demo models already generated here among them) are
+    # planned from their directory, as the controller serves them: their weights size their overhead.
+    config = demo_sources(load_config(args.values), generate=False)
+    models = [with_source(spec, config.serving) for spec in config.models]
+    overheads = resolve_overheads(models, config.placement)
+    result = plan(inventory, models, settings=config.placement, overheads={k: o.bytes for k, o in overheads.items()})
     if args.output == "json":
         print(json.dumps(plan_as_json(result, overheads), indent=2))
     else:
