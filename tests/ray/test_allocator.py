@@ -79,6 +79,9 @@ def test_contract_round_trip(allocator) -> None:
         "bytes": 10 * GIB,
         "overhead_bytes": 2 * GIB,  # the cluster's, as the request named none
         "cap_bytes": 12 * GIB,
+        "state": "awake",  # a model without `sleep` is reserved awake and never sleeps
+        "asleep_level": None,
+        "sleep": None,
     }
     assert ray.get(allocator.reserve.remote("m-0", "m", 10 * GIB)) == placed
     with pytest.raises(ReservationError) as caught:
@@ -103,6 +106,12 @@ def test_contract_round_trip(allocator) -> None:
         "pids": [4242],
         "used_bytes": None,
         "owner": None,
+        "state": "awake",
+        "held_bytes": 12 * GIB,  # awake: its whole reservation
+        "sleep_bytes": None,
+        "asleep_level": None,
+        "pinned": True,  # no sleep policy: never sleeps, never evicted
+        "last_used_at": None,
     }
     result = ray.get(allocator.plan.remote([{"model_id": "m", "model": "org/m", "vram_gb": 10, "replicas": 3}], None))
     assert [r["replica_id"] for r in result["kept"]] == ["m-0"]
