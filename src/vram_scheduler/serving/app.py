@@ -68,6 +68,12 @@ def model_application(
     return keep_if_unchanged(group, [spec.model_id, replica_ids]).bind(spec.model_id, replica_ids, *replicas)
 
 
+def router_settings(serving: ServingSettings) -> dict[str, Any]:
+    """What the routers are built from: the serving settings but `model_sources` (where replicas
+    load a model from), so that a config naming other sources leaves the routers running."""
+    return serving.model_dump(mode="json", exclude={"model_sources"})
+
+
 def router_application(
     serving: ServingSettings, addresses: list[str | None] | None = None, children: Sequence[Application] = ()
 ) -> Application:
@@ -75,7 +81,7 @@ def router_application(
     `addresses` (default: `placement.router_addresses`); the models it routes to come from the
     endpoint board. `children` (model applications) are bound below the first router."""
     addresses = router_addresses(serving) if addresses is None else addresses
-    args = serving.model_dump(mode="json")
+    args = router_settings(serving)
     routers = []
     for name, address in zip(router_names(len(addresses)), addresses, strict=True):
         options = router_options(name, address)

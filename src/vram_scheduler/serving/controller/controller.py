@@ -53,7 +53,7 @@ from ...core.model_limits import effective_max_model_len, resolve_model, resolve
 from ...core.planner import Plan, Reservation, Unplaced, replica_id_for, replica_number
 from ...core.ray_names import NAMESPACE
 from ...core.replica_env import replica_env, without_secrets
-from ..app import declare, model_app_name, model_application, router_application
+from ..app import declare, model_app_name, model_application, router_application, router_settings
 from ..endpoint_board import endpoint_board
 from ..replica.placement import lost_nodes, router_addresses
 from ..router.router import ROUTER_APP
@@ -323,7 +323,7 @@ class Controller:
 
     def _ensure_router(self) -> None:
         """The router application with the current settings, each router on a node (`router_addresses`)."""
-        wanted = self.serving.model_dump(mode="json")
+        wanted = router_settings(self.serving)
         stored = _stored_router()
         previous = stored["routers"] if stored and stored["serving"] == wanted else []
         self._deploy_router(self.serving, router_addresses(self.serving, previous), stored)
@@ -342,7 +342,7 @@ class Controller:
 
     @staticmethod
     def _deploy_router(serving: ServingSettings, addresses: list[str | None], stored: dict[str, Any] | None) -> None:
-        record = {"serving": serving.model_dump(mode="json"), "routers": addresses}
+        record = {"serving": router_settings(serving), "routers": addresses}
         if record == stored and ROUTER_APP in serve.status().applications:
             return
         app = serve_race_retried(lambda: router_application(serving, addresses))
@@ -673,7 +673,8 @@ def _stored_router() -> dict[str, Any] | None:
 
 
 def stored_serving_settings() -> ServingSettings | None:
-    """The serving settings the cluster's router was last deployed with (None before any)."""
+    """The serving settings the cluster's router was last deployed with, `model_sources` aside
+    (`app.router_settings`; None before any)."""
     stored = _stored_router()
     return ServingSettings.model_validate(stored["serving"]) if stored else None
 
