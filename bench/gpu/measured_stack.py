@@ -8,6 +8,7 @@ Runs on the GPU machine only (NVML, CUDA vLLM); nothing here is imported by CI's
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import subprocess
 import sys
@@ -134,3 +135,16 @@ def replica_peaks(
             }
         )
     return rows
+
+
+def declared_as_measured(model_id: str, size: str, root: Path, results: Path, max_model_len: int) -> dict[str, Any]:
+    """A model as a user declares it after `ray-vram measure` (the `sizes` stage's result for `size`):
+    its recommended `vram_gb` and `overhead_gb`."""
+    measured = json.loads((results / f"sizes-{size}.json").read_text())
+    return {
+        "model_id": model_id,
+        "model": str(root / size),
+        "vram_gb": measured["vram_gb"],
+        "overhead_gb": measured["overhead_gb"],
+        "max_model_len": max_model_len,
+    }

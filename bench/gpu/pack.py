@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .measured_stack import measured_stack, replica_infos, replica_peaks
+from .measured_stack import declared_as_measured, measured_stack, replica_infos, replica_peaks
 from .tools import bench_serve, summarize
 
 #: model_id -> the `sizes` stage's model it is
@@ -36,14 +36,7 @@ PROMPTS, CONCURRENCY = 320, 64
 
 
 def _declared(model_id: str, size: str, root: Path, results: Path) -> dict[str, Any]:
-    measured = json.loads((results / f"sizes-{size}.json").read_text())
-    return {
-        "model_id": model_id,
-        "model": str(root / size),
-        "vram_gb": measured["vram_gb"],
-        "overhead_gb": measured["overhead_gb"],
-        "max_model_len": MAX_MODEL_LEN,
-    }
+    return declared_as_measured(model_id, size, root, results, MAX_MODEL_LEN)
 
 
 def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .measured_stack import measured_stack, replica_infos, replica_peaks
+from .measured_stack import declared_as_measured, measured_stack, replica_infos, replica_peaks
 from .tools import GIB, nvml_processes, process_tree
 
 ROLES = {"big": "llama-7b", "small": "qwen2-1.5b"}
@@ -38,15 +38,9 @@ PROMPT = "Write one sentence about the sea. " * 20  # about 200 tokens
 
 
 def _declared(model_id: str, size: str, root: Path, results: Path, level: int) -> dict[str, Any]:
-    measured = json.loads((results / f"sizes-{size}.json").read_text())
-    return {
-        "model_id": model_id,
-        "model": str(root / size),
-        "vram_gb": measured["vram_gb"],
-        "overhead_gb": measured["overhead_gb"],
-        "max_model_len": MAX_MODEL_LEN,
-        "sleep": {"after_idle_s": 3600, "level": level},  # sleeps when evicted or told, not on a timer
-    }
+    # Sleeps when evicted or told, not on a timer.
+    sleep = {"after_idle_s": 3600, "level": level}
+    return declared_as_measured(model_id, size, root, results, MAX_MODEL_LEN) | {"sleep": sleep}
 
 
 def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dict[str, Any]]:
