@@ -21,14 +21,14 @@ from rich.console import Console
 
 from . import capacity
 from .config import ConfigError, ModelSpec, describe_validation_error, format_gib
-from .contract import DeploymentStatus, ReplicaStatus, VRAMState
+from .contract import DeploymentStatus, Plan, ReplicaStatus, Reservation, VRAMState
 from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER, HTTPControllerClient
 from .controller_ray import RayControllerClient
 from .deploy_progress import DeployProgress
 from .display import render_vram, wide_console
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .model_limits import resolve_overheads
-from .planner import Plan, Reservation, plan
+from .planner import plan
 from .scheduler_errors import (
     ControllerAuthError,
     ControllerUnavailableError,

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import PlacementSettings
+from .config import ModelSpec, PlacementSettings, StrictModel
 
 #: A replica's state, one record per replica the values ask for: "pending" (no reservation: the
 #: planner found no room, `reason` says why), "reserved" (planned, its Serve replica not started),
@@ -119,6 +119,16 @@ class DeploymentList(WireModel):
     """The body of `GET /v1/deployments`."""
 
     models: list[DeploymentStatus] = Field(default_factory=list)
+
+
+class ApplyResult(WireModel):
+    """What converging to a values file did (`Controller.apply`): models kept as they ran, deployed
+    (new or changed), removed, and those with pending replicas and why."""
+
+    kept: list[str] = Field(default_factory=list)
+    deployed: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    unplaced: dict[str, list[str]] = Field(default_factory=dict, description="Model id -> the planner's reasons.")
 
 
 # --------------------------------------------------------------------------- GET /v1/vram
@@ -242,3 +252,173 @@ class EndpointTable(WireModel):
     version: int = Field(ge=0)
     models: list[RoutedModel] = Field(default_factory=list)
     endpoints: list[ReplicaEndpoint] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the allocator's calls
+# What the `vram_allocator` actor takes and answers (`allocator.AllocatorClient`). These are also
+# what the ledger stores and the planner returns, so they are strict: a field one side lacks fails.
+
+#: A Ray actor id: what an owner must be (`ray.get_runtime_context().get_actor_id()`).
+ACTOR_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class Reservation(StrictModel):
+    """VRAM held for one replica on one GPU (the ledger's unit)."""
+
+    replica_id: str
+    model_id: str
+    node: str
+    gpu_uuid: str
+    gpu_index: int = Field(ge=0)
+    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
+    overhead_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="The model's overhead, held beside the budget (None: a record from before overheads were "
+        "per reservation; the cluster's setting applies).",
+    )
+    cap_bytes: int | None = Field(
+        default=None, gt=0, description="The engine's hard cap (MPS): budget + overhead, at most the GPU's total."
+    )
+
+
+class Unplaced(StrictModel):
+    """Replicas of one model that fit nowhere, and why."""
+
+    model_id: str
+    count: int = Field(ge=1, description="How many requested replicas did not fit.")
+    need_bytes: int = Field(description="Budget plus the model's overhead.")
+    largest_free_bytes: int
+    largest_free_gpu: str | None = Field(description="'node N, GPU i' holding the largest free slot.")
+    too_big: bool = Field(
+        default=False,
+        description="A replica is larger than every (matching) GPU of the inventory, empty: it needs a bigger "
+        "GPU, not a free one. False: no room now (a release, a scale-down or a joining GPU can make room).",
+    )
+    largest_gpu: str | None = Field(
+        default=None, description="The largest matching GPU: 'NAME, SIZE on node N, GPU i' (None without one)."
+    )
+    reason: str
+
+
+class GPUPlan(StrictModel):
+    """One GPU after the plan: what it holds and what room is left."""
+
+    node: str
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    unmanaged_bytes: int
+    reserved_bytes: int = Field(description="Budgets plus overheads of every replica on this GPU.")
+    free_bytes: int
+    replicas: list[str]
+
+
+class Plan(StrictModel):
+    """The result of planning: keep what is placed, add `new`, release `release`."""
+
+    kept: list[Reservation] = Field(default_factory=list)
+    new: list[Reservation] = Field(default_factory=list)
+    release: list[Reservation] = Field(default_factory=list)
+    unplaced: list[Unplaced] = Field(default_factory=list)
+    gpus: list[GPUPlan] = Field(default_factory=list)
+
+    @property
+    def reservations(self) -> list[Reservation]:
+        return self.kept + self.new
+
+    @property
+    def complete(self) -> bool:
+        return not self.unplaced
+
+    def replicas_of(self, model_id: str) -> list[Reservation]:
+        return [r for r in self.reservations if r.model_id == model_id]
+
+
+class ReserveRequest(StrictModel):
+    """One item of `reserve_many`: the arguments of one `reserve` call."""
+
+    replica_id: str = Field(min_length=1)
+    model_id: str = Field(min_length=1)
+    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
+    overhead_bytes: int | None = Field(default=None, ge=0, description="The model's overhead; None: the cluster's.")
+    gpu_uuid: str | None = None
+    owner: str | None = Field(default=None, pattern=ACTOR_ID_PATTERN, description="Ray actor id of the replica.")
+
+
+class ReserveOutcome(StrictModel):
+    """What `reserve_many` answers per item: the reservation, or why this item was refused."""
+
+    replica_id: str
+    reservation: Reservation | None = None
+    error: str | None = None
+
+
+class PlanRequest(StrictModel):
+    """`plan`'s arguments: the models to plan and how (see `AllocatorClient.plan`)."""
+
+    models: list[ModelSpec]
+    settings: PlacementSettings | None = Field(default=None, description="None: the settings in force.")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Nodes that take nothing new.")
+    keep_others: bool = Field(
+        default=False, description="The models are some of the cluster's: other models' reservations keep their room."
+    )
+    overheads: dict[str, int] = Field(
+        default_factory=dict, description="Model id -> its overhead in bytes, as the caller resolved it."
+    )
+
+
+class LoadReport(StrictModel):
+    """What the last load found: where the ledger came from and what replaying it cost."""
+
+    source: Literal["empty", "snapshot", "legacy"] = "empty"
+    reservations: int = 0
+    journal_writes: int = Field(default=0, description="Deltas replayed on top of the snapshot.")
+    bytes_read: int = 0
+    stale_keys_deleted: int = Field(default=0, description="Journal keys of an older generation, left by a kill.")
+    seconds: float = 0.0
+
+
+class StoreStats(StrictModel):
+    """The store's counters since the actor started."""
+
+    generation: int
+    journal_writes: int = Field(description="Deltas in the current generation's journal.")
+    journal_bytes: int
+    snapshot_bytes: int
+    deltas_written: int = 0
+    snapshots_written: int = 0
+    loaded: LoadReport
+
+
+class WriterStats(StrictModel):
+    """What the writer did since the actor started, and the store's own counters."""
+
+    rounds: int
+    writes: int
+    failed_writes: int
+    store: StoreStats
+
+
+# --------------------------------------------------------------------------- POST /v1/deployments
+
+
+class DeployPlan(WireModel):
+    """One model's part of the plan a deploy made: its replicas placed, and what did not fit."""
+
+    replicas: list[Reservation] = Field(default_factory=list)
+    unplaced: list[Unplaced] = Field(default_factory=list)
+
+
+class DeployAnswer(WireModel):
+    """The body of a successful `POST /v1/deployments` (HTTP 202): the model and where it goes
+    (`plan` None: a max_replicas model with no room yet, pending)."""
+
+    model_id: str
+    plan: DeployPlan | None = None
+
+    @classmethod
+    def of(cls, model_id: str, plan: Plan) -> DeployAnswer:
+        mine = [u for u in plan.unplaced if u.model_id == model_id]
+        return cls(model_id=model_id, plan=DeployPlan(replicas=plan.replicas_of(model_id), unplaced=mine))

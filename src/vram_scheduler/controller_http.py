@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from .config import ConfigError, ModelSpec
-from .contract import DeploymentList, DeploymentStatus, VRAMState
+from .contract import DeployAnswer, DeploymentList, DeploymentStatus, VRAMState
 from .controller_auth import auth_headers, where_to_find_token
 from .scheduler_errors import ControllerAuthError, ControllerUnavailableError, PlacementError, SchedulerError
 
@@ -60,7 +60,7 @@ class HTTPControllerClient:
         data = self._json(self._call("GET", "/v1/deployments"), "GET /v1/deployments")
         return DeploymentList.model_validate(data).models
 
-    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
+    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> DeployAnswer:
         """POST a model; the controller may hold the request until its replicas started."""
         extra = {"timeout": timeout_s} if timeout_s is not None else {}
         body = spec.model_dump(mode="json", exclude={"replicas"} if spec.max_replicas else None)
@@ -74,7 +74,7 @@ class HTTPControllerClient:
             data = _safe_json(response)
             problems = data.get("problems") if isinstance(data, dict) else None
             raise ConfigError(f"model {spec.model_id!r} (refused by {self.url})", problems or [_reason(response)])
-        return self._json(response, f"POST /v1/deployments ({spec.model_id})")
+        return DeployAnswer.model_validate(self._json(response, f"POST /v1/deployments ({spec.model_id})"))
 
     def remove(self, model_id: str) -> bool:
         response = self._call("DELETE", f"/v1/deployments/{model_id}")

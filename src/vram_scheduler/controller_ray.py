@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
 
 from .config import ConfigError, ModelSpec
-from .contract import DeploymentList, DeploymentStatus, VRAMState
+from .contract import DeployAnswer, DeploymentStatus, VRAMState
 from .scheduler_errors import ControllerUnavailableError, PlacementError, SchedulerError
 
 
@@ -22,16 +22,16 @@ class RayControllerClient:
         from .allocator import NAMESPACE
         from .loopback import prepare_ray_join
         from .serving.controller import stored_serving_settings
-        from .serving.controller_actor import ControllerHandle
+        from .serving.controller_actor import ControllerClient
 
         self.url = address
         try:
             if not ray.is_initialized():
                 prepare_ray_join(address)
-                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ControllerUnavailableError(f"cannot join the Ray cluster at {address}: {error}") from None
-        self.controller = ControllerHandle(stored_serving_settings())
+        self.controller = ControllerClient(stored_serving_settings())
 
     def close(self) -> None:
         """Leaves Ray connected: the caller may use it; `ray.shutdown()` disconnects."""
@@ -42,14 +42,12 @@ class RayControllerClient:
         return ray.is_initialized()
 
     def vram(self) -> VRAMState:
-        import ray
-
-        return VRAMState.model_validate(ray.get(self.controller.allocator.get_vram_state.remote()))
+        return self.controller.allocator.vram_state()
 
     def deployments(self) -> list[DeploymentStatus]:
-        return DeploymentList.model_validate(self.controller.status()).models
+        return self.controller.status().models
 
-    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
+    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> DeployAnswer:
         from .serving.controller import Unplaceable
 
         try:
@@ -60,10 +58,7 @@ class RayControllerClient:
             raise
         except Exception as error:
             raise SchedulerError(f"{type(error).__name__}: {error}") from None
-        return {
-            "model_id": spec.model_id,
-            "plan": {"replicas": [r.model_dump() for r in plan.replicas_of(spec.model_id)]},
-        }
+        return DeployAnswer.of(spec.model_id, plan)
 
     def remove(self, model_id: str) -> bool:
         return self.controller.remove(model_id)

@@ -21,8 +21,7 @@ from rich.text import Text
 
 from . import capacity
 from .config import GIB, PlacementSettings
-from .contract import DeploymentStatus, GPUState, VRAMState
-from .planner import Plan
+from .contract import DeploymentStatus, GPUState, Plan, VRAMState
 
 CAPTION = (
     "replicas: budget + overhead = reservation; reserved = their reservations; free = total − unmanaged − reserved"

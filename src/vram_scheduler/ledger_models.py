@@ -1,18 +1,20 @@
-"""What the ledger stores and exchanges: its entries, its snapshot, the delta a change leaves, and the
-batch reserve's request and outcome. Pydantic models, so every boundary (the GCS, a Ray call) is
+"""What the ledger stores and exchanges: its entries, its snapshot, and the delta a change leaves (the
+batch reserve's request and outcome live in `contract`). Pydantic models, so every boundary (the GCS) is
 validated; kept apart from `ledger.py`, which holds the rules."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 from pydantic import Field
 
 from .config import PlacementSettings, StrictModel
+from .contract import Reservation
 from .inventory import NodeInventory
-from .planner import Reservation
 
 SNAPSHOT_VERSION = 1
-#: A Ray actor id: what an owner must be (`ray.get_runtime_context().get_actor_id()`).
-ACTOR_ID_PATTERN = r"^[0-9a-f]{32}$"
+_V = TypeVar("_V")
 
 
 class LedgerEntry(StrictModel):
@@ -69,32 +71,15 @@ class LedgerDelta(StrictModel):
     def apply_to(self, snapshot: LedgerSnapshot) -> None:
         if self.settings is not None:
             snapshot.settings = self.settings
-        for changes, target in (
-            (self.nodes, snapshot.nodes),
-            (self.entries, snapshot.entries),
-            (self.startup_locks, snapshot.startup_locks),
-        ):
-            for key, value in changes.items():
-                if value is None:
-                    target.pop(key, None)
-                else:
-                    target[key] = value
+        _apply(self.nodes, snapshot.nodes)
+        _apply(self.entries, snapshot.entries)
+        _apply(self.startup_locks, snapshot.startup_locks)
 
 
-class ReserveRequest(StrictModel):
-    """One item of `reserve_many`: the arguments of one `reserve` call."""
-
-    replica_id: str = Field(min_length=1)
-    model_id: str = Field(min_length=1)
-    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
-    overhead_bytes: int | None = Field(default=None, ge=0, description="The model's overhead; None: the cluster's.")
-    gpu_uuid: str | None = None
-    owner: str | None = Field(default=None, pattern=ACTOR_ID_PATTERN, description="Ray actor id of the replica.")
-
-
-class ReserveOutcome(StrictModel):
-    """What `reserve_many` answers per item: the reservation, or why this item was refused."""
-
-    replica_id: str
-    reservation: Reservation | None = None
-    error: str | None = None
+def _apply(changes: Mapping[str, _V | None], target: dict[str, _V]) -> None:
+    """Set each changed key, remove each one changed to None."""
+    for key, value in changes.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = value

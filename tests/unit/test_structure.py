@@ -25,6 +25,19 @@ WIRE_MODELS = {
     "EndpointTable",
     "MediaAccepts",
     "ResolvedSizes",
+    "ApplyResult",
+    "DeployAnswer",
+    "DeployPlan",
+    "Reservation",
+    "Unplaced",
+    "GPUPlan",
+    "Plan",
+    "PlanRequest",
+    "ReserveRequest",
+    "ReserveOutcome",
+    "LoadReport",
+    "StoreStats",
+    "WriterStats",
 }
 
 

@@ -7,11 +7,12 @@ import json
 
 from ..capacity import Overhead
 from ..config import load_config
+from ..contract import Plan
 from ..display import render_plan, wide_console
 from ..exit_codes import ExitCode
 from ..inventory import load_inventory
 from ..model_limits import resolve_overheads
-from ..planner import Plan, plan
+from ..planner import plan
 from .options import add_output_option, add_values_option
 
 

@@ -25,8 +25,7 @@ from ray import serve
 from ray.serve import Application
 
 from ..config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings, parse_config
-from ..contract import ModelAvailability
-from ..planner import Plan, Reservation
+from ..contract import ModelAvailability, Plan, Reservation
 from .endpoint_board import endpoint_board, routed_models
 from .internal_key import INTERNAL_KEY_ENV
 from .options import deployment_options, keep_if_unchanged, router_names, router_options
@@ -128,17 +127,9 @@ def plan_models(models: list[ModelSpec], config: RayVRAMConfig) -> Plan:
     state, a replica was placed in room another model holds, and its reservation then failed
     ("Failed to update the deployments" for a RayService beside other models).
     """
-    import ray
+    from ..allocator import AllocatorClient
 
-    from ..allocator import get_vram_allocator
-
-    allocator = get_vram_allocator()
-    dumped = ray.get(
-        allocator.plan.remote(
-            [m.model_dump(mode="json") for m in models], config.placement.model_dump(mode="json"), keep_others=True
-        )
-    )
-    plan = Plan.model_validate(dumped)
+    plan = AllocatorClient().plan(models, config.placement, keep_others=True)
     for unplaced in plan.unplaced:
         log.warning("%s", unplaced.reason)
     return plan

@@ -34,6 +34,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..config import ConfigError, RayVRAMConfig, ServingSettings
+from ..contract import ApplyResult
 from ..controller_auth import GuardedApp, RequestGuard, allowed_hosts, ensure_secret_file, server_token
 from ..demo_model import DEMO_MODELS, ensure_demo_model
 from ..errors import RayVramError
@@ -150,7 +151,7 @@ class LocalStack:
     mps_dirs: tuple[str, str] | None = None
     #: What the controller's `apply` returned: kept, deployed, removed, and per model the reasons
     #: of its pending replicas ("unplaced").
-    applied: dict[str, Any] = field(default_factory=dict)
+    applied: ApplyResult = field(default_factory=ApplyResult)
     _threads: list[threading.Thread] = field(default_factory=list)
     _started_at: float | None = None
 
@@ -178,7 +179,7 @@ class LocalStack:
         from ray import serve
 
         from ..allocator import NAMESPACE
-        from .controller_actor import ControllerHandle
+        from .controller_actor import ControllerClient
         from .http_api import ControllerAPI
 
         self._start_mps(progress)
@@ -204,7 +205,7 @@ class LocalStack:
         if node_ip != "127.0.0.1":
             raise RuntimeError(f"the local Ray node took address {node_ip}, not 127.0.0.1; refusing to serve")
         serve.start(proxy_location="Disabled")
-        self.controller = ControllerHandle(self.config.serving)
+        self.controller = ControllerClient(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
         self._wait_inventory()
         token, hint = server_token()
@@ -226,13 +227,7 @@ class LocalStack:
     def _refuse_too_big(self) -> None:
         """Raise `NoGPULargeEnough` before any engine starts when a model's replica is larger than
         every GPU here (the planner's `too_big`); a model merely without room now stays pending."""
-        import ray
-
-        from ..planner import Plan
-
-        models = [m.model_dump(mode="json") for m in self.config.models]
-        placement = self.config.placement.model_dump(mode="json")
-        planned = Plan.model_validate(ray.get(self.controller.allocator.plan.remote(models, placement)))
+        planned = self.controller.allocator.plan(self.config.models, self.config.placement)
         too_big = [u.reason for u in planned.unplaced if u.too_big]
         if too_big:
             raise NoGPULargeEnough(too_big)
@@ -282,12 +277,10 @@ class LocalStack:
         self._threads.append(thread)
 
     def _wait_inventory(self, timeout_s: float = 60) -> None:
-        import ray
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            state = ray.get(self.controller.allocator.get_vram_state.remote())
-            if state["gpus"]:
+            state = self.controller.allocator.vram_state()
+            if state.gpus:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the monitor published no inventory within {timeout_s:g}s")

@@ -18,8 +18,8 @@ from typing import Any
 import ray
 
 from ..config import ServingSettings
+from ..contract import Reservation
 from ..node import NODE_NAME_LABEL, ROUTER_HOST_LABEL
-from ..planner import Reservation
 from .pinning import PINNING_ENV, is_cuda_uuid
 
 log = logging.getLogger(__name__)

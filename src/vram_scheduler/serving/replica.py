@@ -33,13 +33,12 @@ from typing import Any
 import ray
 from ray import serve
 
-from ..allocator import get_vram_allocator
+from ..allocator import AsyncAllocatorClient
 from ..config import ModelSpec, ServingSettings, format_gib
-from ..contract import MediaAccepts, ReplicaEndpoint
+from ..contract import MediaAccepts, ReplicaEndpoint, Reservation
 from ..demo_model import resolve_model_source
 from ..errors import RayVramError
 from ..model_limits import local_config
-from ..planner import Reservation
 from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .http_limits import server_config
@@ -107,7 +106,7 @@ class VLLMReplica:
         self.heartbeat_task: asyncio.Task[None] | None = None
         self.endpoint: ReplicaEndpoint | None = None
         self.requests: LoopThread | None = None
-        self.allocator = get_vram_allocator()
+        self.allocator = AsyncAllocatorClient()
         self._reserved = False
         self._stderr_mark = stderr_position()
         started = time.monotonic()
@@ -136,7 +135,7 @@ class VLLMReplica:
         model_source = resolve_model_source(self.spec.model)
         self.spec = await asyncio.to_thread(checked_spec, self.spec, self.replica_id)  # before reserving
         try:
-            held = await self.allocator.reserve.remote(
+            self.reservation = await self.allocator.reserve(
                 self.replica_id,
                 self.spec.model_id,
                 self.spec.vram_bytes,
@@ -147,7 +146,6 @@ class VLLMReplica:
         except Exception as error:
             raise ReplicaStartupError(f"replica {self.replica_id}: no reservation: {_reason(error)}") from None
         self._reserved = True
-        self.reservation = Reservation.model_validate(held)
         gpu_uuid = self.reservation.gpu_uuid
         device = pin_process(gpu_uuid)
         total = visible_device_total_bytes() if device == "cuda" else _host_memory_total()
@@ -174,7 +172,7 @@ class VLLMReplica:
         self.prepare(model_source, budget)
         use_lock = os.environ.get(STARTUP_LOCK_ENV, "1") != "0"
         if use_lock:
-            locked = await self.allocator.acquire_startup_lock.remote(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
+            locked = await self.allocator.acquire_startup_lock(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
             if not locked:
                 raise ReplicaStartupError(
                     f"replica {self.replica_id}: startup lock of GPU {gpu_uuid} not granted within "
@@ -184,10 +182,10 @@ class VLLMReplica:
             await self.load()
         finally:
             if use_lock:
-                await self.allocator.release_startup_lock.remote(gpu_uuid, self.replica_id)
+                await self.allocator.release_startup_lock(gpu_uuid, self.replica_id)
         pids = self._engine_pids()
         for pid in pids:
-            await self.allocator.attach_process.remote(self.replica_id, pid)
+            await self.allocator.attach_process(self.replica_id, pid)
         tasks, accepts = await self.capabilities()
         url = await self.serve_http(accepts)
         self.endpoint = ReplicaEndpoint(
@@ -417,7 +415,7 @@ class VLLMReplica:
         if not self._reserved:
             return
         try:
-            await self.allocator.release.remote(self.replica_id)
+            await self.allocator.release(self.replica_id)
             self._reserved = False
         except Exception as error:  # the allocator reclaims it once this actor is gone
             log.warning("replica %s: release failed (%s); the allocator reclaims it", self.replica_id, error)
