@@ -109,7 +109,6 @@ def _status(local: Any) -> dict[str, Any]:
 
 
 def run_pack(root: Path, results: Path) -> dict[str, Any]:
-    import ray
 
     from vram_scheduler.controller_auth import auth_headers
 
@@ -169,7 +168,7 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         serving = [m["model_id"] for m in models if m["model_id"] != "big"]
         rows = [*replica_peaks(stack.sampler, replica_infos(serving)), *big_rows]
         outcome["replicas"] = rows
-        outcome["vram"] = ray.get(local.controller.allocator.get_vram_state.remote())
+        outcome["vram"] = local.controller.allocator.vram_state().model_dump(mode="json")
     for row in rows:
         print(
             f"pack: {row['replica_id']}: peak {row['nvml_peak_bytes'] / 2**30:.2f} GiB, reservation "

@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, get_vram_allocator
+from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, AllocatorClient, get_vram_allocator
 from vram_scheduler.heartbeats import forget_heartbeats
 from vram_scheduler.ledger_store import forget_ledger
 
@@ -72,8 +72,8 @@ def forget_allocator() -> Callable[[], None]:
 
 
 @pytest.fixture
-def allocator(cluster: Cluster) -> Iterator[ray.actor.ActorHandle]:
+def allocator(cluster: Cluster) -> Iterator[AllocatorClient]:
+    """A fresh `vram_allocator`, through its typed client (`.handle`: the actor itself)."""
     drop_allocator()
-    handle = get_vram_allocator()
-    yield handle
+    yield AllocatorClient(get_vram_allocator())
     drop_allocator()

@@ -88,18 +88,17 @@ def start_monitor(node: str, gcs_address: str, inventory: Path = INVENTORY) -> t
 def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
     """Serve, the controller and `config`'s models on the connected Ray cluster once the allocator has
     the inventory of `nodes` nodes; every replica ready. Everything shut down on exit."""
-    import ray
     from ray import serve
 
     from vram_scheduler.demo_model import ensure_demo_model
-    from vram_scheduler.serving.controller_actor import ControllerHandle
+    from vram_scheduler.serving.controller_actor import ControllerClient
 
     ensure_demo_model()
     serve.start(proxy_location="Disabled")
-    controller = ControllerHandle(config.serving)
+    controller = ControllerClient(config.serving)
     try:
         deadline = time.monotonic() + 60
-        while len(ray.get(controller.allocator.get_vram_state.remote())["nodes"]) < nodes:
+        while len(controller.allocator.vram_state().nodes) < nodes:
             assert time.monotonic() < deadline, "the monitors published no inventory"
             time.sleep(0.2)
         controller.apply(config)

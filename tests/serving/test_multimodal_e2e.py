@@ -297,7 +297,7 @@ def test_bad_images_get_a_4xx_and_no_replica_restarts(stack: Stack, media_dir: P
     # Still the same processes, still answering.
     assert replica_pids() == before
     assert post(stack, chat_body("vision", [ok]) | {"max_tokens": 2}).status_code == 200
-    assert all(r["state"] == "ready" for m in stack.controller.status()["models"] for r in m["replicas"])
+    assert all(r.state == "ready" for m in stack.controller.status().models for r in m.replicas)
 
 
 # -- audio -------------------------------------------------------------------------------------------

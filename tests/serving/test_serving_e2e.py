@@ -23,7 +23,6 @@ from typing import Literal
 
 import httpx
 import pytest
-import ray
 import yaml
 from pydantic import BaseModel
 from ray import serve
@@ -53,28 +52,28 @@ def replica_pids(model_id: str) -> dict[str, list[int]]:
 
 def test_replicas_hold_the_planned_reservations(stack: Stack) -> None:
     status = stack.controller.status()
-    models = {m["model_id"]: m for m in status["models"]}
+    models = {m.model_id: m for m in status.models}
     assert sorted(models) == ["alpha", "beta"]
-    ledger = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    ledger = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     assert sorted(ledger) == ["alpha-0", "alpha-1", "beta-0", "beta-1"]
     for entry in models.values():
-        assert [r["state"] for r in entry["replicas"]] == ["ready", "ready"]
-        for replica in entry["replicas"]:
-            held = ledger[replica["replica_id"]]
+        assert [r.state for r in entry.replicas] == ["ready", "ready"]
+        for replica in entry.replicas:
+            held = ledger[replica.replica_id]
             assert (
-                (replica["gpu_uuid"], replica["bytes"])
-                == (held["gpu_uuid"], held["bytes"])
+                (replica.gpu_uuid, replica.bytes)
+                == (held.gpu_uuid, held.bytes)
                 == (
-                    held["gpu_uuid"],
+                    held.gpu_uuid,
                     int(1.5 * 1024**3),
                 )
             )
     # The planner packs beta's two replicas onto the 12 GiB GPU (alpha-0 took the 4 GiB one).
-    beta_gpus = {r["gpu_uuid"] for r in models["beta"]["replicas"]}
+    beta_gpus = {r.gpu_uuid for r in models["beta"].replicas}
     assert beta_gpus == {"GPU-5e5e0000-0000-0000-0000-000000000000"}
-    state = ray.get(stack.controller.allocator.get_vram_state.remote())
-    on_gpu0 = next(g for g in state["gpus"] if g["index"] == 0)
-    assert sorted(r["replica_id"] for r in on_gpu0["replicas"]) == ["alpha-1", "beta-0", "beta-1"]
+    state = stack.controller.allocator.vram_state()
+    on_gpu0 = next(g for g in state.gpus if g.index == 0)
+    assert sorted(r.replica_id for r in on_gpu0.replicas) == ["alpha-1", "beta-0", "beta-1"]
     # Each replica is its own Serve deployment, named by its replica id, and reported its processes.
     for model_id in models:
         for replica_id, pids in replica_pids(model_id).items():
@@ -90,7 +89,7 @@ def test_an_application_plans_around_the_reservations_of_models_it_does_not_depl
     from vram_scheduler.serving.app import build_model_app, plan_models
 
     solo = ModelSpec.model_validate(model("solo", replicas=1))
-    before = ray.get(stack.controller.allocator.reservations.remote())
+    before = stack.controller.allocator.reservations()
     placement = PlacementSettings(replica_overhead_gb=2)
     plan = plan_models([solo], RayVRAMConfig(models=[solo], placement=placement))
     assert plan.replicas_of("solo") == [] and plan.release == []
@@ -98,7 +97,7 @@ def test_an_application_plans_around_the_reservations_of_models_it_does_not_depl
     assert "largest free slot is 1.50 GiB" in plan.unplaced[0].reason
     with pytest.raises(ValueError, match=r"model solo: no replica placed: 1 replica of model solo needs 3\.50 GiB"):
         build_model_app({"model": solo.model_dump(mode="json"), "placement": placement.model_dump(mode="json")})
-    assert ray.get(stack.controller.allocator.reservations.remote()) == before
+    assert stack.controller.allocator.reservations() == before
 
 
 def test_models_endpoint_lists_ids_and_aliases(stack: Stack) -> None:
@@ -290,7 +289,7 @@ def test_replica_without_reservation_fails_fast_with_the_reason(stack: Stack) ->
             time.sleep(0.5)
         message = app.deployments["greedy-0"].message
         assert "no reservation" in message and "short by" in message and "GPU 1" in message, message
-        assert all(r["replica_id"] != "greedy-0" for r in ray.get(stack.controller.allocator.reservations.remote()))
+        assert all(r.replica_id != "greedy-0" for r in stack.controller.allocator.reservations())
     finally:
         serve.delete("greedy")
 
@@ -357,8 +356,8 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
         asker.join(timeout=30)
         assert answers and set(answers) == {200}, answers
         assert replica_pids("beta") == beta_before  # same replicas, never restarted
-        ledger = ray.get(stack.controller.allocator.reservations.remote())
-        assert sorted(r["replica_id"] for r in ledger) == ["beta-0", "beta-1", "gamma-0"]
+        ledger = stack.controller.allocator.reservations()
+        assert sorted(r.replica_id for r in ledger) == ["beta-0", "beta-1", "gamma-0"]
         assert model_app_name("alpha") not in serve.status().applications
 
         # The controller's HTTP API (served by gunicorn).
@@ -397,8 +396,8 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
 def test_delete_one_model_frees_its_reservations(stack: Stack) -> None:
     assert stack.controller.remove("gamma") is True
     assert stack.controller.remove("gamma") is False  # idempotent
-    ledger = ray.get(stack.controller.allocator.reservations.remote())
-    assert sorted(r["replica_id"] for r in ledger) == ["beta-0", "beta-1"]
+    ledger = stack.controller.allocator.reservations()
+    assert sorted(r.replica_id for r in ledger) == ["beta-0", "beta-1"]
     assert post(stack, "/v1/completions", {"model": "gamma", "prompt": "x"}).status_code == 404
 
 
@@ -445,11 +444,11 @@ def test_single_application_from_values_serves_and_gives_back_its_reservation(st
         assert answer is not None and answer.status_code == 200, answer.text if answer else "no answer"
         assert answer.json()["usage"]["completion_tokens"] == 12  # the model's max_tokens
         assert [m["id"] for m in httpx.get(base + "/v1/models", timeout=30).json()["data"]] == ["solo"]
-        held = [r["replica_id"] for r in ray.get(stack.controller.allocator.reservations.remote())]
+        held = [r.replica_id for r in stack.controller.allocator.reservations()]
         assert "solo-0" in held
     finally:
         serve.delete("ray-vram-single")
-    held = [r["replica_id"] for r in ray.get(stack.controller.allocator.reservations.remote())]
+    held = [r.replica_id for r in stack.controller.allocator.reservations()]
     assert "solo-0" not in held and {"beta-0", "beta-1"} <= set(held)
 
 
@@ -459,7 +458,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> 
     OpenAI-shaped error event, never a hang or a silent end; plain requests it held are answered by
     beta-1 (a completion has no side effect, so the router sends it again); Serve brings beta-0
     back on the GPU its reservation names, and the ledger holds exactly the two reservations."""
-    before = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    before = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     victim = replica_pids("beta")["beta-0"][0]
     stream_body = {"model": "beta", "prompt": "Our team", "max_tokens": 200, "ignore_eos": True, "stream": True}
     plain_body = {"model": "beta", "prompt": "Our team", "max_tokens": 48, "ignore_eos": True}
@@ -486,30 +485,24 @@ def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> 
     deadline = time.monotonic() + 300
     while True:
         replicas = {
-            r["replica_id"]: r
-            for m in stack.controller.status()["models"]
-            if m["model_id"] == "beta"
-            for r in m["replicas"]
+            r.replica_id: r for m in stack.controller.status().models if m.model_id == "beta" for r in m.replicas
         }
-        pids = replica_pids("beta") if all(r["state"] == "ready" for r in replicas.values()) else {}
+        pids = replica_pids("beta") if all(r.state == "ready" for r in replicas.values()) else {}
         if pids.get("beta-0") and pids["beta-0"][0] != victim:
             break
         assert time.monotonic() < deadline, f"beta-0 did not come back: {replicas}"
         time.sleep(2)
-    after = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    after = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     assert sorted(after) == sorted(before)
-    assert (after["beta-0"]["gpu_uuid"], after["beta-0"]["bytes"]) == (
-        before["beta-0"]["gpu_uuid"],
-        before["beta-0"]["bytes"],
-    )
+    assert (after["beta-0"].gpu_uuid, after["beta-0"].bytes) == (before["beta-0"].gpu_uuid, before["beta-0"].bytes)
     infos = serve.get_app_handle(model_app_name("beta")).replica_info.remote().result(timeout_s=60)
     assert {i["replica_id"]: i["gpu_uuid"] for i in infos} == {
-        k: v["gpu_uuid"] for k, v in after.items() if k.startswith("beta")
+        k: v.gpu_uuid for k, v in after.items() if k.startswith("beta")
     }
     assert post(stack, "/v1/completions", plain_body).status_code == 200
 
 
 def test_shutdown_leaves_the_ledger_empty(stack: Stack) -> None:
     stack.controller.shutdown()
-    assert ray.get(stack.controller.allocator.reservations.remote()) == []
+    assert stack.controller.allocator.reservations() == []
     assert not [name for name in serve.status().applications if name.startswith("model-")]
