@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pydantic import BaseModel
 from rich.table import Table
 
-from .. import inference as inf
 from ..client import (
     PlacementError,
     SchedulerError,
@@ -29,6 +28,8 @@ from ..config import GIB, ConfigError, format_gib
 from ..contract import DeploymentStatus
 from ..display import wide_console
 from ..exit_codes import ExitCode
+from ..sdk.inference import inference
+from ..sdk.inference_errors import InferenceError
 from .options import (
     RAY_ADDRESS_INSTEAD,
     add_controller_address_option,
@@ -94,7 +95,7 @@ def _timed(name: str, step: Callable[[], str]) -> CheckResult:
     start = time.monotonic()
     try:
         detail, ok = step(), True
-    except (SchedulerError, inf.InferenceError, AssertionError) as error:
+    except (SchedulerError, InferenceError, AssertionError) as error:
         detail, ok = f"{type(error).__name__}: {error}", False
     return CheckResult(name=name, ok=ok, detail=detail, seconds=round(time.monotonic() - start, 3))
 
@@ -150,7 +151,7 @@ def _refusal(scheduler: VRAMScheduler) -> str:
 def _inference(status: DeploymentStatus, endpoint: str | None) -> str:
     ready = [r for r in status.replicas if r.state == "ready"]
     assert ready, f"no ready replica ({', '.join(f'{r.replica_id}:{r.state}' for r in status.replicas) or 'none'})"
-    text = inf.inference("ping", status.model_id, base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
+    text = inference("ping", status.model_id, base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
     return f"{len(ready)} ready replica(s); answered {len(text)} char(s)"
 
 
