@@ -157,6 +157,25 @@ def test_invalid_input_is_refused_with_names(allocator) -> None:
     assert isinstance(allocator.reserve("m-0", "m", GIB), Reservation)
 
 
+def test_the_typed_clients_read_an_older_actors_plain_answers() -> None:
+    """An allocator or controller from before the typed boundary answers dicts (a cluster mid-upgrade):
+    the clients read them as the same models, and refuse a shape that is not one, naming the field."""
+    from pydantic import ValidationError
+
+    from vram_scheduler.allocator import _checked, _checked_list
+    from vram_scheduler.contract import DeploymentList
+    from vram_scheduler.serving.controller_actor import _typed
+
+    held = {"replica_id": "m-0", "model_id": "m", "node": "n", "gpu_uuid": "u", "gpu_index": 0, "bytes": GIB}
+    assert _checked(Reservation, held) == Reservation(**held)
+    assert _checked_list(Reservation, [held]) == [Reservation(**held)]
+    same = Reservation(**held)
+    assert _checked(Reservation, same) is same
+    assert _typed(DeploymentList, {"models": []}) == DeploymentList()
+    with pytest.raises(ValidationError, match="gpu_index"):
+        _checked(Reservation, held | {"gpu_index": -1})
+
+
 def test_get_vram_allocator_is_race_safe(allocator, forget_allocator) -> None:
     @ray.remote(num_cpus=0)
     def find() -> str:
