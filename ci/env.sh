@@ -6,6 +6,9 @@ export RAY_VRAM_CACHE=${RAY_VRAM_CACHE:-$HOME/.cache/ray-vram}
 export RAY_VRAM_BIN=$RAY_VRAM_CACHE/bin
 export RAY_VRAM_WORK=${RAY_VRAM_WORK:-$ROOT/.work}
 export PATH=$RAY_VRAM_BIN:$PATH
+# This checkout's package first: the cached venv (shared by every checkout on the machine) holds an
+# editable install of whichever checkout installed it last.
+case ":${PYTHONPATH:-}:" in *":$ROOT/src:"*) ;; *) export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH} ;; esac
 # Temporary files (Ray sessions, vLLM's IPC sockets) go to a short per-checkout folder in /tmp:
 # AF_UNIX socket paths are capped at 107 bytes, and Ray's ".../ray/session_<date>_<pid>/sockets/
 # plasma_store" under a deep checkout's .work/tmp goes past that.

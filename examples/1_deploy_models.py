@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from vram_scheduler import PlacementError, VRAMScheduler
-from vram_scheduler.config import load_config
+from vram_scheduler.core.config import load_config
 
 DEFAULT = Path(__file__).with_name("models.yaml")
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.core.inventory import NodeInventory
 from vram_scheduler.monitor.exporter import MonitorMetrics, Snapshot
 from vram_scheduler.monitor.watchdog import ReplicaBudget, ReplicaUsage
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,15 +53,23 @@ def tools() -> Tools:
 
 
 class PrometheusServer:
-    """`prometheus` scraping `targets` (job name → host:port) every second, with `rule_files` loaded."""
+    """`prometheus` scraping `targets` (job name → host:port) every second, with `rule_files` loaded;
+    a job in `bearer_tokens` sends that token (`Authorization: Bearer`), as the chart's ServiceMonitor does."""
 
-    def __init__(self, targets: dict[str, str], rule_files: Iterable[Path] = ()):
+    def __init__(
+        self, targets: dict[str, str], rule_files: Iterable[Path] = (), bearer_tokens: dict[str, str] | None = None
+    ):
         self._dir = tempfile.TemporaryDirectory(prefix="prometheus-")
         folder = Path(self._dir.name)
+        tokens = bearer_tokens or {}
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(path) for path in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [t]}]} for job, t in targets.items()],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [t]}]}
+                | ({"authorization": {"credentials": tokens[job]}} if job in tokens else {})
+                for job, t in targets.items()
+            ],
         }
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()

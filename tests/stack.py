@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("RAY_VRAM_CACHE", Path.home() / ".cache" / "ray-vram"))
@@ -266,10 +266,10 @@ class LocalStack:
 
 def _serve_declared(values: str, inventory: str, controller_port: int) -> None:
     """Child process: LocalStack with a FileReader monitor; runs until stdin closes."""
-    from vram_scheduler.config import load_config
+    from vram_scheduler.core.config import load_config
+    from vram_scheduler.local import stack as local
     from vram_scheduler.monitor.readers import FileReader
     from vram_scheduler.monitor.service import MonitorService, MonitorSettings
-    from vram_scheduler.serving import local
 
     class DeclaredStack(local.LocalStack):
         def _start_monitor(self, address: str) -> None:

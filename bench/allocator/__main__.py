@@ -38,12 +38,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # after the environment above
 from ray.experimental import internal_kv
 
-from vram_scheduler.allocator import NAMESPACE, AllocatorClient, get_vram_allocator
-from vram_scheduler.config import PlacementSettings
-from vram_scheduler.contract import ReserveRequest
-from vram_scheduler.inventory import NodeInventory
-from vram_scheduler.ledger import Ledger
-from vram_scheduler.ledger_store import forget_ledger
+from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
+from vram_scheduler.allocator.store import forget_ledger
+from vram_scheduler.core.config import PlacementSettings
+from vram_scheduler.core.contract import ReserveRequest
+from vram_scheduler.core.inventory import NodeInventory
+from vram_scheduler.core.ledger import Ledger
+from vram_scheduler.core.ray_names import NAMESPACE
 from vram_scheduler.monitor.publisher import AllocatorLink
 
 from .clients import MIB, Client

@@ -7,8 +7,8 @@ import time
 
 import ray
 
-from vram_scheduler.allocator import get_vram_allocator
-from vram_scheduler.contract import ReserveOutcome, ReserveRequest
+from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.core.contract import ReserveOutcome, ReserveRequest
 
 MIB = 1 << 20
 

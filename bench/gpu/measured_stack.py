@@ -30,7 +30,7 @@ def generated_model(directory: Path, kind: str = "text") -> Path:
     a child process (no CUDA context in this one)."""
     if not (directory / "config.json").exists():
         code = (
-            "import sys; from vram_scheduler.demo_model import generate_demo_model as g; "
+            "import sys; from vram_scheduler.tools.demo.model import generate_demo_model as g; "
             "g(sys.argv[1], shape='gpu', kind=sys.argv[2])"
         )
         subprocess.run([sys.executable, "-c", code, str(directory), kind], check=True)
@@ -57,9 +57,9 @@ def measured_stack(
     """The local stack serving `models` on free ports, an NVML sampler running from before its first
     replica starts (start-up and CUDA-graph capture count towards each peak); entered once every
     replica is ready, stopped on leaving."""
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.loopback import free_port
-    from vram_scheduler.serving.local import LocalStack
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.loopback import free_port
+    from vram_scheduler.local.stack import LocalStack
 
     config = parse_config(
         {
@@ -103,8 +103,8 @@ def replica_peaks(
     """Each replica's process tree, its NVML peak against its budget and its reservation (budget +
     the overhead its reservation holds; `overhead_gb` for a replica that reports none), and the GPUs
     its engine used."""
-    from vram_scheduler import capacity
-    from vram_scheduler.config import gib_to_bytes
+    from vram_scheduler.core import capacity
+    from vram_scheduler.core.config import gib_to_bytes
 
     rows = []
     for info in infos:

@@ -105,12 +105,12 @@ def _request(method: str, url: str, headers: dict[str, str], body: bytes | None 
 
 
 def _status(local: Any) -> dict[str, Any]:
-    return {model["model_id"]: model for model in local.controller.status()["models"]}
+    return {model["model_id"]: model for model in local.controller.status().model_dump(mode="json")["models"]}
 
 
 def run_pack(root: Path, results: Path) -> dict[str, Any]:
 
-    from vram_scheduler.controller_auth import auth_headers
+    from vram_scheduler.sdk.token import auth_headers
 
     from .tools import gpus
 

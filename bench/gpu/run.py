@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vram_scheduler import capacity
-from vram_scheduler.config import gib_to_bytes
+from vram_scheduler.core import capacity
+from vram_scheduler.core.config import gib_to_bytes
 
 from .measured_stack import replica_budget_gb, replica_infos, replica_peaks
 from .pack import run_pack
@@ -52,7 +52,7 @@ def share_of_budget(total_bytes: int) -> tuple[float, float]:
 def run_servers(
     model: str, shares: list[float], clients_per_server: int, tag: str, mps_pipe: str | None = None
 ) -> dict[str, Any]:
-    from vram_scheduler.serving.mps import client_env
+    from vram_scheduler.serving.replica.mps import client_env
 
     gpu = gpus()[0]
     servers = [
@@ -113,8 +113,8 @@ def stage_stack(model: str, models: list[dict[str, Any]], lock: bool, load_promp
     """ray-vram's local stack deploying `models` at once, with or without the per-GPU startup lock
     (without it MPS is off too, as a plain Ray deployment would run): how many replicas start, in
     what time, where; with `load_prompts`, a load through the router and each replica's NVML peak."""
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.serving.local import LocalStack
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.local.stack import LocalStack
 
     if not lock:
         os.environ["RAY_VRAM_GPU_STARTUP_LOCK"] = "0"
@@ -135,7 +135,7 @@ def stage_stack(model: str, models: list[dict[str, Any]], lock: bool, load_promp
             local.start(progress=print)
             deadline = time.monotonic() + 500
             while time.monotonic() < deadline:
-                states = [r for m in local.controller.status()["models"] for r in m["replicas"]]
+                states = [r for m in local.controller.status().model_dump(mode="json")["models"] for r in m["replicas"]]
                 if states and all(r["state"] in ("ready", "failed") for r in states):
                     break
                 time.sleep(1)
@@ -161,9 +161,9 @@ def stage_fractional(models: list[dict[str, Any]]) -> dict[str, Any]:
     No engines: an actor per replica reports the GPU Ray gave it, or stays pending."""
     import ray
 
-    from vram_scheduler.config import ModelSpec, PlacementSettings
-    from vram_scheduler.inventory import GPUInfo, Inventory, NodeInventory
-    from vram_scheduler.planner import plan
+    from vram_scheduler.core.config import ModelSpec, PlacementSettings
+    from vram_scheduler.core.inventory import GPUInfo, Inventory, NodeInventory
+    from vram_scheduler.core.planner import plan
 
     devices = gpus()
     overhead = 2 * GIB
@@ -348,7 +348,7 @@ def main() -> int:
     if args.stage == "bare":
         data = run_servers(args.model, [share] * args.n, 1, "bare")
     elif args.stage == "bare-mps":
-        from vram_scheduler.serving import mps
+        from vram_scheduler.serving.replica import mps
 
         pipe, logs = "/tmp/rv-bench-mps/pipe", "/tmp/rv-bench-mps/log"
         mps.start_daemon(pipe, logs)

@@ -49,7 +49,7 @@ def make_llama(directory: Path, hidden: int, layers: int, heads: int, kv_heads: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vram_scheduler.demo_parts import train_tokenizer
+    from vram_scheduler.tools.demo.parts import train_tokenizer
 
     tokenizer = train_tokenizer(0, MAX_MODEL_LEN)
     config = LlamaConfig(
@@ -158,7 +158,7 @@ def measure_size(name: str, root: Path, logs: Path) -> dict[str, Any]:
 
 def run_sizes(names: list[str], root: Path, results: Path) -> dict[str, Any]:
     """Measure each size in turn under an MPS daemon (the replicas' cap), writing each as it ends."""
-    from vram_scheduler.serving import mps
+    from vram_scheduler.serving.replica import mps
 
     from .tools import write_json
 

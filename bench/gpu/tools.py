@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from vram_scheduler.nvml_usage import process_usage
+from vram_scheduler.monitor.nvml_usage import process_usage
 
 GIB = 1024**3
 #: Per-client results and logs of `vllm bench serve` (many files; only summaries are kept).

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vram_scheduler.planner import plan
+from vram_scheduler.core.planner import plan
 
 from .instances import generate, large_instance
 from .methods import METHODS, Outcome

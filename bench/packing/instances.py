@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from vram_scheduler import capacity
-from vram_scheduler.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
-from vram_scheduler.inventory import Inventory
+from vram_scheduler.core import capacity
+from vram_scheduler.core.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
+from vram_scheduler.core.inventory import Inventory
 
 GPU_TYPES = [
     ("NVIDIA RTX 4060", 8),

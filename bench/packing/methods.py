@@ -4,7 +4,7 @@ Every method sees the same need per replica (budget + per-replica overhead). A G
 overcommitted when memory used by other processes plus the needs of the replicas placed on it
 exceed its total; only replicas on GPUs that are not overcommitted count as placed.
 
-- planner: ray-vram's planner (`vram_scheduler.planner.plan`).
+- planner: ray-vram's planner (`vram_scheduler.core.planner.plan`).
 - ray_fractional: Ray's logical fractional GPUs. Each replica asks for `num_gpus = need / GPU size`,
   normalised per node (the node's mean GPU size: the best a user can do when GPUs differ between
   nodes), and Ray fits fractions into 1.0 per GPU, first node and first GPU that fits. It knows
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import pulp
 
-from vram_scheduler.config import ModelSpec
-from vram_scheduler.inventory import GPUInfo
-from vram_scheduler.planner import plan
+from vram_scheduler.core.config import ModelSpec
+from vram_scheduler.core.inventory import GPUInfo
+from vram_scheduler.core.planner import plan
 
 from .instances import Instance
 

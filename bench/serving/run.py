@@ -28,8 +28,8 @@ from typing import Any
 import httpx
 import psutil
 
-from vram_scheduler.demo_model import ensure_demo_model
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
+from vram_scheduler.tools.demo.model import ensure_demo_model
 
 from .load import prompts, run_phase
 from .stacks import ray_vram_command, serve_llm_command, vllm_command

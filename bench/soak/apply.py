@@ -16,8 +16,8 @@ import json
 import time
 from typing import Any
 
-from vram_scheduler.commands.serve import join_ray, start_controller
-from vram_scheduler.config import load_config
+from vram_scheduler.cli.commands.serve import join_ray, start_controller
+from vram_scheduler.core.config import load_config
 
 
 def apply_values(address: str, values: str, wait: bool, timeout_s: float) -> dict[str, Any]:

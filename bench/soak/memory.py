@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from vram_scheduler.serving.router import ROUTER_APP, ROUTER_DEPLOYMENT
+from vram_scheduler.serving.router.router import ROUTER_APP, ROUTER_DEPLOYMENT
 
 #: role -> title prefix.
 ROLES = {

@@ -35,10 +35,10 @@ import psutil
 import yaml
 
 from bench.serving.stacks import ray_vram_model, up_command
-from vram_scheduler.demo_model import ensure_demo_model
-from vram_scheduler.exit_codes import ExitCode
-from vram_scheduler.loopback import LOOPBACK_NODE_ENV, free_port
-from vram_scheduler.serving.local import ray_auth_env
+from vram_scheduler.core.exit_codes import ExitCode
+from vram_scheduler.core.loopback import LOOPBACK_NODE_ENV, free_port
+from vram_scheduler.local.stack import ray_auth_env
+from vram_scheduler.tools.demo.model import ensure_demo_model
 
 from . import memory, report
 from .client import burst

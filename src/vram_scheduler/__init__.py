@@ -13,14 +13,14 @@ __version__ = "0.1.0"
 
 #: public name -> submodule defining it.
 _EXPORTS = {
-    "VRAMScheduler": "client",
-    "DeployResult": "client",
-    "DeploymentStatus": "contract",
-    "ReplicaStatus": "contract",
-    "SchedulerError": "scheduler_errors",
-    "PlacementError": "scheduler_errors",
-    "DeploymentError": "scheduler_errors",
-    "ControllerUnavailableError": "scheduler_errors",
+    "VRAMScheduler": "sdk.client",
+    "DeployResult": "sdk.client",
+    "DeploymentStatus": "core.contract",
+    "ReplicaStatus": "core.contract",
+    "SchedulerError": "sdk.scheduler_errors",
+    "PlacementError": "sdk.scheduler_errors",
+    "DeploymentError": "sdk.scheduler_errors",
+    "ControllerUnavailableError": "sdk.scheduler_errors",
     "inference": "sdk.inference",
     "a_inference": "sdk.inference",
     "inference_batch": "sdk.batch",
@@ -39,22 +39,22 @@ _EXPORTS = {
     "InvalidRequestError": "sdk.inference_errors",
     "OverloadedError": "sdk.inference_errors",
     "StructuredOutputError": "sdk.inference_errors",
-    "transcribe": "transcription",
-    "a_transcribe": "transcription",
-    "ImageInputError": "media_inputs",
-    "ModelSpec": "config",
-    "RayVRAMConfig": "config",
-    "ConfigError": "config",
-    "RayVramError": "errors",
-    "VRAMState": "contract",
+    "transcribe": "sdk.transcription",
+    "a_transcribe": "sdk.transcription",
+    "ImageInputError": "sdk.media_inputs",
+    "ModelSpec": "core.config",
+    "RayVRAMConfig": "core.config",
+    "ConfigError": "core.config",
+    "RayVramError": "core.errors",
+    "VRAMState": "core.contract",
 }
 
 __all__ = ["__version__", "get_vram_allocator", *_EXPORTS]
 
 
 def get_vram_allocator() -> Any:
-    """The cluster's `vram_allocator` actor handle (see `vram_scheduler.allocator`); imports Ray now."""
-    from .allocator import get_vram_allocator as get
+    """The cluster's `vram_allocator` actor handle (see `vram_scheduler.allocator.actor`); imports Ray now."""
+    from .allocator.actor import get_vram_allocator as get
 
     return get()
 

@@ -90,3 +90,16 @@ def test_the_controller_network_policy_admits_only_controller_from() -> None:
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}]
     closed = find(render(sets=["networkPolicy.enabled=true"]), "NetworkPolicy", "-controller")["spec"]
     assert closed["ingress"] == [], "without controllerFrom only the release's own pods (other policy) reach it"
+
+
+def test_prometheus_scrapes_the_controller_with_its_token() -> None:
+    """The controller's /metrics needs the token like every route but /healthz: the ServiceMonitor's
+    controller endpoint reads it from the auth Secret (the operator's own with `auth.existingSecret`)."""
+    for values, secret in (([], "rv-ray-vram-auth"), ([SECURITY], "llm-auth")):
+        monitor = find(render(values=values, sets=["monitoring.prometheusOperator=always"]), "ServiceMonitor")
+        by_port = {e["port"]: e for e in monitor["spec"]["endpoints"]}
+        assert by_port["http"]["authorization"] == {
+            "type": "Bearer",
+            "credentials": {"name": secret, "key": "controller-token"},
+        }
+        assert "authorization" not in by_port["metrics"], "the monitor's exporter has no token to check"

@@ -19,7 +19,7 @@ from pathlib import Path
 import promql_parser
 import pytest
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 from .helm import CHART, DATA, ROOT, load, render
 
@@ -163,7 +163,7 @@ def exposition_names(text: str) -> set[str]:
 def controller_metrics() -> set[str]:
     """Metric families the serving controller's /metrics collector builds (read from its source: a
     running controller needs a Ray cluster and the allocator)."""
-    source = ROOT / "src" / "vram_scheduler" / "serving" / "http_api.py"
+    source = ROOT / "src" / "vram_scheduler" / "serving" / "controller" / "http_api.py"
     names = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("GaugeMetricFamily", "CounterMetricFamily"):
@@ -174,7 +174,7 @@ def controller_metrics() -> set[str]:
 
 def router_metrics() -> set[str]:
     """Series the routers record through Ray's metrics API (each node's metrics agent exports them)."""
-    from vram_scheduler.serving.router_metrics import SERIES
+    from vram_scheduler.serving.router.metrics import SERIES
 
     return set(SERIES)
 

@@ -10,8 +10,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from vram_scheduler.cli import build_parser
-from vram_scheduler.config import parse_config
+from vram_scheduler.cli.main import build_parser
+from vram_scheduler.core.config import parse_config
 
 from .helm import CHART, VALUES_FILES, custom_resource_schemas, key, kuberay_values, render, run, tools
 

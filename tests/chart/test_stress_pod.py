@@ -7,7 +7,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
-from vram_scheduler.cli import build_parser
+from vram_scheduler.cli.main import build_parser
 
 from .helm import CHART, find, render, render_fails
 

@@ -53,7 +53,7 @@ def test_model_change_touches_only_config_and_controller_checksum(tmp_path: Path
 
 
 def test_config_map_holds_exactly_the_serving_config() -> None:
-    from vram_scheduler.config import load_config, parse_config
+    from vram_scheduler.core.config import load_config, parse_config
 
     texts = render_texts([BASE])
     data = load(texts["ConfigMap/rv-ray-vram-config"])["data"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vram_scheduler.config import ConfigError, parse_config
+from vram_scheduler.core.config import ConfigError, parse_config
 
 from .helm import CHART, ROOT, render_fails, tools
 
@@ -95,7 +95,7 @@ def test_schema_file_is_generated() -> None:
 
 
 def test_schema_model_section_comes_from_pydantic() -> None:
-    from vram_scheduler.config import config_json_schema
+    from vram_scheduler.core.config import config_json_schema
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     generated = config_json_schema("models")["$defs"]

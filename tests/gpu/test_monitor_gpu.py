@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vram_scheduler.config import GIB
+from vram_scheduler.core.config import GIB
 from vram_scheduler.monitor.pids import ProcessMatcher
 from vram_scheduler.monitor.readers import NVMLReader
 from vram_scheduler.monitor.watchdog import ReplicaBudget, Watchdog, measure

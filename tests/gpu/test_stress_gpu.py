@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -50,8 +50,8 @@ sys.stdin.read()
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.serving.local import LocalStack
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.local.stack import LocalStack
 
     config = parse_config({"models": [], "serving": {"host": "127.0.0.1", "port": free_port()}})
     local = LocalStack(config, controller_port=free_port())
@@ -149,8 +149,8 @@ def test_room_gone_between_planning_and_the_run_is_skipped_live(cluster: Any) ->
     """The monitor saw room; by the time the stress actor runs, a process has taken it."""
     import ray
 
-    from vram_scheduler.serving.pinning import PINNING_ENV
-    from vram_scheduler.stress.runner import STRESS_MODEL_ID, GPUStressActor, gpu_targets, ray_nodes
+    from vram_scheduler.serving.replica.pinning import PINNING_ENV
+    from vram_scheduler.tools.stress.runner import STRESS_MODEL_ID, GPUStressActor, gpu_targets, ray_nodes
 
     wait_monitor_sees(cluster, used_at_most=8 * GIB)  # the previous test's process is gone
     state = cluster.controller.allocator.vram_state()

@@ -146,7 +146,7 @@ def test_replicas_pinned_and_inside_their_reservations_under_load(stack: Stack) 
 def test_outgrown_replica_fails_alone(stack: Stack) -> None:
 
     from bench.gpu.tools import bench_serve, summarize, write_json
-    from vram_scheduler.config import ModelSpec
+    from vram_scheduler.core.config import ModelSpec
 
     infos = stack.replicas()
     neighbours: dict[str, Any] = {}

@@ -12,54 +12,22 @@ import shlex
 import pytest
 from ray._private.label_utils import parse_node_labels_string
 
-from vram_scheduler.cli import main
-from vram_scheduler.config import GIB, ConfigError
-from vram_scheduler.node import (
+from vram_scheduler.cli.main import main
+from vram_scheduler.core.config import ConfigError
+from vram_scheduler.monitor.node import (
     KUBERAY_COMMAND_ENV,
     NodeGPU,
     build_node_start,
-    gpu_resources,
     kuberay_args,
     label_value,
     node_labels,
-    size_class_gb,
 )
 
 H100 = NodeGPU(index=0, uuid="GPU-a", name="NVIDIA H100 80GB HBM3", total_bytes=81559 * 1024**2)
 RTX4090 = NodeGPU(index=1, uuid="GPU-b", name="NVIDIA GeForce RTX 4090", total_bytes=24564 * 1024**2)
 
 
-@pytest.mark.parametrize(
-    ("mib", "size"),
-    [
-        (81559, 80),  # H100 80GB HBM3
-        (143771, 141),  # H200
-        (23034, 24),  # L4
-        (15360, 16),  # T4
-        (12288, 12),  # RTX 3060
-        (24564, 24),  # RTX 4090
-        (95830, 94),  # H100 NVL
-        (300 * 1024, 300),  # beyond the table: rounded up
-    ],
-)
-def test_size_class_is_the_nominal_size_sold(mib: int, size: int) -> None:
-    assert size_class_gb(mib * 1024**2) == size
-
-
-def test_resources_total_vram_and_one_count_per_size_class() -> None:
-    twin = H100.model_copy(update={"index": 2, "uuid": "GPU-c"})
-    resources = gpu_resources([H100, RTX4090, twin])
-    assert resources == {
-        "vram_gb_total": (2 * 81559 + 24564) // 1024,
-        "gpu_80gb": 2,
-        "gpu_24gb": 1,
-    }
-    # Floored: Ray never sees more VRAM than the node has.
-    assert resources["vram_gb_total"] * GIB <= 2 * H100.total_bytes + RTX4090.total_bytes
-
-
-def test_no_gpus_means_no_resources_and_only_the_node_name_label() -> None:
-    assert gpu_resources([]) == {}
+def test_no_gpus_means_only_the_node_name_label() -> None:
     assert node_labels([], "cpu-node-1") == {"ray-vram.io/node-name": "cpu-node-1"}
 
 
@@ -77,13 +45,13 @@ def test_label_values_are_sanitised_to_what_ray_accepts(text: str) -> None:
     assert parse_node_labels_string(f"k={value}") == {"k": value}
 
 
-def test_head_gets_head_block_gpus_resources_and_labels() -> None:
+def test_head_gets_head_block_gpus_and_labels_and_no_vram_resource() -> None:
+    """The node's VRAM is the allocator's to account: no Ray custom resource carries it."""
     start = build_node_start("head", ["--port=6379", "--dashboard-host=0.0.0.0"], [H100, RTX4090], "gpu-1")
     command = start.command
     assert command[:5] == ["ray", "start", "--head", "--port=6379", "--dashboard-host=0.0.0.0"]
     assert "--block" in command and "--num-gpus=2" in command
-    resources = json.loads(next(w for w in command if w.startswith("--resources=")).split("=", 1)[1])
-    assert resources == {"vram_gb_total": 103, "gpu_80gb": 1, "gpu_24gb": 1}
+    assert not any(w.startswith("--resources") for w in command)
     labels = next(w for w in command if w.startswith("--labels=")).split("=", 1)[1]
     assert parse_node_labels_string(labels)["ray-vram.io/node-name"] == "gpu-1"
     assert start.notes == []
@@ -105,14 +73,21 @@ def test_cpu_node_starts_nothing_gpu_related_and_keeps_the_callers_options() -> 
 
 
 def test_detected_values_win_over_the_callers_and_each_replacement_is_noted() -> None:
-    args = ["--address=h:6379", "--num-gpus", "4", "--resources", '{"gpu_80gb": 3, "disk": 2}', "--labels=team=a"]
+    args = [
+        "--address=h:6379",
+        "--num-gpus",
+        "4",
+        "--resources",
+        '{"disk": 2}',
+        "--labels=team=a,ray-vram.io/gpu-count=9",
+    ]
     start = build_node_start("worker", args, [H100], "gpu-1")
     assert start.num_gpus == 1
-    assert start.resources["gpu_80gb"] == 1 and start.resources["disk"] == 2
+    assert start.resources == {"disk": 2}  # the caller's resources pass through, none added
     assert start.labels["team"] == "a"
     assert start.notes == [
         "--num-gpus 4 replaced by 1 (GPUs visible through nvml)",
-        "resource gpu_80gb=3 replaced by 1 (detected)",
+        "label ray-vram.io/gpu-count=9 replaced by 1 (detected)",
     ]
 
 
@@ -174,7 +149,7 @@ def test_cli_dry_run_from_a_declared_inventory(repo_root, capsys) -> None:
                  "worker", "--address=head:6379"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert result["gpu_source"] == "file" and result["num_gpus"] == 1
-    assert result["resources"] == {"vram_gb_total": 12, "gpu_12gb": 1}
+    assert result["resources"] == {}
     assert result["labels"]["ray-vram.io/gpu-model"] == "NVIDIA-GeForce-RTX-3060"
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024**3

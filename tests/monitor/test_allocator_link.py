@@ -17,9 +17,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator import NAMESPACE, AllocatorClient
-from vram_scheduler.config import PlacementSettings
-from vram_scheduler.contract import VRAMState
+from vram_scheduler.allocator.actor import AllocatorClient
+from vram_scheduler.core.config import PlacementSettings
+from vram_scheduler.core.contract import VRAMState
+from vram_scheduler.core.ray_names import NAMESPACE
 
 from .conftest import GIB, Monitor, free_port, inventory_yaml, value
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vram_scheduler.config import ConfigError
-from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.core.config import ConfigError
+from vram_scheduler.core.inventory import NodeInventory
 from vram_scheduler.monitor.readers import FileReader
 
 from .conftest import GIB, ROOT, Monitor, inventory_yaml, value

@@ -43,7 +43,7 @@ from promstack import PrometheusServer
 from stack import LocalStack, demo_model_spec
 
 from vram_scheduler.monitor.exporter import MonitorHTTPServer
-from vram_scheduler.serving.router_metrics import UNKNOWN_MODEL
+from vram_scheduler.serving.router.metrics import UNKNOWN_MODEL
 
 from .conftest import Monitor, inventory_yaml
 
@@ -182,7 +182,7 @@ def prometheus(
         "controller": local_stack.controller.removeprefix("http://"),
         "ray": local_stack.ray_metrics.removeprefix("http://").removesuffix("/metrics"),
     }
-    server = PrometheusServer(targets, rule_files=[rules])
+    server = PrometheusServer(targets, rule_files=[rules], bearer_tokens={"controller": local_stack.token})
     try:
         server.wait_targets_up()
         server.wait_until(
@@ -244,7 +244,9 @@ def test_the_targets_serve_their_metrics(served: set[str], monitor: Monitor, loc
     status, body = monitor.get("/metrics")
     assert status == 200
     assert set(series_labels(body.decode())) - {n for n in served if n.endswith("_created")} <= served
-    status, text = http("GET", f"{local_stack.controller}/metrics")
+    status, _ = http("GET", f"{local_stack.controller}/metrics")
+    assert status == 401, "the controller's /metrics answered without its token"
+    status, text = http("GET", f"{local_stack.controller}/metrics", token=local_stack.token)
     assert status == 200
     assert set(series_labels(text)) == controller_metrics()
     assert controller_metrics() <= served
@@ -268,7 +270,7 @@ def test_the_routers_count_by_bounded_labels(prometheus: PrometheusServer) -> No
 
 def test_the_promtool_input_series_are_what_the_real_controller_emits(local_stack: LocalStack) -> None:
     """tests/chart's promtool alert tests feed the controller's series with these names and labels."""
-    status, text = http("GET", f"{local_stack.controller}/metrics")
+    status, text = http("GET", f"{local_stack.controller}/metrics", token=local_stack.token)
     assert status == 200
     problems = input_series_problems(series_labels(text), controller_metrics())
     assert not problems, "\n".join(problems)

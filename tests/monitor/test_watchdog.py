@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vram_scheduler.commands.monitor import add_arguments
-from vram_scheduler.config import gib_to_bytes
-from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.core.config import gib_to_bytes
+from vram_scheduler.core.inventory import NodeInventory
+from vram_scheduler.monitor.command import add_arguments
 from vram_scheduler.monitor.pids import ProcessMatcher
 from vram_scheduler.monitor.service import MonitorSettings
 from vram_scheduler.monitor.watchdog import ReplicaBudget, ReplicaUsage, Watchdog, measure

@@ -16,9 +16,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, AllocatorClient, get_vram_allocator
-from vram_scheduler.heartbeats import forget_heartbeats
-from vram_scheduler.ledger_store import forget_ledger
+from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
+from vram_scheduler.allocator.heartbeats import forget_heartbeats
+from vram_scheduler.allocator.store import forget_ledger
+from vram_scheduler.core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
 
 # Cluster's default node address: forcing 127.0.0.1 leaves the GCS address unreachable on this machine.
 NODE_ARGS = {"object_store_memory": 80 * 1024**2}
@@ -57,7 +58,7 @@ def drop_allocator() -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
+            ray.kill(ray.get_actor(ALLOCATOR_ACTOR, namespace=NAMESPACE), no_restart=True)
         except ValueError:
             break  # the name is free again
         time.sleep(0.05)

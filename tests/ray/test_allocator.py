@@ -10,10 +10,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator import ACTOR_NAME, NAMESPACE, AllocatorClient, ReservationError, get_vram_allocator
-from vram_scheduler.config import GIB, ConfigError, ModelSpec, PlacementSettings
-from vram_scheduler.contract import Reservation, VRAMState
-from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.allocator.actor import AllocatorClient, ReservationError, get_vram_allocator
+from vram_scheduler.core.config import GIB, ConfigError, ModelSpec, PlacementSettings
+from vram_scheduler.core.contract import Reservation, VRAMState
+from vram_scheduler.core.inventory import NodeInventory
+from vram_scheduler.core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
 
 pytestmark = pytest.mark.slow
 
@@ -162,9 +163,9 @@ def test_the_typed_clients_read_an_older_actors_plain_answers() -> None:
     the clients read them as the same models, and refuse a shape that is not one, naming the field."""
     from pydantic import ValidationError
 
-    from vram_scheduler.allocator import _checked, _checked_list
-    from vram_scheduler.contract import DeploymentList
-    from vram_scheduler.serving.controller_actor import _typed
+    from vram_scheduler.allocator.actor import _checked, _checked_list
+    from vram_scheduler.core.contract import DeploymentList
+    from vram_scheduler.serving.controller.actor import _typed
 
     held = {"replica_id": "m-0", "model_id": "m", "node": "n", "gpu_uuid": "u", "gpu_index": 0, "bytes": GIB}
     assert _checked(Reservation, held) == Reservation(**held)
@@ -184,7 +185,7 @@ def test_get_vram_allocator_is_race_safe(allocator, forget_allocator) -> None:
     forget_allocator()
     ids = ray.get([find.remote() for _ in range(6)])
     assert len(set(ids)) == 1
-    assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id.hex() == ids[0]
+    assert ray.get_actor(ALLOCATOR_ACTOR, namespace=NAMESPACE)._actor_id.hex() == ids[0]
 
 
 def test_stale_node_gets_no_new_reservations(allocator) -> None:
@@ -323,8 +324,8 @@ def test_reservations_reach_the_gcs_at_once_inventory_polls_at_most_every_interv
     """Monitors republish every poll, so the allocator writes inventory-only changes to the GCS at
     most every INVENTORY_PERSIST_INTERVAL_S (a restarted allocator relearns them within a poll);
     a reservation is written at once, with the inventory current at that moment."""
-    from vram_scheduler.allocator import INVENTORY_PERSIST_INTERVAL_S
-    from vram_scheduler.ledger_store import LedgerStore
+    from vram_scheduler.allocator.actor import INVENTORY_PERSIST_INTERVAL_S
+    from vram_scheduler.allocator.store import LedgerStore
 
     def persisted_used_gb() -> float:
         ledger = LedgerStore(NAMESPACE).load()  # what a restarted allocator would load

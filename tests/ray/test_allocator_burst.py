@@ -12,10 +12,11 @@ import pytest
 import ray
 from test_allocator import actor_pid, eventually, node_inventory
 
-from vram_scheduler.allocator import NAMESPACE, ReservationError
-from vram_scheduler.config import GIB, ConfigError, PlacementSettings
-from vram_scheduler.contract import ReserveRequest
-from vram_scheduler.heartbeats import write_heartbeat
+from vram_scheduler.allocator.actor import ReservationError
+from vram_scheduler.allocator.heartbeats import write_heartbeat
+from vram_scheduler.core.config import GIB, ConfigError, PlacementSettings
+from vram_scheduler.core.contract import ReserveRequest
+from vram_scheduler.core.ray_names import NAMESPACE
 from vram_scheduler.monitor.publisher import AllocatorLink
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ class BurstClient:
     """Puts all of its reservations in flight at once: the allocator's queue fills up."""
 
     def burst(self, name: str, count: int) -> dict[str, int | list[str]]:
-        from vram_scheduler.allocator import get_vram_allocator
+        from vram_scheduler.allocator.actor import get_vram_allocator
 
         allocator = get_vram_allocator()
         refs = [allocator.reserve.remote(f"{name}-{i}", "m", MIB) for i in range(count)]

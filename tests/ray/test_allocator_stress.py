@@ -15,11 +15,11 @@ import time
 import pytest
 import ray
 
-from vram_scheduler.allocator import AllocatorClient, ReservationError
-from vram_scheduler.capacity import DEFAULT_OVERHEAD_GB
-from vram_scheduler.config import GIB, PlacementSettings, gib_to_bytes
-from vram_scheduler.contract import Reservation, VRAMState
-from vram_scheduler.inventory import NodeInventory
+from vram_scheduler.allocator.actor import AllocatorClient, ReservationError
+from vram_scheduler.core.capacity import DEFAULT_OVERHEAD_GB
+from vram_scheduler.core.config import GIB, PlacementSettings, gib_to_bytes
+from vram_scheduler.core.contract import Reservation, VRAMState
+from vram_scheduler.core.inventory import NodeInventory
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.experimental import internal_kv
 
-from vram_scheduler.config import GIB, PlacementSettings
-from vram_scheduler.inventory import NodeInventory
-from vram_scheduler.ledger import Ledger
-from vram_scheduler.ledger_store import (
+from vram_scheduler.allocator.store import (
     JOURNAL_PREFIX,
     LEGACY_KEY,
     SNAPSHOT_KEY,
@@ -26,6 +23,9 @@ from vram_scheduler.ledger_store import (
     forget_ledger,
     journal_key,
 )
+from vram_scheduler.core.config import GIB, PlacementSettings
+from vram_scheduler.core.inventory import NodeInventory
+from vram_scheduler.core.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 

@@ -20,14 +20,14 @@ import ray  # imported after the environment above is set
 from conftest import run_cli
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator import AllocatorClient
-from vram_scheduler.config import GIB, ConfigError, PlacementSettings
-from vram_scheduler.inventory import GPUInfo, NodeInventory
-from vram_scheduler.ledger import Ledger
-from vram_scheduler.node import NODE_NAME_LABEL
-from vram_scheduler.stress import gpu as stress_gpu
-from vram_scheduler.stress.report import CPUStress, GPUStress, build_report, judge_cpus, judge_gpus, notes, rows
-from vram_scheduler.stress.runner import (
+from vram_scheduler.allocator.actor import AllocatorClient
+from vram_scheduler.core.config import GIB, ConfigError, PlacementSettings
+from vram_scheduler.core.inventory import GPUInfo, NodeInventory
+from vram_scheduler.core.ledger import Ledger
+from vram_scheduler.core.ray_names import NODE_NAME_LABEL
+from vram_scheduler.tools.stress import gpu as stress_gpu
+from vram_scheduler.tools.stress.report import CPUStress, GPUStress, build_report, judge_cpus, judge_gpus, notes, rows
+from vram_scheduler.tools.stress.runner import (
     MIN_STRESS_BYTES,
     RayNode,
     gpu_targets,
@@ -294,7 +294,7 @@ def test_room_taken_after_planning_is_refused_and_reported_in_the_allocators_wor
     """Planned with room; by the time the actor reserves, the monitor has seen another process take
     the GPU: the allocator refuses, the GPU is skipped, and the reason is the allocator's own text
     (not Ray's remote traceback with terminal colours). Seen so on the GPU machine."""
-    from vram_scheduler.stress.runner import GPUStressActor
+    from vram_scheduler.tools.stress.runner import GPUStressActor
 
     free = GPUInfo(index=0, uuid="GPU-stress-a-0", name=H100, total_bytes=80 * GIB)
     publish(NodeInventory(node="stress-a", gpus=[free]))

@@ -24,7 +24,7 @@ from vram_scheduler import (
     VRAMState,
     inference,
 )
-from vram_scheduler.client import render_vram
+from vram_scheduler.sdk.client import render_vram
 
 pytestmark = pytest.mark.slow
 GIB = 1024**3
@@ -149,7 +149,7 @@ def test_unreachable_controller_is_named() -> None:
 
 
 def stack_spec(model_id: str):
-    from vram_scheduler.client import model_spec
+    from vram_scheduler.sdk.client import model_spec
 
     return model_spec(model_id, "demo", 1.5, max_model_len=512, **stack.ENGINE_KWARGS)
 
@@ -194,8 +194,9 @@ print(json.dumps(outcome))
 
 CLUSTER_VIEW = """
 import json, sys, ray
-from vram_scheduler.allocator import NAMESPACE, AllocatorClient
-from vram_scheduler.loopback import prepare_ray_join
+from vram_scheduler.allocator.actor import AllocatorClient
+from vram_scheduler.core.loopback import prepare_ray_join
+from vram_scheduler.core.ray_names import NAMESPACE
 from ray import serve
 prepare_ray_join(sys.argv[1])
 ray.init(address=sys.argv[1], namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")

@@ -1,5 +1,5 @@
 """The controller API of a real local stack (`ray-vram up`'s, no models: no engine to wait for) only
-answers its token holders and never a web page: every route but /healthz and /metrics needs the
+answers its token holders and never a web page: every route but /healthz (/metrics included) needs the
 installation's token, a wrong one is refused, cross-site requests (Origin, Host, text/plain) are
 refused with or without it, code-loading engine arguments are refused, and the SDK and CLI find the
 token themselves or say where it is."""
@@ -22,8 +22,8 @@ import stack
 import yaml
 from conftest import run_cli
 
-from vram_scheduler.client import ControllerAuthError, VRAMScheduler
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
+from vram_scheduler.sdk.client import ControllerAuthError, VRAMScheduler
 
 ROUTES = [
     ("GET", "/v1/deployments"),
@@ -48,11 +48,11 @@ def test_the_token_file_is_private(bare: stack.LocalStack) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(bare.token) == 64
 
 
-def test_every_route_but_health_and_metrics_needs_the_token(bare: stack.LocalStack) -> None:
+def test_every_route_but_health_needs_the_token(bare: stack.LocalStack) -> None:
     assert call(bare, "GET", "/healthz").status_code == 200
-    assert "ray_vram_controller_reconciles_total" in call(bare, "GET", "/metrics").text
+    assert "ray_vram_controller_reconciles_total" in call(bare, "GET", "/metrics", headers=bare.headers).text
     token_file = str(bare.config_home / "ray-vram" / "controller-token")
-    for method, path in [*ROUTES, ("POST", "/v1/deployments")]:
+    for method, path in [*ROUTES, ("GET", "/metrics"), ("POST", "/v1/deployments")]:
         missing = call(bare, method, path, json={})
         assert missing.status_code == 401, (method, path, missing.text)
         assert token_file in missing.json()["hint"] and missing.headers["www-authenticate"].startswith("Bearer")

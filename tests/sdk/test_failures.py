@@ -16,7 +16,7 @@ import stack
 from conftest import run_cli
 
 from vram_scheduler import ConfigError, DeploymentError, VRAMScheduler
-from vram_scheduler.loopback import LOOPBACK_NODE_ENV
+from vram_scheduler.core.loopback import LOOPBACK_NODE_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from conftest import ALIAS, MODEL
 from pydantic import BaseModel, Field, field_validator
 
 import vram_scheduler as inf
-from vram_scheduler.controller_http import CONTROLLER_ENV
+from vram_scheduler.sdk.controller_http import CONTROLLER_ENV
 from vram_scheduler.sdk.endpoints import DASHBOARD_ENV, ENDPOINT_ENV
 from vram_scheduler.sdk.http_calls import retry_after_seconds
 

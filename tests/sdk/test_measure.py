@@ -8,9 +8,11 @@ import json
 import pytest
 from conftest import run_cli
 
-from vram_scheduler import capacity
-from vram_scheduler.config import GIB, ModelSpec
-from vram_scheduler.measure import (
+from vram_scheduler.core import capacity
+from vram_scheduler.core.config import GIB, ModelSpec
+from vram_scheduler.serving.replica.mps import client_env
+from vram_scheduler.serving.replica.sizing import CPU_RUNTIME_BYTES, size_engine
+from vram_scheduler.tools.measure import (
     CUDA_CONTEXT_BYTES,
     EngineServer,
     build_prompts,
@@ -24,8 +26,6 @@ from vram_scheduler.measure import (
     recommend_vram_gb,
     round_up_gb,
 )
-from vram_scheduler.serving.mps import client_env
-from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, size_engine
 
 MIB = 2**20
 #: The generated demo model's config.json (what matters of it).
@@ -151,7 +151,7 @@ def test_error_lines_are_vllms_not_a_traceback_tail() -> None:
 def test_prompts_are_distinct_and_fit_the_token_limit() -> None:
     from transformers import AutoTokenizer
 
-    from vram_scheduler.demo_model import ensure_demo_model
+    from vram_scheduler.tools.demo.model import ensure_demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
     prompts = build_prompts(tokenizer, len(tokenizer), 6, 300)

@@ -26,7 +26,7 @@ import pytest
 import stack
 from conftest import ROOT
 
-from vram_scheduler.loopback import LOOPBACK_NODE_ENV
+from vram_scheduler.core.loopback import LOOPBACK_NODE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ SCALED = {
 }
 
 #: `vram_scheduler.inference` was a module made callable so that it could also be the function; the
-#: functions now live in `vram_scheduler.sdk` and the package exports each of them by name.
+#: functions now live in `vram_scheduler.sdk` (split by job) and the package exports each by name.
 MOVED = {"from vram_scheduler.inference import": "from vram_scheduler import"}
 
 

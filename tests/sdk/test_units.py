@@ -19,10 +19,10 @@ from vram_scheduler import (
     stream,
     streaming_batch,
 )
-from vram_scheduler.client import plan_on_state
-from vram_scheduler.config import ModelSpec, PlacementSettings, gib_to_bytes
-from vram_scheduler.contract import GPUState, ReplicaState, VRAMState
+from vram_scheduler.core.config import ModelSpec, PlacementSettings, gib_to_bytes
+from vram_scheduler.core.contract import GPUState, ReplicaState, VRAMState
 from vram_scheduler.sdk import chat_request, endpoints
+from vram_scheduler.sdk.client import plan_on_state
 from vram_scheduler.sdk.inference_errors import StructuredOutputError
 
 GIB = 1024**3
@@ -129,8 +129,8 @@ def test_deploy_progress_draws_a_bar_per_replica_on_a_terminal() -> None:
 
     from rich.console import Console
 
-    from vram_scheduler.contract import DeploymentStatus, ReplicaStatus
-    from vram_scheduler.deploy_progress import DeployProgress
+    from vram_scheduler.core.contract import DeploymentStatus, ReplicaStatus
+    from vram_scheduler.sdk.deploy_progress import DeployProgress
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
 
@@ -151,7 +151,7 @@ def test_deploy_progress_draws_a_bar_per_replica_on_a_terminal() -> None:
 
 def deployments_body() -> dict[str, object]:
     """What the controller's `GET /v1/deployments` sends: a model served under an alias too."""
-    from vram_scheduler.contract import DeploymentList, ModelStatus, ReplicaStatus
+    from vram_scheduler.core.contract import DeploymentList, ModelStatus, ReplicaStatus
 
     models = [
         ModelStatus(model_id="other", model="x", vram_gb=1, endpoint="http://other:8000/v1"),
@@ -170,7 +170,7 @@ def deployments_body() -> dict[str, object]:
 def test_deployment_is_found_by_its_alias() -> None:
     import httpx
 
-    from vram_scheduler.client import SchedulerError, VRAMScheduler
+    from vram_scheduler.sdk.client import SchedulerError, VRAMScheduler
 
     transport = httpx.MockTransport(lambda request: httpx.Response(200, json=deployments_body()))
     with VRAMScheduler("http://controller:8080") as scheduler:

@@ -19,8 +19,8 @@ import pytest
 import stack
 import yaml
 
-from vram_scheduler.config import GIB
-from vram_scheduler.exit_codes import ExitCode
+from vram_scheduler.core.config import GIB
+from vram_scheduler.core.exit_codes import ExitCode
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,14 @@ def test_up_reports_a_model_without_room_as_pending_with_the_same_reason_everywh
             == 200
         )
         status = subprocess.run(
-            [sys.executable, "-m", "vram_scheduler.cli", "status", "--address", f"http://127.0.0.1:{controller_port}"],
+            [
+                sys.executable,
+                "-m",
+                "vram_scheduler.cli",
+                "status",
+                "--address",
+                f"http://127.0.0.1:{controller_port}",
+            ],
             capture_output=True,
             text=True,
             timeout=120,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.loopback import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -59,7 +59,7 @@ class Stack:
 
 def two_models(port: int) -> Any:
     """The stack's configuration: alpha and beta (alias beta-alias), 2 replicas each."""
-    from vram_scheduler.config import parse_config
+    from vram_scheduler.core.config import parse_config
 
     return parse_config(
         {
@@ -68,6 +68,14 @@ def two_models(port: int) -> Any:
         },
         "serving tests",
     )
+
+
+def with_demo_models(config: Any) -> Any:
+    """`config` with the demo models it names generated and listed in `serving.model_sources`, as
+    `ray-vram up` and `ray-vram serve` do (the serving path serves them from their directory)."""
+    from vram_scheduler.tools.demo.model import demo_sources
+
+    return demo_sources(config, progress=lambda _: None)
 
 
 def start_monitor(node: str, gcs_address: str, inventory: Path = INVENTORY) -> tuple[Any, threading.Thread]:
@@ -90,10 +98,9 @@ def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
     the inventory of `nodes` nodes; every replica ready. Everything shut down on exit."""
     from ray import serve
 
-    from vram_scheduler.demo_model import ensure_demo_model
-    from vram_scheduler.serving.controller_actor import ControllerClient
+    from vram_scheduler.serving.controller.actor import ControllerClient
 
-    ensure_demo_model()
+    config = with_demo_models(config)
     serve.start(proxy_location="Disabled")
     controller = ControllerClient(config.serving)
     try:
@@ -128,12 +135,9 @@ def running_stack(
     stopped on exit."""
     import ray
 
-    from vram_scheduler.allocator import NAMESPACE
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.demo_model import DEMO_MODELS, ensure_demo_model
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.ray_names import NAMESPACE
 
-    for name in sorted({m["model"] for m in models} & set(DEMO_MODELS)):
-        ensure_demo_model(kind=DEMO_MODELS[name])
     port, metrics_port = free_port(), free_port()
     config = parse_config(
         {

@@ -20,9 +20,9 @@ import pytest
 from ray import serve
 from ray.experimental import internal_kv
 
-from vram_scheduler.allocator import NAMESPACE
+from vram_scheduler.core.ray_names import NAMESPACE
 from vram_scheduler.serving.app import model_app_name
-from vram_scheduler.serving.controller import SPEC_KEY_PREFIX, deploy_in_background
+from vram_scheduler.serving.controller.controller import SPEC_KEY_PREFIX, deploy_in_background
 from vram_scheduler.serving.internal_key import INTERNAL_KEY_ENV, internal_key
 
 from .conftest import Stack, model, running_stack
@@ -158,11 +158,11 @@ def test_a_replica_serves_requests_with_the_internal_key_and_the_router_sends_it
 
 
 def test_a_replica_without_the_internal_key_refuses_to_start(stack: Stack) -> None:
-    from vram_scheduler.config import ModelSpec
-    from vram_scheduler.planner import Reservation
-    from vram_scheduler.serving.replica import replica_deployment
+    from vram_scheduler.core.config import ModelSpec, with_source
+    from vram_scheduler.core.planner import Reservation
+    from vram_scheduler.serving.replica.replica import replica_deployment
 
-    spec = ModelSpec.model_validate(model("keyless", replicas=1))
+    spec = with_source(ModelSpec.model_validate(model("keyless", replicas=1)), stack.controller.serving)
     target = Reservation(
         replica_id="keyless-0",
         model_id="keyless",

@@ -10,10 +10,10 @@ from functools import cache
 import pytest
 from pydantic import ValidationError
 
-from vram_scheduler.config import GIB, ModelSpec, ServingSettings, check_remote_code, parse_config
-from vram_scheduler.engine_guard import CODE_LOADING_ENGINE_ARGS, OWNED_ENGINE_ARGS
-from vram_scheduler.serving.engine_args import EngineArgsError, parse_server_args, server_argv
-from vram_scheduler.serving.sizing import size_engine
+from vram_scheduler.core.config import GIB, ModelSpec, ServingSettings, check_remote_code, parse_config
+from vram_scheduler.core.engine_guard import CODE_LOADING_ENGINE_ARGS, OWNED_ENGINE_ARGS
+from vram_scheduler.serving.replica.engine_args import EngineArgsError, parse_server_args, server_argv
+from vram_scheduler.serving.replica.sizing import size_engine
 
 #: Guarded destinations this vLLM has no option for (positional, or added in other releases).
 NOT_AN_OPTION = {"model_tag"}
@@ -24,7 +24,7 @@ def vllm_parser() -> argparse.ArgumentParser:
     """vLLM's parser as vLLM builds it (prefixes allowed: what ray-vram must not rely on)."""
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vram_scheduler.serving.vllm_compat import server_cli_args
+    from vram_scheduler.serving.replica.vllm_compat import server_cli_args
 
     return server_cli_args().make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 

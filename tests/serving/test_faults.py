@@ -36,12 +36,11 @@ import pytest
 import ray
 from ray import serve
 
-from vram_scheduler.allocator import NAMESPACE, AllocatorClient, get_vram_allocator
-from vram_scheduler.loopback import keep_ray_on_loopback
-from vram_scheduler.node import NODE_NAME_LABEL
+from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
+from vram_scheduler.core.loopback import keep_ray_on_loopback
+from vram_scheduler.core.ray_names import CONTROLLER_ACTOR, NAMESPACE, NODE_NAME_LABEL
 from vram_scheduler.serving.app import model_app_name
-from vram_scheduler.serving.controller_actor import CONTROLLER_ACTOR
-from vram_scheduler.serving.router import ROUTER_APP, ROUTER_DEPLOYMENT
+from vram_scheduler.serving.router.router import ROUTER_APP, ROUTER_DEPLOYMENT
 
 from .conftest import HERE, Stack, deployed, free_port, start_monitor, stream_outcome, two_models
 

@@ -18,15 +18,15 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from vram_scheduler.config import GIB, ModelSpec, ServingSettings
-from vram_scheduler.contract import EndpointTable, MediaAccepts, ReplicaEndpoint
-from vram_scheduler.media_inputs import ImageInputError, image_url, with_images
-from vram_scheduler.serving.engine_args import NO_MEDIA_DOMAIN, parse_server_args, server_argv
-from vram_scheduler.serving.media_budget import MEDIA_RUNTIME_BYTES, encoder_modalities, media_need
-from vram_scheduler.serving.media_checks import MediaRejected, audio_format, check_chat
-from vram_scheduler.serving.multipart import add_field, parse_form
-from vram_scheduler.serving.router import OpenAIRouter
-from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
+from vram_scheduler.core.config import GIB, ModelSpec, ServingSettings
+from vram_scheduler.core.contract import EndpointTable, MediaAccepts, ReplicaEndpoint
+from vram_scheduler.sdk.media_inputs import ImageInputError, image_url, with_images
+from vram_scheduler.serving.replica.engine_args import NO_MEDIA_DOMAIN, parse_server_args, server_argv
+from vram_scheduler.serving.replica.media_budget import MEDIA_RUNTIME_BYTES, encoder_modalities, media_need
+from vram_scheduler.serving.replica.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
+from vram_scheduler.serving.router.media_checks import MediaRejected, audio_format, check_chat
+from vram_scheduler.serving.router.multipart import add_field, parse_form
+from vram_scheduler.serving.router.router import OpenAIRouter
 
 from .test_units import call
 
@@ -246,7 +246,7 @@ def test_images_become_data_urls_or_pass_as_urls(tmp_path: Path) -> None:
 def test_generated_models_load_with_their_processors(kind: str, tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoProcessor
 
-    from vram_scheduler.demo_model import generate_demo_model, is_generated
+    from vram_scheduler.tools.demo.model import generate_demo_model, is_generated
 
     started = time.monotonic()
     directory = generate_demo_model(tmp_path / kind, kind=kind)  # type: ignore[arg-type]
@@ -283,7 +283,7 @@ def guarded_chat(guard: Any, *parts: dict[str, Any]) -> httpx.Response:
 def test_local_media_is_a_regular_file_under_the_directory_checked_before_it_is_opened(tmp_path: Path) -> None:
     """Links are resolved first; missing, outside, linked outside, a directory, a FIFO and a device all
     get one refusal (nothing tells whether a file exists elsewhere), and none of them is read."""
-    from vram_scheduler.serving.local_media import LocalMediaGuard
+    from vram_scheduler.serving.router.local_media import LocalMediaGuard
 
     media, elsewhere = tmp_path / "media", tmp_path / "elsewhere"
     media.mkdir()

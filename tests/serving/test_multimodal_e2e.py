@@ -28,10 +28,10 @@ from pydantic import BaseModel
 from ray import serve
 
 import vram_scheduler as sdk
-from vram_scheduler import transcription
 from vram_scheduler.monitor.readers import private_memory_bytes
+from vram_scheduler.sdk import transcription
 from vram_scheduler.serving.app import model_app_name
-from vram_scheduler.serving.router import replicas_board
+from vram_scheduler.serving.router.router import replicas_board
 
 from .conftest import ENGINE_KWARGS, Stack, running_stack
 

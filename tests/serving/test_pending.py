@@ -26,10 +26,10 @@ import pytest
 import ray
 import yaml
 
-from vram_scheduler.contract import DeploymentStatus
-from vram_scheduler.loopback import free_port
+from vram_scheduler.core.contract import DeploymentStatus
+from vram_scheduler.core.loopback import free_port
 
-from .conftest import deployed, model, start_monitor
+from .conftest import deployed, model, start_monitor, with_demo_models
 
 pytestmark = pytest.mark.slow
 
@@ -71,9 +71,9 @@ class Pending:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pending]:
-    from vram_scheduler.allocator import NAMESPACE
-    from vram_scheduler.config import parse_config
-    from vram_scheduler.serving.http_api import ControllerAPI
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.ray_names import NAMESPACE
+    from vram_scheduler.serving.controller.http_api import ControllerAPI
 
     work = tmp_path_factory.mktemp("pending")
     inventory = work / "inventory.yaml"
@@ -234,7 +234,7 @@ def test_removing_a_model_places_the_pending_one_and_it_answers(stack: Pending) 
 
 
 def test_a_node_that_joins_later_gets_the_pending_replicas(stack: Pending) -> None:
-    from vram_scheduler.config import parse_config
+    from vram_scheduler.core.config import parse_config
 
     # A third model that does not fit beside late (12 - 7 = 5 GiB left; it needs 6.5), then a node joins.
     config = parse_config(
@@ -249,7 +249,7 @@ def test_a_node_that_joins_later_gets_the_pending_replicas(stack: Pending) -> No
         },
         "pending tests",
     )
-    applied = stack.controller.apply(config)
+    applied = stack.controller.apply(with_demo_models(config))
     assert (applied.kept, applied.deployed, applied.removed) == (["late", "huge"], ["third"], [])
     assert applied.unplaced["huge"] == [HUGE_REASON]
     assert applied.unplaced["third"] == [

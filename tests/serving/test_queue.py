@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from vram_scheduler import capacity
-from vram_scheduler.config import GIB
-from vram_scheduler.model_limits import weights_bytes
+from vram_scheduler.core import capacity
+from vram_scheduler.core.config import GIB
+from vram_scheduler.core.model_limits import weights_bytes
 
 from .conftest import Stack, model, running_stack
 

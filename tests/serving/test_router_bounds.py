@@ -23,12 +23,12 @@ import pytest
 import uvicorn
 from aiohttp import web
 
-from vram_scheduler.config import GIB, ServingSettings
-from vram_scheduler.contract import EndpointTable, MediaAccepts, ReplicaEndpoint
-from vram_scheduler.serving.http_limits import MAX_HEADER_BYTES, MIB, server_config
+from vram_scheduler.core.config import GIB, ServingSettings
+from vram_scheduler.core.contract import EndpointTable, MediaAccepts, ReplicaEndpoint
 from vram_scheduler.serving.internal_key import INTERNAL_KEY_ENV, internal_key
-from vram_scheduler.serving.loop_thread import LoopThread
-from vram_scheduler.serving.router import OpenAIRouter
+from vram_scheduler.serving.replica.loop_thread import LoopThread
+from vram_scheduler.serving.router.http_limits import MAX_HEADER_BYTES, MIB, server_config
+from vram_scheduler.serving.router.router import OpenAIRouter
 
 #: The upload limit of the test's model (media.max_item_mb as bytes).
 ITEM_BYTES = 1000

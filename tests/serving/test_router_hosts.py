@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import ray
 
-from vram_scheduler.config import ServingSettings
-from vram_scheduler.loopback import keep_ray_on_loopback
-from vram_scheduler.node import ROUTER_HOST_LABEL
+from vram_scheduler.core.config import ServingSettings
+from vram_scheduler.core.loopback import keep_ray_on_loopback
+from vram_scheduler.core.ray_names import ROUTER_HOST_LABEL
 from vram_scheduler.serving.options import router_options
-from vram_scheduler.serving.placement import router_addresses
+from vram_scheduler.serving.replica.placement import router_addresses
 
 HOST = {ROUTER_HOST_LABEL: "true"}
 

@@ -28,8 +28,8 @@ from pydantic import BaseModel
 from ray import serve
 
 from vram_scheduler.serving.app import model_app_name, model_application
-from vram_scheduler.serving.controller import deploy_in_background
-from vram_scheduler.serving.router import REPLICA_HEADER
+from vram_scheduler.serving.controller.controller import deploy_in_background
+from vram_scheduler.serving.router.router import REPLICA_HEADER
 
 from .conftest import Stack, free_port, model, stream_outcome
 
@@ -78,26 +78,6 @@ def test_replicas_hold_the_planned_reservations(stack: Stack) -> None:
     for model_id in models:
         for replica_id, pids in replica_pids(model_id).items():
             assert replica_id.startswith(model_id) and pids
-
-
-def test_an_application_plans_around_the_reservations_of_models_it_does_not_deploy(stack: Stack) -> None:
-    """`build_app`/`build_model_app` (a RayService beside the controller's models) plan only their own
-    models: the room alpha and beta hold is not theirs to take. (Planned as the whole desired state,
-    solo went to GPU 1, where alpha-0 holds 3.5 of 4 GiB, and its replica failed to reserve:
-    "Failed to update the deployments ['solo-0']".)"""
-    from vram_scheduler.config import ModelSpec, PlacementSettings, RayVRAMConfig
-    from vram_scheduler.serving.app import build_model_app, plan_models
-
-    solo = ModelSpec.model_validate(model("solo", replicas=1))
-    before = stack.controller.allocator.reservations()
-    placement = PlacementSettings(replica_overhead_gb=2)
-    plan = plan_models([solo], RayVRAMConfig(models=[solo], placement=placement))
-    assert plan.replicas_of("solo") == [] and plan.release == []
-    assert [u.model_id for u in plan.unplaced] == ["solo"], plan.unplaced
-    assert "largest free slot is 1.50 GiB" in plan.unplaced[0].reason
-    with pytest.raises(ValueError, match=r"model solo: no replica placed: 1 replica of model solo needs 3\.50 GiB"):
-        build_model_app({"model": solo.model_dump(mode="json"), "placement": placement.model_dump(mode="json")})
-    assert stack.controller.allocator.reservations() == before
 
 
 def test_models_endpoint_lists_ids_and_aliases(stack: Stack) -> None:
@@ -265,8 +245,8 @@ def test_engine_metrics_reach_rays_metrics_agent_under_the_dashboards_names(stac
 
 
 def test_replica_without_reservation_fails_fast_with_the_reason(stack: Stack) -> None:
-    from vram_scheduler.config import ModelSpec
-    from vram_scheduler.planner import Reservation
+    from vram_scheduler.core.config import ModelSpec
+    from vram_scheduler.core.planner import Reservation
 
     spec = ModelSpec.model_validate(model("greedy", replicas=1) | {"vram_gb": 2.5})
     # Planned onto the 4 GiB GPU, where alpha-0 leaves 0.5 GiB: the allocator must refuse.
@@ -367,7 +347,8 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
             "GPU-5e5e0000-0000-0000-0000-000000000000",
             "GPU-5e5e0000-0000-0000-0000-000000000001",
         }
-        metrics = httpx.get(api + "/metrics", timeout=10).text
+        assert httpx.get(api + "/metrics", timeout=10).status_code == 401  # Prometheus sends the token
+        metrics = httpx.get(api + "/metrics", headers=auth, timeout=10).text
         assert 'ray_vram_model_replicas{model_id="gamma",state="running"} 1.0' in metrics
         assert "ray_vram_controller_reconciles_total" in metrics and "ray_vram_allocator_stale_nodes 0.0" in metrics
         bad = httpx.post(api + "/v1/deployments", json=model("delta") | {"vram_gb": -1}, headers=auth, timeout=30)
@@ -399,57 +380,6 @@ def test_delete_one_model_frees_its_reservations(stack: Stack) -> None:
     ledger = stack.controller.allocator.reservations()
     assert sorted(r.replica_id for r in ledger) == ["beta-0", "beta-1"]
     assert post(stack, "/v1/completions", {"model": "gamma", "prompt": "x"}).status_code == 404
-
-
-def test_app_builders_are_importable_by_path(stack: Stack) -> None:
-    """What a RayService serveConfigV2 `import_path` names: built from values, planned by the allocator."""
-    import importlib
-
-    from ray.serve import Application
-
-    module = importlib.import_module("vram_scheduler.serving.app")
-    assert isinstance(module.build_router_app({"models": [model("beta")]}), Application)
-    assert isinstance(module.build_model_app({"model": model("beta", router_name="beta-alias")}), Application)
-
-
-def test_single_application_from_values_serves_and_gives_back_its_reservation(stack: Stack) -> None:
-    """`build_app` deployed the way a RayService does (one Serve application named in the args):
-    its own router on its own port finds its replica, answers, and deleting the application frees
-    the reservation."""
-    import importlib
-
-    build_app = importlib.import_module("vram_scheduler.serving.app").build_app
-    # Room for solo (3.5 GiB with the overhead): alpha and beta leave 1.5 and 0.5 GiB free. In file
-    # order the controller re-run test has removed alpha already; run alone, this test removes it.
-    stack.controller.remove("alpha")
-    port = free_port()
-    values = {
-        "models": [model("solo", replicas=1)],
-        "placement": {"replica_overhead_gb": 2},
-        "serving": {"host": "127.0.0.1", "port": port},
-        "app_name": "ray-vram-single",
-    }
-    serve.run(build_app(values), name="ray-vram-single", route_prefix=None)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        answer = None
-        while time.monotonic() < deadline:  # 503 until the replica has registered with this router
-            answer = httpx.post(
-                base + "/v1/completions", json={"model": "solo", "prompt": "hi", "ignore_eos": True}, timeout=120
-            )
-            if answer.status_code != 503:
-                break
-            time.sleep(1)
-        assert answer is not None and answer.status_code == 200, answer.text if answer else "no answer"
-        assert answer.json()["usage"]["completion_tokens"] == 12  # the model's max_tokens
-        assert [m["id"] for m in httpx.get(base + "/v1/models", timeout=30).json()["data"]] == ["solo"]
-        held = [r.replica_id for r in stack.controller.allocator.reservations()]
-        assert "solo-0" in held
-    finally:
-        serve.delete("ray-vram-single")
-    held = [r.replica_id for r in stack.controller.allocator.reservations()]
-    assert "solo-0" not in held and {"beta-0", "beta-1"} <= set(held)
 
 
 def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vram_scheduler.config import ServingSettings
+from vram_scheduler.core.config import ServingSettings
 from vram_scheduler.serving.options import router_names
 
 ROOT = Path(__file__).resolve().parents[2]

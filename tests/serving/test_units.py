@@ -12,17 +12,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vram_scheduler.config import GIB, ModelSpec, ServingSettings
-from vram_scheduler.contract import EndpointTable, ReplicaEndpoint, RoutedModel
+from vram_scheduler.core.config import GIB, ModelSpec, ServingSettings
+from vram_scheduler.core.contract import EndpointTable, ReplicaEndpoint, RoutedModel
 from vram_scheduler.serving.endpoint_board import EXPIRE_AFTER_S, Board
-from vram_scheduler.serving.engine_args import server_argv
-from vram_scheduler.serving.failures import engine_cause, engine_errors
-from vram_scheduler.serving.mps import client_env, daemon_running, node_pipe_dir
-from vram_scheduler.serving.pinning import gpu_present, is_cuda_uuid, pin_process
-from vram_scheduler.serving.router import OpenAIRouter, Registry
-from vram_scheduler.serving.router_metrics import BROKEN_STATUS, NO_MODEL, UNKNOWN_MODEL, RequestMetrics
-from vram_scheduler.serving.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
-from vram_scheduler.serving.vllm_compat import UnsupportedVLLM, check_version, installed_version
+from vram_scheduler.serving.replica.engine_args import server_argv
+from vram_scheduler.serving.replica.failures import engine_cause, engine_errors
+from vram_scheduler.serving.replica.mps import client_env, daemon_running, node_pipe_dir
+from vram_scheduler.serving.replica.pinning import gpu_present, is_cuda_uuid, pin_process
+from vram_scheduler.serving.replica.sizing import CPU_RUNTIME_BYTES, BudgetTooSmall, size_engine
+from vram_scheduler.serving.replica.vllm_compat import UnsupportedVLLM, check_version, installed_version
+from vram_scheduler.serving.router.metrics import BROKEN_STATUS, NO_MODEL, UNKNOWN_MODEL, RequestMetrics
+from vram_scheduler.serving.router.router import OpenAIRouter, Registry
 
 # -- sizing ----------------------------------------------------------------------------------------
 
@@ -396,7 +396,7 @@ def test_engine_errors_finds_the_engine_processes_own_root_cause(tmp_path: Path)
 def test_a_model_without_a_ready_replica_gets_a_503_saying_which_case_holds() -> None:
     """pending (why, since when; no Retry-After: waiting alone does not make room), loading (Retry-After),
     failed (the last error; no Retry-After); an undeclared model is still a 404."""
-    from vram_scheduler.contract import ModelAvailability
+    from vram_scheduler.core.contract import ModelAvailability
 
     router = OpenAIRouter(ServingSettings(host="127.0.0.1", api_key_env=None))
     reason = "1 replica of model p needs 7.00 GiB per replica; the largest free slot is 2.00 GiB on node n, GPU 0"
@@ -439,8 +439,8 @@ def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) ->
     """The server writes the same `ModelStatus` the SDK reads: `router_name` included."""
     from types import SimpleNamespace
 
-    from vram_scheduler.planner import Reservation
-    from vram_scheduler.serving import controller as ctl
+    from vram_scheduler.core.planner import Reservation
+    from vram_scheduler.serving.controller import controller as ctl
 
     spec = ModelSpec(model_id="beta", model="x", vram_gb=1, router_name="beta-alias")
     where = {"node": "n", "gpu_uuid": "GPU-0", "gpu_index": 0, "bytes": GIB}
@@ -461,9 +461,9 @@ def test_controller_status_lists_pending_replicas_and_routers_hear_why(monkeypat
     pending to the routers, one with a replica starting is loading."""
     from types import SimpleNamespace
 
-    from vram_scheduler.contract import DeploymentList
-    from vram_scheduler.planner import Reservation
-    from vram_scheduler.serving import controller as ctl
+    from vram_scheduler.core.contract import DeploymentList
+    from vram_scheduler.core.planner import Reservation
+    from vram_scheduler.serving.controller import controller as ctl
 
     where = {"node": "n", "gpu_uuid": "GPU-0", "gpu_index": 0, "bytes": GIB}
     some = ctl.Deployed(
@@ -495,17 +495,13 @@ def test_controller_status_lists_pending_replicas_and_routers_hear_why(monkeypat
     assert (told["none"].detail, told["none"].since) == ("bigger GPU needed", 200.0)
 
 
-def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`ray-vram up/serve`'s router and the single-application `build_app`'s come from one builder:
-    one deployment per router, each pinned to its node."""
-    from vram_scheduler.planner import Plan
+def test_the_routers_are_one_deployment_each_pinned_to_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller deploys the router application (the one deploy path: no Serve application is
+    built from values by path): one deployment per router, each pinned to its node."""
     from vram_scheduler.serving import app
 
-    monkeypatch.setattr(app, "plan_models", lambda models, config: Plan())
-    monkeypatch.setattr(app, "declare", lambda models, app_name="": None)
     monkeypatch.setattr(app, "router_addresses", lambda serving: ["10.0.0.1", "10.0.0.2"])
     separate = app.router_application(ServingSettings())
-    single = app.build_app({"models": []})
     keys = ("health_check_period_s", "logging_config", "max_ongoing_requests", "num_replicas")
 
     def routers(application: object) -> list[dict]:
@@ -516,7 +512,7 @@ def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.Monkey
             for d in [ingress, *others]
         ]
 
-    assert routers(separate) == routers(single)
+    assert not [name for name in vars(app) if name.startswith("build_")]
     first, second = routers(separate)
     assert (first["name"], second["name"]) == ("OpenAIRouter", "OpenAIRouter-1")
     assert first["health_check_period_s"] == 5 and first["num_replicas"] == 1
@@ -527,7 +523,7 @@ def test_both_routers_get_the_same_deployment_options(monkeypatch: pytest.Monkey
 
 
 def test_routers_go_one_per_node_and_leave_a_node_that_left(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vram_scheduler.serving import placement
+    from vram_scheduler.serving.replica import placement
 
     nodes = [
         {"Alive": True, "NodeManagerAddress": "10.0.0.9", "Resources": {"node:__internal_head__": 1.0}},
@@ -555,7 +551,7 @@ def test_routers_go_one_per_node_and_leave_a_node_that_left(monkeypatch: pytest.
 def test_routers_go_only_to_router_hosts_and_to_each_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nodes labelled `ray-vram.io/router-host=true` (the pods the chart's Service reaches) take
     every router, each at least one: max(router_replicas, hosts) routers."""
-    from vram_scheduler.serving import placement
+    from vram_scheduler.serving.replica import placement
 
     host = {"ray-vram.io/router-host": "true"}
     nodes = [
@@ -582,9 +578,9 @@ def test_routers_go_only_to_router_hosts_and_to_each_of_them(monkeypatch: pytest
 def test_a_replica_deployment_built_the_same_keeps_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """The controller moves one replica of a model by deploying the model again: only a deployment
     whose version changed restarts (the faults suite checks Serve keeps the others running)."""
-    from vram_scheduler.planner import Reservation
-    from vram_scheduler.serving import placement
-    from vram_scheduler.serving.replica import replica_deployment
+    from vram_scheduler.core.planner import Reservation
+    from vram_scheduler.serving.replica import placement
+    from vram_scheduler.serving.replica.replica import replica_deployment
 
     monkeypatch.setattr(placement, "ray_node_address", lambda node: None)  # a declared node, not a Ray one
 
@@ -600,7 +596,7 @@ def test_a_replica_deployment_built_the_same_keeps_its_version(monkeypatch: pyte
 
 
 def test_a_serve_config_race_is_retried_and_other_errors_are_not() -> None:
-    from vram_scheduler.serving.controller import serve_race_retried
+    from vram_scheduler.serving.controller.controller import serve_race_retried
 
     calls = []
 
@@ -650,7 +646,7 @@ def test_a_request_beyond_capacity_waits_in_the_queue_then_gets_429() -> None:
 
 def test_secrets_never_go_into_a_replicas_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """A runtime env is stored in the GCS in plain text: replicas inherit secrets from their node."""
-    from vram_scheduler.serving.app import replica_env, without_secrets
+    from vram_scheduler.core.replica_env import replica_env, without_secrets
 
     secrets = {
         "RAY_VRAM_API_KEY": "k1",
@@ -673,8 +669,8 @@ def test_secrets_never_go_into_a_replicas_runtime_env(monkeypatch: pytest.Monkey
 def test_a_pending_reason_is_written_again_only_when_the_room_changed_materially() -> None:
     """Host memory drifts by megabytes between polls: the stored reason (a GCS write and a new board
     version each time) follows only a change of count, kind, place or ≥ 256 MiB of free room."""
-    from vram_scheduler.planner import Unplaced
-    from vram_scheduler.serving.controller import REASON_REFRESH_BYTES, _pending, _room_changed
+    from vram_scheduler.core.planner import Unplaced
+    from vram_scheduler.serving.controller.controller import REASON_REFRESH_BYTES, _pending, _room_changed
 
     def unplaced(free: int, where: str = "node n, GPU 0", count: int = 1) -> Unplaced:
         return Unplaced(

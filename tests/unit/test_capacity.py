@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vram_scheduler import capacity
-from vram_scheduler.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
+from vram_scheduler.core import capacity
+from vram_scheduler.core.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
 
 sizes = st.integers(min_value=0, max_value=200 * GIB)
 budgets = st.integers(min_value=1, max_value=200 * GIB)

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 import vram_scheduler
-from vram_scheduler.cli import build_parser
-from vram_scheduler.commands.check import stress_address
-from vram_scheduler.commands.options import DeprecatedAlias, ray_address
-from vram_scheduler.config import ConfigError
+from vram_scheduler.cli.commands.check import stress_address
+from vram_scheduler.cli.commands.options import ray_address
+from vram_scheduler.cli.main import build_parser
+from vram_scheduler.core.config import ConfigError
+from vram_scheduler.core.flags import DeprecatedAlias
 
 VALUES_COMMANDS = {"plan", "up", "deploy", "serve"}
 CONTROLLER_COMMANDS = {"status", "deploy", "shutdown", "check"}
@@ -171,7 +172,7 @@ def test_no_command_returns_an_exit_code_literal() -> None:
     """Exit codes are `ExitCode` members (CONTRIBUTING.md); a bare number in a return or exit is a slip."""
     package = Path(vram_scheduler.__file__).parent
     slips = []
-    for path in [package / "cli.py", *sorted((package / "commands").glob("*.py"))]:
+    for path in [package / "cli" / "main.py", *sorted((package / "cli" / "commands").glob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text())):
             value = node.value if isinstance(node, ast.Return) else None
             if isinstance(node, ast.Call) and ast.unparse(node.func) in {"sys.exit", "exit"} and node.args:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vram_scheduler.config import GIB, ConfigError, ModelSpec, PlacementSettings, load_config, parse_config
-from vram_scheduler.inventory import parse_inventory
-from vram_scheduler.planner import plan
+from vram_scheduler.core.config import GIB, ConfigError, ModelSpec, PlacementSettings, load_config, parse_config
+from vram_scheduler.core.inventory import parse_inventory
+from vram_scheduler.core.planner import plan
 
 
 def problems_of(data: object) -> list[str]:
@@ -185,3 +185,35 @@ def test_a_loopback_endpoint_may_go_without_an_api_key(host: str) -> None:
 def test_an_exposed_endpoint_with_api_key_env_is_accepted() -> None:
     serving = parse_config({"serving": {"host": "0.0.0.0", "api_key_env": "MY_KEY"}}).serving
     assert (serving.host, serving.api_key_env) == ("0.0.0.0", "MY_KEY")
+
+
+def test_a_model_source_serves_its_name_from_its_directory() -> None:
+    """`serving.model_sources`: a name that stands for a local directory, with the engine arguments it
+    needs under the model's own; any other model is left as it is."""
+    from vram_scheduler.core.config import ModelSpec, ServingSettings, with_source
+
+    serving = ServingSettings.model_validate(
+        {
+            "model_sources": {
+                "demo": {"path": "/cache/models/demo", "engine_kwargs": {"dtype": "float32", "max-num-seqs": 4}}
+            }
+        }
+    )
+    spec = ModelSpec(model_id="a", model="demo", vram_gb=1, engine_kwargs={"max_num_seqs": 2})
+    served = with_source(spec, serving)
+    assert served.model == "/cache/models/demo" and served.model_id == "a"
+    assert served.engine_kwargs == {"dtype": "float32", "max_num_seqs": 2}  # the model's own wins
+    other = ModelSpec(model_id="b", model="Qwen/Qwen2-0.5B-Instruct", vram_gb=1)
+    assert with_source(other, serving) is other
+
+
+def test_a_model_source_that_sets_an_owned_engine_argument_is_refused_naming_it() -> None:
+    from vram_scheduler.core.config import ConfigError, ModelSpec, ServingSettings, with_source
+
+    serving = ServingSettings.model_validate(
+        {"model_sources": {"demo": {"path": "/m", "engine_kwargs": {"gpu_memory_utilization": 0.9}}}}
+    )
+    with pytest.raises(ConfigError) as refused:
+        with_source(ModelSpec(model_id="a", model="demo", vram_gb=1), serving)
+    assert str(refused.value).startswith("serving.model_sources['demo']: invalid configuration")
+    assert "gpu_memory_utilization" in str(refused.value)

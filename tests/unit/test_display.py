@@ -6,11 +6,11 @@ import io
 
 from rich.console import Console
 
-from vram_scheduler.config import GIB, ModelSpec, PlacementSettings
-from vram_scheduler.contract import GPUState, ReplicaState, VRAMState
-from vram_scheduler.display import render_plan, render_vram
-from vram_scheduler.inventory import Inventory
-from vram_scheduler.planner import plan
+from vram_scheduler.core.config import GIB, ModelSpec, PlacementSettings
+from vram_scheduler.core.contract import GPUState, ReplicaState, VRAMState
+from vram_scheduler.core.inventory import Inventory
+from vram_scheduler.core.planner import plan
+from vram_scheduler.sdk.display import render_plan, render_vram
 
 HEADERS = [
     "node",

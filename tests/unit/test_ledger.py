@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vram_scheduler.config import GIB, PlacementSettings
-from vram_scheduler.contract import VRAMState
-from vram_scheduler.inventory import NodeInventory
-from vram_scheduler.ledger import (
+from vram_scheduler.core.config import GIB, PlacementSettings
+from vram_scheduler.core.contract import VRAMState
+from vram_scheduler.core.inventory import NodeInventory
+from vram_scheduler.core.ledger import (
     Ledger,
     LedgerDelta,
     LedgerSnapshot,

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from vram_scheduler.config import PlacementSettings, gib_to_bytes
-from vram_scheduler.inventory import NodeInventory
-from vram_scheduler.ledger import Ledger, LedgerDelta, LedgerSnapshot, ReservationError
+from vram_scheduler.core.config import PlacementSettings, gib_to_bytes
+from vram_scheduler.core.inventory import NodeInventory
+from vram_scheduler.core.ledger import Ledger, LedgerDelta, LedgerSnapshot, ReservationError
 
 NODES = {"a": [24, 16], "b": [80], "c": [12, 12, 8]}
 UUIDS = [f"{node}-{i}" for node, totals in NODES.items() for i in range(len(totals))]

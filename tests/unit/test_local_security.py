@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from vram_scheduler.config import ConfigError, parse_config
-from vram_scheduler.controller_auth import config_dir
-from vram_scheduler.loopback import is_loopback_host
-from vram_scheduler.serving.local import TOKEN_FILE, ensure_ray_token, local_serving, ray_auth_env
+from vram_scheduler.core.config import ConfigError, parse_config
+from vram_scheduler.core.installation import config_dir
+from vram_scheduler.core.loopback import is_loopback_host
+from vram_scheduler.local.stack import TOKEN_FILE, ensure_ray_token, local_serving, ray_auth_env
 
 
 def mode(path: Path) -> int:

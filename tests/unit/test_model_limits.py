@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError, field_validator
 
-from vram_scheduler.config import ConfigError, ModelSpec
-from vram_scheduler.model_limits import effective_max_model_len, max_len_of
-from vram_scheduler.serving.failures import root_cause
+from vram_scheduler.core.config import ConfigError, ModelSpec
+from vram_scheduler.core.model_limits import effective_max_model_len, max_len_of
+from vram_scheduler.serving.replica.failures import root_cause
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vram_scheduler.capacity import DEFAULT_OVERHEAD_GB
-from vram_scheduler.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
-from vram_scheduler.inventory import GPUInfo, Inventory, NodeInventory
-from vram_scheduler.planner import Plan, Reservation, plan
+from vram_scheduler.core.capacity import DEFAULT_OVERHEAD_GB
+from vram_scheduler.core.config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
+from vram_scheduler.core.inventory import GPUInfo, Inventory, NodeInventory
+from vram_scheduler.core.planner import Plan, Reservation, plan
 
 NO_OVERHEAD = PlacementSettings(replica_overhead_gb=0)
 TWO_GIB = PlacementSettings(replica_overhead_gb=2)

@@ -1,11 +1,14 @@
 """The package's shape: every wire model is defined once (in `contract.py`), no module imports
-itself through others (counting imports inside functions, which only hide a cycle), and every error
-descends from `RayVramError`."""
+itself through others (counting imports inside functions, which only hide a cycle), each layer
+imports only the layers below it (CONTRIBUTING.md draws them), and every error descends from
+`RayVramError`."""
 
 from __future__ import annotations
 
 import ast
 import builtins
+import subprocess
+import sys
 from pathlib import Path
 
 import vram_scheduler
@@ -67,7 +70,7 @@ def test_every_wire_model_is_defined_in_exactly_one_module() -> None:
     for module, tree in modules().items():
         for name in defined_names(tree) & WIRE_MODELS:
             where[name].append(module)
-    assert {name: found for name, found in where.items() if found != ["vram_scheduler.contract"]} == {}
+    assert {name: found for name, found in where.items() if found != ["vram_scheduler.core.contract"]} == {}
 
 
 def imported(module: str, tree: ast.Module, known: set[str]) -> set[str]:
@@ -149,16 +152,114 @@ def test_the_import_graph_has_no_cycles() -> None:
     trees = modules()
     graph = {module: imported(module, tree, set(trees)) for module, tree in trees.items()}
     # the graph is real: plain, relative, function-level and importlib imports are all edges
-    assert "vram_scheduler.contract" in graph["vram_scheduler.serving.router"]
-    assert "vram_scheduler.commands.up" in graph["vram_scheduler.cli"]
+    assert "vram_scheduler.core.contract" in graph["vram_scheduler.serving.router.router"]
+    assert "vram_scheduler.cli.commands.up" in graph["vram_scheduler.cli.main"]
     assert cycles(graph) == []
 
 
 def test_only_entry_points_import_the_cli() -> None:
     """Commands and the monitor share exit codes and extras through small modules, never `cli`."""
     trees = modules()
-    importers = {m for m, tree in trees.items() if "vram_scheduler.cli" in imported(m, tree, set(trees))}
-    assert importers <= {"vram_scheduler.__main__"}
+    importers = {m for m, tree in trees.items() if "vram_scheduler.cli.main" in imported(m, tree, set(trees))}
+    assert importers <= {"vram_scheduler.cli.__main__"}
+
+
+#: What each layer (the package's first-level folder) may import: the arrows of CONTRIBUTING.md.
+LAYERS: dict[str, set[str]] = {
+    "core": set(),
+    "allocator": {"core"},
+    "serving": {"allocator", "core"},
+    "monitor": {"allocator", "core"},
+    "local": {"serving", "monitor", "allocator", "core"},
+    "tools": {"serving", "monitor", "allocator", "core"},
+    "sdk": {"core"},
+    "cli": {"sdk", "local", "tools", "serving", "monitor", "allocator", "core", ""},
+    "": {"sdk", "core", "allocator"},  # the package's __init__: the public names, lazily
+}
+
+
+def layer(module: str) -> str:
+    """`vram_scheduler.serving.router.router` -> "serving"; the package itself -> ""."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def import_graph() -> dict[str, set[str]]:
+    trees = modules()
+    return {module: imported(module, tree, set(trees)) for module, tree in trees.items()}
+
+
+def test_every_module_lives_in_a_layer() -> None:
+    assert {layer(m) for m in modules()} == set(LAYERS)
+
+
+def test_each_layer_imports_only_what_its_arrows_allow() -> None:
+    """Counting imports inside functions and `importlib.import_module`: a lazy import is still an edge."""
+    graph = import_graph()
+    assert "vram_scheduler.core.contract" in graph["vram_scheduler.serving.router.router"]  # the graph is real
+    against = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if layer(target) != layer(module) and layer(target) not in LAYERS[layer(module)]
+    )
+    assert against == []
+
+
+def test_the_sdk_runs_without_any_server_module() -> None:
+    """What a client machine imports: the SDK, with the controller reached over HTTP or through Ray
+    (`ray.get_actor` and the contract's models), loads nothing of serving, allocator, monitor, tools."""
+    code = (
+        "import sys\n"
+        "import vram_scheduler\n"
+        "from vram_scheduler import VRAMScheduler, inference, transcribe\n"
+        "import vram_scheduler.sdk.controller_ray, vram_scheduler.sdk.controller_http\n"
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('vram_scheduler.')}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['core', 'sdk']"
+
+
+def test_the_monitor_entry_point_imports_no_cli_module() -> None:
+    graph = import_graph()
+    seen, todo = set(), ["vram_scheduler.monitor.__main__"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += graph[module]
+    assert sorted(m for m in seen if layer(m) not in {"monitor", "allocator", "core"}) == []
+
+
+def test_the_serving_path_never_imports_the_demo_model_generator() -> None:
+    """Demo models are a tool: generated by `ray-vram demo-model`/`up` and served from their path."""
+    graph = import_graph()
+    importers = sorted(
+        m for m, targets in graph.items() if any(t.startswith("vram_scheduler.tools.demo") for t in targets)
+    )
+    assert [m for m in importers if layer(m) not in {"tools", "cli"}] == []
+
+
+def test_no_module_imports_another_layers_private_name() -> None:
+    """What two layers share (measure and serving's sizing, MPS and engine flags) is public, in one place."""
+    found = []
+    for module, tree in modules().items():
+        package = module if _is_package(module) else module.rsplit(".", 1)[0]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            if not base.startswith("vram_scheduler") or layer(base) == layer(module):
+                continue
+            found += [f"{module}: {alias.name} from {base}" for alias in node.names if _is_private(alias.name)]
+    assert found == []
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.endswith("__")
 
 
 #: Exceptions used as control flow inside one process, never raised to a caller.
@@ -186,9 +287,9 @@ def test_every_error_descends_from_ray_vram_error() -> None:
 
 def test_errors_keep_their_former_base_and_message() -> None:
     from vram_scheduler import RayVramError
-    from vram_scheduler.client import PlacementError
-    from vram_scheduler.config import ConfigError
-    from vram_scheduler.ledger import ReservationError
+    from vram_scheduler.core.config import ConfigError
+    from vram_scheduler.core.ledger import ReservationError
+    from vram_scheduler.sdk.client import PlacementError
 
     config = ConfigError("models[0]", ["vram_gb = -1: too small"])
     assert isinstance(config, RayVramError) and isinstance(config, ValueError)
@@ -226,7 +327,7 @@ def test_the_overhead_arithmetic_lives_in_capacity_only() -> None:
     no other module adds an overhead to anything or reads the overhead settings."""
     found: list[str] = []
     for module, tree in modules().items():
-        if module == "vram_scheduler.capacity":
+        if module == "vram_scheduler.core.capacity":
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub):

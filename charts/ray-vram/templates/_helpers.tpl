@@ -104,8 +104,6 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 
 {{/* Environment of every Ray container: auth, API key, internal key, HF token, Serve defaults. */}}
 {{- define "ray-vram.rayEnv" -}}
-- name: RAY_VRAM_NAMESPACE
-  value: ray-vram
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 {{- if .Values.rayCluster.tokenAuth }}

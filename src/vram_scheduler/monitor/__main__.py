@@ -2,6 +2,6 @@
 
 import sys
 
-from ..commands.monitor import main
+from .command import main
 
 sys.exit(main())

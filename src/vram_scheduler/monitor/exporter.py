@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from ..inventory import NodeInventory
+from ..core.inventory import NodeInventory
 from .watchdog import ReplicaUsage
 
 log = logging.getLogger(__name__)

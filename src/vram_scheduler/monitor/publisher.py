@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import capacity
-from ..contract import VRAMState
-from ..inventory import NodeInventory
+from ..core import capacity
+from ..core.contract import VRAMState
+from ..core.inventory import NodeInventory
 from .watchdog import ReplicaBudget
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ class AllocatorLink:
 
     def _beat(self) -> None:
         """Each interval, write the latest sample's time as this node's heartbeat (if it is new)."""
-        from ..allocator import NAMESPACE
-        from ..heartbeats import write_heartbeat
+        from ..allocator.heartbeats import write_heartbeat
+        from ..core.ray_names import NAMESPACE
 
         written = None
         while not self._stopped.wait(self.interval_s):
@@ -222,8 +222,9 @@ class AllocatorLink:
             return
         import ray
 
-        from ..allocator import NAMESPACE, AllocatorClient
-        from ..loopback import prepare_ray_join
+        from ..allocator.actor import AllocatorClient
+        from ..core.loopback import prepare_ray_join
+        from ..core.ray_names import NAMESPACE
 
         if not ray.is_initialized():
             if self.address:

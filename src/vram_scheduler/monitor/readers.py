@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..config import ConfigError
-from ..errors import RayVramError
-from ..inventory import GPUInfo, GPUProcess, NodeInventory, load_inventory
-from ..nvml_usage import process_usage
+from ..core.config import ConfigError
+from ..core.errors import RayVramError
+from ..core.inventory import GPUInfo, GPUProcess, NodeInventory, load_inventory
+from .nvml_usage import process_usage
 
 log = logging.getLogger(__name__)
 

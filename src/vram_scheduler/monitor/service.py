@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import StrictModel, gib_to_bytes
+from ..core.config import StrictModel, gib_to_bytes
 from .exporter import MonitorHTTPServer, MonitorMetrics, Snapshot
 from .pids import ProcessMatcher
 from .publisher import AllocatorLink

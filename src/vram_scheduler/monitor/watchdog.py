@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .. import capacity
-from ..config import format_gib
-from ..inventory import NodeInventory
+from ..core import capacity
+from ..core.config import format_gib
+from ..core.inventory import NodeInventory
 from .pids import ProcessMatcher
 
 #: NVML counts a replica's CUDA context and allocator growth against it while its budget does not

@@ -15,10 +15,10 @@ import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from ..errors import RayVramError
-from ..media_inputs import ImageInput
+from ..core.errors import RayVramError
 from .chat_request import Prompt
 from .inference_errors import InferenceError
+from .media_inputs import ImageInput
 
 _E = TypeVar("_E", bound=InferenceError)
 #: A model name never contains whitespace; a prompt almost always does.

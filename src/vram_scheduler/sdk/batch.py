@@ -11,11 +11,11 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from ..media_inputs import ImageInput
 from .arguments import check_batch, images_per_prompt
 from .chat_request import Prompt
 from .inference import answer_async
 from .inference_errors import InferenceError
+from .media_inputs import ImageInput
 
 _R = TypeVar("_R")
 

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ..media_inputs import ImageInput, with_images
 from .inference_errors import InferenceError, StructuredOutputError
+from .media_inputs import ImageInput, with_images
 
 T = TypeVar("T", bound=BaseModel)
 #: A user message, or a list of chat messages.

@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import httpx
 
-from ..contract import DeploymentList
-from ..controller_auth import auth_headers as controller_auth_headers
-from ..controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER
+from ..core.contract import DeploymentList
+from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER
 from .inference_errors import EndpointNotFoundError
+from .token import auth_headers as controller_auth_headers
 
 ENDPOINT_ENV = "RAY_VRAM_ENDPOINT"
 DASHBOARD_ENV = "RAY_VRAM_DASHBOARD"

@@ -14,11 +14,11 @@ from typing import Any, overload
 import httpx
 from pydantic import BaseModel
 
-from ..media_inputs import ImageInput
 from .arguments import check_single, hinted, order_hint
 from .chat_request import Prompt, T, build_request
 from .http_calls import Call, RetryPolicy, endpoint_call, post_async, post_sync
 from .inference_errors import EndpointNotFoundError, ModelNotFoundError
+from .media_inputs import ImageInput
 
 
 def prepare(

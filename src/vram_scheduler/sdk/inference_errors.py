@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import RayVramError
+from ..core.errors import RayVramError
 
 
 class InferenceError(RayVramError, RuntimeError):

@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 
-from ..media_inputs import ImageInput
 from .arguments import check_batch, check_single, hinted, images_per_prompt, order_hint
 from .chat_request import Prompt
 from .http_calls import RETRY_STATUSES, Call, RetryPolicy, connect_error, raise_for
 from .inference import prepare
 from .inference_errors import EndpointNotFoundError, InferenceError, ModelNotFoundError
+from .media_inputs import ImageInput
 
 
 @dataclass

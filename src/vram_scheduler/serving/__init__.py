@@ -1,7 +1,7 @@
 """Serving: vLLM replicas on Ray Serve inside their VRAM reservations, one OpenAI endpoint in front.
 
-Modules: `sizing` (engine budget from bytes), `pinning` (GPU pinning), `placement` (node of a
-replica), `engine_args` (vLLM flags), `replica` (the Serve deployment owning vLLM), `router`
-(the OpenAI endpoint), `app` (Serve application builders), `controller` (converges the cluster
-to a config), `http_api` (the controller's HTTP API), `local` (`ray-vram up`).
+`controller/` converges the cluster to a config (its actor, HTTP API and guard), `router/` is the
+OpenAI endpoint, `replica/` the Serve deployment owning vLLM (sizing, pinning, MPS, placement,
+engine flags), `app` builds Serve applications, `options` their deployment options,
+`endpoint_board` tells routers where replicas listen, `internal_key` what replicas require of them.
 """

@@ -8,9 +8,8 @@ Serve handle reaches one replica of the router only, which had kept the router a
 
 The board is not in the request path: routers serve from their copy while it restarts. Its table
 lives in Ray's GCS key-value store, like the allocator's ledger, so Ray restarts it (forever)
-without losing a replica; one not heard from for `EXPIRE_AFTER_S` is dropped. Each router
-application has a board of its own, named after it (a RayService's single application beside
-`ray-vram up`'s router routes only to its own replicas).
+without losing a replica; one not heard from for `EXPIRE_AFTER_S` is dropped. The board is named
+after the router application it serves.
 """
 
 from __future__ import annotations
@@ -27,9 +26,10 @@ import ray
 from pydantic import ValidationError
 from ray.experimental import internal_kv
 
-from ..cluster_actors import NAMESPACE, cluster_actor, connect
-from ..config import ModelSpec
-from ..contract import EndpointTable, ModelAvailability, ReplicaEndpoint, RoutedModel
+from ..allocator.cluster_actors import cluster_actor, connect
+from ..core.config import ModelSpec
+from ..core.contract import EndpointTable, ModelAvailability, ReplicaEndpoint, RoutedModel
+from ..core.ray_names import NAMESPACE
 
 log = logging.getLogger(__name__)
 

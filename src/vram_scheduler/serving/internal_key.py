@@ -10,7 +10,7 @@ adds the key to each request it forwards.
 The key comes from the environment of the Ray node (`INTERNAL_KEY_ENV`), which every process of
 the node inherits: on Kubernetes the chart sets it on every Ray container from a Secret; local mode
 makes one per run (`ensure_internal_key`) before Ray starts. It never travels through a Ray
-runtime env (those are stored in the GCS in plain text; see `app.replica_env`). A replica or router
+runtime env (those are stored in the GCS in plain text; see `core.replica_env`). A replica or router
 on a node without it refuses to start (`InternalKeyMissing`) rather than serve open.
 """
 
@@ -22,10 +22,9 @@ import secrets
 from collections.abc import MutableMapping
 from typing import Any
 
-from ..errors import RayVramError
+from ..core.errors import RayVramError
+from ..core.replica_env import INTERNAL_KEY_ENV
 
-#: Environment variable holding the cluster's internal key (the same on every Ray node).
-INTERNAL_KEY_ENV = "RAY_VRAM_INTERNAL_KEY"
 #: Shortest key accepted: 16 characters (`ensure_internal_key` makes 64 hex digits).
 MIN_KEY_LENGTH = 16
 _UNAUTHORISED = (

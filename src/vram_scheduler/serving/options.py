@@ -1,9 +1,7 @@
 """`serve.deployment` options of every ray-vram deployment, built in one place.
 
-`ray-vram up/serve` (one application per model plus the router's) and the single-application
-`build_app` (RayService) deploy the same router and replicas: written twice, their options drifted
-(the single application's router lost its health-check period, logging config and head-node
-placement).
+The controller deploys the router's application and one application per model; their options
+(health-check period, logging config, head-node placement, versions) are set here, once.
 """
 
 from __future__ import annotations
@@ -12,9 +10,9 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from ..cluster_actors import HEAD_NODE_RESOURCE
-from .placement import NODE_RESOURCE_SHARE
-from .router import ROUTER_DEPLOYMENT
+from ..allocator.cluster_actors import HEAD_NODE_RESOURCE
+from .replica.placement import NODE_RESOURCE_SHARE
+from .router.router import ROUTER_DEPLOYMENT
 
 Role = Literal["router", "replica", "group"]
 

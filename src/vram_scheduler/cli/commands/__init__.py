@@ -1,0 +1,1 @@
+"""Sub-commands of `ray-vram`; see `vram_scheduler.cli.main.COMMANDS`."""

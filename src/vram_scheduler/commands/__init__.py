@@ -1,1 +1,0 @@
-"""Sub-commands of `ray-vram`; see `vram_scheduler.cli.COMMANDS`."""

@@ -1,0 +1,24 @@
+"""The one base of every error ray-vram raises on purpose.
+
+`except RayVramError` catches any of them; each specific error also keeps its former base
+(ValueError, RuntimeError), so existing `except ValueError` clauses still catch it.
+"""
+
+from __future__ import annotations
+
+
+class RayVramError(Exception):
+    """Base of ray-vram's own errors; the message names what, where and by how much."""
+
+
+class Unplaceable(RayVramError, RuntimeError):
+    """Nothing of a model fits (and it does not ask for max_replicas): the planner's reasons."""
+
+    def __init__(self, model_id: str, reasons: list[str]):
+        self.model_id = model_id
+        self.reasons = reasons
+        super().__init__(f"model {model_id}: nothing placed: " + "; ".join(reasons))
+
+    def __reduce__(self) -> tuple[type[Unplaceable], tuple[str, list[str]]]:
+        # Picklable with its fields: it crosses from the controller actor to its callers.
+        return (type(self), (self.model_id, self.reasons))

@@ -1,0 +1,1 @@
+"""Local mode (`ray-vram up`): one machine's Ray, monitor, controller and router."""

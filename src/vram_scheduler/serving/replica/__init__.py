@@ -1,0 +1,1 @@
+"""One vLLM replica: engine arguments and sizing, GPU pinning and MPS, placement, failures."""

@@ -1,0 +1,441 @@
+"""One model replica: a Ray Serve deployment that owns a vLLM engine inside its reservation.
+
+Start-up order is the product's promise: reserve on the planned GPU (fail fast with the
+allocator's reason) → pin the process to that GPU → size vLLM from the reservation's bytes and
+cap the engine at the reservation (MPS, see `mps`) → take the GPU's startup lock → load vLLM →
+release the lock → report its processes to the ledger → start vLLM's own OpenAI HTTP layer on
+this node, answering only requests that carry the cluster's internal key (`internal_key`: the
+router adds it; a node without one fails the replica before anything is reserved) → announce
+itself on the endpoint board, which every router replica follows. On shutdown or on any failure
+along the way, everything taken is given back.
+
+This actor process never creates a CUDA context: vLLM's engine runs in its own EngineCore
+process (V1 multiprocessing), which inherits the pinning and the cap from this process's
+environment.
+
+The engine is vLLM's `AsyncLLM`; requests are served by vLLM's own OpenAI serving classes (the
+FastAPI app `vllm serve` builds) on a port of this replica's node, which the router calls
+directly: one HTTP hop from router to engine, no Ray object transfer per request (measured in
+bench/serving; see README "Serving API").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from typing import Any
+
+import ray
+from ray import serve
+
+from ...allocator.actor import AsyncAllocatorClient
+from ...core.config import ModelSpec, ServingSettings, format_gib
+from ...core.contract import MediaAccepts, ReplicaEndpoint, Reservation
+from ...core.errors import RayVramError
+from ...core.model_limits import checkpoint_bytes, local_config
+from ..internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
+from ..options import deployment_options, keep_if_unchanged
+from ..router.http_limits import server_config
+from ..router.router import replicas_board
+from .engine_args import parse_server_args, server_argv
+from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
+from .loop_thread import LoopThread
+from .media_budget import media_need
+from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
+from .pinning import pin_process, visible_device_total_bytes
+from .sizing import EngineBudget, size_engine
+
+log = logging.getLogger("ray.serve")
+
+#: How often a ready replica re-announces itself on the endpoint board (a restarted board relearns it).
+HEARTBEAT_S = 2.0
+#: How often the replica looks at its engine between announcements: a dead engine is withdrawn
+#: from the routers within this, not at Serve's next health check (5 s period, 3 failures).
+ENGINE_WATCH_S = 0.25
+#: Address replicas serve HTTP on (default: the node's IP as Ray knows it); local mode sets 127.0.0.1.
+REPLICA_HOST_ENV = "RAY_VRAM_REPLICA_HOST"
+#: Longest a replica waits for its GPU's startup lock before giving up.
+STARTUP_LOCK_TIMEOUT_S = 900.0
+#: "0" turns the per-GPU startup lock off: only to reproduce the start-up race it prevents (vllm#55827).
+STARTUP_LOCK_ENV = "RAY_VRAM_GPU_STARTUP_LOCK"
+#: "1" refuses to start a GPU replica on a node without an MPS daemon (no hard cap) instead of warning.
+REQUIRE_MPS_ENV = "RAY_VRAM_REQUIRE_MPS"
+
+
+class ReplicaStartupError(RayVramError, RuntimeError):
+    """A replica could not start; the message says which step and why (shown in Serve status)."""
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause's own message on one line (vLLM's or the allocator's), without Ray's traceback."""
+    return root_cause(error)
+
+
+def node_ip_address() -> str:
+    """This Ray node's address as Ray knows it (127.0.0.1 for a loopback-only local cluster)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for info in ray.nodes():
+        if info.get("NodeID") == node_id:
+            return info["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
+def _host_memory_total() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+class VLLMReplica:
+    """Serve deployment body (wrapped with `serve.deployment` by `app.build_model_app`)."""
+
+    async def __init__(self, spec: dict[str, Any], reservation: dict[str, Any], serving: dict[str, Any]):
+        self.spec = ModelSpec.model_validate(spec)
+        self.planned = Reservation.model_validate(reservation)
+        self.serving = ServingSettings.model_validate(serving)
+        self.replica_id = self.planned.replica_id
+        self.engine: Any = None
+        self.server: Any = None
+        self.server_task: asyncio.Task[None] | None = None
+        self.heartbeat_task: asyncio.Task[None] | None = None
+        self.endpoint: ReplicaEndpoint | None = None
+        self.requests: LoopThread | None = None
+        self.allocator = AsyncAllocatorClient()
+        self._reserved = False
+        self._stderr_mark = stderr_position()
+        started = time.monotonic()
+        try:
+            await self._start()
+        except BaseException as error:
+            self._stop_engine()
+            await self._release()
+            if isinstance(error, ReplicaStartupError):
+                log.error("%s", error)
+                raise
+            reason = _reason(error)
+            if ENGINE_DIED in reason:  # vLLM's engine process died: its own words are in our stderr
+                reason = engine_cause(self._stderr_mark) or reason
+            raise ReplicaStartupError(f"replica {self.replica_id}: start failed: {reason}") from error
+        log.info("replica %s ready in %.1fs at %s", self.replica_id, time.monotonic() - started, self.endpoint)
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        try:
+            self.key = internal_key(where=f"the node of replica {self.replica_id}")
+        except InternalKeyMissing as error:  # never serve open: before anything is reserved
+            raise ReplicaStartupError(f"replica {self.replica_id}: {error}") from None
+        owner = ray.get_runtime_context().get_actor_id()
+        model_source = self.spec.model
+        self.spec = await asyncio.to_thread(checked_spec, self.spec, self.replica_id)  # before reserving
+        try:
+            self.reservation = await self.allocator.reserve(
+                self.replica_id,
+                self.spec.model_id,
+                self.spec.vram_bytes,
+                gpu_uuid=self.planned.gpu_uuid,
+                owner=owner,
+                overhead_bytes=self.planned.overhead_bytes,
+            )
+        except Exception as error:
+            raise ReplicaStartupError(f"replica {self.replica_id}: no reservation: {_reason(error)}") from None
+        self._reserved = True
+        gpu_uuid = self.reservation.gpu_uuid
+        device = pin_process(gpu_uuid)
+        total = visible_device_total_bytes() if device == "cuda" else _host_memory_total()
+        # The overhead the ledger holds beside the budget is on the reservation: the engine's cap.
+        overhead = (self.reservation.overhead_bytes or 0) if device == "cuda" else 0
+        media = media_need(self.spec, await asyncio.to_thread(local_config, model_source))
+        budget = size_engine(
+            self.spec.model_id, self.spec.vram_bytes, device, total, checkpoint_bytes(model_source), overhead, media
+        )
+        log.info(
+            "replica %s: %s on %s (%s), budget %s: %s",
+            self.replica_id,
+            self.spec.model_id,
+            self.reservation.node,
+            gpu_uuid,
+            format_gib(budget.budget_bytes),
+            budget.engine_kwargs(),
+        )
+        self.device, self.budget = device, budget
+        if device == "cuda":
+            # The engine in its own process: no CUDA context here, and the cap reaches it (`mps`).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+            self._cap_engine(gpu_uuid, budget)
+        self.prepare(model_source, budget)
+        use_lock = os.environ.get(STARTUP_LOCK_ENV, "1") != "0"
+        if use_lock:
+            locked = await self.allocator.acquire_startup_lock(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
+            if not locked:
+                raise ReplicaStartupError(
+                    f"replica {self.replica_id}: startup lock of GPU {gpu_uuid} not granted within "
+                    f"{STARTUP_LOCK_TIMEOUT_S:g}s (another replica is still initialising there)"
+                )
+        try:
+            await self.load()
+        finally:
+            if use_lock:
+                await self.allocator.release_startup_lock(gpu_uuid, self.replica_id)
+        pids = self._engine_pids()
+        for pid in pids:
+            await self.allocator.attach_process(self.replica_id, pid)
+        tasks, accepts = await self.capabilities()
+        url = await self.serve_http(accepts)
+        self.endpoint = ReplicaEndpoint(
+            replica_id=self.replica_id,
+            model_id=self.spec.model_id,
+            names=self.spec.names,
+            url=url,
+            max_ongoing_requests=self.serving.max_ongoing_requests,
+            max_tokens=self.spec.max_tokens,
+            node=self.reservation.node,
+            gpu_uuid=gpu_uuid,
+            gpu_index=self.reservation.gpu_index,
+            bytes=self.reservation.bytes,
+            pids=pids,
+            tasks=tasks,
+            media=accepts,
+        )
+        self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    def _cap_engine(self, gpu_uuid: str, budget: EngineBudget) -> None:
+        """Make the engine process an MPS client capped at the reservation (inherited at its start)."""
+        pipe_dir = node_pipe_dir()
+        cap = budget.cap_bytes or budget.budget_bytes
+        if pipe_dir is None:
+            message = (
+                f"replica {self.replica_id}: no MPS daemon on this node (${PIPE_DIR_ENV} unset or not running): "
+                f"its engine is sized to {format_gib(cap)} but not hard-capped"
+            )
+            if os.environ.get(REQUIRE_MPS_ENV) == "1":
+                raise ReplicaStartupError(message)
+            log.warning("%s", message)
+            return
+        os.environ.update(client_env(pipe_dir, gpu_uuid, cap))
+        log.info("replica %s: engine capped at %s by MPS on %s", self.replica_id, format_gib(cap), gpu_uuid)
+
+    # -- the engine (overridable: the GPU tests run this start-up path with a stand-in engine) --
+
+    def prepare(self, model_source: str, budget: EngineBudget) -> None:
+        """Check the engine configuration before taking the startup lock (fail early, hold nothing long)."""
+        argv = server_argv(self.spec, model_source, budget, self.serving.engine_metrics, self.serving.allow_remote_code)
+        self.args = parse_server_args(argv)
+        # vLLM's own guards, at the model's limits (the router checks first; see media_checks).
+        os.environ["VLLM_MAX_IMAGE_PIXELS"] = str(self.spec.media.max_image_pixels)
+        os.environ["VLLM_MAX_AUDIO_CLIP_FILESIZE_MB"] = str(math.ceil(self.spec.media.max_item_mb))
+        if budget.device == "cpu":
+            # vLLM's CPU backend lets this variable override kv_cache_memory_bytes: the reservation decides.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+
+    async def load(self) -> None:
+        """Load the engine on the pinned device (runs holding the GPU's startup lock).
+
+        The engine and its HTTP server live on a loop of their own (`LoopThread`), not on the loop
+        Ray Serve runs this replica's methods on.
+        """
+        self.requests = LoopThread(f"{self.replica_id}-requests")
+        self.engine = await self.requests.call(self._start_engine(self.args))
+
+    async def capabilities(self) -> tuple[list[str], MediaAccepts]:
+        """What the loaded model serves (vLLM's tasks) and takes besides text, within the spec's `media`."""
+        assert self.requests is not None
+        tasks, supported = await self.requests.call(self._vllm_capabilities())
+        media = self.spec.media
+        limits = {"image": media.images_per_prompt, "audio": media.audios_per_prompt}
+        items = {
+            kind: min(limits[kind], cap or limits[kind]) for kind, cap in supported.items() if limits.get(kind, 0) > 0
+        }
+        if sorted(items) != sorted(self.budget.media.modalities):
+            log.warning(
+                "replica %s: vLLM takes %s besides text, its config.json suggested %s: the budget %s the encoder "
+                "and caches",
+                self.replica_id,
+                sorted(items) or "nothing",
+                self.budget.media.modalities or "nothing",
+                "counts" if self.budget.media.modalities else "does not count",
+            )
+        accepts = MediaAccepts(
+            items_per_prompt=items,
+            max_item_bytes=media.max_item_bytes,
+            max_image_pixels=media.max_image_pixels,
+            local_media_dir=media.local_media_dir,
+            media_domains=media.media_domains,
+        )
+        return tasks, accepts
+
+    async def _vllm_capabilities(self) -> tuple[list[str], dict[str, int | None]]:
+        from .vllm_compat import supported_modalities
+
+        tasks = [str(task) for task in await self.engine.get_supported_tasks()]
+        try:
+            return tasks, await asyncio.to_thread(supported_modalities, self.engine.model_config)
+        except Exception as error:  # a vLLM whose processor API differs: fall back to config.json's encoders
+            log.warning("replica %s: vLLM's input kinds unknown (%s); using config.json's", self.replica_id, error)
+            return tasks, dict.fromkeys(self.budget.media.modalities)
+
+    async def serve_http(self, accepts: MediaAccepts) -> str:
+        """Start serving on this node; returns the URL the router calls."""
+        assert self.requests is not None
+        return await self.requests.call(self._start_http(self.args, accepts))
+
+    async def _start_engine(self, args: Any) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        stat_loggers = None
+        if not args.disable_log_stats:
+            # vLLM's metrics recorded with Ray's metrics API: every Ray node's metrics agent exports
+            # them (ray_vllm_*), where the chart's scrape objects already look; vLLM's own /metrics
+            # would sit on this replica's ephemeral port, which nothing scrapes.
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            stat_loggers = [RayPrometheusStatLogger]
+        return AsyncLLM.from_vllm_config(
+            vllm_config=config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=stat_loggers,
+            enable_log_requests=False,
+            disable_log_stats=args.disable_log_stats,
+        )
+
+    def _engine_pids(self) -> list[int]:
+        """This process and the engine processes it started (their memory is the replica's)."""
+        import psutil
+
+        me = psutil.Process()
+        return [me.pid, *sorted(child.pid for child in me.children(recursive=True))]
+
+    async def _start_http(self, args: Any, accepts: MediaAccepts) -> str:
+        import uvicorn
+
+        from ..router.local_media import LocalMediaGuard
+        from .vllm_compat import build_openai_app, init_openai_app_state
+
+        tasks = await self.engine.get_supported_tasks()
+        app = build_openai_app(args, tasks, self.engine.model_config)
+        await init_openai_app_state(self.engine, app.state, args, tasks)
+        host = os.environ.get(REPLICA_HOST_ENV) or node_ip_address()
+        sock = socket.create_server((host, 0), reuse_port=False)
+        served = LocalMediaGuard(app, self.spec.model_id, accepts) if accepts.local_media_dir else app
+        guarded = InternalKeyGuard(served, self.key)  # every path: the router's requests only
+        self.server = uvicorn.Server(server_config(guarded, self.serving.client_timeout_s))
+        app.state.server = self.server
+        self.server_task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
+        while not self.server.started:
+            if self.server_task.done():
+                self.server_task.result()
+                raise ReplicaStartupError(f"replica {self.replica_id}: HTTP server on {host} exited at start")
+            await asyncio.sleep(0.02)
+        port = sock.getsockname()[1]
+        return f"http://{host}:{port}"
+
+    # -- announcing itself to the routers -----------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Announce this replica every HEARTBEAT_S while its engine lives; once the engine is dead
+        (its process killed, or failed), withdraw at once instead (`_withdraw`)."""
+        fresh, announce_at = False, 0.0
+        while True:
+            if self.engine is not None and self.engine.errored:
+                await self._withdraw()
+                return
+            if time.monotonic() >= announce_at:
+                try:
+                    await replicas_board(fresh).register.remote(self.endpoint.model_dump())
+                    fresh = False
+                except Exception as error:  # the board restarting: try again
+                    log.debug("replica %s: endpoint board not reachable: %s", self.replica_id, error)
+                    fresh = True
+                announce_at = time.monotonic() + HEARTBEAT_S
+            await asyncio.sleep(ENGINE_WATCH_S)
+
+    async def _withdraw(self) -> None:
+        """Leave the routers' table and stop taking connections: a request sent here now would only
+        get vLLM's EngineDeadError, while the routers send it to another replica when this one
+        refuses the connection. Serve's health check then restarts the replica."""
+        cause = self.engine.dead_error
+        log.error("replica %s: vLLM engine died (%s): withdrawn from the routers", self.replica_id, cause)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(replicas_board().unregister.remote(self.replica_id), timeout=5)
+        if self.server is not None:
+            self.server.should_exit = True
+
+    # -- Serve hooks ------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        if self.engine is not None and self.engine.errored:
+            raise RuntimeError(f"replica {self.replica_id}: vLLM engine died: {self.engine.dead_error}")
+        if self.server_task is not None and self.server_task.done():
+            raise RuntimeError(f"replica {self.replica_id}: its HTTP server stopped")
+
+    async def info(self) -> dict[str, Any]:
+        """Its announcement, with the overhead and cap its reservation holds (for measurements)."""
+        if self.endpoint is None:
+            return {"replica_id": self.replica_id}
+        held = {"overhead_bytes": self.reservation.overhead_bytes, "cap_bytes": self.reservation.cap_bytes}
+        return self.endpoint.model_dump() | held
+
+    async def engine_requests(self) -> int:
+        """Requests the engine holds now, running or waiting: one whose client went away and was
+        aborted no longer counts."""
+        return 0 if self.engine is None else int(self.engine.get_num_unfinished_requests())
+
+    async def __del__(self) -> None:
+        if self.heartbeat_task is not None:
+            self.heartbeat_task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(replicas_board().unregister.remote(self.replica_id), timeout=5)
+        if self.server is not None:
+            self.server.should_exit = True
+            if self.server_task is not None and self.requests is not None:
+                with contextlib.suppress(Exception):
+                    await self.requests.call(asyncio.wait_for(self.server_task, timeout=5))
+        self._stop_engine()
+        if self.requests is not None:
+            self.requests.stop()
+        await self._release()
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "shutdown"):
+            with contextlib.suppress(Exception):
+                self.engine.shutdown()
+        self.engine = None
+
+    async def _release(self) -> None:
+        if not self._reserved:
+            return
+        try:
+            await self.allocator.release(self.replica_id)
+            self._reserved = False
+        except Exception as error:  # the allocator reclaims it once this actor is gone
+            log.warning("replica %s: release failed (%s); the allocator reclaims it", self.replica_id, error)
+
+
+def replica_deployment(
+    spec: ModelSpec,
+    reservation: Reservation,
+    serving: ServingSettings,
+    env: dict[str, str],
+) -> Any:
+    """A Serve deployment for one planned replica (named by its replica id, one Serve replica);
+    built again the same, it is the same deployment (`keep_if_unchanged`)."""
+    from .placement import actor_options
+
+    options = deployment_options(
+        "replica",
+        reservation.replica_id,
+        ray_actor_options=actor_options(reservation, env),
+        max_ongoing_requests=serving.max_ongoing_requests,
+    )
+    args = (spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
+    identity = [f"{VLLMReplica.__module__}.{VLLMReplica.__qualname__}", options, *args]
+    return keep_if_unchanged(serve.deployment(VLLMReplica, **options), identity).bind(*args)

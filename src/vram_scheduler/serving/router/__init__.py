@@ -1,0 +1,1 @@
+"""The OpenAI router: request bounds, media checks, routing to replicas, its metrics."""

@@ -1,0 +1,1 @@
+"""Tools beside the serving path: measure, the demo-model generator, the stress check, the auth Secret."""
