@@ -3,8 +3,8 @@
 #   1. a local base image, Debian bookworm + Python 3.11 made with debootstrap (the rootfs tarball is
 #      cached under $RAY_VRAM_CACHE/images, so only the first run pays for debootstrap);
 #   2. ray-vram/monitor:<appVersion>   FROM that base (BASE_IMAGE build argument);
-#   3. ray-vram/ray-vram:<appVersion>  FROM that base, with VLLM=none by default here (see README
-#      "Container images": the default Dockerfile build, FROM the official Ray GPU image, installs
+#   3. ray-vram/ray-vram:<appVersion>  FROM that base, with VLLM=none by default here (see
+#      docs/install.md "Container images": the default Dockerfile build, FROM the official Ray GPU image, installs
 #      the CUDA vLLM).
 # Each image is tagged localhost/ray-vram/NAME:V and docker.io/ray-vram/NAME:V, the name Kubernetes
 # resolves the chart's default `ray-vram/NAME:V` to (for `podman save ... | k3s ctr images import -`).

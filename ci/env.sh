@@ -14,7 +14,7 @@ case ":${PYTHONPATH:-}:" in *":$ROOT/src:"*) ;; *) export PYTHONPATH=$ROOT/src${
 # plasma_store" under a deep checkout's .work/tmp goes past that.
 RAY_VRAM_TMP=${TMPDIR_OVERRIDE:-/tmp/rv-$(printf %s "$RAY_VRAM_WORK" | sha1sum | cut -c1-8)}
 mkdir -p "$RAY_VRAM_BIN" "$RAY_VRAM_WORK" "$RAY_VRAM_TMP"
-# vLLM / Ray on a CPU machine without a model hub (see README "Running without a GPU").
+# vLLM / Ray on a CPU machine without a model hub (see docs/install.md "Local mode").
 export TMPDIR=$RAY_VRAM_TMP
 export RAY_TMPDIR=$RAY_VRAM_TMP
 export XDG_CACHE_HOME=$RAY_VRAM_CACHE/xdg

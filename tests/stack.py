@@ -270,6 +270,7 @@ def _serve_declared(values: str, inventory: str, controller_port: int) -> None:
     from vram_scheduler.local import stack as local
     from vram_scheduler.monitor.readers import FileReader
     from vram_scheduler.monitor.service import MonitorService, MonitorSettings
+    from vram_scheduler.tools.demo.model import demo_sources
 
     class DeclaredStack(local.LocalStack):
         def _start_monitor(self, address: str) -> None:
@@ -279,7 +280,9 @@ def _serve_declared(values: str, inventory: str, controller_port: int) -> None:
             thread.start()
             self._threads.append(thread)
 
-    stack = DeclaredStack(load_config(values), controller_port=controller_port, num_cpus=2)
+    # As `ray-vram up` does: the demo models the values name, generated and listed in serving.model_sources.
+    config = demo_sources(load_config(values), progress=lambda text: print(text, flush=True))
+    stack = DeclaredStack(config, controller_port=controller_port, num_cpus=2)
     try:
         stack.start(progress=lambda text: print(text, flush=True))
         stack.controller.wait_ready(timeout_s=600)

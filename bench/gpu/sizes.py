@@ -1,4 +1,4 @@
-"""The `sizes` stage of the GPU benchmark: `ray-vram measure` on three model sizes, as the README
+"""The `sizes` stage of the GPU benchmark: `ray-vram measure` on three model sizes, as docs/cli.md
 tells a user to run it (max_model_len 4096, concurrency 32), and what each size used beyond its
 share: the data behind the overheads `capacity` derives from a model's weights.
 
@@ -36,7 +36,7 @@ SIZES: dict[str, tuple[str, tuple[int, ...]]] = {
     "llama-7b": ("llama", (4096, 32, 32, 8, 11008)),
     "llama-14b": ("llama", (5120, 40, 40, 8, 13824)),
 }
-#: The workload the README's measure example uses for these sizes.
+#: The workload docs/cli.md's measure example uses for these sizes.
 MAX_MODEL_LEN, CONCURRENCY = 4096, 32
 #: Extra `ray-vram measure` flags (e.g. "--no-replica-run" where device time is short).
 MEASURE_ARGS_ENV = "RAY_VRAM_SIZES_MEASURE_ARGS"
@@ -96,7 +96,7 @@ def ensure_model(name: str, root: Path) -> Path:
 
 
 def measure_command(model: Path, log_file: Path) -> list[str]:
-    """`ray-vram measure` as the README tells a user to run it, with JSON output."""
+    """`ray-vram measure` as docs/cli.md tells a user to run it, with JSON output."""
     return [
         sys.executable, "-m", "vram_scheduler.cli", "measure", "--model", str(model),
         "--max-model-len", str(MAX_MODEL_LEN), "--concurrency", str(CONCURRENCY),

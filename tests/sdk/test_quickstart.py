@@ -1,6 +1,6 @@
 """The original design's quick start (tests/sdk/data/original_quickstart.md, its "Deploy Models" and
-"Run Inference" sections as published) and every Python example of our README, run as written
-against the local stack.
+"Run Inference" sections as published), and the README's tour and docs/sdk.md's examples (the blocks
+marked as run here), run as written against the local stack.
 
 The quick start's blocks run verbatim except for what a 2-core CI machine without a model hub cannot
 hold, replaced as text before running (`SCALED`): its hub model becomes the generated demo model,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -22,9 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import docblocks
 import pytest
 import stack
-from conftest import ROOT
 
 from vram_scheduler.core.loopback import LOOPBACK_NODE_ENV
 
@@ -86,29 +87,45 @@ def test_the_original_quick_start_runs_as_written(controller_env: dict[str, str]
         print("\n--- the original quick start's output ---\n" + output)
 
 
-def test_every_python_example_of_the_readme_runs_as_written(
+def test_the_readme_tour_and_the_sdk_docs_run_as_written(
     controller_env: dict[str, str], local_stack: stack.LocalStack, capsys
 ) -> None:
-    blocks = python_blocks((ROOT / "README.md").read_text())
-    in_cluster = [b for b in blocks if "ray.init(" in b]
-    # The vision and audio examples need their models deployed: tests/serving/test_multimodal_e2e.py
-    # serves them (not verbatim yet).
-    multimodal = [b for b in blocks if "images=" in b or "transcribe(" in b]
-    sdk = [b for b in blocks if "ray.init(" not in b and b not in multimodal]
-    assert len(in_cluster) == 1 and len(sdk) == 3 and len(multimodal) == 2
+    """The blocks of README.md and docs/sdk.md marked as run here, in reading order, as a notebook
+    runs its cells; shell blocks reach the stack through $RAY_VRAM_ENDPOINT, code inside the cluster
+    runs in a process of its own that joins the stack's Ray."""
+    blocks = docblocks.tested_by(__file__)
+    in_cluster = [b for b in blocks if "ray.init(" in b.code]
+    shell = [b for b in blocks if b.lang == "bash"]
+    assert len(in_cluster) == 1 and len(shell) == 1, [b.where for b in blocks]
     # Local mode's Ray is on 127.0.0.1 only: a process joining it must stay on loopback too.
     env = os.environ | LOOPBACK_NODE_ENV | {"RAY_ADDRESS": local_stack.gcs_address, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run(
-        [sys.executable, "-c", in_cluster[0]], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", in_cluster[0].code], env=env, capture_output=True, text=True, timeout=300, check=False
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, in_cluster[0].where + "\n" + done.stderr[-3000:]
     assert "model example needs" in done.stdout and "largest free" in done.stdout
     namespace: dict[str, Any] = {}
+    answers: list[dict[str, Any]] = []
     try:
-        for block in sdk:
-            run_block(block, namespace)
+        for block in blocks:
+            if block in in_cluster:
+                continue
+            if block.lang == "bash":
+                ran = subprocess.run(
+                    ["bash", "-euo", "pipefail", "-c", block.code],
+                    env=os.environ | {"RAY_VRAM_ENDPOINT": local_stack.endpoint},
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    check=False,
+                )
+                assert ran.returncode == 0, f"{block.where}: {ran.stderr[-3000:]}"
+                answers.append(json.loads(ran.stdout))
+            else:
+                docblocks.run_python(block.code, namespace)
         output = capsys.readouterr().out
         assert "qwen: 1 replica(s) ready" in output and "over reservation" not in output
         assert namespace["state"].gpus and namespace["event"].done
+        assert answers[0]["model"] == "qwen" and answers[0]["choices"][0]["message"]["content"], answers
     finally:
         shutdown("qwen")

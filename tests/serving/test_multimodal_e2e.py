@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import docblocks
 import httpx
 import numpy as np
 import openai
@@ -68,7 +69,8 @@ def stack(media_dir: Path) -> Iterator[Stack]:
             engine_kwargs=ENGINE_KWARGS,
             media=MEDIA | {"local_media_dir": str(media_dir)},
         ),
-        spec("speech", "demo-audio", 1.75, engine_kwargs=AUDIO_ENGINE_KWARGS, media=MEDIA),
+        # `whisper`: the name docs/multimodal.md sends to, as values/multimodal.yaml calls the model.
+        spec("speech", "demo-audio", 1.75, engine_kwargs=AUDIO_ENGINE_KWARGS, media=MEDIA, router_name="whisper"),
     ]
     with running_stack(models) as started:
         yield started
@@ -172,8 +174,38 @@ def test_openai_client_sends_an_image(stack: Stack) -> None:
     assert square.usage.prompt_tokens > strip.usage.prompt_tokens
 
 
+def test_the_docs_examples_run_as_written(stack: Stack, media_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/multimodal.md's requests (the blocks marked as run here), as written, in reading order:
+    shell blocks with bash, Python blocks as notebook cells, in the vision model's media directory
+    (so its `file://` example is inside `media.local_media_dir`), the endpoint in $RAY_VRAM_ENDPOINT."""
+    monkeypatch.chdir(media_dir)
+    monkeypatch.setenv("RAY_VRAM_ENDPOINT", stack.base + "/v1")
+    sdk.forget_endpoints()
+    # `python` and `ray-vram` as the docs' shell blocks call them: this environment's.
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    blocks = docblocks.tested_by(__file__)
+    assert {b.lang for b in blocks} == {"bash", "python"}, [b.where for b in blocks]
+    for block in blocks:
+        if block.lang == "python":
+            docblocks.run_python(block.code, {})
+            continue
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block.code],
+            cwd=media_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0 and done.stdout.strip(), f"{block.where}: {done.stderr[-3000:]}"
+        if done.stdout.startswith("{"):
+            answer = json.loads(done.stdout)
+            assert "error" not in answer and ("choices" in answer or "text" in answer), f"{block.where}: {answer}"
+
+
 def test_example_request_and_response_of_each_kind(stack: Stack) -> None:
-    """The README's examples, as sent and as answered (printed with -s)."""
+    """The request and answer docs/multimodal.md shows, as sent and as answered (printed with -s)."""
     body = chat_body("vision", [data_url(png(64, 48))]) | {"max_tokens": 8}
     response = post(stack, body)
     assert response.status_code == 200, response.text

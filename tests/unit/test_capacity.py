@@ -13,7 +13,7 @@ budgets = st.integers(min_value=1, max_value=200 * GIB)
 overheads = st.integers(min_value=0, max_value=16 * GIB)
 gbs = st.floats(min_value=0, max_value=16, allow_nan=False).map(lambda x: round(x, 3))
 
-#: Peak under load minus budget as measured (H100, vLLM 0.26, under MPS; README "Budgets on a GPU"):
+#: Peak under load minus budget as measured (H100, vLLM 0.26, under MPS; docs/benchmarks.md "Budgets on a GPU"):
 #: (GiB of weights, largest peak over budget seen).
 MEASURED = [(2.7, 1.31), (10.6, 1.86), (20.5, 1.81)]
 

@@ -11,7 +11,7 @@ monitor, the tables and `ray-vram measure` show comes from the same arithmetic.
   (never above the GPU's total). A replica is *within reservation* while its use is at or under
   it; use above the budget alone is the normal state of a CUDA engine, not a fault.
 
-Where the derived overhead comes from (README "Budgets on a GPU"; H100, vLLM 0.26, replicas sized
+Where the derived overhead comes from (docs/benchmarks.md "Budgets on a GPU"; H100, vLLM 0.26, replicas sized
 by `measure` and share, under MPS; peak under load minus budget): +1.13 to +1.31 GiB for a 1.5B
 Qwen2 (2.7 GiB of weights; once +1.69 beside a vision replica), +1.77 to +1.86 GiB for a 7B-class
 Llama (10.6 GiB), +1.81 GiB for a 14B-class Llama (20.5 GiB): it grows to 7B class, then levels off.

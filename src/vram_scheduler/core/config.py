@@ -127,7 +127,7 @@ class ModelSpec(StrictModel):
         ge=0,
         description="VRAM a replica uses beyond vram_gb (what vLLM does not count, plus a margin), as "
         "`ray-vram measure` recommends it. Unset: placement.replica_overhead_gb when set, else derived from "
-        'the size of the model\'s weights (README "Budgets on a GPU").',
+        'the size of the model\'s weights (docs/configuration.md "Overheads").',
     )
     replicas: int = Field(default=1, ge=1, le=1024, description="Number of replicas to place.")
     max_replicas: bool = Field(
@@ -162,7 +162,7 @@ class ModelSpec(StrictModel):
     media: MediaSettings = Field(
         default_factory=MediaSettings,
         description="Images and audio per request, their sizes and where they may come from (vision and "
-        'speech models; see README "Vision and audio models").',
+        "speech models; see docs/multimodal.md).",
     )
 
     @model_serializer(mode="wrap")
@@ -391,7 +391,7 @@ def remote_code_problems(spec: ModelSpec, serving: ServingSettings) -> list[str]
     if serving.allow_remote_code:
         return []
     return [
-        f'engine_kwargs.{problem}; refused unless serving.allow_remote_code is true (see README "Security")'
+        f"engine_kwargs.{problem}; refused unless serving.allow_remote_code is true (see docs/security.md)"
         for problem in spec.remote_code()
     ]
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: prctl(2) option: orphaned descendants are reparented to this process instead of init.
 PR_SET_CHILD_SUBREAPER = 36
 
-#: vLLM engine start in seconds instead of a minute on CPU machines (see README "Local mode").
+#: vLLM engine start in seconds instead of a minute on CPU machines (see docs/install.md "Local mode").
 LOCAL_ENV_DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "HF_HUB_OFFLINE": "1",

@@ -241,7 +241,7 @@ class NVMLReader:
 
 
 class FileReader:
-    """A declared inventory (YAML/JSON, README "Inventory file format") served as if read from GPUs.
+    """A declared inventory (YAML/JSON, docs/configuration.md "Inventory file format") served as if read from GPUs.
 
     The file is read again whenever it changes, so a test or an operator can edit it while the
     monitor runs; a file that turns invalid is reported as an error and the last valid state kept.

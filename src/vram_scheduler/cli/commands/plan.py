@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  ray-vram plan --inventory inv.yaml --values my-values.yaml --output json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--inventory", required=True, help="GPU inventory file (YAML/JSON, see README)")
+    parser.add_argument("--inventory", required=True, help="GPU inventory file (YAML/JSON, see docs/configuration.md)")
     add_values_option(parser, required=True, help="values/config file with a `models` list")
     add_output_option(parser)
     parser.set_defaults(func=run)

@@ -16,7 +16,7 @@ environment.
 The engine is vLLM's `AsyncLLM`; requests are served by vLLM's own OpenAI serving classes (the
 FastAPI app `vllm serve` builds) on a port of this replica's node, which the router calls
 directly: one HTTP hop from router to engine, no Ray object transfer per request (measured in
-bench/serving; see README "Serving API").
+bench/serving; see docs/benchmarks.md "Serving path on CPU").
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the budget divided by the GPU's total is the share. What vLLM does not count lie
 share: the engine process's CUDA context (0.5 GiB, measured on an H200 under MPS) and what its
 allocators grow by under load. The model's overhead, held beside the budget, covers those, and the
 reservation (budget + overhead, `capacity`) is the hard cap MPS enforces on the engine (see `mps`).
-The measurements behind the overheads are in the README ("Budgets on a GPU").
+The measurements behind the overheads are in docs/benchmarks.md ("Budgets on a GPU").
 
 A utilization share rather than an explicit `kv_cache_memory_bytes`: with bytes, the engine's
 footprint is weights + KV + everything else, and "everything else" (2.4 GiB for a 1.3B model at

@@ -18,7 +18,7 @@ import asyncio
 from time import perf_counter
 from typing import Any
 
-#: Series names as Prometheus shows them (what the dashboards and README name).
+#: Series names as Prometheus shows them (what the dashboards and docs name).
 REQUESTS = "ray_vram_router_requests_total"
 DURATION = "ray_vram_router_request_duration_seconds"
 FIRST_BYTE = "ray_vram_router_time_to_first_byte_seconds"
