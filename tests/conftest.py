@@ -1,14 +1,17 @@
-"""Shared test setup: the repository root, the cluster's internal key, and skipping GPU tests where
-no GPU exists."""
+"""Shared test setup: the repository root, the cluster's internal key, skipping GPU tests where no GPU
+exists, and the session's one local stack (tests/stack.py) that every suite able to share it uses."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import stack
+from fake_engine import FakeOpenAIEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +32,34 @@ def _has_nvidia_gpu() -> bool:
         return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
 
 
+#: Fixtures that start Ray, vLLM, an API server or containers: a test taking one is `slow` whatever its
+#: module says, so `pytest -m "not slow"` is the quick loop (pure rules, renders, parsers; no services).
+#: Tests that start such things in their own body carry the mark themselves.
+SERVICE_FIXTURES = frozenset(
+    {
+        "allocator",
+        "bare",
+        "built_images",
+        "cluster",
+        "kv",
+        "local_stack",
+        "monitors",
+        "prometheus",
+        "queued_stack",
+        "ray_address",
+        "ray_head",
+        "soak",
+        "stack",
+        "three_nodes",
+        "user_stack",
+    }
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if _has_nvidia_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run on the GPU machine)")
@@ -41,3 +71,56 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def local_stack() -> Iterator[stack.LocalStack]:
+    """The session's local stack (Ray, allocator, monitor on a declared 8 GiB + 4 GiB inventory,
+    controller, OpenAI router, a vLLM CPU replica of the demo model as `tiny`/`tiny-alias`), started
+    once for every test that takes it; tests that deploy more models shut them down before they end.
+
+    This test process is the same installation (XDG_CONFIG_HOME), so clients find the controller token
+    in its file as a user of `ray-vram up` does. A 2 GiB overhead for every model
+    (placement.replica_overhead_gb), so the tests' arithmetic is round; the overhead derived from the
+    weights is exercised by tests/serving/test_queue.py."""
+    placement = {"replica_overhead_gb": 2}
+    with stack.LocalStack(
+        [stack.demo_model_spec(stack.MODEL, router_name=stack.ALIAS)], values={"placement": placement}
+    ) as running:
+        before = os.environ.get("XDG_CONFIG_HOME")
+        os.environ["XDG_CONFIG_HOME"] = str(running.config_home)
+        try:
+            yield running
+        finally:
+            if before is None:
+                os.environ.pop("XDG_CONFIG_HOME", None)
+            else:
+                os.environ["XDG_CONFIG_HOME"] = before
+
+
+@pytest.fixture
+def endpoint(local_stack: stack.LocalStack) -> str:
+    """The OpenAI base URL (…/v1) of the session's stack."""
+    return local_stack.endpoint
+
+
+@pytest.fixture
+def controller_env(local_stack: stack.LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point discovery at the session stack's controller (and nowhere else) for this test; its token is
+    found as a user of `ray-vram up` finds it, in the installation's token file (XDG_CONFIG_HOME)."""
+    from vram_scheduler import forget_endpoints
+
+    monkeypatch.setenv("RAY_VRAM_CONTROLLER", local_stack.controller)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(local_stack.config_home))
+    monkeypatch.delenv("RAY_VRAM_CONTROLLER_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_VRAM_ENDPOINT", raising=False)
+    forget_endpoints()
+    return {"RAY_VRAM_CONTROLLER": local_stack.controller, "XDG_CONFIG_HOME": str(local_stack.config_home)}
+
+
+@pytest.fixture
+def fake_engine() -> Iterator[FakeOpenAIEngine]:
+    """The OpenAI engine's test double (tests/fake_engine.py) serving the session stack's model name, for
+    tests of the client side of HTTP (retries) where the engine is not under test."""
+    with FakeOpenAIEngine(stack.MODEL) as engine:
+        yield engine

@@ -8,7 +8,7 @@ running local stack: tests/monitor/test_prometheus_scrape.py).
   those series without one; `polling()` keeps it current.
 - `series_labels()`: series name → label names of an exposition.
 
-Imported by tests/chart and tests/monitor (tests/ is on sys.path through its conftest.py).
+Imported by tests/chart and tests/monitor (pytest puts tests/ on the path: pyproject.toml `pythonpath`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import waiting
 import yaml
 
 from vram_scheduler.core.loopback import free_port
@@ -108,19 +108,14 @@ class PrometheusServer:
         return data["result"]
 
     def wait_until(self, predicate, what: str, timeout_s: float = 60) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def met() -> Any:
             if self.process.poll() is not None:
-                raise AssertionError(f"prometheus exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                result = predicate()
-                if result:
-                    return result
-            except (OSError, AssertionError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{self.log()[-3000:]}")
-            time.sleep(0.3)
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            return predicate()  # OSError (not answering yet) and AssertionError (a check inside) are "not yet"
+
+        return waiting.wait_until(
+            met, timeout_s, lambda: f"{what}\n{self.log()[-3000:]}", every_s=0.3, ignore=(OSError, AssertionError)
+        )
 
     def wait_targets_up(self, timeout_s: float = 60) -> list[dict[str, Any]]:
         def all_up() -> list[dict[str, Any]] | None:

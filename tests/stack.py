@@ -1,8 +1,15 @@
-"""Real services for the SDK tests: the local stack (`ray-vram up`'s, on a declared inventory) in a
-child process, and a busy-front HTTP server that answers 429/503 with Retry-After before passing
-requests on.
+"""The one stack harness of the tests: real services started the same way by every suite.
 
-Imported by tests/sdk/conftest.py; everything runs on 127.0.0.1 and is stopped on exit.
+- `LocalStack`: `ray-vram up`'s local stack (on a declared inventory) in a child process, so Ray never
+  enters the test process; the SDK, CLI, example and Prometheus tests use it (the session's shared one
+  is the `local_stack` fixture of tests/conftest.py).
+- `running_stack` / `deployed`: Ray, Serve, the monitor, the controller and models in this process, for
+  the serving tests that reach into Serve and the allocator (tests/serving/conftest.py's `stack`, and the
+  modules that need their own: faults, pending, queue, ...).
+- `BusyFront`: a busy-front HTTP server that answers 429/503 with Retry-After before passing requests on.
+
+Both stacks serve the generated demo model with the same engine arguments (`ENGINE_KWARGS`);
+everything runs on 127.0.0.1 and is stopped on exit.
 """
 
 from __future__ import annotations
@@ -16,9 +23,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+from waiting import wait_until
 
 from vram_scheduler.core.loopback import free_port
 
@@ -36,17 +48,21 @@ def ray_temp_dir(prefix: str) -> Path:
 
 def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
     """Wait until `url` answers 200; fail early with the log tail if `process` died."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def answered() -> bool:
         if process is not None and process.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"{process.args[:4]} exited with {process.returncode} before {url} answered:\n{tail}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s:\n{tail}")
+            return httpx.get(url, timeout=2).status_code == 200
+        return False
+
+    wait_until(
+        answered,
+        timeout_s,
+        lambda: f"{url} to answer 200:\n{log.read_text()[-3000:] if log and log.exists() else ''}",
+        every_s=0.5,
+    )
 
 
 def vllm_env() -> dict[str, str]:
@@ -150,6 +166,9 @@ SDK_INVENTORY = {
         }
     ]
 }
+#: The session's shared local stack (tests/conftest.py `local_stack`) serves the demo model under these names.
+MODEL = "tiny"
+ALIAS = "tiny-alias"
 ENGINE_KWARGS = {
     "dtype": "float32",
     "enforce_eager": True,
@@ -232,11 +251,13 @@ class LocalStack:
                 text=True,
             )
         try:
-            deadline = time.monotonic() + 900
-            while "stack ready" not in self.log.read_text():
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"local stack did not start:\n{self.log.read_text()[-4000:]}")
-                time.sleep(1)
+
+            def ready() -> bool:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"local stack exited with {self.process.returncode}:\n{self.log_tail()}")
+                return "stack ready" in self.log.read_text()
+
+            wait_until(ready, 900, lambda: f"the local stack to start:\n{self.log_tail()}", every_s=0.5)
         except BaseException:
             self.__exit__()
             raise
@@ -246,6 +267,9 @@ class LocalStack:
         self.ray_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         self.token = (self.config_home / "ray-vram" / "controller-token").read_text().strip()
         return self
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-4000:]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -262,6 +286,155 @@ class LocalStack:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 600):
+    """`ray-vram ARGS` in a child process (as a user runs it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "vram_scheduler.cli", *args],
+        env=os.environ | (env or {}),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- the stack in this process
+
+#: The serving tests' declared inventory (nodes ci-gpu-node, and ci-gpu-worker for the two-node stacks).
+SERVING_INVENTORY = ROOT / "tests" / "serving" / "inventory.yaml"
+
+
+def serving_model(model_id: str, replicas: int = 2, **extra: Any) -> dict[str, Any]:
+    """A model entry of the in-process stack: the demo model, two replicas unless told."""
+    return demo_model_spec(model_id, replicas=replicas, max_tokens=12) | extra
+
+
+@dataclass
+class Stack:
+    controller: Any
+    config: Any
+    base: str  # OpenAI endpoint, e.g. http://127.0.0.1:PORT
+    gcs_address: str
+    monitor: Any
+    ray_metrics: str  # Ray's metrics agent on this node (what the chart's scrape objects read)
+
+
+def start_monitor(node: str, gcs_address: str, inventory: Path = SERVING_INVENTORY) -> tuple[Any, threading.Thread]:
+    """A monitor publishing inventory node `node` of the file, in a thread of this process."""
+    from vram_scheduler.monitor.readers import FileReader
+    from vram_scheduler.monitor.service import MonitorService, MonitorSettings
+
+    monitor = MonitorService(
+        FileReader(inventory, node),
+        MonitorSettings(node=node, interval_s=1.0, host="127.0.0.1", port=0, ray_address=gcs_address),
+    )
+    thread = threading.Thread(target=monitor.run, name=f"monitor-{node}", daemon=True)
+    thread.start()
+    return monitor, thread
+
+
+def with_demo_models(config: Any) -> Any:
+    """`config` with the demo models it names generated and listed in `serving.model_sources`, as
+    `ray-vram up` and `ray-vram serve` do (the serving path serves them from their directory)."""
+    from vram_scheduler.tools.demo.model import demo_sources
+
+    return demo_sources(config, progress=lambda _: None)
+
+
+@contextmanager
+def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
+    """Serve, the controller and `config`'s models on the connected Ray cluster once the allocator has
+    the inventory of `nodes` nodes; every replica ready. Everything shut down on exit."""
+    from ray import serve
+
+    from vram_scheduler.serving.controller.actor import ControllerClient
+
+    config = with_demo_models(config)
+    serve.start(proxy_location="Disabled")
+    controller = ControllerClient(config.serving)
+    try:
+        wait_until(
+            lambda: len(controller.allocator.vram_state().nodes) >= nodes,
+            60,
+            f"the monitors to publish the inventory of {nodes} node(s)",
+            every_s=0.2,
+        )
+        controller.apply(config)
+        controller.wait_ready(timeout_s=600)
+        yield controller
+    finally:
+        try:
+            controller.shutdown()
+        finally:
+            serve.shutdown()
+
+
+@contextmanager
+def running_stack(
+    models: list[dict[str, Any]], serving: dict[str, Any] | None = None, placement: dict[str, Any] | None = None
+) -> Iterator[Stack]:
+    """Ray (local, in this process), Serve, the monitor on the declared inventory, the controller and
+    `models` deployed and ready (with `serving` settings beside host and port, and `placement`); all
+    stopped on exit."""
+    import ray
+
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.ray_names import NAMESPACE
+
+    port, metrics_port = free_port(), free_port()
+    config = parse_config(
+        {
+            "models": models,
+            "placement": placement or {},
+            "serving": {**(serving or {}), "host": "127.0.0.1", "port": port},
+        },
+        "serving tests",
+    )
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+    )
+    gcs = ray.get_runtime_context().gcs_address
+    monitor, thread = start_monitor("ci-gpu-node", gcs)
+    try:
+        with deployed(config) as controller:
+            yield Stack(
+                controller, config, f"http://127.0.0.1:{port}", gcs, monitor, f"http://127.0.0.1:{metrics_port}/metrics"
+            )
+    finally:
+        monitor.stop()
+        thread.join(timeout=10)
+        ray.shutdown()
+
+
+def stream_outcome(base: str, body: dict[str, Any], first: threading.Event) -> str:
+    """How a streamed completion ended: "error: <message>" (an OpenAI error event), "done" ([DONE]
+    last, no error event), "cut" (neither, or the connection broke) or "hung". `first` is set at
+    the first event."""
+    lines: list[str] = []
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+    except httpx.ReadTimeout:
+        return "hung"
+    except httpx.HTTPError:
+        return "cut"
+    errors = [json.loads(x.removeprefix("data: "))["error"] for x in lines if x.startswith('data: {"error"')]
+    if errors:
+        return f"error: {errors[-1]['message']}"
+    return "done" if lines and lines[-1] == "data: [DONE]" else "cut"
 
 
 def _serve_declared(values: str, inventory: str, controller_port: int) -> None:

@@ -52,11 +52,16 @@ class MeasuredStack:
 
 @contextlib.contextmanager
 def measured_stack(
-    models: list[dict[str, Any]], overhead_gb: float, ready_timeout_s: float = 540
+    models: list[dict[str, Any]],
+    overhead_gb: float | None,
+    ready_timeout_s: float = 540,
+    placement: dict[str, Any] | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> Iterator[MeasuredStack]:
     """The local stack serving `models` on free ports, an NVML sampler running from before its first
     replica starts (start-up and CUDA-graph capture count towards each peak); entered once every
-    replica is ready, stopped on leaving."""
+    replica is ready, stopped on leaving. `placement` and `serving`: settings beside the overhead,
+    host, port and queue bound."""
     from vram_scheduler.core.config import parse_config
     from vram_scheduler.core.loopback import free_port
     from vram_scheduler.local.stack import LocalStack
@@ -64,8 +69,8 @@ def measured_stack(
     config = parse_config(
         {
             "models": models,
-            "placement": {"replica_overhead_gb": overhead_gb},
-            "serving": {"host": "127.0.0.1", "port": free_port(), "max_ongoing_requests": 512},
+            "placement": {"replica_overhead_gb": overhead_gb, **(placement or {})},
+            "serving": {"host": "127.0.0.1", "port": free_port(), "max_ongoing_requests": 512, **(serving or {})},
         }
     )
     local = LocalStack(config, controller_port=free_port())

@@ -11,6 +11,8 @@ into bench/results/gpu.json and prints a table):
 - ``sizes``: `ray-vram measure` on a 1.5B Qwen2, a 7B-class and a 14B-class Llama (`bench.gpu.sizes`),
   each size's recommendation and peak over its share, also written into bench/results/gpu.json;
 - ``pack``: three measured models on one GPU, one pending until another is removed (`bench.gpu.pack`);
+- ``sleep``: measured models adding up to 3x the GPU awake, hopping requests, wake and cold start
+  to first token (`bench.gpu.sleep`, writes bench/results/sleep.json);
 - ``report``: the comparison with ray-vram's stack (tests/gpu/test_vllm_gpu.py writes stack.json:
   the same packing through the router).
 
@@ -35,6 +37,7 @@ from vram_scheduler.core.config import gib_to_bytes
 from .measured_stack import replica_budget_gb, replica_infos, replica_peaks
 from .pack import run_pack
 from .sizes import SIZES, run_sizes
+from .sleep import run_sleep
 from .tools import GIB, BareServer, NVMLSampler, bench_serve, gpus, process_tree, summarize, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -300,7 +303,8 @@ def _size_row(measured: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "stage", choices=["bare", "bare-mps", "one", "race", "fractional", "two-gpu", "sizes", "pack", "report"]
+        "stage",
+        choices=["bare", "bare-mps", "one", "race", "fractional", "two-gpu", "sizes", "pack", "sleep", "report"],
     )
     parser.add_argument("n", nargs="?", type=int, default=4)
     parser.add_argument("--results", default=os.environ.get("RAY_VRAM_GPU_RESULTS", str(ROOT / ".work/gpu-results")))
@@ -309,7 +313,7 @@ def main() -> int:
     parser.add_argument("--no-lock", action="store_true", help="two-gpu stage: without the startup lock and MPS")
     parser.add_argument("--vllm-version", help="report stage: the vLLM the stages ran with (default: this Python's)")
     parser.add_argument("--size", action="append", choices=list(SIZES), help="sizes stage: only these (repeatable)")
-    parser.add_argument("--model-root", default="/tmp/rv-sizes", help="sizes, pack: the models' folder")
+    parser.add_argument("--model-root", default="/tmp/rv-sizes", help="sizes, pack, sleep: the models' folder")
     args = parser.parse_args()
     results = Path(args.results)
     gpu = gpus()[0] if args.stage != "report" else None
@@ -340,6 +344,13 @@ def main() -> int:
         write_json(target, merged)
         print("GPU-BENCH-PACK", json.dumps(merged["pack"])[:4000])
         return 0
+    if args.stage == "sleep":
+        slept = run_sleep(Path(args.model_root), results)
+        write_json(results / "sleep.json", slept)
+        target = Path(args.write) if args.write else ROOT / "bench/results/sleep.json"
+        write_json(target, {k: v for k, v in slept.items() if k != "vram"})
+        print("GPU-BENCH-SLEEP", json.dumps({k: slept[k] for k in ("failed", "wake_to_first_token")})[:2000])
+        return 0 if slept["failed"] == 0 else 1
     if not args.model:
         print("--model (or RAY_VRAM_GPU_MODEL) is required", file=sys.stderr)
         return 2

@@ -173,10 +173,12 @@ def controller_metrics() -> set[str]:
 
 
 def router_metrics() -> set[str]:
-    """Series the routers record through Ray's metrics API (each node's metrics agent exports them)."""
+    """Series the routers and replicas record through Ray's metrics API (each node's metrics agent
+    exports them): requests at the routers, sleeps and wakes of the replicas."""
+    from vram_scheduler.serving.replica.sleep_metrics import SERIES as SLEEP_SERIES
     from vram_scheduler.serving.router.metrics import SERIES
 
-    return set(SERIES)
+    return set(SERIES) | set(SLEEP_SERIES)
 
 
 def external_metrics() -> dict[str, dict]:

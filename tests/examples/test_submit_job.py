@@ -10,11 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import stack
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import stack  # noqa: E402
 
 pytestmark = pytest.mark.slow
 EXAMPLE = ROOT / "examples" / "5_submit_job.py"

@@ -17,7 +17,6 @@ import asyncio
 import base64
 import io
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ import pytest
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 RESULTS = Path(os.environ.get("RAY_VRAM_GPU_RESULTS", ROOT / ".work" / "gpu-results"))
 OVERHEAD_GB = 2.0
 IMAGE_REQUESTS, IMAGE_CONCURRENCY = 384, 32

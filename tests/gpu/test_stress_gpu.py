@@ -32,7 +32,6 @@ from vram_scheduler.core.loopback import free_port
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 RESULTS = Path(os.environ.get("RAY_VRAM_GPU_RESULTS", ROOT / ".work" / "gpu-results"))
 GIB = 1024**3
 SECONDS = 15

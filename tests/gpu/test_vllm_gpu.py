@@ -20,7 +20,6 @@ Results (JSON) go to $RAY_VRAM_GPU_RESULTS (default .work/gpu-results); bench/gp
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +32,6 @@ import pytest
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 RESULTS = Path(os.environ.get("RAY_VRAM_GPU_RESULTS", ROOT / ".work" / "gpu-results"))
 GIB = 1024**3
 REPLICAS = 4

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_until
 
 from vram_scheduler.core.loopback import free_port
 
@@ -78,17 +78,15 @@ class Monitor:
             return error.code, error.read()
 
     def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"monitor exited with {self.process.returncode}: {self.log()}")
             try:
-                if self.get("/healthz")[0] == 200:
-                    return
+                return self.get("/healthz")[0] == 200
             except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("monitor did not become healthy in time")
+                return False
+
+        wait_until(healthy, timeout_s, "the monitor healthy (/healthz 200)")
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         """Every sample as {(name, frozenset(labels.items())): value}."""
@@ -106,14 +104,14 @@ class Monitor:
         return json.loads(body)
 
     def wait_for(self, predicate, timeout_s: float = 45, what: str = "condition") -> dict:
-        deadline = time.monotonic() + timeout_s
         samples: dict = {}
-        while time.monotonic() < deadline:
+
+        def seen() -> dict | None:
+            nonlocal samples
             samples = self.metrics()
-            if predicate(samples):
-                return samples
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; last samples: {sample_names(samples)}")
+            return samples if predicate(samples) else None
+
+        return wait_until(seen, timeout_s, lambda: f"{what}; last samples: {sample_names(samples)}")
 
     def close(self) -> None:
         self._log.close()

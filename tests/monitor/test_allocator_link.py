@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 
 import pytest
+from waiting import wait_until
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -63,16 +63,6 @@ def state_of(allocator: AllocatorClient) -> VRAMState:
     return allocator.vram_state()
 
 
-def wait_until(predicate, what: str, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def actor_state(actor_id: str) -> str:
     return ray._private.state.actors(actor_id).get("State")
 
@@ -92,8 +82,9 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
     # Generous: a Ray Client session takes seconds to open, minutes on a 2-core machine under load.
     node = wait_until(
         lambda: next((n for n in state_of(allocator).nodes if n.node == "ci-node"), None),
+        180,
         "the inventory",
-        timeout_s=180,
+        every_s=0.2,
     )
     assert node.source == "file" and node.gpus == 2 and not node.stale
 
@@ -121,7 +112,7 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
     assert value(samples, "ray_vram_watchdog_violations_total", replica="honest-0") in (None, 0)
 
     # The replica over budget is restarted through Ray (its owner actor killed); its neighbour is untouched.
-    wait_until(lambda: actor_state(greedy_id) == "DEAD", "the greedy owner killed", timeout_s=60)
+    wait_until(lambda: actor_state(greedy_id) == "DEAD", 60, "the greedy owner killed", every_s=0.2)
     assert actor_state(honest_id) == "ALIVE"
     log = monitor.log()
     assert "event=watchdog_violation model_id=greedy replica=greedy-0 node=ci-node gpu=1" in log
@@ -129,7 +120,7 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
 
     # A monitor killed mid-run: after stale_after_s its node is stale and takes no new reservations.
     assert monitor.stop(signal.SIGKILL) != 0
-    wait_until(lambda: "ci-node" in state_of(allocator).stale_nodes, "the node marked stale", timeout_s=60)
+    wait_until(lambda: "ci-node" in state_of(allocator).stale_nodes, 60, "the node marked stale", every_s=0.2)
     with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
         allocator.reserve("late-0", "late", GIB, GPU1)
     ray.kill(honest)

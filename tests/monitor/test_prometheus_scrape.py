@@ -41,6 +41,7 @@ from chart.test_promtool_rules import input_series_problems, rule_groups
 from exporters import polling, replica_monitor_metrics, series_labels
 from promstack import PrometheusServer
 from stack import LocalStack, demo_model_spec
+from waiting import wait_until
 
 from vram_scheduler.monitor.exporter import MonitorHTTPServer
 from vram_scheduler.serving.router.metrics import UNKNOWN_MODEL
@@ -82,14 +83,6 @@ def http(method: str, url: str, body: dict | None = None, token: str = "") -> tu
         return status, raw.decode()
 
 
-def wait_for(predicate, what: str, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.5)
-    return result
-
-
 @pytest.fixture(scope="module")
 def local_stack() -> Iterator[LocalStack]:
     """Two replicas of `tiny` asked for, one placed: 1.5 GiB + 5 GiB overhead per replica fits the
@@ -114,10 +107,11 @@ def lost_node(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory)
     try:
         process.wait_ready()
         # A Ray driver joining takes seconds, more on a 2-core machine under load.
-        wait_for(
+        wait_until(
             lambda: LOST_NODE in {n["node"] for n in http("GET", vram, token=local_stack.token)[1]["nodes"]},
-            "the inventory",
             180,
+            "the lost node's inventory",
+            every_s=0.5,
         )
     except BaseException:
         print(process.log())
@@ -125,8 +119,11 @@ def lost_node(local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory)
     finally:
         process.stop(signal.SIGKILL)
         process.close()
-    wait_for(
-        lambda: LOST_NODE in http("GET", vram, token=local_stack.token)[1]["stale_nodes"], "the node marked stale", 60
+    wait_until(
+        lambda: LOST_NODE in http("GET", vram, token=local_stack.token)[1]["stale_nodes"],
+        60,
+        "the lost node marked stale",
+        every_s=0.5,
     )
     return LOST_NODE
 

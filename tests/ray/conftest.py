@@ -5,7 +5,6 @@ and a fresh `vram_allocator` (empty ledger) per test."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,6 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
+from waiting import wait_until
 
 from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
 from vram_scheduler.allocator.heartbeats import forget_heartbeats
@@ -55,13 +55,15 @@ def add_node(ray_cluster: Cluster, **args: object) -> object:
 
 def drop_allocator() -> None:
     """Kill the allocator for good and forget its persisted ledger and the monitors' heartbeats."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def name_free() -> bool:
         try:
             ray.kill(ray.get_actor(ALLOCATOR_ACTOR, namespace=NAMESPACE), no_restart=True)
         except ValueError:
-            break  # the name is free again
-        time.sleep(0.05)
+            return True  # the name is free again
+        return False
+
+    wait_until(name_free, 30, f"the actor name {ALLOCATOR_ACTOR!r} free again", every_s=0.05)
     forget_ledger(NAMESPACE)
     forget_heartbeats(NAMESPACE)
 

@@ -9,6 +9,7 @@ import time
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from waiting import wait_until
 
 from vram_scheduler.allocator.actor import AllocatorClient, ReservationError, get_vram_allocator
 from vram_scheduler.core.config import GIB, ConfigError, ModelSpec, PlacementSettings
@@ -39,17 +40,6 @@ def node_inventory_data(node: str, *totals_gb: float, used_gb: float = 0, proces
             for i, total in enumerate(totals_gb)
         ],
     }
-
-
-def eventually(check, timeout_s: float, every_s: float = 0.1):
-    """Poll `check()` until it returns a truthy value; fail naming the last value after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"condition still false after {timeout_s} s: {value!r}"
-            return value
-        time.sleep(every_s)
 
 
 def actor_pid(handle) -> int:
@@ -237,8 +227,11 @@ def test_dead_owner_is_reclaimed_within_the_interval(allocator) -> None:
     killed_at = time.monotonic()
     ray.kill(owner)
     assert ray.get(waiter, timeout=30) is True  # the dead owner's lock went to the next in line
-    remaining = eventually(lambda: [r.replica_id for r in allocator.reservations()] == ["s-0"], 10 * interval + 5)
-    assert remaining
+    wait_until(
+        lambda: [r.replica_id for r in allocator.reservations()] == ["s-0"],
+        10 * interval + 5,
+        "the dead owner's r-0 reclaimed, s-0 alone left",
+    )
     print(f"reclaimed {time.monotonic() - killed_at:.2f} s after the kill (interval {interval} s)")
     assert allocator.vram_state().startup_locks == {"GPU-gpu-a-0": "s-0"}
     ray.kill(survivor)
@@ -254,7 +247,12 @@ def test_owners_on_a_lost_node_are_reclaimed(cluster: Cluster, allocator) -> Non
     allocator.reserve("keep-0", "m", 2 * GIB)  # no owner: never reclaimed
     assert len(allocator.reservations()) == 3
     cluster.remove_node(spare)
-    eventually(lambda: [r.replica_id for r in allocator.reservations()] == ["keep-0"], 60, 0.25)
+    wait_until(
+        lambda: [r.replica_id for r in allocator.reservations()] == ["keep-0"],
+        60,
+        "the lost node's d-0 and d-1 reclaimed, keep-0 alone left",
+        every_s=0.25,
+    )
 
 
 def test_startup_lock_serialises_two_starters_on_one_gpu(allocator) -> None:
@@ -274,10 +272,14 @@ def test_startup_lock_is_fifo_reentrant_and_times_out(allocator) -> None:
     gpu = "GPU-gpu-a-0"
     assert allocator.acquire_startup_lock(gpu, "a") is True
     assert allocator.acquire_startup_lock(gpu, "a") is True  # already the holder
+
+    def waiters() -> list[str]:  # the queue behind the holder, in the allocator's ledger
+        return ray.get(allocator.handle.__ray_call__.remote(lambda self: self._ledger.startup_waiters(gpu)))
+
     second = allocator.handle.acquire_startup_lock.remote(gpu, "b", 30)
-    time.sleep(0.3)
+    wait_until(lambda: waiters() == ["b"], 30, "b queued behind a")
     third = allocator.handle.acquire_startup_lock.remote(gpu, "c", 30)
-    time.sleep(0.3)
+    wait_until(lambda: waiters() == ["b", "c"], 30, lambda: f"c queued behind b (queue {waiters()})")
     assert allocator.acquire_startup_lock(gpu, "impatient", 0.2) is False
     assert allocator.acquire_startup_lock("GPU-other", "d") is True  # other GPUs are independent
     allocator.release_startup_lock(gpu, "c")  # a waiter giving up leaves the queue...
@@ -299,7 +301,7 @@ def test_ledger_survives_the_actors_restart(allocator) -> None:
     before = allocator.vram_state()
     pid_before = actor_pid(allocator.handle)
     ray.kill(allocator.handle, no_restart=False)
-    eventually(lambda: actor_pid(allocator.handle) != pid_before, 60)  # Ray restarted it in a new process
+    wait_until(lambda: actor_pid(allocator.handle) != pid_before, 60, "Ray to restart the allocator in a new process")
     after = allocator.vram_state()
     assert allocator.reservations() == sorted(held, key=lambda r: r.replica_id)
     for key in ("gpus", "startup_locks", "settings", "stale_nodes"):
@@ -315,7 +317,15 @@ def test_restarted_allocator_reclaims_without_being_called(allocator) -> None:
     pid_before = actor_pid(allocator.handle)
     ray.kill(allocator.handle, no_restart=False)
     ray.kill(owner)
-    time.sleep(10 * interval + 3)  # nobody calls the allocator meanwhile
+    from vram_scheduler.allocator.store import LedgerStore
+
+    # Nobody calls the allocator meanwhile: what it persisted in the GCS shows the reclaim.
+    wait_until(
+        lambda: "r-0" not in LedgerStore(NAMESPACE).load().data.entries,
+        60,
+        "the restarted allocator to reclaim r-0 of its dead owner on its own",
+        every_s=interval,
+    )
     assert allocator.reservations() == []  # the first call after the wait sees it freed
     assert actor_pid(allocator.handle) != pid_before
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 import ray
-from test_allocator import actor_pid, eventually, node_inventory
+from test_allocator import actor_pid, node_inventory
+from waiting import wait_until
 
 from vram_scheduler.allocator.actor import ReservationError
 from vram_scheduler.allocator.heartbeats import write_heartbeat
@@ -116,7 +117,7 @@ def test_a_publishing_monitors_node_never_goes_stale_under_a_burst(allocator) ->
 
     threads = [threading.Thread(target=monitor, daemon=True), threading.Thread(target=sample, daemon=True)]
     threads[0].start()
-    eventually(lambda: link.published >= 2, 30)
+    wait_until(lambda: link.published >= 2, 30, "two inventories published")
     threads[1].start()
     try:
         workers = [BurstClient.options(resources={("node_a", "node_b")[i % 2]: 1}).remote() for i in range(clients)]
@@ -152,7 +153,7 @@ def test_a_node_is_fresh_while_its_heartbeat_changes_and_stale_once_it_stops(all
     assert allocator.vram_state().stale_nodes == []  # 3 s after its inventory
     allocator.reserve("h-0", "m", GIB)
     # The monitor dies: its last heartbeat stays in the GCS, unchanged, and keeps nobody fresh.
-    eventually(lambda: allocator.vram_state().stale_nodes == ["n0"], 10)
+    wait_until(lambda: allocator.vram_state().stale_nodes == ["n0"], 10, "n0 stale")
     with pytest.raises(ReservationError, match="stale: n0"):
         allocator.reserve("h-1", "m", GIB)
 
@@ -162,13 +163,14 @@ def test_a_restarted_allocator_gives_every_node_a_full_timeout_again(allocator) 
     an inventory that arrived before it."""
     allocator.configure(PlacementSettings.model_validate({"stale_after_s": 2.0}))
     allocator.update_inventory(node_inventory("n0", 24))
-    eventually(lambda: allocator.vram_state().stale_nodes == ["n0"], 10)
+    wait_until(lambda: allocator.vram_state().stale_nodes == ["n0"], 10, "n0 stale")
     pid_before = actor_pid(allocator.handle)
     ray.kill(allocator.handle, no_restart=False)
-    eventually(lambda: actor_pid(allocator.handle) != pid_before, 60)
+    wait_until(lambda: actor_pid(allocator.handle) != pid_before, 60, "the allocator restarted")
     assert allocator.vram_state().stale_nodes == []
     allocator.reserve("r-0", "m", GIB)
-    eventually(lambda: allocator.vram_state().stale_nodes == ["n0"], 10)  # nobody spoke up
+    nobody_spoke_up = "n0 stale again: nobody spoke up for it since the restart"
+    wait_until(lambda: allocator.vram_state().stale_nodes == ["n0"], 10, nobody_spoke_up)
 
 
 def test_a_restart_rebuilds_the_ledger_from_snapshot_and_journal(allocator) -> None:
@@ -178,7 +180,7 @@ def test_a_restart_rebuilds_the_ledger_from_snapshot_and_journal(allocator) -> N
     for start in range(0, 8000, 1000):
         outcomes = allocator.reserve_many([typed(f"r-{i}") for i in range(start, start + 1000)])
         assert all(o.error is None for o in outcomes)
-    eventually(lambda: allocator.persistence().store.snapshots_written >= 1, 30)
+    wait_until(lambda: allocator.persistence().store.snapshots_written >= 1, 30, "a snapshot written")
     allocator.release_many([f"r-{i}" for i in range(0, 8000, 7)])
     allocator.attach_process("r-1", 31337)
     allocator.acquire_startup_lock("GPU-gpu-a-0", "r-2")
@@ -189,7 +191,7 @@ def test_a_restart_rebuilds_the_ledger_from_snapshot_and_journal(allocator) -> N
     held = allocator.reservations()
     pid_before = actor_pid(allocator.handle)
     ray.kill(allocator.handle, no_restart=False)
-    eventually(lambda: actor_pid(allocator.handle) != pid_before, 60)
+    wait_until(lambda: actor_pid(allocator.handle) != pid_before, 60, "the allocator restarted")
     assert allocator.reservations() == held
     after = allocator.vram_state()
     for key in ("gpus", "startup_locks", "settings", "nodes"):

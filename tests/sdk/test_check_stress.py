@@ -17,8 +17,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # imported after the environment above is set
-from conftest import run_cli
 from ray.cluster_utils import Cluster
+from stack import run_cli
+from waiting import wait_until
 
 from vram_scheduler.allocator.actor import AllocatorClient
 from vram_scheduler.core.config import GIB, ConfigError, PlacementSettings
@@ -325,6 +326,21 @@ def test_unknown_node_and_bad_options_exit_2(cluster: Cluster) -> None:
     assert "warning: --address with --stress is deprecated; use --ray-address" in old.stderr
 
 
+def running_on(node: object, task: str) -> bool:
+    """Whether a worker of `node` (a `ray._private.node.Node`) runs `task`: Ray titles a worker
+    process `ray::<task>` while it runs it, and the node's raylet is every worker's parent."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    for worker in raylet.children(recursive=True):
+        try:
+            if " ".join(worker.cmdline()).startswith(f"ray::{task}"):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def test_a_node_that_dies_during_the_cpu_phase_fails(cluster: Cluster) -> None:
     doomed = cluster.add_node(**NODE_ARGS, num_cpus=1, labels={NODE_NAME_LABEL: "stress-doomed"})
     cluster.wait_for_nodes()
@@ -334,7 +350,7 @@ def test_a_node_that_dies_during_the_cpu_phase_fails(cluster: Cluster) -> None:
         target=lambda: outcome.update(report=run_stress(8, 0.5, 0.7, ["stress-doomed", "stress-a"]))
     )
     runner.start()
-    time.sleep(2)
+    wait_until(lambda: running_on(doomed, "cpu_stress"), 120, "the CPU task running on stress-doomed", every_s=0.1)
     cluster.remove_node(doomed)
     runner.join(timeout=120)
     report = outcome["report"]

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import stack
-from conftest import ALIAS, MODEL, run_cli
+from stack import ALIAS, MODEL, run_cli
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -126,22 +127,33 @@ def test_deploy_from_a_values_file_plans_all_models_first(controller_env: dict[s
     assert both.returncode == 2 and "not both" in both.stderr
 
 
-def test_status_watch_table_stops_on_ctrl_c(controller_env: dict[str, str]) -> None:
+def test_status_watch_table_stops_on_ctrl_c(controller_env: dict[str, str], tmp_path) -> None:
     import os
     import signal
     import subprocess
     import sys
-    import time
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vram_scheduler.cli", "status", "--watch", "0.2"],
-        env=os.environ | controller_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(4)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=30)
-    assert process.returncode == 130, err
+    out_file, err_file = tmp_path / "watch.out", tmp_path / "watch.err"
+    # As in a terminal (FORCE_COLOR): rich draws the live table while it runs, where to a plain file it
+    # draws only the last one, at exit; so the test sees the table on screen before pressing Ctrl-C.
+    terminal = {"FORCE_COLOR": "1", "COLUMNS": "200"}
+    with out_file.open("w") as out, err_file.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vram_scheduler.cli", "status", "--watch", "0.2"],
+            env=os.environ | controller_env | terminal,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+    try:
+        # Ctrl-C once the table is on screen, whatever the moment (drawing or waiting for the next one).
+        wait_until(lambda: "tiny-0" in out_file.read_text() or process.poll() is not None, 120, "the first table")
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err_file.read_text()
+    out = out_file.read_text()
     assert "NVIDIA Test 8GB" in out and "tiny-0" in out

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import stack
-from conftest import ALIAS, MODEL
 from rich.console import Console
+from stack import ALIAS, MODEL
 
 from vram_scheduler import (
     ConfigError,

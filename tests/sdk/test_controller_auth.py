@@ -20,7 +20,7 @@ import httpx
 import pytest
 import stack
 import yaml
-from conftest import run_cli
+from stack import run_cli
 
 from vram_scheduler.core.loopback import free_port
 from vram_scheduler.sdk.client import ControllerAuthError, VRAMScheduler

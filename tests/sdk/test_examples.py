@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MODEL, ROOT
+from stack import MODEL, ROOT
 
 pytestmark = pytest.mark.slow
 

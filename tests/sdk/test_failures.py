@@ -13,7 +13,7 @@ import threading
 import httpx
 import pytest
 import stack
-from conftest import run_cli
+from stack import run_cli
 
 from vram_scheduler import ConfigError, DeploymentError, VRAMScheduler
 from vram_scheduler.core.loopback import LOOPBACK_NODE_ENV

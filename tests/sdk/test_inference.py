@@ -11,8 +11,10 @@ import time
 
 import pytest
 import stack
-from conftest import ALIAS, MODEL
+from fake_engine import TEXT as FAKE_TEXT
+from fake_engine import FakeOpenAIEngine
 from pydantic import BaseModel, Field, field_validator
+from stack import ALIAS, MODEL
 
 import vram_scheduler as inf
 from vram_scheduler.sdk.controller_http import CONTROLLER_ENV
@@ -152,23 +154,24 @@ def test_stream_yields_text_pieces(endpoint: str) -> None:
 
 
 @pytest.mark.parametrize("status", [429, 503])
-def test_busy_endpoint_is_retried_after_retry_after(endpoint: str, status: int) -> None:
-    with stack.BusyFront(endpoint, busy=2, status=status, retry_after="1") as front:
+def test_busy_endpoint_is_retried_after_retry_after(fake_engine: FakeOpenAIEngine, status: int) -> None:
+    """The retries are the subject: the engine behind the busy front is the test double."""
+    with stack.BusyFront(fake_engine.url, busy=2, status=status, retry_after="1") as front:
         text = inf.inference("hi", MODEL, base_url=front.url, max_tokens=2)
-    assert isinstance(text, str)
-    assert len(front.arrivals) == 3
+    assert text == FAKE_TEXT
+    assert len(front.arrivals) == 3 and len(fake_engine.requests) == 1  # the third attempt passed
     gaps = [b - a for a, b in zip(front.arrivals, front.arrivals[1:], strict=False)]
     assert all(gap >= 0.9 for gap in gaps), gaps
 
 
-def test_endpoint_busy_through_every_retry_is_overloaded(endpoint: str) -> None:
+def test_endpoint_busy_through_every_retry_is_overloaded(fake_engine: FakeOpenAIEngine) -> None:
     policy = inf.RetryPolicy(attempts=3, backoff_s=0.01)
-    with stack.BusyFront(endpoint, busy=100, status=503, retry_after="0") as front:
+    with stack.BusyFront(fake_engine.url, busy=100, status=503, retry_after="0") as front:
         with pytest.raises(inf.OverloadedError, match="3 attempt"):
             inf.inference("hi", MODEL, base_url=front.url, max_tokens=2, retry=policy)
         events = list(inf.streaming_batch(["x"], MODEL, base_url=front.url, max_tokens=2, retry=policy))
     assert isinstance(events[-1].error, inf.OverloadedError)
-    assert len(front.arrivals) == 6
+    assert len(front.arrivals) == 6 and fake_engine.requests == []
 
 
 def test_unreachable_endpoint_names_the_address() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from stack import run_cli
 
 from vram_scheduler.core import capacity
 from vram_scheduler.core.config import GIB, ModelSpec

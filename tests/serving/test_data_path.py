@@ -11,14 +11,14 @@ appear where Ray stores or shows runtime envs.
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import orjson
 import pytest
 from ray import serve
 from ray.experimental import internal_kv
+from waiting import wait_until
 
 from vram_scheduler.core.ray_names import NAMESPACE
 from vram_scheduler.serving.app import model_app_name
@@ -50,14 +50,6 @@ def stack() -> Iterator[Stack]:
             patch.setenv(name, value)
         with running_stack([model("alpha", replicas=1), model("quiet", replicas=1)]) as started:
             yield started
-
-
-def wait_until(done: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
-    """Wait for `done()` (a condition, not a time limit under test: `timeout_s` only ends a hang)."""
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"still not {what} after {timeout_s:g} s"
-        time.sleep(0.1)
 
 
 def replica_url(model_id: str) -> str:
@@ -96,7 +88,7 @@ def test_a_client_that_goes_away_aborts_its_generation_in_the_engine(stack: Stac
         lines = stream.iter_lines()
         assert next(line for line in lines if line).startswith("data: ")  # generating
         assert engine_requests("quiet-0") == 1
-    wait_until(lambda: engine_requests("quiet-0") == 0, "aborted (stream)")
+    wait_until(lambda: engine_requests("quiet-0") == 0, 120, "the stream aborted in the engine")
 
     plain = orjson.dumps(body)
     head = (
@@ -105,8 +97,8 @@ def test_a_client_that_goes_away_aborts_its_generation_in_the_engine(stack: Stac
     )
     with socket.create_connection(("127.0.0.1", int(stack.base.rsplit(":", 1)[1]))) as sock:
         sock.sendall(head.encode() + plain)
-        wait_until(lambda: engine_requests("quiet-0") == 1, "in the engine (plain)")
-    wait_until(lambda: engine_requests("quiet-0") == 0, "aborted (plain)")
+        wait_until(lambda: engine_requests("quiet-0") == 1, 120, "the plain request in the engine")
+    wait_until(lambda: engine_requests("quiet-0") == 0, 120, "the plain request aborted in the engine")
 
     marker = httpx.post(
         stack.base + "/v1/completions",
@@ -116,7 +108,11 @@ def test_a_client_that_goes_away_aborts_its_generation_in_the_engine(stack: Stac
     )
     assert marker.status_code == 200 and marker.json()["usage"]["completion_tokens"] == 5
     finished = 'finished_reason="length"'
-    wait_until(lambda: vllm_counter(stack, "ray_vllm_request_success_total", "quiet", finished) >= 1, "exported")
+    wait_until(
+        lambda: vllm_counter(stack, "ray_vllm_request_success_total", "quiet", finished) >= 1,
+        120,
+        "the finished requests exported",
+    )
     assert vllm_counter(stack, "ray_vllm_request_success_total", "quiet", finished) == 1  # the marker alone
     generated = vllm_counter(stack, "ray_vllm_generation_tokens_total", "quiet")
     assert 5 <= generated < LONG, f"{generated} tokens generated: a request ran on after its client left"
@@ -174,7 +170,8 @@ def test_a_replica_without_the_internal_key_refuses_to_start(stack: Stack) -> No
     # The node's key blanked for this replica alone (a node without one).
     deploy_in_background(replica_deployment(spec, target, stack.controller.serving, {INTERNAL_KEY_ENV: ""}), "keyless")
     try:
-        wait_until(lambda: serve.status().applications["keyless"].status == "DEPLOY_FAILED", "failed")
+        failed = "keyless to fail its deploy"
+        wait_until(lambda: serve.status().applications["keyless"].status == "DEPLOY_FAILED", 120, failed)
         message = serve.status().applications["keyless"].deployments["keyless-0"].message
         assert f"replica keyless-0: {INTERNAL_KEY_ENV} is not set on the node of replica keyless-0" in message, message
         assert "replicas refuse to serve without the cluster's internal key" in message

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import ray
 from ray import serve
+from waiting import wait_until
 
 from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
 from vram_scheduler.core.loopback import keep_ray_on_loopback
@@ -122,6 +123,17 @@ class Load:
                     kinds["retried"] += record.get("retried", False)
         return kinds
 
+    def started_since(self, since: float, ok: bool = False) -> bool:
+        """Whether every client has finished a request it started at `since` or later (`ok`: one that
+        was answered). Each client sends one request at a time, so this also means that whatever
+        they had in flight at `since` has ended."""
+        for log in self.logs:
+            lines = log.read_text().splitlines() if log.exists() else []
+            records = [json.loads(line) for line in lines[-50:]]
+            if not any(r["start"] >= since and (r["kind"] == "ok" or not ok) for r in records):
+                return False
+        return True
+
     def close(self) -> None:
         self.stop_file.touch()
         for process in self.processes:
@@ -193,10 +205,7 @@ def stack() -> Iterator[TwoNodes]:
 def load(stack: TwoNodes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Load]:
     running = Load(stack, tmp_path_factory.mktemp("faults"))
     try:
-        deadline = time.monotonic() + 60
-        while not running.seen(0, time.time()).get("ok"):
-            assert time.monotonic() < deadline, "the clients got no answer before any fault"
-            time.sleep(0.5)
+        wait_until(lambda: running.seen(0, time.time()).get("ok"), 60, "a client's first answer, before any fault")
         yield running
     finally:
         running.close()
@@ -260,21 +269,23 @@ def run_fault(
     """Inject, then wait for full service (`replaced`: the killed part runs again); record the row.
     `moved`: replicas the fault may move to another GPU (their node left)."""
     planned = {k: (v["gpu_uuid"], v["bytes"]) for k, v in ledger().items()}
-    time.sleep(2)
+    # The window opens with both models answering: each client has an answer to a request sent from now on.
+    now = time.time()
+    wait_until(lambda: load.started_since(now, ok=True), 120, f"{name}: both clients answered before the fault")
     start = time.time()
     inject()
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def back() -> bool:
         try:
-            back = replaced() and answered(stack) and all_ready(stack) and sorted(ledger()) == sorted(planned)
+            return replaced() and answered(stack) and all_ready(stack) and sorted(ledger()) == sorted(planned)
         except Exception:  # an actor restarting answers nothing for a moment
-            back = False
-        if back:
-            break
-        assert time.monotonic() < deadline, f"{name}: no full service after {timeout_s:g}s"
-        time.sleep(0.5)
-    recovery = time.time() - start
-    time.sleep(2)  # let requests in flight at recovery finish inside the window
+            return False
+
+    wait_until(back, timeout_s, f"{name}: full service again", every_s=0.5)
+    recovered = time.time()
+    recovery = recovered - start
+    # Requests in flight at recovery finish inside the window: each client has sent one since.
+    wait_until(lambda: load.started_since(recovered), 120, f"{name}: a request of each client after recovery")
     seen = load.seen(start, time.time())
     held = ledger()
     now = {k: (v["gpu_uuid"], v["bytes"]) for k, v in held.items()}

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import httpx
 import pytest
 import ray
 import yaml
+from waiting import wait_until
 
 from vram_scheduler.core.contract import DeploymentStatus
 from vram_scheduler.core.loopback import free_port
@@ -146,13 +146,7 @@ def consistent(stack: Pending) -> dict[str, DeploymentStatus]:
 
 
 def until(what: str, check: Any, timeout_s: float = 300) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not within {timeout_s:.0f}s: {what}"
-        time.sleep(0.5)
+    return wait_until(check, timeout_s, what, every_s=0.5)
 
 
 def chat(stack: Pending, name: str) -> httpx.Response:

@@ -13,6 +13,7 @@ import pytest
 from vram_scheduler.core import capacity
 from vram_scheduler.core.config import GIB
 from vram_scheduler.core.model_limits import weights_bytes
+from vram_scheduler.tools.demo.model import default_demo_dir
 
 from .conftest import Stack, model, running_stack
 
@@ -52,7 +53,7 @@ def test_the_controller_records_what_the_model_resolved_to(queued_stack: Stack) 
     (status,) = queued_stack.controller.status().models
     resolved = status.resolved
     assert resolved is not None
-    weights = weights_bytes("demo")
+    weights = weights_bytes(str(default_demo_dir("text")))  # what `demo` stands for in serving.model_sources
     assert weights and resolved.weights_bytes == weights
     assert resolved.max_model_len == 512
     assert resolved.budget_bytes == round(1.5 * GIB)

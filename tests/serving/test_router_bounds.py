@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ import orjson
 import pytest
 import uvicorn
 from aiohttp import web
+from waiting import wait_until
 
 from vram_scheduler.core.config import GIB, ServingSettings
 from vram_scheduler.core.contract import EndpointTable, MediaAccepts, ReplicaEndpoint
@@ -206,14 +206,6 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
             break
         body += chunk
     return status, headers, body
-
-
-def wait_until(done: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    """Wait for `done()` (a condition, not a time limit under test: `timeout_s` only ends a hang)."""
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"still not {what} after {timeout_s:g} s"
-        time.sleep(0.02)
 
 
 def post(path: str, body: bytes, content_type: str = "application/json", extra: str = "") -> bytes:
@@ -403,10 +395,16 @@ def test_a_client_that_goes_away_closes_the_connection_to_the_replica(kind: str)
             if kind == "stream":
                 assert read_head(sock)[0] == 200  # the head and the first events
             else:
-                wait_until(lambda: bool(served.replica.requests), "at the replica")  # unanswered there
+                # Unanswered there: the replica holds it.
+                wait_until(lambda: bool(served.replica.requests), 60, "the request at the replica", every_s=0.02)
         assert served.wait_left(), "the router kept the replica's connection open after its client left"
 
         async def inflight() -> int:
             return served.router.registry.replicas["m-0"].inflight
 
-        wait_until(lambda: asyncio.run_coroutine_threadsafe(inflight(), served.loop.loop).result() == 0, "idle")
+        wait_until(
+            lambda: asyncio.run_coroutine_threadsafe(inflight(), served.loop.loop).result() == 0,
+            60,
+            "the router idle",
+            every_s=0.02,
+        )

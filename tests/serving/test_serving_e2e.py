@@ -19,13 +19,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import pytest
 import yaml
 from pydantic import BaseModel
 from ray import serve
+from waiting import wait_until
 
 from vram_scheduler.serving.app import model_app_name, model_application
 from vram_scheduler.serving.controller.controller import deploy_in_background
@@ -231,14 +232,17 @@ def test_engine_metrics_reach_rays_metrics_agent_under_the_dashboards_names(stac
     assert wanted, "the dashboards query vLLM's engine metrics"
     for i in range(3):
         assert post(stack, "/v1/completions", {"model": "alpha", "prompt": f"m{i}", "max_tokens": 4}).status_code == 200
-    deadline = time.monotonic() + 90  # Ray's agent exports what replicas recorded every few seconds
     missing = wanted
-    while missing and time.monotonic() < deadline:
+
+    def all_exported() -> bool:
+        nonlocal missing
         text = httpx.get(stack.ray_metrics, timeout=10).text
         series = {line.split("{", 1)[0] for line in text.splitlines() if 'model_name="alpha"' in line}
         missing = wanted - series
-        time.sleep(2)
-    assert not missing, f"not exported for model alpha: {sorted(missing)}"
+        return not missing
+
+    # Ray's agent exports what replicas recorded every few seconds.
+    wait_until(all_exported, 90, lambda: f"every dashboard metric exported for alpha; missing {sorted(missing)}", 1)
 
 
 # -- failure: no reservation -------------------------------------------------------------------
@@ -412,16 +416,17 @@ def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> 
         a.headers["x-ray-vram-replica"] == "beta-1" for a, n in zip(answers, attempts, strict=True) if n > 1
     ), attempts
 
-    deadline = time.monotonic() + 300
-    while True:
+    replicas: dict[str, Any] = {}
+
+    def beta_0_back() -> bool:
+        nonlocal replicas
         replicas = {
             r.replica_id: r for m in stack.controller.status().models if m.model_id == "beta" for r in m.replicas
         }
         pids = replica_pids("beta") if all(r.state == "ready" for r in replicas.values()) else {}
-        if pids.get("beta-0") and pids["beta-0"][0] != victim:
-            break
-        assert time.monotonic() < deadline, f"beta-0 did not come back: {replicas}"
-        time.sleep(2)
+        return bool(pids.get("beta-0")) and pids["beta-0"][0] != victim
+
+    wait_until(beta_0_back, 300, lambda: f"beta-0 back in a new process: {replicas}", every_s=1)
     after = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     assert sorted(after) == sorted(before)
     assert (after["beta-0"].gpu_uuid, after["beta-0"].bytes) == (before["beta-0"].gpu_uuid, before["beta-0"].bytes)

@@ -14,6 +14,7 @@ import pytest
 
 from vram_scheduler.core.config import GIB, ModelSpec, ServingSettings
 from vram_scheduler.core.contract import EndpointTable, ReplicaEndpoint, RoutedModel
+from vram_scheduler.core.errors import wake_failure
 from vram_scheduler.serving.endpoint_board import EXPIRE_AFTER_S, Board
 from vram_scheduler.serving.replica.engine_args import server_argv
 from vram_scheduler.serving.replica.failures import engine_cause, engine_errors
@@ -185,6 +186,27 @@ def test_registry_picks_least_busy_and_keeps_counts_across_tables() -> None:
     assert registry.replicas["a-1"].inflight == 0
     registry.sync(table(3, moved))
     assert list(registry.replicas) == ["a-1"]
+
+
+def test_sleeping_replicas_are_not_routed_to_but_woken_asleep_before_stopped() -> None:
+    registry = Registry()
+    asleep = endpoint("a-1", ["a", "alias"]).model_copy(update={"state": "asleep", "url": ""})
+    stopped = endpoint("a-0", ["a", "alias"]).model_copy(update={"state": "stopped", "url": ""})
+    registry.sync(table(1, stopped, asleep, endpoint("b-0", ["b"])))
+    assert list(registry.replicas) == ["b-0"] and registry.pick("a", set()) is None
+    assert [e.replica_id for e in registry.sleepers("alias")] == ["a-1", "a-0"]  # asleep wakes faster
+    assert registry.answering() == ["a", "alias", "b"]  # a request wakes them: listed in /v1/models
+    registry.sync(table(2, stopped, asleep.model_copy(update={"state": "awake", "url": "http://127.0.0.1:9"})))
+    assert list(registry.replicas) == ["a-1"] and [e.replica_id for e in registry.sleepers("a")] == ["a-0"]
+
+
+def test_a_failed_wake_is_told_in_the_replicas_own_words() -> None:
+    error = RuntimeError(
+        "ray::ServeReplica:model-b:b-0.handle_request()\n  File x\nvram_scheduler.serving.replica.ReplicaWakeError: "
+        "replica b-0 of model b: cannot wake: no room\n"
+    )
+    assert wake_failure(error) == "replica b-0 of model b: cannot wake: no room"
+    assert wake_failure(TimeoutError()) == "TimeoutError"
 
 
 def test_the_endpoint_board_changes_its_version_only_on_a_change() -> None:

@@ -18,7 +18,7 @@ from vram_scheduler.core.config import ConfigError
 from vram_scheduler.core.flags import DeprecatedAlias
 
 VALUES_COMMANDS = {"plan", "up", "deploy", "serve"}
-CONTROLLER_COMMANDS = {"status", "deploy", "shutdown", "check"}
+CONTROLLER_COMMANDS = {"status", "deploy", "shutdown", "sleep", "wake", "check"}
 RAY_COMMANDS = {"serve", "check", "monitor"}
 
 

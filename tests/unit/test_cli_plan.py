@@ -46,3 +46,24 @@ def test_plan_exit_2_on_invalid_values(tmp_path: Path) -> None:
     result = run_cli("plan", "--inventory", "values/inventory-example.yaml", "--values", values)
     assert result.returncode == 2
     assert "models[0].vram_gb = -3" in result.stderr
+
+
+SLEEPY = """\
+placement: {sleep: {after_idle_s: 300}}
+models:
+  - {model_id: a, model: x, vram_gb: 40, overhead_gb: 2}
+  - {model_id: b, model: x, vram_gb: 40, overhead_gb: 2}
+  - {model_id: c, model: x, vram_gb: 40, overhead_gb: 2}
+  - {model_id: pin, model: x, vram_gb: 20, overhead_gb: 2, pinned: true}
+"""
+
+
+def test_plan_shows_which_replicas_are_awake_and_which_start_stopped(tmp_path: Path) -> None:
+    values = write(tmp_path, "v.yaml", SLEEPY)
+    result = run_cli("plan", "--inventory", "values/inventory-example.yaml", "--values", values, "--output", "json")
+    assert result.returncode == 0, result.stderr  # more than fits awake, and every model placed
+    states = {a["replica_id"]: a["state"] for gpu in json.loads(result.stdout)["gpus"] for a in gpu["assignments"]}
+    assert states == {"pin-0": "awake", "a-0": "awake", "b-0": "stopped", "c-0": "stopped"}
+    table = run_cli("plan", "--inventory", "values/inventory-example.yaml", "--values", values)
+    assert "b-0 40.00+2.00 starts stopped" in table.stdout
+    assert "4 replica(s) placed: 2 awake, 2 start stopped (their models sleep)" in table.stdout

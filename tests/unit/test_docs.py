@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import docblocks
-from conftest import ROOT
+from stack import ROOT
 
 README_LIMIT_BYTES = 20_000
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\((?P<target>[^)\s]+)\)")

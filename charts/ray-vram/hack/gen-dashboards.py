@@ -251,6 +251,49 @@ DASHBOARDS = {
                 description="From a request's arrival at a router to the first byte of its streamed body: the "
                 "client's time to first token, the router's hop included.",
             ),
+            # Sleep and wake (docs/operations.md "More models than VRAM").
+            panel(
+                "Held per replica: reservation awake, sleeping footprint asleep, 0 stopped",
+                [
+                    (f"ray_vram_replica_held_bytes{{{MODEL}}}", "{{replica}} held"),
+                    (f"ray_vram_replica_reservation_bytes{{{MODEL}}}", "{{replica}} reservation"),
+                    (f"ray_vram_replica_budget_bytes{{{MODEL}}}", "{{replica}} budget"),
+                ],
+                "bytes",
+            ),
+            panel(
+                "Replicas asleep or stopped",
+                [(f"sum by (model_id) (ray_vram_replica_asleep{{{MODEL}}})", "{{model_id}}")],
+            ),
+            panel(
+                "Wakes, sleeps and evictions per minute",
+                [
+                    (
+                        f"sum by (model_id, how) (increase(ray_vram_replica_wakes_total{{{MODEL}}}[1m]))",
+                        "{{model_id}} wake {{how}}",
+                    ),
+                    (
+                        f"sum by (model_id, why) (increase(ray_vram_replica_sleeps_total{{{MODEL}}}[1m]))",
+                        "{{model_id}} sleep {{why}}",
+                    ),
+                    (
+                        f"sum by (model_id) (increase(ray_vram_replica_evictions_total{{{MODEL}}}[1m]))",
+                        "{{model_id}} evicted others",
+                    ),
+                ],
+            ),
+            panel(
+                "Wake latency (p50, p99): from the wake's call to the engine answering",
+                [
+                    (
+                        f"histogram_quantile({q}, sum by (le, model_id) "
+                        f"(rate(ray_vram_replica_wake_seconds_bucket{{{MODEL}}}[{RATE}])))",
+                        "{{model_id}} p" + str(round(q * 100)),
+                    )
+                    for q in (0.5, 0.99)
+                ],
+                "s",
+            ),
         ],
     ),
     "ray-vram-health.json": dashboard(

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import ray
 from pydantic import BaseModel, ValidationError
 
+from ..core.capacity import ReplicaLife, SleepTerms
 from ..core.config import ConfigError, ModelSpec, PlacementSettings, StrictModel, describe_validation_error
 from ..core.contract import (
     ACTOR_ID_PATTERN,
@@ -42,6 +43,7 @@ from ..core.contract import (
     ReserveOutcome,
     ReserveRequest,
     VRAMState,
+    WakeOutcome,
     WriterStats,
 )
 from ..core.inventory import NodeInventory
@@ -120,6 +122,7 @@ class VRAMAllocator:
         self._heartbeats_read_at = 0.0
         self._ledger.saw_monitors(list(self._ledger.data.nodes), now())  # see the module's docstring
         self._waiting: dict[tuple[str, str], list[asyncio.Future[bool]]] = {}  # (GPU, replica) → its callers
+        self._busy: dict[str, int] = {}  # replica id → requests in flight, as it last reported (not persisted)
         self._reclaimer: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         # The background loops live on the actor's event loop, which __init__ does not run on: one
@@ -231,9 +234,12 @@ class VRAMAllocator:
         gpu_uuid: str | None = None,
         owner: str | None = None,
         overhead_bytes: int | None = None,
+        state: ReplicaLife = "awake",
+        sleep: SleepTerms | None = None,
     ) -> Reservation:
         """Reserve `bytes` + `overhead_bytes` (None: the cluster's overhead) for a replica on `gpu_uuid`
-        or the best-fitting GPU."""
+        or the best-fitting GPU; `state` stopped with `sleep` terms: placed beyond the room awake
+        (`Ledger.reserve`)."""
         self._background()
         if owner is not None and not _ACTOR_ID.match(owner):
             raise ReservationError(
@@ -241,9 +247,57 @@ class VRAMAllocator:
                 "ray.get_runtime_context().get_actor_id())"
             )
         self._recheck_stale()
-        reservation, _ = self._ledger.reserve(replica_id, model_id, bytes, now(), gpu_uuid, owner, overhead_bytes)
+        terms = _validated(SleepTerms, sleep, "reserve(sleep)") if sleep is not None else None
+        if state != "awake" and state != "stopped":
+            raise ReservationError(f"replica {replica_id}: state must be awake or stopped, got {state!r}")
+        reservation, _ = self._ledger.reserve(
+            replica_id, model_id, bytes, now(), gpu_uuid, owner, overhead_bytes, state, terms
+        )
         await self._writer.durable()
         return reservation
+
+    # -- sleep and wake (`Ledger.sleep`, `stop`, `wake`, `touch`) ----------------------------------
+
+    async def sleep(self, replica_id: str) -> Reservation:
+        """Put an awake replica to sleep in the ledger (asleep at its level, or stopped); returns
+        its reservation. The replica's engine follows (it asked)."""
+        self._background()
+        reservation, _ = self._ledger.sleep(replica_id, now())
+        self._busy.pop(replica_id, None)
+        await self._writer.durable()
+        return reservation
+
+    async def stop(self, replica_id: str) -> Reservation:
+        """Mark a replica stopped (its engine is gone; it holds nothing)."""
+        self._background()
+        reservation, _ = self._ledger.stop(replica_id, now())
+        self._busy.pop(replica_id, None)
+        await self._writer.durable()
+        return reservation
+
+    async def wake(self, replica_id: str) -> WakeOutcome:
+        """Take a replica's whole reservation back, evicting the least recently used idle replicas
+        of its GPU that sleep (never one that reported requests in flight). The evicted replicas'
+        engines must sleep before the waker's engine grows."""
+        self._background()
+        outcome, _ = self._ledger.wake(replica_id, now(), busy=set(self._busy))
+        await self._writer.durable()
+        return outcome
+
+    async def in_flight(self) -> dict[str, int]:
+        """Replica id → requests in flight, for the replicas that last reported some (busy)."""
+        return dict(self._busy)
+
+    async def report_use(self, replica_id: str, in_flight: int) -> None:
+        """A replica's requests in flight now: while above 0 it is busy (a wake never evicts it), and
+        it counts as used now (the order a wake evicts in). Kept in memory; its last use persists."""
+        self._background()
+        if in_flight > 0:
+            self._busy[replica_id] = in_flight
+        else:
+            self._busy.pop(replica_id, None)
+        if self._ledger.touch([replica_id], now()):
+            self._writer.start()  # written with the next change, or within the idle flush
 
     async def reserve_many(self, requests: list[ReserveRequest]) -> list[ReserveOutcome]:
         """`reserve` for each request (`ReserveRequest` fields), in order, with one write for all.
@@ -422,9 +476,26 @@ class AllocatorClient:
         gpu_uuid: str | None = None,
         owner: str | None = None,
         overhead_bytes: int | None = None,
+        state: ReplicaLife = "awake",
+        sleep: SleepTerms | None = None,
     ) -> Reservation:
-        ref = self.handle.reserve.remote(replica_id, model_id, n_bytes, gpu_uuid, owner, overhead_bytes)
+        ref = self.handle.reserve.remote(replica_id, model_id, n_bytes, gpu_uuid, owner, overhead_bytes, state, sleep)
         return _checked(Reservation, self._get(ref))
+
+    def sleep(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, self._get(self.handle.sleep.remote(replica_id)))
+
+    def stop(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, self._get(self.handle.stop.remote(replica_id)))
+
+    def wake(self, replica_id: str) -> WakeOutcome:
+        return _checked(WakeOutcome, self._get(self.handle.wake.remote(replica_id)))
+
+    def in_flight(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._get(self.handle.in_flight.remote()).items()}
+
+    def report_use(self, replica_id: str, in_flight: int) -> None:
+        self._get(self.handle.report_use.remote(replica_id, in_flight))
 
     def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveOutcome]:
         return _checked_list(ReserveOutcome, self._get(self.handle.reserve_many.remote(list(requests))))
@@ -488,9 +559,23 @@ class AsyncAllocatorClient:
         gpu_uuid: str | None = None,
         owner: str | None = None,
         overhead_bytes: int | None = None,
+        state: ReplicaLife = "awake",
+        sleep: SleepTerms | None = None,
     ) -> Reservation:
-        ref = self.handle.reserve.remote(replica_id, model_id, n_bytes, gpu_uuid, owner, overhead_bytes)
+        ref = self.handle.reserve.remote(replica_id, model_id, n_bytes, gpu_uuid, owner, overhead_bytes, state, sleep)
         return _checked(Reservation, await ref)
+
+    async def sleep(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, await self.handle.sleep.remote(replica_id))
+
+    async def stop(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, await self.handle.stop.remote(replica_id))
+
+    async def wake(self, replica_id: str) -> WakeOutcome:
+        return _checked(WakeOutcome, await self.handle.wake.remote(replica_id))
+
+    async def report_use(self, replica_id: str, in_flight: int) -> None:
+        await self.handle.report_use.remote(replica_id, in_flight)
 
     async def release(self, replica_id: str) -> bool:
         return bool(await self.handle.release.remote(replica_id))

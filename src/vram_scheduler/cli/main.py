@@ -19,7 +19,7 @@ from ..core.extras import missing_dependency
 #: Sub-command modules under vram_scheduler.cli.commands, in --help order. Each has
 #: `register(subparsers)` that adds its parser and sets `func(args) -> int`.
 COMMANDS = ["plan", "schema", "demo_model", "node_start", "up", "serve", "monitor"]
-COMMANDS += ["deploy", "status", "shutdown", "check", "chat", "measure", "ensure_secret"]
+COMMANDS += ["deploy", "status", "shutdown", "sleep", "check", "chat", "measure", "ensure_secret"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,11 @@ monitor, the tables and `ray-vram measure` show comes from the same arithmetic.
   (never above the GPU's total). A replica is *within reservation* while its use is at or under
   it; use above the budget alone is the normal state of a CUDA engine, not a fault.
 
+- **Footprint**: what a replica holds in its state. Awake: its reservation. Asleep: its sleeping
+  footprint (the engine's context; its weights went to host RAM at level 1, or were dropped at
+  level 2). Stopped: nothing. On CPU (a host-memory pseudo-GPU) vLLM has no sleep mode: a replica
+  put to sleep is stopped, so its sleeping footprint is 0.
+
 Where the derived overhead comes from (docs/benchmarks.md "Budgets on a GPU"; H100, vLLM 0.26, replicas sized
 by `measure` and share, under MPS; peak under load minus budget): +1.13 to +1.31 GiB for a 1.5B
 Qwen2 (2.7 GiB of weights; once +1.69 beside a vision replica), +1.77 to +1.86 GiB for a 7B-class
@@ -24,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import GIB, ModelSpec, PlacementSettings, gib_to_bytes
+from .config import GIB, ModelSpec, PlacementSettings, SleepLevel, SleepPolicy, StrictModel, gib_to_bytes
 
 #: Room every overhead leaves above the highest peak over budget measured for its size.
 MARGIN_GB = 0.5
@@ -39,6 +44,15 @@ UNCOUNTED_MAX_GB = 1.9
 DEFAULT_OVERHEAD_GB = UNCOUNTED_MAX_GB + MARGIN_GB
 #: Overheads are derived and recommended in steps of this many GiB (rounded up).
 OVERHEAD_STEP_GB = 0.1
+
+#: What a sleeping CUDA engine kept on its GPU (H100, vLLM 0.26, 7B-class Llama, levels 1 and 2 alike).
+MEASURED_SLEEP_FOOTPRINT_GB = 1.74
+#: The sleeping footprint of a model that states none: the measured one plus the margin, rounded up.
+DEFAULT_SLEEP_FOOTPRINT_GB = 2.3
+
+#: A replica's state in the ledger: awake (its whole reservation), asleep (its sleeping footprint),
+#: stopped (no engine, nothing held; a wake is a cold start).
+ReplicaLife = Literal["awake", "asleep", "stopped"]
 
 OverheadSource = Literal["model", "placement", "weights", "default"]
 Verdict = Literal["within reservation", "over reservation"]
@@ -152,3 +166,66 @@ def headroom_bytes(used_bytes: int, budget_bytes: int, overhead_bytes: int) -> i
 def recommend_overhead_gb(peak_over_budget_bytes: int) -> float:
     """The `overhead_gb` covering a measured peak over the budget with `MARGIN_GB` to spare."""
     return round_up_gb(max(0, peak_over_budget_bytes) + gib_to_bytes(MARGIN_GB))
+
+
+class SleepTerms(StrictModel):
+    """How a replica of a model that sleeps sleeps: what it keeps on its GPU and in host RAM, and
+    when. A replica without terms never sleeps and is never put to sleep (pinned, or no policy)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    after_idle_s: float = Field(gt=0)
+    level: SleepLevel = 1
+    sleep_bytes: int = Field(ge=0, description="What it keeps on its GPU asleep (0 on CPU: its engine stops).")
+    host_bytes: int = Field(ge=0, description="Host RAM its weights take while asleep at level 1.")
+
+
+def sleeping_footprint_bytes(
+    policy: SleepPolicy, budget_bytes: int, overhead_bytes: int, *, host_memory: bool = False
+) -> int:
+    """What a replica keeps on its GPU asleep: the policy's measured `footprint_gb`, else
+    `DEFAULT_SLEEP_FOOTPRINT_GB`, never more than its reservation; 0 on a host-memory pseudo-GPU,
+    where sleeping stops the engine."""
+    if host_memory:
+        return 0
+    gb = DEFAULT_SLEEP_FOOTPRINT_GB if policy.footprint_gb is None else policy.footprint_gb
+    return min(gib_to_bytes(gb), reservation_bytes(budget_bytes, overhead_bytes))
+
+
+def level1_host_bytes(budget_bytes: int, weights_bytes: int | None) -> int:
+    """Host RAM a level-1 sleeper's weights take: their size when known, else its budget (which holds them)."""
+    return weights_bytes if weights_bytes and weights_bytes > 0 else budget_bytes
+
+
+def sleep_terms(
+    policy: SleepPolicy | None,
+    budget_bytes: int,
+    overhead_bytes: int,
+    *,
+    host_memory: bool = False,
+    weights_bytes: int | None = None,
+) -> SleepTerms | None:
+    """The terms of a model's replica on one GPU (None: it never sleeps)."""
+    if policy is None:
+        return None
+    return SleepTerms(
+        after_idle_s=policy.after_idle_s,
+        level=policy.level,
+        sleep_bytes=sleeping_footprint_bytes(policy, budget_bytes, overhead_bytes, host_memory=host_memory),
+        host_bytes=0 if host_memory else level1_host_bytes(budget_bytes, weights_bytes),
+    )
+
+
+def footprint_bytes(state: ReplicaLife, budget_bytes: int, overhead_bytes: int, terms: SleepTerms | None) -> int:
+    """What a replica in `state` holds on its GPU: its reservation awake, its sleeping footprint
+    asleep, nothing stopped."""
+    if state == "awake":
+        return reservation_bytes(budget_bytes, overhead_bytes)
+    if state == "asleep":
+        return terms.sleep_bytes if terms is not None else reservation_bytes(budget_bytes, overhead_bytes)
+    return 0
+
+
+def wake_need_bytes(state: ReplicaLife, budget_bytes: int, overhead_bytes: int, terms: SleepTerms | None) -> int:
+    """What a wake must find free beyond what the replica already holds."""
+    return reservation_bytes(budget_bytes, overhead_bytes) - footprint_bytes(state, budget_bytes, overhead_bytes, terms)

@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import ModelSpec, PlacementSettings, StrictModel
+from .capacity import ReplicaLife, SleepTerms, footprint_bytes
+from .config import ModelSpec, PlacementSettings, SleepLevel, StrictModel
 
 #: A replica's state, one record per replica the values ask for: "pending" (no reservation: the
 #: planner found no room, `reason` says why), "reserved" (planned, its Serve replica not started),
@@ -46,6 +47,11 @@ class ReplicaStatus(WireModel):
     error: str | None = None
     reason: str | None = Field(default=None, description="Why a pending replica is not placed (the planner's words).")
     since: float | None = Field(default=None, description="Unix time a pending replica was first found without room.")
+    sleep: Literal["awake", "asleep", "stopped"] | None = Field(
+        default=None,
+        description="A placed replica's state in the ledger: awake, asleep (its sleeping footprint) or stopped "
+        "(a request starts it); None: not placed.",
+    )
 
     @property
     def where(self) -> str:
@@ -144,6 +150,14 @@ class ReplicaState(WireModel):
     pids: list[int]
     used_bytes: int | None = Field(description="VRAM the replica's processes use now (inventory); None if unknown.")
     owner: str | None
+    state: Literal["awake", "asleep", "stopped"] = Field(
+        default="awake", description="awake: holds its reservation; asleep: its sleeping footprint; stopped: nothing."
+    )
+    held_bytes: int | None = Field(default=None, description="What it holds on its GPU in its state.")
+    sleep_bytes: int | None = Field(default=None, description="Its sleeping footprint (None: it never sleeps).")
+    asleep_level: int | None = Field(default=None, description="The level it sleeps at (1 or 2), while asleep.")
+    pinned: bool = Field(default=True, description="Never sleeps, never evicted (pinned, or no sleep policy).")
+    last_used_at: float | None = Field(default=None, description="When it last served a request, as recorded.")
 
 
 class GPUState(WireModel):
@@ -154,10 +168,13 @@ class GPUState(WireModel):
     total_bytes: int
     used_bytes: int = Field(description="All memory in use on the GPU (latest inventory).")
     unmanaged_bytes: int = Field(description="Memory used by processes no replica attached.")
-    reserved_bytes: int = Field(description="Budgets plus overheads of every reservation.")
+    reserved_bytes: int = Field(
+        description="What its replicas hold: budget + overhead awake, the sleeping footprint asleep, 0 stopped."
+    )
     free_bytes: int = Field(description="Room for new reservations: total − unmanaged − reserved.")
     healthy: bool
     stale: bool
+    asleep: int = Field(default=0, description="How many of its replicas sleep (placement.sleep.max_asleep_per_gpu).")
     replicas: list[ReplicaState]
 
 
@@ -167,6 +184,7 @@ class NodeState(WireModel):
     gpus: int
     age_s: float = Field(description="Seconds since the node's monitor last showed life (inventory or heartbeat).")
     stale: bool
+    level1_host_bytes: int = Field(default=0, description="Host RAM its level-1 sleepers' weights take.")
 
 
 class VRAMState(WireModel):
@@ -219,6 +237,35 @@ class ReplicaEndpoint(WireModel):
         description='What vLLM serves for the model: "generate" (completions, chat), "transcription" (audio).',
     )
     media: MediaAccepts = Field(default_factory=MediaAccepts)
+    state: Literal["awake", "asleep", "stopped"] = Field(
+        default="awake",
+        description="awake: routable at `url`; asleep or stopped: a router wakes it (its `wake` method) first.",
+    )
+    app: str | None = Field(default=None, description="The Serve application of its deployment (where to wake it).")
+
+
+class SleepReport(WireModel):
+    """What a replica put to sleep by an operator answers (`ray-vram sleep`, `POST .../sleep`): the
+    state it went to (the replica's announcement carries more; readers ignore it)."""
+
+    replica_id: str
+    state: ReplicaLife | None = Field(
+        default=None, description="asleep or stopped (CPU: the engine stops); None: the replica said nothing."
+    )
+    node: str | None = None
+    gpu_uuid: str | None = None
+    pids: list[int] = Field(default_factory=list, description="Its engine's processes (empty: stopped).")
+
+
+class WakeReport(WireModel):
+    """What a replica's `wake` answers (`ray-vram wake`, `POST .../wake`): how long it took and what
+    it evicted."""
+
+    replica_id: str
+    state: Literal["awake", "asleep", "stopped"]
+    seconds: float = Field(ge=0, description="From the call to the engine answering (0: it was awake).")
+    cold: bool = Field(default=False, description="The engine was started (stopped before), not woken.")
+    evicted: list[str] = Field(default_factory=list, description="Replicas put to sleep or stopped to make room.")
 
 
 # --------------------------------------------------------------------------- endpoint board → routers
@@ -280,6 +327,21 @@ class Reservation(StrictModel):
     cap_bytes: int | None = Field(
         default=None, gt=0, description="The engine's hard cap (MPS): budget + overhead, at most the GPU's total."
     )
+    state: ReplicaLife = Field(
+        default="awake",
+        description="awake: holds budget + overhead; asleep: its sleeping footprint; stopped: nothing (a plan's "
+        "replica beyond the room awake starts stopped, and its first request starts it).",
+    )
+    sleep: SleepTerms | None = Field(
+        default=None, description="How it sleeps; None: it never sleeps and is never put to sleep (pinned)."
+    )
+    asleep_level: SleepLevel | None = Field(default=None, description="The level it sleeps at, while asleep.")
+
+    @property
+    def held_bytes(self) -> int:
+        """What it holds on its GPU in its state (`capacity.footprint_bytes`)."""
+        overhead = self.overhead_bytes or 0
+        return footprint_bytes(self.state, self.bytes, overhead, self.sleep)
 
 
 class Unplaced(StrictModel):
@@ -345,6 +407,25 @@ class ReserveRequest(StrictModel):
     overhead_bytes: int | None = Field(default=None, ge=0, description="The model's overhead; None: the cluster's.")
     gpu_uuid: str | None = None
     owner: str | None = Field(default=None, pattern=ACTOR_ID_PATTERN, description="Ray actor id of the replica.")
+    state: ReplicaLife = Field(default="awake", description="awake, or stopped (placed beyond the room awake).")
+    sleep: SleepTerms | None = Field(default=None, description="How it sleeps; None: never (pinned).")
+
+
+class Eviction(StrictModel):
+    """A replica a wake put to sleep or stopped: its engine must follow before the waker's starts."""
+
+    replica_id: str
+    model_id: str
+    state: ReplicaLife
+    level: SleepLevel | None = None
+    freed_bytes: int
+
+
+class WakeOutcome(StrictModel):
+    """What `wake` did: the replica's reservation, whole again, and the replicas it evicted."""
+
+    reservation: Reservation
+    evicted: list[Eviction] = Field(default_factory=list)
 
 
 class ReserveOutcome(StrictModel):

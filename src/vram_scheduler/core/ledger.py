@@ -22,9 +22,11 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import capacity
-from .config import ModelSpec, PlacementSettings, format_gib, parse_config
+from . import capacity, eviction
+from .capacity import ReplicaLife, SleepTerms
+from .config import ModelSpec, PlacementSettings, SleepLevel, format_gib, gib_to_bytes, parse_config
 from .contract import (
+    Eviction,
     GPUState,
     NodeState,
     Plan,
@@ -33,6 +35,7 @@ from .contract import (
     ReserveOutcome,
     ReserveRequest,
     VRAMState,
+    WakeOutcome,
 )
 from .errors import RayVramError
 from .inventory import GPUInfo, Inventory, NodeInventory
@@ -57,6 +60,7 @@ __all__ = [
     "ReserveOutcome",
     "ReserveRequest",
     "StartupLockHolder",
+    "WakeOutcome",
     "models_from_dicts",
     "now",
 ]
@@ -87,7 +91,9 @@ class Ledger:
         self._startup_queues: dict[str, list[_StartupWaiter]] = {}
         # Indexes over `data.entries`, kept by _put_entry/_drop_entry/attach_process.
         self._by_gpu: dict[str, dict[str, None]] = {}  # GPU uuid → its replica ids (an ordered set)
-        self._held: dict[str, int] = {}  # GPU uuid → sum of its reservations (budget + overhead each)
+        self._held: dict[str, int] = {}  # GPU uuid → what its replicas hold (`capacity.footprint_bytes` each)
+        self._asleep: dict[str, int] = {}  # GPU uuid → how many of its replicas sleep
+        self._host: dict[str, int] = {}  # node → host RAM of its level-1 sleepers' weights
         self._pids: dict[int, int] = {}  # managed pid → how many entries name it
         # Derived from the inventories (and managed pids): rebuilt on first use after a change.
         self._gpu_cache: list[GPUInfo] | None = None
@@ -178,9 +184,11 @@ class Ledger:
         first = self.data.entries[next(iter(ids))].reservation
         if (first.node, first.gpu_index) == (gpu.node, gpu.index):
             return
-        for replica_id in ids:
+        for replica_id in list(ids):
             entry = self.data.entries[replica_id]
+            self._index(entry, -1)  # a level-1 sleeper's host RAM moves with it to the new node
             entry.reservation = entry.reservation.model_copy(update={"node": gpu.node, "gpu_index": gpu.index})
+            self._index(entry, +1)
             self._dirty["entries"].add(replica_id)
 
     def stale_nodes(self, now: float) -> set[str]:
@@ -264,10 +272,16 @@ class Ledger:
         gpu_uuid: str | None = None,
         owner: str | None = None,
         overhead_bytes: int | None = None,
+        state: ReplicaLife = "awake",
+        sleep: SleepTerms | None = None,
     ) -> tuple[Reservation, bool]:
         """Reserve `n_bytes` + `overhead_bytes` (None: the cluster's overhead) for a replica; the same
         request again returns the same reservation. Raises `ReservationError` naming model, need and
-        the room there is."""
+        the room there is.
+
+        `state` stopped: a replica placed beyond the room awake (its model sleeps, `sleep`); it holds
+        nothing until its first wake, on a GPU where it could wake by evicting every replica that
+        sleeps (`_wake_room`)."""
         if n_bytes <= 0:
             raise ReservationError(f"replica {replica_id} of model {model_id}: bytes must be > 0, got {n_bytes}")
         if overhead_bytes is not None and overhead_bytes < 0:
@@ -277,9 +291,18 @@ class Ledger:
         existing = self.data.entries.get(replica_id)
         if existing is not None:
             return self._repeat(existing, model_id, n_bytes, gpu_uuid, owner)
+        if state not in ("awake", "stopped"):
+            raise ReservationError(
+                f"replica {replica_id} of model {model_id}: a new reservation is awake or stopped, not {state}"
+            )
+        if state == "stopped" and sleep is None:
+            raise ReservationError(
+                f"replica {replica_id} of model {model_id}: only a model that sleeps may be placed stopped "
+                "(it has no sleep terms: pinned, or no sleep policy)"
+            )
         overhead = capacity.held_overhead(overhead_bytes, self.settings)
         need = capacity.reservation_bytes(n_bytes, overhead)
-        free = self.free_bytes()
+        free = self.free_bytes() if state == "awake" else {g.uuid: self._wake_room(g) for g in self._sorted_gpus()}
         open_gpus = self.open_gpus(now)
         if gpu_uuid is None:
             fitting = [g for g in open_gpus if free[g.uuid] >= need]
@@ -297,6 +320,8 @@ class Ledger:
             bytes=n_bytes,
             overhead_bytes=overhead,
             cap_bytes=capacity.cap_bytes(n_bytes, overhead, gpu.total_bytes),
+            state=state,
+            sleep=sleep,
         )
         self._put_entry(LedgerEntry(reservation=reservation, owner=owner, created_at=now))
         return reservation, True
@@ -316,6 +341,8 @@ class Ledger:
                     request.gpu_uuid,
                     request.owner,
                     request.overhead_bytes,
+                    request.state,
+                    request.sleep,
                 )
             except ReservationError as refusal:
                 outcomes.append(ReserveOutcome(replica_id=request.replica_id, error=str(refusal)))
@@ -429,6 +456,193 @@ class Ledger:
         """`release` for each id in order; each answer says whether that one held anything."""
         return [self.release(replica_id, now) for replica_id in replica_ids]
 
+    # -- sleep and wake ---------------------------------------------------------------------
+    # A replica's footprint follows its state (`capacity.footprint_bytes`); `core.eviction` decides
+    # how deep a sleeper sleeps and whom a wake evicts. Each call leaves the ledger consistent: a
+    # wake either takes the whole reservation (with its evictions) or changes nothing.
+
+    def _wake_room(self, gpu: GPUInfo) -> int:
+        """What a GPU can give one replica once every replica that sleeps is stopped: its total less
+        unmanaged use and the replicas that never sleep (pinned)."""
+        fixed = sum(
+            self.data.entries[rid].reservation.held_bytes
+            for rid in self._by_gpu.get(gpu.uuid, ())
+            if self.data.entries[rid].reservation.sleep is None
+        )
+        return gpu.total_bytes - self._unmanaged()[gpu.uuid] - fixed
+
+    def _sleeps_engines(self, gpu_uuid: str) -> bool:
+        """Whether replicas on this GPU sleep (CUDA sleep mode) rather than stop (a host-memory
+        pseudo-GPU: vLLM's CPU engine has no sleep mode)."""
+        return self.serialises_startup(gpu_uuid)
+
+    def _slots_left(self, gpu_uuid: str) -> int:
+        return self.settings.sleep.max_asleep_per_gpu - self._asleep.get(gpu_uuid, 0)
+
+    def _host_room(self, node: str) -> int:
+        limit = gib_to_bytes(self.settings.sleep.level1_host_gb_per_node)
+        return limit - self._host.get(node, 0)
+
+    def _sleeper(self, replica_id: str, action: str) -> LedgerEntry:
+        entry = self.data.entries.get(replica_id)
+        if entry is None:
+            known = ", ".join(sorted(self.data.entries)) or "none"
+            raise ReservationError(f"{action} {replica_id!r}: it holds no reservation (held: {known})")
+        return entry
+
+    def _set_state(self, entry: LedgerEntry, state: ReplicaLife, level: SleepLevel | None) -> None:
+        self._index(entry, -1)
+        entry.reservation = entry.reservation.model_copy(update={"state": state, "asleep_level": level})
+        self._index(entry, +1)
+        self._dirty["entries"].add(entry.reservation.replica_id)
+
+    def sleep(self, replica_id: str, now: float) -> tuple[Reservation, bool]:
+        """Put an awake replica to sleep: asleep at its level (level 2 when the node's host RAM for
+        level-1 weights is short), or stopped when its GPU holds `max_asleep_per_gpu` sleepers or
+        does not sleep engines. Asleep or stopped already: unchanged. A replica that never sleeps
+        (pinned, or its model has no sleep policy) is refused."""
+        entry = self._sleeper(replica_id, "sleep")
+        held = entry.reservation
+        if held.sleep is None:
+            raise ReservationError(
+                f"sleep {replica_id}: model {held.model_id} never sleeps (pinned, or no sleep policy: set the "
+                "model's sleep or placement.sleep.after_idle_s)"
+            )
+        if held.state != "awake":
+            return held, False
+        target = eviction.sleep_target(
+            held.sleep.level,
+            held.sleep.host_bytes,
+            sleeps=self._sleeps_engines(held.gpu_uuid),
+            slots_left=self._slots_left(held.gpu_uuid),
+            host_room=self._host_room(held.node),
+        )
+        self._set_state(entry, target.state, target.level)
+        return entry.reservation, True
+
+    def stop(self, replica_id: str, now: float) -> tuple[Reservation, bool]:
+        """Mark a replica of a model that sleeps stopped: its engine is gone (put to sleep on CPU,
+        scaled to zero, or broken by a failed wake) and it holds nothing; its next wake is a cold
+        start on the same GPU. A replica that never sleeps is refused (nothing would wake it)."""
+        entry = self._sleeper(replica_id, "stop")
+        if entry.reservation.sleep is None:
+            raise ReservationError(
+                f"stop {replica_id}: model {entry.reservation.model_id} never sleeps (pinned, or no sleep policy), "
+                "so nothing would wake it; release it instead"
+            )
+        if entry.reservation.state == "stopped":
+            return entry.reservation, False
+        self._set_state(entry, "stopped", None)
+        return entry.reservation, True
+
+    def wake(self, replica_id: str, now: float, busy: Collection[str] = ()) -> tuple[WakeOutcome, bool]:
+        """Take a replica's whole reservation back on its GPU, evicting the least recently used idle
+        replicas there that sleep (`core.eviction`) when the room is short; `busy`: replicas with
+        requests in flight, never evicted. Raises `ReservationError` (changing nothing) naming the
+        need, the room and what held the rest. Awake already: unchanged."""
+        entry = self._sleeper(replica_id, "wake")
+        held = entry.reservation
+        if held.state == "awake":
+            return WakeOutcome(reservation=held), False
+        gpu = self.find_gpu(held.gpu_uuid)
+        if gpu is None:
+            raise ReservationError(
+                f"wake {replica_id} of model {held.model_id}: its GPU {held.gpu_uuid} is not in the inventory"
+            )
+        overhead = capacity.held_overhead(held.overhead_bytes, self.settings)
+        need = capacity.wake_need_bytes(held.state, held.bytes, overhead, held.sleep)
+        short = need - self.free_bytes()[gpu.uuid]
+        # The waker's own sleeper slot and host RAM are free once it wakes.
+        was_asleep = held.state == "asleep"
+        slots = self._slots_left(gpu.uuid) + was_asleep
+        host = self._host_room(held.node) + (
+            held.sleep.host_bytes if was_asleep and held.asleep_level == 1 and held.sleep is not None else 0
+        )
+        candidates = [
+            eviction.Candidate(
+                replica_id=other.reservation.replica_id,
+                state=other.reservation.state,
+                last_used_at=other.used_at,
+                held_bytes=other.reservation.held_bytes,
+                sleep_bytes=other.reservation.sleep.sleep_bytes,
+                host_bytes=other.reservation.sleep.host_bytes,
+                level=other.reservation.sleep.level,
+            )
+            for other in (self.data.entries[rid] for rid in self._by_gpu.get(gpu.uuid, ()))
+            if other.reservation.replica_id != replica_id
+            and other.reservation.sleep is not None
+            and other.reservation.state != "stopped"
+            and other.reservation.replica_id not in busy
+        ]
+        chosen = eviction.choose_evictions(
+            short, candidates, sleeps=self._sleeps_engines(gpu.uuid), slots_left=slots, host_room=host
+        )
+        if chosen is None:
+            raise ReservationError(self._no_wake_room(held, gpu, need, short, candidates, busy))
+        self._set_state(entry, "awake", None)  # first: its slot and host RAM go to the evicted
+        evicted = []
+        for choice in chosen:
+            other = self.data.entries[choice.replica_id]
+            self._set_state(other, choice.to, choice.level)
+            evicted.append(
+                Eviction(
+                    replica_id=choice.replica_id,
+                    model_id=other.reservation.model_id,
+                    state=choice.to,
+                    level=choice.level,
+                    freed_bytes=choice.frees_bytes,
+                )
+            )
+        entry.last_used_at = now
+        return WakeOutcome(reservation=entry.reservation, evicted=evicted), True
+
+    def _no_wake_room(
+        self,
+        held: Reservation,
+        gpu: GPUInfo,
+        need: int,
+        short: int,
+        candidates: list[eviction.Candidate],
+        busy: Collection[str],
+    ) -> str:
+        others = [
+            self.data.entries[rid].reservation for rid in self._by_gpu.get(gpu.uuid, ()) if rid != held.replica_id
+        ]
+        pinned = [r for r in others if r.sleep is None]
+        in_flight = [r for r in others if r.sleep is not None and r.replica_id in busy and r.state != "stopped"]
+        evictable = sum(c.held_bytes for c in candidates)
+
+        def listed(reservations: list[Reservation]) -> str:
+            if not reservations:
+                return "none"
+            return ", ".join(f"{r.replica_id} {format_gib(r.held_bytes)}" for r in reservations)
+
+        return (
+            f"wake {held.replica_id} of model {held.model_id}: needs {format_gib(need)} more on {gpu.label}, "
+            f"which has {format_gib(max(0, need - short))} free (short by {format_gib(short)}); evicting every idle "
+            f"replica that sleeps frees at most {format_gib(evictable)}; pinned: {listed(pinned)}; "
+            f"with requests in flight: {listed(in_flight)}; unmanaged: {format_gib(self._unmanaged()[gpu.uuid])}"
+        )
+
+    def touch(self, replica_ids: Iterable[str], now: float) -> bool:
+        """These replicas served requests as of `now` (the order a wake evicts in); unknown ids
+        are ignored (released meanwhile). Returns whether anything changed."""
+        changed = False
+        for replica_id in replica_ids:
+            entry = self.data.entries.get(replica_id)
+            if entry is not None and (entry.last_used_at is None or entry.last_used_at < now):
+                entry.last_used_at = now
+                self._dirty["entries"].add(replica_id)
+                changed = True
+        return changed
+
+    def asleep_count(self, gpu_uuid: str) -> int:
+        return self._asleep.get(gpu_uuid, 0)
+
+    def level1_host_bytes(self) -> dict[str, int]:
+        """Per node: host RAM its level-1 sleepers' weights take."""
+        return dict(self._host)
+
     def attach_process(self, replica_id: str, pid: int) -> bool:
         entry = self.data.entries.get(replica_id)
         if entry is None:
@@ -452,11 +666,19 @@ class Ledger:
             ids[held.replica_id] = None
         else:
             ids.pop(held.replica_id, None)
-        whole = capacity.reservation_bytes(held.bytes, capacity.held_overhead(held.overhead_bytes, self.settings))
+        overhead = capacity.held_overhead(held.overhead_bytes, self.settings)
+        whole = capacity.footprint_bytes(held.state, held.bytes, overhead, held.sleep)
         self._held[held.gpu_uuid] = self._held.get(held.gpu_uuid, 0) + sign * whole
+        if held.state == "asleep":
+            self._asleep[held.gpu_uuid] = self._asleep.get(held.gpu_uuid, 0) + sign
+            if held.asleep_level == 1 and held.sleep is not None:
+                self._host[held.node] = self._host.get(held.node, 0) + sign * held.sleep.host_bytes
         if not ids:
             del self._by_gpu[held.gpu_uuid]
             del self._held[held.gpu_uuid]
+        for index in (self._asleep, self._host):
+            for key in [k for k, v in index.items() if v == 0]:
+                del index[key]
         for pid in entry.pids:
             count = self._pids.get(pid, 0) + sign
             if count > 0:
@@ -665,6 +887,7 @@ class Ledger:
                     free_bytes=free[gpu.uuid],
                     healthy=gpu.healthy,
                     stale=gpu.node in stale,
+                    asleep=self._asleep.get(gpu.uuid, 0),
                     replicas=self._replica_states(gpu.uuid, usage),
                 )
             )
@@ -679,6 +902,7 @@ class Ledger:
                 gpus=len(record.inventory.gpus),
                 age_s=round(now - record.arrived_at, 3),
                 stale=name in stale,
+                level1_host_bytes=self._host.get(name, 0),
             )
             for name, record in sorted(self.data.nodes.items())
             if node is None or name == node
@@ -731,6 +955,12 @@ def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> ReplicaS
         pids=list(entry.pids),
         used_bytes=sum(seen) if seen else None,
         owner=entry.owner,
+        state=held.state,
+        held_bytes=held.held_bytes,
+        sleep_bytes=held.sleep.sleep_bytes if held.sleep is not None else None,
+        asleep_level=held.asleep_level,
+        pinned=held.sleep is None,
+        last_used_at=entry.last_used_at,
     )
 
 

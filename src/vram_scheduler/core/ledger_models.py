@@ -1,6 +1,6 @@
 """What the ledger stores and exchanges: its entries, its snapshot, and the delta a change leaves (the
-batch reserve's request and outcome live in `contract`). Pydantic models, so every boundary (the GCS) is
-validated; kept apart from `ledger.py`, which holds the rules."""
+batch reserve's request and outcome and a wake's outcome live in `contract`). Pydantic models, so
+every boundary (the GCS) is validated; kept apart from `ledger.py`, which holds the rules."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ class LedgerEntry(StrictModel):
     owner: str | None = Field(default=None, description="Ray actor id (hex) of the replica; reclaimed when it dies.")
     pids: list[int] = Field(default_factory=list, description="Processes of the replica (managed, not unmanaged).")
     created_at: float
+    last_used_at: float | None = Field(
+        default=None, description="When it last served a request (`touch`): the order a wake evicts in (LRU)."
+    )
+
+    @property
+    def used_at(self) -> float:
+        """When it was last used, or created (never used)."""
+        return self.created_at if self.last_used_at is None else self.last_used_at
 
 
 class NodeRecord(StrictModel):

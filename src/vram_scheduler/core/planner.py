@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import capacity
-from .config import ModelSpec, PlacementSettings, format_gib
+from .config import ModelSpec, PlacementSettings, SleepPolicy, format_gib, sleep_policy
 from .contract import GPUPlan, Plan, Reservation, Unplaced
 from .inventory import GPUInfo, Inventory
 
@@ -41,6 +41,13 @@ class _Slot:
     reserved: int
     unmanaged: int
     replicas: list[str] = field(default_factory=list)
+    fixed: int = 0  # held by replicas that never sleep: what a wake can never evict
+    sleeper_demand: int = 0  # whole reservations of the replicas here that sleep
+
+    @property
+    def wake_room(self) -> int:
+        """What one replica can have here once every replica that sleeps is stopped."""
+        return self.gpu.total_bytes - self.unmanaged - self.fixed
 
     @property
     def order(self) -> tuple[str, int]:
@@ -72,6 +79,7 @@ def plan(
     excluded_nodes: frozenset[str] = frozenset(),
     keep_others: bool = False,
     overheads: Mapping[str, int] | None = None,
+    weights_bytes: Mapping[str, int] | None = None,
 ) -> Plan:
     """Place every requested replica that fits; explain the rest.
 
@@ -80,12 +88,19 @@ def plan(
     or the default.
 
     `excluded_nodes` (stale or draining nodes) keep their reservations but take no new ones.
+    `weights_bytes`: each model's weights, where known (the host RAM a level-1 sleeper takes).
+
+    Models that sleep (`config.sleep_policy`) get sleep terms on each reservation; their replicas
+    beyond the room awake are placed stopped on a GPU where they could wake.
+
     `keep_others`: reservations of models not in `models` are someone else's (another application's),
     taken as used where they are and listed neither as kept nor for release; by default `models` is
     the whole desired state and such reservations are listed for release.
     """
     settings = settings or PlacementSettings()
     specs = {spec.model_id: spec for spec in models}
+    weights = weights_bytes or {}
+    sources = {node.node: node.source for node in inventory.nodes}
     given = overheads or {}
     overhead = {
         model_id: given[model_id] if model_id in given else capacity.resolve_overhead(spec, settings).bytes
@@ -96,13 +111,19 @@ def plan(
         gpu.uuid: _Slot(gpu=gpu, free=0, reserved=0, unmanaged=gpu.unmanaged_bytes(managed_pids))
         for gpu in sorted(inventory.gpus, key=lambda g: (g.node, g.index))
     }
-    kept, release, others = _split_existing(existing, specs, slots, keep_others)
+    policies = {model_id: sleep_policy(spec, settings) for model_id, spec in specs.items()}
+    kept, release, others = _split_existing(existing, specs, slots, keep_others, policies)
     for reservation in [*kept, *others]:
         slot = slots[reservation.gpu_uuid]
         held = reservation.overhead_bytes
         if held is None:
             held = overhead.get(reservation.model_id, capacity.placement_overhead_bytes(settings))
-        slot.reserved += capacity.reservation_bytes(reservation.bytes, held)
+        footprint = capacity.footprint_bytes(reservation.state, reservation.bytes, held, reservation.sleep)
+        slot.reserved += footprint
+        if reservation.sleep is None:
+            slot.fixed += footprint
+        else:
+            slot.sleeper_demand += capacity.reservation_bytes(reservation.bytes, held)
         slot.replicas.append(reservation.replica_id)
     for slot in slots.values():
         slot.free = slot.gpu.total_bytes - slot.unmanaged - slot.reserved
@@ -120,17 +141,13 @@ def plan(
     fixed = [s for s in specs.values() if not s.max_replicas]
     pending = {s.model_id: max(0, s.replicas - counts[s.model_id]) for s in fixed}
     # Fixed-count replicas: run each strategy on a scratch packer and keep the one that places
-    # the most (the first on a tie), so a shortage costs as few replicas as possible.
-    best: _Packer | None = None
-    if any(pending.values()):
-        for strategy in _STRATEGIES:
-            packer = _Packer(open_slots, specs, needs)
-            strategy(packer, fixed, pending)
-            if best is None or len(packer.placements) > len(best.placements):
-                best = packer
-            if len(best.placements) == sum(pending.values()):
-                break  # everything placed: no strategy can do better
-    packer = best or _Packer(open_slots, specs, needs)
+    # the most (the first on a tie), so a shortage costs as few replicas as possible. Models that
+    # never sleep go first (they cannot wait stopped), then those that sleep, awake while room lasts.
+    packer = _Packer(open_slots, specs, needs)
+    for group in ([s for s in fixed if policies[s.model_id] is None], [s for s in fixed if policies[s.model_id]]):
+        wanted = {s.model_id: pending[s.model_id] for s in group}
+        if any(wanted.values()):
+            packer = _best_packing(packer, group, wanted)
     # max_replicas models then fill what is left, one replica per model per round, largest first.
     active = sorted((s for s in specs.values() if s.max_replicas), key=lambda s: (-s.vram_bytes, s.model_id))
     while active:
@@ -138,30 +155,63 @@ def plan(
 
     new: list[Reservation] = []
     next_number = dict.fromkeys(specs, 0)  # numbers are only taken during a plan: scan forward once
-    for model_id, uuid in packer.placements:
+
+    def next_free_number(model_id: str) -> int:
         number = next_number[model_id]
         while number in taken_numbers[model_id]:
             number += 1
         taken_numbers[model_id].add(number)
         next_number[model_id] = number + 1
+        return number
+
+    def new_reservation(model_id: str, number: int, slot: _Slot, state: capacity.ReplicaLife) -> Reservation:
         replica_id = replica_id_for(model_id, number)
+        slot.replicas.append(replica_id)
+        budget = specs[model_id].vram_bytes
+        host_memory = sources.get(slot.gpu.node) == "host-memory"
+        terms = capacity.sleep_terms(
+            policies[model_id], budget, overhead[model_id], host_memory=host_memory, weights_bytes=weights.get(model_id)
+        )
+        return Reservation.model_construct(
+            replica_id=replica_id,
+            model_id=model_id,
+            node=slot.gpu.node,
+            gpu_uuid=slot.gpu.uuid,
+            gpu_index=slot.gpu.index,
+            bytes=budget,
+            overhead_bytes=overhead[model_id],
+            cap_bytes=capacity.cap_bytes(budget, overhead[model_id], slot.gpu.total_bytes),
+            state=state,
+            sleep=terms,
+            asleep_level=None,
+        )
+
+    for model_id, uuid in packer.placements:
+        number = next_free_number(model_id)
         slot = slots[uuid]
         slot.free -= needs[model_id]
         slot.reserved += needs[model_id]
-        slot.replicas.append(replica_id)
+        if policies[model_id] is None:
+            slot.fixed += needs[model_id]
+        else:
+            slot.sleeper_demand += needs[model_id]
         counts[model_id] += 1
-        new.append(
-            Reservation.model_construct(
-                replica_id=replica_id,
-                model_id=model_id,
-                node=slot.gpu.node,
-                gpu_uuid=uuid,
-                gpu_index=slot.gpu.index,
-                bytes=specs[model_id].vram_bytes,
-                overhead_bytes=overhead[model_id],
-                cap_bytes=capacity.cap_bytes(specs[model_id].vram_bytes, overhead[model_id], slot.gpu.total_bytes),
-            )
-        )
+        new.append(new_reservation(model_id, number, slot, "awake"))
+
+    # Replicas of models that sleep, beyond the room awake: placed stopped where they could wake
+    # (evicting every sleeper), least contended GPU first; their first request starts them.
+    for spec in _largest_first(fixed):
+        model_id = spec.model_id
+        if policies[model_id] is None:
+            continue
+        for _ in range(max(0, spec.replicas - counts[model_id])):
+            fits = [s for s in open_slots if _eligible(spec, s) and s.wake_room >= needs[model_id]]
+            if not fits:
+                break
+            slot = min(fits, key=lambda s: (-(s.wake_room - s.sleeper_demand), *s.order))
+            slot.sleeper_demand += needs[model_id]
+            counts[model_id] += 1
+            new.append(new_reservation(model_id, next_free_number(model_id), slot, "stopped"))
 
     missing: dict[str, int] = {}
     for spec in specs.values():
@@ -209,6 +259,15 @@ class _Packer:
                 self.member_of[s.gpu.uuid].append(key)
         self.placements: list[tuple[str, str]] = []
 
+    def copy(self) -> _Packer:
+        """An independent packer in the same state (a strategy's scratch copy)."""
+        twin = object.__new__(_Packer)
+        twin.needs, twin.order, twin.group_of, twin.member_of = self.needs, self.order, self.group_of, self.member_of
+        twin.free = dict(self.free)
+        twin.groups = {key: list(group) for key, group in self.groups.items()}
+        twin.placements = list(self.placements)
+        return twin
+
     def _key(self, uuid: str) -> tuple[int, str, int, str]:
         return (self.free[uuid], *self.order[uuid], uuid)
 
@@ -233,6 +292,20 @@ class _Packer:
         for key in self.member_of[uuid]:
             bisect.insort(self.groups[key], self._key(uuid))
         self.placements.append((model_id, uuid))
+
+
+def _best_packing(base: _Packer, group: Sequence[ModelSpec], pending: dict[str, int]) -> _Packer:
+    """`base` with `group`'s pending replicas placed by the strategy that places the most."""
+    best: _Packer | None = None
+    for strategy in _STRATEGIES:
+        packer = base.copy()
+        strategy(packer, group, pending)
+        if best is None or len(packer.placements) > len(best.placements):
+            best = packer
+        if len(best.placements) - len(base.placements) == sum(pending.values()):
+            break  # everything placed: no strategy can do better
+    assert best is not None
+    return best
 
 
 def _largest_first(fixed: Sequence[ModelSpec]) -> list[ModelSpec]:
@@ -311,10 +384,15 @@ _STRATEGIES = (_round_robin, _smallest_first, _fill_gpus)
 
 
 def _split_existing(
-    existing: Iterable[Reservation], specs: dict[str, ModelSpec], slots: dict[str, _Slot], keep_others: bool
+    existing: Iterable[Reservation],
+    specs: dict[str, ModelSpec],
+    slots: dict[str, _Slot],
+    keep_others: bool,
+    policies: Mapping[str, SleepPolicy | None],
 ) -> tuple[list[Reservation], list[Reservation], list[Reservation]]:
     """Existing reservations to keep in place, those to release (highest numbers first), and
-    (`keep_others`) those of models not planned that hold room on a known GPU."""
+    (`keep_others`) those of models not planned that hold room on a known GPU. A replica asleep or
+    stopped whose model no longer sleeps is released (placed again awake)."""
     kept: list[Reservation] = []
     release: list[Reservation] = []
     others: list[Reservation] = []
@@ -324,7 +402,12 @@ def _split_existing(
         if spec is None and keep_others:
             if reservation.gpu_uuid in slots:
                 others.append(reservation)
-        elif spec is None or reservation.bytes != spec.vram_bytes or reservation.gpu_uuid not in slots:
+        elif (
+            spec is None
+            or reservation.bytes != spec.vram_bytes
+            or reservation.gpu_uuid not in slots
+            or (reservation.state != "awake" and policies.get(reservation.model_id) is None)
+        ):
             release.append(reservation)
         else:
             by_model.setdefault(reservation.model_id, []).append(reservation)

@@ -111,7 +111,7 @@ class _SnapshotCollector:
                 ("total_bytes", "Memory of the GPU (NVML total)."),
                 ("used_bytes", "Memory in use on the GPU, by every process."),
                 ("free_bytes", "Memory free on the GPU."),
-                ("reserved_bytes", "Memory reserved by ray-vram replicas on the GPU (budgets plus overheads)."),
+                ("reserved_bytes", "Memory reserved by ray-vram replicas on the GPU (what each holds in its state)."),
                 ("unmanaged_bytes", "Memory used on the GPU by processes ray-vram does not manage."),
                 ("healthy", "1 when the last poll read the GPU without error and no critical XID was seen."),
             )
@@ -128,6 +128,16 @@ class _SnapshotCollector:
         )
         used = GaugeMetricFamily(
             "ray_vram_replica_used_bytes", "VRAM a replica's processes use on its GPU (NVML).", labels=REPLICA_LABELS
+        )
+        held = GaugeMetricFamily(
+            "ray_vram_replica_held_bytes",
+            "VRAM a replica holds in its state: its reservation awake, its sleeping footprint asleep, 0 stopped.",
+            labels=REPLICA_LABELS,
+        )
+        asleep = GaugeMetricFamily(
+            "ray_vram_replica_asleep",
+            "1 while a replica sleeps or is stopped (its model sleeps).",
+            labels=REPLICA_LABELS,
         )
         last = GaugeMetricFamily(
             "ray_vram_monitor_last_poll_timestamp_seconds",
@@ -153,11 +163,15 @@ class _SnapshotCollector:
                 budget.add_metric(labels, usage.replica.budget_bytes)
                 reservation.add_metric(labels, usage.replica.reservation_bytes)
                 used.add_metric(labels, usage.used_bytes)
+                held.add_metric(labels, usage.replica.held_bytes)
+                asleep.add_metric(labels, 0 if usage.replica.state == "awake" else 1)
             if snapshot.last_success is not None:
                 last.add_metric([node], snapshot.last_success)
         yield from gauges.values()
         yield budget
         yield reservation
+        yield held
+        yield asleep
         yield used
         yield last
 

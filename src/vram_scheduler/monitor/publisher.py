@@ -48,7 +48,11 @@ class AllocatorView:
             for r in gpu.replicas:
                 pids = tuple(dict.fromkeys([*r.pids, *([r.pid] if r.pid is not None else [])]))
                 overhead = capacity.held_overhead(r.overhead_bytes, parsed.settings)
-                replicas.append(ReplicaBudget(r.replica_id, r.model_id, gpu.uuid, r.bytes, pids, r.owner, overhead))
+                replicas.append(
+                    ReplicaBudget(
+                        r.replica_id, r.model_id, gpu.uuid, r.bytes, pids, r.owner, overhead, r.state, r.held_bytes
+                    )
+                )
         return cls(replicas, reserved, fetched_at)
 
     @property

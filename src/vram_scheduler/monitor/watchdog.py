@@ -33,10 +33,17 @@ class ReplicaBudget:
     pids: tuple[int, ...] = ()
     owner: str | None = None
     overhead_bytes: int = 0
+    state: str = "awake"
+    held: int | None = None  # what it holds in its state (None: an older allocator's record, awake)
 
     @property
     def reservation_bytes(self) -> int:
         return capacity.reservation_bytes(self.budget_bytes, self.overhead_bytes)
+
+    @property
+    def held_bytes(self) -> int:
+        """What it holds on its GPU now: its reservation awake, its sleeping footprint asleep, 0 stopped."""
+        return self.reservation_bytes if self.held is None else self.held
 
 
 @dataclass(frozen=True)

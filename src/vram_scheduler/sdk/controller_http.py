@@ -8,9 +8,12 @@ from typing import Any
 import httpx
 
 from ..core.config import ConfigError, ModelSpec
-from ..core.contract import DeployAnswer, DeploymentList, DeploymentStatus, VRAMState
+from ..core.contract import DeployAnswer, DeploymentList, DeploymentStatus, SleepReport, VRAMState, WakeReport
 from .scheduler_errors import ControllerAuthError, ControllerUnavailableError, PlacementError, SchedulerError
 from .token import auth_headers, where_to_find_token
+
+#: Longest a sleep or wake call waits for the controller (a wake of a stopped replica loads its model).
+WAKE_TIMEOUT_S = 900.0
 
 CONTROLLER_ENV = "RAY_VRAM_CONTROLLER"
 DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
@@ -82,6 +85,20 @@ class HTTPControllerClient:
             return False
         data = self._json(response, f"DELETE /v1/deployments/{model_id}")
         return bool(data.get("removed", True)) if isinstance(data, dict) else True
+
+    def sleep(self, model_id: str) -> list[SleepReport]:
+        return [SleepReport.model_validate(a) for a in self._sleep_or_wake(model_id, "sleep")]
+
+    def wake(self, model_id: str) -> list[WakeReport]:
+        return [WakeReport.model_validate(a) for a in self._sleep_or_wake(model_id, "wake")]
+
+    def _sleep_or_wake(self, model_id: str, action: str) -> list[Any]:
+        path = f"/v1/deployments/{model_id}/{action}"
+        response = self._call("POST", path, timeout=WAKE_TIMEOUT_S)
+        if response.status_code in {404, 409}:
+            raise SchedulerError(f"{action} {model_id}: {_reason(response)}")
+        data = self._json(response, f"POST {path}")
+        return list(data.get("replicas", [])) if isinstance(data, dict) else []
 
     def remove_all(self) -> list[str]:
         data = self._json(self._call("DELETE", "/v1/deployments"), "DELETE /v1/deployments")

@@ -12,8 +12,8 @@ import logging
 from typing import Any
 
 from ..core.config import ConfigError, ModelSpec
-from ..core.contract import DeployAnswer, DeploymentList, DeploymentStatus, Plan, VRAMState
-from ..core.errors import Unplaceable
+from ..core.contract import DeployAnswer, DeploymentList, DeploymentStatus, Plan, SleepReport, VRAMState, WakeReport
+from ..core.errors import Unplaceable, wake_failure
 from ..core.loopback import prepare_ray_join
 from ..core.ray_names import ALLOCATOR_ACTOR, CONTROLLER_ACTOR, NAMESPACE
 from ..core.replica_env import replica_env
@@ -88,3 +88,20 @@ class RayControllerClient:
 
     def remove_all(self) -> list[str]:
         return [str(m) for m in _call(self.controller.remove_all.remote())]
+
+    def sleep(self, model_id: str) -> list[SleepReport]:
+        answers = self._sleep_or_wake(model_id, "sleep")
+        return [SleepReport.model_validate(a) for a in answers]
+
+    def wake(self, model_id: str) -> list[WakeReport]:
+        answers = self._sleep_or_wake(model_id, "wake")
+        return [WakeReport.model_validate(a) for a in answers]
+
+    def _sleep_or_wake(self, model_id: str, action: str) -> list[Any]:
+        method: Any = self.controller.sleep_model if action == "sleep" else self.controller.wake_model
+        try:
+            return list(_call(method.remote(model_id)))
+        except KeyError as error:
+            raise SchedulerError(f"{action} {model_id}: {error.args[0]}") from None
+        except Exception as error:  # the replica's reason (never sleeps, no room, a failed wake)
+            raise SchedulerError(f"{action} {model_id}: {wake_failure(error)}") from None

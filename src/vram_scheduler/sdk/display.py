@@ -24,7 +24,8 @@ from ..core.config import GIB, PlacementSettings
 from ..core.contract import DeploymentStatus, GPUState, Plan, VRAMState
 
 CAPTION = (
-    "replicas: budget + overhead = reservation; reserved = their reservations; free = total − unmanaged − reserved"
+    "replicas: budget + overhead = reservation; reserved = what they hold (awake: the reservation, asleep: the "
+    "sleeping footprint, stopped: nothing, started by its first request); free = total − unmanaged − reserved"
 )
 
 
@@ -40,6 +41,18 @@ class _Replica:
     bytes: int
     overhead_bytes: int
     used_bytes: int | None = None
+    state: str = "awake"
+    held_bytes: int | None = None
+    asleep_level: int | None = None
+    planned: bool = False
+
+    def state_text(self) -> str:
+        """Nothing awake; `asleep L1, holds 2.30` / `stopped` (a plan: `starts stopped`) otherwise."""
+        if self.state == "awake":
+            return ""
+        if self.state == "asleep":
+            return f" asleep L{self.asleep_level}, holds {_gib(self.held_bytes or 0)}"
+        return " starts stopped" if self.planned else " stopped"
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,15 @@ def _state_row(gpu: GPUState, settings: PlacementSettings) -> _Row:
         healthy=gpu.healthy,
         stale=gpu.stale,
         replicas=[
-            _Replica(r.replica_id, r.bytes, capacity.held_overhead(r.overhead_bytes, settings), r.used_bytes)
+            _Replica(
+                r.replica_id,
+                r.bytes,
+                capacity.held_overhead(r.overhead_bytes, settings),
+                r.used_bytes,
+                state=r.state,
+                held_bytes=r.held_bytes,
+                asleep_level=r.asleep_level,
+            )
             for r in gpu.replicas
         ],
     )
@@ -89,7 +110,7 @@ def _replicas_cell(replicas: Sequence[_Replica]) -> Text:
         return Text("-")
     cell = Text()
     for i, replica in enumerate(replicas):
-        label = f"{replica.replica_id} {_gib(replica.bytes)}+{_gib(replica.overhead_bytes)}"
+        label = f"{replica.replica_id} {_gib(replica.bytes)}+{_gib(replica.overhead_bytes)}{replica.state_text()}"
         over = False
         if replica.used_bytes is not None:
             verdict = capacity.verdict(replica.used_bytes, replica.bytes, replica.overhead_bytes)
@@ -149,7 +170,13 @@ def _models(deployments: Sequence[DeploymentStatus]) -> list[Any]:
         table.add_column(column)
     now = time.time()
     for status in deployments:
-        states = ", ".join(f"{r.replica_id}:{r.state}" for r in status.replicas) or "-"
+        states = (
+            ", ".join(
+                f"{r.replica_id}:{r.state}" + (f" ({r.sleep})" if r.sleep not in (None, "awake") else "")
+                for r in status.replicas
+            )
+            or "-"
+        )
         ready = sum(r.state == "ready" for r in status.replicas)
         wanted = "max" if status.requested is None else str(status.requested)
         pending = status.pending
@@ -201,7 +228,18 @@ def render_plan(result: Plan, overheads: dict[str, capacity.Overhead] | None = N
             unmanaged_bytes=gpu.unmanaged_bytes,
             reserved_bytes=gpu.reserved_bytes,
             free_bytes=gpu.free_bytes,
-            replicas=[_Replica(rid, held[rid].bytes, held[rid].overhead_bytes or 0) for rid in gpu.replicas],
+            replicas=[
+                _Replica(
+                    rid,
+                    held[rid].bytes,
+                    held[rid].overhead_bytes or 0,
+                    state=held[rid].state,
+                    held_bytes=held[rid].held_bytes,
+                    asleep_level=held[rid].asleep_level,
+                    planned=True,
+                )
+                for rid in gpu.replicas
+            ],
         )
         for gpu in result.gpus
     ]
@@ -213,7 +251,16 @@ def render_plan(result: Plan, overheads: dict[str, capacity.Overhead] | None = N
         for u in result.unplaced
     )
     not_placed = sum(u.count for u in result.unplaced)
+    asleep = sum(r.state != "awake" for r in result.reservations)
     parts.append(
-        Text(f"{len(result.reservations)} replica(s) placed" + (f", {not_placed} not placed" if not_placed else ""))
+        Text(
+            f"{len(result.reservations)} replica(s) placed"
+            + (
+                f": {len(result.reservations) - asleep} awake, {asleep} start stopped (their models sleep)"
+                if asleep
+                else ""
+            )
+            + (f", {not_placed} not placed" if not_placed else "")
+        )
     )
     return Group(*parts)

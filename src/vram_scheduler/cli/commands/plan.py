@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ...core.capacity import Overhead
-from ...core.config import load_config
+from ...core.config import load_config, with_source
 from ...core.contract import Plan
 from ...core.exit_codes import ExitCode
 from ...core.flags import add_output_option
@@ -14,6 +14,7 @@ from ...core.inventory import load_inventory
 from ...core.model_limits import resolve_overheads
 from ...core.planner import plan
 from ...sdk.display import render_plan, wide_console
+from ...tools.demo.model import demo_sources
 from .options import add_values_option
 
 
@@ -22,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan",
         help="plan replica placement for a values file against a GPU inventory",
         description="Plan where each model replica goes, per GPU, without touching any cluster.\n\n"
-        "A replica larger than every GPU of the inventory is listed as needing a bigger GPU (not a free one).\n\n"
+        "A replica larger than every GPU of the inventory is listed as needing a bigger GPU (not a free one).\n"
+        "Replicas of models that sleep beyond the room awake start stopped: their first request starts them.\n\n"
         "exit codes: 0 everything fits, 3 some replicas do not fit, 2 invalid input\n\n"
         "examples:\n"
         "  ray-vram plan --inventory values/inventory-example.yaml -f values/local.yaml\n"
@@ -37,10 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
-    config = load_config(args.values)
-    overheads = resolve_overheads(config.models, config.placement)
+    # Models named in serving.model_sources (the demo models already generated here among them) are
+    # planned from their directory, as the controller serves them: their weights size their overhead.
+    config = demo_sources(load_config(args.values), generate=False)
+    models = [with_source(spec, config.serving) for spec in config.models]
+    overheads = resolve_overheads(models, config.placement)
     result = plan(
-        inventory, config.models, settings=config.placement, overheads={k: o.bytes for k, o in overheads.items()}
+        inventory,
+        models,
+        settings=config.placement,
+        overheads={k: o.bytes for k, o in overheads.items()},
+        weights_bytes={k: o.weights_bytes for k, o in overheads.items() if o.weights_bytes},
     )
     if args.output == "json":
         print(json.dumps(plan_as_json(result, overheads), indent=2))

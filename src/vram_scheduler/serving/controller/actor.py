@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from ...allocator.actor import AllocatorClient
 from ...allocator.cluster_actors import cluster_actor
 from ...core.config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
-from ...core.contract import ApplyResult, DeploymentList, Plan
+from ...core.contract import ApplyResult, DeploymentList, Plan, SleepReport, WakeReport
 from ...core.ray_names import CONTROLLER_ACTOR
 from ...core.replica_env import replica_env
 from .controller import Controller
@@ -127,6 +127,12 @@ class ControllerClient:
 
     def remove(self, model_id: str) -> bool:
         return bool(_call(self.actor.remove.remote(model_id)))
+
+    def sleep_model(self, model_id: str) -> list[SleepReport]:
+        return [_typed(SleepReport, r) for r in _call(self.actor.sleep_model.remote(model_id))]
+
+    def wake_model(self, model_id: str) -> list[WakeReport]:
+        return [_typed(WakeReport, r) for r in _call(self.actor.wake_model.remote(model_id))]
 
     def remove_all(self) -> list[str]:
         return [str(m) for m in _call(self.actor.remove_all.remote())]

@@ -51,7 +51,9 @@ from ...core.contract import (
     ReplicaStatus,
     Reservation,
     ResolvedSizes,
+    SleepReport,
     Unplaced,
+    WakeReport,
 )
 from ...core.errors import Unplaceable
 from ...core.model_limits import effective_max_model_len, resolve_model, resolve_overheads
@@ -70,6 +72,10 @@ SPEC_KEY_PREFIX = "serving/model/"
 SERVING_KEY = "serving/settings"
 #: Events kept per model (the newest).
 EVENTS_KEPT = 20
+
+
+#: Longest an operator's sleep or wake of one replica may take (a cold start loads the model).
+WAKE_CALL_TIMEOUT_S = 900.0
 
 
 class Pending(BaseModel):
@@ -278,6 +284,29 @@ class Controller:
             self._declare([r.spec for r in self.deployed().values()])
             return known
 
+    def sleep_model(self, model_id: str) -> list[SleepReport]:
+        """Put every awake replica of a model to sleep (`ray-vram sleep`); each replica's state after.
+        Raises `KeyError` for an unknown model, `ReplicaWakeError` (through Ray) for one that never sleeps."""
+        return [
+            SleepReport.model_validate(self._replica_call(model_id, rid, "sleep_now")) for rid in self._placed(model_id)
+        ]
+
+    def wake_model(self, model_id: str) -> list[WakeReport]:
+        """Wake every replica of a model (`ray-vram wake`), one after another; each one's `WakeReport`."""
+        return [WakeReport.model_validate(self._replica_call(model_id, rid, "wake")) for rid in self._placed(model_id)]
+
+    def _placed(self, model_id: str) -> list[str]:
+        record = self.deployed().get(model_id)
+        if record is None:
+            known = ", ".join(sorted(self.deployed())) or "none"
+            raise KeyError(f"unknown model {model_id!r}; deployed: {known}")
+        return [r.replica_id for r in record.reservations]
+
+    @staticmethod
+    def _replica_call(model_id: str, replica_id: str, method: str) -> dict[str, Any]:
+        handle = serve.get_deployment_handle(replica_id, app_name=model_app_name(model_id))
+        return getattr(handle, method).remote().result(timeout_s=WAKE_CALL_TIMEOUT_S)
+
     def remove_all(self) -> list[str]:
         with self._lock:
             ids = sorted(set(self.deployed()) | self._model_apps())
@@ -386,6 +415,7 @@ class Controller:
                         gpu_uuid=where.gpu_uuid,
                         bytes=where.bytes,
                         error=error,
+                        sleep=reservation.state if reservation is not None else None,
                     )
                 )
             if record.pending is not None and not record.deploying:

@@ -12,6 +12,9 @@ POST   /v1/deployments             a ModelSpec: plan and deploy/replace that mod
                                    bad field
 DELETE /v1/deployments/{model_id}  shut one model down, free its reservations (idempotent)
 DELETE /v1/deployments             every model
+POST   /v1/deployments/{model_id}/sleep   put its awake replicas to sleep → 200 + each replica's state
+POST   /v1/deployments/{model_id}/wake    wake its replicas (a cold start where stopped) → 200 + WakeReports;
+                                   409 with the reason when one cannot (pinned, no room, wake failed)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pydantic import ValidationError
 
 from ...core.config import ConfigError, ModelSpec, describe_validation_error
 from ...core.contract import DeployAnswer
-from ...core.errors import Unplaceable
+from ...core.errors import Unplaceable, wake_failure
 from .actor import ControllerClient
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,19 @@ class ControllerAPI:
             if method == "DELETE":
                 return 200, _json({"removed": self.controller.remove_all()}), "application/json"
             return 405, _json({"error": f"{method} not allowed on {path}"}), "application/json"
+        if path.startswith("/v1/deployments/") and path.endswith(("/sleep", "/wake")):
+            model_id, action = path.removeprefix("/v1/deployments/").rsplit("/", 1)
+            if method != "POST":
+                return 405, _json({"error": f"{method} not allowed on {path}"}), "application/json"
+            call = self.controller.sleep_model if action == "sleep" else self.controller.wake_model
+            try:
+                replicas = call(model_id)
+            except KeyError as error:
+                return 404, _json({"error": error.args[0]}), "application/json"
+            except Exception as error:  # the replica's reason (never sleeps, no room to wake, failed)
+                return 409, _json({"error": wake_failure(error), "model_id": model_id}), "application/json"
+            answers = [r.model_dump(mode="json") for r in replicas]
+            return 200, _json({"model_id": model_id, "replicas": answers}), "application/json"
         if path.startswith("/v1/deployments/"):
             model_id = path.removeprefix("/v1/deployments/")
             if method == "DELETE":

@@ -35,8 +35,8 @@ from ray import serve
 
 from ...allocator.actor import AsyncAllocatorClient
 from ...core.config import ModelSpec, ServingSettings, format_gib
-from ...core.contract import MediaAccepts, ReplicaEndpoint, Reservation
-from ...core.errors import RayVramError
+from ...core.contract import MediaAccepts, ReplicaEndpoint, Reservation, WakeReport
+from ...core.errors import RayVramError, ReplicaWakeError
 from ...core.model_limits import checkpoint_bytes, local_config
 from ..internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
 from ..options import deployment_options, keep_if_unchanged
@@ -49,6 +49,7 @@ from .media_budget import media_need
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
 from .pinning import pin_process, visible_device_total_bytes
 from .sizing import EngineBudget, size_engine
+from .sleep_metrics import SleepMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -65,6 +66,10 @@ STARTUP_LOCK_TIMEOUT_S = 900.0
 STARTUP_LOCK_ENV = "RAY_VRAM_GPU_STARTUP_LOCK"
 #: "1" refuses to start a GPU replica on a node without an MPS daemon (no hard cap) instead of warning.
 REQUIRE_MPS_ENV = "RAY_VRAM_REQUIRE_MPS"
+#: Longest a replica going to sleep waits for its engine's requests in flight to finish.
+DRAIN_TIMEOUT_S = 60.0
+#: While busy, a replica tells the allocator it is in use at most this often (the LRU order of wakes).
+USE_REPORT_S = 5.0
 
 
 class ReplicaStartupError(RayVramError, RuntimeError):
@@ -108,6 +113,13 @@ class VLLMReplica:
         self.allocator = AsyncAllocatorClient()
         self._reserved = False
         self._stderr_mark = stderr_position()
+        # Sleep and wake (docs/operations.md "More models than VRAM"): the state the ledger holds it in, one
+        # transition at a time, and when its engine last had requests.
+        self.state = "awake"
+        self._transition = asyncio.Lock()
+        self._last_active = time.monotonic()
+        self._reported_busy: tuple[bool, float] = (False, 0.0)
+        self.sleep_metrics: SleepMetrics | None = None
         started = time.monotonic()
         try:
             await self._start()
@@ -141,10 +153,26 @@ class VLLMReplica:
                 gpu_uuid=self.planned.gpu_uuid,
                 owner=owner,
                 overhead_bytes=self.planned.overhead_bytes,
+                state=self.planned.state,
+                sleep=self.planned.sleep,
             )
         except Exception as error:
             raise ReplicaStartupError(f"replica {self.replica_id}: no reservation: {_reason(error)}") from None
         self._reserved = True
+        self.model_source = model_source
+        if self.serving.engine_metrics:
+            self.sleep_metrics = SleepMetrics(self.spec.model_id, self.replica_id)
+            self.sleep_metrics.set_state(self.reservation.state)
+        if self.reservation.state != "awake":  # placed beyond the room awake: its first request starts it
+            self.state = self.reservation.state
+            self.endpoint = self._sleeping_endpoint()
+            self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
+            return
+        await self._boot()
+
+    async def _boot(self) -> None:
+        """Start the engine and its HTTP server inside the reservation, and announce them."""
+        model_source = self.model_source
         gpu_uuid = self.reservation.gpu_uuid
         device = pin_process(gpu_uuid)
         total = visible_device_total_bytes() if device == "cuda" else _host_memory_total()
@@ -201,8 +229,12 @@ class VLLMReplica:
             pids=pids,
             tasks=tasks,
             media=accepts,
+            app=_app_name(),
         )
-        self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
+        self.state = "awake"
+        self._last_active = time.monotonic()
+        if self.heartbeat_task is None or self.heartbeat_task.done():
+            self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
 
     def _cap_engine(self, gpu_uuid: str, budget: EngineBudget) -> None:
         """Make the engine process an MPS client capped at the reservation (inherited at its start)."""
@@ -225,6 +257,8 @@ class VLLMReplica:
     def prepare(self, model_source: str, budget: EngineBudget) -> None:
         """Check the engine configuration before taking the startup lock (fail early, hold nothing long)."""
         argv = server_argv(self.spec, model_source, budget, self.serving.engine_metrics, self.serving.allow_remote_code)
+        if budget.device == "cuda" and self.planned.sleep is not None and "--enable-sleep-mode" not in argv:
+            argv.append("--enable-sleep-mode")  # its model sleeps: vLLM's sleep and wake, in this process
         self.args = parse_server_args(argv)
         # vLLM's own guards, at the model's limits (the router checks first; see media_checks).
         os.environ["VLLM_MAX_IMAGE_PIXELS"] = str(self.spec.media.max_image_pixels)
@@ -345,9 +379,11 @@ class VLLMReplica:
         (its process killed, or failed), withdraw at once instead (`_withdraw`)."""
         fresh, announce_at = False, 0.0
         while True:
-            if self.engine is not None and self.engine.errored:
+            if self.state == "awake" and self.engine is not None and self.engine.errored:
                 await self._withdraw()
                 return
+            if self.state == "awake" and self.engine is not None and not self._transition.locked():
+                await self._watch_use()
             if time.monotonic() >= announce_at:
                 try:
                     await replicas_board(fresh).register.remote(self.endpoint.model_dump())
@@ -372,6 +408,8 @@ class VLLMReplica:
     # -- Serve hooks ------------------------------------------------------------------------
 
     async def check_health(self) -> None:
+        if self.state != "awake" or self._transition.locked():
+            return  # asleep or stopped on purpose, or waking: nothing to restart
         if self.engine is not None and self.engine.errored:
             raise RuntimeError(f"replica {self.replica_id}: vLLM engine died: {self.engine.dead_error}")
         if self.server_task is not None and self.server_task.done():
@@ -382,7 +420,7 @@ class VLLMReplica:
         if self.endpoint is None:
             return {"replica_id": self.replica_id}
         held = {"overhead_bytes": self.reservation.overhead_bytes, "cap_bytes": self.reservation.cap_bytes}
-        return self.endpoint.model_dump() | held
+        return self.endpoint.model_dump() | held | {"state": self.state}
 
     async def engine_requests(self) -> int:
         """Requests the engine holds now, running or waiting: one whose client went away and was
@@ -394,15 +432,182 @@ class VLLMReplica:
             self.heartbeat_task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(replicas_board().unregister.remote(self.replica_id), timeout=5)
+        await self._shut_engine()
+        await self._release()
+
+    async def _shut_engine(self) -> None:
+        """Stop the HTTP server, the engine and their loop (its memory goes with the engine process)."""
         if self.server is not None:
             self.server.should_exit = True
             if self.server_task is not None and self.requests is not None:
                 with contextlib.suppress(Exception):
                     await self.requests.call(asyncio.wait_for(self.server_task, timeout=5))
+        self.server = self.server_task = None
         self._stop_engine()
         if self.requests is not None:
             self.requests.stop()
-        await self._release()
+            self.requests = None
+
+    # -- sleep and wake -----------------------------------------------------------------------
+    # The ledger decides (`Ledger.sleep` / `wake`), the engine follows. On CPU, or when the ledger
+    # stops it, the engine is shut down (its next wake starts it again: scale to zero); on a GPU
+    # with sleep mode, vLLM's own sleep and wake run on the engine in this process. One transition
+    # at a time (`_transition`); while it runs, routers see the replica asleep and hold requests.
+
+    def _sleeping_endpoint(self) -> ReplicaEndpoint:
+        """What routers see while it sleeps: its names and where to wake it, no URL to call."""
+        known = self.endpoint
+        return ReplicaEndpoint(
+            replica_id=self.replica_id,
+            model_id=self.spec.model_id,
+            names=self.spec.names,
+            url="",
+            max_ongoing_requests=self.serving.max_ongoing_requests,
+            max_tokens=self.spec.max_tokens,
+            node=self.reservation.node,
+            gpu_uuid=self.reservation.gpu_uuid,
+            gpu_index=self.reservation.gpu_index,
+            bytes=self.reservation.bytes,
+            pids=[],
+            tasks=known.tasks if known is not None else ["generate"],
+            media=known.media if known is not None else MediaAccepts(),
+            state="stopped" if self.state == "stopped" else "asleep",
+            app=_app_name(),
+        )
+
+    async def _announce(self, endpoint: ReplicaEndpoint) -> None:
+        """Tell the routers now (not at the next heartbeat)."""
+        self.endpoint = endpoint
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(replicas_board().register.remote(endpoint.model_dump()), timeout=10)
+
+    def _uses_sleep_mode(self) -> bool:
+        """Whether its engine sleeps in place (CUDA with `enable_sleep_mode`) rather than stopping."""
+        return getattr(self, "device", "cpu") == "cuda" and bool(getattr(self.args, "enable_sleep_mode", False))
+
+    async def _watch_use(self) -> None:
+        """Track the engine's requests: report busy/idle to the allocator (a wake never evicts a busy
+        replica, and evicts the least recently used first), and go to sleep once idle for the
+        model's `after_idle_s`."""
+        in_flight = int(self.engine.get_num_unfinished_requests())
+        now = time.monotonic()
+        busy = in_flight > 0
+        if busy:
+            self._last_active = now
+        was_busy, reported_at = self._reported_busy
+        if busy != was_busy or (busy and now - reported_at >= USE_REPORT_S):
+            self._reported_busy = (busy, now)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.allocator.report_use(self.replica_id, in_flight), timeout=5)
+        terms = self.reservation.sleep
+        if terms is not None and not busy and now - self._last_active >= terms.after_idle_s:
+            asyncio.get_running_loop().create_task(self.sleep_now("idle"))
+
+    async def sleep_now(self, why: str = "operator") -> dict[str, Any]:
+        """Go to sleep (`why`: idle, evicted by another replica's wake, operator): leave the routers,
+        let requests in flight finish, then sleep or stop the engine as the ledger decides. Returns `info()`."""
+        if self.reservation.sleep is None:
+            raise ReplicaWakeError(
+                f"replica {self.replica_id}: model {self.spec.model_id} never sleeps (pinned, or no sleep policy: set "
+                "the model's sleep or placement.sleep.after_idle_s)"
+            )
+        async with self._transition:
+            if self.state != "awake":
+                return await self.info()
+            started = time.monotonic()
+            self.state = "asleep"
+            await self._announce(self._sleeping_endpoint())
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while self.engine is not None and self.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self._uses_sleep_mode():
+                held = await self.allocator.sleep(self.replica_id)
+                if held.state == "asleep":
+                    assert self.requests is not None
+                    from .vllm_compat import engine_sleep
+
+                    await self.requests.call(engine_sleep(self.engine, held.asleep_level or 1))
+                else:
+                    await self._shut_engine()
+            else:
+                await self._shut_engine()
+                held = await self.allocator.stop(self.replica_id)
+            self.reservation = held
+            self.state = held.state
+            if self.sleep_metrics is not None:
+                self.sleep_metrics.slept(held.state, why)
+            await self._announce(self._sleeping_endpoint())
+            log.info(
+                "replica %s: %s (level %s) in %.2fs",
+                self.replica_id,
+                held.state,
+                held.asleep_level,
+                time.monotonic() - started,
+            )
+            return await self.info()
+
+    async def wake(self) -> dict[str, Any]:
+        """Wake (or start) the engine: the ledger first takes the whole reservation back (evicting
+        idle replicas of the GPU, which sleep before this engine grows), then the engine wakes under
+        the GPU's startup lock. A failed wake stops the engine and frees the reservation, and raises
+        `ReplicaWakeError` saying why. Returns a `WakeReport` as a dict."""
+        async with self._transition:
+            if self.state == "awake":
+                return WakeReport(replica_id=self.replica_id, state="awake", seconds=0.0).model_dump()
+            started, cold = time.monotonic(), self.engine is None
+            try:
+                outcome = await self.allocator.wake(self.replica_id)
+            except Exception as error:
+                raise ReplicaWakeError(
+                    f"replica {self.replica_id} of model {self.spec.model_id}: cannot wake: {_reason(error)}"
+                ) from None
+            self.reservation = outcome.reservation
+            for evicted in outcome.evicted:
+                await _sleep_replica(evicted.replica_id, evicted.model_id)
+            try:
+                if cold:
+                    await self._boot()
+                else:
+                    await self._wake_engine()
+            except BaseException as error:
+                reason = _reason(error)
+                await self._shut_engine()
+                with contextlib.suppress(Exception):
+                    self.reservation = await self.allocator.stop(self.replica_id)
+                self.state = "stopped"
+                if self.sleep_metrics is not None:
+                    self.sleep_metrics.wake_failed(time.monotonic() - started)
+                await self._announce(self._sleeping_endpoint())
+                raise ReplicaWakeError(
+                    f"replica {self.replica_id} of model {self.spec.model_id}: wake failed: {reason}; its engine is "
+                    "stopped and its reservation freed (the next request starts it again)"
+                ) from None
+            self.state = "awake"
+            self._last_active = time.monotonic()
+            assert self.endpoint is not None
+            await self._announce(self.endpoint.model_copy(update={"state": "awake"}))
+            seconds = time.monotonic() - started
+            if self.sleep_metrics is not None:
+                self.sleep_metrics.woke(seconds, cold, len(outcome.evicted))
+            log.info("replica %s: awake in %.2fs (%s)", self.replica_id, seconds, "started" if cold else "woken")
+            evicted = [e.replica_id for e in outcome.evicted]
+            return WakeReport(
+                replica_id=self.replica_id, state="awake", seconds=seconds, cold=cold, evicted=evicted
+            ).model_dump()
+
+    async def _wake_engine(self) -> None:
+        """vLLM's wake on the sleeping engine, under the GPU's startup lock (one wake per GPU at a time)."""
+        gpu_uuid = self.reservation.gpu_uuid
+        locked = await self.allocator.acquire_startup_lock(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
+        if not locked:
+            raise ReplicaStartupError(f"startup lock of GPU {gpu_uuid} not granted within {STARTUP_LOCK_TIMEOUT_S:g}s")
+        try:
+            from .vllm_compat import engine_wake
+
+            assert self.requests is not None
+            await self.requests.call(engine_wake(self.engine))
+        finally:
+            await self.allocator.release_startup_lock(gpu_uuid, self.replica_id)
 
     def _stop_engine(self) -> None:
         if self.engine is not None and hasattr(self.engine, "shutdown"):
@@ -418,6 +623,28 @@ class VLLMReplica:
             self._reserved = False
         except Exception as error:  # the allocator reclaims it once this actor is gone
             log.warning("replica %s: release failed (%s); the allocator reclaims it", self.replica_id, error)
+
+
+def _app_name() -> str | None:
+    """The Serve application this replica runs in (None outside Serve)."""
+    with contextlib.suppress(Exception):
+        return serve.get_replica_context().app_name
+    return None
+
+
+async def _sleep_replica(replica_id: str, model_id: str) -> None:
+    """Ask another replica (evicted by a wake) to sleep, through its Serve deployment in the
+    application it announced on the endpoint board."""
+    try:
+        table = await replicas_board().table.remote()
+        apps = [e.get("app") for e in table.get("endpoints", []) if e.get("replica_id") == replica_id]
+        app = apps[0] if apps and apps[0] else None
+        handle = (
+            serve.get_deployment_handle(replica_id, app_name=app) if app else serve.get_deployment_handle(replica_id)
+        )
+        await handle.sleep_now.remote("evicted")
+    except Exception as error:  # it may be gone meanwhile; the ledger already holds it asleep
+        log.warning("replica %s of model %s: could not be put to sleep: %s", replica_id, model_id, error)
 
 
 def replica_deployment(
@@ -437,5 +664,7 @@ def replica_deployment(
         max_ongoing_requests=serving.max_ongoing_requests,
     )
     args = (spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
-    identity = [f"{VLLMReplica.__module__}.{VLLMReplica.__qualname__}", options, *args]
+    # Its state (awake, asleep, stopped) changes while it runs: not a reason to restart it.
+    steady = reservation.model_dump(mode="json", exclude={"state", "asleep_level"})
+    identity = [f"{VLLMReplica.__module__}.{VLLMReplica.__qualname__}", options, args[0], steady, args[2]]
     return keep_if_unchanged(serve.deployment(VLLMReplica, **options), identity).bind(*args)

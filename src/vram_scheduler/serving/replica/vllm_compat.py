@@ -92,3 +92,18 @@ async def init_openai_app_state(engine: Any, state: Any, args: Any, tasks: Any) 
     """Attach the engine and vLLM's serving classes to the app's state."""
     module = _first("vllm.entrypoints.launchers.api_server.app_state", "vllm.entrypoints.openai.api_server")
     await module.init_app_state(engine, state, args, tasks)
+
+
+async def engine_sleep(engine: Any, level: int) -> None:
+    """vLLM's sleep mode on an `AsyncLLM` started with `enable_sleep_mode` (level 1: weights to host
+    RAM, KV cache dropped; level 2: both dropped). 0.26 takes `sleep(level)`; 0.32 adds `mode`, whose
+    default aborts requests in flight (the replica has drained them first)."""
+    await engine.sleep(level=level)
+
+
+async def engine_wake(engine: Any) -> None:
+    """vLLM's wake of a sleeping `AsyncLLM` (`wake_up()`: every tag, in 0.26 and 0.32 alike); an
+    engine that is still asleep after it (a wake that could not get its memory back) is broken."""
+    await engine.wake_up()
+    if await engine.is_sleeping():
+        raise RuntimeError("vLLM's wake_up returned, but the engine still reports it is asleep")

@@ -49,6 +49,7 @@ import orjson
 
 from ...core.config import ServingSettings
 from ...core.contract import EndpointTable, ModelAvailability, ReplicaEndpoint
+from ...core.errors import WAKE_REFUSED, wake_failure
 from ..endpoint_board import WATCH_TIMEOUT_S, endpoint_board
 from ..internal_key import authorization, internal_key
 from ..replica.loop_thread import LoopThread
@@ -63,6 +64,8 @@ ROUTER_APP = "ray-vram-openai"
 ROUTER_DEPLOYMENT = "OpenAIRouter"
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 5
+#: How often a wake refused for want of room (busy or pinned replicas there) is tried again.
+WAKE_RETRY_S = 0.5
 #: How often a queued request looks for a replica with room (a few µs each).
 QUEUE_POLL_S = 0.01
 #: Longest the router waits to connect to a replica: a replica on a node that left answers no
@@ -108,6 +111,7 @@ class Registry:
     declared: dict[str, str] = field(default_factory=dict)  # name -> model_id
     max_tokens: dict[str, int] = field(default_factory=dict)  # name -> default completion length
     availability: dict[str, ModelAvailability] = field(default_factory=dict)  # name -> why it may not answer
+    sleeping: dict[str, ReplicaEndpoint] = field(default_factory=dict)  # replica id -> asleep or stopped replica
     _turn: int = 0
     _queues: dict[str, list[object]] = field(default_factory=dict)  # model_id -> waiting requests, first first
 
@@ -118,8 +122,11 @@ class Registry:
         self.availability = {
             name: model.availability for model in table.models if model.availability for name in model.names
         }
-        replicas = {}
+        replicas, self.sleeping = {}, {}
         for endpoint in table.endpoints:
+            if endpoint.state != "awake":
+                self.sleeping[endpoint.replica_id] = endpoint
+                continue
             current = self.replicas.get(endpoint.replica_id)
             if current is not None and current.endpoint.url == endpoint.url:
                 current.endpoint = endpoint
@@ -151,8 +158,15 @@ class Registry:
         return sorted(known)
 
     def answering(self) -> list[str]:
-        """The names of models that can answer now: a ready replica registered."""
-        return sorted({name for replica in self.replicas.values() for name in replica.endpoint.names})
+        """The names of models that can answer now: a ready replica registered, or one asleep that a
+        request wakes."""
+        names = {name for replica in self.replicas.values() for name in replica.endpoint.names}
+        return sorted(names | {name for endpoint in self.sleeping.values() for name in endpoint.names})
+
+    def sleepers(self, name: str) -> list[ReplicaEndpoint]:
+        """Replicas of `name`'s model that sleep, the fastest to wake first (asleep before stopped)."""
+        found = [e for e in self.sleeping.values() if name in e.names]
+        return sorted(found, key=lambda e: (e.state != "asleep", e.replica_id))
 
     def largest_item_bytes(self) -> int:
         """The largest `media.max_item_mb` (bytes) of any replica that transcribes (0: none does)."""
@@ -239,6 +253,12 @@ class OpenAIRouter:
         #: Sent to replicas with every request (they answer 401 without it); none: refuse to start.
         self.replica_authorization = authorization(internal_key(where="this router's node"))
         self._session: Any = None
+        #: The wake in progress per model (requests for a sleeping model share it).
+        self._wakes: dict[str, asyncio.Task[None]] = {}
+        #: Per model, why its last wake was refused (no room now), while it is tried again.
+        self._wake_refusals: dict[str, str] = {}
+        #: Told each wake's report (model id, `WakeReport` as a dict): the router's wake metrics.
+        self.on_wake: Callable[[str, dict[str, Any]], None] | None = None
 
     async def session(self) -> Any:
         import aiohttp
@@ -446,6 +466,12 @@ class OpenAIRouter:
             replica = None if self.registry.queued(name) else self.registry.pick(name, tried)
             if replica is None:
                 replica = await self.registry.wait(name, tried, settings.max_queued_requests, settings.max_queue_wait_s)
+            if replica is None and not self.registry.ready(name, tried) and self.registry.sleepers(name):
+                woke = await self._wake(name, tried)
+                if woke is not None:  # 503 said why
+                    await _respond(send, 503, error_body(503, woke[0], "ServiceUnavailableError"), woke[1])
+                    return
+                continue
             if replica is None:
                 await self._unavailable(send, name, tried)
                 return
@@ -456,6 +482,62 @@ class OpenAIRouter:
                 return
             # The replica is gone (dropped): nothing reached the client yet, and a completion has no
             # side effect, so the request goes to another replica of the model.
+
+    async def _wake(self, name: str, tried: set[str]) -> tuple[str, list[tuple[bytes, bytes]]] | None:
+        """Wake a sleeping replica of `name`'s model and hold the request until a replica is ready,
+        at most `serving.max_wake_wait_s` (one wake per model at a time on this router; requests
+        arriving meanwhile wait for the same one). None: ready; else the 503's message and headers."""
+        model_id = self.registry.model_id(name) or name
+        wake = self._wakes.get(model_id)
+        limit = self.settings.max_wake_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        if wake is None or wake.done():
+            wake = loop.create_task(self._wake_one(name, deadline))
+            self._wakes[model_id] = wake
+        try:
+            await asyncio.wait_for(asyncio.shield(wake), timeout=limit)
+        except TimeoutError:
+            refused = self._wake_refusals.get(model_id)
+            why = f": the last try was refused: {refused}" if refused else " (its replicas were asleep)"
+            message = f"model {name} was not awake within {limit:g}s (serving.max_wake_wait_s){why}; retry"
+            return message, [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())]
+        except Exception as error:
+            return f"model {name} could not be woken: {wake_failure(error)}", []
+        while not self.registry.ready(name, tried) and loop.time() < deadline:  # the board's update is on its way
+            await asyncio.sleep(QUEUE_POLL_S)
+        if self.registry.ready(name, tried):
+            return None
+        message = f"model {name} woke but no replica of it was ready within {limit:g}s (serving.max_wake_wait_s); retry"
+        return message, [(b"retry-after", str(RETRY_AFTER_LOADING_S).encode())]
+
+    async def _wake_one(self, name: str, deadline: float) -> None:
+        """Ask the first sleeper of `name` (`Registry.sleepers`) to wake, through its Serve deployment;
+        a wake refused for want of room is asked again until `deadline` (the loop's clock)."""
+        from ray import serve
+
+        endpoint = self.registry.sleepers(name)[0]
+        if endpoint.app:
+            handle = serve.get_deployment_handle(endpoint.replica_id, app_name=endpoint.app)
+        else:
+            handle = serve.get_deployment_handle(endpoint.replica_id)
+        started = time.monotonic()
+        while True:
+            try:
+                report = await handle.wake.remote()
+                break
+            except Exception as error:
+                reason = wake_failure(error)
+                if WAKE_REFUSED not in reason or asyncio.get_running_loop().time() + WAKE_RETRY_S > deadline:
+                    raise  # it failed (said at once), or no room came in time
+                # No room now (the replicas there are busy or pinned): requests in flight end, so
+                # try again while the request waits (`_wake` bounds it).
+                self._wake_refusals[endpoint.model_id] = reason
+                await asyncio.sleep(WAKE_RETRY_S)
+        self._wake_refusals.pop(endpoint.model_id, None)
+        log.info("woke %s for model %s in %.2fs: %s", endpoint.replica_id, name, time.monotonic() - started, report)
+        if self.on_wake is not None:
+            self.on_wake(endpoint.model_id, report)
 
     async def _unavailable(self, send: Send, name: str, tried: set[str]) -> None:
         ready = self.registry.ready(name, tried)

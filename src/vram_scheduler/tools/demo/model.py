@@ -74,15 +74,18 @@ def ensure_demo_model(directory: Path | None = None, kind: DemoKind = "text") ->
     return directory
 
 
-def demo_sources(config: RayVRAMConfig, progress: Callable[[str], None] = print) -> RayVRAMConfig:
+def demo_sources(
+    config: RayVRAMConfig, progress: Callable[[str], None] = print, generate: bool = True
+) -> RayVRAMConfig:
     """`config` with its `serving.model_sources` naming the generated demo models: those its models
-    name are generated now (when missing or from an older version), and every other one already
-    generated here is listed too (a later deploy may name it). Sources the values set win."""
+    name are generated now (when missing or from an older version; not with `generate` off), and
+    every other one already generated here is listed too (a later deploy may name it). Sources the
+    values set win."""
     named = {spec.model for spec in config.models} & set(DEMO_MODELS)
     sources: dict[str, ModelSource] = {}
     for name, kind in DEMO_MODELS.items():
         directory = default_demo_dir(kind)
-        if name in named and not is_generated(directory, kind):
+        if generate and name in named and not is_generated(directory, kind):
             progress(f"preparing the demo model {name} ...")
             ensure_demo_model(directory, kind)
         if is_generated(directory, kind):

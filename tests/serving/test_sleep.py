@@ -1,0 +1,238 @@
+"""More models than the budget holds awake, end to end with real vLLM (CPU) replicas on a declared
+inventory: models that sleep beyond the room awake start stopped; a request for one is held while
+its replica starts (scale to zero on CPU, where vLLM has no sleep mode), evicting the least
+recently used idle replica that is not pinned; requests hopping between the models all answer; a
+replica with requests in flight is never evicted (the wake waits for its requests to end); a wake
+that fails (the model's files removed) answers a clear error, and its replica stops holding
+anything; the ledger is consistent after every step.
+
+Tests run in file order on one stack (a step's state is the next one's start). vLLM starts: pin
+and a at first, then b, a, b, b again (the failed wake loads nothing), then b once more (an operator's
+wake after an operator's sleep).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import ray
+import yaml
+
+from vram_scheduler.core.loopback import free_port
+
+from .conftest import deployed, model, start_monitor, stream_outcome
+
+pytestmark = pytest.mark.slow
+
+NODE = "ci-gpu-node"
+# One 8 GiB GPU; every replica 1.5 GiB + 2 GiB overhead = 3.5: pin (never sleeps) and one model that
+# sleeps fit awake together, a third does not.
+INVENTORY = {
+    "nodes": [{"node": NODE, "gpus": [{"index": 0, "uuid": "GPU-sleep-0", "name": "Test 8GB", "total_gb": 8}]}]
+}
+NAP = {"after_idle_s": 3600}  # eviction only: no idle sleep during the tests
+
+
+@dataclass
+class Sleepy:
+    controller: Any
+    base: str
+    gone_dir: Path
+    gcs_address: str
+    ray_metrics: str  # Ray's metrics agent on this node (the replicas' sleep and wake metrics)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
+    from vram_scheduler.core.config import parse_config
+    from vram_scheduler.core.ray_names import NAMESPACE
+    from vram_scheduler.tools.demo.model import ensure_demo_model
+
+    work = tmp_path_factory.mktemp("sleep")
+    inventory = work / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump(INVENTORY))
+    gone_dir = work / "gone-model"
+    shutil.copytree(ensure_demo_model(), gone_dir)
+    port = free_port()
+    models = [
+        model("pin", replicas=1, pinned=True),
+        model("a", replicas=1, sleep=NAP),
+        model("b", replicas=1, sleep=NAP),
+        model("gone", replicas=1, sleep=NAP) | {"model": str(gone_dir)},
+    ]
+    serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": 600}
+    values = {"models": models, "placement": {"replica_overhead_gb": 2}, "serving": serving}
+    config = parse_config(values, "sleep tests")
+    metrics_port = free_port()
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+    )
+    monitor, thread = start_monitor(NODE, ray.get_runtime_context().gcs_address, inventory)
+    try:
+        with deployed(config) as controller:
+            gcs = ray.get_runtime_context().gcs_address
+            yield Sleepy(
+                controller, f"http://127.0.0.1:{port}", gone_dir, gcs, f"http://127.0.0.1:{metrics_port}/metrics"
+            )
+    finally:
+        monitor.stop()
+        thread.join(timeout=10)
+        ray.shutdown()
+
+
+def states(stack: Sleepy) -> dict[str, str]:
+    """Replica id → its state in the ledger, after checking the ledger is consistent: each GPU's
+    reserved bytes are what its replicas hold in their states, within its total."""
+    state = stack.controller.allocator.vram_state()
+    found = {}
+    for gpu in state.gpus:
+        held = 0
+        for replica in gpu.replicas:
+            expected = {"awake": replica.bytes + (replica.overhead_bytes or 0), "stopped": 0}.get(replica.state)
+            if expected is not None:
+                assert replica.held_bytes == expected, replica
+            held += replica.held_bytes or 0
+            found[replica.replica_id] = replica.state
+        assert gpu.reserved_bytes == held and gpu.free_bytes >= 0, gpu
+    return found
+
+
+def chat(stack: Sleepy, name: str) -> httpx.Response:
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    return httpx.post(stack.base + "/v1/chat/completions", json=body, timeout=900)
+
+
+def test_more_models_than_fit_awake_are_placed_the_rest_start_stopped(stack: Sleepy) -> None:
+    assert states(stack) == {"pin-0": "awake", "a-0": "awake", "b-0": "stopped", "gone-0": "stopped"}
+    listed = {m["id"] for m in httpx.get(stack.base + "/v1/models", timeout=30).json()["data"]}
+    assert listed == {"pin", "a", "b", "gone"}  # a stopped model answers: a request starts it
+
+
+def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(stack: Sleepy) -> None:
+    outcomes = []
+    assert chat(stack, "a").status_code == 200  # a used last: b's start evicts it, not pin
+    answer = chat(stack, "b")
+    outcomes.append(answer.status_code)
+    assert answer.headers["x-ray-vram-replica"] == "b-0"
+    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+    first = threading.Event()
+    body = {"model": "a", "prompt": "hello", "max_tokens": 8, "stream": True}
+    assert stream_outcome(stack.base, body, first) == "done"  # streamed, held while a started
+    assert states(stack) == {"pin-0": "awake", "a-0": "awake", "b-0": "stopped", "gone-0": "stopped"}
+    for name in ("pin", "a", "pin"):
+        outcomes.append(chat(stack, name).status_code)
+    assert outcomes == [200] * 4
+
+
+def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> None:
+    """b's wake needs a's room while a streams: it is refused (pin is pinned, a busy) and tried
+    again while the request waits; b starts once a's stream is over, evicting a then."""
+    first = threading.Event()
+    body = {"model": "a", "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    outcome: list[tuple[str, float]] = []
+    streaming = threading.Thread(
+        target=lambda: outcome.append((stream_outcome(stack.base, body, first), time.monotonic()))
+    )
+    streaming.start()
+    assert first.wait(120), "the stream never started"
+    deadline = time.monotonic() + 60
+    while "a-0" not in stack.controller.allocator.in_flight():
+        assert streaming.is_alive(), f"the stream ended before a reported it in flight: {outcome}"
+        assert time.monotonic() < deadline, "a-0 never reported its request in flight"
+        time.sleep(0.05)
+    answers: list[tuple[httpx.Response, float]] = []
+    waiting = threading.Thread(target=lambda: answers.append((chat(stack, "b"), time.monotonic())))
+    waiting.start()
+    seen_busy = 0
+    while streaming.is_alive():  # b's wake is asked meanwhile: the ledger keeps a awake while busy
+        if "a-0" in stack.controller.allocator.in_flight():
+            assert states(stack)["a-0"] == "awake", "a busy replica was evicted"
+            seen_busy += 1
+        time.sleep(0.05)
+    streaming.join(timeout=300)
+    waiting.join(timeout=600)
+    assert seen_busy, "the stream ended before b's wake could be watched"
+    ((held, answered_at),) = answers
+    assert held.status_code == 200, held.text
+    ((ended, stream_ended_at),) = outcome
+    assert ended == "done"  # the busy replica kept serving to the end
+    assert answered_at > stream_ended_at  # b waited for a's request to finish before taking its room
+    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+
+
+def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
+    shutil.rmtree(stack.gone_dir)
+    answer = chat(stack, "gone")
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith("model gone could not be woken: replica gone-0 of model gone: wake failed: ")
+    assert "its engine is stopped and its reservation freed" in message
+    assert states(stack)["gone-0"] == "stopped"
+    # The other models still answer (b, evicted by gone's wake, starts in the room it gave back).
+    assert [chat(stack, name).status_code for name in ("b", "pin")] == [200, 200]
+    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+
+
+def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None:
+    from vram_scheduler.sdk.client import SchedulerError, VRAMScheduler
+
+    scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
+    (slept,) = scheduler.sleep("b")
+    assert (slept.replica_id, slept.state) == ("b-0", "stopped")  # CPU: the engine stops
+    assert states(stack)["b-0"] == "stopped"
+    status = {m.model_id: m for m in scheduler.deployments()}
+    assert [(r.replica_id, r.sleep) for r in status["b"].replicas] == [("b-0", "stopped")]
+    (woke,) = scheduler.wake("b")
+    assert (woke.replica_id, woke.state, woke.cold, woke.evicted) == ("b-0", "awake", True, [])
+    assert woke.seconds > 0 and states(stack)["b-0"] == "awake"
+    with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
+        scheduler.sleep("pin")
+    assert chat(stack, "b").status_code == 200
+
+
+def exported(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(series name, labels) of every sample line of a Prometheus exposition."""
+    samples = []
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} ", line)
+        if match:
+            samples.append((match.group(1), dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))))
+    return samples
+
+
+def test_sleeps_and_wakes_are_counted_and_timed(stack: Sleepy) -> None:
+    wanted = [
+        ("ray_vram_replica_wakes_total", {"how": "started", "model_id": "b", "replica": "b-0"}),
+        ("ray_vram_replica_wakes_total", {"how": "failed", "model_id": "gone", "replica": "gone-0"}),
+        ("ray_vram_replica_sleeps_total", {"model_id": "b", "state": "stopped", "why": "operator"}),
+        ("ray_vram_replica_evictions_total", {"model_id": "b", "replica": "b-0"}),
+        ("ray_vram_replica_wake_seconds_bucket", {"how": "started", "model_id": "a"}),
+        ("ray_vram_replica_state", {"model_id": "b", "replica": "b-0", "state": "awake"}),
+    ]
+    deadline = time.monotonic() + 120
+    while True:
+        samples = exported(httpx.get(stack.ray_metrics, timeout=30).text)
+        missing = [
+            (name, labels)
+            for name, labels in wanted
+            if not any(n == name and labels.items() <= found.items() for n, found in samples)
+        ]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"not exported: {missing}"
+        time.sleep(1)
