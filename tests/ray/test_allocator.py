@@ -12,8 +12,9 @@ from ray.cluster_utils import Cluster
 from waiting import wait_until
 
 from vram_scheduler.allocator.actor import AllocatorClient, ReservationError, get_vram_allocator
+from vram_scheduler.core.capacity import SleepTerms
 from vram_scheduler.core.config import GIB, ConfigError, ModelSpec, PlacementSettings
-from vram_scheduler.core.contract import Reservation, VRAMState
+from vram_scheduler.core.contract import Reservation, VRAMState, WakeOutcome
 from vram_scheduler.core.inventory import NodeInventory
 from vram_scheduler.core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
 
@@ -85,6 +86,9 @@ def test_contract_round_trip(allocator) -> None:
         "bytes": 10 * GIB,
         "overhead_bytes": 2 * GIB,  # the cluster's, as the request named none
         "cap_bytes": 12 * GIB,
+        "state": "awake",
+        "sleep": None,  # it never sleeps: the request named no sleep terms
+        "asleep_level": None,
     }
     assert allocator.reserve("m-0", "m", 10 * GIB) == placed
     with pytest.raises(ReservationError) as caught:
@@ -109,6 +113,12 @@ def test_contract_round_trip(allocator) -> None:
         "pids": [4242],
         "used_bytes": None,
         "owner": None,
+        "state": "awake",
+        "held_bytes": 12 * GIB,
+        "sleep_bytes": None,
+        "asleep_level": None,
+        "pinned": True,
+        "last_used_at": None,
     }
     result = allocator.plan([ModelSpec(model_id="m", model="org/m", vram_gb=10, replicas=3)])
     assert [r.replica_id for r in result.kept] == ["m-0"]
@@ -146,6 +156,36 @@ def test_invalid_input_is_refused_with_names(allocator) -> None:
         ray.get(actor.reserve_many.remote([{"replica_id": "m-1", "model_id": "m", "bytes": 0}]))
     # The typed client's answers are the models.
     assert isinstance(allocator.reserve("m-0", "m", GIB), Reservation)
+
+
+def test_sleep_and_wake_cross_the_boundary_as_models(allocator) -> None:
+    """reserve with sleep terms, sleep, wake, stop, report_use and in_flight through the typed client:
+    each answer is the contract's model (a wake's evictions included); a reserve in a state other than
+    awake or stopped is refused, naming the replica and the state."""
+    allocator.configure(PlacementSettings.model_validate({"replica_overhead_gb": 1}))
+    allocator.update_inventory(node_inventory("gpu-a", 24))
+    terms = SleepTerms(after_idle_s=60, level=1, sleep_bytes=GIB, host_bytes=8 * GIB)
+    a = allocator.reserve("a-0", "a", 10 * GIB, sleep=terms)
+    assert (a.state, a.sleep, a.held_bytes) == ("awake", terms, 11 * GIB)
+    allocator.reserve("b-0", "b", 10 * GIB, sleep=terms)
+    slept = allocator.sleep("a-0")
+    assert isinstance(slept, Reservation) and (slept.state, slept.asleep_level, slept.held_bytes) == ("asleep", 1, GIB)
+    allocator.reserve("c-0", "c", 10 * GIB, sleep=terms)  # in the room a gave back: 11 + 11 + 1 of 24 GiB
+    allocator.report_use("b-0", 1)  # b busy: a's wake must evict c, though b was used first
+    assert allocator.in_flight() == {"b-0": 1}
+    woke = allocator.wake("a-0")
+    assert isinstance(woke, WakeOutcome) and woke.reservation.state == "awake"
+    assert [(e.replica_id, e.state, e.level) for e in woke.evicted] == [("c-0", "asleep", 1)]
+    allocator.report_use("b-0", 0)
+    assert allocator.in_flight() == {}
+    stopped = allocator.stop("c-0")
+    assert (stopped.state, stopped.held_bytes) == ("stopped", 0)
+    placed_stopped = allocator.reserve("d-0", "d", 10 * GIB, state="stopped", sleep=terms)
+    assert (placed_stopped.state, placed_stopped.held_bytes) == ("stopped", 0)
+    held = {r.replica_id: r.state for gpu in allocator.vram_state().gpus for r in gpu.replicas}
+    assert held == {"a-0": "awake", "b-0": "awake", "c-0": "stopped", "d-0": "stopped"}
+    with pytest.raises(ReservationError, match=r"replica e-0: state must be awake or stopped, got 'asleep'"):
+        ray.get(allocator.handle.reserve.remote("e-0", "e", GIB, None, None, None, "asleep", terms))
 
 
 def test_the_typed_clients_read_an_older_actors_plain_answers() -> None:

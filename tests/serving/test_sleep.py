@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import httpx
 import pytest
@@ -202,6 +203,40 @@ def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None
     assert woke.seconds > 0 and states(stack)["b-0"] == "awake"
     with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
         scheduler.sleep("pin")
+    assert chat(stack, "b").status_code == 200
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def test_operators_sleep_and_wake_a_model_over_the_controllers_http_api(stack: Sleepy) -> None:
+    """The same calls as `POST /v1/deployments/{model_id}/sleep|wake` (the controller's HTTP API, the
+    SDK's HTTP transport): the answers read back as the contract's SleepReport and WakeReport; a pinned
+    model is refused with its reason, an unknown one names the models deployed."""
+    from vram_scheduler.core.contract import SleepReport, WakeReport
+    from vram_scheduler.sdk.client import SchedulerError
+    from vram_scheduler.sdk.controller_http import HTTPControllerClient
+    from vram_scheduler.serving.controller.http_api import ControllerAPI
+
+    server = make_server("127.0.0.1", free_port(), ControllerAPI(stack.controller), handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = HTTPControllerClient(f"http://127.0.0.1:{server.server_port}", token="not-checked-here")
+    try:
+        (slept,) = client.sleep("b")
+        assert isinstance(slept, SleepReport) and (slept.replica_id, slept.state) == ("b-0", "stopped")
+        assert states(stack)["b-0"] == "stopped"
+        (woke,) = client.wake("b")
+        assert isinstance(woke, WakeReport) and (woke.replica_id, woke.state, woke.cold) == ("b-0", "awake", True)
+        with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
+            client.sleep("pin")
+        with pytest.raises(SchedulerError, match=r"wake nope: unknown model 'nope'; deployed: a, b, gone, pin"):
+            client.wake("nope")
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
     assert chat(stack, "b").status_code == 200
 
 
