@@ -13,6 +13,7 @@ wake after an operator's sleep).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -204,6 +205,20 @@ def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None
     with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
         scheduler.sleep("pin")
     assert chat(stack, "b").status_code == 200
+
+
+def test_ray_vram_sleep_and_wake_print_each_replica(stack: Sleepy, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ray-vram sleep|wake MODEL` (through Ray here): a line per replica, or JSON; a refusal exits 1 with why."""
+    from vram_scheduler.cli.main import main
+
+    assert main(["sleep", "b", "--address", stack.gcs_address]) == 0
+    assert capsys.readouterr().out.splitlines() == ["b-0: stopped"]
+    assert main(["wake", "b", "--address", stack.gcs_address, "--output", "json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    woke = [(r["replica_id"], r["state"], r["cold"], r["evicted"]) for r in answer["replicas"]]
+    assert answer["model_id"] == "b" and woke == [("b-0", "awake", True, [])]
+    assert main(["sleep", "pin", "--address", stack.gcs_address]) == 1
+    assert "model pin never sleeps" in capsys.readouterr().err
 
 
 class _Quiet(WSGIRequestHandler):
