@@ -86,9 +86,9 @@ def test_contract_round_trip(allocator) -> None:
         "bytes": 10 * GIB,
         "overhead_bytes": 2 * GIB,  # the cluster's, as the request named none
         "cap_bytes": 12 * GIB,
-        "state": "awake",
-        "sleep": None,  # it never sleeps: the request named no sleep terms
+        "state": "awake",  # a model without `sleep` is reserved awake and never sleeps
         "asleep_level": None,
+        "sleep": None,
     }
     assert allocator.reserve("m-0", "m", 10 * GIB) == placed
     with pytest.raises(ReservationError) as caught:
@@ -114,10 +114,10 @@ def test_contract_round_trip(allocator) -> None:
         "used_bytes": None,
         "owner": None,
         "state": "awake",
-        "held_bytes": 12 * GIB,
+        "held_bytes": 12 * GIB,  # awake: its whole reservation
         "sleep_bytes": None,
         "asleep_level": None,
-        "pinned": True,
+        "pinned": True,  # no sleep policy: never sleeps, never evicted
         "last_used_at": None,
     }
     result = allocator.plan([ModelSpec(model_id="m", model="org/m", vram_gb=10, replicas=3)])
