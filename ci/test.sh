@@ -16,6 +16,8 @@ PROM_BIN=$(bash ci/prometheus.sh | tail -n 1)
 export RAY_VRAM_PROMETHEUS=$PROM_BIN/prometheus RAY_VRAM_PROMTOOL=$PROM_BIN/promtool
 ruff check src tests bench examples
 ruff format --check src tests bench examples
+# strict types on the pure core and the typed boundaries (pyproject's [tool.mypy] lists them)
+mypy
 set +e
 python -m pytest -ra -p no:cacheprovider --durations=25 "$@"
 rc=$?

@@ -14,7 +14,7 @@ import sys
 from langchain_openai import ChatOpenAI
 from openai import OpenAI
 
-from vram_scheduler.sdk.inference import resolve_endpoint
+from vram_scheduler import resolve_endpoint
 
 
 def main(model_id: str = "demo") -> None:

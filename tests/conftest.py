@@ -108,13 +108,13 @@ def endpoint(local_stack: stack.LocalStack) -> str:
 def controller_env(local_stack: stack.LocalStack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Point discovery at the session stack's controller (and nowhere else) for this test; its token is
     found as a user of `ray-vram up` finds it, in the installation's token file (XDG_CONFIG_HOME)."""
-    from vram_scheduler import inference
+    from vram_scheduler import forget_endpoints
 
     monkeypatch.setenv("RAY_VRAM_CONTROLLER", local_stack.controller)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(local_stack.config_home))
     monkeypatch.delenv("RAY_VRAM_CONTROLLER_TOKEN", raising=False)
     monkeypatch.delenv("RAY_VRAM_ENDPOINT", raising=False)
-    inference.forget_endpoints()
+    forget_endpoints()
     return {"RAY_VRAM_CONTROLLER": local_stack.controller, "XDG_CONFIG_HOME": str(local_stack.config_home)}
 
 

@@ -349,17 +349,16 @@ def with_demo_models(config: Any) -> Any:
 def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
     """Serve, the controller and `config`'s models on the connected Ray cluster once the allocator has
     the inventory of `nodes` nodes; every replica ready. Everything shut down on exit."""
-    import ray
     from ray import serve
 
-    from vram_scheduler.serving.controller.actor import ControllerHandle
+    from vram_scheduler.serving.controller.actor import ControllerClient
 
     config = with_demo_models(config)
     serve.start(proxy_location="Disabled")
-    controller = ControllerHandle(config.serving)
+    controller = ControllerClient(config.serving)
     try:
         wait_until(
-            lambda: len(ray.get(controller.allocator.get_vram_state.remote())["nodes"]) >= nodes,
+            lambda: len(controller.allocator.vram_state().nodes) >= nodes,
             60,
             f"the monitors to publish the inventory of {nodes} node(s)",
             every_s=0.2,

@@ -38,9 +38,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # after the environment above
 from ray.experimental import internal_kv
 
-from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
 from vram_scheduler.allocator.store import forget_ledger
 from vram_scheduler.core.config import PlacementSettings
+from vram_scheduler.core.contract import ReserveRequest
 from vram_scheduler.core.inventory import NodeInventory
 from vram_scheduler.core.ledger import Ledger
 from vram_scheduler.core.ray_names import NAMESPACE
@@ -72,15 +73,15 @@ def actor_cpu_s(allocator) -> float:
 
 
 def writes(allocator) -> int:
-    store = ray.get(allocator.persistence.remote())["store"]
-    return store["deltas_written"] + store["snapshots_written"]
+    store = AllocatorClient(allocator).persistence().store
+    return store.deltas_written + store.snapshots_written
 
 
 def fill(allocator, start: int, stop: int) -> None:
     for first in range(start, stop, 1000):
         last = min(stop, first + 1000)
-        chunk = [{"replica_id": f"fill-{i}", "model_id": "f", "bytes": MIB} for i in range(first, last)]
-        assert all(o["error"] is None for o in ray.get(allocator.reserve_many.remote(chunk)))
+        chunk = [ReserveRequest(replica_id=f"fill-{i}", model_id="f", bytes=MIB) for i in range(first, last)]
+        assert all(o.error is None for o in AllocatorClient(allocator).reserve_many(chunk))
 
 
 def whole_ledger_write_s(live: int) -> float:
@@ -157,8 +158,8 @@ def kill_mid_burst(allocator, clients: list, live: int, args: argparse.Namespace
     expected = {f"fill-{i}" for i in range(live)}
     for client in clients:
         expected |= set(ray.get(client.holding.remote()))
-    held = [r["replica_id"] for r in ray.get(allocator.reservations.remote())]
-    persisted = ray.get(allocator.persistence.remote())["store"]
+    held = [r.replica_id for r in AllocatorClient(allocator).reservations()]
+    persisted = AllocatorClient(allocator).persistence().store.model_dump()
     return {
         "live": live,
         "layout": [
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         forget_ledger(NAMESPACE)
         allocator = get_vram_allocator()
-        ray.get(allocator.configure.remote({"replica_overhead_gb": 0, "stale_after_s": STALE_AFTER_S}))
+        AllocatorClient(allocator).configure(PlacementSettings(replica_overhead_gb=0, stale_after_s=STALE_AFTER_S))
         link.start()
         stop_monitor = _publish_forever(link)
         while not link.published:

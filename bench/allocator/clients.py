@@ -8,6 +8,7 @@ import time
 import ray
 
 from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.core.contract import ReserveOutcome, ReserveRequest
 
 MIB = 1 << 20
 
@@ -59,7 +60,9 @@ class Client:
                 return self.allocator.reserve.remote(chunk[0], "m", MIB)
             return self.allocator.release.remote(chunk[0])
         if op == "reserve":
-            return self.allocator.reserve_many.remote([{"replica_id": r, "model_id": "m", "bytes": MIB} for r in chunk])
+            return self.allocator.reserve_many.remote(
+                [ReserveRequest(replica_id=r, model_id="m", bytes=MIB) for r in chunk]
+            )
         return self.allocator.release_many.remote(chunk)
 
     def _collect(self, op: str, in_flight: dict[ray.ObjectRef, list[str]], problems: list[str]) -> None:
@@ -71,12 +74,12 @@ class Client:
             problems.append(str(error).splitlines()[-1])
             return
         if op == "reserve":
-            outcomes = answer if isinstance(answer, list) else [{"replica_id": chunk[0], "error": None}]
+            outcomes = answer if isinstance(answer, list) else [ReserveOutcome(replica_id=chunk[0])]
             for outcome in outcomes:
-                if outcome["error"] is None:
-                    self.held.add(outcome["replica_id"])
+                if outcome.error is None:
+                    self.held.add(outcome.replica_id)
                 else:
-                    problems.append(outcome["error"])
+                    problems.append(outcome.error)
         else:
             # A release retried after a restart answers False for what the first try released:
             # the client knows it asked, so it holds none of these any more.

@@ -98,11 +98,10 @@ def _request(method: str, url: str, headers: dict[str, str], body: bytes | None 
 
 
 def _status(local: Any) -> dict[str, Any]:
-    return {model["model_id"]: model for model in local.controller.status()["models"]}
+    return {model["model_id"]: model for model in local.controller.status().model_dump(mode="json")["models"]}
 
 
 def run_pack(root: Path, results: Path) -> dict[str, Any]:
-    import ray
 
     from vram_scheduler.sdk.token import auth_headers
 
@@ -162,7 +161,7 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         serving = [m["model_id"] for m in models if m["model_id"] != "big"]
         rows = [*replica_peaks(stack.sampler, replica_infos(serving)), *big_rows]
         outcome["replicas"] = rows
-        outcome["vram"] = ray.get(local.controller.allocator.get_vram_state.remote())
+        outcome["vram"] = local.controller.allocator.vram_state().model_dump(mode="json")
     for row in rows:
         print(
             f"pack: {row['replica_id']}: peak {row['nvml_peak_bytes'] / 2**30:.2f} GiB, reservation "

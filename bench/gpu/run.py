@@ -138,7 +138,7 @@ def stage_stack(model: str, models: list[dict[str, Any]], lock: bool, load_promp
             local.start(progress=print)
             deadline = time.monotonic() + 500
             while time.monotonic() < deadline:
-                states = [r for m in local.controller.status()["models"] for r in m["replicas"]]
+                states = [r for m in local.controller.status().model_dump(mode="json")["models"] for r in m["replicas"]]
                 if states and all(r["state"] in ("ready", "failed") for r in states):
                     break
                 time.sleep(1)

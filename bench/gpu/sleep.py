@@ -114,8 +114,6 @@ def _asleep_use(info: dict[str, Any]) -> int:
 
 
 def run_sleep(root: Path, results: Path) -> dict[str, Any]:
-    import ray
-
     from vram_scheduler.sdk.token import auth_headers
 
     from .tools import gpus
@@ -129,8 +127,8 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
     with measured_stack(models, None, placement=placement, serving={"max_wake_wait_s": 600}) as stack:
         base = stack.router_base
         controller = f"http://127.0.0.1:{stack.local.controller_port}"
-        state = ray.get(stack.local.controller.allocator.get_vram_state.remote())
-        outcome["start_states"] = {r["replica_id"]: r["state"] for g in state["gpus"] for r in g["replicas"]}
+        state = stack.local.controller.allocator.vram_state()
+        outcome["start_states"] = {r.replica_id: r.state for g in state.gpus for r in g.replicas}
         print(f"sleep: at start: {json.dumps(outcome['start_states'])}", flush=True)
 
         outcome["cold"] = [first_token(base, m["model_id"]) for m in models]  # stopped ones start
@@ -145,9 +143,9 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
                 wakes.append({"status": code, "error": text[:500]})
                 continue
             (info,) = json.loads(text)["replicas"]
-            state = ray.get(stack.local.controller.allocator.get_vram_state.remote())
-            held = next(r for g in state["gpus"] for r in g["replicas"] if r["replica_id"] == info["replica_id"])
-            asleep_use.append({"used_bytes": _asleep_use(info), "held_bytes": held["held_bytes"]})
+            state = stack.local.controller.allocator.vram_state()
+            held = next(r for g in state.gpus for r in g.replicas if r.replica_id == info["replica_id"])
+            asleep_use.append({"used_bytes": _asleep_use(info), "held_bytes": held.held_bytes})
             wakes.append(first_token(base, "big"))
         outcome["wakes"] = wakes
         outcome["asleep_use"] = asleep_use
@@ -156,7 +154,7 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
         outcome["wake_to_first_token"] = {"p50_s": _percentile(ttfts, 0.5), "p99_s": _percentile(ttfts, 0.99)}
         outcome["cold_to_first_token_big_s"] = cold_big
         outcome["replicas"] = replica_peaks(stack.sampler, replica_infos([m["model_id"] for m in models]))
-        outcome["vram"] = ray.get(stack.local.controller.allocator.get_vram_state.remote())
+        outcome["vram"] = stack.local.controller.allocator.vram_state().model_dump(mode="json")
     print(f"sleep: {outcome['failed']} failed of {len(outcome['cold']) + len(outcome['hops'])} requests", flush=True)
     print(f"sleep: big wake to first token {json.dumps(outcome['wake_to_first_token'])}, cold {cold_big}", flush=True)
     for use in asleep_use:

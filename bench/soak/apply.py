@@ -29,17 +29,16 @@ def apply_values(address: str, values: str, wait: bool, timeout_s: float) -> dic
     result = controller.apply(config)
     applied = time.monotonic()
     out: dict[str, Any] = {
-        "result": result,
+        "result": result.model_dump(),
         "join_s": round(joined - started, 1),
         "apply_s": round(applied - joined, 1),
     }
     if wait:
         controller.wait_ready([m.model_id for m in config.models], timeout_s=timeout_s)
         out["ready_s"] = round(time.monotonic() - joined, 1)  # from the apply call
-    import ray
 
-    out["listed"] = sorted(m["model_id"] for m in controller.status()["models"])
-    out["reserved"] = sorted(r["model_id"] for r in ray.get(controller.allocator.reservations.remote()))
+    out["listed"] = sorted(m.model_id for m in controller.status().models)
+    out["reserved"] = sorted(r.model_id for r in controller.allocator.reservations())
     return out
 
 

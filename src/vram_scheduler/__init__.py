@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: public name -> submodule defining it (`inference` is the module itself, and callable).
+#: public name -> submodule defining it.
 _EXPORTS = {
     "VRAMScheduler": "sdk.client",
     "DeployResult": "sdk.client",
@@ -21,20 +21,24 @@ _EXPORTS = {
     "PlacementError": "sdk.scheduler_errors",
     "DeploymentError": "sdk.scheduler_errors",
     "ControllerUnavailableError": "sdk.scheduler_errors",
+    "inference": "sdk.inference",
     "a_inference": "sdk.inference",
-    "inference_batch": "sdk.inference",
-    "a_inference_batch": "sdk.inference",
-    "streaming_batch": "sdk.inference",
-    "a_streaming_batch": "sdk.inference",
-    "stream": "sdk.inference",
-    "StreamEvent": "sdk.inference",
-    "RetryPolicy": "sdk.inference",
-    "InferenceError": "sdk.inference",
-    "EndpointNotFoundError": "sdk.inference",
-    "ModelNotFoundError": "sdk.inference",
-    "InvalidRequestError": "sdk.inference",
-    "OverloadedError": "sdk.inference",
-    "StructuredOutputError": "sdk.inference",
+    "inference_batch": "sdk.batch",
+    "a_inference_batch": "sdk.batch",
+    "streaming_batch": "sdk.streaming",
+    "a_streaming_batch": "sdk.streaming",
+    "stream": "sdk.streaming",
+    "StreamEvent": "sdk.streaming",
+    "RetryPolicy": "sdk.http_calls",
+    "resolve_endpoint": "sdk.endpoints",
+    "forget_endpoints": "sdk.endpoints",
+    "ArgumentOrderError": "sdk.arguments",
+    "InferenceError": "sdk.inference_errors",
+    "EndpointNotFoundError": "sdk.inference_errors",
+    "ModelNotFoundError": "sdk.inference_errors",
+    "InvalidRequestError": "sdk.inference_errors",
+    "OverloadedError": "sdk.inference_errors",
+    "StructuredOutputError": "sdk.inference_errors",
     "transcribe": "sdk.transcription",
     "a_transcribe": "sdk.transcription",
     "ImageInputError": "sdk.media_inputs",
@@ -45,7 +49,7 @@ _EXPORTS = {
     "VRAMState": "core.contract",
 }
 
-__all__ = ["__version__", "get_vram_allocator", "inference", *_EXPORTS]
+__all__ = ["__version__", "get_vram_allocator", *_EXPORTS]
 
 
 def get_vram_allocator() -> Any:
@@ -56,8 +60,6 @@ def get_vram_allocator() -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "inference":
-        return importlib.import_module(".sdk.inference", __name__)
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -77,9 +77,7 @@ def burn_in(*args: str) -> tuple[int, str, dict[str, Any]]:
 
 
 def reservations(local: Any) -> list[dict[str, Any]]:
-    import ray
-
-    return ray.get(local.controller.allocator.reservations.remote())
+    return [r.model_dump() for r in local.controller.allocator.reservations()]
 
 
 def save(name: str, text: str, report: dict[str, Any]) -> None:
@@ -117,11 +115,10 @@ def hog(keep_gb: float) -> subprocess.Popen[str]:
 
 def wait_monitor_sees(local: Any, used_at_least: int = 0, used_at_most: int | None = None) -> None:
     """Until the monitor's last reading of GPU 0 (what planning uses) is in the range."""
-    import ray
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        used = ray.get(local.controller.allocator.get_vram_state.remote())["gpus"][0]["used_bytes"]
+        used = local.controller.allocator.vram_state().gpus[0].used_bytes
         if used >= used_at_least and (used_at_most is None or used <= used_at_most):
             return
         time.sleep(0.5)
@@ -151,12 +148,11 @@ def test_room_gone_between_planning_and_the_run_is_skipped_live(cluster: Any) ->
     """The monitor saw room; by the time the stress actor runs, a process has taken it."""
     import ray
 
-    from vram_scheduler.core.contract import VRAMState
     from vram_scheduler.serving.replica.pinning import PINNING_ENV
     from vram_scheduler.tools.stress.runner import STRESS_MODEL_ID, GPUStressActor, gpu_targets, ray_nodes
 
     wait_monitor_sees(cluster, used_at_most=8 * GIB)  # the previous test's process is gone
-    state = VRAMState.model_validate(ray.get(cluster.controller.allocator.get_vram_state.remote()))
+    state = cluster.controller.allocator.vram_state()
     target = gpu_targets(state, ray_nodes(), 0.5)[0]
     assert target.skip is None, target.skip
     process = hog(keep_gb=4)

@@ -142,7 +142,6 @@ def test_replicas_pinned_and_inside_their_reservations_under_load(stack: Stack) 
 
 
 def test_outgrown_replica_fails_alone(stack: Stack) -> None:
-    import ray
 
     from bench.gpu.tools import bench_serve, summarize, write_json
     from vram_scheduler.core.config import ModelSpec
@@ -171,7 +170,7 @@ def test_outgrown_replica_fails_alone(stack: Stack) -> None:
     loader.join()
     allocator = stack.local.controller.allocator
     deadline = time.monotonic() + 60
-    while any(r["model_id"] == "greedy" for r in ray.get(allocator.reservations.remote())):
+    while any(r.model_id == "greedy" for r in allocator.reservations()):
         assert time.monotonic() < deadline, "the failed replica's reservation was never freed"
         time.sleep(1)
     stack.local.controller.remove("greedy")

@@ -178,10 +178,10 @@ def test_monitor_image_publishes_to_the_allocator_through_ray_client(ray_head, c
     state = wait_for(
         ray_head,
         "import json, ray\n"
-        "from vram_scheduler.allocator.actor import get_vram_allocator\n"
+        "from vram_scheduler.allocator.actor import AllocatorClient\n"
         "from vram_scheduler.core.ray_names import NAMESPACE\n"
         "ray.init(address='auto', namespace=NAMESPACE, logging_level='ERROR')\n"
-        "state = ray.get(get_vram_allocator().get_vram_state.remote())\n"
+        "state = AllocatorClient().vram_state().model_dump(mode='json')\n"
         "assert 'gpu-2' in {g['node'] for g in state['gpus']}, state\n"
         "print(json.dumps(state))",
         timeout=120,

@@ -17,7 +17,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 
-from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.allocator.actor import AllocatorClient
+from vram_scheduler.core.config import PlacementSettings
+from vram_scheduler.core.contract import VRAMState
 from vram_scheduler.core.ray_names import NAMESPACE
 
 from .conftest import GIB, Monitor, free_port, inventory_yaml, value
@@ -57,8 +59,8 @@ def ray_address() -> Iterator[str]:
         cluster.shutdown()
 
 
-def state_of(allocator) -> dict:
-    return ray.get(allocator.get_vram_state.remote(), timeout=30)
+def state_of(allocator: AllocatorClient) -> VRAMState:
+    return allocator.vram_state()
 
 
 def actor_state(actor_id: str) -> str:
@@ -66,8 +68,8 @@ def actor_state(actor_id: str) -> str:
 
 
 def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inventory, monitors) -> None:
-    allocator = get_vram_allocator()
-    ray.get(allocator.configure.remote({"stale_after_s": 3, "reclaim_interval_s": 1, "replica_overhead_gb": 2}))
+    allocator = AllocatorClient(timeout_s=30)
+    allocator.configure(PlacementSettings(stale_after_s=3, reclaim_interval_s=1, replica_overhead_gb=2))
     processes = [{"pid": HONEST_PID, "used_bytes": 3 * GIB}, {"pid": GREEDY_PID, "used_bytes": 5 * GIB}]
     path = write_inventory(inventory_yaml(processes=processes, used_gb=10))
     monitor = Monitor(
@@ -79,24 +81,20 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
     # The inventory arrives, fresh, as the monitor's node.
     # Generous: a Ray Client session takes seconds to open, minutes on a 2-core machine under load.
     node = wait_until(
-        lambda: next((n for n in state_of(allocator)["nodes"] if n["node"] == "ci-node"), None),
+        lambda: next((n for n in state_of(allocator).nodes if n.node == "ci-node"), None),
         180,
         "the inventory",
         every_s=0.2,
     )
-    assert node["source"] == "file" and node["gpus"] == 2 and not node["stale"]
+    assert node.source == "file" and node.gpus == 2 and not node.stale
 
     # Two replicas reserve on GPU 1 and attach their processes.
     honest, greedy = Owner.options(name="honest-owner").remote(), Owner.options(name="greedy-owner").remote()
     honest_id, greedy_id = ray.get([honest.actor_id.remote(), greedy.actor_id.remote()])
-    ray.get(allocator.reserve.remote("honest-0", "honest", 4 * GIB, GPU1, honest_id))
-    ray.get(allocator.reserve.remote("greedy-0", "greedy", 2 * GIB, GPU1, greedy_id))
-    ray.get(
-        [
-            allocator.attach_process.remote("honest-0", HONEST_PID),
-            allocator.attach_process.remote("greedy-0", GREEDY_PID),
-        ]
-    )
+    allocator.reserve("honest-0", "honest", 4 * GIB, GPU1, honest_id)
+    allocator.reserve("greedy-0", "greedy", 2 * GIB, GPU1, greedy_id)
+    allocator.attach_process("honest-0", HONEST_PID)
+    allocator.attach_process("greedy-0", GREEDY_PID)
 
     samples = monitor.wait_for(
         lambda s: value(s, "ray_vram_watchdog_violations_total", replica="greedy-0") == 1,
@@ -122,7 +120,7 @@ def test_publish_readback_watchdog_restart_and_stale(ray_address: str, write_inv
 
     # A monitor killed mid-run: after stale_after_s its node is stale and takes no new reservations.
     assert monitor.stop(signal.SIGKILL) != 0
-    wait_until(lambda: "ci-node" in state_of(allocator)["stale_nodes"], 60, "the node marked stale", every_s=0.2)
+    wait_until(lambda: "ci-node" in state_of(allocator).stale_nodes, 60, "the node marked stale", every_s=0.2)
     with pytest.raises(ray.exceptions.RayTaskError, match="stale"):
-        ray.get(allocator.reserve.remote("late-0", "late", GIB, GPU1))
+        allocator.reserve("late-0", "late", GIB, GPU1)
     ray.kill(honest)

@@ -218,7 +218,7 @@ def send_requests(stack: LocalStack, prometheus: PrometheusServer, timeout_s: fl
     """Requests to `tiny` (chat, and streamed completions) and one for a model nobody serves, until
     Prometheus sees the counters the dashboards take rates of move: Ray's agent exports what
     replicas and routers recorded every few seconds."""
-    from vram_scheduler.sdk.inference import inference
+    from vram_scheduler import inference
 
     status, _ = http("POST", f"{stack.endpoint}/completions", {"model": TYPO, "prompt": "x", "max_tokens": 1})
     assert status == 404

@@ -16,7 +16,7 @@ import ray  # imported after the environment above is set
 from ray.cluster_utils import Cluster
 from waiting import wait_until
 
-from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
 from vram_scheduler.allocator.heartbeats import forget_heartbeats
 from vram_scheduler.allocator.store import forget_ledger
 from vram_scheduler.core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
@@ -75,8 +75,8 @@ def forget_allocator() -> Callable[[], None]:
 
 
 @pytest.fixture
-def allocator(cluster: Cluster) -> Iterator[ray.actor.ActorHandle]:
+def allocator(cluster: Cluster) -> Iterator[AllocatorClient]:
+    """A fresh `vram_allocator`, through its typed client (`.handle`: the actor itself)."""
     drop_allocator()
-    handle = get_vram_allocator()
-    yield handle
+    yield AllocatorClient(get_vram_allocator())
     drop_allocator()

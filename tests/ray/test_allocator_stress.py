@@ -15,9 +15,11 @@ import time
 import pytest
 import ray
 
-from vram_scheduler.allocator.actor import ReservationError, get_vram_allocator
+from vram_scheduler.allocator.actor import AllocatorClient, ReservationError
 from vram_scheduler.core.capacity import DEFAULT_OVERHEAD_GB
-from vram_scheduler.core.config import GIB, gib_to_bytes
+from vram_scheduler.core.config import GIB, PlacementSettings, gib_to_bytes
+from vram_scheduler.core.contract import Reservation, VRAMState
+from vram_scheduler.core.inventory import NodeInventory
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +33,23 @@ UNMANAGED_GB = {"GPU-gpu-b-1": 2.5}
 SIZES_GB = [0.5, 1, 1.5, 2, 3, 4, 6, 10]
 
 
-def inventory(node: str) -> dict:
+def inventory(node: str) -> NodeInventory:
     totals = NODES[node]
-    return {
-        "node": node,
-        "gpus": [
-            {
-                "index": i,
-                "uuid": f"GPU-{node}-{i}",
-                "name": "NVIDIA L4",
-                "total_gb": total,
-                "used_gb": UNMANAGED_GB.get(f"GPU-{node}-{i}", 0),
-            }
-            for i, total in enumerate(totals)
-        ],
-    }
+    return NodeInventory.model_validate(
+        {
+            "node": node,
+            "gpus": [
+                {
+                    "index": i,
+                    "uuid": f"GPU-{node}-{i}",
+                    "name": "NVIDIA L4",
+                    "total_gb": total,
+                    "used_gb": UNMANAGED_GB.get(f"GPU-{node}-{i}", 0),
+                }
+                for i, total in enumerate(totals)
+            ],
+        }
+    )
 
 
 GPU_UUIDS = [f"GPU-{node}-{i}" for node, totals in NODES.items() for i in range(len(totals))]
@@ -55,44 +59,46 @@ GPU_UUIDS = [f"GPU-{node}-{i}" for node, totals in NODES.items() for i in range(
 class Client:
     """Runs one client loop per call; calls run concurrently on the actor's threads."""
 
-    def run(self, name: str, operations: int, seed: int) -> dict[str, dict]:
-        allocator = get_vram_allocator()
+    def run(self, name: str, operations: int, seed: int) -> dict[str, Reservation]:
+        allocator = AllocatorClient()
         rng = random.Random(seed)
-        held: dict[str, dict] = {}
+        held: dict[str, Reservation] = {}
         for step in range(operations):
             roll = rng.random()
             if held and roll < 0.35:
                 replica_id = rng.choice(sorted(held))
-                ray.get(allocator.release.remote(replica_id))
+                allocator.release(replica_id)
                 del held[replica_id]
             elif held and roll < 0.45:  # the same request again: the same reservation back
                 replica_id = rng.choice(sorted(held))
                 r = held[replica_id]
-                assert ray.get(allocator.reserve.remote(replica_id, r["model_id"], r["bytes"])) == r
+                assert allocator.reserve(replica_id, r.model_id, r.bytes) == r
             else:
                 replica_id = f"{name}-{step}"
                 size = gib_to_bytes(rng.choice(SIZES_GB))
                 target = rng.choice(GPU_UUIDS) if rng.random() < 0.3 else None
                 with contextlib.suppress(ReservationError):  # full: a refusal is the correct answer
-                    held[replica_id] = ray.get(allocator.reserve.remote(replica_id, f"model-{size}", size, target))
+                    held[replica_id] = allocator.reserve(replica_id, f"model-{size}", size, target)
         return held
 
 
-def audit(allocator, stop: threading.Event, seen: list[dict], problems: list[str]) -> None:
+def audit(allocator: AllocatorClient, stop: threading.Event, seen: list[VRAMState], problems: list[str]) -> None:
     """Sample the allocator's state during the run; record any GPU booked beyond its total."""
     while not stop.is_set():
         try:
-            state = ray.get(allocator.get_vram_state.remote(), timeout=30)
+            state = AllocatorClient(allocator.handle, timeout_s=30).vram_state()
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             continue
         seen.append(state)
-        for gpu in state["gpus"]:
-            if gpu["free_bytes"] < 0 or gpu["unmanaged_bytes"] + gpu["reserved_bytes"] > gpu["total_bytes"]:
-                problems.append(f"{gpu['node']} GPU {gpu['index']} overbooked: {gpu}")
+        for gpu in state.gpus:
+            if gpu.free_bytes < 0 or gpu.unmanaged_bytes + gpu.reserved_bytes > gpu.total_bytes:
+                problems.append(f"{gpu.node} GPU {gpu.index} overbooked: {gpu}")
         time.sleep(0.05)
 
 
-def run_clients(allocator, seed: int, kills: int = 0) -> tuple[dict[str, dict], list[dict], int]:
+def run_clients(
+    allocator: AllocatorClient, seed: int, kills: int = 0
+) -> tuple[dict[str, Reservation], list[VRAMState], int]:
     clients = [Client.options(resources={("node_a", "node_b")[i % 2]: 1}).remote() for i in range(CLIENT_ACTORS)]
     per_client = [OPERATIONS // (CLIENT_ACTORS * THREADS)] * (CLIENT_ACTORS * THREADS)
     for i in range(OPERATIONS - sum(per_client)):
@@ -110,7 +116,7 @@ def run_clients(allocator, seed: int, kills: int = 0) -> tuple[dict[str, dict], 
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if len(ready) == len(refs):
             break
-        ray.kill(allocator, no_restart=False)  # Ray restarts it; in-flight calls are retried
+        ray.kill(allocator.handle, no_restart=False)  # Ray restarts it; in-flight calls are retried
         killed += 1
     results = ray.get(refs, timeout=600)
     stop.set()
@@ -118,32 +124,32 @@ def run_clients(allocator, seed: int, kills: int = 0) -> tuple[dict[str, dict], 
     assert not problems, problems[:3]
     for client in clients:
         ray.kill(client)
-    held: dict[str, dict] = {}
+    held: dict[str, Reservation] = {}
     for result in results:
         assert not set(result) & set(held), "two clients hold one replica id"
         held |= result
     return held, samples, killed
 
 
-def check_ledger_matches(allocator, held: dict[str, dict]) -> None:
-    reservations = ray.get(allocator.reservations.remote())
-    ids = [r["replica_id"] for r in reservations]
+def check_ledger_matches(allocator: AllocatorClient, held: dict[str, Reservation]) -> None:
+    reservations = allocator.reservations()
+    ids = [r.replica_id for r in reservations]
     assert len(ids) == len(set(ids))
-    assert {r["replica_id"]: r for r in reservations} == held, "ledger differs from what the clients hold"
-    state = ray.get(allocator.get_vram_state.remote())
+    assert {r.replica_id: r for r in reservations} == held, "ledger differs from what the clients hold"
+    state = allocator.vram_state()
     overhead = gib_to_bytes(OVERHEAD_GB)
-    for gpu in state["gpus"]:
-        mine = [r for r in held.values() if r["gpu_uuid"] == gpu["uuid"]]
-        assert gpu["reserved_bytes"] == sum(r["bytes"] + overhead for r in mine)
-        assert sorted(r["replica_id"] for r in gpu["replicas"]) == sorted(r["replica_id"] for r in mine)
-        assert gpu["unmanaged_bytes"] + gpu["reserved_bytes"] <= gpu["total_bytes"]
-        assert gpu["free_bytes"] == gpu["total_bytes"] - gpu["unmanaged_bytes"] - gpu["reserved_bytes"]
+    for gpu in state.gpus:
+        mine = [r for r in held.values() if r.gpu_uuid == gpu.uuid]
+        assert gpu.reserved_bytes == sum(r.bytes + overhead for r in mine)
+        assert sorted(r.replica_id for r in gpu.replicas) == sorted(r.replica_id for r in mine)
+        assert gpu.unmanaged_bytes + gpu.reserved_bytes <= gpu.total_bytes
+        assert gpu.free_bytes == gpu.total_bytes - gpu.unmanaged_bytes - gpu.reserved_bytes
 
 
-def prepare(allocator) -> None:
-    ray.get(allocator.configure.remote({"replica_overhead_gb": OVERHEAD_GB, "stale_after_s": 3600}))
+def prepare(allocator: AllocatorClient) -> None:
+    allocator.configure(PlacementSettings.model_validate({"replica_overhead_gb": OVERHEAD_GB, "stale_after_s": 3600}))
     for node in NODES:
-        ray.get(allocator.update_inventory.remote(inventory(node)))
+        allocator.update_inventory(inventory(node))
 
 
 def test_32_clients_2000_operations_no_double_booking(allocator) -> None:
@@ -152,7 +158,7 @@ def test_32_clients_2000_operations_no_double_booking(allocator) -> None:
     check_ledger_matches(allocator, held)
     assert samples, "the auditor saw no state"
     # The run was contended: GPUs filled up and refusals happened (the random mix overfills 162 GiB).
-    full = max(sum(g["reserved_bytes"] for g in s["gpus"]) for s in samples)
+    full = max(sum(g.reserved_bytes for g in s.gpus) for s in samples)
     assert full > 100 * GIB
     print(f"{len(held)} reservations held at the end; {len(samples)} audited states")
 

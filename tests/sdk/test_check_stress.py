@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 from stack import run_cli
 from waiting import wait_until
 
-from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.allocator.actor import AllocatorClient
 from vram_scheduler.core.config import GIB, ConfigError, PlacementSettings
 from vram_scheduler.core.inventory import GPUInfo, NodeInventory
 from vram_scheduler.core.ledger import Ledger
@@ -227,8 +227,7 @@ def cluster() -> Iterator[Cluster]:
             ray_cluster.add_node(**NODE_ARGS, num_cpus=1, labels={NODE_NAME_LABEL: name})
         ray_cluster.wait_for_nodes()
         ray.init(address=ray_cluster.address)
-        allocator = get_vram_allocator()
-        ray.get(allocator.configure.remote(SETTINGS.model_dump()))
+        AllocatorClient().configure(SETTINGS)
         yield ray_cluster
     finally:
         ray.shutdown()
@@ -236,14 +235,13 @@ def cluster() -> Iterator[Cluster]:
 
 
 def publish(*inventories: NodeInventory) -> None:
-    allocator = get_vram_allocator()
+    allocator = AllocatorClient()
     for inventory in inventories:
-        ray.get(allocator.update_inventory.remote(inventory.model_dump()))
+        allocator.update_inventory(inventory)
 
 
 def stress_reservations() -> list[str]:
-    held = ray.get(get_vram_allocator().reservations.remote())
-    return [r["replica_id"] for r in held if r["replica_id"].startswith("stress-")]
+    return [r.replica_id for r in AllocatorClient().reservations() if r.replica_id.startswith("stress-")]
 
 
 def test_cpu_phase_on_every_cpu_node_json_exit_0(cluster: Cluster) -> None:
@@ -297,12 +295,11 @@ def test_room_taken_after_planning_is_refused_and_reported_in_the_allocators_wor
     """Planned with room; by the time the actor reserves, the monitor has seen another process take
     the GPU: the allocator refuses, the GPU is skipped, and the reason is the allocator's own text
     (not Ray's remote traceback with terminal colours). Seen so on the GPU machine."""
-    from vram_scheduler.core.contract import VRAMState
     from vram_scheduler.tools.stress.runner import GPUStressActor
 
     free = GPUInfo(index=0, uuid="GPU-stress-a-0", name=H100, total_bytes=80 * GIB)
     publish(NodeInventory(node="stress-a", gpus=[free]))
-    state = VRAMState.model_validate(ray.get(get_vram_allocator().get_vram_state.remote()))
+    state = AllocatorClient().vram_state()
     target = next(t for t in gpu_targets(state, ray_nodes(), 0.5) if t.gpu.uuid == "GPU-stress-a-0")
     assert target.skip is None
     publish(NodeInventory(node="stress-a", gpus=[free.model_copy(update={"used_bytes": 78 * GIB})]))

@@ -194,14 +194,14 @@ print(json.dumps(outcome))
 
 CLUSTER_VIEW = """
 import json, sys, ray
-from vram_scheduler.core.ray_names import NAMESPACE
-from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.allocator.actor import AllocatorClient
 from vram_scheduler.core.loopback import prepare_ray_join
+from vram_scheduler.core.ray_names import NAMESPACE
 from ray import serve
 prepare_ray_join(sys.argv[1])
 ray.init(address=sys.argv[1], namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
 actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "ray-vram-controller"]
-held = sorted(r["replica_id"] for r in ray.get(get_vram_allocator().reservations.remote()))
+held = sorted(r.replica_id for r in AllocatorClient().reservations())
 apps = sorted(serve.status().applications)
 print(json.dumps({"controllers": actors, "held": held, "apps": apps}))
 """

@@ -1,4 +1,4 @@
-"""vram_scheduler.sdk.inference against the real local stack (router → vLLM CPU replica of the demo model).
+"""The inference SDK (`vram_scheduler.sdk`) against the real local stack (router → vLLM CPU replica of the demo model).
 
 Random weights: assert structure (types, counts, schemas, errors), never text.
 """
@@ -16,7 +16,10 @@ from fake_engine import FakeOpenAIEngine
 from pydantic import BaseModel, Field, field_validator
 from stack import ALIAS, MODEL
 
-from vram_scheduler import inference as inf
+import vram_scheduler as inf
+from vram_scheduler.sdk.controller_http import CONTROLLER_ENV
+from vram_scheduler.sdk.endpoints import DASHBOARD_ENV, ENDPOINT_ENV
+from vram_scheduler.sdk.http_calls import retry_after_seconds
 
 pytestmark = pytest.mark.slow
 
@@ -183,11 +186,11 @@ def test_discovery_finds_the_endpoint_through_the_controller(controller_env: dic
 
 
 def test_discovery_without_any_endpoint_says_what_it_tried(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(inf.ENDPOINT_ENV, raising=False)
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
     controller = f"http://127.0.0.1:{stack.free_port()}"
     dashboard = f"http://127.0.0.1:{stack.free_port()}"
-    monkeypatch.setenv(inf.CONTROLLER_ENV, controller)
-    monkeypatch.setenv(inf.DASHBOARD_ENV, dashboard)
+    monkeypatch.setenv(CONTROLLER_ENV, controller)
+    monkeypatch.setenv(DASHBOARD_ENV, dashboard)
     inf.forget_endpoints()
     with pytest.raises(inf.EndpointNotFoundError) as caught:
         inf.inference("hi", "ghost")
@@ -196,11 +199,11 @@ def test_discovery_without_any_endpoint_says_what_it_tried(monkeypatch: pytest.M
 
 
 def test_retry_after_header_forms() -> None:
-    assert inf.retry_after_seconds("3") == 3.0
-    assert inf.retry_after_seconds(None) is None
-    assert inf.retry_after_seconds("soon") is None
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("soon") is None
     later = email.utils.formatdate(time.time() + 60, usegmt=True)
-    assert 55 <= inf.retry_after_seconds(later) <= 61
+    assert 55 <= retry_after_seconds(later) <= 61
     assert inf.RetryPolicy(max_backoff_s=5).delay(10, None) == 5
 
 
@@ -215,29 +218,16 @@ def test_the_original_positional_order_and_keywords(endpoint: str) -> None:
     assert len(list(inf.streaming_batch(["a"], MODEL, ALIAS, base_url=endpoint, max_tokens=2))) >= 2
 
 
-async def awaited(coroutine):
-    """Await in a coroutine of this file, as user code does (the warning then points here)."""
-    return await coroutine
-
-
-@pytest.mark.parametrize(
-    ("call", "name"),
-    [
-        (lambda url: inf.inference(MODEL, "Say hello", base_url=url, max_tokens=2), "inference"),
-        (lambda url: inf.inference(MODEL, [{"role": "user", "content": "hi"}], base_url=url), "inference"),
-        (lambda url: inf.inference(MODEL, "hi", base_url=url, max_tokens=2), "inference"),
-        (lambda url: inf.inference_batch(MODEL, ["a", "b"], base_url=url, max_tokens=2), "inference_batch"),
-        (lambda url: asyncio.run(awaited(inf.a_inference(MODEL, "Say hi", base_url=url, max_tokens=2))), "a_inference"),
-        (lambda url: asyncio.run(awaited(inf.a_inference_batch(MODEL, ["a"], base_url=url))), "a_inference_batch"),
-        (lambda url: list(inf.streaming_batch(MODEL, ["a"], base_url=url, max_tokens=2)), "streaming_batch"),
-        (lambda url: list(inf.stream(MODEL, "Say hi", base_url=url, max_tokens=2)), "stream"),
-    ],
-)
-def test_the_swapped_order_still_works_with_a_deprecation_warning(endpoint: str, call, name: str) -> None:
-    with pytest.warns(DeprecationWarning, match=rf"{name}\(model_id, prompts?\) is deprecated") as caught:
-        result = call(endpoint)
-    assert result is not None  # random weights: a 2-token answer may well be empty text
-    assert caught[0].filename == __file__  # the warning points at the caller's line
+def test_two_one_word_strings_in_the_old_order_say_which_order_they_were_read_in(endpoint: str) -> None:
+    """inference("demo", "hi") cannot be told from the old inference(model_id, prompt) by its values:
+    it is read in the documented order (prompt "demo" to model "hi"), and the 404 says so."""
+    with pytest.raises(inf.ModelNotFoundError) as caught:
+        inf.inference(MODEL, "hi", base_url=endpoint, max_tokens=2)
+    message = str(caught.value)
+    assert "model 'hi' is not served" in message
+    assert f"read as inference(prompt='{MODEL}', model_id=...), the documented order" in message
+    assert f"if '{MODEL}' is the model, swap the two arguments" in message
+    assert caught.value.status == 404
 
 
 def test_a_batch_of_one_string_is_refused() -> None:

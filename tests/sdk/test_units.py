@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
 from pydantic import BaseModel
 
-from vram_scheduler import inference as inf
+from vram_scheduler import (
+    ArgumentOrderError,
+    RayVramError,
+    a_inference,
+    a_inference_batch,
+    inference,
+    inference_batch,
+    stream,
+    streaming_batch,
+)
 from vram_scheduler.core.config import ModelSpec, PlacementSettings, gib_to_bytes
 from vram_scheduler.core.contract import GPUState, ReplicaState, VRAMState
+from vram_scheduler.sdk import chat_request, endpoints
 from vram_scheduler.sdk.client import plan_on_state
+from vram_scheduler.sdk.inference_errors import StructuredOutputError
 
 GIB = 1024**3
 #: The cluster's overhead in these states (replica states without their own take it).
@@ -24,7 +36,8 @@ def test_public_api_imports_neither_ray_nor_vllm() -> None:
         "import sys\n"
         "from vram_scheduler import VRAMScheduler, inference, a_inference, inference_batch, a_inference_batch, "
         "streaming_batch, a_streaming_batch, get_vram_allocator, StructuredOutputError, VRAMState\n"
-        "assert callable(inference) and inference.a_inference is a_inference\n"
+        "from vram_scheduler.sdk import inference as module\n"
+        "assert inference is module.inference and a_inference is module.a_inference\n"
         "print(sorted(m for m in ('ray', 'vllm', 'torch') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -94,16 +107,16 @@ def test_structured_parse_accepts_raw_control_characters_and_names_bad_json() ->
     class Label(BaseModel):
         text: str
 
-    assert inf._parse('{"text":"a\x03b"}', Label, "m", "u", "stop").text == "a\x03b"
-    with pytest.raises(inf.StructuredOutputError, match="not JSON for Point") as caught:
-        inf._parse('{"x": 1', Point, "m", "u", "length")
+    assert chat_request.parse_structured('{"text":"a\x03b"}', Label, "m", "u", "stop").text == "a\x03b"
+    with pytest.raises(StructuredOutputError, match="not JSON for Point") as caught:
+        chat_request.parse_structured('{"x": 1', Point, "m", "u", "length")
     assert "max_tokens" in str(caught.value) and caught.value.raw == '{"x": 1'
-    with pytest.raises(inf.StructuredOutputError, match="does not validate as Point"):
-        inf._parse('{"x": "nine"}', Point, "m", "u", "stop")
+    with pytest.raises(StructuredOutputError, match="does not validate as Point"):
+        chat_request.parse_structured('{"x": "nine"}', Point, "m", "u", "stop")
 
 
 def test_request_body_carries_schema_truncation_and_sampling() -> None:
-    body = inf.build_request(
+    body = chat_request.build_request(
         "m", "hi", structured_output=Point, max_tokens=5, truncate_prompt_tokens=-1, sampling={"seed": 3}
     )
     assert body["messages"] == [{"role": "user", "content": "hi"}]
@@ -173,5 +186,89 @@ def test_inference_prefers_the_endpoint_of_the_alias() -> None:
 
     transport = httpx.MockTransport(lambda request: httpx.Response(200, json=deployments_body()))
     with httpx.Client(transport=transport) as client:
-        found = inf._candidates_from_controller(client, "http://controller:8080", "beta-alias")
+        found = endpoints.candidates_from_controller(client, "http://controller:8080", "beta-alias")
     assert found == ["http://beta:8000/v1", "http://other:8000/v1"]
+
+
+async def awaited(coroutine):
+    return await coroutine
+
+
+#: An address where nothing listens: a call that reached the network would fail to connect instead.
+NOWHERE = "http://127.0.0.1:9/v1"
+DOCUMENTED = "The documented order is {name}({first}, model_id, ...)"
+
+
+@pytest.mark.parametrize(
+    ("call", "name", "first", "says"),
+    [
+        (
+            lambda: inference("demo", "Say hello", base_url=NOWHERE),
+            "inference",
+            "prompt",
+            "model_id 'Say hello' is not a model name (a model name has no whitespace)",
+        ),
+        (
+            lambda: inference("demo", [{"role": "user", "content": "hi"}], base_url=NOWHERE),
+            "inference",
+            "prompt",
+            "model_id must be a model name (str), got list [{'role': 'user'",
+        ),
+        (
+            lambda: asyncio.run(awaited(a_inference("demo", "Say hi", base_url=NOWHERE))),
+            "a_inference",
+            "prompt",
+            "model_id 'Say hi' is not a model name",
+        ),
+        (
+            lambda: list(stream("demo", "Say hi", base_url=NOWHERE)),
+            "stream",
+            "prompt",
+            "model_id 'Say hi' is not a model name",
+        ),
+        (
+            lambda: inference_batch("demo", ["a", "b"], base_url=NOWHERE),
+            "inference_batch",
+            "prompts",
+            "prompts must be a list of prompts, got str 'demo' (and model_id is a list: that is the old order "
+            "inference_batch(model_id, prompts); swap the two arguments)",
+        ),
+        (
+            lambda: asyncio.run(awaited(a_inference_batch("demo", ["a"], base_url=NOWHERE))),
+            "a_inference_batch",
+            "prompts",
+            "prompts must be a list of prompts, got str 'demo' (and model_id is a list",
+        ),
+        (
+            lambda: streaming_batch("demo", ["a"], base_url=NOWHERE),
+            "streaming_batch",
+            "prompts",
+            "prompts must be a list of prompts, got str 'demo' (and model_id is a list",
+        ),
+        (
+            lambda: inference_batch(["a"], "big model", base_url=NOWHERE),
+            "inference_batch",
+            "prompts",
+            "model_id 'big model' is not a model name",
+        ),
+    ],
+)
+def test_the_old_argument_order_is_refused_naming_the_argument_and_the_documented_order(
+    call, name: str, first: str, says: str
+) -> None:
+    """No guessing by network calls: the values alone refuse the old (model_id, prompt) order, before
+    anything is sent (the endpoint given is one where nothing listens)."""
+    with pytest.raises(ArgumentOrderError) as caught:
+        call()
+    message = str(caught.value)
+    assert message.startswith(f"{name}: {says}"), message
+    assert DOCUMENTED.format(name=name, first=first) in message
+    assert isinstance(caught.value, TypeError) and isinstance(caught.value, RayVramError)
+
+
+def test_an_old_order_with_a_one_word_prompt_says_to_swap() -> None:
+    with pytest.raises(ArgumentOrderError, match=r"inference\(model_id, prompt\) is the old order: swap the two"):
+        inference("demo", "Say hello", base_url=NOWHERE)
+    with pytest.raises(ArgumentOrderError) as caught:  # a prompt with spaces in the model's place: no hint to swap
+        inference("Say it", "Say hello", base_url=NOWHERE)
+    assert "swap" not in str(caught.value)

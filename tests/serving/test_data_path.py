@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
-import ray
 from ray import serve
 from ray.experimental import internal_kv
 from waiting import wait_until
@@ -176,7 +175,7 @@ def test_a_replica_without_the_internal_key_refuses_to_start(stack: Stack) -> No
         message = serve.status().applications["keyless"].deployments["keyless-0"].message
         assert f"replica keyless-0: {INTERNAL_KEY_ENV} is not set on the node of replica keyless-0" in message, message
         assert "replicas refuse to serve without the cluster's internal key" in message
-        assert all(r["replica_id"] != "keyless-0" for r in ray.get(stack.controller.allocator.reservations.remote()))
+        assert all(r.replica_id != "keyless-0" for r in stack.controller.allocator.reservations())
     finally:
         serve.delete("keyless")
 

@@ -37,7 +37,7 @@ import ray
 from ray import serve
 from waiting import wait_until
 
-from vram_scheduler.allocator.actor import get_vram_allocator
+from vram_scheduler.allocator.actor import AllocatorClient, get_vram_allocator
 from vram_scheduler.core.loopback import keep_ray_on_loopback
 from vram_scheduler.core.ray_names import CONTROLLER_ACTOR, NAMESPACE, NODE_NAME_LABEL
 from vram_scheduler.serving.app import model_app_name
@@ -212,7 +212,8 @@ def load(stack: TwoNodes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def ledger() -> dict[str, dict[str, Any]]:
-    return {r["replica_id"]: r for r in ray.get(get_vram_allocator().reservations.remote())}
+    """The ledger's reservations (as their fields), by replica id."""
+    return {r.replica_id: r.model_dump() for r in AllocatorClient().reservations()}
 
 
 def replicas() -> dict[str, dict[str, Any]]:
@@ -225,7 +226,7 @@ def replicas() -> dict[str, dict[str, Any]]:
 
 
 def all_ready(stack: Stack) -> bool:
-    return all(r["state"] == "ready" for m in stack.controller.status()["models"] for r in m["replicas"])
+    return all(r.state == "ready" for m in stack.controller.status().models for r in m.replicas)
 
 
 def answered(stack: Stack) -> bool:
@@ -393,7 +394,7 @@ def test_the_controller_actor_killed(stack: Stack, load: Load) -> None:
     assert row["client_errors"] == {}, "the request path does not go through the controller"
     assert row["ledger_consistent"] and row["replicas_back_on_their_gpus"], row
     after = stack.controller.status()
-    assert [m["model_id"] for m in after["models"]] == [m["model_id"] for m in before["models"]]
+    assert [m.model_id for m in after.models] == [m.model_id for m in before.models]
 
 
 def test_the_allocator_actor_killed(stack: Stack, load: Load) -> None:

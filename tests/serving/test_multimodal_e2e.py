@@ -28,7 +28,7 @@ from PIL import Image
 from pydantic import BaseModel
 from ray import serve
 
-from vram_scheduler import inference
+import vram_scheduler as sdk
 from vram_scheduler.monitor.readers import private_memory_bytes
 from vram_scheduler.sdk import transcription
 from vram_scheduler.serving.app import model_app_name
@@ -180,7 +180,7 @@ def test_the_docs_examples_run_as_written(stack: Stack, media_dir: Path, monkeyp
     (so its `file://` example is inside `media.local_media_dir`), the endpoint in $RAY_VRAM_ENDPOINT."""
     monkeypatch.chdir(media_dir)
     monkeypatch.setenv("RAY_VRAM_ENDPOINT", stack.base + "/v1")
-    inference.forget_endpoints()
+    sdk.forget_endpoints()
     # `python` and `ray-vram` as the docs' shell blocks call them: this environment's.
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     blocks = docblocks.tested_by(__file__)
@@ -236,9 +236,9 @@ def test_images_from_paths_bytes_pil_and_urls_through_the_sdk(stack: Stack, medi
         f"file://{media_dir / 'small.png'}",  # a file on the model's node, inside its media directory
     ]
     for image in inputs:
-        answer = inference("Describe it.", "vision", images=[image], base_url=endpoint, max_tokens=4)
+        answer = sdk.inference("Describe it.", "vision", images=[image], base_url=endpoint, max_tokens=4)
         assert isinstance(answer, str), image
-    two = inference("Compare them.", "vision", images=[picture, png(30, 30)], base_url=endpoint, max_tokens=4)
+    two = sdk.inference("Compare them.", "vision", images=[picture, png(30, 30)], base_url=endpoint, max_tokens=4)
     assert isinstance(two, str)
 
 
@@ -249,7 +249,7 @@ def test_batch_async_and_structured_output_with_images(stack: Stack) -> None:
         color: Literal["red", "green", "blue"]
         round: bool
 
-    answers = inference.inference_batch(
+    answers = sdk.inference_batch(
         ["first?", "second?", "no image"],
         "vision",
         images=[[png(40, 40)], [png(60, 20), png(20, 60)], None],
@@ -260,8 +260,8 @@ def test_batch_async_and_structured_output_with_images(stack: Stack) -> None:
 
     async def both() -> list[Any]:
         return await asyncio.gather(
-            inference.a_inference("one", "vision", images=[png(30, 30)], base_url=endpoint, max_tokens=4),
-            inference.a_inference(
+            sdk.a_inference("one", "vision", images=[png(30, 30)], base_url=endpoint, max_tokens=4),
+            sdk.a_inference(
                 "caption it", "vision", structured_output=Caption, images=[png(9, 9)], base_url=endpoint, max_tokens=64
             ),
         )
@@ -269,10 +269,10 @@ def test_batch_async_and_structured_output_with_images(stack: Stack) -> None:
     text, caption = asyncio.run(both())
     assert isinstance(text, str)
     assert isinstance(caption, Caption)  # grammar-constrained JSON, parsed and validated
-    streamed = "".join(inference.stream("and now?", "vision", images=[png(30, 30)], base_url=endpoint, max_tokens=4))
+    streamed = "".join(sdk.stream("and now?", "vision", images=[png(30, 30)], base_url=endpoint, max_tokens=4))
     assert isinstance(streamed, str)
     with pytest.raises(ValueError, match="one entry per prompt"):
-        inference.inference_batch(["a", "b"], "vision", images=[[png(4, 4)]], base_url=endpoint)
+        sdk.inference_batch(["a", "b"], "vision", images=[[png(4, 4)]], base_url=endpoint)
 
 
 def test_chat_command_sends_an_image(stack: Stack, media_dir: Path) -> None:
@@ -322,15 +322,15 @@ def test_bad_images_get_a_4xx_and_no_replica_restarts(stack: Stack, media_dir: P
     missing = f"file://{media_dir / 'missing.png'}"
     assert_refused(post(stack, chat_body("vision", [missing])), 400, "is not a readable file")
     # The SDK raises the router's words.
-    with pytest.raises(inference.InvalidRequestError, match="does not take image input") as raised:
-        inference("hi", "text", images=[png(10, 10)], base_url=stack.base + "/v1")
+    with pytest.raises(sdk.InvalidRequestError, match="does not take image input") as raised:
+        sdk.inference("hi", "text", images=[png(10, 10)], base_url=stack.base + "/v1")
     assert raised.value.status == 400
-    with pytest.raises(inference.InvalidRequestError, match="max_image_pixels"):
-        inference("hi", "vision", images=[png(1200, 1000)], base_url=stack.base + "/v1")
+    with pytest.raises(sdk.InvalidRequestError, match="max_image_pixels"):
+        sdk.inference("hi", "vision", images=[png(1200, 1000)], base_url=stack.base + "/v1")
     # Still the same processes, still answering.
     assert replica_pids() == before
     assert post(stack, chat_body("vision", [ok]) | {"max_tokens": 2}).status_code == 200
-    assert all(r["state"] == "ready" for m in stack.controller.status()["models"] for r in m["replicas"])
+    assert all(r.state == "ready" for m in stack.controller.status().models for r in m.replicas)
 
 
 # -- audio -------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_bad_audio_gets_a_4xx_and_no_replica_restarts(stack: Stack) -> None:
     audio_part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav()).decode(), "format": "wav"}}
     body = {"model": "vision", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, audio_part]}]}
     assert_refused(post(stack, body), 400, "`vision` does not take audio input", "up to 2 image(s)")
-    with pytest.raises(inference.InvalidRequestError, match="not an audio format") as raised:
+    with pytest.raises(sdk.InvalidRequestError, match="not an audio format") as raised:
         transcription.transcribe(b"definitely not audio", "speech", base_url=stack.base + "/v1")
     assert raised.value.status == 415
     assert replica_pids() == before

@@ -26,7 +26,7 @@ import ray
 import yaml
 from waiting import wait_until
 
-from vram_scheduler.core.contract import DeploymentList, DeploymentStatus
+from vram_scheduler.core.contract import DeploymentStatus
 from vram_scheduler.core.loopback import free_port
 
 from .conftest import deployed, model, start_monitor, with_demo_models
@@ -120,7 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pending]:
 
 
 def models(stack: Pending) -> dict[str, DeploymentStatus]:
-    return {m.model_id: m for m in DeploymentList.model_validate(stack.controller.status()).models}
+    return {m.model_id: m for m in stack.controller.status().models}
 
 
 def consistent(stack: Pending) -> dict[str, DeploymentStatus]:
@@ -128,20 +128,20 @@ def consistent(stack: Pending) -> dict[str, DeploymentStatus]:
     with the bytes the controller lists; no pending replica holds one; every ready replica holds
     one; no GPU is reserved past its total. Returns the models."""
     status = models(stack)
-    held = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    held = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     placed = {r.replica_id: r for m in status.values() for r in m.replicas if r.state != "pending"}
     pending = {r.replica_id for m in status.values() for r in m.pending}
     assert not pending & set(held), f"pending replicas hold reservations: {sorted(pending & set(held))}"
     assert set(held) <= set(placed), f"reservations of no placed replica: {sorted(set(held) - set(placed))}"
     for replica_id, reservation in held.items():
-        assert (reservation["gpu_uuid"], reservation["bytes"]) == (
+        assert (reservation.gpu_uuid, reservation.bytes) == (
             placed[replica_id].gpu_uuid,
             placed[replica_id].bytes,
         )
     ready = {rid for rid, r in placed.items() if r.state == "ready"}
     assert ready <= set(held), f"ready replicas without a reservation: {sorted(ready - set(held))}"
-    for gpu in ray.get(stack.controller.allocator.get_vram_state.remote())["gpus"]:
-        assert gpu["free_bytes"] >= 0, gpu
+    for gpu in stack.controller.allocator.vram_state().gpus:
+        assert gpu.free_bytes >= 0, gpu
     return status
 
 
@@ -244,9 +244,9 @@ def test_a_node_that_joins_later_gets_the_pending_replicas(stack: Pending) -> No
         "pending tests",
     )
     applied = stack.controller.apply(with_demo_models(config))
-    assert (applied["kept"], applied["deployed"], applied["removed"]) == (["late", "huge"], ["third"], [])
-    assert applied["unplaced"]["huge"] == [HUGE_REASON]
-    assert applied["unplaced"]["third"] == [
+    assert (applied.kept, applied.deployed, applied.removed) == (["late", "huge"], ["third"], [])
+    assert applied.unplaced["huge"] == [HUGE_REASON]
+    assert applied.unplaced["third"] == [
         "1 replica of model third needs 6.50 GiB per replica (4.5 GiB budget + 2.00 GiB overhead); the largest free "
         "slot is 5.00 GiB on node ci-gpu-node, GPU 0 (short by 1.50 GiB)"
     ]

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import ray
 
 from vram_scheduler.core import capacity
 from vram_scheduler.core.config import GIB
@@ -51,15 +50,16 @@ def test_the_excess_beyond_capacity_and_queue_gets_429_with_retry_after(queued_s
 def test_the_controller_records_what_the_model_resolved_to(queued_stack: Stack) -> None:
     """Resolved once at deploy: the effective max_model_len, the overhead (the demo model's files are
     on this node: derived from its weights) and the reservation, in status and on each reservation."""
-    (status,) = queued_stack.controller.status()["models"]
-    resolved = status["resolved"]
+    (status,) = queued_stack.controller.status().models
+    resolved = status.resolved
+    assert resolved is not None
     weights = weights_bytes(str(default_demo_dir("text")))  # what `demo` stands for in serving.model_sources
-    assert weights and resolved["weights_bytes"] == weights
-    assert resolved["max_model_len"] == 512
-    assert resolved["budget_bytes"] == round(1.5 * GIB)
-    assert resolved["overhead_bytes"] == capacity.derived_overhead_bytes(weights)
-    assert resolved["overhead_from"].startswith("derived from ")
-    assert resolved["reservation_bytes"] == resolved["budget_bytes"] + resolved["overhead_bytes"]
-    state = ray.get(queued_stack.controller.allocator.get_vram_state.remote())
-    (held,) = [r for gpu in state["gpus"] for r in gpu["replicas"]]
-    assert held["overhead_bytes"] == resolved["overhead_bytes"]  # the replica reserved what was resolved
+    assert weights and resolved.weights_bytes == weights
+    assert resolved.max_model_len == 512
+    assert resolved.budget_bytes == round(1.5 * GIB)
+    assert resolved.overhead_bytes == capacity.derived_overhead_bytes(weights)
+    assert resolved.overhead_from.startswith("derived from ")
+    assert resolved.reservation_bytes == resolved.budget_bytes + resolved.overhead_bytes
+    state = queued_stack.controller.allocator.vram_state()
+    (held,) = [r for gpu in state.gpus for r in gpu.replicas]
+    assert held.overhead_bytes == resolved.overhead_bytes  # the replica reserved what was resolved

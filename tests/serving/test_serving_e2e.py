@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import httpx
 import pytest
-import ray
 import yaml
 from pydantic import BaseModel
 from ray import serve
@@ -54,28 +53,28 @@ def replica_pids(model_id: str) -> dict[str, list[int]]:
 
 def test_replicas_hold_the_planned_reservations(stack: Stack) -> None:
     status = stack.controller.status()
-    models = {m["model_id"]: m for m in status["models"]}
+    models = {m.model_id: m for m in status.models}
     assert sorted(models) == ["alpha", "beta"]
-    ledger = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    ledger = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     assert sorted(ledger) == ["alpha-0", "alpha-1", "beta-0", "beta-1"]
     for entry in models.values():
-        assert [r["state"] for r in entry["replicas"]] == ["ready", "ready"]
-        for replica in entry["replicas"]:
-            held = ledger[replica["replica_id"]]
+        assert [r.state for r in entry.replicas] == ["ready", "ready"]
+        for replica in entry.replicas:
+            held = ledger[replica.replica_id]
             assert (
-                (replica["gpu_uuid"], replica["bytes"])
-                == (held["gpu_uuid"], held["bytes"])
+                (replica.gpu_uuid, replica.bytes)
+                == (held.gpu_uuid, held.bytes)
                 == (
-                    held["gpu_uuid"],
+                    held.gpu_uuid,
                     int(1.5 * 1024**3),
                 )
             )
     # The planner packs beta's two replicas onto the 12 GiB GPU (alpha-0 took the 4 GiB one).
-    beta_gpus = {r["gpu_uuid"] for r in models["beta"]["replicas"]}
+    beta_gpus = {r.gpu_uuid for r in models["beta"].replicas}
     assert beta_gpus == {"GPU-5e5e0000-0000-0000-0000-000000000000"}
-    state = ray.get(stack.controller.allocator.get_vram_state.remote())
-    on_gpu0 = next(g for g in state["gpus"] if g["index"] == 0)
-    assert sorted(r["replica_id"] for r in on_gpu0["replicas"]) == ["alpha-1", "beta-0", "beta-1"]
+    state = stack.controller.allocator.vram_state()
+    on_gpu0 = next(g for g in state.gpus if g.index == 0)
+    assert sorted(r.replica_id for r in on_gpu0.replicas) == ["alpha-1", "beta-0", "beta-1"]
     # Each replica is its own Serve deployment, named by its replica id, and reported its processes.
     for model_id in models:
         for replica_id, pids in replica_pids(model_id).items():
@@ -274,7 +273,7 @@ def test_replica_without_reservation_fails_fast_with_the_reason(stack: Stack) ->
             time.sleep(0.5)
         message = app.deployments["greedy-0"].message
         assert "no reservation" in message and "short by" in message and "GPU 1" in message, message
-        assert all(r["replica_id"] != "greedy-0" for r in ray.get(stack.controller.allocator.reservations.remote()))
+        assert all(r.replica_id != "greedy-0" for r in stack.controller.allocator.reservations())
     finally:
         serve.delete("greedy")
 
@@ -341,8 +340,8 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
         asker.join(timeout=30)
         assert answers and set(answers) == {200}, answers
         assert replica_pids("beta") == beta_before  # same replicas, never restarted
-        ledger = ray.get(stack.controller.allocator.reservations.remote())
-        assert sorted(r["replica_id"] for r in ledger) == ["beta-0", "beta-1", "gamma-0"]
+        ledger = stack.controller.allocator.reservations()
+        assert sorted(r.replica_id for r in ledger) == ["beta-0", "beta-1", "gamma-0"]
         assert model_app_name("alpha") not in serve.status().applications
 
         # The controller's HTTP API (served by gunicorn).
@@ -382,8 +381,8 @@ def test_controller_rerun_converges_without_touching_unchanged_models(stack: Sta
 def test_delete_one_model_frees_its_reservations(stack: Stack) -> None:
     assert stack.controller.remove("gamma") is True
     assert stack.controller.remove("gamma") is False  # idempotent
-    ledger = ray.get(stack.controller.allocator.reservations.remote())
-    assert sorted(r["replica_id"] for r in ledger) == ["beta-0", "beta-1"]
+    ledger = stack.controller.allocator.reservations()
+    assert sorted(r.replica_id for r in ledger) == ["beta-0", "beta-1"]
     assert post(stack, "/v1/completions", {"model": "gamma", "prompt": "x"}).status_code == 404
 
 
@@ -393,7 +392,7 @@ def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> 
     OpenAI-shaped error event, never a hang or a silent end; plain requests it held are answered by
     beta-1 (a completion has no side effect, so the router sends it again); Serve brings beta-0
     back on the GPU its reservation names, and the ledger holds exactly the two reservations."""
-    before = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    before = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     victim = replica_pids("beta")["beta-0"][0]
     stream_body = {"model": "beta", "prompt": "Our team", "max_tokens": 200, "ignore_eos": True, "stream": True}
     plain_body = {"model": "beta", "prompt": "Our team", "max_tokens": 48, "ignore_eos": True}
@@ -422,29 +421,23 @@ def test_a_replica_killed_under_load_loses_no_request_silently(stack: Stack) -> 
     def beta_0_back() -> bool:
         nonlocal replicas
         replicas = {
-            r["replica_id"]: r
-            for m in stack.controller.status()["models"]
-            if m["model_id"] == "beta"
-            for r in m["replicas"]
+            r.replica_id: r for m in stack.controller.status().models if m.model_id == "beta" for r in m.replicas
         }
-        pids = replica_pids("beta") if all(r["state"] == "ready" for r in replicas.values()) else {}
+        pids = replica_pids("beta") if all(r.state == "ready" for r in replicas.values()) else {}
         return bool(pids.get("beta-0")) and pids["beta-0"][0] != victim
 
     wait_until(beta_0_back, 300, lambda: f"beta-0 back in a new process: {replicas}", every_s=1)
-    after = {r["replica_id"]: r for r in ray.get(stack.controller.allocator.reservations.remote())}
+    after = {r.replica_id: r for r in stack.controller.allocator.reservations()}
     assert sorted(after) == sorted(before)
-    assert (after["beta-0"]["gpu_uuid"], after["beta-0"]["bytes"]) == (
-        before["beta-0"]["gpu_uuid"],
-        before["beta-0"]["bytes"],
-    )
+    assert (after["beta-0"].gpu_uuid, after["beta-0"].bytes) == (before["beta-0"].gpu_uuid, before["beta-0"].bytes)
     infos = serve.get_app_handle(model_app_name("beta")).replica_info.remote().result(timeout_s=60)
     assert {i["replica_id"]: i["gpu_uuid"] for i in infos} == {
-        k: v["gpu_uuid"] for k, v in after.items() if k.startswith("beta")
+        k: v.gpu_uuid for k, v in after.items() if k.startswith("beta")
     }
     assert post(stack, "/v1/completions", plain_body).status_code == 200
 
 
 def test_shutdown_leaves_the_ledger_empty(stack: Stack) -> None:
     stack.controller.shutdown()
-    assert ray.get(stack.controller.allocator.reservations.remote()) == []
+    assert stack.controller.allocator.reservations() == []
     assert not [name for name in serve.status().applications if name.startswith("model-")]

@@ -13,6 +13,7 @@ wake after an operator's sleep).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import httpx
 import pytest
@@ -98,17 +100,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
 def states(stack: Sleepy) -> dict[str, str]:
     """Replica id → its state in the ledger, after checking the ledger is consistent: each GPU's
     reserved bytes are what its replicas hold in their states, within its total."""
-    state = ray.get(stack.controller.allocator.get_vram_state.remote())
+    state = stack.controller.allocator.vram_state()
     found = {}
-    for gpu in state["gpus"]:
+    for gpu in state.gpus:
         held = 0
-        for replica in gpu["replicas"]:
-            expected = {"awake": replica["bytes"] + replica["overhead_bytes"], "stopped": 0}.get(replica["state"])
+        for replica in gpu.replicas:
+            expected = {"awake": replica.bytes + (replica.overhead_bytes or 0), "stopped": 0}.get(replica.state)
             if expected is not None:
-                assert replica["held_bytes"] == expected, replica
-            held += replica["held_bytes"]
-            found[replica["replica_id"]] = replica["state"]
-        assert gpu["reserved_bytes"] == held and gpu["free_bytes"] >= 0, gpu
+                assert replica.held_bytes == expected, replica
+            held += replica.held_bytes or 0
+            found[replica.replica_id] = replica.state
+        assert gpu.reserved_bytes == held and gpu.free_bytes >= 0, gpu
     return found
 
 
@@ -151,7 +153,7 @@ def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> No
     streaming.start()
     assert first.wait(120), "the stream never started"
     deadline = time.monotonic() + 60
-    while "a-0" not in ray.get(stack.controller.allocator.in_flight.remote()):
+    while "a-0" not in stack.controller.allocator.in_flight():
         assert streaming.is_alive(), f"the stream ended before a reported it in flight: {outcome}"
         assert time.monotonic() < deadline, "a-0 never reported its request in flight"
         time.sleep(0.05)
@@ -160,7 +162,7 @@ def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> No
     waiting.start()
     seen_busy = 0
     while streaming.is_alive():  # b's wake is asked meanwhile: the ledger keeps a awake while busy
-        if "a-0" in ray.get(stack.controller.allocator.in_flight.remote()):
+        if "a-0" in stack.controller.allocator.in_flight():
             assert states(stack)["a-0"] == "awake", "a busy replica was evicted"
             seen_busy += 1
         time.sleep(0.05)
@@ -193,15 +195,63 @@ def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None
 
     scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
     (slept,) = scheduler.sleep("b")
-    assert (slept["replica_id"], slept["state"]) == ("b-0", "stopped")  # CPU: the engine stops
+    assert (slept.replica_id, slept.state) == ("b-0", "stopped")  # CPU: the engine stops
     assert states(stack)["b-0"] == "stopped"
     status = {m.model_id: m for m in scheduler.deployments()}
     assert [(r.replica_id, r.sleep) for r in status["b"].replicas] == [("b-0", "stopped")]
     (woke,) = scheduler.wake("b")
-    assert (woke["replica_id"], woke["state"], woke["cold"], woke["evicted"]) == ("b-0", "awake", True, [])
-    assert woke["seconds"] > 0 and states(stack)["b-0"] == "awake"
+    assert (woke.replica_id, woke.state, woke.cold, woke.evicted) == ("b-0", "awake", True, [])
+    assert woke.seconds > 0 and states(stack)["b-0"] == "awake"
     with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
         scheduler.sleep("pin")
+    assert chat(stack, "b").status_code == 200
+
+
+def test_ray_vram_sleep_and_wake_print_each_replica(stack: Sleepy, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ray-vram sleep|wake MODEL` (through Ray here): a line per replica, or JSON; a refusal exits 1 with why."""
+    from vram_scheduler.cli.main import main
+
+    assert main(["sleep", "b", "--address", stack.gcs_address]) == 0
+    assert capsys.readouterr().out.splitlines() == ["b-0: stopped"]
+    assert main(["wake", "b", "--address", stack.gcs_address, "--output", "json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    woke = [(r["replica_id"], r["state"], r["cold"], r["evicted"]) for r in answer["replicas"]]
+    assert answer["model_id"] == "b" and woke == [("b-0", "awake", True, [])]
+    assert main(["sleep", "pin", "--address", stack.gcs_address]) == 1
+    assert "model pin never sleeps" in capsys.readouterr().err
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def test_operators_sleep_and_wake_a_model_over_the_controllers_http_api(stack: Sleepy) -> None:
+    """The same calls as `POST /v1/deployments/{model_id}/sleep|wake` (the controller's HTTP API, the
+    SDK's HTTP transport): the answers read back as the contract's SleepReport and WakeReport; a pinned
+    model is refused with its reason, an unknown one names the models deployed."""
+    from vram_scheduler.core.contract import SleepReport, WakeReport
+    from vram_scheduler.sdk.client import SchedulerError
+    from vram_scheduler.sdk.controller_http import HTTPControllerClient
+    from vram_scheduler.serving.controller.http_api import ControllerAPI
+
+    server = make_server("127.0.0.1", free_port(), ControllerAPI(stack.controller), handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = HTTPControllerClient(f"http://127.0.0.1:{server.server_port}", token="not-checked-here")
+    try:
+        (slept,) = client.sleep("b")
+        assert isinstance(slept, SleepReport) and (slept.replica_id, slept.state) == ("b-0", "stopped")
+        assert states(stack)["b-0"] == "stopped"
+        (woke,) = client.wake("b")
+        assert isinstance(woke, WakeReport) and (woke.replica_id, woke.state, woke.cold) == ("b-0", "awake", True)
+        with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
+            client.sleep("pin")
+        with pytest.raises(SchedulerError, match=r"wake nope: unknown model 'nope'; deployed: a, b, gone, pin"):
+            client.wake("nope")
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
     assert chat(stack, "b").status_code == 200
 
 

@@ -461,7 +461,6 @@ def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) ->
     """The server writes the same `ModelStatus` the SDK reads: `router_name` included."""
     from types import SimpleNamespace
 
-    from vram_scheduler.core.contract import DeploymentList
     from vram_scheduler.core.planner import Reservation
     from vram_scheduler.serving.controller import controller as ctl
 
@@ -470,12 +469,11 @@ def test_controller_status_carries_the_alias(monkeypatch: pytest.MonkeyPatch) ->
     record = ctl.Deployed(spec=spec, reservations=[Reservation(replica_id="beta-0", model_id="beta", **where)])
     monkeypatch.setattr(ctl.Controller, "deployed", staticmethod(lambda: {"beta": record}))
     monkeypatch.setattr(ctl.serve, "status", lambda: SimpleNamespace(applications={}))
-    monkeypatch.setattr(ctl.ray, "get", lambda value: value)
     controller = object.__new__(ctl.Controller)
     controller.serving = ServingSettings()
     controller.endpoint_host = None
-    controller.allocator = SimpleNamespace(reservations=SimpleNamespace(remote=lambda: []))
-    (status,) = DeploymentList.model_validate(controller.status()).models
+    controller.allocator = SimpleNamespace(reservations=lambda: [])
+    (status,) = controller.status().models
     assert (status.model_id, status.router_name, status.replicas[0].state) == ("beta", "beta-alias", "reserved")
 
 
@@ -502,12 +500,11 @@ def test_controller_status_lists_pending_replicas_and_routers_hear_why(monkeypat
     )
     monkeypatch.setattr(ctl.Controller, "deployed", staticmethod(lambda: {"some": some, "none": none}))
     monkeypatch.setattr(ctl.serve, "status", lambda: SimpleNamespace(applications={}))
-    monkeypatch.setattr(ctl.ray, "get", lambda value: value)
     controller = object.__new__(ctl.Controller)
     controller.serving = ServingSettings()
     controller.endpoint_host = None
-    controller.allocator = SimpleNamespace(reservations=SimpleNamespace(remote=lambda: []))
-    models = {m.model_id: m for m in DeploymentList.model_validate(controller.status()).models}
+    controller.allocator = SimpleNamespace(reservations=lambda: [])
+    models = {m.model_id: m for m in controller.status().models}
     assert [(r.replica_id, r.state, r.reason, r.since) for r in models["some"].replicas] == [
         ("some-1", "reserved", None, None),
         ("some-0", "pending", "no room for some", 100.0),

@@ -177,10 +177,10 @@ def test_a_nodes_state_holds_its_gpus_only(ledger: Ledger) -> None:
     assert mine.gpus == [g for g in whole.gpus if g.node == "a"]
     assert [n.node for n in mine.nodes] == ["a"] and mine.orphaned == []
     assert [r.replica_id for r in mine.gpus[1].replicas] == ["a-0"]
-    # What the actor returns is plain data in exactly the shape the model dumps to.
+    # What the actor returns is the model itself, and it crosses JSON (GET /v1/vram) unchanged.
     ledger.attach_process("a-0", 7)
-    for data in (ledger.state_data(T0), ledger.state_data(T0, node="b")):
-        assert VRAMState.model_validate(data).model_dump() == data
+    for state in (ledger.state(T0), ledger.state(T0, node="b")):
+        assert VRAMState.model_validate_json(state.model_dump_json()) == state
 
 
 def test_an_update_says_whether_the_gpus_changed_or_only_their_usage(ledger: Ledger) -> None:

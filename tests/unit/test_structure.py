@@ -28,6 +28,19 @@ WIRE_MODELS = {
     "EndpointTable",
     "MediaAccepts",
     "ResolvedSizes",
+    "ApplyResult",
+    "DeployAnswer",
+    "DeployPlan",
+    "Reservation",
+    "Unplaced",
+    "GPUPlan",
+    "Plan",
+    "PlanRequest",
+    "ReserveRequest",
+    "ReserveOutcome",
+    "LoadReport",
+    "StoreStats",
+    "WriterStats",
 }
 
 

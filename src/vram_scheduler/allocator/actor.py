@@ -13,7 +13,10 @@ to find a node stale looks at the heartbeats itself first (that loop may be late
 machine). A restarted allocator gives every node it reloads a full `stale_after_s` from the
 restart to show life again: it was not listening meanwhile.
 
-Get it with `get_vram_allocator()`; every method returns plain dicts (pydantic dumps).
+Get it with `get_vram_allocator()`, and call it through `AllocatorClient` (or, inside an event loop,
+`AsyncAllocatorClient`): every method takes and returns the models of `contract.py`. The actor still
+validates what it is given (a caller outside the type checks may pass the fields as a dict), so a
+bad argument is a `ConfigError` naming the field, never a half-applied call.
 """
 
 from __future__ import annotations
@@ -24,16 +27,27 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import ray
 from pydantic import BaseModel, ValidationError
 
-from ..core.capacity import SleepTerms
-from ..core.config import ConfigError, PlacementSettings, StrictModel, describe_validation_error
+from ..core.capacity import ReplicaLife, SleepTerms
+from ..core.config import ConfigError, ModelSpec, PlacementSettings, StrictModel, describe_validation_error
+from ..core.contract import (
+    ACTOR_ID_PATTERN,
+    Plan,
+    PlanRequest,
+    Reservation,
+    ReserveOutcome,
+    ReserveRequest,
+    VRAMState,
+    WakeOutcome,
+    WriterStats,
+)
 from ..core.inventory import NodeInventory
-from ..core.ledger import ReservationError, ReserveRequest, VRAMState, models_from_dicts, now
-from ..core.ledger_models import ACTOR_ID_PATTERN
+from ..core.ledger import ReservationError, models_from_dicts, now
 from ..core.ray_names import ALLOCATOR_ACTOR, NAMESPACE
 from .cluster_actors import cluster_actor
 from .heartbeats import HeartbeatReader
@@ -41,6 +55,8 @@ from .store import LedgerStore
 from .writer import LedgerWriter
 
 __all__ = [
+    "AllocatorClient",
+    "AsyncAllocatorClient",
     "ReservationError",
     "VRAMAllocator",
     "VRAMState",
@@ -183,7 +199,7 @@ class VRAMAllocator:
         self._background()
         return "pong"
 
-    async def configure(self, settings: dict[str, Any]) -> dict[str, Any]:
+    async def configure(self, settings: PlacementSettings) -> PlacementSettings:
         """Replace the placement settings (overhead, stale timeout, reclaim interval)."""
         self._background()
         chosen = _validated(PlacementSettings, settings, "configure(settings)")
@@ -193,10 +209,10 @@ class VRAMAllocator:
                 self._reclaimer = None
             self._background()
         await self._writer.durable()
-        return chosen.model_dump()
+        return chosen
 
-    async def update_inventory(self, node_inventory: dict[str, Any]) -> None:
-        """A node's current GPUs (a `NodeInventory` dump); its arrival time is the allocator's clock.
+    async def update_inventory(self, node_inventory: NodeInventory) -> None:
+        """A node's current GPUs; its arrival time is the allocator's clock.
 
         A change of the node's GPUs is in the GCS when this returns; a change of their usage
         alone goes with the next write, within INVENTORY_PERSIST_INTERVAL_S.
@@ -218,9 +234,9 @@ class VRAMAllocator:
         gpu_uuid: str | None = None,
         owner: str | None = None,
         overhead_bytes: int | None = None,
-        state: str = "awake",
-        sleep: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+        state: ReplicaLife = "awake",
+        sleep: SleepTerms | None = None,
+    ) -> Reservation:
         """Reserve `bytes` + `overhead_bytes` (None: the cluster's overhead) for a replica on `gpu_uuid`
         or the best-fitting GPU; `state` stopped with `sleep` terms: placed beyond the room awake
         (`Ledger.reserve`)."""
@@ -232,49 +248,41 @@ class VRAMAllocator:
             )
         self._recheck_stale()
         terms = _validated(SleepTerms, sleep, "reserve(sleep)") if sleep is not None else None
-        if state not in ("awake", "stopped"):
+        if state != "awake" and state != "stopped":
             raise ReservationError(f"replica {replica_id}: state must be awake or stopped, got {state!r}")
         reservation, _ = self._ledger.reserve(
-            replica_id,
-            model_id,
-            bytes,
-            now(),
-            gpu_uuid,
-            owner,
-            overhead_bytes,
-            state,
-            terms,  # type: ignore[arg-type]
+            replica_id, model_id, bytes, now(), gpu_uuid, owner, overhead_bytes, state, terms
         )
         await self._writer.durable()
-        return reservation.model_dump()
+        return reservation
 
     # -- sleep and wake (`Ledger.sleep`, `stop`, `wake`, `touch`) ----------------------------------
 
-    async def sleep(self, replica_id: str) -> dict[str, Any]:
+    async def sleep(self, replica_id: str) -> Reservation:
         """Put an awake replica to sleep in the ledger (asleep at its level, or stopped); returns
         its reservation. The replica's engine follows (it asked)."""
         self._background()
         reservation, _ = self._ledger.sleep(replica_id, now())
         self._busy.pop(replica_id, None)
         await self._writer.durable()
-        return reservation.model_dump()
+        return reservation
 
-    async def stop(self, replica_id: str) -> dict[str, Any]:
+    async def stop(self, replica_id: str) -> Reservation:
         """Mark a replica stopped (its engine is gone; it holds nothing)."""
         self._background()
         reservation, _ = self._ledger.stop(replica_id, now())
         self._busy.pop(replica_id, None)
         await self._writer.durable()
-        return reservation.model_dump()
+        return reservation
 
-    async def wake(self, replica_id: str) -> dict[str, Any]:
+    async def wake(self, replica_id: str) -> WakeOutcome:
         """Take a replica's whole reservation back, evicting the least recently used idle replicas
-        of its GPU that sleep (never one that reported requests in flight); `WakeOutcome` as a dict.
-        The evicted replicas' engines must sleep before the waker's engine grows."""
+        of its GPU that sleep (never one that reported requests in flight). The evicted replicas'
+        engines must sleep before the waker's engine grows."""
         self._background()
         outcome, _ = self._ledger.wake(replica_id, now(), busy=set(self._busy))
         await self._writer.durable()
-        return outcome.model_dump()
+        return outcome
 
     async def in_flight(self) -> dict[str, int]:
         """Replica id → requests in flight, for the replicas that last reported some (busy)."""
@@ -291,7 +299,7 @@ class VRAMAllocator:
         if self._ledger.touch([replica_id], now()):
             self._writer.start()  # written with the next change, or within the idle flush
 
-    async def reserve_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def reserve_many(self, requests: list[ReserveRequest]) -> list[ReserveOutcome]:
         """`reserve` for each request (`ReserveRequest` fields), in order, with one write for all.
 
         An invalid request (a missing field, bytes <= 0, an owner that is no actor id) refuses the
@@ -303,7 +311,7 @@ class VRAMAllocator:
         self._recheck_stale()
         outcomes, _ = self._ledger.reserve_many(batch.requests, now())
         await self._writer.durable()
-        return [outcome.model_dump() for outcome in outcomes]
+        return outcomes
 
     async def release(self, replica_id: str) -> bool:
         """Free a replica's reservation and startup lock; False when it held neither."""
@@ -328,50 +336,37 @@ class VRAMAllocator:
         self._ledger.attach_process(replica_id, pid)
         await self._writer.durable()
 
-    async def plan(
-        self,
-        models: list[dict[str, Any]],
-        settings: dict[str, Any] | None = None,
-        exclude_nodes: list[str] | None = None,
-        keep_others: bool = False,
-        overheads: dict[str, int] | None = None,
-    ) -> dict[str, Any]:
-        """Plan `models` against current inventories and reservations (stale nodes and `exclude_nodes`,
-        e.g. nodes that left the Ray cluster, take nothing new). By default `models` is the whole
-        desired state (other models' reservations are listed for release); `keep_others`: they are
-        some of the cluster's models, and every other model's reservation keeps its room. `overheads`:
-        model id → overhead in bytes, as the caller resolved it from the model's files."""
+    async def plan(self, request: PlanRequest) -> Plan:
+        """Plan `request.models` against current inventories and reservations (stale nodes and
+        `exclude_nodes`, e.g. nodes that left the Ray cluster, take nothing new). By default the models
+        are the whole desired state (other models' reservations are listed for release); `keep_others`:
+        they are some of the cluster's models, and every other model's reservation keeps its room.
+        `overheads`: model id → overhead in bytes, as the caller resolved it from the model's files."""
         self._background()
-        specs = models_from_dicts(models, "plan(models)")
-        chosen = _validated(PlacementSettings, settings, "plan(settings)") if settings is not None else None
+        chosen = _validated(PlanRequest, request, "plan(request)")
+        specs = models_from_dicts(chosen.models, "plan(models)")  # unique names, as a config's
         self._recheck_stale()
-        planned = self._ledger.plan(
-            specs,
-            now(),
-            chosen,
-            frozenset(exclude_nodes or ()),
-            keep_others,
-            {k: int(v) for k, v in (overheads or {}).items()},
+        return self._ledger.plan(
+            specs, now(), chosen.settings, frozenset(chosen.exclude_nodes), chosen.keep_others, chosen.overheads
         )
-        return planned.model_dump()
 
-    async def settings(self) -> dict[str, Any]:
-        """The placement settings in force (`PlacementSettings` as a dict)."""
+    async def settings(self) -> PlacementSettings:
+        """The placement settings in force."""
         self._background()
-        return self._ledger.settings.model_dump()
+        return self._ledger.settings
 
-    async def reservations(self) -> list[dict[str, Any]]:
+    async def reservations(self) -> list[Reservation]:
         self._background()
-        return [r.model_dump() for r in self._ledger.reservations()]
+        return self._ledger.reservations()
 
-    async def get_vram_state(self, node: str | None = None) -> dict[str, Any]:
-        """The ledger's state (`VRAMState`); with `node`, only that node's GPUs (a monitor's view)."""
+    async def get_vram_state(self, node: str | None = None) -> VRAMState:
+        """The ledger's state; with `node`, only that node's GPUs (a monitor's view)."""
         self._background()
-        return self._ledger.state_data(now(), node)
+        return self._ledger.state(now(), node)
 
-    async def persistence(self) -> dict[str, Any]:
+    async def persistence(self) -> WriterStats:
         """How the ledger is persisted: writes, journal and snapshot sizes, and what the last load replayed."""
-        return self._writer.stats().model_dump()
+        return self._writer.stats()
 
     # -- startup locks ----------------------------------------------------------------------
     # The rules (who holds, FIFO order, who is next, dead owners) are `Ledger`'s; the actor only
@@ -426,11 +421,192 @@ class VRAMAllocator:
                     future.set_result(result)
 
 
-def get_vram_allocator() -> ray.actor.ActorHandle:
+def get_vram_allocator() -> Any:
     """A handle to the cluster's `vram_allocator` (namespace `ray-vram`), created if missing.
 
     Race-safe: concurrent callers all end up with the same detached actor (`get_if_exists`).
     Ray restarts it forever on failure and retries calls that were in flight (every method is
     idempotent), and the ledger is reloaded from GCS, so callers see no gap but a delay.
+    Call it through `AllocatorClient` / `AsyncAllocatorClient`: they type every argument and answer.
     """
     return cluster_actor(VRAMAllocator, ALLOCATOR_ACTOR, max_concurrency=1000, retry_calls=True)
+
+
+def _plan_request(
+    models: Sequence[ModelSpec],
+    settings: PlacementSettings | None,
+    exclude_nodes: Sequence[str],
+    keep_others: bool,
+    overheads: dict[str, int] | None,
+) -> PlanRequest:
+    return PlanRequest(
+        models=list(models),
+        settings=settings,
+        exclude_nodes=sorted(exclude_nodes),
+        keep_others=keep_others,
+        overheads=dict(overheads or {}),
+    )
+
+
+class AllocatorClient:
+    """The allocator's calls, typed, each waiting for its answer (`timeout_s`: at most this long,
+    else Ray's `GetTimeoutError`; None: no limit). What the actor raised is raised here."""
+
+    def __init__(self, handle: Any | None = None, timeout_s: float | None = None) -> None:
+        self.handle = handle if handle is not None else get_vram_allocator()
+        self.timeout_s = timeout_s
+
+    def _get(self, ref: Any) -> Any:
+        return ray.get(ref, timeout=self.timeout_s)
+
+    def ping(self) -> str:
+        return str(self._get(self.handle.ping.remote()))
+
+    def configure(self, settings: PlacementSettings) -> PlacementSettings:
+        return _checked(PlacementSettings, self._get(self.handle.configure.remote(settings)))
+
+    def update_inventory(self, inventory: NodeInventory) -> None:
+        self._get(self.handle.update_inventory.remote(inventory))
+
+    def reserve(
+        self,
+        replica_id: str,
+        model_id: str,
+        n_bytes: int,
+        gpu_uuid: str | None = None,
+        owner: str | None = None,
+        overhead_bytes: int | None = None,
+        state: ReplicaLife = "awake",
+        sleep: SleepTerms | None = None,
+    ) -> Reservation:
+        ref = self.handle.reserve.remote(replica_id, model_id, n_bytes, gpu_uuid, owner, overhead_bytes, state, sleep)
+        return _checked(Reservation, self._get(ref))
+
+    def sleep(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, self._get(self.handle.sleep.remote(replica_id)))
+
+    def stop(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, self._get(self.handle.stop.remote(replica_id)))
+
+    def wake(self, replica_id: str) -> WakeOutcome:
+        return _checked(WakeOutcome, self._get(self.handle.wake.remote(replica_id)))
+
+    def in_flight(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._get(self.handle.in_flight.remote()).items()}
+
+    def report_use(self, replica_id: str, in_flight: int) -> None:
+        self._get(self.handle.report_use.remote(replica_id, in_flight))
+
+    def reserve_many(self, requests: Sequence[ReserveRequest]) -> list[ReserveOutcome]:
+        return _checked_list(ReserveOutcome, self._get(self.handle.reserve_many.remote(list(requests))))
+
+    def release(self, replica_id: str) -> bool:
+        return bool(self._get(self.handle.release.remote(replica_id)))
+
+    def release_many(self, replica_ids: Sequence[str]) -> list[bool]:
+        return [bool(b) for b in self._get(self.handle.release_many.remote(list(replica_ids)))]
+
+    def attach_process(self, replica_id: str, pid: int) -> None:
+        self._get(self.handle.attach_process.remote(replica_id, pid))
+
+    def plan(
+        self,
+        models: Sequence[ModelSpec],
+        settings: PlacementSettings | None = None,
+        exclude_nodes: Sequence[str] = (),
+        keep_others: bool = False,
+        overheads: dict[str, int] | None = None,
+    ) -> Plan:
+        """See `VRAMAllocator.plan`; planning reserves nothing."""
+        request = _plan_request(models, settings, exclude_nodes, keep_others, overheads)
+        return _checked(Plan, self._get(self.handle.plan.remote(request)))
+
+    def settings(self) -> PlacementSettings:
+        return _checked(PlacementSettings, self._get(self.handle.settings.remote()))
+
+    def reservations(self) -> list[Reservation]:
+        return _checked_list(Reservation, self._get(self.handle.reservations.remote()))
+
+    def vram_state(self, node: str | None = None) -> VRAMState:
+        return _checked(VRAMState, self._get(self.handle.get_vram_state.remote(node)))
+
+    def persistence(self) -> WriterStats:
+        return _checked(WriterStats, self._get(self.handle.persistence.remote()))
+
+    def reclaim(self) -> list[str]:
+        return [str(r) for r in self._get(self.handle.reclaim.remote())]
+
+    def acquire_startup_lock(
+        self, gpu_uuid: str, replica_id: str, timeout_s: float = 600, owner: str | None = None
+    ) -> bool:
+        return bool(self._get(self.handle.acquire_startup_lock.remote(gpu_uuid, replica_id, timeout_s, owner)))
+
+    def release_startup_lock(self, gpu_uuid: str, replica_id: str) -> None:
+        self._get(self.handle.release_startup_lock.remote(gpu_uuid, replica_id))
+
+
+class AsyncAllocatorClient:
+    """`AllocatorClient`'s calls for code on an event loop (a replica): each awaits its answer."""
+
+    def __init__(self, handle: Any | None = None) -> None:
+        self.handle = handle if handle is not None else get_vram_allocator()
+
+    async def reserve(
+        self,
+        replica_id: str,
+        model_id: str,
+        n_bytes: int,
+        gpu_uuid: str | None = None,
+        owner: str | None = None,
+        overhead_bytes: int | None = None,
+        state: ReplicaLife = "awake",
+        sleep: SleepTerms | None = None,
+    ) -> Reservation:
+        ref = self.handle.reserve.remote(replica_id, model_id, n_bytes, gpu_uuid, owner, overhead_bytes, state, sleep)
+        return _checked(Reservation, await ref)
+
+    async def sleep(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, await self.handle.sleep.remote(replica_id))
+
+    async def stop(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, await self.handle.stop.remote(replica_id))
+
+    async def wake(self, replica_id: str) -> WakeOutcome:
+        return _checked(WakeOutcome, await self.handle.wake.remote(replica_id))
+
+    async def report_use(self, replica_id: str, in_flight: int) -> None:
+        await self.handle.report_use.remote(replica_id, in_flight)
+
+    async def release(self, replica_id: str) -> bool:
+        return bool(await self.handle.release.remote(replica_id))
+
+    async def attach_process(self, replica_id: str, pid: int) -> None:
+        await self.handle.attach_process.remote(replica_id, pid)
+
+    async def acquire_startup_lock(
+        self, gpu_uuid: str, replica_id: str, timeout_s: float = 600, owner: str | None = None
+    ) -> bool:
+        return bool(await self.handle.acquire_startup_lock.remote(gpu_uuid, replica_id, timeout_s, owner))
+
+    async def release_startup_lock(self, gpu_uuid: str, replica_id: str) -> None:
+        await self.handle.release_startup_lock.remote(gpu_uuid, replica_id)
+
+    async def plan(
+        self,
+        models: Sequence[ModelSpec],
+        settings: PlacementSettings | None = None,
+        exclude_nodes: Sequence[str] = (),
+        keep_others: bool = False,
+        overheads: dict[str, int] | None = None,
+    ) -> Plan:
+        request = _plan_request(models, settings, exclude_nodes, keep_others, overheads)
+        return _checked(Plan, await self.handle.plan.remote(request))
+
+
+def _checked(model: type[_M], answer: Any) -> _M:
+    """The actor's answer as `model`: an allocator from before the typed boundary answers dicts."""
+    return answer if isinstance(answer, model) else model.model_validate(answer)
+
+
+def _checked_list(model: type[_M], answers: Any) -> list[_M]:
+    return [_checked(model, a) for a in answers]

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 from ray.experimental import internal_kv
 
 from ..core.config import StrictModel, describe_validation_error
+from ..core.contract import LoadReport, StoreStats
 from ..core.errors import RayVramError
 from ..core.ledger import Ledger
 from ..core.ledger_models import LedgerDelta, LedgerSnapshot
@@ -54,29 +55,6 @@ class StoredSnapshot(StrictModel):
 
     generation: int = Field(ge=0)
     ledger: LedgerSnapshot
-
-
-class LoadReport(StrictModel):
-    """What the last load found: where the ledger came from and what replaying it cost."""
-
-    source: Literal["empty", "snapshot", "legacy"] = "empty"
-    reservations: int = 0
-    journal_writes: int = Field(default=0, description="Deltas replayed on top of the snapshot.")
-    bytes_read: int = 0
-    stale_keys_deleted: int = Field(default=0, description="Journal keys of an older generation, left by a kill.")
-    seconds: float = 0.0
-
-
-class StoreStats(StrictModel):
-    """The store's counters since the actor started."""
-
-    generation: int
-    journal_writes: int = Field(description="Deltas in the current generation's journal.")
-    journal_bytes: int
-    snapshot_bytes: int
-    deltas_written: int = 0
-    snapshots_written: int = 0
-    loaded: LoadReport
 
 
 def _generation_prefix(generation: int) -> str:

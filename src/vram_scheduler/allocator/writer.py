@@ -17,25 +17,16 @@ import asyncio
 import contextlib
 import logging
 
-from ..core.config import StrictModel
+from ..core.contract import WriterStats
 from ..core.errors import RayVramError
 from ..core.ledger import Ledger
-from .store import LedgerStore, StoreStats
+from .store import LedgerStore
 
 log = logging.getLogger(__name__)
 
 
 class LedgerNotWritten(RayVramError, RuntimeError):
     """A change is in the allocator's memory but its write to the GCS failed (retried with the next)."""
-
-
-class WriterStats(StrictModel):
-    """What the writer did since the actor started, and the store's own counters."""
-
-    rounds: int
-    writes: int
-    failed_writes: int
-    store: StoreStats
 
 
 class LedgerWriter:

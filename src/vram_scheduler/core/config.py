@@ -199,7 +199,7 @@ class ModelSpec(StrictModel):
     @model_serializer(mode="wrap")
     def _dump_without_unused_replicas(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """A max_replicas spec dumps without `replicas`, so every dump validates again unchanged."""
-        data = handler(self)
+        data: dict[str, Any] = handler(self)
         if self.max_replicas and isinstance(data, dict):
             data.pop("replicas", None)
         return data

@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import PlacementSettings
+from .capacity import ReplicaLife, SleepTerms, footprint_bytes
+from .config import ModelSpec, PlacementSettings, SleepLevel, StrictModel
 
 #: A replica's state, one record per replica the values ask for: "pending" (no reservation: the
 #: planner found no room, `reason` says why), "reserved" (planned, its Serve replica not started),
@@ -126,6 +127,16 @@ class DeploymentList(WireModel):
     models: list[DeploymentStatus] = Field(default_factory=list)
 
 
+class ApplyResult(WireModel):
+    """What converging to a values file did (`Controller.apply`): models kept as they ran, deployed
+    (new or changed), removed, and those with pending replicas and why."""
+
+    kept: list[str] = Field(default_factory=list)
+    deployed: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    unplaced: dict[str, list[str]] = Field(default_factory=dict, description="Model id -> the planner's reasons.")
+
+
 # --------------------------------------------------------------------------- GET /v1/vram
 
 
@@ -233,8 +244,22 @@ class ReplicaEndpoint(WireModel):
     app: str | None = Field(default=None, description="The Serve application of its deployment (where to wake it).")
 
 
+class SleepReport(WireModel):
+    """What a replica put to sleep by an operator answers (`ray-vram sleep`, `POST .../sleep`): the
+    state it went to (the replica's announcement carries more; readers ignore it)."""
+
+    replica_id: str
+    state: ReplicaLife | None = Field(
+        default=None, description="asleep or stopped (CPU: the engine stops); None: the replica said nothing."
+    )
+    node: str | None = None
+    gpu_uuid: str | None = None
+    pids: list[int] = Field(default_factory=list, description="Its engine's processes (empty: stopped).")
+
+
 class WakeReport(WireModel):
-    """What a replica's `wake` answers: how long it took and what it evicted."""
+    """What a replica's `wake` answers (`ray-vram wake`, `POST .../wake`): how long it took and what
+    it evicted."""
 
     replica_id: str
     state: Literal["awake", "asleep", "stopped"]
@@ -274,3 +299,207 @@ class EndpointTable(WireModel):
     version: int = Field(ge=0)
     models: list[RoutedModel] = Field(default_factory=list)
     endpoints: list[ReplicaEndpoint] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the allocator's calls
+# What the `vram_allocator` actor takes and answers (`allocator.AllocatorClient`). These are also
+# what the ledger stores and the planner returns, so they are strict: a field one side lacks fails.
+
+#: A Ray actor id: what an owner must be (`ray.get_runtime_context().get_actor_id()`).
+ACTOR_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class Reservation(StrictModel):
+    """VRAM held for one replica on one GPU (the ledger's unit)."""
+
+    replica_id: str
+    model_id: str
+    node: str
+    gpu_uuid: str
+    gpu_index: int = Field(ge=0)
+    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
+    overhead_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="The model's overhead, held beside the budget (None: a record from before overheads were "
+        "per reservation; the cluster's setting applies).",
+    )
+    cap_bytes: int | None = Field(
+        default=None, gt=0, description="The engine's hard cap (MPS): budget + overhead, at most the GPU's total."
+    )
+    state: ReplicaLife = Field(
+        default="awake",
+        description="awake: holds budget + overhead; asleep: its sleeping footprint; stopped: nothing (a plan's "
+        "replica beyond the room awake starts stopped, and its first request starts it).",
+    )
+    sleep: SleepTerms | None = Field(
+        default=None, description="How it sleeps; None: it never sleeps and is never put to sleep (pinned)."
+    )
+    asleep_level: SleepLevel | None = Field(default=None, description="The level it sleeps at, while asleep.")
+
+    @property
+    def held_bytes(self) -> int:
+        """What it holds on its GPU in its state (`capacity.footprint_bytes`)."""
+        overhead = self.overhead_bytes or 0
+        return footprint_bytes(self.state, self.bytes, overhead, self.sleep)
+
+
+class Unplaced(StrictModel):
+    """Replicas of one model that fit nowhere, and why."""
+
+    model_id: str
+    count: int = Field(ge=1, description="How many requested replicas did not fit.")
+    need_bytes: int = Field(description="Budget plus the model's overhead.")
+    largest_free_bytes: int
+    largest_free_gpu: str | None = Field(description="'node N, GPU i' holding the largest free slot.")
+    too_big: bool = Field(
+        default=False,
+        description="A replica is larger than every (matching) GPU of the inventory, empty: it needs a bigger "
+        "GPU, not a free one. False: no room now (a release, a scale-down or a joining GPU can make room).",
+    )
+    largest_gpu: str | None = Field(
+        default=None, description="The largest matching GPU: 'NAME, SIZE on node N, GPU i' (None without one)."
+    )
+    reason: str
+
+
+class GPUPlan(StrictModel):
+    """One GPU after the plan: what it holds and what room is left."""
+
+    node: str
+    index: int
+    uuid: str
+    name: str
+    total_bytes: int
+    unmanaged_bytes: int
+    reserved_bytes: int = Field(description="Budgets plus overheads of every replica on this GPU.")
+    free_bytes: int
+    replicas: list[str]
+
+
+class Plan(StrictModel):
+    """The result of planning: keep what is placed, add `new`, release `release`."""
+
+    kept: list[Reservation] = Field(default_factory=list)
+    new: list[Reservation] = Field(default_factory=list)
+    release: list[Reservation] = Field(default_factory=list)
+    unplaced: list[Unplaced] = Field(default_factory=list)
+    gpus: list[GPUPlan] = Field(default_factory=list)
+
+    @property
+    def reservations(self) -> list[Reservation]:
+        return self.kept + self.new
+
+    @property
+    def complete(self) -> bool:
+        return not self.unplaced
+
+    def replicas_of(self, model_id: str) -> list[Reservation]:
+        return [r for r in self.reservations if r.model_id == model_id]
+
+
+class ReserveRequest(StrictModel):
+    """One item of `reserve_many`: the arguments of one `reserve` call."""
+
+    replica_id: str = Field(min_length=1)
+    model_id: str = Field(min_length=1)
+    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
+    overhead_bytes: int | None = Field(default=None, ge=0, description="The model's overhead; None: the cluster's.")
+    gpu_uuid: str | None = None
+    owner: str | None = Field(default=None, pattern=ACTOR_ID_PATTERN, description="Ray actor id of the replica.")
+    state: ReplicaLife = Field(default="awake", description="awake, or stopped (placed beyond the room awake).")
+    sleep: SleepTerms | None = Field(default=None, description="How it sleeps; None: never (pinned).")
+
+
+class Eviction(StrictModel):
+    """A replica a wake put to sleep or stopped: its engine must follow before the waker's starts."""
+
+    replica_id: str
+    model_id: str
+    state: ReplicaLife
+    level: SleepLevel | None = None
+    freed_bytes: int
+
+
+class WakeOutcome(StrictModel):
+    """What `wake` did: the replica's reservation, whole again, and the replicas it evicted."""
+
+    reservation: Reservation
+    evicted: list[Eviction] = Field(default_factory=list)
+
+
+class ReserveOutcome(StrictModel):
+    """What `reserve_many` answers per item: the reservation, or why this item was refused."""
+
+    replica_id: str
+    reservation: Reservation | None = None
+    error: str | None = None
+
+
+class PlanRequest(StrictModel):
+    """`plan`'s arguments: the models to plan and how (see `AllocatorClient.plan`)."""
+
+    models: list[ModelSpec]
+    settings: PlacementSettings | None = Field(default=None, description="None: the settings in force.")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Nodes that take nothing new.")
+    keep_others: bool = Field(
+        default=False, description="The models are some of the cluster's: other models' reservations keep their room."
+    )
+    overheads: dict[str, int] = Field(
+        default_factory=dict, description="Model id -> its overhead in bytes, as the caller resolved it."
+    )
+
+
+class LoadReport(StrictModel):
+    """What the last load found: where the ledger came from and what replaying it cost."""
+
+    source: Literal["empty", "snapshot", "legacy"] = "empty"
+    reservations: int = 0
+    journal_writes: int = Field(default=0, description="Deltas replayed on top of the snapshot.")
+    bytes_read: int = 0
+    stale_keys_deleted: int = Field(default=0, description="Journal keys of an older generation, left by a kill.")
+    seconds: float = 0.0
+
+
+class StoreStats(StrictModel):
+    """The store's counters since the actor started."""
+
+    generation: int
+    journal_writes: int = Field(description="Deltas in the current generation's journal.")
+    journal_bytes: int
+    snapshot_bytes: int
+    deltas_written: int = 0
+    snapshots_written: int = 0
+    loaded: LoadReport
+
+
+class WriterStats(StrictModel):
+    """What the writer did since the actor started, and the store's own counters."""
+
+    rounds: int
+    writes: int
+    failed_writes: int
+    store: StoreStats
+
+
+# --------------------------------------------------------------------------- POST /v1/deployments
+
+
+class DeployPlan(WireModel):
+    """One model's part of the plan a deploy made: its replicas placed, and what did not fit."""
+
+    replicas: list[Reservation] = Field(default_factory=list)
+    unplaced: list[Unplaced] = Field(default_factory=list)
+
+
+class DeployAnswer(WireModel):
+    """The body of a successful `POST /v1/deployments` (HTTP 202): the model and where it goes
+    (`plan` None: a max_replicas model with no room yet, pending)."""
+
+    model_id: str
+    plan: DeployPlan | None = None
+
+    @classmethod
+    def of(cls, model_id: str, plan: Plan) -> DeployAnswer:
+        mine = [u for u in plan.unplaced if u.model_id == model_id]
+        return cls(model_id=model_id, plan=DeployPlan(replicas=plan.replicas_of(model_id), unplaced=mine))

@@ -25,22 +25,29 @@ from typing import Any
 from . import capacity, eviction
 from .capacity import ReplicaLife, SleepTerms
 from .config import ModelSpec, PlacementSettings, SleepLevel, format_gib, gib_to_bytes, parse_config
-from .contract import VRAMState
+from .contract import (
+    Eviction,
+    GPUState,
+    NodeState,
+    Plan,
+    ReplicaState,
+    Reservation,
+    ReserveOutcome,
+    ReserveRequest,
+    VRAMState,
+    WakeOutcome,
+)
 from .errors import RayVramError
 from .inventory import GPUInfo, Inventory, NodeInventory
 from .ledger_models import (
     SNAPSHOT_VERSION,
-    Eviction,
     LedgerDelta,
     LedgerEntry,
     LedgerSnapshot,
     NodeRecord,
-    ReserveOutcome,
-    ReserveRequest,
     StartupLockHolder,
-    WakeOutcome,
 )
-from .planner import Plan, Reservation, plan
+from .planner import plan
 
 __all__ = [
     "SNAPSHOT_VERSION",
@@ -858,11 +865,6 @@ class Ledger:
     def state(self, now: float, node: str | None = None) -> VRAMState:
         """The whole picture, or only `node`'s GPUs and record (what its monitor reads each poll:
         its cost then grows with that node's reservations, not the cluster's)."""
-        return VRAMState.model_validate(self.state_data(now, node))
-
-    def state_data(self, now: float, node: str | None = None) -> dict[str, Any]:
-        """`state` as the plain data `VRAMState` dumps to, without building the model: what the
-        actor returns (its readers validate it), at a fraction of the cost per replica."""
         stale = self.stale_nodes(now)
         free = self.free_bytes()
         reserved = self.reserved_bytes()
@@ -873,49 +875,49 @@ class Ledger:
                 continue
             usage = {p.pid: p.used_bytes for p in gpu.processes}
             gpus.append(
-                {
-                    "node": gpu.node,
-                    "index": gpu.index,
-                    "uuid": gpu.uuid,
-                    "name": gpu.name,
-                    "total_bytes": gpu.total_bytes,
-                    "used_bytes": gpu.used_bytes,
-                    "unmanaged_bytes": unmanaged[gpu.uuid],
-                    "reserved_bytes": reserved.get(gpu.uuid, 0),
-                    "free_bytes": free[gpu.uuid],
-                    "healthy": gpu.healthy,
-                    "stale": gpu.node in stale,
-                    "asleep": self._asleep.get(gpu.uuid, 0),
-                    "replicas": self._replica_states(gpu.uuid, usage),
-                }
+                GPUState(
+                    node=gpu.node,
+                    index=gpu.index,
+                    uuid=gpu.uuid,
+                    name=gpu.name,
+                    total_bytes=gpu.total_bytes,
+                    used_bytes=gpu.used_bytes,
+                    unmanaged_bytes=unmanaged[gpu.uuid],
+                    reserved_bytes=reserved.get(gpu.uuid, 0),
+                    free_bytes=free[gpu.uuid],
+                    healthy=gpu.healthy,
+                    stale=gpu.node in stale,
+                    asleep=self._asleep.get(gpu.uuid, 0),
+                    replicas=self._replica_states(gpu.uuid, usage),
+                )
             )
         known = self._gpu_by_uuid
         orphaned = []
         if node is None:
             orphaned = [r for uuid in self._by_gpu if uuid not in known for r in self._replica_states(uuid, None)]
         nodes = [
-            {
-                "node": name,
-                "source": record.inventory.source,
-                "gpus": len(record.inventory.gpus),
-                "age_s": round(now - record.arrived_at, 3),
-                "stale": name in stale,
-                "level1_host_bytes": self._host.get(name, 0),
-            }
+            NodeState(
+                node=name,
+                source=record.inventory.source,
+                gpus=len(record.inventory.gpus),
+                age_s=round(now - record.arrived_at, 3),
+                stale=name in stale,
+                level1_host_bytes=self._host.get(name, 0),
+            )
             for name, record in sorted(self.data.nodes.items())
             if node is None or name == node
         ]
-        return {
-            "timestamp": now,
-            "gpus": gpus,
-            "nodes": nodes,
-            "stale_nodes": sorted(stale),
-            "orphaned": sorted(orphaned, key=lambda r: r["replica_id"]),
-            "startup_locks": {uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
-            "settings": self.settings.model_dump(),
-        }
+        return VRAMState(
+            timestamp=now,
+            gpus=gpus,
+            nodes=nodes,
+            stale_nodes=sorted(stale),
+            orphaned=sorted(orphaned, key=lambda r: r.replica_id),
+            startup_locks={uuid: h.replica_id for uuid, h in sorted(self.data.startup_locks.items())},
+            settings=self.settings.model_copy(),
+        )
 
-    def _replica_states(self, gpu_uuid: str, usage: dict[int, int] | None) -> list[dict[str, Any]]:
+    def _replica_states(self, gpu_uuid: str, usage: dict[int, int] | None) -> list[ReplicaState]:
         entries = self.data.entries
         return [_replica_state(entries[rid], usage) for rid in sorted(self._by_gpu.get(gpu_uuid, ()))]
 
@@ -940,27 +942,26 @@ def _label(reservation: Reservation) -> str:
     return f"node {reservation.node}, GPU {reservation.gpu_index}"
 
 
-def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> dict[str, Any]:
-    """A `ReplicaState` as plain data (validated with the whole state)."""
+def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> ReplicaState:
     held = entry.reservation
     seen = [usage[pid] for pid in entry.pids if usage is not None and pid in usage]
-    return {
-        "replica_id": held.replica_id,
-        "model_id": held.model_id,
-        "bytes": held.bytes,
-        "overhead_bytes": held.overhead_bytes,
-        "cap_bytes": held.cap_bytes,
-        "pid": entry.pids[-1] if entry.pids else None,
-        "pids": list(entry.pids),
-        "used_bytes": sum(seen) if seen else None,
-        "owner": entry.owner,
-        "state": held.state,
-        "held_bytes": held.held_bytes,
-        "sleep_bytes": held.sleep.sleep_bytes if held.sleep is not None else None,
-        "asleep_level": held.asleep_level,
-        "pinned": held.sleep is None,
-        "last_used_at": entry.last_used_at,
-    }
+    return ReplicaState(
+        replica_id=held.replica_id,
+        model_id=held.model_id,
+        bytes=held.bytes,
+        overhead_bytes=held.overhead_bytes,
+        cap_bytes=held.cap_bytes,
+        pid=entry.pids[-1] if entry.pids else None,
+        pids=list(entry.pids),
+        used_bytes=sum(seen) if seen else None,
+        owner=entry.owner,
+        state=held.state,
+        held_bytes=held.held_bytes,
+        sleep_bytes=held.sleep.sleep_bytes if held.sleep is not None else None,
+        asleep_level=held.asleep_level,
+        pinned=held.sleep is None,
+        last_used_at=entry.last_used_at,
+    )
 
 
 def models_from_dicts(models: Iterable[dict[str, Any] | ModelSpec], source: str = "models") -> list[ModelSpec]:

@@ -1,19 +1,20 @@
-"""What the ledger stores and exchanges: its entries, its snapshot, the delta a change leaves, and the
-batch reserve's request and outcome. Pydantic models, so every boundary (the GCS, a Ray call) is
-validated; kept apart from `ledger.py`, which holds the rules."""
+"""What the ledger stores and exchanges: its entries, its snapshot, and the delta a change leaves (the
+batch reserve's request and outcome and a wake's outcome live in `contract`). Pydantic models, so
+every boundary (the GCS) is validated; kept apart from `ledger.py`, which holds the rules."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 from pydantic import Field
 
-from .capacity import ReplicaLife, SleepTerms
-from .config import PlacementSettings, SleepLevel, StrictModel
+from .config import PlacementSettings, StrictModel
+from .contract import Reservation
 from .inventory import NodeInventory
-from .planner import Reservation
 
 SNAPSHOT_VERSION = 1
-#: A Ray actor id: what an owner must be (`ray.get_runtime_context().get_actor_id()`).
-ACTOR_ID_PATTERN = r"^[0-9a-f]{32}$"
+_V = TypeVar("_V")
 
 
 class LedgerEntry(StrictModel):
@@ -78,51 +79,15 @@ class LedgerDelta(StrictModel):
     def apply_to(self, snapshot: LedgerSnapshot) -> None:
         if self.settings is not None:
             snapshot.settings = self.settings
-        for changes, target in (
-            (self.nodes, snapshot.nodes),
-            (self.entries, snapshot.entries),
-            (self.startup_locks, snapshot.startup_locks),
-        ):
-            for key, value in changes.items():
-                if value is None:
-                    target.pop(key, None)
-                else:
-                    target[key] = value
+        _apply(self.nodes, snapshot.nodes)
+        _apply(self.entries, snapshot.entries)
+        _apply(self.startup_locks, snapshot.startup_locks)
 
 
-class ReserveRequest(StrictModel):
-    """One item of `reserve_many`: the arguments of one `reserve` call."""
-
-    replica_id: str = Field(min_length=1)
-    model_id: str = Field(min_length=1)
-    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
-    overhead_bytes: int | None = Field(default=None, ge=0, description="The model's overhead; None: the cluster's.")
-    gpu_uuid: str | None = None
-    owner: str | None = Field(default=None, pattern=ACTOR_ID_PATTERN, description="Ray actor id of the replica.")
-    state: ReplicaLife = Field(default="awake", description="awake, or stopped (placed beyond the room awake).")
-    sleep: SleepTerms | None = Field(default=None, description="How it sleeps; None: never (pinned).")
-
-
-class Eviction(StrictModel):
-    """A replica a wake put to sleep or stopped: its engine must follow before the waker's starts."""
-
-    replica_id: str
-    model_id: str
-    state: ReplicaLife
-    level: SleepLevel | None = None
-    freed_bytes: int
-
-
-class WakeOutcome(StrictModel):
-    """What `wake` did: the replica's reservation, whole again, and the replicas it evicted."""
-
-    reservation: Reservation
-    evicted: list[Eviction] = Field(default_factory=list)
-
-
-class ReserveOutcome(StrictModel):
-    """What `reserve_many` answers per item: the reservation, or why this item was refused."""
-
-    replica_id: str
-    reservation: Reservation | None = None
-    error: str | None = None
+def _apply(changes: Mapping[str, _V | None], target: dict[str, _V]) -> None:
+    """Set each changed key, remove each one changed to None."""
+    for key, value in changes.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = value

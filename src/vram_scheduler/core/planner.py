@@ -25,100 +25,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import Field
-
 from . import capacity
-from .config import ModelSpec, PlacementSettings, SleepLevel, SleepPolicy, StrictModel, format_gib, sleep_policy
+from .config import ModelSpec, PlacementSettings, SleepPolicy, format_gib, sleep_policy
+from .contract import GPUPlan, Plan, Reservation, Unplaced
 from .inventory import GPUInfo, Inventory
 
-
-class Reservation(StrictModel):
-    """VRAM held for one replica on one GPU (the ledger's unit)."""
-
-    replica_id: str
-    model_id: str
-    node: str
-    gpu_uuid: str
-    gpu_index: int = Field(ge=0)
-    bytes: int = Field(gt=0, description="The replica's budget; its overhead comes on top.")
-    overhead_bytes: int | None = Field(
-        default=None,
-        ge=0,
-        description="The model's overhead, held beside the budget (None: a record from before overheads were "
-        "per reservation; the cluster's setting applies).",
-    )
-    cap_bytes: int | None = Field(
-        default=None, gt=0, description="The engine's hard cap (MPS): budget + overhead, at most the GPU's total."
-    )
-    state: capacity.ReplicaLife = Field(
-        default="awake",
-        description="awake: holds budget + overhead; asleep: its sleeping footprint; stopped: nothing (a plan's "
-        "replica beyond the room awake starts stopped, and its first request starts it).",
-    )
-    sleep: capacity.SleepTerms | None = Field(
-        default=None, description="How it sleeps; None: it never sleeps and is never put to sleep (pinned)."
-    )
-    asleep_level: SleepLevel | None = Field(default=None, description="The level it sleeps at, while asleep.")
-
-    @property
-    def held_bytes(self) -> int:
-        """What it holds on its GPU in its state (`capacity.footprint_bytes`)."""
-        overhead = self.overhead_bytes or 0
-        return capacity.footprint_bytes(self.state, self.bytes, overhead, self.sleep)
-
-
-class Unplaced(StrictModel):
-    """Replicas of one model that fit nowhere, and why."""
-
-    model_id: str
-    count: int = Field(ge=1, description="How many requested replicas did not fit.")
-    need_bytes: int = Field(description="Budget plus the model's overhead.")
-    largest_free_bytes: int
-    largest_free_gpu: str | None = Field(description="'node N, GPU i' holding the largest free slot.")
-    too_big: bool = Field(
-        default=False,
-        description="A replica is larger than every (matching) GPU of the inventory, empty: it needs a bigger "
-        "GPU, not a free one. False: no room now (a release, a scale-down or a joining GPU can make room).",
-    )
-    largest_gpu: str | None = Field(
-        default=None, description="The largest matching GPU: 'NAME, SIZE on node N, GPU i' (None without one)."
-    )
-    reason: str
-
-
-class GPUPlan(StrictModel):
-    """One GPU after the plan: what it holds and what room is left."""
-
-    node: str
-    index: int
-    uuid: str
-    name: str
-    total_bytes: int
-    unmanaged_bytes: int
-    reserved_bytes: int = Field(description="Budgets plus overheads of every replica on this GPU.")
-    free_bytes: int
-    replicas: list[str]
-
-
-class Plan(StrictModel):
-    """The result of planning: keep what is placed, add `new`, release `release`."""
-
-    kept: list[Reservation] = Field(default_factory=list)
-    new: list[Reservation] = Field(default_factory=list)
-    release: list[Reservation] = Field(default_factory=list)
-    unplaced: list[Unplaced] = Field(default_factory=list)
-    gpus: list[GPUPlan] = Field(default_factory=list)
-
-    @property
-    def reservations(self) -> list[Reservation]:
-        return self.kept + self.new
-
-    @property
-    def complete(self) -> bool:
-        return not self.unplaced
-
-    def replicas_of(self, model_id: str) -> list[Reservation]:
-        return [r for r in self.reservations if r.model_id == model_id]
+#: The models a plan is made of live in `contract` (they cross the allocator's boundary).
+__all__ = ["GPUPlan", "Plan", "Reservation", "Unplaced", "plan", "replica_id_for", "replica_number"]
 
 
 @dataclass

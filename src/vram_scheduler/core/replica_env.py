@@ -1,7 +1,7 @@
 """What a replica inherits from whoever asks for it: the caller's cache paths, offline-hub and vLLM
 settings, through the replica's Ray runtime env, and never a secret.
 
-The controller passes this process's variables along with each deploy (`ControllerHandle`, the
+The controller passes this process's variables along with each deploy (`ControllerClient`, the
 SDK on a Ray address), so a replica sees the environment of the process that deployed it.
 Standard library only: the SDK imports it on machines without Ray.
 """

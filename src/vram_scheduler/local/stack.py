@@ -34,6 +34,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from ..core.config import ConfigError, RayVRAMConfig, ServingSettings
+from ..core.contract import ApplyResult
 from ..core.errors import RayVramError
 from ..core.loopback import is_loopback_host, keep_ray_on_loopback
 from ..serving.controller.auth import GuardedApp, RequestGuard, allowed_hosts, ensure_secret_file, server_token
@@ -149,7 +150,7 @@ class LocalStack:
     mps_dirs: tuple[str, str] | None = None
     #: What the controller's `apply` returned: kept, deployed, removed, and per model the reasons
     #: of its pending replicas ("unplaced").
-    applied: dict[str, Any] = field(default_factory=dict)
+    applied: ApplyResult = field(default_factory=ApplyResult)
     _threads: list[threading.Thread] = field(default_factory=list)
     _started_at: float | None = None
 
@@ -174,7 +175,7 @@ class LocalStack:
         from ray import serve
 
         from ..core.ray_names import NAMESPACE
-        from ..serving.controller.actor import ControllerHandle
+        from ..serving.controller.actor import ControllerClient
         from ..serving.controller.http_api import ControllerAPI
 
         self._start_mps(progress)
@@ -200,7 +201,7 @@ class LocalStack:
         if node_ip != "127.0.0.1":
             raise RuntimeError(f"the local Ray node took address {node_ip}, not 127.0.0.1; refusing to serve")
         serve.start(proxy_location="Disabled")
-        self.controller = ControllerHandle(self.config.serving)
+        self.controller = ControllerClient(self.config.serving)
         self._start_monitor(ray.get_runtime_context().gcs_address)
         self._wait_inventory()
         token, hint = server_token()
@@ -222,13 +223,7 @@ class LocalStack:
     def _refuse_too_big(self) -> None:
         """Raise `NoGPULargeEnough` before any engine starts when a model's replica is larger than
         every GPU here (the planner's `too_big`); a model merely without room now stays pending."""
-        import ray
-
-        from ..core.planner import Plan
-
-        models = [m.model_dump(mode="json") for m in self.config.models]
-        placement = self.config.placement.model_dump(mode="json")
-        planned = Plan.model_validate(ray.get(self.controller.allocator.plan.remote(models, placement)))
+        planned = self.controller.allocator.plan(self.config.models, self.config.placement)
         too_big = [u.reason for u in planned.unplaced if u.too_big]
         if too_big:
             raise NoGPULargeEnough(too_big)
@@ -278,12 +273,10 @@ class LocalStack:
         self._threads.append(thread)
 
     def _wait_inventory(self, timeout_s: float = 60) -> None:
-        import ray
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            state = ray.get(self.controller.allocator.get_vram_state.remote())
-            if state["gpus"]:
+            state = self.controller.allocator.vram_state()
+            if state.gpus:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the monitor published no inventory within {timeout_s:g}s")

@@ -38,8 +38,8 @@ class AllocatorView:
     fetched_at: float = 0.0
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], node: str, fetched_at: float) -> AllocatorView:
-        parsed = VRAMState.model_validate(state)
+    def from_state(cls, state: VRAMState, node: str, fetched_at: float) -> AllocatorView:
+        parsed = state
         replicas, reserved = [], {}
         for gpu in parsed.gpus:
             if gpu.node != node:
@@ -226,7 +226,7 @@ class AllocatorLink:
             return
         import ray
 
-        from ..allocator.actor import get_vram_allocator
+        from ..allocator.actor import AllocatorClient
         from ..core.loopback import prepare_ray_join
         from ..core.ray_names import NAMESPACE
 
@@ -241,22 +241,17 @@ class AllocatorLink:
                 log_to_driver=False,
             )
             self._owns_ray = True
-        self._allocator = get_vram_allocator()
+        self._allocator = AllocatorClient(timeout_s=self.call_timeout_s)
         self._kill = ray.remote(num_cpus=0, max_retries=0)(_kill_owner)
         self._connected = True
         log.info("connected to the allocator (%s)", self.address or "local Ray")
 
     def _publish(self, inventory: NodeInventory) -> None:
-        self._allocator_call(self._allocator.update_inventory.remote(inventory.model_dump(mode="json")))
+        self._allocator.update_inventory(inventory)
         self.published += 1
         self.last_published_at = time.time()
-        state = self._allocator_call(self._allocator.get_vram_state.remote(self.node))
+        state = self._allocator.vram_state(self.node)
         self._view = AllocatorView.from_state(state, self.node, time.time())
-
-    def _allocator_call(self, ref: Any) -> Any:
-        import ray
-
-        return ray.get(ref, timeout=self.call_timeout_s)
 
     def _restart(self, actor_id: str, why: str) -> None:
         import ray

@@ -21,10 +21,10 @@ from rich.console import Console
 
 from ..core import capacity
 from ..core.config import ConfigError, ModelSpec, describe_validation_error, format_gib
-from ..core.contract import DeploymentStatus, ReplicaStatus, VRAMState
+from ..core.contract import DeploymentStatus, Plan, ReplicaStatus, Reservation, SleepReport, VRAMState, WakeReport
 from ..core.inventory import GPUInfo, Inventory, NodeInventory
 from ..core.model_limits import resolve_overheads
-from ..core.planner import Plan, Reservation, plan
+from ..core.planner import plan
 from .controller_http import CONTROLLER_ENV, DEFAULT_CONTROLLER, HTTPControllerClient
 from .controller_ray import RayControllerClient
 from .deploy_progress import DeployProgress
@@ -400,15 +400,16 @@ class VRAMScheduler:
             return self.api.remove_all()
         return [model_id] if self.api.remove(model_id) else []
 
-    def sleep(self, model_id: str) -> list[dict[str, Any]]:
+    def sleep(self, model_id: str) -> list[SleepReport]:
         """Put every awake replica of a model to sleep now (its sleeping footprint stays reserved;
-        on CPU its engine stops); each replica's state. Raises `SchedulerError` naming why not
-        (an unknown model, or one that never sleeps: pinned, or no sleep policy)."""
+        on CPU its engine stops); each replica's `SleepReport` (the state it went to). Raises
+        `SchedulerError` naming why not (an unknown model, or one that never sleeps: pinned, or no
+        sleep policy)."""
         return self.api.sleep(model_id)
 
-    def wake(self, model_id: str) -> list[dict[str, Any]]:
+    def wake(self, model_id: str) -> list[WakeReport]:
         """Wake every replica of a model now (a cold start where stopped), evicting idle replicas
-        that sleep where room is short; each replica's `WakeReport` as a dict (seconds, evicted).
+        that sleep where room is short; each replica's `WakeReport` (seconds, cold, evicted).
         Raises `SchedulerError` naming why not (no room without a busy or pinned replica, a failed wake)."""
         return self.api.wake(model_id)
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from ..core.config import ConfigError, ModelSpec
-from ..core.contract import DeploymentList, DeploymentStatus, VRAMState
+from ..core.contract import DeployAnswer, DeploymentList, DeploymentStatus, SleepReport, VRAMState, WakeReport
 from .scheduler_errors import ControllerAuthError, ControllerUnavailableError, PlacementError, SchedulerError
 from .token import auth_headers, where_to_find_token
 
@@ -63,7 +63,7 @@ class HTTPControllerClient:
         data = self._json(self._call("GET", "/v1/deployments"), "GET /v1/deployments")
         return DeploymentList.model_validate(data).models
 
-    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
+    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> DeployAnswer:
         """POST a model; the controller may hold the request until its replicas started."""
         extra = {"timeout": timeout_s} if timeout_s is not None else {}
         body = spec.model_dump(mode="json", exclude={"replicas"} if spec.max_replicas else None)
@@ -77,7 +77,7 @@ class HTTPControllerClient:
             data = _safe_json(response)
             problems = data.get("problems") if isinstance(data, dict) else None
             raise ConfigError(f"model {spec.model_id!r} (refused by {self.url})", problems or [_reason(response)])
-        return self._json(response, f"POST /v1/deployments ({spec.model_id})")
+        return DeployAnswer.model_validate(self._json(response, f"POST /v1/deployments ({spec.model_id})"))
 
     def remove(self, model_id: str) -> bool:
         response = self._call("DELETE", f"/v1/deployments/{model_id}")
@@ -86,13 +86,13 @@ class HTTPControllerClient:
         data = self._json(response, f"DELETE /v1/deployments/{model_id}")
         return bool(data.get("removed", True)) if isinstance(data, dict) else True
 
-    def sleep(self, model_id: str) -> list[dict[str, Any]]:
-        return self._sleep_or_wake(model_id, "sleep")
+    def sleep(self, model_id: str) -> list[SleepReport]:
+        return [SleepReport.model_validate(a) for a in self._sleep_or_wake(model_id, "sleep")]
 
-    def wake(self, model_id: str) -> list[dict[str, Any]]:
-        return self._sleep_or_wake(model_id, "wake")
+    def wake(self, model_id: str) -> list[WakeReport]:
+        return [WakeReport.model_validate(a) for a in self._sleep_or_wake(model_id, "wake")]
 
-    def _sleep_or_wake(self, model_id: str, action: str) -> list[dict[str, Any]]:
+    def _sleep_or_wake(self, model_id: str, action: str) -> list[Any]:
         path = f"/v1/deployments/{model_id}/{action}"
         response = self._call("POST", path, timeout=WAKE_TIMEOUT_S)
         if response.status_code in {404, 409}:

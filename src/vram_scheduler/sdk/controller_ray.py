@@ -2,19 +2,19 @@
 (for a process that is, or may become, a Ray driver: `VRAMScheduler("host:6379")`).
 
 The actors are found by name (`ray.get_actor`, `core.ray_names`) and answer with the contract's
-models: no server module is imported here, so a client needs Ray's client API and nothing of the
-serving code.
+models (`model_validate` also reads an older actor's dicts): no server module is imported here, so
+a client needs Ray's client API and nothing of the serving code.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..core.config import ConfigError, ModelSpec
-from ..core.contract import DeploymentList, DeploymentStatus, VRAMState
+from ..core.contract import DeployAnswer, DeploymentList, DeploymentStatus, Plan, SleepReport, VRAMState, WakeReport
 from ..core.errors import Unplaceable, wake_failure
 from ..core.loopback import prepare_ray_join
-from ..core.planner import Plan
 from ..core.ray_names import ALLOCATOR_ACTOR, CONTROLLER_ACTOR, NAMESPACE
 from ..core.replica_env import replica_env
 from .scheduler_errors import ControllerUnavailableError, PlacementError, SchedulerError
@@ -46,7 +46,7 @@ class RayControllerClient:
         try:
             if not ray.is_initialized():
                 prepare_ray_join(address)
-                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ControllerUnavailableError(f"cannot join the Ray cluster at {address}: {error}") from None
         try:
@@ -72,7 +72,7 @@ class RayControllerClient:
     def deployments(self) -> list[DeploymentStatus]:
         return DeploymentList.model_validate(_call(self.controller.status.remote())).models
 
-    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> dict[str, Any]:
+    def deploy(self, spec: ModelSpec, timeout_s: float | None = None) -> DeployAnswer:
         try:
             plan = Plan.model_validate(_call(self.controller.deploy.remote(spec, None, replica_env())))
         except Unplaceable as error:
@@ -81,27 +81,26 @@ class RayControllerClient:
             raise
         except Exception as error:
             raise SchedulerError(f"{type(error).__name__}: {error}") from None
-        return {
-            "model_id": spec.model_id,
-            "plan": {"replicas": [r.model_dump() for r in plan.replicas_of(spec.model_id)]},
-        }
+        return DeployAnswer.of(spec.model_id, plan)
 
     def remove(self, model_id: str) -> bool:
-        return _call(self.controller.remove.remote(model_id))
+        return bool(_call(self.controller.remove.remote(model_id)))
 
     def remove_all(self) -> list[str]:
-        return _call(self.controller.remove_all.remote())
+        return [str(m) for m in _call(self.controller.remove_all.remote())]
 
-    def sleep(self, model_id: str) -> list[dict[str, Any]]:
-        return self._sleep_or_wake(model_id, "sleep")
+    def sleep(self, model_id: str) -> list[SleepReport]:
+        answers = self._sleep_or_wake(model_id, "sleep")
+        return [SleepReport.model_validate(a) for a in answers]
 
-    def wake(self, model_id: str) -> list[dict[str, Any]]:
-        return self._sleep_or_wake(model_id, "wake")
+    def wake(self, model_id: str) -> list[WakeReport]:
+        answers = self._sleep_or_wake(model_id, "wake")
+        return [WakeReport.model_validate(a) for a in answers]
 
-    def _sleep_or_wake(self, model_id: str, action: str) -> list[dict[str, Any]]:
-        method = self.controller.sleep_model if action == "sleep" else self.controller.wake_model
+    def _sleep_or_wake(self, model_id: str, action: str) -> list[Any]:
+        method: Any = self.controller.sleep_model if action == "sleep" else self.controller.wake_model
         try:
-            return _call(method.remote(model_id))
+            return list(_call(method.remote(model_id)))
         except KeyError as error:
             raise SchedulerError(f"{action} {model_id}: {error.args[0]}") from None
         except Exception as error:  # the replica's reason (never sleeps, no room, a failed wake)

@@ -21,8 +21,7 @@ from rich.text import Text
 
 from ..core import capacity
 from ..core.config import GIB, PlacementSettings
-from ..core.contract import DeploymentStatus, GPUState, VRAMState
-from ..core.planner import Plan
+from ..core.contract import DeploymentStatus, GPUState, Plan, VRAMState
 
 CAPTION = (
     "replicas: budget + overhead = reservation; reserved = what they hold (awake: the reservation, asleep: the "

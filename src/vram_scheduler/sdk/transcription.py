@@ -15,7 +15,8 @@ from typing import IO, Any, Literal
 
 import httpx
 
-from .inference import InferenceError, RetryPolicy, _Call, _endpoint_call, _post_async, _post_sync
+from .http_calls import Call, RetryPolicy, endpoint_call, post_async, post_sync
+from .inference_errors import InferenceError
 
 #: What `transcribe` takes: a path, the file's bytes, or an open binary file.
 AudioInput = str | os.PathLike[str] | bytes | IO[bytes]
@@ -54,13 +55,13 @@ def _prepare(
     timeout_s: float,
     retry: RetryPolicy | None,
     params: dict[str, Any],
-) -> _Call:
+) -> Call:
     model = router_name or model_id
     filename, data = _upload(audio)
     fields: dict[str, Any] = {"model": model, "response_format": response_format}
     optional = {"language": language, "prompt": prompt, "max_completion_tokens": max_tokens}
     fields |= {key: str(value) for key, value in (optional | params).items() if value is not None}
-    return _endpoint_call(
+    return endpoint_call(
         model,
         "audio/transcriptions",
         fields,
@@ -72,7 +73,7 @@ def _prepare(
     )
 
 
-def _result(payload: dict[str, Any], call: _Call, response_format: ResponseFormat) -> Any:
+def _result(payload: dict[str, Any], call: Call, response_format: ResponseFormat) -> Any:
     if response_format == "verbose_json":
         return payload
     text = payload.get("text")
@@ -119,7 +120,7 @@ def transcribe(
         retry=retry,
         params=params,
     )
-    return _result(_post_sync(call), call, response_format)
+    return _result(post_sync(call), call, response_format)
 
 
 async def a_transcribe(
@@ -144,4 +145,4 @@ async def a_transcribe(
         params=kwargs,
         **options,
     )
-    return _result(await _post_async(call, client), call, response_format)
+    return _result(await post_async(call, client), call, response_format)

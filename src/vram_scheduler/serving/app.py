@@ -22,8 +22,7 @@ from ray import serve
 from ray.serve import Application
 
 from ..core.config import ModelSpec, ServingSettings
-from ..core.contract import ModelAvailability
-from ..core.planner import Reservation
+from ..core.contract import ModelAvailability, Reservation
 from ..core.replica_env import replica_env, without_secrets
 from .endpoint_board import endpoint_board, routed_models
 from .options import deployment_options, keep_if_unchanged, router_names, router_options

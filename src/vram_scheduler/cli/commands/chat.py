@@ -7,8 +7,10 @@ import sys
 from typing import Any
 
 from ...core.exit_codes import ExitCode
-from ...sdk import inference as inf
+from ...sdk import endpoints
+from ...sdk.inference_errors import EndpointNotFoundError, InferenceError, ModelNotFoundError
 from ...sdk.media_inputs import ImageInputError, with_images
+from ...sdk.streaming import stream
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,16 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     try:
-        base_url = inf.resolve_endpoint(args.model_id, args.endpoint)
+        base_url = endpoints.resolve_endpoint(args.model_id, args.endpoint)
         _check_served(args.model_id, base_url)
-    except inf.ModelNotFoundError as error:
+    except ModelNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return ExitCode.INVALID
-    except inf.InferenceError as error:
+    except InferenceError as error:
         print(f"error: {error}", file=sys.stderr)
-        return (
-            ExitCode.INVALID if isinstance(error, inf.EndpointNotFoundError) and not args.endpoint else ExitCode.FAILURE
-        )
+        return ExitCode.INVALID if isinstance(error, EndpointNotFoundError) and not args.endpoint else ExitCode.FAILURE
     history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     sampling = {"temperature": args.temperature} if args.temperature is not None else {}
     images: list[str] = list(args.image)
@@ -88,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
         images = []
         answer = []
         try:
-            for piece in inf.stream(history, args.model_id, base_url=base_url, max_tokens=args.max_tokens, **sampling):
+            for piece in stream(history, args.model_id, base_url=base_url, max_tokens=args.max_tokens, **sampling):
                 answer.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except inf.InferenceError as error:
+        except InferenceError as error:
             print(f"\nerror: {error}", file=sys.stderr)
             return ExitCode.FAILURE
         sys.stdout.write("\n")
@@ -104,15 +104,15 @@ def _check_served(model_id: str, base_url: str) -> None:
     """Fail before the first prompt when the endpoint does not know the model."""
     import httpx
 
-    headers = inf.auth_headers(None)
+    headers = endpoints.auth_headers(None)
     try:
         response = httpx.get(f"{base_url}/models", headers=headers, timeout=10)
     except httpx.HTTPError as error:
-        raise inf.EndpointNotFoundError(f"cannot reach {base_url}: {error}", model=model_id, url=base_url) from None
+        raise EndpointNotFoundError(f"cannot reach {base_url}: {error}", model=model_id, url=base_url) from None
     if response.status_code == 200:
         served = [item.get("id") for item in response.json().get("data", [])]
         if model_id not in served:
-            raise inf.ModelNotFoundError(
+            raise ModelNotFoundError(
                 f"model {model_id!r} is not served at {base_url}; served: {', '.join(served) or 'none'}",
                 model=model_id,
                 url=base_url,

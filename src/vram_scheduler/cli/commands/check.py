@@ -22,9 +22,10 @@ from ...core.config import GIB, ConfigError, format_gib
 from ...core.contract import DeploymentStatus
 from ...core.exit_codes import ExitCode
 from ...core.flags import RAY_ADDRESS_INSTEAD, add_output_option, add_ray_address_option, warn_deprecated
-from ...sdk import inference as inf
 from ...sdk.client import PlacementError, SchedulerError, VRAMScheduler, model_spec
 from ...sdk.display import wide_console
+from ...sdk.inference import inference
+from ...sdk.inference_errors import InferenceError
 from .options import add_controller_address_option, is_http_url, ray_address
 
 PROBE_MODEL_ID = "ray-vram-check-refused"
@@ -82,7 +83,7 @@ def _timed(name: str, step: Callable[[], str]) -> CheckResult:
     start = time.monotonic()
     try:
         detail, ok = step(), True
-    except (SchedulerError, inf.InferenceError, AssertionError) as error:
+    except (SchedulerError, InferenceError, AssertionError) as error:
         detail, ok = f"{type(error).__name__}: {error}", False
     return CheckResult(name=name, ok=ok, detail=detail, seconds=round(time.monotonic() - start, 3))
 
@@ -138,7 +139,7 @@ def _refusal(scheduler: VRAMScheduler) -> str:
 def _inference(status: DeploymentStatus, endpoint: str | None) -> str:
     ready = [r for r in status.replicas if r.state == "ready"]
     assert ready, f"no ready replica ({', '.join(f'{r.replica_id}:{r.state}' for r in status.replicas) or 'none'})"
-    text = inf.inference("ping", status.model_id, base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
+    text = inference("ping", status.model_id, base_url=endpoint or status.endpoint, max_tokens=1, timeout_s=120)
     return f"{len(ready)} ready replica(s); answered {len(text)} char(s)"
 
 

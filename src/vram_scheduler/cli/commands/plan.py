@@ -7,11 +7,12 @@ import json
 
 from ...core.capacity import Overhead
 from ...core.config import load_config, with_source
+from ...core.contract import Plan
 from ...core.exit_codes import ExitCode
 from ...core.flags import add_output_option
 from ...core.inventory import load_inventory
 from ...core.model_limits import resolve_overheads
-from ...core.planner import Plan, plan
+from ...core.planner import plan
 from ...sdk.display import render_plan, wide_console
 from ...tools.demo.model import demo_sources
 from .options import add_values_option

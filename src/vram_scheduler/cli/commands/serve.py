@@ -15,7 +15,7 @@ from ...serving.controller.auth import GuardedApp, RequestGuard, allowed_hosts, 
 from .options import add_values_option, ray_address
 
 if TYPE_CHECKING:
-    from ...serving.controller.actor import ControllerHandle
+    from ...serving.controller.actor import ControllerClient
 
 log = logging.getLogger("ray-vram.serve")
 
@@ -129,15 +129,15 @@ def join_ray(address: str, timeout_s: float) -> None:
             time.sleep(2)
 
 
-def start_controller(config: RayVRAMConfig) -> ControllerHandle:
+def start_controller(config: RayVRAMConfig) -> ControllerClient:
     """Serve without its HTTP proxies (the router is the front door) and a handle to the cluster's
     one controller actor: what every `apply` of a whole values file goes through."""
     from ray import serve
 
-    from ...serving.controller.actor import ControllerHandle
+    from ...serving.controller.actor import ControllerClient
 
     serve.start(proxy_location="Disabled")
-    return ControllerHandle(config.serving)
+    return ControllerClient(config.serving)
 
 
 def run(args: argparse.Namespace) -> int:

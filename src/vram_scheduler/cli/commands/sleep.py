@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from ...core.contract import SleepReport, WakeReport
 from ...core.exit_codes import ExitCode
 from ...core.flags import add_output_option
 from ...sdk.client import SchedulerError, VRAMScheduler, exit_code_for
@@ -46,18 +47,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with VRAMScheduler(args.address, token=args.token) as scheduler:
         try:
-            replicas = scheduler.sleep(args.model_id) if args.action == "sleep" else scheduler.wake(args.model_id)
+            replicas: list[SleepReport] | list[WakeReport] = (
+                scheduler.sleep(args.model_id) if args.action == "sleep" else scheduler.wake(args.model_id)
+            )
         except SchedulerError as error:
             print(f"error: {error}", file=sys.stderr)
             return exit_code_for(error)
     if args.output == "json":
-        print(json.dumps({"model_id": args.model_id, "replicas": replicas}))
+        answers = [r.model_dump(mode="json") for r in replicas]
+        print(json.dumps({"model_id": args.model_id, "replicas": answers}))
         return ExitCode.OK
     for replica in replicas:
-        if args.action == "wake":
-            evicted = f", evicted {', '.join(replica['evicted'])}" if replica.get("evicted") else ""
-            how = "started" if replica.get("cold") else "woken"
-            print(f"{replica['replica_id']}: awake ({how} in {replica['seconds']:.2f}s{evicted})")
+        if isinstance(replica, WakeReport):
+            evicted = f", evicted {', '.join(replica.evicted)}" if replica.evicted else ""
+            how = "started" if replica.cold else "woken"
+            print(f"{replica.replica_id}: awake ({how} in {replica.seconds:.2f}s{evicted})")
         else:
-            print(f"{replica['replica_id']}: {replica.get('state', 'asleep')}")
+            print(f"{replica.replica_id}: {replica.state or 'asleep'}")
     return ExitCode.OK

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from ...core.config import load_config
-from ...core.contract import DeploymentList, VRAMState
+from ...core.contract import DeploymentList
 from ...core.exit_codes import ExitCode
 from ...core.installation import TOKEN_ENV, token_file
 from ...sdk.display import render_vram
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             for reason in error.reasons:
                 console.print(f"[red]refused (no GPU here is large enough; local mode: none can join):[/red] {reason}")
             return ExitCode.UNPLACED
-        for _, reasons in sorted(stack.applied.get("unplaced", {}).items()):
+        for _, reasons in sorted(stack.applied.unplaced.items()):
             for reason in reasons:
                 console.print(f"[yellow]not placed (pending: placed when room appears):[/yellow] {reason}")
         console.print("[dim]waiting for replicas to load ...[/dim]")
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             return ExitCode.FAILURE
         import ray
 
-        state = VRAMState.model_validate(ray.get(stack.controller.allocator.get_vram_state.remote()))
+        state = stack.controller.allocator.vram_state()
         console.print(render_vram(state))
         answering, pending = _split(status)
         models = f"models: {', '.join(answering) or 'none'}" + (
@@ -120,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _split(status: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _split(status: DeploymentList) -> tuple[list[str], list[str]]:
     """The models that answer (a ready replica) and those with pending replicas, from the status."""
-    models = DeploymentList.model_validate(status).models
+    models = status.models
     return [m.model_id for m in models if m.answers], [m.model_id for m in models if m.pending]
 
 

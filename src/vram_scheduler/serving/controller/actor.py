@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
+from pydantic import BaseModel
 
-from ...allocator.actor import get_vram_allocator
+from ...allocator.actor import AllocatorClient
 from ...allocator.cluster_actors import cluster_actor
 from ...core.config import ModelSpec, PlacementSettings, RayVRAMConfig, ServingSettings
-from ...core.planner import Plan
+from ...core.contract import ApplyResult, DeploymentList, Plan, SleepReport, WakeReport
 from ...core.ray_names import CONTROLLER_ACTOR
 from ...core.replica_env import replica_env
 from .controller import Controller
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class ControllerActor(Controller):
-    """`Controller` as an actor: what a property or attribute gave in-process, a method gives here."""
+    """`Controller` as an actor: what a property or attribute gave in-process, a method gives here.
+    Every method takes and returns models (`contract`, `config`); `ControllerClient` calls them."""
 
     def __init__(self, serving: ServingSettings | None = None):
         super().__init__(serving)
@@ -60,8 +62,8 @@ class ControllerActor(Controller):
     def ping(self) -> bool:
         return True
 
-    def settings(self) -> dict[str, Any]:
-        return self.serving.model_dump(mode="json")
+    def settings(self) -> ServingSettings:
+        return self.serving
 
     def endpoint_url(self) -> str:
         return self.endpoint
@@ -89,51 +91,66 @@ def _call(ref: Any) -> Any:
         raise
 
 
-class ControllerHandle:
-    """The controller's Python API (as `Controller`), each call made on the cluster's one actor."""
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _typed(model: type[_M], answer: Any) -> _M:
+    """The actor's answer as `model` (an actor from before the typed boundary answers dicts)."""
+    return answer if isinstance(answer, model) else model.model_validate(answer)
+
+
+class ControllerClient:
+    """The controller's Python API (as `Controller`), each call made on the cluster's one actor and
+    each answer a model; `allocator` is the ledger's typed client."""
 
     def __init__(self, serving: ServingSettings | None = None):
         self.actor = controller_actor(serving)
-        self.allocator = get_vram_allocator()
+        self.allocator = AllocatorClient()
 
     @property
     def serving(self) -> ServingSettings:
-        return ServingSettings.model_validate(_call(self.actor.settings.remote()))
+        return _typed(ServingSettings, _call(self.actor.settings.remote()))
 
     @property
     def endpoint(self) -> str:
-        return _call(self.actor.endpoint_url.remote())
+        return str(_call(self.actor.endpoint_url.remote()))
 
     @property
     def reconciles(self) -> dict[str, int]:
-        return _call(self.actor.reconcile_counts.remote())
+        return {str(k): int(v) for k, v in _call(self.actor.reconcile_counts.remote()).items()}
 
-    def apply(self, config: RayVRAMConfig) -> dict[str, Any]:
-        return _call(self.actor.apply.remote(config, replica_env()))
+    def apply(self, config: RayVRAMConfig) -> ApplyResult:
+        return _typed(ApplyResult, _call(self.actor.apply.remote(config, replica_env())))
 
     def deploy(self, spec: ModelSpec, placement: PlacementSettings | None = None) -> Plan:
-        return _call(self.actor.deploy.remote(spec, placement, replica_env()))
+        return _typed(Plan, _call(self.actor.deploy.remote(spec, placement, replica_env())))
 
     def remove(self, model_id: str) -> bool:
-        return _call(self.actor.remove.remote(model_id))
+        return bool(_call(self.actor.remove.remote(model_id)))
 
-    def sleep_model(self, model_id: str) -> list[dict[str, Any]]:
-        return _call(self.actor.sleep_model.remote(model_id))
+    def sleep_model(self, model_id: str) -> list[SleepReport]:
+        return [_typed(SleepReport, r) for r in _call(self.actor.sleep_model.remote(model_id))]
 
-    def wake_model(self, model_id: str) -> list[dict[str, Any]]:
-        return _call(self.actor.wake_model.remote(model_id))
+    def wake_model(self, model_id: str) -> list[WakeReport]:
+        return [_typed(WakeReport, r) for r in _call(self.actor.wake_model.remote(model_id))]
 
     def remove_all(self) -> list[str]:
-        return _call(self.actor.remove_all.remote())
+        return [str(m) for m in _call(self.actor.remove_all.remote())]
 
     def shutdown(self) -> None:
         _call(self.actor.shutdown.remote())
 
-    def status(self) -> dict[str, Any]:
-        return _call(self.actor.status.remote())
+    def status(self) -> DeploymentList:
+        return _typed(DeploymentList, _call(self.actor.status.remote()))
 
-    def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> dict[str, Any]:
-        return _call(self.actor.wait_ready.remote(model_ids, timeout_s))
+    def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> DeploymentList:
+        return _typed(DeploymentList, _call(self.actor.wait_ready.remote(model_ids, timeout_s)))
 
     def converge(self) -> dict[str, list[str]]:
-        return _call(self.actor.converge.remote())
+        """Place pending replicas where room appeared now: model id -> replica ids placed."""
+        placed = _call(self.actor.converge.remote())
+        return {str(k): [str(r) for r in v] for k, v in placed.items()}
+
+
+#: The earlier name of `ControllerClient`.
+ControllerHandle = ControllerClient

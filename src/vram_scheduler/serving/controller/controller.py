@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.experimental import internal_kv
 
-from ...allocator.actor import get_vram_allocator
+from ...allocator.actor import AllocatorClient
 from ...core.config import (
     ConfigError,
     ModelSpec,
@@ -40,17 +40,24 @@ from ...core.config import (
     with_source,
 )
 from ...core.contract import (
+    ApplyResult,
     DeploymentList,
+    EndpointTable,
     ModelAvailability,
     ModelEvent,
     ModelStatus,
+    Plan,
     ReplicaPhase,
     ReplicaStatus,
+    Reservation,
     ResolvedSizes,
+    SleepReport,
+    Unplaced,
+    WakeReport,
 )
 from ...core.errors import Unplaceable
 from ...core.model_limits import effective_max_model_len, resolve_model, resolve_overheads
-from ...core.planner import Plan, Reservation, Unplaced, replica_id_for, replica_number
+from ...core.planner import replica_id_for, replica_number
 from ...core.ray_names import NAMESPACE
 from ...core.replica_env import replica_env, without_secrets
 from ..app import declare, model_app_name, model_application, router_application, router_settings
@@ -118,7 +125,7 @@ class Controller:
             ray.init(namespace=NAMESPACE)
         self.serving = serving or ServingSettings()
         self.endpoint_host = endpoint_host
-        self.allocator = get_vram_allocator()
+        self.allocator = AllocatorClient()
         self.reconciles = {"ok": 0, "error": 0}
         self._lock = threading.RLock()
         self._caller_env: dict[str, str] = {}
@@ -153,8 +160,8 @@ class Controller:
 
     # -- converge ---------------------------------------------------------------------------
 
-    def apply(self, config: RayVRAMConfig, env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Converge to `config`: returns {"kept": [...], "deployed": [...], "removed": [...], "unplaced": {...}}.
+    def apply(self, config: RayVRAMConfig, env: dict[str, str] | None = None) -> ApplyResult:
+        """Converge to `config`: which models were kept, deployed, removed, and the pending ones' reasons.
         `env`: the caller's variables for replicas (see `core.replica_env`), over this process's."""
         with self._lock:
             if env is not None:
@@ -167,10 +174,10 @@ class Controller:
             self.reconciles["ok"] += 1
             return result
 
-    def _apply(self, config: RayVRAMConfig) -> dict[str, Any]:
+    def _apply(self, config: RayVRAMConfig) -> ApplyResult:
         config = config.model_copy(update={"models": [with_source(s, config.serving) for s in config.models]})
         check_model_limits(config.models)
-        ray.get(self.allocator.configure.remote(config.placement.model_dump(mode="json")))
+        self.allocator.configure(config.placement)
         self.serving = config.serving
         current = self.deployed()
         wanted = {spec.model_id: spec for spec in config.models}
@@ -194,7 +201,7 @@ class Controller:
                 unplaced[model_id] = [record.pending.reason]
         self._declare(config.models)
         log.info("applied: kept %s, deployed %s, removed %s, unplaced %s", kept, deployed, removed, unplaced)
-        return {"kept": kept, "deployed": deployed, "removed": removed, "unplaced": unplaced}
+        return ApplyResult(kept=kept, deployed=deployed, removed=removed, unplaced=unplaced)
 
     def deploy(
         self, spec: ModelSpec, placement: PlacementSettings | None = None, env: dict[str, str] | None = None
@@ -258,18 +265,14 @@ class Controller:
     def _plan(
         self, models: list[ModelSpec], placement: PlacementSettings | None, exclude_nodes: set[str] | None = None
     ) -> Plan:
-        settings = placement.model_dump(mode="json") if placement else None
-        dumped = [m.model_dump(mode="json") for m in models]
         overheads = {k: o.bytes for k, o in resolve_overheads(models, self._settings(placement)).items()}
-        return Plan.model_validate(
-            ray.get(self.allocator.plan.remote(dumped, settings, sorted(exclude_nodes or ()), False, overheads))
-        )
+        return self.allocator.plan(models, placement, sorted(exclude_nodes or ()), overheads=overheads)
 
     def _settings(self, placement: PlacementSettings | None) -> PlacementSettings:
         """`placement`, or the allocator's settings in force."""
         if placement is not None:
             return placement
-        return PlacementSettings.model_validate(ray.get(self.allocator.settings.remote()))
+        return self.allocator.settings()
 
     def remove(self, model_id: str) -> bool:
         """Shut a model down and free its reservations; False if it was not deployed (idempotent)."""
@@ -281,14 +284,16 @@ class Controller:
             self._declare([r.spec for r in self.deployed().values()])
             return known
 
-    def sleep_model(self, model_id: str) -> list[dict[str, Any]]:
-        """Put every awake replica of a model to sleep (`ray-vram sleep`); each replica's `info()`.
+    def sleep_model(self, model_id: str) -> list[SleepReport]:
+        """Put every awake replica of a model to sleep (`ray-vram sleep`); each replica's state after.
         Raises `KeyError` for an unknown model, `ReplicaWakeError` (through Ray) for one that never sleeps."""
-        return [self._replica_call(model_id, rid, "sleep_now") for rid in self._placed(model_id)]
+        return [
+            SleepReport.model_validate(self._replica_call(model_id, rid, "sleep_now")) for rid in self._placed(model_id)
+        ]
 
-    def wake_model(self, model_id: str) -> list[dict[str, Any]]:
-        """Wake every replica of a model (`ray-vram wake`), one after another; each a `WakeReport` dict."""
-        return [self._replica_call(model_id, rid, "wake") for rid in self._placed(model_id)]
+    def wake_model(self, model_id: str) -> list[WakeReport]:
+        """Wake every replica of a model (`ray-vram wake`), one after another; each one's `WakeReport`."""
+        return [WakeReport.model_validate(self._replica_call(model_id, rid, "wake")) for rid in self._placed(model_id)]
 
     def _placed(self, model_id: str) -> list[str]:
         record = self.deployed().get(model_id)
@@ -315,9 +320,9 @@ class Controller:
     def _teardown(self, model_id: str) -> None:
         if self._app_exists(model_id):
             serve.delete(model_app_name(model_id), _blocking=True)
-        held = [r["replica_id"] for r in ray.get(self.allocator.reservations.remote()) if r["model_id"] == model_id]
+        held = [r.replica_id for r in self.allocator.reservations() if r.model_id == model_id]
         if held:  # one call and one GCS write for all of the model's replicas
-            ray.get(self.allocator.release_many.remote(held))
+            self.allocator.release_many(held)
 
     # -- router -----------------------------------------------------------------------------
 
@@ -351,7 +356,7 @@ class Controller:
 
     def _declare(self, models: list[ModelSpec]) -> None:
         """Tell the routers the declared models and why one without a ready replica cannot answer."""
-        declare(models, availability=availability(DeploymentList.model_validate(self.status())))
+        declare(models, availability=availability(self.status()))
 
     def publish(self) -> None:
         """Declare the stored models again with their current availability (the board keeps the
@@ -388,10 +393,10 @@ class Controller:
     def _env(self) -> dict[str, str]:
         return without_secrets({**replica_env(), **self._caller_env}, self.serving)
 
-    def status(self) -> dict[str, Any]:
-        """`GET /v1/deployments` (a `DeploymentList` as JSON): every model, its replicas' state and where they are."""
+    def status(self) -> DeploymentList:
+        """`GET /v1/deployments`: every model, its replicas' state and where they are."""
         apps = serve.status().applications
-        held = {r["replica_id"]: r for r in ray.get(self.allocator.reservations.remote())}
+        held = {r.replica_id: r for r in self.allocator.reservations()}
         models = []
         for model_id, record in sorted(self.deployed().items()):
             app = apps.get(model_app_name(model_id))
@@ -400,17 +405,17 @@ class Controller:
                 reservation = held.get(planned.replica_id)
                 deployment = app.deployments.get(planned.replica_id) if app and not record.deploying else None
                 state, error = _replica_state(deployment, reservation is not None and not record.deploying)
-                where = reservation or planned.model_dump()
+                where = reservation or planned
                 replicas.append(
                     ReplicaStatus(
                         replica_id=planned.replica_id,
                         state=state,
-                        node=where["node"],
-                        gpu_index=where["gpu_index"],
-                        gpu_uuid=where["gpu_uuid"],
-                        bytes=where["bytes"],
+                        node=where.node,
+                        gpu_index=where.gpu_index,
+                        gpu_uuid=where.gpu_uuid,
+                        bytes=where.bytes,
                         error=error,
-                        sleep=reservation.get("state", "awake") if reservation is not None else None,
+                        sleep=reservation.state if reservation is not None else None,
                     )
                 )
             if record.pending is not None and not record.deploying:
@@ -438,34 +443,37 @@ class Controller:
                     resolved=record.resolved,
                 )
             )
-        return DeploymentList(models=models).model_dump(mode="json")
+        return DeploymentList(models=models)
 
-    def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> dict[str, Any]:
+    def wait_ready(self, model_ids: list[str] | None = None, timeout_s: float = 600) -> DeploymentList:
         """Block until every placed replica of `model_ids` (default: all) is ready; raise on failure or
         timeout. Pending replicas are not waited for: they have no room (the status says why)."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.status()
             chosen = [
-                m | {"replicas": [r for r in m["replicas"] if r["state"] != "pending"]}
-                for m in status["models"]
-                if model_ids is None or m["model_id"] in model_ids
+                r
+                for m in status.models
+                if model_ids is None or m.model_id in model_ids
+                for r in m.replicas
+                if r.state != "pending"
             ]
-            failed = [r for m in chosen for r in m["replicas"] if r["state"] == "failed"]
+            failed = [r for r in chosen if r.state == "failed"]
             if failed:
-                raise RuntimeError("; ".join(f"{r['replica_id']}: {r['error']}" for r in failed))
-            if all(r["state"] == "ready" for m in chosen for r in m["replicas"]) and self._routed(chosen):
+                raise RuntimeError("; ".join(f"{r.replica_id}: {r.error}" for r in failed))
+            if all(r.state == "ready" for r in chosen) and self._routed(chosen):
                 return status
             if time.monotonic() > deadline:
-                raise TimeoutError(f"replicas not ready after {timeout_s:g}s: {chosen}")
+                states = ", ".join(f"{r.replica_id} {r.state} ({r.where})" for r in chosen)
+                raise TimeoutError(f"replicas not ready after {timeout_s:g}s: {states}")
             time.sleep(0.5)
 
-    def _routed(self, models: list[dict[str, Any]]) -> bool:
-        wanted = {r["replica_id"] for m in models for r in m["replicas"]}
+    def _routed(self, replicas: list[ReplicaStatus]) -> bool:
+        wanted = {r.replica_id for r in replicas}
         if not wanted:
             return True
-        table = ray.get(endpoint_board(ROUTER_APP).table.remote(), timeout=30)
-        return wanted <= {e["replica_id"] for e in table["endpoints"]}
+        table = EndpointTable.model_validate(ray.get(endpoint_board(ROUTER_APP).table.remote(), timeout=30))
+        return wanted <= {e.replica_id for e in table.endpoints}
 
     # -- nodes leaving ----------------------------------------------------------------------
 
@@ -492,13 +500,13 @@ class Controller:
                 gone = [r for r in record.reservations if r.node in lost]
                 if not gone or record.deploying:
                     continue
-                held = {r["replica_id"] for r in ray.get(self.allocator.reservations.remote())}
+                held = {r.replica_id for r in self.allocator.reservations()}
                 staying = [r for r in record.reservations if r.node not in lost]
                 if any(r.replica_id not in held for r in staying):
                     log.info("model %s: moving %s once its other replicas hold their reservations", model_id, gone)
                     continue
                 for reservation in gone:
-                    ray.get(self.allocator.release.remote(reservation.replica_id))
+                    self.allocator.release(reservation.replica_id)
                 others = [r.spec for other, r in records.items() if other != model_id]
                 plan = self._plan([record.spec, *others], None, lost)
                 reservations = plan.replicas_of(model_id)
@@ -548,10 +556,10 @@ class Controller:
         waiting = sorted(m for m, record in records.items() if record.pending and not record.deploying)
         if not waiting:
             return {}
-        held = {r["replica_id"] for r in ray.get(self.allocator.reservations.remote())}
+        held = {r.replica_id for r in self.allocator.reservations()}
         unheld = {r.replica_id for record in records.values() for r in record.reservations} - held
         if unheld:
-            states = {r["replica_id"]: r["state"] for m in self.status()["models"] for r in m["replicas"]}
+            states = {r.replica_id: r.state for m in self.status().models for r in m.replicas}
             starting = sorted(rid for rid in unheld if states.get(rid) != "failed")
             if starting:
                 log.debug("pending replicas wait for %s to hold their reservations", starting)

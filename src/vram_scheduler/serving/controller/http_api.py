@@ -25,14 +25,14 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import ray
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 
 from ...core.config import ConfigError, ModelSpec, describe_validation_error
+from ...core.contract import DeployAnswer
 from ...core.errors import Unplaceable, wake_failure
-from .actor import ControllerHandle
+from .actor import ControllerClient
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ MAX_BODY_BYTES = 1 << 20
 class _ControllerCollector:
     """Serving-controller metrics, computed at scrape time from the controller and the ledger."""
 
-    def __init__(self, controller: ControllerHandle):
+    def __init__(self, controller: ControllerClient):
         self.controller = controller
 
     def describe(self) -> list[Any]:
@@ -55,13 +55,13 @@ class _ControllerCollector:
         replicas = GaugeMetricFamily(
             "ray_vram_model_replicas", "Replicas per model by state", labels=["model_id", "state"]
         )
-        for model in self.controller.status()["models"]:
+        for model in self.controller.status().models:
             # planned: replicas holding a place (any state but pending); running: ready; pending: no room.
-            states = [r["state"] for r in model["replicas"]]
+            states = [r.state for r in model.replicas]
             pending = states.count("pending")
-            replicas.add_metric([model["model_id"], "planned"], len(states) - pending)
-            replicas.add_metric([model["model_id"], "running"], states.count("ready"))
-            replicas.add_metric([model["model_id"], "pending"], pending)
+            replicas.add_metric([model.model_id, "planned"], len(states) - pending)
+            replicas.add_metric([model.model_id, "running"], states.count("ready"))
+            replicas.add_metric([model.model_id, "pending"], pending)
         yield replicas
         reconciles = CounterMetricFamily(
             "ray_vram_controller_reconciles", "Reconcile rounds by result", labels=["result"]
@@ -69,23 +69,23 @@ class _ControllerCollector:
         for result, count in self.controller.reconciles.items():
             reconciles.add_metric([result], count)
         yield reconciles
-        state = ray.get(self.controller.allocator.get_vram_state.remote())
-        per_node: dict[str, int] = {node["node"]: 0 for node in state["nodes"]}
-        for gpu in state["gpus"]:
-            per_node[gpu["node"]] = per_node.get(gpu["node"], 0) + len(gpu["replicas"])
+        state = self.controller.allocator.vram_state()
+        per_node: dict[str, int] = {node.node: 0 for node in state.nodes}
+        for gpu in state.gpus:
+            per_node[gpu.node] = per_node.get(gpu.node, 0) + len(gpu.replicas)
         reservations = GaugeMetricFamily("ray_vram_allocator_reservations", "Reservations per node", labels=["node"])
         for node, count in sorted(per_node.items()):
             reservations.add_metric([node], count)
         yield reservations
         stale = GaugeMetricFamily("ray_vram_allocator_stale_nodes", "Nodes whose inventory is stale")
-        stale.add_metric([], len(state["stale_nodes"]))
+        stale.add_metric([], len(state.stale_nodes))
         yield stale
 
 
 class ControllerAPI:
     """WSGI application over a `Controller`."""
 
-    def __init__(self, controller: ControllerHandle):
+    def __init__(self, controller: ControllerClient):
         self.controller = controller
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(_ControllerCollector(controller))
@@ -110,10 +110,10 @@ class ControllerAPI:
         if path == "/metrics" and method == "GET":
             return 200, generate_latest(self.metrics), "text/plain; version=0.0.4; charset=utf-8"
         if path == "/v1/vram" and method == "GET":
-            return 200, _json(ray.get(self.controller.allocator.get_vram_state.remote())), "application/json"
+            return 200, _json(self.controller.allocator.vram_state().model_dump(mode="json")), "application/json"
         if path == "/v1/deployments":
             if method == "GET":
-                return 200, _json(self.controller.status()), "application/json"
+                return 200, _json(self.controller.status().model_dump(mode="json")), "application/json"
             if method == "POST":
                 return self._post(environ)
             if method == "DELETE":
@@ -130,7 +130,8 @@ class ControllerAPI:
                 return 404, _json({"error": error.args[0]}), "application/json"
             except Exception as error:  # the replica's reason (never sleeps, no room to wake, failed)
                 return 409, _json({"error": wake_failure(error), "model_id": model_id}), "application/json"
-            return 200, _json({"model_id": model_id, "replicas": replicas}), "application/json"
+            answers = [r.model_dump(mode="json") for r in replicas]
+            return 200, _json({"model_id": model_id, "replicas": answers}), "application/json"
         if path.startswith("/v1/deployments/"):
             model_id = path.removeprefix("/v1/deployments/")
             if method == "DELETE":
@@ -170,15 +171,7 @@ class ControllerAPI:
             if spec.max_replicas:
                 return 202, _json(body | {"plan": None}), "application/json"
             return 409, _json(body), "application/json"
-        mine = plan.replicas_of(spec.model_id)
-        body = {
-            "model_id": spec.model_id,
-            "plan": {
-                "replicas": [r.model_dump() for r in mine],
-                "unplaced": [u.model_dump() for u in plan.unplaced if u.model_id == spec.model_id],
-            },
-        }
-        return 202, _json(body), "application/json"
+        return 202, _json(DeployAnswer.of(spec.model_id, plan).model_dump(mode="json")), "application/json"
 
 
 def _json(value: Any) -> bytes:

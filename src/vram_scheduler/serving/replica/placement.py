@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from ...core.config import ServingSettings
-from ...core.planner import Reservation
+from ...core.contract import Reservation
 from ...core.ray_names import NODE_NAME_LABEL, ROUTER_HOST_LABEL
 from .pinning import PINNING_ENV, is_cuda_uuid
 

@@ -33,13 +33,11 @@ from typing import Any
 import ray
 from ray import serve
 
-from ...allocator.actor import get_vram_allocator
+from ...allocator.actor import AsyncAllocatorClient
 from ...core.config import ModelSpec, ServingSettings, format_gib
-from ...core.contract import MediaAccepts, ReplicaEndpoint, WakeReport
+from ...core.contract import MediaAccepts, ReplicaEndpoint, Reservation, WakeReport
 from ...core.errors import RayVramError, ReplicaWakeError
-from ...core.ledger_models import WakeOutcome
 from ...core.model_limits import checkpoint_bytes, local_config
-from ...core.planner import Reservation
 from ..internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
 from ..options import deployment_options, keep_if_unchanged
 from ..router.http_limits import server_config
@@ -112,7 +110,7 @@ class VLLMReplica:
         self.heartbeat_task: asyncio.Task[None] | None = None
         self.endpoint: ReplicaEndpoint | None = None
         self.requests: LoopThread | None = None
-        self.allocator = get_vram_allocator()
+        self.allocator = AsyncAllocatorClient()
         self._reserved = False
         self._stderr_mark = stderr_position()
         # Sleep and wake (docs/operations.md "More models than VRAM"): the state the ledger holds it in, one
@@ -148,7 +146,7 @@ class VLLMReplica:
         model_source = self.spec.model
         self.spec = await asyncio.to_thread(checked_spec, self.spec, self.replica_id)  # before reserving
         try:
-            held = await self.allocator.reserve.remote(
+            self.reservation = await self.allocator.reserve(
                 self.replica_id,
                 self.spec.model_id,
                 self.spec.vram_bytes,
@@ -156,12 +154,11 @@ class VLLMReplica:
                 owner=owner,
                 overhead_bytes=self.planned.overhead_bytes,
                 state=self.planned.state,
-                sleep=self.planned.sleep.model_dump() if self.planned.sleep is not None else None,
+                sleep=self.planned.sleep,
             )
         except Exception as error:
             raise ReplicaStartupError(f"replica {self.replica_id}: no reservation: {_reason(error)}") from None
         self._reserved = True
-        self.reservation = Reservation.model_validate(held)
         self.model_source = model_source
         if self.serving.engine_metrics:
             self.sleep_metrics = SleepMetrics(self.spec.model_id, self.replica_id)
@@ -202,7 +199,7 @@ class VLLMReplica:
         self.prepare(model_source, budget)
         use_lock = os.environ.get(STARTUP_LOCK_ENV, "1") != "0"
         if use_lock:
-            locked = await self.allocator.acquire_startup_lock.remote(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
+            locked = await self.allocator.acquire_startup_lock(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
             if not locked:
                 raise ReplicaStartupError(
                     f"replica {self.replica_id}: startup lock of GPU {gpu_uuid} not granted within "
@@ -212,10 +209,10 @@ class VLLMReplica:
             await self.load()
         finally:
             if use_lock:
-                await self.allocator.release_startup_lock.remote(gpu_uuid, self.replica_id)
+                await self.allocator.release_startup_lock(gpu_uuid, self.replica_id)
         pids = self._engine_pids()
         for pid in pids:
-            await self.allocator.attach_process.remote(self.replica_id, pid)
+            await self.allocator.attach_process(self.replica_id, pid)
         tasks, accepts = await self.capabilities()
         url = await self.serve_http(accepts)
         self.endpoint = ReplicaEndpoint(
@@ -501,7 +498,7 @@ class VLLMReplica:
         if busy != was_busy or (busy and now - reported_at >= USE_REPORT_S):
             self._reported_busy = (busy, now)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.allocator.report_use.remote(self.replica_id, in_flight), timeout=5)
+                await asyncio.wait_for(self.allocator.report_use(self.replica_id, in_flight), timeout=5)
         terms = self.reservation.sleep
         if terms is not None and not busy and now - self._last_active >= terms.after_idle_s:
             asyncio.get_running_loop().create_task(self.sleep_now("idle"))
@@ -524,7 +521,7 @@ class VLLMReplica:
             while self.engine is not None and self.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if self._uses_sleep_mode():
-                held = Reservation.model_validate(await self.allocator.sleep.remote(self.replica_id))
+                held = await self.allocator.sleep(self.replica_id)
                 if held.state == "asleep":
                     assert self.requests is not None
                     from .vllm_compat import engine_sleep
@@ -534,7 +531,7 @@ class VLLMReplica:
                     await self._shut_engine()
             else:
                 await self._shut_engine()
-                held = Reservation.model_validate(await self.allocator.stop.remote(self.replica_id))
+                held = await self.allocator.stop(self.replica_id)
             self.reservation = held
             self.state = held.state
             if self.sleep_metrics is not None:
@@ -559,7 +556,7 @@ class VLLMReplica:
                 return WakeReport(replica_id=self.replica_id, state="awake", seconds=0.0).model_dump()
             started, cold = time.monotonic(), self.engine is None
             try:
-                outcome = WakeOutcome.model_validate(await self.allocator.wake.remote(self.replica_id))
+                outcome = await self.allocator.wake(self.replica_id)
             except Exception as error:
                 raise ReplicaWakeError(
                     f"replica {self.replica_id} of model {self.spec.model_id}: cannot wake: {_reason(error)}"
@@ -576,7 +573,7 @@ class VLLMReplica:
                 reason = _reason(error)
                 await self._shut_engine()
                 with contextlib.suppress(Exception):
-                    self.reservation = Reservation.model_validate(await self.allocator.stop.remote(self.replica_id))
+                    self.reservation = await self.allocator.stop(self.replica_id)
                 self.state = "stopped"
                 if self.sleep_metrics is not None:
                     self.sleep_metrics.wake_failed(time.monotonic() - started)
@@ -601,7 +598,7 @@ class VLLMReplica:
     async def _wake_engine(self) -> None:
         """vLLM's wake on the sleeping engine, under the GPU's startup lock (one wake per GPU at a time)."""
         gpu_uuid = self.reservation.gpu_uuid
-        locked = await self.allocator.acquire_startup_lock.remote(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
+        locked = await self.allocator.acquire_startup_lock(gpu_uuid, self.replica_id, STARTUP_LOCK_TIMEOUT_S)
         if not locked:
             raise ReplicaStartupError(f"startup lock of GPU {gpu_uuid} not granted within {STARTUP_LOCK_TIMEOUT_S:g}s")
         try:
@@ -610,7 +607,7 @@ class VLLMReplica:
             assert self.requests is not None
             await self.requests.call(engine_wake(self.engine))
         finally:
-            await self.allocator.release_startup_lock.remote(gpu_uuid, self.replica_id)
+            await self.allocator.release_startup_lock(gpu_uuid, self.replica_id)
 
     def _stop_engine(self) -> None:
         if self.engine is not None and hasattr(self.engine, "shutdown"):
@@ -622,7 +619,7 @@ class VLLMReplica:
         if not self._reserved:
             return
         try:
-            await self.allocator.release.remote(self.replica_id)
+            await self.allocator.release(self.replica_id)
             self._reserved = False
         except Exception as error:  # the allocator reclaims it once this actor is gone
             log.warning("replica %s: release failed (%s); the allocator reclaims it", self.replica_id, error)

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ...allocator.actor import ReservationError, get_vram_allocator
+from ...allocator.actor import AllocatorClient, ReservationError
 from ...core import capacity
 from ...core.config import GIB, ConfigError, format_gib
 from ...core.contract import GPUState, VRAMState
@@ -160,18 +160,16 @@ class GPUStressActor:
         from .gpu import SkipGPU, run_gpu_stress
 
         result = _base_result(target)
-        allocator = get_vram_allocator()
+        allocator = AllocatorClient()
         owner = ray.get_runtime_context().get_actor_id()
         try:
-            ray.get(
-                allocator.reserve.remote(
-                    target.replica_id,
-                    STRESS_MODEL_ID,
-                    target.budget_bytes,
-                    target.gpu.uuid,
-                    owner,
-                    overhead_bytes=target.overhead_bytes,
-                )
+            allocator.reserve(
+                target.replica_id,
+                STRESS_MODEL_ID,
+                target.budget_bytes,
+                target.gpu.uuid,
+                owner,
+                overhead_bytes=target.overhead_bytes,
             )
         except ReservationError as refusal:
             result.skipped = f"the allocator refused the stress reservation: {_refusal_text(refusal)}"
@@ -195,13 +193,13 @@ class GPUStressActor:
             result.error = f"{type(error).__name__}: {error}"
         finally:
             result.seconds = round(time.monotonic() - start, 2)
-            ray.get(allocator.release.remote(target.replica_id))
+            allocator.release(target.replica_id)
         return GPUStress.model_validate(result.model_dump()).model_dump()
 
 
 def run_gpu_phase(targets: Sequence[GPUTarget], seconds: float) -> list[GPUStress]:
     """Run every stressable GPU at once (each on its own node and GPU); skipped ones pass through."""
-    allocator = get_vram_allocator()
+    allocator = AllocatorClient()
     actor_class = ray.remote(GPUStressActor)
     running: list[tuple[GPUTarget, Any, Any]] = []
     for target in targets:
@@ -230,7 +228,7 @@ def run_gpu_phase(targets: Sequence[GPUTarget], seconds: float) -> list[GPUStres
             results[target.replica_id] = failed
         finally:
             ray.kill(actor, no_restart=True)
-            ray.get(allocator.release.remote(target.replica_id))  # no-op when the actor released it
+            allocator.release(target.replica_id)  # no-op when the actor released it
     out = []
     for target in targets:
         if target.replica_id in results:
@@ -324,8 +322,7 @@ def run_stress(
     seconds: float, gpu_fraction: float, slow_ratio: float, nodes: Sequence[str] | None = None
 ) -> StressReport:
     """Both phases on the connected Ray cluster, GPUs first (so the CPU load does not slow their feeding)."""
-    allocator = get_vram_allocator()
-    state = VRAMState.model_validate(ray.get(allocator.get_vram_state.remote()))
+    state = AllocatorClient().vram_state()
     known = ray_nodes()
     selected = select_names(nodes, state, known)
     targets = gpu_targets(state, known, gpu_fraction, selected)
