@@ -16,6 +16,7 @@ asleep by its idle timer, woken by a stream).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -229,13 +230,41 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
     }
 
 
+def engine_alive(pids: list[int]) -> bool:
+    import psutil
+
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
 def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None:
+    """An operator's sleep: while b's engine still runs, the ledger holds b's whole reservation; it
+    frees it once the engine is gone. Then the wake, and a pinned model's refusal."""
     from vram_scheduler.sdk.client import SchedulerError, VRAMScheduler
 
     scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
-    (slept,) = scheduler.sleep("b")
+    awake = replica_state(stack, "b-0")
+    engine = awake.pids[1:]  # the replica's engine processes (the first pid is the replica itself)
+    assert engine and awake.held_bytes == awake.bytes + awake.overhead_bytes
+    answers: list[Any] = []
+    sleeping = threading.Thread(target=lambda: answers.extend(scheduler.sleep("b")))
+    sleeping.start()
+    held_while_alive = []  # the ledger never gives away memory the engine still holds
+    while sleeping.is_alive():
+        alive = engine_alive(engine)
+        held = replica_state(stack, "b-0")
+        if alive and engine_alive(engine):
+            held_while_alive.append((held.state, held.held_bytes))
+        time.sleep(0.05)
+    sleeping.join()
+    assert held_while_alive, "b's engine stopped before the ledger could be read"
+    assert {held for _, held in held_while_alive} == {awake.held_bytes}, held_while_alive
+    (slept,) = answers
     assert (slept.replica_id, slept.state) == ("b-0", "stopped")  # CPU: the engine stops
-    assert states(stack)["b-0"] == "stopped"
+    assert states(stack)["b-0"] == "stopped" and not engine_alive(engine)
     status = {m.model_id: m for m in scheduler.deployments()}
     assert [(r.replica_id, r.sleep) for r in status["b"].replicas] == [("b-0", "stopped")]
     (woke,) = scheduler.wake("b")

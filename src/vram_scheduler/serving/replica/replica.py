@@ -35,7 +35,7 @@ from ray import serve
 
 from ...allocator.actor import AsyncAllocatorClient
 from ...core.config import ModelSpec, ServingSettings, format_gib
-from ...core.contract import MediaAccepts, ReplicaEndpoint, Reservation, WakeReport
+from ...core.contract import Eviction, MediaAccepts, ReplicaEndpoint, Reservation, WakeOutcome, WakeReport
 from ...core.errors import RayVramError, ReplicaWakeError
 from ...core.model_limits import checkpoint_bytes, local_config
 from ..internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
@@ -521,16 +521,9 @@ class VLLMReplica:
             while self.engine is not None and self.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if self._uses_sleep_mode():
-                held = await self.allocator.sleep(self.replica_id)
-                if held.state == "asleep":
-                    assert self.requests is not None
-                    from .vllm_compat import engine_sleep
-
-                    await self.requests.call(engine_sleep(self.engine, held.asleep_level or 1))
-                else:
-                    await self._shut_engine()
+                held = await self._sleep_engine()
             else:
-                await self._shut_engine()
+                await self._shut_engine()  # the ledger holds its reservation until the engine is gone
                 held = await self.allocator.stop(self.replica_id)
             self.reservation = held
             self.state = held.state
@@ -546,24 +539,36 @@ class VLLMReplica:
             )
             return await self.info()
 
+    async def _sleep_engine(self) -> Reservation:
+        """vLLM's sleep at the level the ledger chose; the ledger keeps the whole reservation
+        (settling) until the sleep returned. The ledger may stop it instead (its GPU's sleepers are
+        full): the engine shuts down first. A sleep that fails shuts the engine down too, and the
+        replica is stopped: its reservation is freed once its engine is gone, not before."""
+        held = await self.allocator.sleep(self.replica_id)
+        if held.state == "asleep":
+            from .vllm_compat import engine_sleep
+
+            assert self.requests is not None
+            try:
+                await self.requests.call(engine_sleep(self.engine, held.asleep_level or 1))
+            except Exception as error:
+                log.error("replica %s: vLLM sleep failed (%s): stopping its engine", self.replica_id, _reason(error))
+            else:
+                return await self.allocator.settle(self.replica_id)
+        await self._shut_engine()
+        return await self.allocator.stop(self.replica_id)
+
     async def wake(self) -> dict[str, Any]:
-        """Wake (or start) the engine: the ledger first takes the whole reservation back (evicting
-        idle replicas of the GPU, which sleep before this engine grows), then the engine wakes under
-        the GPU's startup lock. A failed wake stops the engine and frees the reservation, and raises
-        `ReplicaWakeError` saying why. Returns a `WakeReport` as a dict."""
+        """Wake (or start) the engine: the ledger first takes the whole reservation back, then the
+        engine wakes under the GPU's startup lock. When the GPU is short, the ledger names idle
+        replicas to evict instead: they go to sleep (holding their reservations until their engines
+        let go) and the ledger is asked again. A failed wake stops the engine and frees the
+        reservation, and raises `ReplicaWakeError` saying why. Returns a `WakeReport` as a dict."""
         async with self._transition:
             if self.state == "awake":
                 return WakeReport(replica_id=self.replica_id, state="awake", seconds=0.0).model_dump()
             started, cold = time.monotonic(), self.engine is None
-            try:
-                outcome = await self.allocator.wake(self.replica_id)
-            except Exception as error:
-                raise ReplicaWakeError(
-                    f"replica {self.replica_id} of model {self.spec.model_id}: cannot wake: {_reason(error)}"
-                ) from None
-            self.reservation = outcome.reservation
-            for evicted in outcome.evicted:
-                await _sleep_replica(evicted.replica_id, evicted.model_id)
+            outcome = await self._take_reservation()
             try:
                 if cold:
                     await self._boot()
@@ -594,6 +599,25 @@ class VLLMReplica:
             return WakeReport(
                 replica_id=self.replica_id, state="awake", seconds=seconds, cold=cold, evicted=evicted
             ).model_dump()
+
+    async def _take_reservation(self) -> WakeOutcome:
+        """The whole reservation from the ledger; while the GPU is short, the replicas it evicts
+        sleep first (each round evicts others: the ledger never evicts a settling replica twice).
+        Returns the outcome with every replica evicted on the way."""
+        evicted: list[Eviction] = []
+        while True:
+            try:
+                outcome = await self.allocator.wake(self.replica_id)
+            except Exception as error:
+                raise ReplicaWakeError(
+                    f"replica {self.replica_id} of model {self.spec.model_id}: cannot wake: {_reason(error)}"
+                ) from None
+            self.reservation = outcome.reservation
+            evicted += outcome.evicted
+            if outcome.reservation.state == "awake":
+                return outcome.model_copy(update={"evicted": evicted})
+            for eviction in outcome.evicted:
+                await _sleep_replica(eviction.replica_id, eviction.model_id)
 
     async def _wake_engine(self) -> None:
         """vLLM's wake on the sleeping engine, under the GPU's startup lock (one wake per GPU at a time)."""
