@@ -375,3 +375,50 @@ def test_status_shows_each_replica_awake_asleep_or_stopped() -> None:
     assert "a 10.00+2.00 asleep L1, holds 2.30" in text and "b 10.00+2.00 stopped" in text
     assert "d 10.00+2.00 stopping, holds 12.00" in text
     assert "c 10.00+2.00" in text and "c 10.00+2.00 asleep" not in text and "c 10.00+2.00 stopped" not in text
+
+
+# -- a replica's requests in flight ----------------------------------------------------------------
+
+
+def test_a_replica_counts_its_http_requests_until_their_last_byte() -> None:
+    """A stream still being written counts as in flight (its engine may be done with it): the idle
+    timer and a sleep's drain wait for it. Only POSTs (the routed inference calls) count; one that
+    fails is counted out too."""
+    import asyncio
+
+    from vram_scheduler.serving.replica.in_flight import RequestsInFlight
+
+    async def scenario() -> list[int]:
+        last_byte = asyncio.Event()
+
+        async def app(scope: dict, receive: object, send: object) -> None:
+            if scope["path"] == "/fails":
+                raise RuntimeError("the app failed")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            if scope["method"] == "POST":
+                await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+                await last_byte.wait()
+            await send({"type": "http.response.body", "body": b""})
+
+        counted = RequestsInFlight(app)
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        seen = []
+        stream = asyncio.create_task(counted({"type": "http", "method": "POST", "path": "/v1/completions"}, None, send))
+        while len(sent) < 2:  # the first chunk is out
+            await asyncio.sleep(0)
+        seen.append(counted.count)
+        await counted({"type": "http", "method": "GET", "path": "/v1/models"}, None, send)
+        seen.append(counted.count)
+        with pytest.raises(RuntimeError, match="the app failed"):
+            await counted({"type": "http", "method": "POST", "path": "/fails"}, None, send)
+        seen.append(counted.count)
+        last_byte.set()
+        await stream
+        seen.append(counted.count)
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 1, 1, 0]

@@ -44,6 +44,7 @@ from ..router.http_limits import server_config
 from ..router.router import replicas_board
 from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
+from .in_flight import RequestsInFlight
 from .loop_thread import LoopThread
 from .media_budget import media_need
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
@@ -120,6 +121,7 @@ class VLLMReplica:
         self._last_active = time.monotonic()
         self._reported_busy: tuple[bool, float] = (False, 0.0)
         self.sleep_metrics: SleepMetrics | None = None
+        self.http_requests: RequestsInFlight | None = None
         started = time.monotonic()
         try:
             await self._start()
@@ -360,7 +362,8 @@ class VLLMReplica:
         host = os.environ.get(REPLICA_HOST_ENV) or node_ip_address()
         sock = socket.create_server((host, 0), reuse_port=False)
         served = LocalMediaGuard(app, self.spec.model_id, accepts) if accepts.local_media_dir else app
-        guarded = InternalKeyGuard(served, self.key)  # every path: the router's requests only
+        self.http_requests = RequestsInFlight(served)  # until their last byte: the idle timer and drains
+        guarded = InternalKeyGuard(self.http_requests, self.key)  # every path: the router's requests only
         self.server = uvicorn.Server(server_config(guarded, self.serving.client_timeout_s))
         app.state.server = self.server
         self.server_task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
@@ -489,7 +492,7 @@ class VLLMReplica:
         """Track the engine's requests: report busy/idle to the allocator (a wake never evicts a busy
         replica, and evicts the least recently used first), and go to sleep once idle for the
         model's `after_idle_s`."""
-        in_flight = int(self.engine.get_num_unfinished_requests())
+        in_flight = self._in_flight()
         now = time.monotonic()
         busy = in_flight > 0
         if busy:
@@ -502,6 +505,12 @@ class VLLMReplica:
         terms = self.reservation.sleep
         if terms is not None and not busy and now - self._last_active >= terms.after_idle_s:
             asyncio.get_running_loop().create_task(self.sleep_now("idle"))
+
+    def _in_flight(self) -> int:
+        """Requests in flight: in the engine, or still in its HTTP server (parsed, or a stream being
+        written), whichever counts more."""
+        engine = 0 if self.engine is None else int(self.engine.get_num_unfinished_requests())
+        return max(engine, self.http_requests.count if self.http_requests is not None else 0)
 
     async def sleep_now(self, why: str = "operator") -> dict[str, Any]:
         """Go to sleep (`why`: idle, evicted by another replica's wake, operator): leave the routers,
@@ -518,7 +527,7 @@ class VLLMReplica:
             self.state = "asleep"
             await self._announce(self._sleeping_endpoint())
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while self.engine is not None and self.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
+            while self._in_flight() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if self._uses_sleep_mode():
                 held = await self._sleep_engine()
