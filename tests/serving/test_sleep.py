@@ -377,7 +377,7 @@ def test_an_idle_replica_goes_to_sleep_by_itself_and_its_next_request_wakes_it(s
     sleeping footprint (nothing), and the sleep is counted as idle. pin, idle longer, stays awake."""
     assert chat(stack, "nap").status_code == 200
     slept = stopped_by_its_timer(stack, "nap-0")
-    assert (slept.held_bytes, slept.sleep_bytes, slept.pinned) == (0, 0, False)
+    assert (slept.held_bytes, slept.settling, slept.pinned) == (0, False, False)  # CPU: stopped, its footprint 0
     assert states(stack) == {
         "pin-0": "awake",
         "a-0": "stopped",

@@ -523,6 +523,9 @@ class VLLMReplica:
         async with self._transition:
             if self.state != "awake":
                 return await self.info()
+            if why == "idle" and self._in_flight():  # a request came after the timer looked: not idle
+                self._last_active = time.monotonic()
+                return await self.info()
             started = time.monotonic()
             self.state = "asleep"
             await self._announce(self._sleeping_endpoint())
