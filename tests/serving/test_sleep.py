@@ -230,6 +230,26 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
     }
 
 
+def engine_processes(replica_pid: int) -> list[int]:
+    """The processes the replica's engine runs in: its process's children but multiprocessing's
+    resource tracker (started with the first engine, it lives as long as the replica)."""
+    import psutil
+
+    children = psutil.Process(replica_pid).children(recursive=True)
+    return [c.pid for c in children if not any("resource_tracker" in part for part in c.cmdline())]
+
+
+def described(pids: list[int]) -> list[str]:
+    import psutil
+
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            found.append(f"{pid} {process.status()} {' '.join(process.cmdline())[:120]}")
+    return found
+
+
 def engine_alive(pids: list[int]) -> bool:
     import psutil
 
@@ -247,7 +267,7 @@ def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None
 
     scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
     awake = replica_state(stack, "b-0")
-    engine = awake.pids[1:]  # the replica's engine processes (the first pid is the replica itself)
+    engine = engine_processes(awake.pids[0])  # the first pid the replica attached is its own
     assert engine and awake.held_bytes == awake.bytes + awake.overhead_bytes
     answers: list[Any] = []
     sleeping = threading.Thread(target=lambda: answers.extend(scheduler.sleep("b")))
@@ -264,7 +284,8 @@ def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None
     assert {held for _, held in held_while_alive} == {awake.held_bytes}, held_while_alive
     (slept,) = answers
     assert (slept.replica_id, slept.state) == ("b-0", "stopped")  # CPU: the engine stops
-    assert states(stack)["b-0"] == "stopped" and not engine_alive(engine)
+    assert states(stack)["b-0"] == "stopped"
+    assert not engine_alive(engine), f"still running after the stop: {described(engine)}"
     status = {m.model_id: m for m in scheduler.deployments()}
     assert [(r.replica_id, r.sleep) for r in status["b"].replicas] == [("b-0", "stopped")]
     (woke,) = scheduler.wake("b")
