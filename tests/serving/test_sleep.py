@@ -78,7 +78,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
         model("a", replicas=1, sleep=NAP),
         model("b", replicas=1, sleep=NAP),
         model("gone", replicas=1, sleep=NAP) | {"model": str(gone_dir)},
-        model("nap", replicas=1),
+        model("nap", replicas=1, max_model_len=2048),  # the demo model's whole length: a long stream
     ]
     serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": 600}
     placement = {"replica_overhead_gb": 2, "sleep": {"after_idle_s": IDLE_S}}
@@ -422,7 +422,7 @@ def test_a_stream_across_the_idle_bound_keeps_its_replica_awake_until_it_ends(st
     """The next request wakes nap and is answered; while it streams for longer than `IDLE_S`, the
     timer never puts nap to sleep; once it is over and nap idles again, it sleeps by itself."""
     first = threading.Event()
-    body = {"model": "nap", "prompt": "hello", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    body = {"model": "nap", "prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     outcome: list[str] = []
     streaming = threading.Thread(target=lambda: outcome.append(stream_outcome(stack.base, body, first)))
     streaming.start()
