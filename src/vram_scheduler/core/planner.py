@@ -186,6 +186,7 @@ def plan(
             state=state,
             sleep=terms,
             asleep_level=None,
+            settling=False,
         )
 
     for model_id, uuid in packer.placements:

@@ -700,7 +700,7 @@ def replica_deployment(
         max_ongoing_requests=serving.max_ongoing_requests,
     )
     args = (spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
-    # Its state (awake, asleep, stopped) changes while it runs: not a reason to restart it.
-    steady = reservation.model_dump(mode="json", exclude={"state", "asleep_level"})
+    # Its state (awake, asleep, stopped, settling) changes while it runs: not a reason to restart it.
+    steady = reservation.model_dump(mode="json", exclude={"state", "asleep_level", "settling"})
     identity = [f"{VLLMReplica.__module__}.{VLLMReplica.__qualname__}", options, args[0], steady, args[2]]
     return keep_if_unchanged(serve.deployment(VLLMReplica, **options), identity).bind(*args)
