@@ -25,6 +25,7 @@ Usage (on the GPU machine, after `sizes` or `session.sh recorded`):
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +35,10 @@ from typing import Any
 from .measured_stack import declared_as_measured, measured_stack, replica_infos, replica_peaks
 from .tools import GIB, nvml_processes, process_tree, write_json
 
-ROLES = {"big": "llama-7b", "small": "qwen2-1.5b"}
+ROLES = {"big": "llama-7b", "small": "qwen2-1.5b", "huge": "llama-14b"}
+#: The roles the copies alternate between ($RAY_VRAM_BENCH_SLEEP_COPIES, e.g. "huge,big" on a GPU of
+#: 140 GiB, where 3x the GPU in 1.5B and 7B copies would be 20 engines to start).
+COPIES_ENV, DEFAULT_COPIES = "RAY_VRAM_BENCH_SLEEP_COPIES", "small,big"
 MAX_MODEL_LEN = 4096
 #: How many awake GPUs' worth of reservations the models add up to (the issue asks for 3x at least).
 OVERSUBSCRIPTION = 3.0
@@ -54,18 +58,21 @@ def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dic
     as measured, until the awake reservations reach `OVERSUBSCRIPTION` x the GPU. Declared last,
     `big` starts stopped once the copies fill the GPU (the planner places in declared order)."""
     big = _declared("big", ROLES["big"], root, results, level=1)
-    small = _declared("small", ROLES["small"], root, results, level=2)
     eager = {"engine_kwargs": {"enforce_eager": True}}
+    sources = [_declared(role, ROLES[role], root, results, level=2) | eager for role in copy_roles()]
     copies: list[dict[str, Any]] = []
 
     def need(model: dict[str, Any]) -> float:
         return model["vram_gb"] + model["overhead_gb"]
 
     while need(big) + sum(need(m) for m in copies) < OVERSUBSCRIPTION * gpu_total_gib:
-        number = len(copies) + 1
-        source = small if number % 2 else big | {"sleep": {"after_idle_s": 3600, "level": 2}}
-        copies.append(source | eager | {"model_id": f"{source['model_id']}-{number}"})
+        source = sources[len(copies) % len(sources)]
+        copies.append(source | {"model_id": f"{source['model_id']}-{len(copies) + 1}"})
     return [*copies, big]
+
+
+def copy_roles() -> list[str]:
+    return os.environ.get(COPIES_ENV, DEFAULT_COPIES).split(",")
 
 
 def _post(url: str, body: dict[str, Any] | None, headers: dict[str, str]) -> tuple[int, str]:
@@ -129,8 +136,8 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
     from .sizes import ensure_model
     from .tools import gpus
 
-    for size in ROLES.values():  # made first on a fresh machine
-        ensure_model(size, root)
+    for role in {"big", *copy_roles()}:  # made first on a fresh machine
+        ensure_model(ROLES[role], root)
     total_gib = gpus()[0]["total_bytes"] / GIB
     models = declared_models(root, results, total_gib)
     awake_gib = sum(m["vram_gb"] + m["overhead_gb"] for m in models)
