@@ -172,6 +172,7 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
         ttfts = [w["ttft_s"] for w in wakes if w.get("ttft_s") is not None]
         outcome["wake_to_first_token"] = {"p50_s": _percentile(ttfts, 0.5), "p99_s": _percentile(ttfts, 0.99)}
         print(f"sleep: big wake to first token {json.dumps(outcome['wake_to_first_token'])}, cold {cold_big}")
+        outcome["replicas"] = replica_peaks(stack.sampler, replica_infos([m["model_id"] for m in models]))
         write_json(results / "sleep.json", outcome)
 
         outcome["hops"] = [first_token(base, m["model_id"]) for _ in range(ROUNDS) for m in models]
