@@ -89,6 +89,7 @@ def test_contract_round_trip(allocator) -> None:
         "state": "awake",  # a model without `sleep` is reserved awake and never sleeps
         "asleep_level": None,
         "sleep": None,
+        "settling": False,  # not between awake and asleep
     }
     assert allocator.reserve("m-0", "m", 10 * GIB) == placed
     with pytest.raises(ReservationError) as caught:
@@ -119,6 +120,7 @@ def test_contract_round_trip(allocator) -> None:
         "asleep_level": None,
         "pinned": True,  # no sleep policy: never sleeps, never evicted
         "last_used_at": None,
+        "settling": False,
     }
     result = allocator.plan([ModelSpec(model_id="m", model="org/m", vram_gb=10, replicas=3)])
     assert [r.replica_id for r in result.kept] == ["m-0"]
