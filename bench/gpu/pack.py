@@ -13,7 +13,8 @@ replica's NVML peak against its reservation under load.
 5. every replica's NVML peak (its process tree, sampled from before the first engine started)
    against its reservation, and every failed request's kind.
 
-Usage (on the GPU machine, after `sizes`): python -m bench.gpu.run pack [--model-root DIR] [--results DIR]
+Usage (on the GPU machine, after `sizes` or `session.sh recorded`):
+  python -m bench.gpu.run pack [--model-root DIR] [--results DIR]
 """
 
 from __future__ import annotations
@@ -105,8 +106,12 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
 
     from vram_scheduler.sdk.token import auth_headers
 
+    from .sizes import ensure_model
     from .tools import gpus
 
+    for size in ROLES.values():  # the measured sizes' models, made first on a fresh machine
+        if (results / f"sizes-{size}.json").exists():
+            ensure_model(size, root)
     models = declared_models(root, results, gpus()[0]["total_bytes"] / 2**30)
     print(f"pack: declaring {json.dumps(models)}", flush=True)
     outcome: dict[str, Any] = {"models": models}

@@ -1,24 +1,31 @@
 """The `sleep` stage of the GPU benchmark: more models than the GPU holds awake (issue "More models
 than VRAM"), on one GPU with MPS caps, through the router; what a user sees.
 
-1. Models sized by `ray-vram measure` (the `sizes` stage's results): `big` (7B class, sleep level 1)
-   and copies of `big` and `small` (level 2) until the awake reservations add up to at least 3x the
-   GPU. Replicas beyond the room awake start stopped (`ray-vram plan` shows which).
+1. Models sized by `ray-vram measure` (the `sizes` stage's results): copies of `small` and `big`
+   (level 2) until, with `big` (7B class, sleep level 1) declared last, the awake reservations add up
+   to at least 3x the GPU. Replicas beyond the room awake start stopped (`ray-vram plan` shows
+   which): `big` among them, so its first request is its cold start. The copies run without CUDA
+   graphs (`enforce_eager`: an engine starts in about a third of the time, so the stage fits one
+   device command); `big` runs as measured, CUDA graphs included.
 2. Cold start: the first request of each model through the router (a stopped replica starts, evicting
    the least recently used idle replica where room is short). Time to first token per model.
-3. A request stream hopping between every model, round after round: every request answered
-   (0 failed), each one's time to first token.
-4. Wake to first token of `big` at level 1: `big` put to sleep through the controller's API
+3. Wake to first token of `big` at level 1: `big` put to sleep through the controller's API
    (`POST /v1/deployments/big/sleep`), then one streamed request, `WAKES` times: p50 and p99.
+4. A request stream hopping between every model, round after round: every request answered
+   (0 failed), each one's time to first token.
 5. Every replica's NVML peak (its process tree, sampled from before the first engine started)
    against its reservation, and its NVML use asleep against its sleeping footprint.
 
-Usage (on the GPU machine, after `sizes`): python -m bench.gpu.run sleep [--model-root DIR] [--results DIR]
+Each phase's results are written as it ends (`<results>/sleep.json`).
+
+Usage (on the GPU machine, after `sizes` or `session.sh recorded`):
+  python -m bench.gpu.run sleep [--model-root DIR] [--results DIR]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -26,14 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from .measured_stack import declared_as_measured, measured_stack, replica_infos, replica_peaks
-from .tools import GIB, nvml_processes, process_tree
+from .tools import GIB, nvml_processes, process_tree, write_json
 
-ROLES = {"big": "llama-7b", "small": "qwen2-1.5b"}
+ROLES = {"big": "llama-7b", "small": "qwen2-1.5b", "huge": "llama-14b"}
+#: The roles the copies alternate between ($RAY_VRAM_BENCH_SLEEP_COPIES, e.g. "huge,big" on a GPU of
+#: 140 GiB, where 3x the GPU in 1.5B and 7B copies would be 20 engines to start).
+COPIES_ENV, DEFAULT_COPIES = "RAY_VRAM_BENCH_SLEEP_COPIES", "small,big"
 MAX_MODEL_LEN = 4096
 #: How many awake GPUs' worth of reservations the models add up to (the issue asks for 3x at least).
 OVERSUBSCRIPTION = 3.0
 WAKES = 20
-ROUNDS = 3
+ROUNDS = 2
 PROMPT = "Write one sentence about the sea. " * 20  # about 200 tokens
 
 
@@ -44,21 +54,25 @@ def _declared(model_id: str, size: str, root: Path, results: Path, level: int) -
 
 
 def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dict[str, Any]]:
-    """`big` at level 1, then copies of `small` and `big` at level 2, alternating, until the awake
-    reservations reach `OVERSUBSCRIPTION` x the GPU."""
+    """Copies of `small` and `big` at level 2 without CUDA graphs, alternating, then `big` at level 1
+    as measured, until the awake reservations reach `OVERSUBSCRIPTION` x the GPU. Declared last,
+    `big` starts stopped once the copies fill the GPU (the planner places in declared order)."""
     big = _declared("big", ROLES["big"], root, results, level=1)
-    small = _declared("small", ROLES["small"], root, results, level=2)
-    models = [big]
+    eager = {"engine_kwargs": {"enforce_eager": True}}
+    sources = [_declared(role, ROLES[role], root, results, level=2) | eager for role in copy_roles()]
+    copies: list[dict[str, Any]] = []
 
     def need(model: dict[str, Any]) -> float:
         return model["vram_gb"] + model["overhead_gb"]
 
-    copy = 1
-    while sum(need(m) for m in models) < OVERSUBSCRIPTION * gpu_total_gib:
-        source = small if copy % 2 else big | {"sleep": {"after_idle_s": 3600, "level": 2}}
-        models.append(source | {"model_id": f"{source['model_id']}-{copy}"})
-        copy += 1
-    return models
+    while need(big) + sum(need(m) for m in copies) < OVERSUBSCRIPTION * gpu_total_gib:
+        source = sources[len(copies) % len(sources)]
+        copies.append(source | {"model_id": f"{source['model_id']}-{len(copies) + 1}"})
+    return [*copies, big]
+
+
+def copy_roles() -> list[str]:
+    return os.environ.get(COPIES_ENV, DEFAULT_COPIES).split(",")
 
 
 def _post(url: str, body: dict[str, Any] | None, headers: dict[str, str]) -> tuple[int, str]:
@@ -96,7 +110,10 @@ def first_token(base: str, model_id: str) -> dict[str, Any]:
         return {"model_id": model_id, "status": error.code, "error": error.read().decode()[:500]}
     except Exception as error:
         return {"model_id": model_id, "status": 0, "error": f"{type(error).__name__}: {error}"[:500]}
-    return {"model_id": model_id, "status": status, "ttft_s": ttft, "total_s": time.monotonic() - started}
+    total = time.monotonic() - started
+    shown = "none" if ttft is None else f"{ttft:.3f} s"
+    print(f"sleep: {model_id}: {status}, first token {shown}, all {total:.2f} s", flush=True)
+    return {"model_id": model_id, "status": status, "ttft_s": ttft, "total_s": total}
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -116,8 +133,11 @@ def _asleep_use(info: dict[str, Any]) -> int:
 def run_sleep(root: Path, results: Path) -> dict[str, Any]:
     from vram_scheduler.sdk.token import auth_headers
 
+    from .sizes import ensure_model
     from .tools import gpus
 
+    for role in {"big", *copy_roles()}:  # made first on a fresh machine
+        ensure_model(ROLES[role], root)
     total_gib = gpus()[0]["total_bytes"] / GIB
     models = declared_models(root, results, total_gib)
     awake_gib = sum(m["vram_gb"] + m["overhead_gb"] for m in models)
@@ -132,9 +152,9 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
         print(f"sleep: at start: {json.dumps(outcome['start_states'])}", flush=True)
 
         outcome["cold"] = [first_token(base, m["model_id"]) for m in models]  # stopped ones start
-        outcome["hops"] = [first_token(base, m["model_id"]) for _ in range(ROUNDS) for m in models]
-        failed = [r for r in outcome["cold"] + outcome["hops"] if r["status"] != 200]
-        outcome["failed"] = len(failed)
+        cold_big = next((r.get("ttft_s") for r in outcome["cold"] if r["model_id"] == "big"), None)
+        outcome["cold_to_first_token_big_s"] = cold_big
+        write_json(results / "sleep.json", outcome)  # each phase as it ends: a cut-off run keeps its data
 
         wakes, asleep_use = [], []
         for _ in range(WAKES):
@@ -150,13 +170,19 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
         outcome["wakes"] = wakes
         outcome["asleep_use"] = asleep_use
         ttfts = [w["ttft_s"] for w in wakes if w.get("ttft_s") is not None]
-        cold_big = next((r.get("ttft_s") for r in outcome["cold"] if r["model_id"] == "big"), None)
         outcome["wake_to_first_token"] = {"p50_s": _percentile(ttfts, 0.5), "p99_s": _percentile(ttfts, 0.99)}
-        outcome["cold_to_first_token_big_s"] = cold_big
+        print(f"sleep: big wake to first token {json.dumps(outcome['wake_to_first_token'])}, cold {cold_big}")
+        outcome["replicas"] = replica_peaks(stack.sampler, replica_infos([m["model_id"] for m in models]))
+        write_json(results / "sleep.json", outcome)
+
+        outcome["hops"] = [first_token(base, m["model_id"]) for _ in range(ROUNDS) for m in models]
+        failed = [r for r in outcome["cold"] + outcome["wakes"] + outcome["hops"] if r["status"] != 200]
+        outcome["failed"] = len(failed)
+        write_json(results / "sleep.json", outcome)
         outcome["replicas"] = replica_peaks(stack.sampler, replica_infos([m["model_id"] for m in models]))
         outcome["vram"] = stack.local.controller.allocator.vram_state().model_dump(mode="json")
-    print(f"sleep: {outcome['failed']} failed of {len(outcome['cold']) + len(outcome['hops'])} requests", flush=True)
-    print(f"sleep: big wake to first token {json.dumps(outcome['wake_to_first_token'])}, cold {cold_big}", flush=True)
+    requests = len(outcome["cold"]) + len(outcome["wakes"]) + len(outcome["hops"])
+    print(f"sleep: {outcome['failed']} failed of {requests} requests", flush=True)
     for use in asleep_use:
         print(f"sleep: big asleep uses {use['used_bytes'] / GIB:.2f} GiB of {use['held_bytes'] / GIB:.2f} held")
     for row in outcome["replicas"]:

@@ -159,7 +159,7 @@ def test_invalid_input_is_refused_with_names(allocator) -> None:
 
 
 def test_sleep_and_wake_cross_the_boundary_as_models(allocator) -> None:
-    """reserve with sleep terms, sleep, wake, stop, report_use and in_flight through the typed client:
+    """reserve with sleep terms, sleep, settle, wake, stop, report_use and in_flight through the typed client:
     each answer is the contract's model (a wake's evictions included); a reserve in a state other than
     awake or stopped is refused, naming the replica and the state."""
     allocator.configure(PlacementSettings.model_validate({"replica_overhead_gb": 1}))
@@ -168,14 +168,23 @@ def test_sleep_and_wake_cross_the_boundary_as_models(allocator) -> None:
     a = allocator.reserve("a-0", "a", 10 * GIB, sleep=terms)
     assert (a.state, a.sleep, a.held_bytes) == ("awake", terms, 11 * GIB)
     allocator.reserve("b-0", "b", 10 * GIB, sleep=terms)
-    slept = allocator.sleep("a-0")
+    slept = allocator.sleep("a-0")  # held whole until its engine slept
+    assert isinstance(slept, Reservation) and (slept.state, slept.settling, slept.held_bytes) == (
+        "asleep",
+        True,
+        11 * GIB,
+    )
+    slept = allocator.settle("a-0")
     assert isinstance(slept, Reservation) and (slept.state, slept.asleep_level, slept.held_bytes) == ("asleep", 1, GIB)
     allocator.reserve("c-0", "c", 10 * GIB, sleep=terms)  # in the room a gave back: 11 + 11 + 1 of 24 GiB
     allocator.report_use("b-0", 1)  # b busy: a's wake must evict c, though b was used first
     assert allocator.in_flight() == {"b-0": 1}
-    woke = allocator.wake("a-0")
-    assert isinstance(woke, WakeOutcome) and woke.reservation.state == "awake"
+    woke = allocator.wake("a-0")  # short of room: c goes to sleep first, a is left as it was
+    assert isinstance(woke, WakeOutcome) and woke.reservation.state == "asleep"
     assert [(e.replica_id, e.state, e.level) for e in woke.evicted] == [("c-0", "asleep", 1)]
+    allocator.settle("c-0")
+    woke = allocator.wake("a-0")
+    assert (woke.reservation.state, woke.evicted) == ("awake", [])
     allocator.report_use("b-0", 0)
     assert allocator.in_flight() == {}
     stopped = allocator.stop("c-0")

@@ -4,15 +4,19 @@ its replica starts (scale to zero on CPU, where vLLM has no sleep mode), evictin
 recently used idle replica that is not pinned; requests hopping between the models all answer; a
 replica with requests in flight is never evicted (the wake waits for its requests to end); a wake
 that fails (the model's files removed) answers a clear error, and its replica stops holding
-anything; the ledger is consistent after every step.
+anything; an idle replica goes to sleep by itself after its model's idle time (the cluster's
+`placement.sleep.after_idle_s` here), never while a request streams and never when pinned, and its
+next request wakes it; the ledger is consistent after every step.
 
 Tests run in file order on one stack (a step's state is the next one's start). vLLM starts: pin
-and a at first, then b, a, b, b again (the failed wake loads nothing), then b once more (an operator's
-wake after an operator's sleep).
+and a at first, then b, a, b, b again (the failed wake loads nothing), then b three more times (an
+operator's wake after an operator's sleep: SDK, CLI, HTTP API), then nap twice (woken by a request,
+asleep by its idle timer, woken by a stream).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -28,6 +32,7 @@ import httpx
 import pytest
 import ray
 import yaml
+from waiting import wait_until
 
 from vram_scheduler.core.loopback import free_port
 
@@ -42,6 +47,9 @@ INVENTORY = {
     "nodes": [{"node": NODE, "gpus": [{"index": 0, "uuid": "GPU-sleep-0", "name": "Test 8GB", "total_gb": 8}]}]
 }
 NAP = {"after_idle_s": 3600}  # eviction only: no idle sleep during the tests
+# placement.sleep.after_idle_s: nap (no sleep of its own) sleeps after this long idle; pin is pinned,
+# a, b and gone have their own (NAP).
+IDLE_S = 2.0
 
 
 @dataclass
@@ -70,9 +78,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
         model("a", replicas=1, sleep=NAP),
         model("b", replicas=1, sleep=NAP),
         model("gone", replicas=1, sleep=NAP) | {"model": str(gone_dir)},
+        model("nap", replicas=1, max_model_len=2048),  # the demo model's whole length: a long stream
     ]
     serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": 600}
-    values = {"models": models, "placement": {"replica_overhead_gb": 2}, "serving": serving}
+    placement = {"replica_overhead_gb": 2, "sleep": {"after_idle_s": IDLE_S}}
+    values = {"models": models, "placement": placement, "serving": serving}
     config = parse_config(values, "sleep tests")
     metrics_port = free_port()
     ray.init(
@@ -120,9 +130,15 @@ def chat(stack: Sleepy, name: str) -> httpx.Response:
 
 
 def test_more_models_than_fit_awake_are_placed_the_rest_start_stopped(stack: Sleepy) -> None:
-    assert states(stack) == {"pin-0": "awake", "a-0": "awake", "b-0": "stopped", "gone-0": "stopped"}
+    assert states(stack) == {
+        "pin-0": "awake",
+        "a-0": "awake",
+        "b-0": "stopped",
+        "gone-0": "stopped",
+        "nap-0": "stopped",
+    }
     listed = {m["id"] for m in httpx.get(stack.base + "/v1/models", timeout=30).json()["data"]}
-    assert listed == {"pin", "a", "b", "gone"}  # a stopped model answers: a request starts it
+    assert listed == {"pin", "a", "b", "gone", "nap"}  # a stopped model answers: a request starts it
 
 
 def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(stack: Sleepy) -> None:
@@ -131,11 +147,23 @@ def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(st
     answer = chat(stack, "b")
     outcomes.append(answer.status_code)
     assert answer.headers["x-ray-vram-replica"] == "b-0"
-    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+    assert states(stack) == {
+        "pin-0": "awake",
+        "a-0": "stopped",
+        "b-0": "awake",
+        "gone-0": "stopped",
+        "nap-0": "stopped",
+    }
     first = threading.Event()
     body = {"model": "a", "prompt": "hello", "max_tokens": 8, "stream": True}
     assert stream_outcome(stack.base, body, first) == "done"  # streamed, held while a started
-    assert states(stack) == {"pin-0": "awake", "a-0": "awake", "b-0": "stopped", "gone-0": "stopped"}
+    assert states(stack) == {
+        "pin-0": "awake",
+        "a-0": "awake",
+        "b-0": "stopped",
+        "gone-0": "stopped",
+        "nap-0": "stopped",
+    }
     for name in ("pin", "a", "pin"):
         outcomes.append(chat(stack, name).status_code)
     assert outcomes == [200] * 4
@@ -174,7 +202,13 @@ def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> No
     ((ended, stream_ended_at),) = outcome
     assert ended == "done"  # the busy replica kept serving to the end
     assert answered_at > stream_ended_at  # b waited for a's request to finish before taking its room
-    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+    assert states(stack) == {
+        "pin-0": "awake",
+        "a-0": "stopped",
+        "b-0": "awake",
+        "gone-0": "stopped",
+        "nap-0": "stopped",
+    }
 
 
 def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
@@ -187,16 +221,71 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
     assert states(stack)["gone-0"] == "stopped"
     # The other models still answer (b, evicted by gone's wake, starts in the room it gave back).
     assert [chat(stack, name).status_code for name in ("b", "pin")] == [200, 200]
-    assert states(stack) == {"pin-0": "awake", "a-0": "stopped", "b-0": "awake", "gone-0": "stopped"}
+    assert states(stack) == {
+        "pin-0": "awake",
+        "a-0": "stopped",
+        "b-0": "awake",
+        "gone-0": "stopped",
+        "nap-0": "stopped",
+    }
+
+
+def engine_processes(replica_pid: int) -> list[int]:
+    """The processes the replica's engine runs in: its process's children but multiprocessing's
+    resource tracker (started with the first engine, it lives as long as the replica)."""
+    import psutil
+
+    children = psutil.Process(replica_pid).children(recursive=True)
+    return [c.pid for c in children if not any("resource_tracker" in part for part in c.cmdline())]
+
+
+def described(pids: list[int]) -> list[str]:
+    import psutil
+
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            found.append(f"{pid} {process.status()} {' '.join(process.cmdline())[:120]}")
+    return found
+
+
+def engine_alive(pids: list[int]) -> bool:
+    import psutil
+
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None:
+    """An operator's sleep: while b's engine still runs, the ledger holds b's whole reservation; it
+    frees it once the engine is gone. Then the wake, and a pinned model's refusal."""
     from vram_scheduler.sdk.client import SchedulerError, VRAMScheduler
 
     scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
-    (slept,) = scheduler.sleep("b")
+    awake = replica_state(stack, "b-0")
+    engine = engine_processes(awake.pids[0])  # the first pid the replica attached is its own
+    assert engine and awake.held_bytes == awake.bytes + awake.overhead_bytes
+    answers: list[Any] = []
+    sleeping = threading.Thread(target=lambda: answers.extend(scheduler.sleep("b")))
+    sleeping.start()
+    held_while_alive = []  # the ledger never gives away memory the engine still holds
+    while sleeping.is_alive():
+        alive = engine_alive(engine)
+        held = replica_state(stack, "b-0")
+        if alive and engine_alive(engine):
+            held_while_alive.append((held.state, held.held_bytes))
+        time.sleep(0.05)
+    sleeping.join()
+    assert held_while_alive, "b's engine stopped before the ledger could be read"
+    assert {held for _, held in held_while_alive} == {awake.held_bytes}, held_while_alive
+    (slept,) = answers
     assert (slept.replica_id, slept.state) == ("b-0", "stopped")  # CPU: the engine stops
     assert states(stack)["b-0"] == "stopped"
+    assert not engine_alive(engine), f"still running after the stop: {described(engine)}"
     status = {m.model_id: m for m in scheduler.deployments()}
     assert [(r.replica_id, r.sleep) for r in status["b"].replicas] == [("b-0", "stopped")]
     (woke,) = scheduler.wake("b")
@@ -246,7 +335,7 @@ def test_operators_sleep_and_wake_a_model_over_the_controllers_http_api(stack: S
         assert isinstance(woke, WakeReport) and (woke.replica_id, woke.state, woke.cold) == ("b-0", "awake", True)
         with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
             client.sleep("pin")
-        with pytest.raises(SchedulerError, match=r"wake nope: unknown model 'nope'; deployed: a, b, gone, pin"):
+        with pytest.raises(SchedulerError, match=r"wake nope: unknown model 'nope'; deployed: a, b, gone, nap, pin"):
             client.wake("nope")
     finally:
         client.close()
@@ -286,3 +375,68 @@ def test_sleeps_and_wakes_are_counted_and_timed(stack: Sleepy) -> None:
             break
         assert time.monotonic() < deadline, f"not exported: {missing}"
         time.sleep(1)
+
+
+def replica_state(stack: Sleepy, replica_id: str) -> Any:
+    """The ledger's ReplicaState of one replica (after the consistency check of `states`)."""
+    states(stack)
+    state = stack.controller.allocator.vram_state()
+    return next(r for gpu in state.gpus for r in gpu.replicas if r.replica_id == replica_id)
+
+
+def stopped_by_its_timer(stack: Sleepy, replica_id: str) -> Any:
+    return wait_until(
+        lambda: (r := replica_state(stack, replica_id)).state == "stopped" and r,
+        300,
+        f"{replica_id} stopped by its idle timer ({IDLE_S:g} s)",
+    )
+
+
+def test_an_idle_replica_goes_to_sleep_by_itself_and_its_next_request_wakes_it(stack: Sleepy) -> None:
+    """nap's first request starts it (evicting b, the least recently used); idle for `IDLE_S`, it goes
+    to sleep by itself: on CPU its engine stops (scale to zero), the ledger holds it stopped at its
+    sleeping footprint (nothing), and the sleep is counted as idle. pin, idle longer, stays awake."""
+    assert chat(stack, "nap").status_code == 200
+    slept = stopped_by_its_timer(stack, "nap-0")
+    assert (slept.held_bytes, slept.settling, slept.pinned) == (0, False, False)  # CPU: stopped, its footprint 0
+    assert states(stack) == {
+        "pin-0": "awake",
+        "a-0": "stopped",
+        "b-0": "stopped",
+        "gone-0": "stopped",
+        "nap-0": "stopped",
+    }
+    wanted = (
+        "ray_vram_replica_sleeps_total",
+        {"model_id": "nap", "replica": "nap-0", "state": "stopped", "why": "idle"},
+    )
+
+    def counted() -> bool:
+        samples = exported(httpx.get(stack.ray_metrics, timeout=30).text)
+        return any(n == wanted[0] and wanted[1].items() <= labels.items() for n, labels in samples)
+
+    wait_until(counted, 120, f"{wanted} exported", every_s=1)
+
+
+def test_a_stream_across_the_idle_bound_keeps_its_replica_awake_until_it_ends(stack: Sleepy) -> None:
+    """The next request wakes nap and is answered; while it streams for longer than `IDLE_S`, the
+    timer never puts nap to sleep; once it is over and nap idles again, it sleeps by itself."""
+    first = threading.Event()
+    body = {"model": "nap", "prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    outcome: list[str] = []
+    streaming = threading.Thread(target=lambda: outcome.append(stream_outcome(stack.base, body, first)))
+    streaming.start()
+    assert first.wait(600), "the stream never started"  # held while nap started
+    started, crossed, seen = time.monotonic(), False, []
+    while streaming.is_alive():
+        state = states(stack)["nap-0"]
+        if streaming.is_alive():  # read while the stream ran
+            seen.append(state)
+            crossed |= time.monotonic() - started > IDLE_S
+        time.sleep(0.05)
+    streaming.join()
+    assert outcome == ["done"]
+    assert crossed, f"the stream ended within the idle bound ({IDLE_S:g} s): the scenario needs a longer one"
+    assert set(seen) == {"awake"}, seen
+    stopped_by_its_timer(stack, "nap-0")
+    assert states(stack)["pin-0"] == "awake"

@@ -1,6 +1,7 @@
 """The ledger under random sequences of inventory updates, reserves, releases, attaches, sleeps,
 wakes and stops (hypothesis state machine): no GPU ever booked beyond its room, each replica holding
-what its state says (awake its reservation, asleep its sleeping footprint, stopped nothing), no GPU
+what its state says (awake its reservation, asleep its sleeping footprint, stopped nothing; settling,
+on its way there while its engine still holds the memory, its reservation), no GPU
 over its sleepers and no node over its level-1 host RAM, wakes that evict only idle unpinned
 replicas in LRU order (or refuse and change nothing), refusals only when nothing fits, idempotent
 repeats, a snapshot round trip that changes nothing, and a journal of deltas (what the allocator
@@ -54,7 +55,7 @@ def inventory(node: str, used_gb: list[float], pids: list[int]) -> NodeInventory
 
 def footprint(reservation) -> int:
     """What a replica holds in its state, computed here apart from the ledger's indexes."""
-    if reservation.state == "awake":
+    if reservation.state == "awake" or reservation.settling:
         return reservation.bytes + reservation.overhead_bytes
     if reservation.state == "asleep":
         return reservation.sleep.sleep_bytes
@@ -136,13 +137,27 @@ class LedgerMachine(RuleBasedStateMachine):
         assert changed == (before.state == "awake")
         if before.state != "awake":
             assert after == before
-        elif before.gpu_uuid == "h-0":
+            return
+        assert after.settling and footprint(after) == footprint(before)  # held until the engine let go
+        if before.gpu_uuid == "h-0":
             assert after.state == "stopped"  # no sleep mode on a host-memory pseudo-GPU
         else:
             assert after.state in ("asleep", "stopped")
             if after.state == "asleep" and before.sleep.level == 2:
                 assert after.asleep_level == 2
             event(f"slept: {after.state} level {after.asleep_level}")
+
+    @precondition(lambda self: any(r.settling for r in self.ledger.reservations()))
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        """A settling replica's engine let go: it holds its state's footprint, the rest is free."""
+        settling = sorted(r.replica_id for r in self.ledger.reservations() if r.settling)
+        replica_id = data.draw(st.sampled_from(settling))
+        before = self.ledger.entry(replica_id).reservation
+        free = self.ledger.free_bytes()[before.gpu_uuid]
+        after, changed = self.ledger.settle(replica_id, self._tick())
+        assert changed and not after.settling and after.state == before.state != "awake"
+        assert self.ledger.free_bytes()[before.gpu_uuid] == free + footprint(before) - footprint(after)
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -154,7 +169,8 @@ class LedgerMachine(RuleBasedStateMachine):
         except ReservationError as refusal:
             assert before.sleep is None and "release it instead" in str(refusal)
             return
-        assert after.state == "stopped" and changed == (before.state != "stopped")
+        assert after.state == "stopped" and not after.settling
+        assert changed == (before.state != "stopped" or before.settling)
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -190,7 +206,11 @@ class LedgerMachine(RuleBasedStateMachine):
             for r in self.ledger.reservations()
             if r.gpu_uuid == held.gpu_uuid and r.replica_id != replica_id
         ]
-        idle = [e for e in mates if e.reservation.sleep is not None and e.reservation.replica_id not in busy]
+        idle = [
+            e
+            for e in mates
+            if e.reservation.sleep is not None and e.reservation.replica_id not in busy and not e.reservation.settling
+        ]
         evictable = sum(footprint(e.reservation) for e in idle)
         need = held.bytes + held.overhead_bytes - footprint(held)
         free = self.ledger.free_bytes()[held.gpu_uuid]
@@ -204,7 +224,13 @@ class LedgerMachine(RuleBasedStateMachine):
             event("wake refused")
             return
         event("wake evicted" if outcome.evicted else "wake without eviction")
-        assert outcome.reservation.state == "awake" and changed == (held.state != "awake")
+        assert changed == (held.state != "awake")
+        if outcome.evicted:  # short of room: nothing freed yet, the waker left as it was
+            assert outcome.reservation == held and self.ledger.free_bytes()[held.gpu_uuid] == free
+            assert all(self.ledger.entry(e.replica_id).reservation.settling for e in outcome.evicted)
+        else:
+            assert outcome.reservation.state == "awake" and not outcome.reservation.settling
+            assert held.state == "awake" or held.settling or free >= need
         assert self.ledger.free_bytes()[held.gpu_uuid] >= 0 or free < 0
         evicted = {e.replica_id for e in outcome.evicted}
         assert evicted <= {e.reservation.replica_id for e in idle}, "evicted a pinned or busy replica"

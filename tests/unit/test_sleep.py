@@ -17,6 +17,7 @@ from vram_scheduler.core.config import (
     parse_config,
     sleep_policy,
 )
+from vram_scheduler.core.contract import Eviction, Reservation
 from vram_scheduler.core.inventory import Inventory, NodeInventory
 from vram_scheduler.core.ledger import Ledger, ReservationError
 from vram_scheduler.core.planner import plan
@@ -171,22 +172,40 @@ def fill(ledger: Ledger, *names: str, budget_gb: float = 30) -> None:
         ledger.reserve(name, name, gib_to_bytes(budget_gb), T0 + i, "g0", sleep=terms(budget_gb))
 
 
+def put_to_sleep(ledger: Ledger, replica_id: str, now: float) -> Reservation:
+    """`Ledger.sleep`, then `settle` once the engine's sleep returned (as a replica does)."""
+    slept, _ = ledger.sleep(replica_id, now)
+    return ledger.settle(replica_id, now)[0] if slept.state == "asleep" else ledger.stop(replica_id, now)[0]
+
+
+def woken(ledger: Ledger, replica_id: str, now: float, busy: set[str] | None = None) -> list[Eviction]:
+    """`Ledger.wake` as a replica drives it: the replicas it evicts sleep (and settle), then it asks again."""
+    evicted: list[Eviction] = []
+    while True:
+        outcome, _ = ledger.wake(replica_id, now, busy or set())
+        evicted += outcome.evicted
+        if outcome.reservation.state == "awake":
+            return evicted
+        for gone in outcome.evicted:
+            ledger.settle(gone.replica_id, now)
+
+
 def test_a_wake_retakes_the_whole_reservation_evicting_lru_never_pinned_or_busy() -> None:
     ledger = ledger_with(80)
     ledger.reserve("pin", "pin", 10 * GIB, T0, "g0")  # no terms: pinned, 12 GiB
     fill(ledger, "a", "b")  # 2 × 32 GiB awake: 76 of 80 GiB
-    ledger.sleep("a", T0 + 5)
+    put_to_sleep(ledger, "a", T0 + 5)
     ledger.reserve("c", "c", 30 * GIB, T0 + 6, "g0", sleep=terms(30))  # takes a's room
     ledger.touch(["b"], T0 + 7)
     ledger.touch(["c"], T0 + 8)
     # b is the least recently used, but busy: c goes to sleep instead.
-    outcome, changed = ledger.wake("a", T0 + 9, busy={"b"})
-    assert changed and outcome.reservation.state == "awake"
-    assert [(e.replica_id, e.state, e.level) for e in outcome.evicted] == [("c", "asleep", 1)]
+    evicted = woken(ledger, "a", T0 + 9, busy={"b"})
+    assert ledger.entry("a").reservation.state == "awake"
+    assert [(e.replica_id, e.state, e.level) for e in evicted] == [("c", "asleep", 1)]
     assert ledger.entry("pin").reservation.state == "awake"
     # Both others busy: nothing changes, and the refusal says what held the room.
     before = ledger.dumps()
-    ledger.sleep("a", T0 + 10)
+    put_to_sleep(ledger, "a", T0 + 10)
     ledger.reserve("d", "d", 28 * GIB, T0 + 11, "g0", sleep=terms(28))
     snapshot = ledger.dumps()
     with pytest.raises(ReservationError) as refused:
@@ -197,12 +216,68 @@ def test_a_wake_retakes_the_whole_reservation_evicting_lru_never_pinned_or_busy(
     assert "with requests in flight: b 32.00 GiB, d 30.00 GiB" in text
 
 
+def test_a_replica_going_to_sleep_holds_its_whole_reservation_until_its_engine_let_go() -> None:
+    """The ledger lowers a sleeper to its footprint only once its engine's sleep returned (`settle`),
+    or frees it once its engine is gone (`stop`: a sleep that failed stops the engine): the room its
+    engine still holds is never given to another replica meanwhile."""
+    ledger = ledger_with(80)
+    fill(ledger, "a", "b")  # 2 × 32 GiB: 16 GiB free
+    going, changed = ledger.sleep("a", T0 + 1)
+    assert changed and (going.state, going.asleep_level, going.settling) == ("asleep", 1, True)
+    assert going.held_bytes == 32 * GIB and ledger.free_bytes()["g0"] == 16 * GIB
+    assert ledger.asleep_count("g0") == 1 and ledger.level1_host_bytes() == {"n": 30 * GIB}  # taken at once
+    with pytest.raises(ReservationError, match=r"model c needs 22.00 GiB .* which has 16.00 GiB free"):
+        ledger.reserve("c", "c", 20 * GIB, T0 + 2, "g0", sleep=terms(20))
+    (seen,) = [r for r in ledger.state(T0 + 2).gpus[0].replicas if r.replica_id == "a"]
+    assert (seen.state, seen.settling, seen.held_bytes) == ("asleep", True, 32 * GIB)
+    assert ledger.sleep("a", T0 + 3) == (going, False)  # asked again (an eviction's sleep): unchanged
+    slept, changed = ledger.settle("a", T0 + 4)
+    footprint = gib_to_bytes(capacity.DEFAULT_SLEEP_FOOTPRINT_GB)
+    assert changed and not slept.settling and slept.held_bytes == footprint
+    assert ledger.free_bytes()["g0"] == 48 * GIB - footprint and ledger.settle("a", T0 + 5) == (slept, False)
+    ledger.reserve("c", "c", 20 * GIB, T0 + 6, "g0", sleep=terms(20))
+    # b's sleep fails: its engine is shut down, then it is stopped and frees everything.
+    ledger.sleep("b", T0 + 7)
+    assert ledger.entry("b").reservation.held_bytes == 32 * GIB
+    stopped, changed = ledger.stop("b", T0 + 8)
+    assert changed and (stopped.state, stopped.settling, stopped.held_bytes) == ("stopped", False, 0)
+    assert ledger.asleep_count("g0") == 1  # b's sleeper slot is given back
+    assert Ledger.loads(ledger.dumps()).state(T0) == ledger.state(T0)
+
+
+def test_a_wake_short_of_room_takes_it_only_after_its_evictions_settled() -> None:
+    """A wake that must evict leaves every reservation whole: the evicted hold theirs (settling)
+    until their engines slept, and the waker takes its room when it asks again after that."""
+    ledger = ledger_with(80)
+    ledger.reserve("pin", "pin", 10 * GIB, T0, "g0")
+    fill(ledger, "a", "b")
+    put_to_sleep(ledger, "a", T0 + 2)
+    ledger.reserve("c", "c", 30 * GIB, T0 + 3, "g0", sleep=terms(30))
+    ledger.touch(["c"], T0 + 4)  # b is the least recently used
+    free = ledger.free_bytes()["g0"]
+    outcome, changed = ledger.wake("a", T0 + 5)
+    assert changed and [(e.replica_id, e.state) for e in outcome.evicted] == [("b", "asleep")]
+    assert outcome.reservation.state == "asleep" and ledger.free_bytes()["g0"] == free  # nothing given yet
+    assert ledger.entry("b").reservation.settling
+    # Asked again before b's engine slept: b is on its way, c busy; refused, naming b.
+    snapshot = ledger.dumps()
+    with pytest.raises(ReservationError, match=r"going to sleep \(their engines not yet let go\): b 32.00 GiB"):
+        ledger.wake("a", T0 + 6, busy={"c"})
+    assert ledger.dumps() == snapshot
+    ledger.settle("b", T0 + 7)
+    outcome, changed = ledger.wake("a", T0 + 8)
+    assert changed and outcome.reservation.state == "awake" and not outcome.evicted
+    states = {r.replica_id: (r.state, r.settling) for r in ledger.reservations()}
+    assert states == {"pin": ("awake", False), "a": ("awake", False), "b": ("asleep", False), "c": ("awake", False)}
+    assert ledger.free_bytes()["g0"] >= 0
+
+
 def test_a_sleeper_keeps_its_footprint_and_counts_against_the_gpu_and_the_nodes_host_ram() -> None:
     ledger = ledger_with(80, max_asleep_per_gpu=2, level1_host_gb_per_node=15)
     fill(ledger, "a", "b", budget_gb=10)
     ledger.reserve("c", "c", 10 * GIB, T0, "g0", sleep=terms(10))
     for name in ("a", "b", "c"):
-        ledger.sleep(name, T0 + 1)
+        put_to_sleep(ledger, name, T0 + 1)
     states = {r.replica_id: (r.state, r.asleep_level) for r in ledger.reservations()}
     # 10 GiB of level-1 weights (their budget: size unknown) fit 15 GiB once, not twice; the third
     # sleeper is past the GPU's limit of two.
@@ -220,7 +295,10 @@ def test_on_cpu_sleep_stops_the_engine_and_holds_nothing() -> None:
     ledger = ledger_with(16, source="host-memory")
     ledger.reserve("a", "a", 4 * GIB, T0, "g0", sleep=terms(4, host=True))
     reservation, _ = ledger.sleep("a", T0)
-    assert reservation.state == "stopped" and ledger.reserved_bytes().get("g0", 0) == 0
+    assert reservation.state == "stopped" and reservation.settling  # held until its engine is gone
+    assert ledger.reserved_bytes()["g0"] == 6 * GIB
+    reservation, _ = ledger.stop("a", T0)
+    assert not reservation.settling and ledger.reserved_bytes().get("g0", 0) == 0
 
 
 def test_pinned_replicas_neither_sleep_nor_stop() -> None:
@@ -242,9 +320,9 @@ def test_a_stopped_replica_is_placed_only_where_it_could_wake() -> None:
     assert placed.state == "stopped" and ledger.free_bytes()["g0"] == 2 * GIB
     with pytest.raises(ReservationError, match="model c needs"):
         ledger.reserve("c", "c", 17 * GIB, T0, "g0", state="stopped", sleep=terms(17))
-    outcome, _ = ledger.wake("b", T0 + 1)
+    evicted = woken(ledger, "b", T0 + 1)
     # Asleep, a would keep 2.3 GiB and leave b 0.3 GiB short: it is stopped.
-    assert [(e.replica_id, e.state) for e in outcome.evicted] == [("a", "stopped")]
+    assert [(e.replica_id, e.state) for e in evicted] == [("a", "stopped")]
     assert ledger.free_bytes()["g0"] == 2 * GIB
 
 
@@ -287,10 +365,60 @@ def test_status_shows_each_replica_awake_asleep_or_stopped() -> None:
     ledger = ledger_with(80, max_asleep_per_gpu=1)
     fill(ledger, "a", "b", budget_gb=10)
     ledger.reserve("c", "c", 10 * GIB, T0, "g0", sleep=terms(10))
-    ledger.sleep("a", T0)
-    ledger.sleep("b", T0)  # past the GPU's one sleeper: stopped
+    put_to_sleep(ledger, "a", T0)
+    put_to_sleep(ledger, "b", T0)  # past the GPU's one sleeper: stopped
+    ledger.reserve("d", "d", 10 * GIB, T0, "g0", sleep=terms(10))
+    ledger.sleep("d", T0)  # its engine not yet stopped
     console = Console(width=250, record=True)
     console.print(render_vram(ledger.state(T0)))
     text = console.export_text()
     assert "a 10.00+2.00 asleep L1, holds 2.30" in text and "b 10.00+2.00 stopped" in text
+    assert "d 10.00+2.00 stopping, holds 12.00" in text
     assert "c 10.00+2.00" in text and "c 10.00+2.00 asleep" not in text and "c 10.00+2.00 stopped" not in text
+
+
+# -- a replica's requests in flight ----------------------------------------------------------------
+
+
+def test_a_replica_counts_its_http_requests_until_their_last_byte() -> None:
+    """A stream still being written counts as in flight (its engine may be done with it): the idle
+    timer and a sleep's drain wait for it. Only POSTs (the routed inference calls) count; one that
+    fails is counted out too."""
+    import asyncio
+
+    from vram_scheduler.serving.replica.in_flight import RequestsInFlight
+
+    async def scenario() -> list[int]:
+        last_byte = asyncio.Event()
+
+        async def app(scope: dict, receive: object, send: object) -> None:
+            if scope["path"] == "/fails":
+                raise RuntimeError("the app failed")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            if scope["method"] == "POST":
+                await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+                await last_byte.wait()
+            await send({"type": "http.response.body", "body": b""})
+
+        counted = RequestsInFlight(app)
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        seen = []
+        stream = asyncio.create_task(counted({"type": "http", "method": "POST", "path": "/v1/completions"}, None, send))
+        while len(sent) < 2:  # the first chunk is out
+            await asyncio.sleep(0)
+        seen.append(counted.count)
+        await counted({"type": "http", "method": "GET", "path": "/v1/models"}, None, send)
+        seen.append(counted.count)
+        with pytest.raises(RuntimeError, match="the app failed"):
+            await counted({"type": "http", "method": "POST", "path": "/fails"}, None, send)
+        seen.append(counted.count)
+        last_byte.set()
+        await stream
+        seen.append(counted.count)
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 1, 1, 0]

@@ -260,10 +260,18 @@ class VRAMAllocator:
 
     async def sleep(self, replica_id: str) -> Reservation:
         """Put an awake replica to sleep in the ledger (asleep at its level, or stopped); returns
-        its reservation. The replica's engine follows (it asked)."""
+        its reservation, settling: it holds the whole of it until its engine slept (`settle`) or
+        stopped (`stop`). The replica's engine follows (it asked)."""
         self._background()
         reservation, _ = self._ledger.sleep(replica_id, now())
         self._busy.pop(replica_id, None)
+        await self._writer.durable()
+        return reservation
+
+    async def settle(self, replica_id: str) -> Reservation:
+        """A replica's engine slept (its memory is freed): it holds its sleeping footprint from now on."""
+        self._background()
+        reservation, _ = self._ledger.settle(replica_id, now())
         await self._writer.durable()
         return reservation
 
@@ -276,9 +284,10 @@ class VRAMAllocator:
         return reservation
 
     async def wake(self, replica_id: str) -> WakeOutcome:
-        """Take a replica's whole reservation back, evicting the least recently used idle replicas
-        of its GPU that sleep (never one that reported requests in flight). The evicted replicas'
-        engines must sleep before the waker's engine grows."""
+        """Take a replica's whole reservation back when its GPU has the room; else evict the least
+        recently used idle replicas of its GPU that sleep (never one that reported requests in
+        flight): they hold their reservations until their engines let go, and the waker, left as it
+        was, has them sleep and asks again (`Ledger.wake`)."""
         self._background()
         outcome, _ = self._ledger.wake(replica_id, now(), busy=set(self._busy))
         await self._writer.durable()
@@ -485,6 +494,9 @@ class AllocatorClient:
     def sleep(self, replica_id: str) -> Reservation:
         return _checked(Reservation, self._get(self.handle.sleep.remote(replica_id)))
 
+    def settle(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, self._get(self.handle.settle.remote(replica_id)))
+
     def stop(self, replica_id: str) -> Reservation:
         return _checked(Reservation, self._get(self.handle.stop.remote(replica_id)))
 
@@ -567,6 +579,9 @@ class AsyncAllocatorClient:
 
     async def sleep(self, replica_id: str) -> Reservation:
         return _checked(Reservation, await self.handle.sleep.remote(replica_id))
+
+    async def settle(self, replica_id: str) -> Reservation:
+        return _checked(Reservation, await self.handle.settle.remote(replica_id))
 
     async def stop(self, replica_id: str) -> Reservation:
         return _checked(Reservation, await self.handle.stop.remote(replica_id))

@@ -216,10 +216,13 @@ def sleep_terms(
     )
 
 
-def footprint_bytes(state: ReplicaLife, budget_bytes: int, overhead_bytes: int, terms: SleepTerms | None) -> int:
+def footprint_bytes(
+    state: ReplicaLife, budget_bytes: int, overhead_bytes: int, terms: SleepTerms | None, *, settling: bool = False
+) -> int:
     """What a replica in `state` holds on its GPU: its reservation awake, its sleeping footprint
-    asleep, nothing stopped."""
-    if state == "awake":
+    asleep, nothing stopped. `settling`: on its way to `state` while its engine still holds the memory
+    (its sleep or stop has not returned yet): its whole reservation, until the engine let go."""
+    if state == "awake" or settling:
         return reservation_bytes(budget_bytes, overhead_bytes)
     if state == "asleep":
         return terms.sleep_bytes if terms is not None else reservation_bytes(budget_bytes, overhead_bytes)

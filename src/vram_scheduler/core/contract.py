@@ -156,6 +156,10 @@ class ReplicaState(WireModel):
     held_bytes: int | None = Field(default=None, description="What it holds on its GPU in its state.")
     sleep_bytes: int | None = Field(default=None, description="Its sleeping footprint (None: it never sleeps).")
     asleep_level: int | None = Field(default=None, description="The level it sleeps at (1 or 2), while asleep.")
+    settling: bool = Field(
+        default=False,
+        description="Going to sleep or stopping: it holds its whole reservation until its engine let go.",
+    )
     pinned: bool = Field(default=True, description="Never sleeps, never evicted (pinned, or no sleep policy).")
     last_used_at: float | None = Field(default=None, description="When it last served a request, as recorded.")
 
@@ -336,12 +340,17 @@ class Reservation(StrictModel):
         default=None, description="How it sleeps; None: it never sleeps and is never put to sleep (pinned)."
     )
     asleep_level: SleepLevel | None = Field(default=None, description="The level it sleeps at, while asleep.")
+    settling: bool = Field(
+        default=False,
+        description="On its way to its state (asleep or stopped) while its engine still holds the memory: it "
+        "holds its whole reservation until the engine's sleep or stop returned (`settle`, `stop`).",
+    )
 
     @property
     def held_bytes(self) -> int:
         """What it holds on its GPU in its state (`capacity.footprint_bytes`)."""
         overhead = self.overhead_bytes or 0
-        return footprint_bytes(self.state, self.bytes, overhead, self.sleep)
+        return footprint_bytes(self.state, self.bytes, overhead, self.sleep, settling=self.settling)
 
 
 class Unplaced(StrictModel):
@@ -412,7 +421,8 @@ class ReserveRequest(StrictModel):
 
 
 class Eviction(StrictModel):
-    """A replica a wake put to sleep or stopped: its engine must follow before the waker's starts."""
+    """A replica a wake puts to sleep or stops: its engine must let go (its reservation settles)
+    before the waker takes the room."""
 
     replica_id: str
     model_id: str
@@ -422,7 +432,9 @@ class Eviction(StrictModel):
 
 
 class WakeOutcome(StrictModel):
-    """What `wake` did: the replica's reservation, whole again, and the replicas it evicted."""
+    """What `wake` did: the replica's reservation, whole again (awake); or, when the room was short, the
+    replicas it evicted, which still hold their reservations (settling) until their engines let go,
+    and the replica's reservation as it was: the waker has them sleep, then asks again."""
 
     reservation: Reservation
     evicted: list[Eviction] = Field(default_factory=list)

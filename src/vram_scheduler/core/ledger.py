@@ -458,8 +458,12 @@ class Ledger:
 
     # -- sleep and wake ---------------------------------------------------------------------
     # A replica's footprint follows its state (`capacity.footprint_bytes`); `core.eviction` decides
-    # how deep a sleeper sleeps and whom a wake evicts. Each call leaves the ledger consistent: a
-    # wake either takes the whole reservation (with its evictions) or changes nothing.
+    # how deep a sleeper sleeps and whom a wake evicts. The ledger never counts memory as free
+    # before the engine holding it let go: a replica going to sleep keeps its whole reservation
+    # (`settling`) until its engine's sleep returned (`settle`) or its engine is gone (`stop`), and a
+    # wake takes the whole reservation before its engine grows. A wake short of room only starts
+    # its evictions (they settle as their engines sleep) and is asked again; each call either
+    # changes the ledger consistently or changes nothing.
 
     def _wake_room(self, gpu: GPUInfo) -> int:
         """What a GPU can give one replica once every replica that sleeps is stopped: its total less
@@ -490,17 +494,22 @@ class Ledger:
             raise ReservationError(f"{action} {replica_id!r}: it holds no reservation (held: {known})")
         return entry
 
-    def _set_state(self, entry: LedgerEntry, state: ReplicaLife, level: SleepLevel | None) -> None:
+    def _set_state(
+        self, entry: LedgerEntry, state: ReplicaLife, level: SleepLevel | None, *, settling: bool = False
+    ) -> None:
         self._index(entry, -1)
-        entry.reservation = entry.reservation.model_copy(update={"state": state, "asleep_level": level})
+        update = {"state": state, "asleep_level": level, "settling": settling}
+        entry.reservation = entry.reservation.model_copy(update=update)
         self._index(entry, +1)
         self._dirty["entries"].add(entry.reservation.replica_id)
 
     def sleep(self, replica_id: str, now: float) -> tuple[Reservation, bool]:
         """Put an awake replica to sleep: asleep at its level (level 2 when the node's host RAM for
         level-1 weights is short), or stopped when its GPU holds `max_asleep_per_gpu` sleepers or
-        does not sleep engines. Asleep or stopped already: unchanged. A replica that never sleeps
-        (pinned, or its model has no sleep policy) is refused."""
+        does not sleep engines. It is settling: it keeps its whole reservation (its sleeper slot and
+        host RAM already counted) until its engine slept (`settle`) or is gone (`stop`). Asleep or
+        stopped already (or settling there): unchanged. A replica that never sleeps (pinned, or its
+        model has no sleep policy) is refused."""
         entry = self._sleeper(replica_id, "sleep")
         held = entry.reservation
         if held.sleep is None:
@@ -517,7 +526,16 @@ class Ledger:
             slots_left=self._slots_left(held.gpu_uuid),
             host_room=self._host_room(held.node),
         )
-        self._set_state(entry, target.state, target.level)
+        self._set_state(entry, target.state, target.level, settling=True)
+        return entry.reservation, True
+
+    def settle(self, replica_id: str, now: float) -> tuple[Reservation, bool]:
+        """A settling replica's engine let go (its sleep returned): it holds its state's footprint
+        from now on, and the rest is free. Not settling: unchanged."""
+        entry = self._sleeper(replica_id, "settle")
+        if not entry.reservation.settling:
+            return entry.reservation, False
+        self._set_state(entry, entry.reservation.state, entry.reservation.asleep_level)
         return entry.reservation, True
 
     def stop(self, replica_id: str, now: float) -> tuple[Reservation, bool]:
@@ -530,20 +548,27 @@ class Ledger:
                 f"stop {replica_id}: model {entry.reservation.model_id} never sleeps (pinned, or no sleep policy), "
                 "so nothing would wake it; release it instead"
             )
-        if entry.reservation.state == "stopped":
+        if entry.reservation.state == "stopped" and not entry.reservation.settling:
             return entry.reservation, False
         self._set_state(entry, "stopped", None)
         return entry.reservation, True
 
     def wake(self, replica_id: str, now: float, busy: Collection[str] = ()) -> tuple[WakeOutcome, bool]:
-        """Take a replica's whole reservation back on its GPU, evicting the least recently used idle
-        replicas there that sleep (`core.eviction`) when the room is short; `busy`: replicas with
-        requests in flight, never evicted. Raises `ReservationError` (changing nothing) naming the
-        need, the room and what held the rest. Awake already: unchanged."""
+        """Take a replica's whole reservation back on its GPU when the room is free. When it is
+        short, evict the least recently used idle replicas there that sleep (`core.eviction`): they
+        go to sleep settling, still holding their reservations, and the waker is left as it was; it
+        has them sleep and asks again once their engines let go. `busy`: replicas with requests in
+        flight, never evicted; settling ones are on their way already. Raises `ReservationError`
+        (changing nothing) naming the need, the room and what held the rest. Awake already:
+        unchanged; settling (its engine never let go): awake again at once."""
         entry = self._sleeper(replica_id, "wake")
         held = entry.reservation
         if held.state == "awake":
             return WakeOutcome(reservation=held), False
+        if held.settling:
+            self._set_state(entry, "awake", None)
+            entry.last_used_at = now
+            return WakeOutcome(reservation=entry.reservation), True
         gpu = self.find_gpu(held.gpu_uuid)
         if gpu is None:
             raise ReservationError(
@@ -552,12 +577,13 @@ class Ledger:
         overhead = capacity.held_overhead(held.overhead_bytes, self.settings)
         need = capacity.wake_need_bytes(held.state, held.bytes, overhead, held.sleep)
         short = need - self.free_bytes()[gpu.uuid]
-        # The waker's own sleeper slot and host RAM are free once it wakes.
-        was_asleep = held.state == "asleep"
-        slots = self._slots_left(gpu.uuid) + was_asleep
-        host = self._host_room(held.node) + (
-            held.sleep.host_bytes if was_asleep and held.asleep_level == 1 and held.sleep is not None else 0
-        )
+        if short <= 0:
+            self._set_state(entry, "awake", None)
+            entry.last_used_at = now
+            return WakeOutcome(reservation=entry.reservation), True
+        # The waker keeps its sleeper slot and host RAM until it wakes, after its evictions settled.
+        slots = self._slots_left(gpu.uuid)
+        host = self._host_room(held.node)
         candidates = [
             eviction.Candidate(
                 replica_id=other.reservation.replica_id,
@@ -572,6 +598,7 @@ class Ledger:
             if other.reservation.replica_id != replica_id
             and other.reservation.sleep is not None
             and other.reservation.state != "stopped"
+            and not other.reservation.settling
             and other.reservation.replica_id not in busy
         ]
         chosen = eviction.choose_evictions(
@@ -579,11 +606,10 @@ class Ledger:
         )
         if chosen is None:
             raise ReservationError(self._no_wake_room(held, gpu, need, short, candidates, busy))
-        self._set_state(entry, "awake", None)  # first: its slot and host RAM go to the evicted
         evicted = []
         for choice in chosen:
             other = self.data.entries[choice.replica_id]
-            self._set_state(other, choice.to, choice.level)
+            self._set_state(other, choice.to, choice.level, settling=True)
             evicted.append(
                 Eviction(
                     replica_id=choice.replica_id,
@@ -593,7 +619,6 @@ class Ledger:
                     freed_bytes=choice.frees_bytes,
                 )
             )
-        entry.last_used_at = now
         return WakeOutcome(reservation=entry.reservation, evicted=evicted), True
 
     def _no_wake_room(
@@ -609,7 +634,12 @@ class Ledger:
             self.data.entries[rid].reservation for rid in self._by_gpu.get(gpu.uuid, ()) if rid != held.replica_id
         ]
         pinned = [r for r in others if r.sleep is None]
-        in_flight = [r for r in others if r.sleep is not None and r.replica_id in busy and r.state != "stopped"]
+        settling = [r for r in others if r.settling]
+        in_flight = [
+            r
+            for r in others
+            if r.sleep is not None and r.replica_id in busy and r.state != "stopped" and not r.settling
+        ]
         evictable = sum(c.held_bytes for c in candidates)
 
         def listed(reservations: list[Reservation]) -> str:
@@ -621,7 +651,8 @@ class Ledger:
             f"wake {held.replica_id} of model {held.model_id}: needs {format_gib(need)} more on {gpu.label}, "
             f"which has {format_gib(max(0, need - short))} free (short by {format_gib(short)}); evicting every idle "
             f"replica that sleeps frees at most {format_gib(evictable)}; pinned: {listed(pinned)}; "
-            f"with requests in flight: {listed(in_flight)}; unmanaged: {format_gib(self._unmanaged()[gpu.uuid])}"
+            f"with requests in flight: {listed(in_flight)}; going to sleep (their engines not yet let go): "
+            f"{listed(settling)}; unmanaged: {format_gib(self._unmanaged()[gpu.uuid])}"
         )
 
     def touch(self, replica_ids: Iterable[str], now: float) -> bool:
@@ -667,7 +698,7 @@ class Ledger:
         else:
             ids.pop(held.replica_id, None)
         overhead = capacity.held_overhead(held.overhead_bytes, self.settings)
-        whole = capacity.footprint_bytes(held.state, held.bytes, overhead, held.sleep)
+        whole = capacity.footprint_bytes(held.state, held.bytes, overhead, held.sleep, settling=held.settling)
         self._held[held.gpu_uuid] = self._held.get(held.gpu_uuid, 0) + sign * whole
         if held.state == "asleep":
             self._asleep[held.gpu_uuid] = self._asleep.get(held.gpu_uuid, 0) + sign
@@ -959,6 +990,7 @@ def _replica_state(entry: LedgerEntry, usage: dict[int, int] | None) -> ReplicaS
         held_bytes=held.held_bytes,
         sleep_bytes=held.sleep.sleep_bytes if held.sleep is not None else None,
         asleep_level=held.asleep_level,
+        settling=held.settling,
         pinned=held.sleep is None,
         last_used_at=entry.last_used_at,
     )

@@ -118,7 +118,9 @@ def plan(
         held = reservation.overhead_bytes
         if held is None:
             held = overhead.get(reservation.model_id, capacity.placement_overhead_bytes(settings))
-        footprint = capacity.footprint_bytes(reservation.state, reservation.bytes, held, reservation.sleep)
+        footprint = capacity.footprint_bytes(
+            reservation.state, reservation.bytes, held, reservation.sleep, settling=reservation.settling
+        )
         slot.reserved += footprint
         if reservation.sleep is None:
             slot.fixed += footprint
@@ -184,6 +186,7 @@ def plan(
             state=state,
             sleep=terms,
             asleep_level=None,
+            settling=False,
         )
 
     for model_id, uuid in packer.placements:

@@ -45,11 +45,16 @@ class _Replica:
     held_bytes: int | None = None
     asleep_level: int | None = None
     planned: bool = False
+    settling: bool = False
 
     def state_text(self) -> str:
-        """Nothing awake; `asleep L1, holds 2.30` / `stopped` (a plan: `starts stopped`) otherwise."""
+        """Nothing awake; `asleep L1, holds 2.30` / `stopped` (a plan: `starts stopped`) otherwise;
+        `going to sleep L1, holds 12.00` / `stopping, holds 12.00` while its engine lets go."""
         if self.state == "awake":
             return ""
+        if self.settling:
+            going = f"going to sleep L{self.asleep_level}" if self.state == "asleep" else "stopping"
+            return f" {going}, holds {_gib(self.held_bytes or 0)}"
         if self.state == "asleep":
             return f" asleep L{self.asleep_level}, holds {_gib(self.held_bytes or 0)}"
         return " starts stopped" if self.planned else " stopped"
@@ -97,6 +102,7 @@ def _state_row(gpu: GPUState, settings: PlacementSettings) -> _Row:
                 state=r.state,
                 held_bytes=r.held_bytes,
                 asleep_level=r.asleep_level,
+                settling=r.settling,
             )
             for r in gpu.replicas
         ],

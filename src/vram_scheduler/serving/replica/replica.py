@@ -35,7 +35,7 @@ from ray import serve
 
 from ...allocator.actor import AsyncAllocatorClient
 from ...core.config import ModelSpec, ServingSettings, format_gib
-from ...core.contract import MediaAccepts, ReplicaEndpoint, Reservation, WakeReport
+from ...core.contract import Eviction, MediaAccepts, ReplicaEndpoint, Reservation, WakeOutcome, WakeReport
 from ...core.errors import RayVramError, ReplicaWakeError
 from ...core.model_limits import checkpoint_bytes, local_config
 from ..internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
@@ -44,6 +44,7 @@ from ..router.http_limits import server_config
 from ..router.router import replicas_board
 from .engine_args import parse_server_args, server_argv
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
+from .in_flight import RequestsInFlight
 from .loop_thread import LoopThread
 from .media_budget import media_need
 from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
@@ -120,6 +121,7 @@ class VLLMReplica:
         self._last_active = time.monotonic()
         self._reported_busy: tuple[bool, float] = (False, 0.0)
         self.sleep_metrics: SleepMetrics | None = None
+        self.http_requests: RequestsInFlight | None = None
         started = time.monotonic()
         try:
             await self._start()
@@ -360,7 +362,8 @@ class VLLMReplica:
         host = os.environ.get(REPLICA_HOST_ENV) or node_ip_address()
         sock = socket.create_server((host, 0), reuse_port=False)
         served = LocalMediaGuard(app, self.spec.model_id, accepts) if accepts.local_media_dir else app
-        guarded = InternalKeyGuard(served, self.key)  # every path: the router's requests only
+        self.http_requests = RequestsInFlight(served)  # until their last byte: the idle timer and drains
+        guarded = InternalKeyGuard(self.http_requests, self.key)  # every path: the router's requests only
         self.server = uvicorn.Server(server_config(guarded, self.serving.client_timeout_s))
         app.state.server = self.server
         self.server_task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
@@ -489,7 +492,7 @@ class VLLMReplica:
         """Track the engine's requests: report busy/idle to the allocator (a wake never evicts a busy
         replica, and evicts the least recently used first), and go to sleep once idle for the
         model's `after_idle_s`."""
-        in_flight = int(self.engine.get_num_unfinished_requests())
+        in_flight = self._in_flight()
         now = time.monotonic()
         busy = in_flight > 0
         if busy:
@@ -503,6 +506,12 @@ class VLLMReplica:
         if terms is not None and not busy and now - self._last_active >= terms.after_idle_s:
             asyncio.get_running_loop().create_task(self.sleep_now("idle"))
 
+    def _in_flight(self) -> int:
+        """Requests in flight: in the engine, or still in its HTTP server (parsed, or a stream being
+        written), whichever counts more."""
+        engine = 0 if self.engine is None else int(self.engine.get_num_unfinished_requests())
+        return max(engine, self.http_requests.count if self.http_requests is not None else 0)
+
     async def sleep_now(self, why: str = "operator") -> dict[str, Any]:
         """Go to sleep (`why`: idle, evicted by another replica's wake, operator): leave the routers,
         let requests in flight finish, then sleep or stop the engine as the ledger decides. Returns `info()`."""
@@ -514,23 +523,19 @@ class VLLMReplica:
         async with self._transition:
             if self.state != "awake":
                 return await self.info()
+            if why == "idle" and self._in_flight():  # a request came after the timer looked: not idle
+                self._last_active = time.monotonic()
+                return await self.info()
             started = time.monotonic()
             self.state = "asleep"
             await self._announce(self._sleeping_endpoint())
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while self.engine is not None and self.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
+            while self._in_flight() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if self._uses_sleep_mode():
-                held = await self.allocator.sleep(self.replica_id)
-                if held.state == "asleep":
-                    assert self.requests is not None
-                    from .vllm_compat import engine_sleep
-
-                    await self.requests.call(engine_sleep(self.engine, held.asleep_level or 1))
-                else:
-                    await self._shut_engine()
+                held = await self._sleep_engine()
             else:
-                await self._shut_engine()
+                await self._shut_engine()  # the ledger holds its reservation until the engine is gone
                 held = await self.allocator.stop(self.replica_id)
             self.reservation = held
             self.state = held.state
@@ -546,24 +551,36 @@ class VLLMReplica:
             )
             return await self.info()
 
+    async def _sleep_engine(self) -> Reservation:
+        """vLLM's sleep at the level the ledger chose; the ledger keeps the whole reservation
+        (settling) until the sleep returned. The ledger may stop it instead (its GPU's sleepers are
+        full): the engine shuts down first. A sleep that fails shuts the engine down too, and the
+        replica is stopped: its reservation is freed once its engine is gone, not before."""
+        held = await self.allocator.sleep(self.replica_id)
+        if held.state == "asleep":
+            from .vllm_compat import engine_sleep
+
+            assert self.requests is not None
+            try:
+                await self.requests.call(engine_sleep(self.engine, held.asleep_level or 1))
+            except Exception as error:
+                log.error("replica %s: vLLM sleep failed (%s): stopping its engine", self.replica_id, _reason(error))
+            else:
+                return await self.allocator.settle(self.replica_id)
+        await self._shut_engine()
+        return await self.allocator.stop(self.replica_id)
+
     async def wake(self) -> dict[str, Any]:
-        """Wake (or start) the engine: the ledger first takes the whole reservation back (evicting
-        idle replicas of the GPU, which sleep before this engine grows), then the engine wakes under
-        the GPU's startup lock. A failed wake stops the engine and frees the reservation, and raises
-        `ReplicaWakeError` saying why. Returns a `WakeReport` as a dict."""
+        """Wake (or start) the engine: the ledger first takes the whole reservation back, then the
+        engine wakes under the GPU's startup lock. When the GPU is short, the ledger names idle
+        replicas to evict instead: they go to sleep (holding their reservations until their engines
+        let go) and the ledger is asked again. A failed wake stops the engine and frees the
+        reservation, and raises `ReplicaWakeError` saying why. Returns a `WakeReport` as a dict."""
         async with self._transition:
             if self.state == "awake":
                 return WakeReport(replica_id=self.replica_id, state="awake", seconds=0.0).model_dump()
             started, cold = time.monotonic(), self.engine is None
-            try:
-                outcome = await self.allocator.wake(self.replica_id)
-            except Exception as error:
-                raise ReplicaWakeError(
-                    f"replica {self.replica_id} of model {self.spec.model_id}: cannot wake: {_reason(error)}"
-                ) from None
-            self.reservation = outcome.reservation
-            for evicted in outcome.evicted:
-                await _sleep_replica(evicted.replica_id, evicted.model_id)
+            outcome = await self._take_reservation()
             try:
                 if cold:
                     await self._boot()
@@ -594,6 +611,25 @@ class VLLMReplica:
             return WakeReport(
                 replica_id=self.replica_id, state="awake", seconds=seconds, cold=cold, evicted=evicted
             ).model_dump()
+
+    async def _take_reservation(self) -> WakeOutcome:
+        """The whole reservation from the ledger; while the GPU is short, the replicas it evicts
+        sleep first (each round evicts others: the ledger never evicts a settling replica twice).
+        Returns the outcome with every replica evicted on the way."""
+        evicted: list[Eviction] = []
+        while True:
+            try:
+                outcome = await self.allocator.wake(self.replica_id)
+            except Exception as error:
+                raise ReplicaWakeError(
+                    f"replica {self.replica_id} of model {self.spec.model_id}: cannot wake: {_reason(error)}"
+                ) from None
+            self.reservation = outcome.reservation
+            evicted += outcome.evicted
+            if outcome.reservation.state == "awake":
+                return outcome.model_copy(update={"evicted": evicted})
+            for eviction in outcome.evicted:
+                await _sleep_replica(eviction.replica_id, eviction.model_id)
 
     async def _wake_engine(self) -> None:
         """vLLM's wake on the sleeping engine, under the GPU's startup lock (one wake per GPU at a time)."""
@@ -664,7 +700,7 @@ def replica_deployment(
         max_ongoing_requests=serving.max_ongoing_requests,
     )
     args = (spec.model_dump(mode="json"), reservation.model_dump(mode="json"), serving.model_dump(mode="json"))
-    # Its state (awake, asleep, stopped) changes while it runs: not a reason to restart it.
-    steady = reservation.model_dump(mode="json", exclude={"state", "asleep_level"})
+    # Its state (awake, asleep, stopped, settling) changes while it runs: not a reason to restart it.
+    steady = reservation.model_dump(mode="json", exclude={"state", "asleep_level", "settling"})
     identity = [f"{VLLMReplica.__module__}.{VLLMReplica.__qualname__}", options, args[0], steady, args[2]]
     return keep_if_unchanged(serve.deployment(VLLMReplica, **options), identity).bind(*args)
