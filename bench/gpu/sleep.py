@@ -4,9 +4,9 @@ than VRAM"), on one GPU with MPS caps, through the router; what a user sees.
 1. Models sized by `ray-vram measure` (the `sizes` stage's results): copies of `small` and `big`
    (level 2) until, with `big` (7B class, sleep level 1) declared last, the awake reservations add up
    to at least 3x the GPU. Replicas beyond the room awake start stopped (`ray-vram plan` shows
-   which): `big` among them, so its first request is its cold start. The copies run without CUDA
-   graphs (`enforce_eager`: an engine starts in about a third of the time, so the stage fits one
-   device command); `big` runs as measured, CUDA graphs included.
+   which). The copies run without CUDA graphs (`enforce_eager`: a 7B-class engine started in about
+   8 s once it had the GPU's startup lock, on an H100), so the stage fits one device command; `big`
+   runs as measured, CUDA graphs included, unless $RAY_VRAM_BENCH_SLEEP_EAGER is set.
 2. Cold start: the first request of each model through the router (a stopped replica starts, evicting
    the least recently used idle replica where room is short). Time to first token per model.
 3. Wake to first token of `big` at level 1: `big` put to sleep through the controller's API
@@ -53,12 +53,16 @@ def _declared(model_id: str, size: str, root: Path, results: Path, level: int) -
     return declared_as_measured(model_id, size, root, results, MAX_MODEL_LEN) | {"sleep": sleep}
 
 
+#: Set: `big` runs without CUDA graphs too (its engine starts in seconds, not minutes).
+EAGER_ENV = "RAY_VRAM_BENCH_SLEEP_EAGER"
+
+
 def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dict[str, Any]]:
-    """Copies of `small` and `big` at level 2 without CUDA graphs, alternating, then `big` at level 1
-    as measured, until the awake reservations reach `OVERSUBSCRIPTION` x the GPU. Declared last,
-    `big` starts stopped once the copies fill the GPU (the planner places in declared order)."""
-    big = _declared("big", ROLES["big"], root, results, level=1)
+    """Copies of the `copy_roles()` at level 2 without CUDA graphs, alternating, then `big` at level 1,
+    until the awake reservations reach `OVERSUBSCRIPTION` x the GPU. Which start awake is the
+    planner's choice (`start_states` records it: on an H100 it placed `big`, `big-10` and `small-1`)."""
     eager = {"engine_kwargs": {"enforce_eager": True}}
+    big = _declared("big", ROLES["big"], root, results, level=1) | (eager if os.environ.get(EAGER_ENV) else {})
     sources = [_declared(role, ROLES[role], root, results, level=2) | eager for role in copy_roles()]
     copies: list[dict[str, Any]] = []
 
