@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every Ray cluster a test starts (in this process or a child) inherits it, as a Ray node does from
 # its container: replicas refuse to start without one, and routers send it (serving/internal_key.py).
 os.environ.setdefault("RAY_VRAM_INTERNAL_KEY", secrets.token_hex(32))
+
+# Under pytest-xdist (`-n 2`), each worker keeps its Ray sessions and temporary files apart: the
+# clusters of two workers never share a `ray_current_cluster` file or a session folder.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("RAY_TMPDIR", "TMPDIR"):
+        _base = os.environ.get(_name)
+        if _base:
+            _own = Path(_base) / os.environ["PYTEST_XDIST_WORKER"]
+            _own.mkdir(parents=True, exist_ok=True)
+            os.environ[_name] = str(_own)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
 def _has_nvidia_gpu() -> bool:
@@ -56,10 +68,27 @@ SERVICE_FIXTURES = frozenset(
 )
 
 
+#: The pytest-xdist group of every test taking the session's `local_stack`: one worker starts it, once.
+LOCAL_STACK_GROUP = "local_stack"
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """Which pytest-xdist group (`--dist loadgroup`) `item` runs in: the session stack's users together
+    (tests/conftest.py `local_stack`), any other test with the rest of its file, whose module-scoped
+    stacks then start on one worker only."""
+    if "local_stack" in getattr(item, "fixturenames", ()):
+        return LOCAL_STACK_GROUP
+    return item.nodeid.split("::", 1)[0]
+
+
+# tryfirst: pytest-xdist reads the groups in its own collection hook, which runs before this module's.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
     if _has_nvidia_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run on the GPU machine)")

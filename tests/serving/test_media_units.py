@@ -9,7 +9,9 @@ import base64
 import io
 import json
 import os
+import struct
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,18 @@ def png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (1, 2, 3)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG claiming `width`×`height` pixels with only its first row of data: what a decompression
+    bomb's header says, without writing the image out."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    first_row = zlib.compress(b"\0" * (1 + 3 * width))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", first_row) + chunk(b"IEND", b"")
 
 
 def data_url(data: bytes) -> str:
@@ -141,10 +155,9 @@ def test_chat_media_checks_name_what_where_and_by_how_much() -> None:
     check_chat(chat("v", image("https://IMG.example/x.png")), "v", allowed)
     audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
     assert "does not take audio input (it takes up to 2 image(s))" in str(rejected(chat("v", audio)))
-    huge_header = Image.new("RGB", (20000, 20000))  # over Pillow's bomb limit: refused from its header alone
-    buffer = io.BytesIO()
-    huge_header.save(buffer, "PNG")
-    assert rejected(chat("v", image(data_url(buffer.getvalue())))).status == 413
+    # Over Pillow's bomb limit, in 138 bytes (under the 1 MiB item limit): refused from its header alone.
+    bomb = rejected(chat("v", image(data_url(png_header_only(20000, 20000)))))
+    assert bomb.status == 413 and "pixels, over the 10,000-pixel limit" in str(bomb), str(bomb)
 
 
 def test_audio_formats_are_told_by_their_first_bytes() -> None:
