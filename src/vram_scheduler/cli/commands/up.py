@@ -53,12 +53,14 @@ def run(args: argparse.Namespace) -> int:
     code = ExitCode.OK
     # SIGINT and SIGTERM stop start-up with a KeyboardInterrupt, so every phase cleans up. SIGINT is
     # set explicitly too: a process started in the background by a shell inherits it as ignored.
+    stop = StopSignal()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
 
         def progress(text: str) -> None:
+            stop.check()  # between phases: a signal whose KeyboardInterrupt Python dropped
             console.print(f"[dim]{text}[/dim]")
 
         # The demo models the values name are generated here and served from their directory.
@@ -73,12 +75,14 @@ def run(args: argparse.Namespace) -> int:
         for _, reasons in sorted(stack.applied.unplaced.items()):
             for reason in reasons:
                 console.print(f"[yellow]not placed (pending: placed when room appears):[/yellow] {reason}")
-        console.print("[dim]waiting for replicas to load ...[/dim]")
+        progress("waiting for replicas to load ...")
         try:
             status = stack.controller.wait_ready(timeout_s=args.ready_timeout)
         except (RuntimeError, TimeoutError) as error:
+            stop.check()
             console.print(f"[red]replicas failed:[/red] {error}")
             return ExitCode.FAILURE
+        stop.check()
         import ray
 
         state = stack.controller.allocator.vram_state()
@@ -100,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
         wait_for_interrupt()
         console.print("[dim]shutting down ...[/dim]")
     except KeyboardInterrupt:
+        console.print("[dim]interrupted: shutting down ...[/dim]")
+        code = ExitCode.INTERRUPTED
+    except Exception:
+        if stop.received is None:
+            raise
+        # a phase failed after a signal whose KeyboardInterrupt was dropped (e.g. the monitor's
+        # first report never came): the stop that was asked for, not a failure
         console.print("[dim]interrupted: shutting down ...[/dim]")
         code = ExitCode.INTERRUPTED
     except SystemExit as stop:
@@ -131,5 +142,19 @@ def token_source() -> str:
     return f"${TOKEN_ENV}" if os.environ.get(TOKEN_ENV, "").strip() else str(token_file())
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class StopSignal:
+    """The SIGINT/SIGTERM handler of `up`: a KeyboardInterrupt, and the signal remembered. Python
+    drops an exception raised while the main thread runs a finalizer or releases a logging lock
+    ("Exception ignored in ..."), so start-up checks `received` between phases as well."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def check(self) -> None:
+        """Raise the KeyboardInterrupt again if a signal came (its first one may have been dropped)."""
+        if self.received is not None:
+            raise KeyboardInterrupt(f"signal {self.received}")
