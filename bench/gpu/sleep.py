@@ -4,9 +4,9 @@ than VRAM"), on one GPU with MPS caps, through the router; what a user sees.
 1. Models sized by `ray-vram measure` (the `sizes` stage's results): copies of `small` and `big`
    (level 2) until, with `big` (7B class, sleep level 1) declared last, the awake reservations add up
    to at least 3x the GPU. Replicas beyond the room awake start stopped (`ray-vram plan` shows
-   which). The copies run without CUDA graphs (`enforce_eager`: a 7B-class engine started in about
-   8 s once it had the GPU's startup lock, on an H100), so the stage fits one device command; `big`
-   runs as measured, CUDA graphs included, unless $RAY_VRAM_BENCH_SLEEP_EAGER is set.
+   which). The copies run without CUDA graphs (`enforce_eager`: no compilation or graph capture at
+   each start), so the stage may fit one device command; `big` runs as measured, CUDA graphs
+   included, unless $RAY_VRAM_BENCH_SLEEP_EAGER is set.
 2. Cold start: the first request of each model through the router (a stopped replica starts, evicting
    the least recently used idle replica where room is short). Time to first token per model.
 3. Wake to first token of `big` at level 1: `big` put to sleep through the controller's API
