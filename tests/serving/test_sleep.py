@@ -231,12 +231,14 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
 
 
 def engine_processes(replica_pid: int) -> list[int]:
-    """The processes the replica's engine runs in: its process's children but multiprocessing's
-    resource tracker (started with the first engine, it lives as long as the replica)."""
+    """The processes holding the replica's engine memory: vLLM's engine core (`VLLM::EngineCore`) and
+    its children. Other children of the replica (multiprocessing's resource tracker, helpers that
+    outlive an engine by a moment) hold none of it."""
     import psutil
 
     children = psutil.Process(replica_pid).children(recursive=True)
-    return [c.pid for c in children if not any("resource_tracker" in part for part in c.cmdline())]
+    cores = [c for c in children if any("EngineCore" in part for part in [c.name(), *c.cmdline()])]
+    return sorted({p.pid for core in cores for p in [core, *core.children(recursive=True)]})
 
 
 def described(pids: list[int]) -> list[str]:
