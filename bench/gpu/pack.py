@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .measured_stack import declared_as_measured, measured_stack, replica_infos, replica_peaks
-from .tools import bench_serve, summarize
+from .tools import bench_serve, summarize, write_json
 
 #: model_id -> the `sizes` stage's model it is
 ROLES = {"huge": "llama-14b", "big": "llama-7b", "small": "qwen2-1.5b"}
@@ -102,6 +102,11 @@ def _status(local: Any) -> dict[str, Any]:
     return {model["model_id"]: model for model in local.controller.status().model_dump(mode="json")["models"]}
 
 
+def models_placed(status: dict[str, Any]) -> list[str]:
+    """The models with a ready replica (a pending model has no Serve replica to ask)."""
+    return [model_id for model_id, model in status.items() if any(r["state"] == "ready" for r in model["replicas"])]
+
+
 def run_pack(root: Path, results: Path) -> dict[str, Any]:
 
     from vram_scheduler.sdk.token import auth_headers
@@ -133,6 +138,7 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         )
         outcome["router_before"] = {"status": code, "body": text[:2000]}
         print(f"pack: router for {pending_id} before removal: {code} {text[:600]}", flush=True)
+        write_json(results / "pack.json", outcome)  # each phase as it ends: a cut-off run keeps its data
 
         outcome["load_before"] = _load(
             stack.router_base + "/v1",
@@ -140,6 +146,8 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
             "pack-a",
         )
         big_rows = replica_peaks(stack.sampler, replica_infos(["big"]))  # before its processes end
+        outcome["replicas"] = [*replica_peaks(stack.sampler, replica_infos(models_placed(before)))]
+        write_json(results / "pack.json", outcome)
 
         controller = f"http://127.0.0.1:{local.controller_port}"
         removed = time.monotonic()
@@ -157,6 +165,7 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         outcome["small_after"] = {"replicas": after[pending_id]["replicas"], "events": after[pending_id].get("events")}
         waited = outcome["small_ready_after_removal_s"]
         print(f"pack: {pending_id} after removal ({waited}s): {json.dumps(outcome['small_after'])}", flush=True)
+        write_json(results / "pack.json", outcome)
 
         outcome["load_after"] = _load(
             stack.router_base + "/v1",

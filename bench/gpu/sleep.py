@@ -7,14 +7,15 @@ than VRAM"), on one GPU with MPS caps, through the router; what a user sees.
    which). The copies run without CUDA graphs (`enforce_eager`: no compilation or graph capture at
    each start), so the stage may fit one device command; `big` runs as measured, CUDA graphs
    included, unless $RAY_VRAM_BENCH_SLEEP_EAGER is set.
-2. Cold start: the first request of each model through the router (a stopped replica starts, evicting
-   the least recently used idle replica where room is short). Time to first token per model.
-3. Wake to first token of `big` at level 1: `big` put to sleep through the controller's API
-   (`POST /v1/deployments/big/sleep`), then one streamed request, `WAKES` times: p50 and p99.
-4. A request stream hopping between every model, round after round: every request answered
-   (0 failed), each one's time to first token.
-5. Every replica's NVML peak (its process tree, sampled from before the first engine started)
-   against its reservation, and its NVML use asleep against its sleeping footprint.
+2. Wake to first token of `big` at level 1: `big` put to sleep through the controller's API
+   (`POST /v1/deployments/big/sleep`), then one streamed request, `WAKES` times: p50 and p99 (first:
+   the phase that matters most when a run is cut off).
+3. A request stream hopping between every model, `ROUNDS` rounds: every request answered (0 failed),
+   each one's time to first token. The first round starts the replicas that started stopped (each a
+   cold start, evicting the least recently used idle replica where room is short): the first request
+   of a 7B copy that started stopped is the cold start compared with `big`'s wakes.
+4. Every replica's NVML peak (its process tree, sampled from before the first engine started)
+   against its reservation after each phase, and `big`'s NVML use asleep against its sleeping footprint.
 
 Each phase's results are written as it ends (`<results>/sleep.json`).
 
@@ -43,8 +44,10 @@ MAX_MODEL_LEN = 4096
 #: How many awake GPUs' worth of reservations the models add up to (the issue asks for 3x at least;
 #: $RAY_VRAM_BENCH_SLEEP_OVERSUBSCRIPTION, e.g. 0.5 for `big` and one copy, both awake: the wakes only).
 OVERSUBSCRIPTION = float(os.environ.get("RAY_VRAM_BENCH_SLEEP_OVERSUBSCRIPTION", "3.0"))
-WAKES = 20
-ROUNDS = 2
+#: `big`'s wakes measured ($RAY_VRAM_BENCH_SLEEP_WAKES) and the rounds of the hopping stream
+#: ($RAY_VRAM_BENCH_SLEEP_ROUNDS; the first starts every replica that started stopped).
+WAKES = int(os.environ.get("RAY_VRAM_BENCH_SLEEP_WAKES", "10"))
+ROUNDS = int(os.environ.get("RAY_VRAM_BENCH_SLEEP_ROUNDS", "2"))
 PROMPT = "Write one sentence about the sea. " * 20  # about 200 tokens
 
 
@@ -135,6 +138,21 @@ def _asleep_use(info: dict[str, Any]) -> int:
     return sum(used[pid][1] for pid in tree if pid in used)
 
 
+def _peaks(stack: Any, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return replica_peaks(stack.sampler, replica_infos([m["model_id"] for m in models]))
+
+
+def _cold_copy(hops: list[dict[str, Any]], start_states: dict[str, str]) -> dict[str, Any] | None:
+    """The first request of a 7B-class copy that started stopped: its engine's cold start, for
+    comparison with `big`'s wakes (the same model files; the same engine settings when `big` runs
+    eager too)."""
+    for hop in hops:
+        replica = f"{hop['model_id']}-0"
+        if hop["model_id"].startswith("big-") and start_states.get(replica) == "stopped":
+            return hop
+    return None
+
+
 def run_sleep(root: Path, results: Path) -> dict[str, Any]:
     from vram_scheduler.sdk.token import auth_headers
 
@@ -148,19 +166,21 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
     awake_gib = sum(m["vram_gb"] + m["overhead_gb"] for m in models)
     print(f"sleep: {len(models)} models, {awake_gib:.1f} GiB awake on a {total_gib:.1f} GiB GPU", flush=True)
     outcome: dict[str, Any] = {"models": models, "awake_gib": round(awake_gib, 2), "gpu_gib": round(total_gib, 2)}
+    outcome["big_eager"] = bool(os.environ.get(EAGER_ENV))
     placement = {"sleep": {"max_asleep_per_gpu": len(models), "level1_host_gb_per_node": 32}}
     with measured_stack(models, None, placement=placement, serving={"max_wake_wait_s": 600}) as stack:
         base = stack.router_base
         controller = f"http://127.0.0.1:{stack.local.controller_port}"
         state = stack.local.controller.allocator.vram_state()
-        outcome["start_states"] = {r.replica_id: r.state for g in state.gpus for r in g.replicas}
-        print(f"sleep: at start: {json.dumps(outcome['start_states'])}", flush=True)
+        start_states = {r.replica_id: r.state for g in state.gpus for r in g.replicas}
+        outcome["start_states"], outcome["ready_s"] = start_states, stack.ready_s
+        print(f"sleep: at start ({stack.ready_s}s): {json.dumps(start_states)}", flush=True)
 
-        outcome["cold"] = [first_token(base, m["model_id"]) for m in models]  # stopped ones start
-        cold_big = next((r.get("ttft_s") for r in outcome["cold"] if r["model_id"] == "big"), None)
-        outcome["cold_to_first_token_big_s"] = cold_big
-        write_json(results / "sleep.json", outcome)  # each phase as it ends: a cut-off run keeps its data
-
+        # 1. `big` woken from level 1, WAKES times (its first request starts it if it started stopped).
+        first = first_token(base, "big")
+        outcome["big_first_request"] = first
+        if start_states.get("big-0") == "stopped":
+            outcome["cold_to_first_token_big_s"] = first.get("ttft_s")
         wakes, asleep_use = [], []
         for _ in range(WAKES):
             code, text = _post(controller + "/v1/deployments/big/sleep", None, auth_headers())
@@ -172,22 +192,40 @@ def run_sleep(root: Path, results: Path) -> dict[str, Any]:
             held = next(r for g in state.gpus for r in g.replicas if r.replica_id == info["replica_id"])
             asleep_use.append({"used_bytes": _asleep_use(info), "held_bytes": held.held_bytes})
             wakes.append(first_token(base, "big"))
-        outcome["wakes"] = wakes
-        outcome["asleep_use"] = asleep_use
+        outcome["wakes"], outcome["asleep_use"] = wakes, asleep_use
         ttfts = [w["ttft_s"] for w in wakes if w.get("ttft_s") is not None]
-        outcome["wake_to_first_token"] = {"p50_s": _percentile(ttfts, 0.5), "p99_s": _percentile(ttfts, 0.99)}
-        print(f"sleep: big wake to first token {json.dumps(outcome['wake_to_first_token'])}, cold {cold_big}")
-        outcome["replicas"] = replica_peaks(stack.sampler, replica_infos([m["model_id"] for m in models]))
-        write_json(results / "sleep.json", outcome)
+        outcome["wake_to_first_token"] = {
+            "n": len(ttfts),
+            "p50_s": _percentile(ttfts, 0.5),
+            "p99_s": _percentile(ttfts, 0.99),
+        }
+        print(f"sleep: big wake to first token {json.dumps(outcome['wake_to_first_token'])}", flush=True)
+        outcome["replicas"] = _peaks(stack, models)
+        write_json(results / "sleep.json", outcome)  # each phase as it ends: a cut-off run keeps its data
 
-        outcome["hops"] = [first_token(base, m["model_id"]) for _ in range(ROUNDS) for m in models]
-        failed = [r for r in outcome["cold"] + outcome["wakes"] + outcome["hops"] if r["status"] != 200]
-        outcome["failed"] = len(failed)
-        write_json(results / "sleep.json", outcome)
-        outcome["replicas"] = replica_peaks(stack.sampler, replica_infos([m["model_id"] for m in models]))
+        # 2. A stream hopping between every model, round after round: the first round starts the
+        # replicas that started stopped (cold starts), later rounds wake what was evicted.
+        hops: list[dict[str, Any]] = []
+        outcome["hops"] = hops
+        for round_number in range(ROUNDS):
+            for model in models:
+                hops.append(first_token(base, model["model_id"]) | {"round": round_number})
+                outcome["cold_copy"] = _cold_copy(hops, start_states)
+                write_json(results / "sleep.json", outcome)
+            outcome["replicas"] = _peaks(stack, models)
+        requests = [first, *wakes, *hops]
+        outcome["failed"] = sum(1 for r in requests if r.get("status") != 200)
+        outcome["requests"] = len(requests)
+        outcome["replicas"] = _peaks(stack, models)
         outcome["vram"] = stack.local.controller.allocator.vram_state().model_dump(mode="json")
-    requests = len(outcome["cold"]) + len(outcome["wakes"]) + len(outcome["hops"])
-    print(f"sleep: {outcome['failed']} failed of {requests} requests", flush=True)
+        write_json(results / "sleep.json", outcome)
+    print(f"sleep: {outcome['failed']} failed of {outcome['requests']} requests", flush=True)
+    cold = outcome.get("cold_copy") or {}
+    print(
+        f"sleep: cold start to first token: big {outcome.get('cold_to_first_token_big_s')}, "
+        f"7B copy {cold.get('model_id')} {cold.get('ttft_s')}",
+        flush=True,
+    )
     for use in asleep_use:
         print(f"sleep: big asleep uses {use['used_bytes'] / GIB:.2f} GiB of {use['held_bytes'] / GIB:.2f} held")
     for row in outcome["replicas"]:

@@ -120,6 +120,7 @@ class VLLMReplica:
         self._transition = asyncio.Lock()
         self._last_active = time.monotonic()
         self._reported_busy: tuple[bool, float] = (False, 0.0)
+        self._engine_sleep_level = 1  # the level its engine last slept at: level 2 reloads weights to wake
         self.sleep_metrics: SleepMetrics | None = None
         self.http_requests: RequestsInFlight | None = None
         started = time.monotonic()
@@ -562,7 +563,8 @@ class VLLMReplica:
 
             assert self.requests is not None
             try:
-                await self.requests.call(engine_sleep(self.engine, held.asleep_level or 1))
+                self._engine_sleep_level = held.asleep_level or 1
+                await self.requests.call(engine_sleep(self.engine, self._engine_sleep_level))
             except Exception as error:
                 log.error("replica %s: vLLM sleep failed (%s): stopping its engine", self.replica_id, _reason(error))
             else:
@@ -641,7 +643,7 @@ class VLLMReplica:
             from .vllm_compat import engine_wake
 
             assert self.requests is not None
-            await self.requests.call(engine_wake(self.engine))
+            await self.requests.call(engine_wake(self.engine, self._engine_sleep_level))
         finally:
             await self.allocator.release_startup_lock(gpu_uuid, self.replica_id)
 

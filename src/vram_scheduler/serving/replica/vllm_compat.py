@@ -101,9 +101,17 @@ async def engine_sleep(engine: Any, level: int) -> None:
     await engine.sleep(level=level)
 
 
-async def engine_wake(engine: Any) -> None:
-    """vLLM's wake of a sleeping `AsyncLLM` (`wake_up()`: every tag, in 0.26 and 0.32 alike); an
-    engine that is still asleep after it (a wake that could not get its memory back) is broken."""
-    await engine.wake_up()
+async def engine_wake(engine: Any, level: int) -> None:
+    """vLLM's wake of an `AsyncLLM` slept at `level`; an engine still asleep after it (a wake that
+    could not get its memory back) is broken. Level 1 kept the weights in host RAM: `wake_up()` (every
+    tag) restores them. Level 2 dropped them: `wake_up` gives back their memory, uninitialised, so the
+    weights are read again from the model's files (`reload_weights` on every worker) before the KV
+    cache comes back, as vLLM's sleep-mode guide does it (0.26 and 0.32 alike)."""
+    if level >= 2:
+        await engine.wake_up(tags=["weights"])
+        await engine.collective_rpc("reload_weights")
+        await engine.wake_up(tags=["kv_cache"])
+    else:
+        await engine.wake_up()
     if await engine.is_sleeping():
         raise RuntimeError("vLLM's wake_up returned, but the engine still reports it is asleep")
