@@ -359,6 +359,28 @@ def test_ledger_survives_the_actors_restart(allocator) -> None:
         assert getattr(after, key) == getattr(before, key), key
 
 
+def test_a_restarted_allocator_evicts_no_replica_it_has_not_heard_is_idle(allocator) -> None:
+    """The busy map is not persisted: after a restart, an awake replica that has not reported since
+    counts as busy (a wake must not put a replica with requests in flight to sleep) until it reports
+    idle, or until a busy one surely would have reported (`BUSY_UNKNOWN_AFTER_RESTART_S`)."""
+    allocator.configure(PlacementSettings.model_validate({"replica_overhead_gb": 1}))
+    allocator.update_inventory(node_inventory("gpu-a", 24))
+    terms = SleepTerms(after_idle_s=60, level=1, sleep_bytes=GIB, host_bytes=8 * GIB)
+    for replica_id in ("a-0", "b-0"):
+        allocator.reserve(replica_id, replica_id[0], 10 * GIB, sleep=terms)
+    allocator.sleep("b-0")
+    allocator.settle("b-0")
+    allocator.reserve("c-0", "c", 10 * GIB, sleep=terms)  # in b's room: b's wake must evict a or c
+    pid_before = actor_pid(allocator.handle)
+    ray.kill(allocator.handle, no_restart=False)
+    wait_until(lambda: actor_pid(allocator.handle) != pid_before, 60, "Ray to restart the allocator in a new process")
+    with pytest.raises(ReservationError, match=r"with requests in flight: a-0 11\.00 GiB, c-0 11\.00 GiB"):
+        allocator.wake("b-0")
+    allocator.report_use("c-0", 0)  # c says it is idle: it may go
+    woke = allocator.wake("b-0")
+    assert [e.replica_id for e in woke.evicted] == ["c-0"]
+
+
 def test_restarted_allocator_reclaims_without_being_called(allocator) -> None:
     interval = 0.5
     allocator.configure(PlacementSettings.model_validate({"reclaim_interval_s": interval, "stale_after_s": 600}))

@@ -37,6 +37,7 @@ from ..core.capacity import ReplicaLife, SleepTerms
 from ..core.config import ConfigError, ModelSpec, PlacementSettings, StrictModel, describe_validation_error
 from ..core.contract import (
     ACTOR_ID_PATTERN,
+    BUSY_REPORT_INTERVAL_S,
     Plan,
     PlanRequest,
     Reservation,
@@ -71,6 +72,8 @@ INVENTORY_PERSIST_INTERVAL_S = 5.0
 HEARTBEAT_POLL_S = 0.5
 #: A call finding a node stale reads the heartbeats itself at most this often.
 HEARTBEAT_RECHECK_S = 0.05
+#: After a restart, how long every awake replica not heard from counts as busy: two report periods.
+BUSY_UNKNOWN_AFTER_RESTART_S = 2 * BUSY_REPORT_INTERVAL_S
 
 _M = TypeVar("_M", bound=BaseModel)
 _ACTOR_ID = re.compile(ACTOR_ID_PATTERN)
@@ -123,6 +126,10 @@ class VRAMAllocator:
         self._ledger.saw_monitors(list(self._ledger.data.nodes), now())  # see the module's docstring
         self._waiting: dict[tuple[str, str], list[asyncio.Future[bool]]] = {}  # (GPU, replica) → its callers
         self._busy: dict[str, int] = {}  # replica id → requests in flight, as it last reported (not persisted)
+        # Restarted with reservations: which replicas are busy is unknown until each reported, or a
+        # busy one surely would have (`_busy_replicas`).
+        self._heard: set[str] = set()
+        self._busy_unknown_until = now() + BUSY_UNKNOWN_AFTER_RESTART_S if loaded.reservations else 0.0
         self._reclaimer: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         # The background loops live on the actor's event loop, which __init__ does not run on: one
@@ -289,9 +296,19 @@ class VRAMAllocator:
         flight): they hold their reservations until their engines let go, and the waker, left as it
         was, has them sleep and asks again (`Ledger.wake`)."""
         self._background()
-        outcome, _ = self._ledger.wake(replica_id, now(), busy=set(self._busy))
+        outcome, _ = self._ledger.wake(replica_id, now(), busy=self._busy_replicas())
         await self._writer.durable()
         return outcome
+
+    def _busy_replicas(self) -> set[str]:
+        """The replicas a wake must not evict for their requests in flight: those that reported some,
+        and, for a while after a restart, every awake replica not heard from since (the busy map is
+        not persisted; a busy replica reports within `BUSY_REPORT_INTERVAL_S`)."""
+        busy = set(self._busy)
+        if now() < self._busy_unknown_until:
+            unheard = (r for r in self._ledger.reservations() if r.replica_id not in self._heard)
+            busy |= {r.replica_id for r in unheard if r.state == "awake"}
+        return busy
 
     async def in_flight(self) -> dict[str, int]:
         """Replica id → requests in flight, for the replicas that last reported some (busy)."""
@@ -301,6 +318,7 @@ class VRAMAllocator:
         """A replica's requests in flight now: while above 0 it is busy (a wake never evicts it), and
         it counts as used now (the order a wake evicts in). Kept in memory; its last use persists."""
         self._background()
+        self._heard.add(replica_id)
         if in_flight > 0:
             self._busy[replica_id] = in_flight
         else:

@@ -309,6 +309,11 @@ class EndpointTable(WireModel):
 # What the `vram_allocator` actor takes and answers (`allocator.AllocatorClient`). These are also
 # what the ledger stores and the planner returns, so they are strict: a field one side lacks fails.
 
+#: While it has requests in flight, a replica reports them to the allocator (`report_use`) at least this
+#: often; an idle one reports once, when it becomes idle. A restarted allocator, which keeps no
+#: busy map, learns every busy replica within this period.
+BUSY_REPORT_INTERVAL_S = 5.0
+
 #: A Ray actor id: what an owner must be (`ray.get_runtime_context().get_actor_id()`).
 ACTOR_ID_PATTERN = r"^[0-9a-f]{32}$"
 

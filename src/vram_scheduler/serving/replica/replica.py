@@ -35,7 +35,15 @@ from ray import serve
 
 from ...allocator.actor import AsyncAllocatorClient
 from ...core.config import ModelSpec, ServingSettings, format_gib
-from ...core.contract import Eviction, MediaAccepts, ReplicaEndpoint, Reservation, WakeOutcome, WakeReport
+from ...core.contract import (
+    BUSY_REPORT_INTERVAL_S,
+    Eviction,
+    MediaAccepts,
+    ReplicaEndpoint,
+    Reservation,
+    WakeOutcome,
+    WakeReport,
+)
 from ...core.errors import RayVramError, ReplicaWakeError
 from ...core.model_limits import checkpoint_bytes, local_config
 from ..internal_key import InternalKeyGuard, InternalKeyMissing, internal_key
@@ -69,8 +77,6 @@ STARTUP_LOCK_ENV = "RAY_VRAM_GPU_STARTUP_LOCK"
 REQUIRE_MPS_ENV = "RAY_VRAM_REQUIRE_MPS"
 #: Longest a replica going to sleep waits for its engine's requests in flight to finish.
 DRAIN_TIMEOUT_S = 60.0
-#: While busy, a replica tells the allocator it is in use at most this often (the LRU order of wakes).
-USE_REPORT_S = 5.0
 
 
 class ReplicaStartupError(RayVramError, RuntimeError):
@@ -499,7 +505,7 @@ class VLLMReplica:
         if busy:
             self._last_active = now
         was_busy, reported_at = self._reported_busy
-        if busy != was_busy or (busy and now - reported_at >= USE_REPORT_S):
+        if busy != was_busy or (busy and now - reported_at >= BUSY_REPORT_INTERVAL_S):
             self._reported_busy = (busy, now)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.allocator.report_use(self.replica_id, in_flight), timeout=5)
