@@ -416,13 +416,13 @@ def running_stack(
         ray.shutdown()
 
 
-def stream_outcome(base: str, body: dict[str, Any], first: threading.Event) -> str:
+def stream_outcome(base: str, body: dict[str, Any], first: threading.Event, timeout_s: float = 60) -> str:
     """How a streamed completion ended: "error: <message>" (an OpenAI error event), "done" ([DONE]
-    last, no error event), "cut" (neither, or the connection broke) or "hung". `first` is set at
-    the first event."""
+    last, no error event), "cut" (neither, or the connection broke) or "hung" (nothing for
+    `timeout_s`). `first` is set at the first event."""
     lines: list[str] = []
     try:
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=timeout_s) as response:
             for line in response.iter_lines():
                 if line:
                     lines.append(line)

@@ -50,6 +50,8 @@ NAP = {"after_idle_s": 3600}  # eviction only: no idle sleep during the tests
 # placement.sleep.after_idle_s: nap (no sleep of its own) sleeps after this long idle; pin is pinned,
 # a, b and gone have their own (NAP).
 IDLE_S = 2.0
+#: How long the routers hold a request while its replica wakes (a cold start on a busy 2-core machine).
+WAKE_WAIT_S = 600.0
 
 
 @dataclass
@@ -80,7 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
         model("gone", replicas=1, sleep=NAP) | {"model": str(gone_dir)},
         model("nap", replicas=1, max_model_len=2048),  # the demo model's whole length: a long stream
     ]
-    serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": 600}
+    serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": WAKE_WAIT_S}
     placement = {"replica_overhead_gb": 2, "sleep": {"after_idle_s": IDLE_S}}
     values = {"models": models, "placement": placement, "serving": serving}
     config = parse_config(values, "sleep tests")
@@ -156,7 +158,7 @@ def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(st
     }
     first = threading.Event()
     body = {"model": "a", "prompt": "hello", "max_tokens": 8, "stream": True}
-    assert stream_outcome(stack.base, body, first) == "done"  # streamed, held while a started
+    assert stream_outcome(stack.base, body, first, timeout_s=WAKE_WAIT_S) == "done"  # streamed, held while a started
     assert states(stack) == {
         "pin-0": "awake",
         "a-0": "awake",
@@ -176,7 +178,9 @@ def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> No
     body = {"model": "a", "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
     outcome: list[tuple[str, float]] = []
     streaming = threading.Thread(
-        target=lambda: outcome.append((stream_outcome(stack.base, body, first), time.monotonic()))
+        target=lambda: outcome.append(
+            (stream_outcome(stack.base, body, first, timeout_s=WAKE_WAIT_S), time.monotonic())
+        )
     )
     streaming.start()
     assert first.wait(120), "the stream never started"
@@ -426,9 +430,13 @@ def test_a_stream_across_the_idle_bound_keeps_its_replica_awake_until_it_ends(st
     first = threading.Event()
     body = {"model": "nap", "prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     outcome: list[str] = []
-    streaming = threading.Thread(target=lambda: outcome.append(stream_outcome(stack.base, body, first)))
+    # held while nap starts, with no byte sent: the client waits as long as the router may hold it
+    streaming = threading.Thread(
+        target=lambda: outcome.append(stream_outcome(stack.base, body, first, timeout_s=WAKE_WAIT_S))
+    )
     streaming.start()
-    assert first.wait(600), "the stream never started"  # held while nap started
+    wait_until(lambda: first.is_set() or not streaming.is_alive(), WAKE_WAIT_S + 60, "the stream to start or end")
+    assert first.is_set(), f"the stream never started: {outcome}"
     started, crossed, seen = time.monotonic(), False, []
     while streaming.is_alive():
         state = states(stack)["nap-0"]

@@ -51,6 +51,7 @@ from ..options import deployment_options, keep_if_unchanged
 from ..router.http_limits import server_config
 from ..router.router import replicas_board
 from .engine_args import parse_server_args, server_argv
+from .engine_processes import engine_processes, wait_gone
 from .failures import ENGINE_DIED, checked_spec, engine_cause, root_cause, stderr_position
 from .in_flight import RequestsInFlight
 from .loop_thread import LoopThread
@@ -133,7 +134,9 @@ class VLLMReplica:
         try:
             await self._start()
         except BaseException as error:
+            engine = engine_processes()
             self._stop_engine()
+            await asyncio.to_thread(wait_gone, engine)  # its memory is free before the reservation is
             await self._release()
             if isinstance(error, ReplicaStartupError):
                 log.error("%s", error)
@@ -446,7 +449,9 @@ class VLLMReplica:
         await self._release()
 
     async def _shut_engine(self) -> None:
-        """Stop the HTTP server, the engine and their loop (its memory goes with the engine process)."""
+        """Stop the HTTP server, the engine and their loop; return once the engine's processes are
+        gone (its memory goes with them)."""
+        engine = engine_processes()
         if self.server is not None:
             self.server.should_exit = True
             if self.server_task is not None and self.requests is not None:
@@ -457,6 +462,7 @@ class VLLMReplica:
         if self.requests is not None:
             self.requests.stop()
             self.requests = None
+        await asyncio.to_thread(wait_gone, engine)
 
     # -- sleep and wake -----------------------------------------------------------------------
     # The ledger decides (`Ledger.sleep` / `wake`), the engine follows. On CPU, or when the ledger
