@@ -22,7 +22,7 @@ set +e
 # Two workers (pytest-xdist): one core waits on a stack's start or a fault's recovery while the other
 # works. tests/conftest.py groups the tests: the session stack's users on one worker, every other
 # file on one worker. RAY_VRAM_TEST_WORKERS=0 runs everything in this process, one test at a time.
-python -m pytest -ra -p no:cacheprovider -n "${RAY_VRAM_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@"
+python -m pytest -ra -p no:cacheprovider -n "${RAY_VRAM_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder --durations=25 "$@"
 rc=$?
 set -e
 echo "[test] finished in $(( $(date +%s) - start ))s (pytest exit $rc)"

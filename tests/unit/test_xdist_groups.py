@@ -20,9 +20,13 @@ def pytest_collection_finish(session):
 """
 
 
-def groups(tmp_path: Path, *paths: str) -> dict[str, str]:
+def groups(tmp_path: Path, *paths: str, worker: str | None = None) -> dict[str, str]:
+    """Each collected test's group, in collection order (as pytest-xdist `worker` would collect them)."""
     (tmp_path / "print_groups.py").write_text(PRINT_GROUPS)
     env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    if worker:
+        env["PYTEST_XDIST_WORKER"] = worker
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "print_groups", "--collect-only", "-q"]
     done = subprocess.run(
         [*command, *paths],
@@ -48,3 +52,19 @@ def test_the_session_stacks_tests_share_one_group_and_every_other_test_runs_with
     assert inference["test_retry_after_header_forms"] == "tests/sdk/test_inference.py"
     waiting = {g for n, g in found.items() if n.startswith("tests/unit/test_waiting.py::")}
     assert waiting == {"tests/unit/test_waiting.py"}, found
+
+
+def test_under_xdist_the_longest_groups_are_handed_out_first_each_file_in_its_order(tmp_path: Path) -> None:
+    paths = ("tests/sdk/test_inference.py", "tests/serving/test_units.py", "tests/serving/test_faults.py")
+    plain = groups(tmp_path, *paths)
+    sorted_ = groups(tmp_path, *paths, worker="gw0")
+    assert sorted(plain) == sorted(sorted_)  # the same tests
+    order = list(sorted_.values())
+    # test_faults first, then the session stack's tests, then the rest as collected
+    assert order.index("local_stack") > order.index("tests/serving/test_faults.py")
+    assert order[: order.count("tests/serving/test_faults.py")] == ["tests/serving/test_faults.py"] * order.count(
+        "tests/serving/test_faults.py"
+    )
+    faults = [n for n in sorted_ if n.startswith("tests/serving/test_faults.py::")]
+    assert faults == [n for n in plain if n.startswith("tests/serving/test_faults.py::")]  # file order kept
+    assert next(iter(plain.values())) != "tests/serving/test_faults.py"  # without xdist: collection order
