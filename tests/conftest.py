@@ -81,24 +81,24 @@ def xdist_group(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0]
 
 
-#: The longest groups, longest first (the sum of their tests' times in a two-worker run on the 2-core
-#: machine, 2026-12-07: the session stack's tests about 900 s, test_faults 860, test_sleep 600, …).
+#: The longest groups, longest first (measured one file at a time on the 2-core machine, 2026-12-07:
+#: test_faults 667 s, test_up_interrupt 509, the session stack's tests, test_sleep 299, …).
 #: With `--no-loadscope-reorder` (ci/test.sh) pytest-xdist hands groups to its workers one at a time in
 #: collection order, so these run first and the short ones fill in around them. (By default it orders
 #: groups by their number of tests, and the longest files, which have few tests, started last.)
 LONGEST_GROUPS_FIRST = (
-    LOCAL_STACK_GROUP,
     "tests/serving/test_faults.py",
+    "tests/sdk/test_up_interrupt.py",
+    LOCAL_STACK_GROUP,
     "tests/serving/test_sleep.py",
+    "tests/serving/test_multimodal_e2e.py",
+    "tests/serving/test_soak.py",
+    "tests/chart/test_apiserver.py",
     "tests/serving/test_serving_e2e.py",
     "tests/serving/test_pending.py",
-    "tests/serving/test_soak.py",
-    "tests/sdk/test_up_interrupt.py",
-    "tests/serving/test_multimodal_e2e.py",
-    "tests/serving/test_data_path.py",
+    "tests/sdk/test_failures.py",
     "tests/sdk/test_up_pending.py",
     "tests/images/test_images.py",
-    "tests/chart/test_apiserver.py",
 )
 
 

@@ -60,10 +60,11 @@ def test_under_xdist_the_longest_groups_are_handed_out_first_each_file_in_its_or
     sorted_ = groups(tmp_path, *paths, worker="gw0")
     assert sorted(plain) == sorted(sorted_)  # the same tests
     order = list(sorted_.values())
-    # the session stack's tests first, then test_faults, then the rest as collected
-    stack_tests, faults_tests = order.count("local_stack"), order.count("tests/serving/test_faults.py")
-    assert order[:stack_tests] == ["local_stack"] * stack_tests
-    assert order[stack_tests : stack_tests + faults_tests] == ["tests/serving/test_faults.py"] * faults_tests
+    # test_faults first, then the session stack's tests, then the rest as collected
+    assert order.index("local_stack") > order.index("tests/serving/test_faults.py")
+    assert order[: order.count("tests/serving/test_faults.py")] == ["tests/serving/test_faults.py"] * order.count(
+        "tests/serving/test_faults.py"
+    )
     faults = [n for n in sorted_ if n.startswith("tests/serving/test_faults.py::")]
     assert faults == [n for n in plain if n.startswith("tests/serving/test_faults.py::")]  # file order kept
     assert next(iter(plain.values())) != "tests/serving/test_faults.py"  # without xdist: collection order
