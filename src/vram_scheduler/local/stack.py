@@ -359,14 +359,12 @@ def end_descendants(since: float, timeout_s: float = 10.0) -> list[int]:
         left = [p for p in psutil.Process().children(recursive=True) if p.create_time() >= since - 1]
     except psutil.Error:
         return []
+    from ..serving.replica.engine_processes import wait_gone
+
     for process in left:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    _, alive = psutil.wait_procs(left, timeout=timeout_s)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=5)
+    wait_gone(left, timeout_s)
     if left:
         log.info("ended %d process(es) left after shutdown: %s", len(left), [p.pid for p in left])
     return [p.pid for p in left]

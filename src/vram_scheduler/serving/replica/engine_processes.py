@@ -39,5 +39,5 @@ def wait_gone(processes: list[psutil.Process], grace_s: float = EXIT_GRACE_S) ->
             process.kill()
     psutil.wait_procs(alive, timeout=5)
     if alive:
-        log.warning("engine process(es) %s still ran %gs after the engine's shutdown: killed", alive, grace_s)
+        log.warning("process(es) %s still ran %gs after being asked to stop: killed", alive, grace_s)
     return [p.pid for p in alive]
