@@ -20,6 +20,7 @@ Usage (on the GPU machine, after `sizes` or `session.sh recorded`):
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -36,8 +37,16 @@ MAX_MODEL_LEN = 4096
 PROMPTS, CONCURRENCY = 320, 64
 
 
+#: Set: every engine runs without CUDA graphs (starts in seconds, not minutes; peaks a little lower
+#: than the measured sizes assumed), for a device session too short for CUDA-graph starts.
+EAGER_ENV = "RAY_VRAM_BENCH_PACK_EAGER"
+
+
 def _declared(model_id: str, size: str, root: Path, results: Path) -> dict[str, Any]:
-    return declared_as_measured(model_id, size, root, results, MAX_MODEL_LEN)
+    declared = declared_as_measured(model_id, size, root, results, MAX_MODEL_LEN)
+    if os.environ.get(EAGER_ENV):
+        declared["engine_kwargs"] = {"enforce_eager": True}
+    return declared
 
 
 def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dict[str, Any]]:
@@ -119,8 +128,8 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
             ensure_model(size, root)
     models = declared_models(root, results, gpus()[0]["total_bytes"] / 2**30)
     print(f"pack: declaring {json.dumps(models)}", flush=True)
-    outcome: dict[str, Any] = {"models": models}
-    with measured_stack(models, None) as stack:
+    outcome: dict[str, Any] = {"models": models, "eager": bool(os.environ.get(EAGER_ENV))}
+    with measured_stack(models, None, ready_timeout_s=float(os.environ.get("RAY_VRAM_BENCH_READY_S", "540"))) as stack:
         local = stack.local
         outcome["ready_s"] = stack.ready_s
         before = _status(local)

@@ -60,6 +60,14 @@ from .mps import PIPE_DIR_ENV, client_env, node_pipe_dir
 from .pinning import pin_process, visible_device_total_bytes
 from .sizing import EngineBudget, size_engine
 from .sleep_metrics import SleepMetrics
+from .vllm_compat import (
+    build_openai_app,
+    engine_sleep,
+    engine_wake,
+    init_openai_app_state,
+    supported_modalities,
+    unfinished_requests,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -127,6 +135,7 @@ class VLLMReplica:
         self._transition = asyncio.Lock()
         self._last_active = time.monotonic()
         self._reported_busy: tuple[bool, float] = (False, 0.0)
+        self._watch_failures: set[str] = set()  # kinds of `_watch_use` failure logged already
         self._engine_sleep_level = 1  # the level its engine last slept at: level 2 reloads weights to wake
         self.sleep_metrics: SleepMetrics | None = None
         self.http_requests: RequestsInFlight | None = None
@@ -316,7 +325,6 @@ class VLLMReplica:
         return tasks, accepts
 
     async def _vllm_capabilities(self) -> tuple[list[str], dict[str, int | None]]:
-        from .vllm_compat import supported_modalities
 
         tasks = [str(task) for task in await self.engine.get_supported_tasks()]
         try:
@@ -364,7 +372,6 @@ class VLLMReplica:
         import uvicorn
 
         from ..router.local_media import LocalMediaGuard
-        from .vllm_compat import build_openai_app, init_openai_app_state
 
         tasks = await self.engine.get_supported_tasks()
         app = build_openai_app(args, tasks, self.engine.model_config)
@@ -396,7 +403,7 @@ class VLLMReplica:
                 await self._withdraw()
                 return
             if self.state == "awake" and self.engine is not None and not self._transition.locked():
-                await self._watch_use()
+                await self._watch_use_logged()
             if time.monotonic() >= announce_at:
                 try:
                     await replicas_board(fresh).register.remote(self.endpoint.model_dump())
@@ -438,7 +445,7 @@ class VLLMReplica:
     async def engine_requests(self) -> int:
         """Requests the engine holds now, running or waiting: one whose client went away and was
         aborted no longer counts."""
-        return 0 if self.engine is None else int(self.engine.get_num_unfinished_requests())
+        return 0 if self.engine is None else unfinished_requests(self.engine)
 
     async def __del__(self) -> None:
         if self.heartbeat_task is not None:
@@ -501,6 +508,19 @@ class VLLMReplica:
         """Whether its engine sleeps in place (CUDA with `enable_sleep_mode`) rather than stopping."""
         return getattr(self, "device", "cpu") == "cuda" and bool(getattr(self.args, "enable_sleep_mode", False))
 
+    async def _watch_use_logged(self) -> None:
+        """`_watch_use`, whose failure is logged (once per kind) and never ends the heartbeat: a
+        replica that cannot count its requests still serves and stays on the routers' table (on the
+        GPU machine, vLLM 0.26's missing `get_num_unfinished_requests` once killed the heartbeat, and
+        the ready replicas were never routed)."""
+        try:
+            await self._watch_use()
+        except Exception as error:
+            kind = type(error).__name__
+            if kind not in self._watch_failures:
+                self._watch_failures.add(kind)
+                log.exception("replica %s: tracking its requests failed (%s); it keeps serving", self.replica_id, kind)
+
     async def _watch_use(self) -> None:
         """Track the engine's requests: report busy/idle to the allocator (a wake never evicts a busy
         replica, and evicts the least recently used first), and go to sleep once idle for the
@@ -522,7 +542,7 @@ class VLLMReplica:
     def _in_flight(self) -> int:
         """Requests in flight: in the engine, or still in its HTTP server (parsed, or a stream being
         written), whichever counts more."""
-        engine = 0 if self.engine is None else int(self.engine.get_num_unfinished_requests())
+        engine = 0 if self.engine is None else unfinished_requests(self.engine)
         return max(engine, self.http_requests.count if self.http_requests is not None else 0)
 
     async def sleep_now(self, why: str = "operator") -> dict[str, Any]:
@@ -571,8 +591,6 @@ class VLLMReplica:
         replica is stopped: its reservation is freed once its engine is gone, not before."""
         held = await self.allocator.sleep(self.replica_id)
         if held.state == "asleep":
-            from .vllm_compat import engine_sleep
-
             assert self.requests is not None
             try:
                 self._engine_sleep_level = held.asleep_level or 1
@@ -652,8 +670,6 @@ class VLLMReplica:
         if not locked:
             raise ReplicaStartupError(f"startup lock of GPU {gpu_uuid} not granted within {STARTUP_LOCK_TIMEOUT_S:g}s")
         try:
-            from .vllm_compat import engine_wake
-
             assert self.requests is not None
             await self.requests.call(engine_wake(self.engine, self._engine_sleep_level))
         finally:

@@ -115,3 +115,10 @@ async def engine_wake(engine: Any, level: int) -> None:
         await engine.wake_up()
     if await engine.is_sleeping():
         raise RuntimeError("vLLM's wake_up returned, but the engine still reports it is asleep")
+
+
+def unfinished_requests(engine: Any) -> int:
+    """Requests an `AsyncLLM` holds, running or waiting. `AsyncLLM.get_num_unfinished_requests` is
+    newer than 0.26 (seen 2026-12-07 on the GPU machine: AttributeError there); the output processor
+    that both count with is in every supported release."""
+    return int(engine.output_processor.get_num_unfinished_requests())
