@@ -81,7 +81,8 @@ def declared_models(root: Path, results: Path, gpu_total_gib: float) -> list[dic
 
 
 def _load(base_url: str, targets: list[tuple[str, str]], tag: str) -> dict[str, Any]:
-    """One `vllm bench serve` client per (model, tokenizer), all at once, through the router."""
+    """One `vllm bench serve` client per (model, tokenizer), all at once, through the router at `base_url`
+    (without /v1: the bench adds its endpoint path)."""
     out: dict[str, Any] = {}
 
     def one(model_id: str, tokenizer: str) -> None:
@@ -150,7 +151,7 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         write_json(results / "pack.json", outcome)  # each phase as it ends: a cut-off run keeps its data
 
         outcome["load_before"] = _load(
-            stack.router_base + "/v1",
+            stack.router_base,
             [(m["model_id"], m["model"]) for m in models[:2]],
             "pack-a",
         )
@@ -177,7 +178,7 @@ def run_pack(root: Path, results: Path) -> dict[str, Any]:
         write_json(results / "pack.json", outcome)
 
         outcome["load_after"] = _load(
-            stack.router_base + "/v1",
+            stack.router_base,
             [(pending_id, models[-1]["model"]), (models[0]["model_id"], models[0]["model"])],
             "pack-b",
         )

@@ -151,6 +151,10 @@ def bench_serve(
         keep += ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "error")
         summary = {k: data[k] for k in keep if k in data}
         kinds = failure_kinds(data.get("errors") or [])
+        unexplained = int(data.get("failed", 0)) - sum(kinds.values())
+        if unexplained > 0:  # failures the bench recorded no text for: the client's own lines say why
+            tail = " | ".join((out_dir / name.replace(".json", ".log")).read_text(errors="replace").splitlines()[-3:])
+            kinds[f"no error text; client log: {tail}"[:300]] = unexplained
         if kinds:
             summary["failure_kinds"] = kinds  # every failed request's kind (an HTTP 429 or 400 names why)
         results.append(summary)
