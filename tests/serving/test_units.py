@@ -5,6 +5,7 @@ metrics over ASGI."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -706,3 +707,36 @@ def test_a_pending_reason_is_written_again_only_when_the_room_changed_materially
     assert _room_changed(stored, unplaced(3 << 30, where="node n, GPU 1"))
     assert _room_changed(stored, unplaced(3 << 30, count=2))
     assert _pending(unplaced(1 << 30), stored).since == stored.since  # still pending since the first time
+
+
+def test_a_failed_look_at_the_engine_is_logged_once_and_never_ends_the_heartbeat() -> None:
+    """The heartbeat also announces the replica to the routers: when counting the engine's requests
+    failed (vLLM 0.26's AsyncLLM lacks the call 0.32 has), the heartbeat task died and ready replicas
+    were never routed. Now each kind of failure is logged once and the heartbeat goes on."""
+    from vram_scheduler.serving.replica import replica
+    from vram_scheduler.serving.replica.replica import VLLMReplica
+
+    class Watcher:
+        _watch_use_logged = VLLMReplica._watch_use_logged
+
+        def __init__(self) -> None:
+            self.replica_id, self.looks = "m-0", 0
+            self._watch_failures: set[str] = set()
+
+        async def _watch_use(self) -> None:
+            self.looks += 1
+            raise AttributeError("'AsyncLLM' object has no attribute 'get_num_unfinished_requests'")
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    replica.log.addHandler(handler)  # Serve's logger: it does not reach pytest's capture
+    try:
+        watcher = Watcher()
+        for _ in range(3):
+            asyncio.run(watcher._watch_use_logged())
+    finally:
+        replica.log.removeHandler(handler)
+    assert watcher.looks == 3
+    logged = [r for r in records if "tracking its requests failed" in r.getMessage()]
+    assert len(logged) == 1 and "m-0" in logged[0].getMessage() and "AttributeError" in logged[0].getMessage()
