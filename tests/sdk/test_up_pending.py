@@ -48,7 +48,7 @@ def start_up(tmp_path: Path, models: list[dict]) -> tuple[subprocess.Popen, Path
     command = [sys.executable, "-m", "vram_scheduler.cli", "up", "-f", str(values)]
     with log.open("w") as out:
         up = subprocess.Popen(
-            [*command, "--controller-port", str(controller_port)],
+            [*command, "--controller-port", str(controller_port), "--report-every", "2"],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env | {"COLUMNS": "400"},
@@ -98,6 +98,9 @@ def test_up_reports_a_model_without_room_as_pending_with_the_same_reason_everywh
         (line,) = [line for line in text.splitlines() if line.startswith("not placed")]
         assert line.startswith(f"not placed (pending: placed when room appears): {prefix}"), line
         assert "(models: demo; pending, not placed: roomless)" in text, text
+        # while the engine started, `up` said what it waited for (a pending replica is not waited for)
+        waiting = [line for line in text.splitlines() if line.startswith("still waiting (")]
+        assert waiting and all("demo-0" in line and "roomless" not in line for line in waiting), text
         listed = httpx.get(
             f"http://127.0.0.1:{controller_port}/v1/deployments", headers=controller_headers(tmp_path), timeout=30
         ).json()

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -16,6 +17,10 @@ from ...core.exit_codes import ExitCode
 from ...core.installation import TOKEN_ENV, token_file
 from ...sdk.display import render_vram
 from .options import add_values_option
+
+#: How often `up` says which replicas it still waits for (a 14B-class engine with CUDA graphs takes
+#: minutes to start on a GPU: a silent `up` looks hung).
+WAIT_REPORT_S = 20.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--controller-port", type=int, default=8080, help="controller HTTP API port (default 8080)")
     parser.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
     parser.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for replicas (default 600)")
+    parser.add_argument(
+        "--report-every",
+        type=float,
+        default=WAIT_REPORT_S,
+        metavar="SECONDS",
+        help=f"while waiting, say which replicas still load every SECONDS (default {WAIT_REPORT_S:g})",
+    )
     parser.set_defaults(func=run)
 
 
@@ -77,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"[yellow]not placed (pending: placed when room appears):[/yellow] {reason}")
         progress("waiting for replicas to load ...")
         try:
-            status = stack.controller.wait_ready(timeout_s=args.ready_timeout)
+            status = wait_ready_saying_what_loads(stack.controller, args.ready_timeout, progress, args.report_every)
         except (RuntimeError, TimeoutError) as error:
             stop.check()
             console.print(f"[red]replicas failed:[/red] {error}")
@@ -129,6 +141,36 @@ def run(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
     console.print("stopped: no replicas, reservations or Ray processes left")
     return code
+
+
+def wait_ready_saying_what_loads(
+    controller: Any, timeout_s: float, progress: Callable[[str], None], every_s: float = WAIT_REPORT_S
+) -> DeploymentList:
+    """`controller.wait_ready`, in steps of `every_s`; after each step still waiting, one line saying
+    which replicas are ready and which still load. Raises as `wait_ready` does, TimeoutError after
+    `timeout_s` in all."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while True:
+        try:
+            return controller.wait_ready(timeout_s=max(0.1, min(every_s, deadline - time.monotonic())))
+        except TimeoutError:
+            status = controller.status()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"replicas not ready after {timeout_s:g}s: {_replica_states(status)}") from None
+            progress(f"still waiting ({time.monotonic() - started:.0f}s): {_replica_states(status)}")
+
+
+def _replica_states(status: DeploymentList) -> str:
+    """Placed replicas grouped by state, e.g. `ready: big-0; loading: huge-0 (GPU 0)`."""
+    groups: dict[str, list[str]] = {}
+    for model in status.models:
+        for replica in model.replicas:
+            if replica.state == "pending":
+                continue
+            where = f" (GPU {replica.gpu_index})" if replica.state != "ready" and replica.gpu_index is not None else ""
+            groups.setdefault(replica.state, []).append(replica.replica_id + where)
+    return "; ".join(f"{state}: {', '.join(ids)}" for state, ids in groups.items()) or "no replica placed"
 
 
 def _split(status: DeploymentList) -> tuple[list[str], list[str]]:
