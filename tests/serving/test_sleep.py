@@ -9,9 +9,10 @@ anything; an idle replica goes to sleep by itself after its model's idle time (t
 next request wakes it; the ledger is consistent after every step.
 
 Tests run in file order on one stack (a step's state is the next one's start). vLLM starts: pin
-and a at first, then b, a, b, b again (the failed wake loads nothing), then b three more times (an
-operator's wake after an operator's sleep: SDK, CLI, HTTP API), then nap twice (woken by a request,
-asleep by its idle timer, woken by a stream).
+and a at first, then b, a, b, then b three more times, each an operator's wake (SDK: after the failed
+wake, which loads nothing; then CLI and HTTP API, each before its operator's sleep), then nap twice
+(woken by a request, asleep by its idle timer, woken by a stream). Every start costs ~15 s of a
+2-core machine: each one here wakes for a reason of its own.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _metrics_export_port=metrics_port,
+        # Replicas export their sleep and wake metrics every second (Ray's default is every 10 s),
+        # so the tests that read them back wait a second, not ten.
+        _system_config={"metrics_report_interval_ms": 1000},
         log_to_driver=False,
     )
     monitor, thread = start_monitor(NODE, ray.get_runtime_context().gcs_address, inventory)
@@ -216,6 +220,11 @@ def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> No
 
 
 def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
+    """gone's wake evicts b, then fails: a clear error, and gone holds nothing. b, evicted by it,
+    starts again in the room it gave back, by an operator's wake through the SDK (a cold start that
+    evicts nobody), and answers like pin."""
+    from vram_scheduler.sdk.client import VRAMScheduler
+
     shutil.rmtree(stack.gone_dir)
     answer = chat(stack, "gone")
     assert answer.status_code == 503, answer.text
@@ -223,7 +232,10 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
     assert message.startswith("model gone could not be woken: replica gone-0 of model gone: wake failed: ")
     assert "its engine is stopped and its reservation freed" in message
     assert states(stack)["gone-0"] == "stopped"
-    # The other models still answer (b, evicted by gone's wake, starts in the room it gave back).
+    assert states(stack)["b-0"] == "stopped"  # evicted by gone's wake
+    (woke,) = VRAMScheduler(stack.gcs_address).wake("b")  # the Ray address: this process is connected already
+    assert (woke.replica_id, woke.state, woke.cold, woke.evicted) == ("b-0", "awake", True, [])
+    assert woke.seconds > 0 and states(stack)["b-0"] == "awake"
     assert [chat(stack, name).status_code for name in ("b", "pin")] == [200, 200]
     assert states(stack) == {
         "pin-0": "awake",
@@ -266,9 +278,10 @@ def engine_alive(pids: list[int]) -> bool:
     return False
 
 
-def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None:
+def test_operators_sleep_a_model_through_the_sdk(stack: Sleepy) -> None:
     """An operator's sleep: while b's engine still runs, the ledger holds b's whole reservation; it
-    frees it once the engine is gone. Then the wake, and a pinned model's refusal."""
+    frees it once the engine is gone. Then a pinned model's refusal. (The SDK's wake started b in the
+    previous test; the CLI's wake starts it again next.)"""
     from vram_scheduler.sdk.client import SchedulerError, VRAMScheduler
 
     scheduler = VRAMScheduler(stack.gcs_address)  # the Ray address: this process is connected already
@@ -294,24 +307,22 @@ def test_operators_sleep_and_wake_a_model_through_the_sdk(stack: Sleepy) -> None
     assert not engine_alive(engine), f"still running after the stop: {described(engine)}"
     status = {m.model_id: m for m in scheduler.deployments()}
     assert [(r.replica_id, r.sleep) for r in status["b"].replicas] == [("b-0", "stopped")]
-    (woke,) = scheduler.wake("b")
-    assert (woke.replica_id, woke.state, woke.cold, woke.evicted) == ("b-0", "awake", True, [])
-    assert woke.seconds > 0 and states(stack)["b-0"] == "awake"
     with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
         scheduler.sleep("pin")
-    assert chat(stack, "b").status_code == 200
 
 
 def test_ray_vram_sleep_and_wake_print_each_replica(stack: Sleepy, capsys: pytest.CaptureFixture[str]) -> None:
-    """`ray-vram sleep|wake MODEL` (through Ray here): a line per replica, or JSON; a refusal exits 1 with why."""
+    """`ray-vram wake|sleep MODEL` (through Ray here): a line per replica, or JSON; a refusal exits 1 with why."""
     from vram_scheduler.cli.main import main
 
-    assert main(["sleep", "b", "--address", stack.gcs_address]) == 0
-    assert capsys.readouterr().out.splitlines() == ["b-0: stopped"]
     assert main(["wake", "b", "--address", stack.gcs_address, "--output", "json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     woke = [(r["replica_id"], r["state"], r["cold"], r["evicted"]) for r in answer["replicas"]]
     assert answer["model_id"] == "b" and woke == [("b-0", "awake", True, [])]
+    assert states(stack)["b-0"] == "awake"
+    assert main(["sleep", "b", "--address", stack.gcs_address]) == 0
+    assert capsys.readouterr().out.splitlines() == ["b-0: stopped"]
+    assert states(stack)["b-0"] == "stopped"
     assert main(["sleep", "pin", "--address", stack.gcs_address]) == 1
     assert "model pin never sleeps" in capsys.readouterr().err
 
@@ -322,9 +333,9 @@ class _Quiet(WSGIRequestHandler):
 
 
 def test_operators_sleep_and_wake_a_model_over_the_controllers_http_api(stack: Sleepy) -> None:
-    """The same calls as `POST /v1/deployments/{model_id}/sleep|wake` (the controller's HTTP API, the
-    SDK's HTTP transport): the answers read back as the contract's SleepReport and WakeReport; a pinned
-    model is refused with its reason, an unknown one names the models deployed."""
+    """The same calls as `POST /v1/deployments/{model_id}/wake|sleep` (the controller's HTTP API, the
+    SDK's HTTP transport): the answers read back as the contract's WakeReport and SleepReport; a pinned
+    model is refused with its reason, an unknown one names the models deployed. b ends stopped."""
     from vram_scheduler.core.contract import SleepReport, WakeReport
     from vram_scheduler.sdk.client import SchedulerError
     from vram_scheduler.sdk.controller_http import HTTPControllerClient
@@ -334,11 +345,12 @@ def test_operators_sleep_and_wake_a_model_over_the_controllers_http_api(stack: S
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = HTTPControllerClient(f"http://127.0.0.1:{server.server_port}", token="not-checked-here")
     try:
+        (woke,) = client.wake("b")
+        assert isinstance(woke, WakeReport) and (woke.replica_id, woke.state, woke.cold) == ("b-0", "awake", True)
+        assert chat(stack, "b").status_code == 200
         (slept,) = client.sleep("b")
         assert isinstance(slept, SleepReport) and (slept.replica_id, slept.state) == ("b-0", "stopped")
         assert states(stack)["b-0"] == "stopped"
-        (woke,) = client.wake("b")
-        assert isinstance(woke, WakeReport) and (woke.replica_id, woke.state, woke.cold) == ("b-0", "awake", True)
         with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
             client.sleep("pin")
         with pytest.raises(SchedulerError, match=r"wake nope: unknown model 'nope'; deployed: a, b, gone, nap, pin"):
@@ -347,40 +359,39 @@ def test_operators_sleep_and_wake_a_model_over_the_controllers_http_api(stack: S
         client.close()
         server.shutdown()
         server.server_close()
-    assert chat(stack, "b").status_code == 200
 
 
-def exported(text: str) -> list[tuple[str, dict[str, str]]]:
-    """(series name, labels) of every sample line of a Prometheus exposition."""
+def exported(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(series name, labels, value) of every sample line of a Prometheus exposition."""
     samples = []
     for line in text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} ", line)
+        match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} (\S+)", line)
         if match:
-            samples.append((match.group(1), dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))))
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            samples.append((match.group(1), labels, float(match.group(3))))
     return samples
 
 
 def test_sleeps_and_wakes_are_counted_and_timed(stack: Sleepy) -> None:
+    """Each series exported with a count of at least 1 (the state gauge: 1 for the state b is in now)."""
     wanted = [
         ("ray_vram_replica_wakes_total", {"how": "started", "model_id": "b", "replica": "b-0"}),
         ("ray_vram_replica_wakes_total", {"how": "failed", "model_id": "gone", "replica": "gone-0"}),
         ("ray_vram_replica_sleeps_total", {"model_id": "b", "state": "stopped", "why": "operator"}),
         ("ray_vram_replica_evictions_total", {"model_id": "b", "replica": "b-0"}),
         ("ray_vram_replica_wake_seconds_bucket", {"how": "started", "model_id": "a"}),
-        ("ray_vram_replica_state", {"model_id": "b", "replica": "b-0", "state": "awake"}),
+        ("ray_vram_replica_state", {"model_id": "b", "replica": "b-0", "state": "stopped"}),
     ]
-    deadline = time.monotonic() + 120
-    while True:
+
+    def missing() -> list[tuple[str, dict[str, str]]]:
         samples = exported(httpx.get(stack.ray_metrics, timeout=30).text)
-        missing = [
+        return [
             (name, labels)
             for name, labels in wanted
-            if not any(n == name and labels.items() <= found.items() for n, found in samples)
+            if not any(n == name and labels.items() <= found.items() and value >= 1 for n, found, value in samples)
         ]
-        if not missing:
-            break
-        assert time.monotonic() < deadline, f"not exported: {missing}"
-        time.sleep(1)
+
+    wait_until(lambda: not missing(), 120, lambda: f"every series exported, missing: {missing()}", every_s=1)
 
 
 def replica_state(stack: Sleepy, replica_id: str) -> Any:
@@ -399,7 +410,7 @@ def stopped_by_its_timer(stack: Sleepy, replica_id: str) -> Any:
 
 
 def test_an_idle_replica_goes_to_sleep_by_itself_and_its_next_request_wakes_it(stack: Sleepy) -> None:
-    """nap's first request starts it (evicting b, the least recently used); idle for `IDLE_S`, it goes
+    """nap's first request starts it (in the room b's operator sleep left); idle for `IDLE_S`, it goes
     to sleep by itself: on CPU its engine stops (scale to zero), the ledger holds it stopped at its
     sleeping footprint (nothing), and the sleep is counted as idle. pin, idle longer, stays awake."""
     assert chat(stack, "nap").status_code == 200
@@ -419,7 +430,7 @@ def test_an_idle_replica_goes_to_sleep_by_itself_and_its_next_request_wakes_it(s
 
     def counted() -> bool:
         samples = exported(httpx.get(stack.ray_metrics, timeout=30).text)
-        return any(n == wanted[0] and wanted[1].items() <= labels.items() for n, labels in samples)
+        return any(n == wanted[0] and wanted[1].items() <= labels.items() for n, labels, _ in samples)
 
     wait_until(counted, 120, f"{wanted} exported", every_s=1)
 
