@@ -1,6 +1,7 @@
 """Serving under faults: real Ray — a head and a worker node (`ray.cluster_utils.Cluster`, one
 machine, the nodes on 127.0.0.1 and 127.0.0.2) —, real vLLM (CPU) replicas, a steady load from two
-client processes (plain and streamed completions in turn), and one fault at a time: a replica's
+client processes (plain and streamed completions in turn; lighter while a fault's recovery is
+awaited, see `RECOVERY_GAP_S`), and one fault at a time: a replica's
 vLLM engine process killed mid-stream, a replica (its actor) killed, one of the two routers killed,
 the controller actor killed, the allocator actor killed, the monitor stopped, the worker node
 removed. The engines run in their own processes here (`VLLM_ENABLE_V1_MULTIPROCESSING=1`, as on a
@@ -55,12 +56,22 @@ LONG_STREAM = {"model": "alpha", "prompt": "Our team", "max_tokens": 400, "ignor
 
 pytestmark = pytest.mark.slow
 
+#: While a fault's recovery is awaited, from `FULL_LOAD_S` after the fault on, each client waits
+#: `RECOVERY_GAP_S` between its requests: a replacement's start (a new replica actor and its engine
+#: process, each importing vLLM) then shares the 2 cores with a light load, not a saturating one
+#: (back to back, recoveries took 75-100 s). The fault strikes, and its first seconds pass, under
+#: the full load.
+FULL_LOAD_S = 5.0
+RECOVERY_GAP_S = 1.0
+
 #: One client process: a plain and a streamed completion in turn until its stop file appears, one
-#: JSON line per request. A stream is "ok" when it ends with [DONE] and no error event; one that
-#: ends without either is "stream cut" (what must never happen), one that hangs "ReadTimeout".
+#: JSON line per request, back to back unless its pace file holds a gap (seconds) to wait between
+#: requests. A stream is "ok" when it ends with [DONE] and no error event; one that ends without
+#: either is "stream cut" (what must never happen), one that hangs "ReadTimeout".
 CLIENT = """
 import json, sys, time, pathlib, httpx
 base, model, out, stop = sys.argv[1], sys.argv[2], open(sys.argv[3], "a"), pathlib.Path(sys.argv[4])
+pace = pathlib.Path(sys.argv[5])
 plain = {"model": model, "prompt": "Our team", "max_tokens": 4, "ignore_eos": True}
 streamed = dict(plain, max_tokens=24, stream=True)
 
@@ -92,8 +103,8 @@ with httpx.Client(timeout=60) as client:
         record = {"start": start, "end": time.time(), "kind": kind, "stream": not turn % 2, "retried": retried}
         out.write(json.dumps(record) + "\\n")
         out.flush()
-        if kind != "ok":
-            time.sleep(0.2)
+        gap = float(pace.read_text()) if pace.exists() else 0.0
+        time.sleep(max(gap, 0.0 if kind == "ok" else 0.2))
 """
 
 
@@ -103,10 +114,19 @@ class Load:
     def __init__(self, stack: Stack, work: Path):
         self.logs = [work / f"client-{model}.jsonl" for model in MODELS]
         self.stop_file = work / "stop"
+        self.pace_file = work / "pace"
         self.processes = [
-            subprocess.Popen([sys.executable, "-c", CLIENT, stack.base, model, str(log), str(self.stop_file)])
+            subprocess.Popen(
+                [sys.executable, "-c", CLIENT, stack.base, model, str(log), str(self.stop_file), str(self.pace_file)]
+            )
             for model, log in zip(MODELS, self.logs, strict=True)
         ]
+
+    def pace(self, gap_s: float) -> None:
+        """Have the clients wait `gap_s` between requests from their next one on (0: back to back)."""
+        written = self.pace_file.with_suffix(".new")
+        written.write_text(str(gap_s))
+        written.replace(self.pace_file)  # whole: a client never reads half of it
 
     def seen(self, since: float, until: float) -> Counter[str]:
         """Requests in the window by outcome ("ok", "stream cut", "http 503", an httpx error...),
@@ -274,6 +294,8 @@ def run_fault(
     wait_until(lambda: load.started_since(now, ok=True), 120, f"{name}: both clients answered before the fault")
     start = time.time()
     inject()
+    lighter = threading.Timer(FULL_LOAD_S, load.pace, (RECOVERY_GAP_S,))
+    lighter.start()
 
     def back() -> bool:
         try:
@@ -281,7 +303,12 @@ def run_fault(
         except Exception:  # an actor restarting answers nothing for a moment
             return False
 
-    wait_until(back, timeout_s, f"{name}: full service again", every_s=0.5)
+    try:
+        wait_until(back, timeout_s, f"{name}: full service again", every_s=0.5)
+    finally:
+        lighter.cancel()
+        lighter.join()
+        load.pace(0)
     recovered = time.time()
     recovery = recovered - start
     # Requests in flight at recovery finish inside the window: each client has sent one since.
@@ -446,7 +473,10 @@ def test_the_table(stack: Stack, load: Load) -> None:
         json.dumps(
             {
                 "setup": "2 Ray nodes (head + worker), 2 models x 2 vLLM CPU replicas, 2 routers",
-                "load": "2 client processes, 1 per model: 4-token completions and 24-token streams in turn",
+                "load": (
+                    "2 client processes, 1 per model: 4-token completions and 24-token streams in turn, back to back; "
+                    f"{RECOVERY_GAP_S:g} s apart from {FULL_LOAD_S:g} s after a fault until full service"
+                ),
                 "faults": RESULTS_ROWS,
             },
             indent=2,
