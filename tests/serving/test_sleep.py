@@ -1,18 +1,19 @@
 """More models than the budget holds awake, end to end with real vLLM (CPU) replicas on a declared
 inventory: models that sleep beyond the room awake start stopped; a request for one is held while
-its replica starts (scale to zero on CPU, where vLLM has no sleep mode), evicting the least
-recently used idle replica that is not pinned; requests hopping between the models all answer; a
-replica with requests in flight is never evicted (the wake waits for its requests to end); a wake
-that fails (the model's files removed) answers a clear error, and its replica stops holding
-anything; an idle replica goes to sleep by itself after its model's idle time (the cluster's
-`placement.sleep.after_idle_s` here), never while a request streams and never when pinned, and its
-next request wakes it; the ledger is consistent after every step.
+its replica starts (scale to zero on CPU, where vLLM has no sleep mode), evicting the least recently
+used idle replica that is not pinned; requests hopping between the models all answer; a replica with
+requests in flight is never evicted (the wake waits for its requests to end); a wake that fails (the
+model's files removed) answers a clear error, and its replica stops holding anything until its next
+request, once the files are back, starts it; an idle replica goes to sleep by itself after its
+model's idle time (the cluster's `placement.sleep.after_idle_s` here), never while a request streams
+and never when pinned, and its next request wakes it; the ledger is consistent after every step.
 
 Tests run in file order on one stack (a step's state is the next one's start). vLLM starts: pin
-and a at first, then b, a, b, then b three more times, each an operator's wake (SDK: after the failed
-wake, which loads nothing; then CLI and HTTP API, each before its operator's sleep), then nap twice
-(woken by a request, asleep by its idle timer, woken by a stream). Every start costs ~15 s of a
-2-core machine: each one here wakes for a reason of its own.
+and a at first, then b, a, b, then b three more times, each an operator's wake (SDK: after nap's
+failed wake, which loads nothing; then CLI and HTTP API, each before its operator's sleep), then nap
+twice (woken by a request, asleep by its idle timer, woken by a stream). Every start costs ~15 s of
+a 2-core machine: each one here wakes for a reason of its own, and the model whose wake fails is nap
+(no model of its own for that: two actors fewer to start, its replica and its group).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ INVENTORY = {
 }
 NAP = {"after_idle_s": 3600}  # eviction only: no idle sleep during the tests
 # placement.sleep.after_idle_s: nap (no sleep of its own) sleeps after this long idle; pin is pinned,
-# a, b and gone have their own (NAP).
+# a and b have their own (NAP).
 IDLE_S = 2.0
 #: How long the routers hold a request while its replica wakes (a cold start on a busy 2-core machine).
 WAKE_WAIT_S = 600.0
@@ -59,7 +60,7 @@ WAKE_WAIT_S = 600.0
 class Sleepy:
     controller: Any
     base: str
-    gone_dir: Path
+    nap_dir: Path  # nap's model files (a copy of the demo model): removed to make its wake fail
     gcs_address: str
     ray_metrics: str  # Ray's metrics agent on this node (the replicas' sleep and wake metrics)
 
@@ -73,15 +74,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
     work = tmp_path_factory.mktemp("sleep")
     inventory = work / "inventory.yaml"
     inventory.write_text(yaml.safe_dump(INVENTORY))
-    gone_dir = work / "gone-model"
-    shutil.copytree(ensure_demo_model(), gone_dir)
+    nap_dir = work / "nap-model"
+    shutil.copytree(ensure_demo_model(), nap_dir)
     port = free_port()
     models = [
         model("pin", replicas=1, pinned=True),
         model("a", replicas=1, sleep=NAP),
         model("b", replicas=1, sleep=NAP),
-        model("gone", replicas=1, sleep=NAP) | {"model": str(gone_dir)},
-        model("nap", replicas=1, max_model_len=2048),  # the demo model's whole length: a long stream
+        # the demo model's whole length: a long stream
+        model("nap", replicas=1, max_model_len=2048) | {"model": str(nap_dir)},
     ]
     serving = {"host": "127.0.0.1", "port": port, "max_wake_wait_s": WAKE_WAIT_S}
     placement = {"replica_overhead_gb": 2, "sleep": {"after_idle_s": IDLE_S}}
@@ -95,9 +96,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _metrics_export_port=metrics_port,
-        # Replicas export their sleep and wake metrics every second (Ray's default is every 10 s),
-        # so the tests that read them back wait a second, not ten.
-        _system_config={"metrics_report_interval_ms": 1000},
         log_to_driver=False,
     )
     monitor, thread = start_monitor(NODE, ray.get_runtime_context().gcs_address, inventory)
@@ -105,7 +103,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sleepy]:
         with deployed(config) as controller:
             gcs = ray.get_runtime_context().gcs_address
             yield Sleepy(
-                controller, f"http://127.0.0.1:{port}", gone_dir, gcs, f"http://127.0.0.1:{metrics_port}/metrics"
+                controller, f"http://127.0.0.1:{port}", nap_dir, gcs, f"http://127.0.0.1:{metrics_port}/metrics"
             )
     finally:
         monitor.stop()
@@ -140,11 +138,10 @@ def test_more_models_than_fit_awake_are_placed_the_rest_start_stopped(stack: Sle
         "pin-0": "awake",
         "a-0": "awake",
         "b-0": "stopped",
-        "gone-0": "stopped",
         "nap-0": "stopped",
     }
     listed = {m["id"] for m in httpx.get(stack.base + "/v1/models", timeout=30).json()["data"]}
-    assert listed == {"pin", "a", "b", "gone", "nap"}  # a stopped model answers: a request starts it
+    assert listed == {"pin", "a", "b", "nap"}  # a stopped model answers: a request starts it
 
 
 def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(stack: Sleepy) -> None:
@@ -157,7 +154,6 @@ def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(st
         "pin-0": "awake",
         "a-0": "stopped",
         "b-0": "awake",
-        "gone-0": "stopped",
         "nap-0": "stopped",
     }
     first = threading.Event()
@@ -167,7 +163,6 @@ def test_requests_hopping_between_models_all_answer_evicting_lru_never_pinned(st
         "pin-0": "awake",
         "a-0": "awake",
         "b-0": "stopped",
-        "gone-0": "stopped",
         "nap-0": "stopped",
     }
     for name in ("pin", "a", "pin"):
@@ -214,25 +209,27 @@ def test_a_replica_with_requests_in_flight_is_never_evicted(stack: Sleepy) -> No
         "pin-0": "awake",
         "a-0": "stopped",
         "b-0": "awake",
-        "gone-0": "stopped",
         "nap-0": "stopped",
     }
 
 
 def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
-    """gone's wake evicts b, then fails: a clear error, and gone holds nothing. b, evicted by it,
-    starts again in the room it gave back, by an operator's wake through the SDK (a cold start that
-    evicts nobody), and answers like pin."""
+    """nap's wake (its files removed) evicts b, then fails: a clear error, and nap holds nothing. b,
+    evicted by it, starts again in the room it gave back, by an operator's wake through the SDK (a
+    cold start that evicts nobody), and answers like pin. nap's files come back for the idle tests:
+    its next request starts it, as the error says."""
     from vram_scheduler.sdk.client import VRAMScheduler
+    from vram_scheduler.tools.demo.model import ensure_demo_model
 
-    shutil.rmtree(stack.gone_dir)
-    answer = chat(stack, "gone")
+    shutil.rmtree(stack.nap_dir)
+    answer = chat(stack, "nap")
     assert answer.status_code == 503, answer.text
     message = answer.json()["error"]["message"]
-    assert message.startswith("model gone could not be woken: replica gone-0 of model gone: wake failed: ")
-    assert "its engine is stopped and its reservation freed" in message
-    assert states(stack)["gone-0"] == "stopped"
-    assert states(stack)["b-0"] == "stopped"  # evicted by gone's wake
+    assert message.startswith("model nap could not be woken: replica nap-0 of model nap: wake failed: ")
+    assert "its engine is stopped and its reservation freed (the next request starts it again)" in message
+    assert states(stack)["nap-0"] == "stopped"
+    assert states(stack)["b-0"] == "stopped"  # evicted by nap's wake
+    shutil.copytree(ensure_demo_model(), stack.nap_dir)
     (woke,) = VRAMScheduler(stack.gcs_address).wake("b")  # the Ray address: this process is connected already
     assert (woke.replica_id, woke.state, woke.cold, woke.evicted) == ("b-0", "awake", True, [])
     assert woke.seconds > 0 and states(stack)["b-0"] == "awake"
@@ -241,7 +238,6 @@ def test_a_wake_that_fails_answers_why_and_holds_nothing(stack: Sleepy) -> None:
         "pin-0": "awake",
         "a-0": "stopped",
         "b-0": "awake",
-        "gone-0": "stopped",
         "nap-0": "stopped",
     }
 
@@ -353,7 +349,7 @@ def test_operators_sleep_and_wake_a_model_over_the_controllers_http_api(stack: S
         assert states(stack)["b-0"] == "stopped"
         with pytest.raises(SchedulerError, match=r"sleep pin: .*model pin never sleeps"):
             client.sleep("pin")
-        with pytest.raises(SchedulerError, match=r"wake nope: unknown model 'nope'; deployed: a, b, gone, nap, pin"):
+        with pytest.raises(SchedulerError, match=r"wake nope: unknown model 'nope'; deployed: a, b, nap, pin"):
             client.wake("nope")
     finally:
         client.close()
@@ -376,7 +372,7 @@ def test_sleeps_and_wakes_are_counted_and_timed(stack: Sleepy) -> None:
     """Each series exported with a count of at least 1 (the state gauge: 1 for the state b is in now)."""
     wanted = [
         ("ray_vram_replica_wakes_total", {"how": "started", "model_id": "b", "replica": "b-0"}),
-        ("ray_vram_replica_wakes_total", {"how": "failed", "model_id": "gone", "replica": "gone-0"}),
+        ("ray_vram_replica_wakes_total", {"how": "failed", "model_id": "nap", "replica": "nap-0"}),
         ("ray_vram_replica_sleeps_total", {"model_id": "b", "state": "stopped", "why": "operator"}),
         ("ray_vram_replica_evictions_total", {"model_id": "b", "replica": "b-0"}),
         ("ray_vram_replica_wake_seconds_bucket", {"how": "started", "model_id": "a"}),
@@ -410,9 +406,10 @@ def stopped_by_its_timer(stack: Sleepy, replica_id: str) -> Any:
 
 
 def test_an_idle_replica_goes_to_sleep_by_itself_and_its_next_request_wakes_it(stack: Sleepy) -> None:
-    """nap's first request starts it (in the room b's operator sleep left); idle for `IDLE_S`, it goes
-    to sleep by itself: on CPU its engine stops (scale to zero), the ledger holds it stopped at its
-    sleeping footprint (nothing), and the sleep is counted as idle. pin, idle longer, stays awake."""
+    """nap's next request starts it (its files back; in the room b's operator sleep left); idle for
+    `IDLE_S`, it goes to sleep by itself: on CPU its engine stops (scale to zero), the ledger holds it
+    stopped at its sleeping footprint (nothing), and the sleep is counted as idle. pin, idle longer,
+    stays awake."""
     assert chat(stack, "nap").status_code == 200
     slept = stopped_by_its_timer(stack, "nap-0")
     assert (slept.held_bytes, slept.settling, slept.pinned) == (0, False, False)  # CPU: stopped, its footprint 0
@@ -420,7 +417,6 @@ def test_an_idle_replica_goes_to_sleep_by_itself_and_its_next_request_wakes_it(s
         "pin-0": "awake",
         "a-0": "stopped",
         "b-0": "stopped",
-        "gone-0": "stopped",
         "nap-0": "stopped",
     }
     wanted = (
