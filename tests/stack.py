@@ -367,9 +367,9 @@ def deployed(config: Any, nodes: int = 1) -> Iterator[Any]:
         controller.wait_ready(timeout_s=600)
         yield controller
     finally:
-        # Serve's own shutdown stops every application at once; the controller's (`ray-vram down`'s,
-        # tested with the local stack) deletes them one at a time, ~3 s each on 2 cores. The controller
-        # actor goes with the Ray cluster, which every caller shuts down next.
+        # Serve's own shutdown stops every application at once; the controller's (local mode's exit,
+        # which the local stack's tests run) deletes them one at a time, ~3 s each on 2 cores. The
+        # controller actor goes with the Ray cluster, which every caller shuts down next.
         serve.shutdown()
 
 
