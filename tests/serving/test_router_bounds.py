@@ -6,7 +6,7 @@ written on raw sockets, so each path and each byte of a body goes out exactly as
 Covers: exact routes only (no trailing slash, `..`, double slash, percent-encoding, other vLLM
 routes; no redirect followed), the internal key on every forwarded request, body limits answered
 413 before the body is sent, slow bodies 408, slow or huge headers, and a client that goes away
-closing the connection to the replica.
+closing the connection to the replica, and vLLM's answer for a dead engine sent on to another replica.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Replica:
 
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # method, path, headers
     left: asyncio.Event | None = None  # set when a client of a held request is gone
+    failed: set[str] = field(default_factory=set)  # the `fail_once` requests answered 500 already
 
 
 @dataclass
@@ -81,6 +82,11 @@ def replica_app(replica: Replica) -> web.Application:
                 assert replica.left is not None
                 replica.left.set()
                 raise
+        fail = body.get("fail_once")  # a 500 the first time: vLLM's words for a dead engine, or others
+        if fail and fail["id"] not in replica.failed:
+            replica.failed.add(fail["id"])
+            error = {"message": fail["message"], "type": "InternalServerError", "param": None, "code": 500}
+            return web.json_response({"error": error}, status=500)
         if body.get("hold"):  # an answer that never comes: waits for the connection to close
             while request.transport is not None and not request.transport.is_closing():  # None once closed
                 await asyncio.sleep(0.02)
@@ -105,8 +111,9 @@ def replica_app(replica: Replica) -> web.Application:
 
 
 @contextmanager
-def running(client_timeout_s: float = 60, max_body_mb: float = 1.0) -> Iterator[Running]:
-    """The router on uvicorn (as deployed) and a replica's stand-in behind it, on one loop thread."""
+def running(client_timeout_s: float = 60, max_body_mb: float = 1.0, replicas: int = 1) -> Iterator[Running]:
+    """The router on uvicorn (as deployed) and a replica's stand-in behind it, on one loop thread;
+    `replicas` > 1: that many replicas of model m on the board (m-0, m-1, ...), all at the stand-in."""
     loop = LoopThread("router-bounds")
     replica = Replica()
     settings = ServingSettings(
@@ -135,7 +142,8 @@ def running(client_timeout_s: float = 60, max_body_mb: float = 1.0) -> Iterator[
             tasks=["generate", "transcription"],
             media=MediaAccepts(items_per_prompt={"audio": 1}, max_item_bytes=ITEM_BYTES),
         )
-        router.registry.sync(EndpointTable(version=1, endpoints=[endpoint]))
+        endpoints = [endpoint.model_copy(update={"replica_id": f"m-{i}"}) for i in range(replicas)]
+        router.registry.sync(EndpointTable(version=1, endpoints=endpoints))
         sock = socket.create_server(("127.0.0.1", 0))
         server = uvicorn.Server(server_config(router, client_timeout_s))
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
@@ -408,3 +416,26 @@ def test_a_client_that_goes_away_closes_the_connection_to_the_replica(kind: str)
             "the router idle",
             every_s=0.02,
         )
+
+
+# -- a replica whose engine died under a request -----------------------------------------------------
+
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+
+
+def test_vllms_answer_for_a_dead_engine_goes_to_another_replica_and_other_500s_reach_the_client() -> None:
+    """A non-streamed request on a replica whose engine died gets vLLM's 500 with `EngineDeadError`'s
+    words (seen in tests/serving/test_faults.py's engine fault). Nothing was generated, so the
+    router sends it to another replica of the model and drops the dead one; any other 500 is the
+    replica's answer and reaches the client as it is."""
+    with running(replicas=2) as run:
+        dead = orjson.dumps({"model": "m", "prompt": "x", "fail_once": {"id": "a", "message": ENGINE_DEAD}})
+        status, headers, body = request(run.port, post("/v1/completions", dead))
+        assert status == 200, body
+        assert headers["x-ray-vram-attempts"] == "2" and len(run.replica.requests) == 2
+        assert len(run.router.registry.ready("m", set())) == 1  # the dead one is off the table
+
+        other = orjson.dumps({"model": "m", "prompt": "x", "fail_once": {"id": "b", "message": "a bug"}})
+        status, headers, body = request(run.port, post("/v1/completions", other))
+        assert status == 500 and orjson.loads(body)["error"]["message"] == "a bug"
+        assert headers["x-ray-vram-attempts"] == "1"

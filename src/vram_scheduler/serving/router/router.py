@@ -76,6 +76,11 @@ REPLICA_HEADER = b"x-ray-vram-replica"
 #: Response header: the replicas this request was sent to, the one that answered included (2 or
 #: more: the router retried it after a replica died before answering).
 ATTEMPTS_HEADER = b"x-ray-vram-attempts"
+#: What vLLM's error answer says when its engine died under a request (`EngineDeadError`'s message,
+#: the same in 0.26 and 0.32): the request was not served there and may go to another replica.
+ENGINE_DEAD_MARK = b"EngineCore encountered an issue"
+#: How much of a non-streamed 5xx answer is read before it is forwarded, to look for that mark.
+ERROR_PEEK_BYTES = 64 * 1024
 #: The routes forwarded to replicas (POST, exact paths), the vLLM task each needs, and what to call it
 #: in errors. Every other path is 404 (`exact_path`).
 PATH_TASKS = {
@@ -593,8 +598,18 @@ class OpenAIRouter:
                     (REPLICA_HEADER, replica_id.encode()),
                     (ATTEMPTS_HEADER, str(attempt).encode()),
                 ]
+                head = b""
+                if upstream.status >= 500 and not streaming:
+                    head = await _read_up_to(upstream.content, ERROR_PEEK_BYTES)
+                    if ENGINE_DEAD_MARK in head:
+                        # vLLM's answer for an engine that died under the request: nothing was generated,
+                        # so it goes to another replica, as a request whose connection was lost does.
+                        self._drop(replica_id, "answered for a dead engine")
+                        return False
                 await send({"type": "http.response.start", "status": upstream.status, "headers": answer_headers})
                 started = True
+                if head:
+                    await send({"type": "http.response.body", "body": head, "more_body": True})
                 async for chunk in upstream.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -626,6 +641,17 @@ class OpenAIRouter:
             log.warning("replica %s %s; dropped", replica_id, why)
             if self.on_unreachable is not None:
                 self.on_unreachable(replica_id)
+
+
+async def _read_up_to(content: Any, limit: int) -> bytes:
+    """The first `limit` bytes of a response body (all of it when shorter); the rest stays unread."""
+    data = b""
+    while len(data) < limit:
+        chunk = await content.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def unavailable_answer(name: str, known: ModelAvailability | None, now: float) -> tuple[str, bool]:
