@@ -82,7 +82,8 @@ def xdist_group(item: pytest.Item) -> str:
 
 
 #: The longest groups, longest first (measured one file at a time on the 2-core machine, 2026-12-07:
-#: test_faults 667 s, test_up_interrupt 509, the session stack's tests, test_sleep 299, …).
+#: test_faults 667 s, test_up_interrupt 509, the session stack's tests, test_sleep 299, …; since then
+#: test_faults 316–336 s and test_sleep 200–211 s alone, the order kept: it passed).
 #: With `--no-loadscope-reorder` (ci/test.sh) pytest-xdist hands groups to its workers one at a time in
 #: collection order, so these run first and the short ones fill in around them. (By default it orders
 #: groups by their number of tests, and the longest files, which have few tests, started last.)
