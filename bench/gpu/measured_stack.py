@@ -63,6 +63,7 @@ def measured_stack(
     replica starts (start-up and CUDA-graph capture count towards each peak); entered once every
     replica is ready, stopped on leaving. `placement` and `serving`: settings beside the overhead,
     host, port and queue bound."""
+    from vram_scheduler.cli.commands.up import wait_ready_saying_what_loads
     from vram_scheduler.core.config import parse_config
     from vram_scheduler.core.loopback import free_port
     from vram_scheduler.local.stack import LocalStack
@@ -79,7 +80,8 @@ def measured_stack(
         started = time.monotonic()
         try:
             local.start(progress=print)
-            local.controller.wait_ready(timeout_s=ready_timeout_s)
+            # a line every 20 s naming the replicas still loading (a hang is then readable in the log)
+            wait_ready_saying_what_loads(local.controller, ready_timeout_s, print)
             yield MeasuredStack(local, sampler, round(time.monotonic() - started, 1))
         finally:
             local.stop()
