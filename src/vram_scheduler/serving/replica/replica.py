@@ -325,7 +325,6 @@ class VLLMReplica:
         return tasks, accepts
 
     async def _vllm_capabilities(self) -> tuple[list[str], dict[str, int | None]]:
-
         tasks = [str(task) for task in await self.engine.get_supported_tasks()]
         try:
             return tasks, await asyncio.to_thread(supported_modalities, self.engine.model_config)
